@@ -1,0 +1,25 @@
+# Thin wrappers: ./dev is the entry point a fresh machine needs (no make required).
+.PHONY: demo test test-deep up down protos check-protos lint types buf bench
+
+demo:
+	./dev demo
+test:
+	./dev test
+test-deep:
+	TALLY_DEEP=1 ./dev test
+up:
+	./dev up
+down:
+	./dev down
+protos:
+	scripts/gen_protos.sh
+check-protos:
+	scripts/check_protos.sh
+lint:
+	.venv/bin/ruff check .
+types:
+	.venv/bin/mypy libs/tally/kit libs/tally/sdk libs/tally/cli libs/tally/rating services bench
+buf:
+	npx --yes @bufbuild/buf lint
+bench:
+	.venv/bin/python -m bench.baseline

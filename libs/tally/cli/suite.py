@@ -1,0 +1,159 @@
+"""Runs the four services as separate processes on this machine (`tally up` / `down` / `status`).
+
+State lives under the data directory (`.tally/` by default): `run/<service>.pid`,
+`logs/<service>.log`, and `run/embedded-postgres` when we started the embedded database (so
+`down` stops only what `up` started).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tally.kit import db, infra
+from tally.kit.config import KitConfig
+
+SERVICES: Final = db.SERVICES
+_STARTUP_TIMEOUT_S: Final = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceStatus:
+    """One service's health as seen from outside."""
+
+    service: str
+    address: str
+    state: str  # SERVING, NOT_SERVING, UNKNOWN, DOWN
+    pid: int | None
+
+
+def _run_dir(config: KitConfig) -> Path:
+    path = config.data_dir / "run"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _log_dir(config: KitConfig) -> Path:
+    path = config.data_dir / "logs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        pid = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    return pid
+
+
+async def health_state(address: str, timeout_s: float = 1.0) -> str:
+    """The overall health (SERVING, NOT_SERVING, ...) of the server at `address`, or DOWN."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return "DOWN"
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+def database_url_for_suite(config: KitConfig) -> str:
+    """The configured database, or the embedded one (started and left running)."""
+    if config.database_url:
+        return config.database_url
+    url = infra.start_embedded_postgres(config.data_dir, keep_running=True)
+    (_run_dir(config) / "embedded-postgres").write_text(url)
+    return url
+
+
+def migrate_all(url: str) -> None:
+    """Upgrades every service's schema."""
+    for service in SERVICES:
+        db.migrate(service, url)
+
+
+def up(config: KitConfig) -> list[ServiceStatus]:
+    """Starts every service that is not running and waits until each reports SERVING."""
+    url = database_url_for_suite(config)
+    migrate_all(url)
+    env = dict(os.environ, TALLY_DATABASE_URL=url, TALLY_MIGRATE_ON_START="false")
+    started: dict[str, subprocess.Popen[bytes]] = {}
+    for service in SERVICES:
+        pid_file = _run_dir(config) / f"{service}.pid"
+        if _read_pid(pid_file) is not None:
+            continue
+        log_file = (_log_dir(config) / f"{service}.log").open("ab")
+        process = subprocess.Popen(
+            [sys.executable, "-m", f"services.{service}"],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # survives this command; `tally down` stops it
+        )
+        pid_file.write_text(str(process.pid))
+        started[service] = process
+    deadline = time.monotonic() + _STARTUP_TIMEOUT_S
+    pending = set(SERVICES)
+    while pending and time.monotonic() < deadline:
+        for service in sorted(pending):
+            child = started.get(service)
+            if child is not None and child.poll() is not None:
+                log_tail = (_log_dir(config) / f"{service}.log").read_text()[-2000:]
+                raise RuntimeError(f"{service} exited with {child.returncode}:\n{log_tail}")
+            if asyncio.run(health_state(config.address_of(service))) == "SERVING":
+                pending.discard(service)
+        if pending:
+            time.sleep(0.1)
+    if pending:
+        late = ", ".join(sorted(pending))
+        raise RuntimeError(f"not SERVING within {_STARTUP_TIMEOUT_S}s: {late}")
+    return status(config)
+
+
+def status(config: KitConfig) -> list[ServiceStatus]:
+    """Each service's health and pid."""
+    found = []
+    for service in SERVICES:
+        address = config.address_of(service)
+        state = asyncio.run(health_state(address))
+        pid = _read_pid(_run_dir(config) / f"{service}.pid")
+        found.append(ServiceStatus(service, address, state, pid))
+    return found
+
+
+def down(config: KitConfig, timeout_s: float = 30.0) -> list[str]:
+    """Stops the services `up` started (SIGTERM, then SIGKILL after `timeout_s`)."""
+    stopped = []
+    for service in SERVICES:
+        pid_file = _run_dir(config) / f"{service}.pid"
+        pid = _read_pid(pid_file)
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and _read_pid(pid_file) is not None:
+                time.sleep(0.05)
+            if _read_pid(pid_file) is not None:
+                os.kill(pid, signal.SIGKILL)
+            stopped.append(service)
+        pid_file.unlink(missing_ok=True)
+    marker = _run_dir(config) / "embedded-postgres"
+    if marker.exists():
+        infra.stop_embedded_postgres(config.data_dir)
+        marker.unlink()
+        stopped.append("embedded-postgres")
+    return stopped

@@ -1,0 +1,142 @@
+"""Database access: one PostgreSQL schema per service, Alembic migrations per service.
+
+Services query through SQLAlchemy 2 Core on asyncpg; hot paths that need COPY or `unnest`
+batches take a raw asyncpg pool. Both come from here, built from one URL, so no service invents
+its own connection handling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from pathlib import Path
+from typing import Any, Final
+
+import asyncpg
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from tally.kit.log import get_logger
+
+log = get_logger("tally.kit.db")
+
+SERVICES: Final = ("pricing", "metering", "ledger", "notifier")
+"""Every service that owns a schema, in migration order."""
+
+# Serializes migrations of one schema across replicas starting at once (any 64-bit key works,
+# it only has to be the same in every process).
+_MIGRATION_LOCK_KEY: Final = 0x7A11_0000
+
+
+def sqlalchemy_url(url: str) -> str:
+    """The SQLAlchemy form (postgresql+asyncpg://) of a postgresql:// URL."""
+    for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url[len(prefix) :]
+    raise ValueError(f"not a PostgreSQL URL: {url!r}")
+
+
+def asyncpg_url(url: str) -> str:
+    """The asyncpg form (postgresql://) of a PostgreSQL URL."""
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+def create_engine(url: str, *, pool_size: int = 8) -> AsyncEngine:
+    """An async SQLAlchemy engine on asyncpg."""
+    return create_async_engine(
+        sqlalchemy_url(url), pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=False
+    )
+
+
+async def create_pool(url: str, *, min_size: int = 1, max_size: int = 8) -> asyncpg.Pool:
+    """A raw asyncpg pool for bulk paths (COPY, unnest batches)."""
+    pool = await asyncpg.create_pool(asyncpg_url(url), min_size=min_size, max_size=max_size)
+    assert pool is not None
+    return pool
+
+
+def migrations_dir(service: str) -> Path:
+    """services/<service>/migrations."""
+    package = importlib.import_module(f"services.{service}")
+    assert package.__file__ is not None
+    return Path(package.__file__).parent / "migrations"
+
+
+def _alembic_config(service: str, url: str) -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(migrations_dir(service)))
+    cfg.attributes["database_url"] = url
+    cfg.attributes["schema"] = service
+    return cfg
+
+
+def migrate(service: str, url: str, revision: str = "head") -> None:
+    """Upgrades `service`'s schema to `revision` (blocking; call from a thread in async code)."""
+    command.upgrade(_alembic_config(service, url), revision)
+    log.info("migrated", schema=service, revision=revision)
+
+
+async def migrate_async(service: str, url: str) -> None:
+    """`migrate` without blocking the event loop (Alembic runs its own loop in a thread)."""
+    await asyncio.to_thread(migrate, service, url)
+
+
+def run_alembic_env(context: Any) -> None:
+    """The body of every service's migrations/env.py: online migrations in the service schema.
+
+    Takes an advisory lock so replicas that start together migrate one at a time.
+    """
+    cfg = context.config
+    url: str = cfg.attributes["database_url"]
+    schema: str = cfg.attributes["schema"]
+
+    def do_migrations(connection: Any) -> None:
+        connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+        context.configure(
+            connection=connection,
+            version_table="alembic_version",
+            version_table_schema=schema,
+            target_metadata=None,
+            transaction_per_migration=False,
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+
+    async def run() -> None:
+        engine = create_async_engine(sqlalchemy_url(url))
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+                await conn.commit()  # the session-level lock outlives this transaction
+                try:
+                    await conn.run_sync(do_migrations)
+                    await conn.commit()
+                except BaseException:
+                    await conn.rollback()  # so the unlock below can run, and the cause shows
+                    raise
+                finally:
+                    await conn.execute(
+                        text("SELECT pg_advisory_unlock(:k)"), {"k": _MIGRATION_LOCK_KEY}
+                    )
+                    await conn.commit()
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+
+
+def run_script(sql: str) -> None:
+    """Runs a multi-statement SQL script inside a migration.
+
+    asyncpg prepares every statement SQLAlchemy sends, and a prepared statement holds one
+    command; a script goes through asyncpg's simple-query path on the same connection (and so
+    in the same transaction) instead.
+    """
+    from alembic import op
+    from sqlalchemy.util import await_only
+
+    driver = op.get_bind().connection.driver_connection
+    assert driver is not None
+    await_only(driver.execute(sql))

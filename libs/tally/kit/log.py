@@ -1,0 +1,70 @@
+"""One logger for every service: structlog, JSON lines, with the current trace and span ids.
+
+Secrets never reach a log line: keys that name credentials are redacted by a processor, so a
+careless `log.info("x", api_key=...)` still prints `"[redacted]"`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any, Final, TextIO
+
+import structlog
+from opentelemetry import trace
+
+_SECRET_KEYS: Final = frozenset(
+    {"api_key", "secret", "password", "token", "authorization", "signature", "webhook_secret"}
+)
+
+
+def _add_trace_ids(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    ctx = trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        event["trace_id"] = format(ctx.trace_id, "032x")
+        event["span_id"] = format(ctx.span_id, "016x")
+    else:
+        event.setdefault("trace_id", None)
+        event.setdefault("span_id", None)
+    return event
+
+
+def _redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key in event:
+        if key.lower() in _SECRET_KEYS:
+            event[key] = "[redacted]"
+    return event
+
+
+def configure_logging(service: str, level: str = "info", stream: TextIO | None = None) -> None:
+    """Configures structlog (and stdlib logging, for libraries) to print JSON lines."""
+    numeric = logging.getLevelName(level.upper())
+    out = stream or sys.stderr
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _add_trace_ids,
+            _redact_secrets,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+    structlog.contextvars.bind_contextvars(service=service)
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter('{"logger": "%(name)s", "level": "%(levelname)s", '
+                                           '"event": "%(message)s"}'))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(numeric, logging.WARNING))
+
+
+def get_logger(name: str | None = None) -> Any:
+    """A structlog logger; `name` becomes the `component` field."""
+    # Lazy: a module-level logger must pick up the configuration made later in main().
+    return structlog.get_logger(component=name) if name else structlog.get_logger()

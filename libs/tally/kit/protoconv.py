@@ -1,0 +1,59 @@
+"""Proto <-> Python conversions every servicer needs: timestamps and prefixed enums.
+
+Proto enums carry their type as a prefix (`TRANSFER_KIND_USAGE`, buf STANDARD); domain enums
+use the bare name (`TransferKind.USAGE`). These helpers map one to the other by name, so adding
+a value to both is all it takes.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from tally.kit.errors import invalid
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+def to_timestamp(value: datetime | None) -> Timestamp | None:
+    """A protobuf Timestamp, or None (leave the field unset)."""
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value.astimezone(UTC))
+    return stamp
+
+
+def from_timestamp(message: Any, field: str) -> datetime | None:
+    """The aware UTC datetime in `message.field`, or None when the field is unset."""
+    if not message.HasField(field):
+        return None
+    stamp: Timestamp = getattr(message, field)
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+def enum_out(proto_enum: Any, prefix: str, value: enum.Enum | None) -> Any:
+    """The proto number of a domain enum value (`prefix` + name); UNSPECIFIED for None."""
+    if value is None:
+        return 0
+    return proto_enum.Value(f"{prefix}{value.name}")
+
+
+def enum_in(proto_enum: Any, prefix: str, number: int, domain: type[E], field: str,
+            *, required: bool = True) -> E | None:
+    """The domain value of a proto enum number; INVALID_ARGUMENT naming `field` if unknown."""
+    if number == 0:
+        if required:
+            raise invalid(field, "is required")
+        return None
+    try:
+        name = proto_enum.Name(number)
+    except ValueError:
+        raise invalid(field, f"unknown value {number}") from None
+    try:
+        return domain[name.removeprefix(prefix)]
+    except KeyError:
+        raise invalid(field, f"{name} is not accepted here") from None

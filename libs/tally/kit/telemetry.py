@@ -1,0 +1,54 @@
+"""OpenTelemetry setup shared by every process.
+
+Spans are exported over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the standard variable,
+so collectors and operators configure Tally like any other OTel-instrumented program);
+otherwise spans are still created, so trace ids reach the logs, but nothing is exported.
+"""
+
+from __future__ import annotations
+
+import os
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+
+_provider: TracerProvider | None = None
+
+
+def setup_telemetry(service: str, exporter: SpanExporter | None = None) -> TracerProvider:
+    """Installs the global tracer provider for `service` (once per process) and returns it.
+
+    `exporter` overrides the OTLP exporter (tests pass an in-memory one).
+    """
+    global _provider
+    if _provider is not None:
+        return _provider
+    provider = TracerProvider(resource=Resource.create({"service.name": f"tally-{service}"}))
+    if exporter is None and os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter()
+    if exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    _provider = provider
+    return provider
+
+
+def shutdown_telemetry() -> None:
+    """Flushes and stops span export (called last on shutdown)."""
+    if _provider is not None:
+        _provider.shutdown()
+
+
+def tracer(name: str) -> trace.Tracer:
+    """A tracer for instrumenting one module."""
+    return trace.get_tracer(name)
+
+
+def current_trace_id() -> str:
+    """The W3C trace id of the current span (32 hex digits), or "" outside any trace."""
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else ""

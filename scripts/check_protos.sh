@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Fails if the committed generated stubs differ from what scripts/gen_protos.sh produces now.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/gen_protos.sh >/dev/null 2>&1
+if ! git diff --quiet --exit-code -- libs/tally || [ -n "$(git status --porcelain --untracked-files=all -- libs/tally | grep '_pb2' || true)" ]; then
+  echo "generated stubs are stale: run 'make protos' and commit the result" >&2
+  git status --short -- libs/tally >&2
+  exit 1
+fi
+echo "generated stubs are fresh"

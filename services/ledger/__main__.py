@@ -1,0 +1,5 @@
+"""Run the ledger service: python -m services.ledger."""
+
+from services.ledger.server import main
+
+main()

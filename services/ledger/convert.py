@@ -1,0 +1,133 @@
+"""Ledger proto <-> domain conversions (the servicer's vocabulary)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tally.common.v1 import common_pb2
+from tally.kit.protoconv import enum_in, enum_out, from_timestamp, to_timestamp
+from tally.kit.telemetry import current_trace_id
+from tally.ledger.v1 import ledger_pb2 as pb
+
+from services.ledger import domain as d
+
+
+def caller(context: common_pb2.RequestContext, actor: str) -> d.Caller:
+    """Audit identity of a request: the context's actor, else the authenticated principal."""
+    return d.Caller(actor=context.actor or actor, trace_id=current_trace_id(),
+                    user_id=context.user_id,
+                    labels=dict(context.labels))
+
+
+def grant_spec(message: pb.GrantSpec, field: str) -> d.GrantSpec | None:
+    kind = enum_in(pb.GrantKind, "GRANT_KIND_", message.grant_kind, d.GrantKind,
+                   f"{field}.grant_kind", required=False)
+    if kind is None:
+        return None
+    return d.GrantSpec(kind, message.priority, from_timestamp(message, "expires_at"))
+
+
+def transfer_command(request: pb.TransferRequest, prefix: str = "") -> d.TransferCommand:
+    kind = enum_in(pb.TransferKind, "TRANSFER_KIND_", request.kind, d.TransferKind,
+                   f"{prefix}kind")
+    cmd = d.TransferCommand(
+        transfer_id=request.transfer_id,
+        org_id=request.org_id,
+        kind=d.validate_client_kind(kind, f"{prefix}kind"),
+        amount_micros=request.amount_micros,
+        reason=request.reason,
+        grant=grant_spec(request.grant, f"{prefix}grant") if request.HasField("grant") else None,
+        reverses_transfer_id=request.reverses_transfer_id,
+    )
+    return cmd
+
+
+def transfer(t: d.Transfer) -> pb.Transfer:
+    return pb.Transfer(
+        transfer_id=t.transfer_id,
+        kind=enum_out(pb.TransferKind, "TRANSFER_KIND_", t.kind),
+        debit_account_id=t.debit_account_id,
+        credit_account_id=t.credit_account_id,
+        org_id=t.org_id,
+        amount_micros=t.amount_micros,
+        actor=t.actor,
+        reason=t.reason,
+        trace_id=t.trace_id,
+        labels=dict(t.labels),
+        created_at=to_timestamp(t.created_at),
+        grant_id=t.grant_id,
+        reservation_id=t.reservation_id,
+        entry_hash=t.entry_hash,
+        debit_account_kind=enum_out(pb.AccountKind, "ACCOUNT_KIND_",
+                                    d.account_kind(t.debit_account_id)),
+        credit_account_kind=enum_out(pb.AccountKind, "ACCOUNT_KIND_",
+                                     d.account_kind(t.credit_account_id)),
+        user_id=t.user_id,
+        reverses_transfer_id=t.reverses_transfer_id,
+        payment_order_id=t.payment_order_id,
+    )
+
+
+def billing_state(state: d.BillingState) -> Any:
+    return enum_out(common_pb2.BillingState, "BILLING_STATE_", state)
+
+
+def balance(b: d.Balance) -> pb.Balance:
+    return pb.Balance(
+        org_id=b.org_id,
+        posted_micros=b.posted_micros,
+        held_micros=b.held_micros,
+        available_micros=b.available_micros,
+        arrears_micros=b.arrears_micros,
+        billing_state=billing_state(b.billing_state),
+        grants=[
+            pb.GrantBalance(
+                grant_id=g.grant_id,
+                grant_kind=enum_out(pb.GrantKind, "GRANT_KIND_", g.kind),
+                priority=g.priority,
+                original_micros=g.original_micros,
+                remaining_micros=g.remaining_micros,
+                expires_at=to_timestamp(g.expires_at),
+                source_transfer_id=g.source_transfer_id,
+            )
+            for g in b.grants
+        ],
+        as_of=to_timestamp(b.as_of),
+    )
+
+
+def reservation(r: d.Reservation) -> pb.Reservation:
+    return pb.Reservation(
+        reservation_id=r.reservation_id,
+        org_id=r.org_id,
+        amount_micros=r.amount_micros,
+        state=enum_out(pb.ReservationState, "RESERVATION_STATE_", r.state),
+        expires_at=to_timestamp(r.expires_at),
+        captured_micros=r.captured_micros,
+        arrears_micros=r.arrears_micros,
+        created_at=to_timestamp(r.created_at),
+        settled_at=to_timestamp(r.settled_at),
+        capture_transfer_id=r.capture_transfer_id,
+    )
+
+
+def usage_item(item: pb.UsageItem) -> d.UsageItem:
+    return d.UsageItem(item.event_id, item.org_id, item.cost_micros, item.reservation_id,
+                       dict(item.labels))
+
+
+def usage_result(r: d.UsageResult) -> pb.UsageItemResult:
+    return pb.UsageItemResult(
+        event_id=r.event_id, transfer_id=r.transfer_id, debited_micros=r.debited_micros,
+        arrears_micros=r.arrears_micros, balance_after_micros=r.balance_after_micros,
+        is_duplicate=r.is_duplicate)
+
+
+def outbox_event(e: d.OutboxEvent) -> pb.OutboxEvent:
+    return pb.OutboxEvent(
+        event_id=e.event_id, sequence=e.sequence, org_id=e.org_id,
+        type=enum_out(pb.OutboxEventType, "OUTBOX_EVENT_TYPE_", e.type),
+        occurred_at=to_timestamp(e.occurred_at), trace_id=e.trace_id,
+        available_micros_after=e.available_micros_after, arrears_micros=e.arrears_micros,
+        billing_state=billing_state(e.billing_state),
+        attributes=dict(e.attributes))

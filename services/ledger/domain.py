@@ -1,0 +1,507 @@
+"""The ledger's rules, in plain Python: accounts, transfers, grants, reservations, the hash chain.
+
+Nothing here knows about gRPC or SQL. The store locks rows and persists; these functions decide
+what may happen and what it looks like (modelled on TigerBeetle: accounts, immutable transfers,
+pending transfers that are posted or voided, and flags that forbid overdraft).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Final
+
+from tally.kit.errors import FieldViolation, Reason, TallyError, invalid, invalid_fields
+from tally.kit.money import INT64_MAX
+
+MAX_ID_LENGTH: Final = 64
+MAX_TRANSFER_BATCH: Final = 1000
+MAX_USAGE_BATCH: Final = 5000
+MAX_LABELS: Final = 32
+DEFAULT_RESERVATION_TTL: Final = timedelta(seconds=300)
+MAX_RESERVATION_TTL: Final = timedelta(seconds=3600)
+GENESIS_HASH: Final = "0" * 64
+
+
+class AccountKind(enum.StrEnum):
+    """Role of an account (proto AccountKind)."""
+
+    ORG_CREDIT = "ORG_CREDIT"
+    PAYMENTS_CLEARING = "PAYMENTS_CLEARING"
+    REVENUE = "REVENUE"
+    BONUS_EXPENSE = "BONUS_EXPENSE"
+    PROMOTIONAL_EXPENSE = "PROMOTIONAL_EXPENSE"
+    REFUNDS = "REFUNDS"
+    ADJUSTMENTS = "ADJUSTMENTS"
+    ARREARS = "ARREARS"
+    EXPIRY = "EXPIRY"
+
+
+class TransferKind(enum.StrEnum):
+    """Why a transfer exists (proto TransferKind)."""
+
+    PURCHASE = "PURCHASE"
+    BONUS = "BONUS"
+    PROMOTIONAL_GRANT = "PROMOTIONAL_GRANT"
+    USAGE = "USAGE"
+    REFUND = "REFUND"
+    MANUAL_ADJUSTMENT = "MANUAL_ADJUSTMENT"
+    EXPIRY = "EXPIRY"
+    REVERSAL = "REVERSAL"
+
+
+class GrantKind(enum.StrEnum):
+    """Kind of credit a grant carries (proto GrantKind)."""
+
+    PURCHASED = "PURCHASED"
+    BONUS = "BONUS"
+    PROMOTIONAL = "PROMOTIONAL"
+
+
+class ReservationState(enum.StrEnum):
+    """Lifecycle of a hold (proto ReservationState)."""
+
+    HELD = "HELD"
+    CAPTURED = "CAPTURED"
+    RELEASED = "RELEASED"
+    EXPIRED = "EXPIRED"
+
+
+class BillingState(enum.StrEnum):
+    """Spend-control state of an org (proto tally.common.v1.BillingState)."""
+
+    ACTIVE = "ACTIVE"
+    THROTTLED = "THROTTLED"
+    READ_ONLY = "READ_ONLY"
+
+
+class OutboxEventType(enum.StrEnum):
+    """What an outbox event reports (proto OutboxEventType)."""
+
+    BALANCE_CHANGED = "BALANCE_CHANGED"
+    BILLING_STATE_CHANGED = "BILLING_STATE_CHANGED"
+    RESERVATION_EXPIRED = "RESERVATION_EXPIRED"
+    ARREARS_RECORDED = "ARREARS_RECORDED"
+
+
+# --- accounts -----------------------------------------------------------------------------
+
+SYSTEM_ACCOUNTS: Final[Mapping[AccountKind, str]] = {
+    AccountKind.PAYMENTS_CLEARING: "sys:payments_clearing",
+    AccountKind.REVENUE: "sys:revenue",
+    AccountKind.BONUS_EXPENSE: "sys:bonus_expense",
+    AccountKind.PROMOTIONAL_EXPENSE: "sys:promotional_expense",
+    AccountKind.REFUNDS: "sys:refunds",
+    AccountKind.ADJUSTMENTS: "sys:adjustments",
+    AccountKind.EXPIRY: "sys:expiry",
+}
+
+
+def credit_account(org_id: str) -> str:
+    """The org's spendable-credit account."""
+    return f"org:{org_id}"
+
+
+def arrears_account(org_id: str) -> str:
+    """The org's arrears account: its balance is minus what the org owes."""
+    return f"arrears:{org_id}"
+
+
+def account_kind(account_id: str) -> AccountKind:
+    """The kind of an account, from its id."""
+    if account_id.startswith("org:"):
+        return AccountKind.ORG_CREDIT
+    if account_id.startswith("arrears:"):
+        return AccountKind.ARREARS
+    for kind, system_id in SYSTEM_ACCOUNTS.items():
+        if system_id == account_id:
+            return kind
+    raise ValueError(f"unknown account {account_id!r}")
+
+
+# Which system account sits on the other side of a credit-adding or credit-removing kind.
+CREDIT_SOURCE: Final[Mapping[TransferKind, AccountKind]] = {
+    TransferKind.PURCHASE: AccountKind.PAYMENTS_CLEARING,
+    TransferKind.BONUS: AccountKind.BONUS_EXPENSE,
+    TransferKind.PROMOTIONAL_GRANT: AccountKind.PROMOTIONAL_EXPENSE,
+    TransferKind.MANUAL_ADJUSTMENT: AccountKind.ADJUSTMENTS,
+}
+DEBIT_SINK: Final[Mapping[TransferKind, AccountKind]] = {
+    TransferKind.USAGE: AccountKind.REVENUE,
+    TransferKind.REFUND: AccountKind.REFUNDS,
+    TransferKind.MANUAL_ADJUSTMENT: AccountKind.ADJUSTMENTS,
+    TransferKind.EXPIRY: AccountKind.EXPIRY,
+}
+GRANT_OF_KIND: Final[Mapping[TransferKind, GrantKind]] = {
+    TransferKind.PURCHASE: GrantKind.PURCHASED,
+    TransferKind.BONUS: GrantKind.BONUS,
+    TransferKind.PROMOTIONAL_GRANT: GrantKind.PROMOTIONAL,
+    TransferKind.MANUAL_ADJUSTMENT: GrantKind.PURCHASED,
+    TransferKind.REVERSAL: GrantKind.PURCHASED,
+}
+# Kinds a client may post through Transfer; the others have their own RPC.
+CLIENT_TRANSFER_KINDS: Final = frozenset(
+    {
+        TransferKind.BONUS,
+        TransferKind.PROMOTIONAL_GRANT,
+        TransferKind.USAGE,
+        TransferKind.EXPIRY,
+        TransferKind.REVERSAL,
+    }
+)
+
+
+# --- records ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GrantSpec:
+    """The grant a credit-adding transfer creates."""
+
+    kind: GrantKind
+    priority: int = 0
+    expires_at: datetime | None = None
+
+
+DEFAULT_PRIORITY: Final[Mapping[GrantKind, int]] = {
+    GrantKind.PROMOTIONAL: 100,
+    GrantKind.BONUS: 200,
+    GrantKind.PURCHASED: 300,
+}
+
+
+@dataclass(slots=True)
+class Grant:
+    """Credit of one kind, burned down by usage in burn order."""
+
+    grant_id: str
+    org_id: str
+    kind: GrantKind
+    priority: int
+    original_micros: int
+    remaining_micros: int
+    expires_at: datetime | None
+    source_transfer_id: str
+    created_at: datetime
+
+
+def burn_order(grant: Grant) -> tuple[bool, datetime, int, datetime, str]:
+    """Usage burns soonest-expiring credit first (never-expiring last); at equal expiry the
+    lower priority first (promotional 100 < bonus 200 < purchased 300 by default), then the
+    oldest. This spends the credit most at risk of being lost before the credit paid for."""
+    never = grant.expires_at is None
+    expires = grant.expires_at or grant.created_at
+    return (never, expires, grant.priority, grant.created_at, grant.grant_id)
+
+
+def allocate(grants: Iterable[Grant], amount_micros: int) -> list[tuple[Grant, int]]:
+    """Which grants cover `amount_micros`, in burn order; may cover less if credit runs out."""
+    taken: list[tuple[Grant, int]] = []
+    left = amount_micros
+    for grant in sorted(grants, key=burn_order):
+        if left == 0:
+            break
+        take = min(grant.remaining_micros, left)
+        if take > 0:
+            taken.append((grant, take))
+            left -= take
+    return taken
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """An immutable entry: `amount_micros` leaves the debit account and enters the credit one."""
+
+    transfer_id: str
+    kind: TransferKind
+    debit_account_id: str
+    credit_account_id: str
+    org_id: str
+    amount_micros: int
+    actor: str
+    reason: str
+    trace_id: str
+    user_id: str
+    labels: Mapping[str, str]
+    grant_id: str
+    reservation_id: str
+    reverses_transfer_id: str
+    payment_order_id: str
+    created_at: datetime
+    prev_hash: str
+    entry_hash: str
+    org_posted_after: int
+    org_held_after: int
+    org_arrears_after: int
+
+
+def canonical_entry(
+    transfer_id: str,
+    kind: str,
+    debit_account_id: str,
+    credit_account_id: str,
+    org_id: str,
+    amount_micros: int,
+    actor: str,
+    reason: str,
+    created_at: datetime,
+) -> bytes:
+    """The bytes an entry's hash covers: everything that gives the entry its meaning."""
+    return "\x1f".join(
+        [transfer_id, kind, debit_account_id, credit_account_id, org_id, str(amount_micros),
+         actor, reason, created_at.isoformat()]
+    ).encode()
+
+
+def chain_hash(prev_hash: str, entry: bytes) -> str:
+    """sha256(previous hash || entry), lowercase hex: each org's entries form a chain."""
+    return hashlib.sha256(prev_hash.encode() + entry).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    """An org's credit position."""
+
+    org_id: str
+    posted_micros: int
+    held_micros: int
+    arrears_micros: int
+    billing_state: BillingState
+    grants: Sequence[Grant] = ()
+    as_of: datetime | None = None
+
+    @property
+    def available_micros(self) -> int:
+        """What can be spent or reserved now."""
+        return self.posted_micros - self.held_micros
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A hold on credit for an in-flight request."""
+
+    reservation_id: str
+    org_id: str
+    amount_micros: int
+    state: ReservationState
+    expires_at: datetime
+    captured_micros: int
+    arrears_micros: int
+    capture_transfer_id: str
+    created_at: datetime
+    settled_at: datetime | None
+
+    def is_expired(self, now: datetime) -> bool:
+        """A HELD reservation whose ttl has passed (released by the sweeper, or on touch)."""
+        return self.state is ReservationState.HELD and self.expires_at <= now
+
+
+@dataclass(frozen=True, slots=True)
+class UsageResult:
+    """What one usage event cost the org: the receipt the ledger keeps forever."""
+
+    event_id: str
+    transfer_id: str
+    debited_micros: int
+    arrears_micros: int
+    balance_after_micros: int
+    is_duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    """A balance-affecting fact published to consumers (notifier, auto-top-up)."""
+
+    event_id: str
+    sequence: int
+    org_id: str
+    type: OutboxEventType
+    occurred_at: datetime
+    trace_id: str
+    available_micros_after: int
+    arrears_micros: int
+    billing_state: BillingState
+    attributes: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class ChainReport:
+    """Result of walking the hash chains and the zero-sum invariant."""
+
+    ok: bool
+    entries_checked: int
+    first_bad_transfer_id: str = ""
+    detail: str = ""
+
+
+# --- commands and their validation ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who asks, for the audit fields of every entry."""
+
+    actor: str = "service:anonymous"
+    trace_id: str = ""
+    user_id: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TransferCommand:
+    """Post one transfer (the Transfer RPC, an item of TransferBatch, or Adjust)."""
+
+    transfer_id: str
+    org_id: str
+    kind: TransferKind
+    amount_micros: int
+    reason: str = ""
+    grant: GrantSpec | None = None
+    reverses_transfer_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class UsageItem:
+    """One rated usage event to debit."""
+
+    event_id: str
+    org_id: str
+    cost_micros: int
+    reservation_id: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+def fingerprint(*parts: object) -> str:
+    """A stable hash of a request's meaning: the same id with another fingerprint is reuse."""
+
+    def encode(value: object) -> object:
+        if hasattr(value, "__dataclass_fields__"):
+            return asdict(value)  # type: ignore[call-overload]
+        return value
+
+    text = json.dumps([encode(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_id(name: str, value: str) -> FieldViolation | None:
+    """A client-chosen id: 1..64 printable characters."""
+    if not value:
+        return FieldViolation(name, "is required")
+    if len(value) > MAX_ID_LENGTH:
+        return FieldViolation(name, f"is longer than {MAX_ID_LENGTH} characters")
+    if not value.isprintable():
+        return FieldViolation(name, "must be printable")
+    return None
+
+
+def check_amount(name: str, value: int, *, allow_zero: bool = False) -> FieldViolation | None:
+    """A positive (or, where allowed, zero) int64 amount of micro-credits."""
+    if value < 0 or (value == 0 and not allow_zero):
+        return FieldViolation(name, "must be > 0" if not allow_zero else "must be >= 0")
+    if value > INT64_MAX:
+        return FieldViolation(name, "exceeds int64")
+    return None
+
+
+def raise_if(violations: Iterable[FieldViolation | None]) -> None:
+    """Raises one INVALID_ARGUMENT naming every bad field, if there is any."""
+    found = [v for v in violations if v is not None]
+    if found:
+        raise invalid_fields(found)
+
+
+def validate_transfer(cmd: TransferCommand, prefix: str = "") -> list[FieldViolation | None]:
+    """Every problem of a TransferCommand, each naming its field (with `prefix`)."""
+    problems = [
+        check_id(f"{prefix}transfer_id", cmd.transfer_id),
+        check_id(f"{prefix}org_id", cmd.org_id),
+    ]
+    if cmd.kind is TransferKind.REVERSAL:
+        problems.append(check_id(f"{prefix}reverses_transfer_id", cmd.reverses_transfer_id))
+        problems.append(check_amount(f"{prefix}amount_micros", cmd.amount_micros, allow_zero=True))
+    elif cmd.kind is TransferKind.MANUAL_ADJUSTMENT:
+        # signed: positive adds credit, negative removes it
+        problems.append(check_amount(f"{prefix}amount_micros", abs(cmd.amount_micros)))
+    else:
+        problems.append(check_amount(f"{prefix}amount_micros", cmd.amount_micros))
+    if cmd.grant is not None and cmd.kind in GRANT_OF_KIND and cmd.kind not in (
+        TransferKind.MANUAL_ADJUSTMENT, TransferKind.REVERSAL
+    ) and cmd.grant.kind is not GRANT_OF_KIND[cmd.kind]:
+        problems.append(FieldViolation(f"{prefix}grant.grant_kind",
+                                       f"must be {GRANT_OF_KIND[cmd.kind]} for {cmd.kind}"))
+    if cmd.kind in (TransferKind.REVERSAL, TransferKind.EXPIRY, TransferKind.MANUAL_ADJUSTMENT):
+        if not cmd.reason.strip():
+            problems.append(FieldViolation(f"{prefix}reason", f"is required for {cmd.kind}"))
+    if cmd.grant is not None and cmd.grant.priority < 0:
+        problems.append(FieldViolation(f"{prefix}grant.priority", "must be >= 0"))
+    return problems
+
+
+def validate_client_kind(kind: TransferKind | None, name: str = "kind") -> TransferKind:
+    """The kinds Transfer accepts; PURCHASE/REFUND/MANUAL_ADJUSTMENT have their own RPCs."""
+    if kind is None or kind not in CLIENT_TRANSFER_KINDS:
+        allowed = ", ".join(sorted(CLIENT_TRANSFER_KINDS))
+        raise invalid(name, f"must be one of {allowed}")
+    return kind
+
+
+def validate_ttl(ttl_seconds: int) -> timedelta:
+    """A reservation ttl: 0 means the default; at most MAX_RESERVATION_TTL."""
+    if ttl_seconds == 0:
+        return DEFAULT_RESERVATION_TTL
+    if ttl_seconds < 0 or ttl_seconds > MAX_RESERVATION_TTL.total_seconds():
+        raise invalid("ttl_seconds", f"must be 0..{int(MAX_RESERVATION_TTL.total_seconds())}")
+    return timedelta(seconds=ttl_seconds)
+
+
+def validate_usage_batch(batch_id: str, items: Sequence[UsageItem]) -> None:
+    """Batch bounds and every item's fields; duplicate event ids within one batch are refused."""
+    if len(items) > MAX_USAGE_BATCH:
+        raise TallyError(
+            Reason.BATCH_TOO_LARGE,
+            f"items: {len(items)} items; at most {MAX_USAGE_BATCH} per batch",
+            field="items",
+        )
+    problems: list[FieldViolation | None] = [check_id("batch_id", batch_id)]
+    if not items:
+        problems.append(FieldViolation("items", "must not be empty"))
+    seen: set[tuple[str, str]] = set()
+    for i, item in enumerate(items):
+        problems.append(check_id(f"items[{i}].event_id", item.event_id))
+        problems.append(check_id(f"items[{i}].org_id", item.org_id))
+        problems.append(check_amount(f"items[{i}].cost_micros", item.cost_micros, allow_zero=True))
+        if item.reservation_id:
+            problems.append(check_id(f"items[{i}].reservation_id", item.reservation_id))
+        key = (item.org_id, item.event_id)
+        if key in seen:
+            problems.append(FieldViolation(f"items[{i}].event_id", "appears twice in the batch"))
+        seen.add(key)
+    raise_if(problems)
+
+
+def insufficient(available_micros: int, needed_micros: int, field_name: str) -> TallyError:
+    """INSUFFICIENT_CREDITS with the available amount in ErrorInfo metadata."""
+    return TallyError(
+        Reason.INSUFFICIENT_CREDITS,
+        f"{field_name}: {needed_micros} micro-credits needed, {available_micros} available",
+        metadata={"available_micros": str(available_micros), "needed_micros": str(needed_micros)},
+    )
+
+
+def reused(key: str) -> TallyError:
+    """The same client id with a different payload."""
+    return TallyError(
+        Reason.IDEMPOTENCY_KEY_REUSED,
+        f"{key} was already used for a different request",
+        metadata={"key": key},
+    )
+
+
+def split_debit(available_micros: int, cost_micros: int) -> tuple[int, int]:
+    """Usage already happened, so it is never refused: what credit covers, and the arrears."""
+    debited = min(max(available_micros, 0), cost_micros)
+    return debited, cost_micros - debited

@@ -1,0 +1,157 @@
+"""LedgerService over gRPC: proto in, domain call, proto out — nothing else.
+
+Payment RPCs (Purchase, ConfirmPayment, manual settlement, Refund, auto-top-up) belong to the
+purchases issue and answer UNIMPLEMENTED until then (the generated base class does that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+from tally.common.v1 import common_pb2
+from tally.kit.protoconv import enum_in, from_timestamp
+from tally.kit.server import current_principal
+from tally.ledger.v1 import ledger_pb2 as pb
+from tally.ledger.v1 import ledger_pb2_grpc
+
+from services.ledger import convert
+from services.ledger import domain as d
+from services.ledger.store import LedgerStore
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _actor() -> str:
+    principal = current_principal.get()
+    return principal.identity if principal else "service:anonymous"
+
+
+class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
+    """Translates LedgerService calls to LedgerStore operations."""
+
+    def __init__(self, store: LedgerStore, *, outbox_poll_s: float = 0.2,
+                 stream_lifetime_s: float = 300.0) -> None:
+        self.store = store
+        self.outbox_poll_s = outbox_poll_s
+        self.stream_lifetime_s = stream_lifetime_s
+
+    async def Transfer(self, request: pb.TransferRequest, context: Context
+                       ) -> pb.TransferResponse:
+        posted, balance = await self.store.transfer(
+            convert.transfer_command(request), convert.caller(request.context, _actor()))
+        return pb.TransferResponse(transfer=convert.transfer(posted),
+                                   balance_after=convert.balance(balance))
+
+    async def TransferBatch(self, request: pb.TransferBatchRequest, context: Context
+                            ) -> pb.TransferBatchResponse:
+        commands = [convert.transfer_command(t, f"transfers[{i}].")
+                    for i, t in enumerate(request.transfers)]
+        results = await self.store.transfer_batch(
+            request.batch_id, commands, convert.caller(request.context, _actor()))
+        last = {b.org_id: b for _, b in results}
+        return pb.TransferBatchResponse(
+            transfers=[convert.transfer(t) for t, _ in results],
+            balances_after=[convert.balance(last[org]) for org in sorted(last)])
+
+    async def Adjust(self, request: pb.AdjustRequest, context: Context) -> pb.AdjustResponse:
+        command = d.TransferCommand(
+            request.adjustment_id, request.org_id, d.TransferKind.MANUAL_ADJUSTMENT,
+            request.amount_micros, request.reason,
+            convert.grant_spec(request.grant, "grant") if request.HasField("grant") else None)
+        posted, balance = await self.store.transfer(
+            command, convert.caller(request.context, _actor()))
+        return pb.AdjustResponse(transfer=convert.transfer(posted),
+                                 balance_after=convert.balance(balance))
+
+    async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:
+        held, available = await self.store.reserve(
+            request.reservation_id, request.org_id, request.amount_micros,
+            d.validate_ttl(request.ttl_seconds), convert.caller(request.context, _actor()))
+        return pb.ReserveResponse(reservation=convert.reservation(held),
+                                  available_micros=available)
+
+    async def Capture(self, request: pb.CaptureRequest, context: Context) -> pb.CaptureResponse:
+        captured, posted, balance = await self.store.capture(
+            request.reservation_id, request.org_id, request.actual_micros,
+            convert.caller(request.context, _actor()))
+        return pb.CaptureResponse(
+            reservation=convert.reservation(captured),
+            transfer=convert.transfer(posted) if posted else None,
+            balance_after=convert.balance(balance))
+
+    async def Release(self, request: pb.ReleaseRequest, context: Context) -> pb.ReleaseResponse:
+        released, available = await self.store.release(
+            request.reservation_id, request.org_id, convert.caller(request.context, _actor()))
+        return pb.ReleaseResponse(reservation=convert.reservation(released),
+                                  available_micros=available)
+
+    async def GetReservation(self, request: pb.GetReservationRequest, context: Context
+                             ) -> pb.GetReservationResponse:
+        found = await self.store.get_reservation(request.reservation_id, request.org_id)
+        return pb.GetReservationResponse(reservation=convert.reservation(found))
+
+    async def PostUsageBatch(self, request: pb.PostUsageBatchRequest, context: Context
+                             ) -> pb.PostUsageBatchResponse:
+        results = await self.store.post_usage_batch(
+            request.batch_id, [convert.usage_item(i) for i in request.items],
+            convert.caller(request.context, _actor()))
+        return pb.PostUsageBatchResponse(results=[convert.usage_result(r) for r in results])
+
+    async def GetBalance(self, request: pb.GetBalanceRequest, context: Context
+                         ) -> pb.GetBalanceResponse:
+        balance = await self.store.get_balance(request.org_id)
+        return pb.GetBalanceResponse(balance=convert.balance(balance))
+
+    async def SetBillingState(self, request: pb.SetBillingStateRequest, context: Context
+                              ) -> pb.SetBillingStateResponse:
+        state = enum_in(common_pb2.BillingState, "BILLING_STATE_", request.state,
+                        d.BillingState, "state")
+        assert state is not None
+        previous, now_state, changed_at = await self.store.set_billing_state(
+            request.request_id, request.org_id, state, request.cause,
+            convert.caller(request.context, _actor()))
+        response = pb.SetBillingStateResponse(
+            previous_state=convert.billing_state(previous),
+            state=convert.billing_state(now_state))
+        response.changed_at.FromDatetime(changed_at)
+        return response
+
+    async def GetTransfer(self, request: pb.GetTransferRequest, context: Context
+                          ) -> pb.GetTransferResponse:
+        found = await self.store.get_transfer(request.org_id, request.transfer_id)
+        return pb.GetTransferResponse(transfer=convert.transfer(found))
+
+    async def ListTransactions(self, request: pb.ListTransactionsRequest, context: Context
+                               ) -> pb.ListTransactionsResponse:
+        kinds = [enum_in(pb.TransferKind, "TRANSFER_KIND_", k, d.TransferKind, "kinds")
+                 for k in request.kinds]
+        transfers, token = await self.store.list_transactions(
+            request.org_id, kinds=[k for k in kinds if k is not None],
+            start=from_timestamp(request, "start_time"), end=from_timestamp(request, "end_time"),
+            user_id=request.user_id, labels=dict(request.labels), size=request.page_size,
+            token=request.page_token)
+        return pb.ListTransactionsResponse(transfers=[convert.transfer(t) for t in transfers],
+                                           next_page_token=token)
+
+    async def VerifyLedger(self, request: pb.VerifyLedgerRequest, context: Context
+                           ) -> pb.VerifyLedgerResponse:
+        report = await self.store.verify(request.org_id)
+        return pb.VerifyLedgerResponse(ok=report.ok, entries_checked=report.entries_checked,
+                                       first_bad_transfer_id=report.first_bad_transfer_id,
+                                       detail=report.detail)
+
+    async def StreamEvents(self, request: pb.StreamEventsRequest, context: Context) -> Any:
+        types = [enum_in(pb.OutboxEventType, "OUTBOX_EVENT_TYPE_", t, d.OutboxEventType,
+                         "types") for t in request.types]
+        after = request.after_event_sequence
+        deadline = asyncio.get_running_loop().time() + self.stream_lifetime_s
+        # Bounded lifetime so a mesh can rebalance; the client resumes from its last sequence.
+        while asyncio.get_running_loop().time() < deadline:
+            events = await self.store.outbox_after(after, [t for t in types if t is not None])
+            if events:
+                after = events[-1].sequence
+                yield pb.StreamEventsResponse(events=[convert.outbox_event(e) for e in events])
+            else:
+                await asyncio.sleep(self.outbox_poll_s)

@@ -1,0 +1,5 @@
+"""`python -m services.metering`."""
+
+from services.metering.server import main
+
+main()

@@ -1,0 +1,5 @@
+"""`python -m services.pricing`."""
+
+from services.pricing.server import main
+
+main()

@@ -1,0 +1,97 @@
+"""Real infrastructure for the whole suite.
+
+PostgreSQL: the server named by TALLY_DATABASE_URL, else an embedded one started here. The
+schemas of all four services are migrated once into a template database; every test that asks
+for `db_url` gets its own database cloned from it, so tests never see each other's rows.
+Redis: TALLY_REDIS_URL, else an embedded Valkey. If neither a configured nor an embedded server
+can be had, the session errors out: a missing database never turns into skipped tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from tally.kit import db, infra
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_DATA_DIR = REPO / ".tally" / "test"
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+@pytest.fixture(scope="session")
+def server_url() -> str:
+    """A PostgreSQL server we may create databases on (configured, else embedded)."""
+    configured = os.environ.get("TALLY_DATABASE_URL")
+    if configured:
+        return configured
+    try:
+        return infra.start_embedded_postgres(TEST_DATA_DIR, keep_running=False)
+    except infra.InfraError as exc:
+        pytest.exit(f"no PostgreSQL: TALLY_DATABASE_URL is unset and {exc}", returncode=3)
+        raise
+
+
+@pytest.fixture(scope="session")
+def template_url(server_url: str) -> Iterator[str]:
+    """A database with every service's schema migrated, used as the template for tests."""
+    name = f"tally_tpl_{os.getpid()}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(db.asyncpg_url(server_url))
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}"'))
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    url = _with_database(server_url, name)
+    for service in db.SERVICES:
+        db.migrate(service, url)
+    yield url
+    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+async def db_url(server_url: str, template_url: str) -> AsyncIterator[str]:
+    """A fresh, fully migrated database for one test, dropped afterwards."""
+    name = f"tally_t_{uuid.uuid4().hex[:12]}"
+    template = urlsplit(template_url).path.lstrip("/")
+    conn = await asyncpg.connect(db.asyncpg_url(server_url))
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    finally:
+        await conn.close()
+    yield _with_database(server_url, name)
+    conn = await asyncpg.connect(db.asyncpg_url(server_url))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis-compatible server (configured, else an embedded Valkey stopped at the end)."""
+    configured = os.environ.get("TALLY_REDIS_URL")
+    if configured:
+        yield configured
+        return
+    try:
+        server = infra.start_embedded_redis(TEST_DATA_DIR)
+    except infra.InfraError as exc:
+        pytest.exit(f"no Redis: TALLY_REDIS_URL is unset and {exc}", returncode=3)
+        raise
+    yield server.url
+    server.stop()

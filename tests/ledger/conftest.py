@@ -1,0 +1,29 @@
+"""A real ledger server (in process, port 0, real PostgreSQL) and a client to it."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+
+import pytest
+from tally.kit.config import load_kit_config
+from tally.kit.server import RunningServer, start_server
+from tally.sdk.client import TallyClient
+
+from services.ledger.server import build
+
+
+@pytest.fixture
+async def ledger_server(db_url: str) -> AsyncIterator[RunningServer]:
+    config = dataclasses.replace(load_kit_config({}), database_url=db_url,
+                                 migrate_on_start=False, db_pool_size=16)
+    running = await start_server(await build(config), port=0)
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+async def tally(ledger_server: RunningServer) -> AsyncIterator[TallyClient]:
+    async with TallyClient({"ledger": f"127.0.0.1:{ledger_server.port}"},
+                           actor="user:test-operator") as client:
+        yield client

@@ -1,0 +1,272 @@
+"""Usage batches, expiry, reversals, billing state, the outbox and tamper evidence."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+from tally.common.v1 import common_pb2
+from tally.kit import db
+from tally.kit.errors import Reason, TallyError
+from tally.ledger.v1 import ledger_pb2 as pb
+from tally.sdk.client import TallyClient
+
+from services.ledger import domain as d
+from services.ledger.store import LedgerStore
+
+CREDIT = 1_000_000
+OPERATOR = d.Caller(actor="user:ops")
+
+
+async def grant(tally: TallyClient, org: str, amount: int, transfer_id: str) -> None:
+    await tally.ledger.Transfer(pb.TransferRequest(
+        transfer_id=transfer_id, org_id=org, kind=pb.TRANSFER_KIND_PROMOTIONAL_GRANT,
+        amount_micros=amount, reason="test"))
+
+
+def items(org: str, *events: tuple[str, int], reservation: str = "") -> list[pb.UsageItem]:
+    return [pb.UsageItem(event_id=e, org_id=org, cost_micros=c, reservation_id=reservation)
+            for e, c in events]
+
+
+async def test_usage_batch_debits_once_per_event_across_batches(tally: TallyClient) -> None:
+    await grant(tally, "acme", 10 * CREDIT, "g")
+    first = await tally.ledger.PostUsageBatch(pb.PostUsageBatchRequest(
+        batch_id="b1", items=items("acme", ("e1", CREDIT), ("e2", 2 * CREDIT))))
+    assert [r.balance_after_micros for r in first.results] == [9 * CREDIT, 7 * CREDIT]
+    assert first.results[0].transfer_id == first.results[1].transfer_id  # one per org per batch
+    # e2 arrives again inside another batch: charged once, original receipt returned
+    second = await tally.ledger.PostUsageBatch(pb.PostUsageBatchRequest(
+        batch_id="b2", items=items("acme", ("e2", 2 * CREDIT), ("e3", CREDIT))))
+    assert second.results[0].is_duplicate
+    assert second.results[0].balance_after_micros == 7 * CREDIT
+    assert second.results[1].balance_after_micros == 6 * CREDIT
+    replay = await tally.ledger.PostUsageBatch(pb.PostUsageBatchRequest(
+        batch_id="b1", items=items("acme", ("e1", CREDIT), ("e2", 2 * CREDIT))))
+    assert replay == first
+    with pytest.raises(TallyError) as caught:
+        await tally.ledger.PostUsageBatch(pb.PostUsageBatchRequest(
+            batch_id="b1", items=items("acme", ("e1", 5))))
+    assert caught.value.reason is Reason.IDEMPOTENCY_KEY_REUSED
+    balance = (await tally.ledger.GetBalance(pb.GetBalanceRequest(org_id="acme"))).balance
+    assert balance.posted_micros == 6 * CREDIT
+
+
+async def test_usage_beyond_credit_is_arrears_never_lost(tally: TallyClient) -> None:
+    await grant(tally, "acme", 3 * CREDIT, "g")
+    reply = await tally.ledger.PostUsageBatch(pb.PostUsageBatchRequest(
+        batch_id="b1", items=items("acme", ("e1", 2 * CREDIT), ("e2", 2 * CREDIT))))
+    assert [(r.debited_micros, r.arrears_micros) for r in reply.results] == [
+        (2 * CREDIT, 0), (CREDIT, CREDIT)]
+    balance = (await tally.ledger.GetBalance(pb.GetBalanceRequest(org_id="acme"))).balance
+    assert (balance.available_micros, balance.arrears_micros) == (0, CREDIT)
+    events = (await tally.ledger.StreamEvents(pb.StreamEventsRequest()).read()).events
+    kinds = {e.type for e in events}
+    assert pb.OUTBOX_EVENT_TYPE_ARREARS_RECORDED in kinds
+    assert pb.OUTBOX_EVENT_TYPE_BALANCE_CHANGED in kinds
+    assert (await tally.ledger.VerifyLedger(pb.VerifyLedgerRequest())).ok
+
+
+async def test_usage_item_with_a_reservation_captures_it(tally: TallyClient) -> None:
+    await grant(tally, "acme", 10 * CREDIT, "g")
+    await tally.ledger.Reserve(pb.ReserveRequest(
+        reservation_id="r1", org_id="acme", amount_micros=4 * CREDIT))
+    reply = await tally.ledger.PostUsageBatch(pb.PostUsageBatchRequest(
+        batch_id="b1", items=items("acme", ("e1", CREDIT), reservation="r1")))
+    assert reply.results[0].balance_after_micros == 9 * CREDIT  # the hold is gone
+    held = await tally.ledger.GetReservation(pb.GetReservationRequest(
+        org_id="acme", reservation_id="r1"))
+    assert held.reservation.state == pb.RESERVATION_STATE_CAPTURED
+    assert held.reservation.captured_micros == CREDIT
+
+
+async def test_reversal_gives_back_a_debit_once(tally: TallyClient) -> None:
+    await grant(tally, "acme", 5 * CREDIT, "g")
+    await tally.ledger.Transfer(pb.TransferRequest(
+        transfer_id="u1", org_id="acme", kind=pb.TRANSFER_KIND_USAGE, amount_micros=2 * CREDIT))
+    back = await tally.ledger.Transfer(pb.TransferRequest(
+        transfer_id="rev1", org_id="acme", kind=pb.TRANSFER_KIND_REVERSAL,
+        reverses_transfer_id="u1", reason="billing error"))
+    assert back.transfer.amount_micros == 2 * CREDIT
+    assert back.balance_after.available_micros == 5 * CREDIT
+    with pytest.raises(TallyError):
+        await tally.ledger.Transfer(pb.TransferRequest(
+            transfer_id="rev2", org_id="acme", kind=pb.TRANSFER_KIND_REVERSAL,
+            reverses_transfer_id="u1", reason="again"))
+    assert (await tally.ledger.VerifyLedger(pb.VerifyLedgerRequest())).ok
+
+
+async def test_billing_state_is_recorded_and_read_only_blocks_new_holds(
+    tally: TallyClient,
+) -> None:
+    await grant(tally, "acme", 5 * CREDIT, "g")
+    changed = await tally.ledger.SetBillingState(pb.SetBillingStateRequest(
+        request_id="s1", org_id="acme", state=common_pb2.BILLING_STATE_READ_ONLY,
+        cause="invoice overdue"))
+    assert changed.previous_state == common_pb2.BILLING_STATE_ACTIVE
+    balance = (await tally.ledger.GetBalance(pb.GetBalanceRequest(org_id="acme"))).balance
+    assert balance.billing_state == common_pb2.BILLING_STATE_READ_ONLY
+    with pytest.raises(TallyError) as caught:
+        await tally.ledger.Reserve(pb.ReserveRequest(
+            reservation_id="r1", org_id="acme", amount_micros=CREDIT))
+    assert caught.value.reason is Reason.ACCOUNT_READ_ONLY
+
+
+async def test_list_transactions_filters_and_pages_newest_first(tally: TallyClient) -> None:
+    await grant(tally, "acme", 50 * CREDIT, "g")
+    for i in range(5):
+        await tally.ledger.Transfer(pb.TransferRequest(
+            transfer_id=f"u{i}", org_id="acme", kind=pb.TRANSFER_KIND_USAGE,
+            amount_micros=CREDIT, context=common_pb2.RequestContext(
+                user_id="alice" if i % 2 else "bob", labels={"team": "search"})))
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await tally.ledger.ListTransactions(pb.ListTransactionsRequest(
+            org_id="acme", kinds=[pb.TRANSFER_KIND_USAGE], page_size=2, page_token=token))
+        seen += [t.transfer_id for t in page.transfers]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == ["u4", "u3", "u2", "u1", "u0"]
+    alice = await tally.ledger.ListTransactions(pb.ListTransactionsRequest(
+        org_id="acme", user_id="alice", labels={"team": "search"}))
+    assert [t.transfer_id for t in alice.transfers] == ["u3", "u1"]
+    with pytest.raises(TallyError) as caught:
+        await tally.ledger.ListTransactions(pb.ListTransactionsRequest(
+            org_id="acme", page_token="garbage"))
+    assert caught.value.field == "page_token"
+
+
+@pytest.fixture
+async def pool(db_url: str) -> AsyncIterator[asyncpg.Pool]:
+    created = await db.create_pool(db_url, max_size=4)
+    yield created
+    await created.close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+async def test_holds_past_their_ttl_are_released(pool: asyncpg.Pool) -> None:
+    clock = Clock()
+    store = LedgerStore(pool, clock)
+    await store.transfer(d.TransferCommand("g", "acme", d.TransferKind.PROMOTIONAL_GRANT,
+                                           10 * CREDIT), OPERATOR)
+    await store.reserve("r1", "acme", 4 * CREDIT, timedelta(seconds=30), OPERATOR)
+    assert await store.expire_reservations() == 0
+    clock.now += timedelta(seconds=31)
+    assert await store.expire_reservations() == 1
+    balance = await store.get_balance("acme")
+    assert (balance.held_micros, balance.available_micros) == (0, 10 * CREDIT)
+    with pytest.raises(TallyError) as caught:
+        await store.capture("r1", "acme", CREDIT, OPERATOR)
+    assert caught.value.reason is Reason.RESERVATION_EXPIRED
+
+
+async def test_expired_grants_post_expiry_transfers_for_what_is_left(pool: asyncpg.Pool) -> None:
+    clock = Clock()
+    store = LedgerStore(pool, clock)
+    soon = clock.now + timedelta(days=1)
+    await store.transfer(d.TransferCommand(
+        "promo", "acme", d.TransferKind.PROMOTIONAL_GRANT, 5 * CREDIT,
+        grant=d.GrantSpec(d.GrantKind.PROMOTIONAL, expires_at=soon)), OPERATOR)
+    await store.transfer(d.TransferCommand("bonus", "acme", d.TransferKind.BONUS, 5 * CREDIT),
+                         OPERATOR)
+    await store.post_usage_batch("b1", [d.UsageItem("e1", "acme", 2 * CREDIT)], OPERATOR)
+    clock.now = soon + timedelta(seconds=1)
+    assert await store.expire_grants() == 1
+    assert await store.expire_grants() == 0  # nothing left to expire, nothing posted twice
+    balance = await store.get_balance("acme")
+    assert balance.posted_micros == 5 * CREDIT
+    expiries, _ = await store.list_transactions("acme", kinds=[d.TransferKind.EXPIRY])
+    assert [t.amount_micros for t in expiries] == [3 * CREDIT]
+    assert (await store.verify()).ok
+
+
+async def test_a_batch_killed_half_way_leaves_nothing_and_retries_once(
+    pool: asyncpg.Pool, db_url: str,
+) -> None:
+    store = LedgerStore(pool)
+    await store.transfer(d.TransferCommand("g", "acme", d.TransferKind.PROMOTIONAL_GRANT,
+                                           100 * CREDIT), OPERATOR)
+    before = await store.get_balance("acme")
+    # A trigger that kills the server process of the connection writing the poisoned receipt:
+    # the transaction dies after the receipts are copied and before the balances are written.
+    admin = await asyncpg.connect(db.asyncpg_url(db_url))
+    await admin.execute("""
+        CREATE FUNCTION ledger.die() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.event_id = 'poison' THEN PERFORM pg_terminate_backend(pg_backend_pid()); END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER die AFTER INSERT ON ledger.usage_receipts
+            FOR EACH ROW EXECUTE FUNCTION ledger.die();
+    """)
+    batch = [d.UsageItem(f"e{i}", "acme", CREDIT) for i in range(50)]
+    batch.append(d.UsageItem("poison", "acme", CREDIT))
+    with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)):
+        await store.post_usage_batch("b1", batch, OPERATOR)
+    assert await admin.fetchval("SELECT count(*) FROM ledger.usage_receipts") == 0
+    assert await admin.fetchval(
+        "SELECT count(*) FROM ledger.transfers WHERE kind = 'USAGE'") == 0
+    assert await admin.fetchval(
+        "SELECT count(*) FROM ledger.idempotency_keys WHERE key = 'usage-batch:b1'") == 0
+    after_crash = await store.get_balance("acme")
+    assert (after_crash.posted_micros, after_crash.held_micros) == (
+        before.posted_micros, before.held_micros)
+    await admin.execute("DROP TRIGGER die ON ledger.usage_receipts")
+    await admin.close()
+    results = await store.post_usage_batch("b1", batch, OPERATOR)
+    again = await store.post_usage_batch("b1", batch, OPERATOR)
+    assert again == results
+    assert (await store.get_balance("acme")).posted_micros == 49 * CREDIT
+    assert (await store.verify()).ok
+
+
+async def test_tampering_with_an_entry_is_named_by_verify(
+    tally: TallyClient, db_url: str,
+) -> None:
+    await grant(tally, "acme", 5 * CREDIT, "g")
+    for i in range(3):
+        await tally.ledger.Transfer(pb.TransferRequest(
+            transfer_id=f"u{i}", org_id="acme", kind=pb.TRANSFER_KIND_USAGE,
+            amount_micros=CREDIT))
+    assert (await tally.ledger.VerifyLedger(pb.VerifyLedgerRequest())).ok
+    admin = await asyncpg.connect(db.asyncpg_url(db_url))
+    try:
+        with pytest.raises(asyncpg.RaiseError, match="append-only"):
+            await admin.execute("UPDATE ledger.transfers SET amount_micros = 1 "
+                                "WHERE transfer_id = 'u1'")
+        # someone with the power to switch the guard off still cannot hide the change
+        await admin.execute("ALTER TABLE ledger.transfers DISABLE TRIGGER transfers_append_only;"
+                            "UPDATE ledger.transfers SET reason = 'edited' "
+                            "WHERE transfer_id = 'u1'")
+    finally:
+        await admin.close()
+    report = await tally.ledger.VerifyLedger(pb.VerifyLedgerRequest(org_id="acme"))
+    assert not report.ok
+    assert report.first_bad_transfer_id == "u1"
+
+
+async def test_outbox_stream_resumes_after_a_sequence(tally: TallyClient) -> None:
+    await grant(tally, "acme", 5 * CREDIT, "g1")
+    await grant(tally, "acme", 5 * CREDIT, "g2")
+    stream = tally.ledger.StreamEvents(pb.StreamEventsRequest())
+    first = (await asyncio.wait_for(stream.read(), 10)).events
+    stream.cancel()
+    assert [e.available_micros_after for e in first] == [5 * CREDIT, 10 * CREDIT]
+    assert len({e.event_id for e in first}) == 2
+    resumed = tally.ledger.StreamEvents(pb.StreamEventsRequest(
+        after_event_sequence=first[0].sequence))
+    rest = (await asyncio.wait_for(resumed.read(), 10)).events
+    resumed.cancel()
+    assert [e.event_id for e in rest] == [first[1].event_id]
