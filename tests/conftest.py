@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+
 from tally.kit import db, infra
 
 REPO = Path(__file__).resolve().parent.parent

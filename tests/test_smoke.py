@@ -10,17 +10,17 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from services.ledger.server import build as build_ledger
+from services.metering.server import build as build_metering
+from services.notifier.server import build as build_notifier
+from services.pricing.server import build as build_pricing
 from tally.kit.config import KitConfig, load_kit_config
 from tally.kit.server import RunningServer, ServiceApp, start_server
 from tally.ledger.v1 import ledger_pb2
 from tally.metering.v1 import metering_pb2
 from tally.notifier.v1 import notifier_pb2
 from tally.pricing.v1 import pricing_pb2
-
-from services.ledger.server import build as build_ledger
-from services.metering.server import build as build_metering
-from services.notifier.server import build as build_notifier
-from services.pricing.server import build as build_pricing
 
 BUILDS: dict[str, tuple[Callable[[KitConfig], Awaitable[ServiceApp]], str]] = {
     "pricing": (build_pricing, pricing_pb2.DESCRIPTOR.services_by_name["PricingService"].full_name),

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.ledger import domain as d
 from tally.common.v1 import common_pb2
 from tally.kit.protoconv import enum_in, enum_out, from_timestamp, to_timestamp
 from tally.kit.telemetry import current_trace_id
 from tally.ledger.v1 import ledger_pb2 as pb
-
-from services.ledger import domain as d
 
 
 def caller(context: common_pb2.RequestContext, actor: str) -> d.Caller:

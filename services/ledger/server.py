@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+from services.ledger.servicer import LedgerServicer
+from services.ledger.store import LedgerStore, run_periodically
 from tally.kit import db, infra
 from tally.kit.config import KitConfig
 from tally.kit.server import ServiceApp, run_service
 from tally.ledger.v1 import ledger_pb2, ledger_pb2_grpc
-
-from services.ledger.servicer import LedgerServicer
-from services.ledger.store import LedgerStore, run_periodically
 
 SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
 SWEEP_INTERVAL_S = 1.0  # how late an expired hold or grant may be noticed

@@ -10,15 +10,15 @@ import asyncio
 from typing import Any
 
 import grpc
+
+from services.ledger import convert
+from services.ledger import domain as d
+from services.ledger.store import LedgerStore
 from tally.common.v1 import common_pb2
 from tally.kit.protoconv import enum_in, from_timestamp
 from tally.kit.server import current_principal
 from tally.ledger.v1 import ledger_pb2 as pb
 from tally.ledger.v1 import ledger_pb2_grpc
-
-from services.ledger import convert
-from services.ledger import domain as d
-from services.ledger.store import LedgerStore
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

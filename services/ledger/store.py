@@ -24,12 +24,12 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
+
+from services.ledger import domain as d
 from tally.kit.errors import FieldViolation, Reason, TallyError, invalid
 from tally.kit.log import get_logger
 from tally.kit.money import INT64_MAX
 from tally.kit.paging import encode_token, page_request
-
-from services.ledger import domain as d
 
 log = get_logger("ledger.store")
 

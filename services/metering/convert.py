@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Final
 
 from google.protobuf.descriptor import EnumDescriptor
+
 from tally.common.v1 import common_pb2
 from tally.kit.errors import invalid
 from tally.metering.v1 import metering_pb2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import grpc
+
 from tally.kit import db, infra
 from tally.kit.config import KitConfig, load_kit_config
 from tally.kit.server import ServiceApp, run_service

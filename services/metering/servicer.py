@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+
 from tally.metering.v1 import metering_pb2, metering_pb2_grpc
 
 from . import convert

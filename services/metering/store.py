@@ -6,6 +6,7 @@ from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
+
 from tally.rating import Meter
 
 from .domain import (

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+
 from tally.notifier.v1 import notifier_pb2, notifier_pb2_grpc
 
 from . import convert

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+
 from tally.pricing.v1 import pricing_pb2, pricing_pb2_grpc
 
 from . import convert

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from tally.kit.config import ConfigError, KitConfig, load_kit_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,6 +8,7 @@ from datetime import timedelta
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+
 from tally.kit import errors
 from tally.kit.errors import Reason, TallyError
 from tally.kit.server import RunningServer, ServiceApp, start_server

@@ -6,11 +6,11 @@ import dataclasses
 from collections.abc import AsyncIterator
 
 import pytest
+
+from services.ledger.server import build
 from tally.kit.config import load_kit_config
 from tally.kit.server import RunningServer, start_server
 from tally.sdk.client import TallyClient
-
-from services.ledger.server import build
 
 
 @pytest.fixture

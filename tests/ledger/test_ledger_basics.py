@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tally.kit.errors import Reason, TallyError
 from tally.ledger.v1 import ledger_pb2 as pb
 from tally.sdk.client import TallyClient

@@ -8,14 +8,14 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
+
+from services.ledger import domain as d
+from services.ledger.store import LedgerStore
 from tally.common.v1 import common_pb2
 from tally.kit import db
 from tally.kit.errors import Reason, TallyError
 from tally.ledger.v1 import ledger_pb2 as pb
 from tally.sdk.client import TallyClient
-
-from services.ledger import domain as d
-from services.ledger.store import LedgerStore
 
 CREDIT = 1_000_000
 OPERATOR = d.Caller(actor="user:ops")

@@ -94,7 +94,9 @@ def book(version: str = "v1", effective_from: datetime = T0, **overrides: object
                 aliases=(),
             ),
         ),
-        "costs": (ProviderCost("acme", "chat-1", Meter.INPUT_TOKENS, Decimal(2), M),),
+        "costs": (
+            ProviderCost("acme", "chat-1", Meter.INPUT_TOKENS, Decimal(2), M, UsageMode.ONLINE),
+        ),
     }
     fields.update(overrides)
     mini_lines = (

@@ -9,10 +9,12 @@ from fractions import Fraction
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from tally.rating import (
     ATTOS_PER_MICRO,
     CarryRounder,
     Meter,
+    PriceBook,
     PriceLine,
     Tier,
     TierMode,
@@ -44,7 +46,7 @@ events = st.lists(
 carries = st.integers(0, ATTOS_PER_MICRO - 1)
 
 
-def graduated_book(included: int):
+def graduated_book(included: int) -> PriceBook:
     line = PriceLine(
         "grad",
         Meter.STORAGE_GB_HOURS,

@@ -5,9 +5,11 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+
 from tally.rating import (
     Meter,
     PriceLine,
+    QuoteLine,
     RatingError,
     RatingReason,
     TierMode,
@@ -23,7 +25,9 @@ ONLINE, BATCH = UsageMode.ONLINE, UsageMode.BATCH
 CREDIT = 1_000_000  # micros
 
 
-def one_line(meter: Meter, quantity: int, prior: int = 0, region: str = "", model: str = ""):
+def one_line(
+    meter: Meter, quantity: int, prior: int = 0, region: str = "", model: str = ""
+) -> QuoteLine:
     line_id = rate(book(), model, ONLINE, region, {meter: 1}).lines[0].line_id
     quote = rate(book(), model, ONLINE, region, {meter: quantity}, {line_id: prior})
     assert len(quote.lines) == 1
@@ -243,7 +247,7 @@ def test_unknown_model_is_an_unknown_model_error() -> None:
 
 def test_unknown_meter_is_an_unknown_meter_error() -> None:
     b = book()
-    usage = {"furlongs": 1}
+    usage: dict[Meter, int] = {"furlongs": 1}  # type: ignore[dict-item]
     assert reason_of(lambda: rate(b, "chat", ONLINE, "", usage)) == RatingReason.UNKNOWN_METER
     assert reason_of(lambda: rate_total(b, "chat", ONLINE, "", usage)) == (
         RatingReason.UNKNOWN_METER
@@ -262,7 +266,7 @@ def test_a_meter_without_a_line_for_the_model_is_price_not_found() -> None:
 @pytest.mark.parametrize("quantity", [-1, Decimal(1), True, "3"])
 def test_a_quantity_that_is_not_a_non_negative_int_is_invalid(quantity: object) -> None:
     b = book()
-    usage = {Meter.INPUT_TOKENS: quantity}
+    usage: dict[Meter, int] = {Meter.INPUT_TOKENS: quantity}  # type: ignore[dict-item]
     assert reason_of(lambda: rate(b, "chat", ONLINE, "", usage)) == RatingReason.INVALID_ARGUMENT
     assert reason_of(lambda: rate_total(b, "chat", ONLINE, "", usage)) == (
         RatingReason.INVALID_ARGUMENT

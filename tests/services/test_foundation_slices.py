@@ -16,6 +16,10 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
+
+from services.metering.server import build as build_metering
+from services.notifier.server import build as build_notifier
+from services.pricing.server import build as build_pricing
 from tally.common.v1 import common_pb2
 from tally.kit import db
 from tally.kit.config import KitConfig, load_kit_config
@@ -25,10 +29,6 @@ from tally.metering.v1 import metering_pb2, metering_pb2_grpc
 from tally.notifier.v1 import notifier_pb2, notifier_pb2_grpc
 from tally.pricing.v1 import pricing_pb2, pricing_pb2_grpc
 from tally.rating import load_catalog
-
-from services.metering.server import build as build_metering
-from services.notifier.server import build as build_notifier
-from services.pricing.server import build as build_pricing
 
 Build = Callable[[KitConfig], Awaitable[ServiceApp]]
 

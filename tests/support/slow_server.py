@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+
 from tally.kit.config import KitConfig
 from tally.kit.log import get_logger
 from tally.kit.server import ServiceApp, run_service

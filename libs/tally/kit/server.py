@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
+import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -305,7 +306,9 @@ def run_service(
     configure_logging(name, config.log_level)
     setup_telemetry(name)
     try:
-        asyncio.run(_serve_until_signalled(name, config, build, port))
+        # uvloop: the same asyncio, with a faster event loop for gRPC and asyncpg.
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(_serve_until_signalled(name, config, build, port))
     finally:
         shutdown_telemetry()
 

@@ -50,6 +50,8 @@ from .model import Meter, ModelEntry, PriceBook, PriceLine, TierMode, UsageMode
 
 _METER_ORDER: Final[Mapping[str, int]] = {meter: i for i, meter in enumerate(Meter)}
 _ONE: Final = Decimal(1)
+# Namespaces compiled lines in the book's memo, apart from (model, mode, region) plans.
+_COMPILED_LINE: Final = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +192,7 @@ class _Plan:
 
 
 def _compiled_line(book: PriceBook, line: PriceLine, region: str) -> _CompiledLine:
-    key = ("line", line.line_id, region)
+    key = (_COMPILED_LINE, line.line_id, region)
     compiled = book._plans.get(key)
     if compiled is None or compiled.line is not line:
         compiled = _CompiledLine(line, region)

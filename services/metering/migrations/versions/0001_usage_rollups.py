@@ -15,6 +15,7 @@ Revises:
 """
 
 from alembic import op
+
 from tally.kit.db import run_script
 
 revision = "0001"

@@ -5,6 +5,7 @@ Revises:
 """
 
 from alembic import op
+
 from tally.kit.db import run_script
 
 revision = "0001"
