@@ -111,8 +111,9 @@ def reservation(r: d.Reservation) -> pb.Reservation:
 
 
 def usage_item(item: pb.UsageItem) -> d.UsageItem:
-    return d.UsageItem(item.event_id, item.org_id, item.cost_micros, item.reservation_id,
-                       dict(item.labels))
+    # most items carry no labels; converting an empty protobuf map still costs a dict()
+    labels = dict(item.labels) if len(item.labels) else {}
+    return d.UsageItem(item.event_id, item.org_id, item.cost_micros, item.reservation_id, labels)
 
 
 def usage_result(r: d.UsageResult) -> pb.UsageItemResult:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -99,6 +100,15 @@ SYSTEM_ACCOUNTS: Final[Mapping[AccountKind, str]] = {
     AccountKind.ADJUSTMENTS: "sys:adjustments",
     AccountKind.EXPIRY: "sys:expiry",
 }
+SYSTEM_SHARDS: Final = 16
+"""Each system account is split into this many rows (one per shard of orgs): every debit
+locks its system row until commit, and one row for every org would serialize the whole
+ledger on it. The account's balance is the sum of its shards (the migration creates them)."""
+
+
+def system_account(kind: AccountKind, org_id: str) -> str:
+    """The shard of system account `kind` that `org_id`'s transfers use."""
+    return f"{SYSTEM_ACCOUNTS[kind]}#{zlib.crc32(org_id.encode()) % SYSTEM_SHARDS}"
 
 
 def credit_account(org_id: str) -> str:
@@ -117,8 +127,9 @@ def account_kind(account_id: str) -> AccountKind:
         return AccountKind.ORG_CREDIT
     if account_id.startswith("arrears:"):
         return AccountKind.ARREARS
+    base = account_id.partition("#")[0]
     for kind, system_id in SYSTEM_ACCOUNTS.items():
-        if system_id == account_id:
+        if system_id == base:
             return kind
     raise ValueError(f"unknown account {account_id!r}")
 

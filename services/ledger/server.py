@@ -13,6 +13,7 @@ from tally.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
 SWEEP_INTERVAL_S = 1.0  # how late an expired hold or grant may be noticed
+OUTBOX_SEAL_INTERVAL_S = 0.1  # how late an outbox event may become visible to consumers
 
 
 async def build(config: KitConfig) -> ServiceApp:
@@ -33,6 +34,8 @@ async def build(config: KitConfig) -> ServiceApp:
             "expire_reservations", SWEEP_INTERVAL_S, store.expire_reservations, stop)))
         tasks.append(asyncio.create_task(run_periodically(
             "expire_grants", SWEEP_INTERVAL_S, store.expire_grants, stop)))
+        tasks.append(asyncio.create_task(run_periodically(
+            "seal_outbox", OUTBOX_SEAL_INTERVAL_S, store.seal_outbox, stop)))
 
     async def close() -> None:
         stop.set()

@@ -149,6 +149,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         deadline = asyncio.get_running_loop().time() + self.stream_lifetime_s
         # Bounded lifetime so a mesh can rebalance; the client resumes from its last sequence.
         while asyncio.get_running_loop().time() < deadline:
+            await self.store.seal_outbox()
             events = await self.store.outbox_after(after, [t for t in types if t is not None])
             if events:
                 after = events[-1].sequence

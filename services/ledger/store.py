@@ -103,6 +103,11 @@ class _Work:
     async def lock(self, account_ids: Iterable[str], *, open_orgs: Iterable[str] = ()) -> None:
         """Locks accounts in the global order; opens the credit/arrears accounts of `open_orgs`."""
         to_open = sorted(set(open_orgs))
+        if to_open:  # only orgs without accounts: most batches open none
+            known = await self.conn.fetch(
+                "SELECT org_id FROM ledger.accounts WHERE account_id = ANY($1::text[])",
+                [d.credit_account(o) for o in to_open])
+            to_open = sorted(set(to_open) - {r["org_id"] for r in known})
         if to_open:
             await self.conn.execute(
                 "INSERT INTO ledger.accounts (account_id, kind, org_id) "
@@ -128,10 +133,10 @@ class _Work:
 
     async def lock_orgs(self, org_ids: Iterable[str], *, system: Iterable[d.AccountKind] = (),
                         open_missing: bool = False, field: str = "org_id") -> None:
-        """Locks each org's credit and arrears accounts (and the named system accounts)."""
+        """Locks each org's credit and arrears accounts (and its shards of `system` accounts)."""
         orgs = sorted(set(org_ids))
         ids = [d.credit_account(o) for o in orgs] + [d.arrears_account(o) for o in orgs]
-        ids += [d.SYSTEM_ACCOUNTS[k] for k in system]
+        ids += [d.system_account(k, o) for k in system for o in orgs]
         await self.lock(ids, open_orgs=orgs if open_missing else ())
         for org in orgs:
             if d.credit_account(org) not in self.accounts:
@@ -180,6 +185,18 @@ class _Work:
 
     # -- grants --------------------------------------------------------------------------
 
+    async def preload_grants(self, org_ids: Sequence[str]) -> None:
+        """Locks and loads the open grants of many orgs in one query."""
+        wanted = [o for o in org_ids if o not in self.grants]
+        if not wanted:
+            return
+        for org in wanted:
+            self.grants[org] = []
+        for r in await self.conn.fetch(
+                "SELECT * FROM ledger.grants WHERE org_id = ANY($1::text[]) "
+                "AND remaining_micros > 0 ORDER BY grant_id FOR UPDATE", wanted):
+            self.grants[r["org_id"]].append(_grant(r))
+
     async def grants_of(self, org_id: str) -> list[d.Grant]:
         if org_id not in self.grants:
             rows = await self.conn.fetch(
@@ -214,7 +231,7 @@ class _Work:
         grant_kind = spec.kind if spec else d.GRANT_OF_KIND[kind]
         if self.org(org_id).balance + amount > INT64_MAX:
             raise invalid("amount_micros", "would overflow the org's int64 balance")
-        source = d.SYSTEM_ACCOUNTS[d.CREDIT_SOURCE[kind]]
+        source = d.system_account(d.CREDIT_SOURCE[kind], org_id)
         await self.lock([source])
         grant = await self.add_grant(org_id, grant_kind, spec, amount, transfer_id)
         transfer = self.post(kind, source, d.credit_account(org_id), org_id, amount,
@@ -239,7 +256,7 @@ class _Work:
         available = self.available(org_id)
         if amount > available:
             raise d.insufficient(available, amount, field)
-        sink = d.SYSTEM_ACCOUNTS[d.DEBIT_SINK[kind]]
+        sink = d.system_account(d.DEBIT_SINK[kind], org_id)
         await self.lock([sink])
         await self.burn(org_id, amount)
         return self.post(kind, d.credit_account(org_id), sink, org_id, amount, transfer_id,
@@ -296,17 +313,12 @@ class _Work:
                 "WHERE g.grant_id = u.id",
                 [g.grant_id for g in changed], [g.remaining_micros for g in changed])
         if self.outbox:
-            # Outbox writers commit one at a time from here on, so sequence order is commit
-            # order and a consumer resuming "after N" can never skip an event that commits late.
-            # Taken last, after every row lock, and held only until commit.
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _OUTBOX_LOCK_KEY)
             await conn.copy_records_to_table(
                 "outbox", schema_name="ledger",
                 columns=("event_id", "org_id", "type", "occurred_at", "trace_id",
                          "available_micros_after", "arrears_micros", "billing_state",
                          "attributes"),
                 records=self.outbox)
-            await conn.execute("SELECT pg_notify('ledger_outbox', '')")
 
 
 def _transfer_record(t: d.Transfer) -> tuple[Any, ...]:
@@ -556,12 +568,13 @@ class LedgerStore:
             if debited:
                 await work.burn(org_id, debited)
                 transfer = work.post(d.TransferKind.USAGE, d.credit_account(org_id),
-                                     d.SYSTEM_ACCOUNTS[d.AccountKind.REVENUE], org_id, debited,
+                                     d.system_account(d.AccountKind.REVENUE, org_id), org_id,
+                                     debited,
                                      transfer_id, reservation_id=reservation_id)
             if arrears:
                 arrears_transfer = work.post(
                     d.TransferKind.USAGE, d.arrears_account(org_id),
-                    d.SYSTEM_ACCOUNTS[d.AccountKind.REVENUE], org_id, arrears,
+                    d.system_account(d.AccountKind.REVENUE, org_id), org_id, arrears,
                     f"{transfer_id}:arrears", reservation_id=reservation_id,
                     reason="usage beyond available credit")
                 transfer = transfer or arrears_transfer
@@ -679,7 +692,7 @@ class LedgerStore:
                 grant.remaining_micros -= amount
                 work.dirty_grants[grant.grant_id] = grant
                 work.post(d.TransferKind.EXPIRY, d.credit_account(org),
-                          d.SYSTEM_ACCOUNTS[d.AccountKind.EXPIRY], org, amount,
+                          d.system_account(d.AccountKind.EXPIRY, org), org, amount,
                           f"expiry:{grant.grant_id}:{grant.remaining_micros}",
                           reason=f"grant {grant.grant_id} expired", grant_id=grant.grant_id)
                 expired += 1
@@ -706,10 +719,12 @@ class LedgerStore:
                 return await self._replay_usage(conn, batch_id, items)
             orgs = sorted({i.org_id for i in items})
             await work.lock_orgs(orgs, system=[d.AccountKind.REVENUE], open_missing=True)
+            # Array keys on both columns of the primary key: an index scan, whatever the size.
+            wanted = {(i.org_id, i.event_id) for i in items}
             earlier = {(r["org_id"], r["event_id"]): r for r in await conn.fetch(
-                "SELECT * FROM ledger.usage_receipts WHERE (org_id, event_id) IN "
-                "(SELECT * FROM unnest($1::text[], $2::text[]))",
-                [i.org_id for i in items], [i.event_id for i in items])}
+                "SELECT * FROM ledger.usage_receipts WHERE org_id = ANY($1::text[]) "
+                "AND event_id = ANY($2::text[])", orgs, [i.event_id for i in items])
+                if (r["org_id"], r["event_id"]) in wanted}
             holds = await self._capturable_holds(work, items)
             results: list[d.UsageResult] = []
             debited_by_org: dict[str, int] = defaultdict(int)
@@ -742,14 +757,16 @@ class LedgerStore:
                                  debited, arrears, result.balance_after_micros))
                 if hold is not None:
                     captures.append((hold.reservation_id, item.cost_micros, arrears))
-            revenue = d.SYSTEM_ACCOUNTS[d.AccountKind.REVENUE]
+            await work.preload_grants([o for o in orgs if debited_by_org[o]])
             for org in orgs:
                 if debited_by_org[org]:
                     await work.burn(org, debited_by_org[org])
-                    work.post(d.TransferKind.USAGE, d.credit_account(org), revenue, org,
+                    work.post(d.TransferKind.USAGE, d.credit_account(org),
+                              d.system_account(d.AccountKind.REVENUE, org), org,
                               debited_by_org[org], f"usage:{batch_id}:{org}", labels={})
                 if arrears_by_org[org]:
-                    work.post(d.TransferKind.USAGE, d.arrears_account(org), revenue, org,
+                    work.post(d.TransferKind.USAGE, d.arrears_account(org),
+                              d.system_account(d.AccountKind.REVENUE, org), org,
                               arrears_by_org[org], f"usage:{batch_id}:{org}:arrears",
                               reason="usage beyond available credit", labels={})
                     work.emit(org, d.OutboxEventType.ARREARS_RECORDED,
@@ -940,11 +957,31 @@ class LedgerStore:
 
     # -- outbox ----------------------------------------------------------------------------
 
+    async def seal_outbox(self, limit: int = 5000) -> int:
+        """Gives sequences to outbox rows whose transactions can no longer be followed by an
+        older one (txid below the oldest running transaction), oldest first; one sealer at a
+        time. Returns how many rows were sealed."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _OUTBOX_LOCK_KEY):
+                return 0
+            ids = await conn.fetchval(
+                "SELECT array_agg(id ORDER BY txid, id) FROM (SELECT id, txid FROM ledger.outbox "
+                "WHERE sequence IS NULL AND txid < pg_snapshot_xmin(pg_current_snapshot()) "
+                "ORDER BY txid, id LIMIT $1) AS ready", limit)
+            if not ids:
+                return 0
+            last = await conn.fetchval("SELECT coalesce(max(sequence), 0) FROM ledger.outbox")
+            await conn.execute(
+                "UPDATE ledger.outbox o SET sequence = u.sequence "
+                "FROM unnest($1::bigint[], $2::bigint[]) AS u(id, sequence) WHERE o.id = u.id",
+                ids, list(range(last + 1, last + 1 + len(ids))))
+            return len(ids)
+
     async def outbox_after(self, sequence: int, types: Sequence[d.OutboxEventType],
                            limit: int = 500) -> list[d.OutboxEvent]:
         """Outbox events after `sequence`, oldest first."""
         rows = await self.pool.fetch(
-            "SELECT * FROM ledger.outbox WHERE sequence > $1 "
+            "SELECT * FROM ledger.outbox WHERE sequence > $1 "  # sealed rows only
             "AND (cardinality($2::text[]) = 0 OR type = ANY($2::text[])) "
             "ORDER BY sequence LIMIT $3", sequence, [t.value for t in types], limit)
         return [d.OutboxEvent(

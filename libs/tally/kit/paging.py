@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from dataclasses import dataclass
 from typing import Final
 
@@ -78,3 +79,22 @@ def next_offset_token(request: PageRequest, returned: int, total: int) -> str:
     """The offset token of the following page, or "" when this was the last."""
     following = request.offset + returned
     return encode_token("offset", following) if following < total else ""
+
+
+def encode_cursor(kind: str, *parts: str | int) -> str:
+    """An opaque keyset token carrying several values (e.g. a timestamp and an id)."""
+    return base64.urlsafe_b64encode(json.dumps([kind, *parts]).encode()).decode()
+
+
+def decode_cursor(token: str, kind: str) -> list[str | int] | None:
+    """The values of a keyset token of `kind`; None for ""; INVALID_ARGUMENT if not ours."""
+    if not token:
+        return None
+    try:
+        found = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))
+        if not isinstance(found, list) or not found or found[0] != kind:
+            raise ValueError
+        return list(found[1:])
+    except (binascii.Error, UnicodeError, ValueError):
+        raise invalid_fields([FieldViolation(
+            "page_token", "is not a token this service issued")]) from None

@@ -32,14 +32,18 @@ def upgrade() -> None:
             CONSTRAINT org_credit_never_overdrawn
                 CHECK (kind <> 'ORG_CREDIT' OR balance_micros - held_micros >= 0)
         );
-        INSERT INTO ledger.accounts (account_id, kind) VALUES
-            ('sys:payments_clearing', 'PAYMENTS_CLEARING'),
-            ('sys:revenue', 'REVENUE'),
-            ('sys:bonus_expense', 'BONUS_EXPENSE'),
-            ('sys:promotional_expense', 'PROMOTIONAL_EXPENSE'),
-            ('sys:refunds', 'REFUNDS'),
-            ('sys:adjustments', 'ADJUSTMENTS'),
-            ('sys:expiry', 'EXPIRY');
+        -- System accounts are sharded (domain.SYSTEM_SHARDS = 16) so that orgs debiting at
+        -- the same time do not all wait on one row lock.
+        INSERT INTO ledger.accounts (account_id, kind)
+        SELECT base || '#' || shard, kind
+          FROM (VALUES ('sys:payments_clearing', 'PAYMENTS_CLEARING'),
+                       ('sys:revenue', 'REVENUE'),
+                       ('sys:bonus_expense', 'BONUS_EXPENSE'),
+                       ('sys:promotional_expense', 'PROMOTIONAL_EXPENSE'),
+                       ('sys:refunds', 'REFUNDS'),
+                       ('sys:adjustments', 'ADJUSTMENTS'),
+                       ('sys:expiry', 'EXPIRY')) AS system(base, kind),
+               generate_series(0, 15) AS shard;
 
         -- Claims of client-chosen ids: the first statement of every mutating transaction, so
         -- a concurrent duplicate waits for the first and then sees it (replay, never re-apply).
@@ -132,7 +136,6 @@ def upgrade() -> None:
             balance_after_micros bigint NOT NULL,
             PRIMARY KEY (org_id, event_id)
         );
-        CREATE INDEX usage_receipts_batch ON ledger.usage_receipts (batch_id);
 
         CREATE TABLE ledger.billing_state_changes (
             request_id     text PRIMARY KEY,
@@ -145,8 +148,14 @@ def upgrade() -> None:
         );
 
         -- Written in the same transaction as every balance change; relayed at least once.
+        -- `sequence` is given by the sealer (store.seal_outbox) only to rows of transactions
+        -- older than every transaction still running, in (txid, id) order: so sequences only
+        -- ever grow in commit-safe order and a consumer resuming "after N" misses nothing,
+        -- without writers taking any shared lock.
         CREATE TABLE ledger.outbox (
-            sequence    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            txid        xid8 NOT NULL DEFAULT pg_current_xact_id(),
+            sequence    bigint UNIQUE,
             event_id    text NOT NULL UNIQUE,
             org_id      text NOT NULL,
             type        text NOT NULL,
@@ -157,6 +166,7 @@ def upgrade() -> None:
             billing_state text NOT NULL,
             attributes  jsonb NOT NULL DEFAULT '{}'
         );
+        CREATE INDEX outbox_unsealed ON ledger.outbox (txid, id) WHERE sequence IS NULL;
         """
     )
 
