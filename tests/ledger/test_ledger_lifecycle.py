@@ -272,3 +272,36 @@ async def test_outbox_stream_resumes_after_a_sequence(tally: TallyClient) -> Non
     rest = (await asyncio.wait_for(resumed.read(), 10)).events
     resumed.cancel()
     assert [e.event_id for e in rest] == [first[1].event_id]
+
+
+async def test_outbox_delivers_every_event_once_in_order_under_32_concurrent_writers(
+    tally: TallyClient,
+) -> None:
+    orgs = [f"org-{i}" for i in range(32)]
+    stream = tally.ledger.StreamEvents(pb.StreamEventsRequest())
+    received: list[pb.OutboxEvent] = []
+
+    async def consume() -> None:
+        while len(received) < 32 * 5:
+            received.extend((await stream.read()).events)
+
+    consumer = asyncio.create_task(consume())
+
+    async def writer(org: str) -> None:
+        for n in range(5):
+            await grant(tally, org, CREDIT, f"{org}-g{n}")
+
+    await asyncio.gather(*(writer(org) for org in orgs))
+    await asyncio.wait_for(consumer, 30)
+    stream.cancel()
+    sequences = [e.sequence for e in received]
+    assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences)
+    assert len({e.event_id for e in received}) == 32 * 5
+    # a consumer that resumes from any point sees exactly the rest
+    middle = received[len(received) // 2].sequence
+    resumed = tally.ledger.StreamEvents(pb.StreamEventsRequest(after_event_sequence=middle))
+    rest: list[pb.OutboxEvent] = []
+    while len(rest) < len([e for e in received if e.sequence > middle]):
+        rest += (await asyncio.wait_for(resumed.read(), 10)).events
+    resumed.cancel()
+    assert [e.event_id for e in rest] == [e.event_id for e in received if e.sequence > middle]
