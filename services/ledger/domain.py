@@ -13,7 +13,7 @@ import json
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from tally.kit.errors import FieldViolation, Reason, TallyError, invalid, invalid_fields
@@ -26,6 +26,7 @@ MAX_LABELS: Final = 32
 DEFAULT_RESERVATION_TTL: Final = timedelta(seconds=300)
 MAX_RESERVATION_TTL: Final = timedelta(seconds=3600)
 GENESIS_HASH: Final = "0" * 64
+NEVER: Final = datetime.max.replace(tzinfo=UTC)
 
 
 class AccountKind(enum.StrEnum):
@@ -205,7 +206,7 @@ def burn_order(grant: Grant) -> tuple[bool, datetime, int, datetime, str]:
     lower priority first (promotional 100 < bonus 200 < purchased 300 by default), then the
     oldest. This spends the credit most at risk of being lost before the credit paid for."""
     never = grant.expires_at is None
-    expires = grant.expires_at or grant.created_at
+    expires = grant.expires_at or NEVER  # never-expiring grants tie, so priority decides
     return (never, expires, grant.priority, grant.created_at, grant.grant_id)
 
 

@@ -502,11 +502,14 @@ class LedgerStore:
             work = _Work(conn, self.clock(), caller)
             if not await work.claim(f"reserve:{reservation_id}",
                                     d.fingerprint(org_id, amount, ttl.total_seconds())):
-                held = await self._reservation(conn, reservation_id, org_id)
-                available = await conn.fetchval(
-                    "SELECT balance_micros - held_micros FROM ledger.accounts "
-                    "WHERE account_id = $1", d.credit_account(org_id))
-                return held, available
+                # the original answer: the hold as it was made, and available right after it
+                row = await conn.fetchrow(
+                    "SELECT * FROM ledger.reservations WHERE reservation_id = $1", reservation_id)
+                assert row is not None  # the claim and the row commit together
+                made = replace(_reservation(row), state=d.ReservationState.HELD,
+                               captured_micros=0, arrears_micros=0, capture_transfer_id="",
+                               settled_at=None)
+                return made, row["reserved_available_micros"]
             await work.lock_orgs([org_id])
             account = work.org(org_id)
             if account.billing_state is d.BillingState.READ_ONLY:
@@ -522,8 +525,10 @@ class LedgerStore:
                                         work.now + ttl, 0, 0, "", work.now, None)
             await conn.execute(
                 "INSERT INTO ledger.reservations (reservation_id, org_id, amount_micros, state, "
-                "expires_at, created_at) VALUES ($1, $2, $3, 'HELD', $4, $5)",
-                reservation_id, org_id, amount, reservation.expires_at, work.now)
+                "expires_at, created_at, reserved_available_micros) "
+                "VALUES ($1, $2, $3, 'HELD', $4, $5, $6)",
+                reservation_id, org_id, amount, reservation.expires_at, work.now,
+                work.available(org_id))
             await work.flush()
             return reservation, work.available(org_id)
 
@@ -555,9 +560,9 @@ class LedgerStore:
                         f"{held.captured_micros}, not {actual}",
                         metadata={"captured_micros": str(held.captured_micros)})
                 transfer = None
-                if held.capture_transfer_id:
+                if held.capture_transfer_id.startswith("capture:"):
                     transfer, _ = await self._replay_transfer(conn, held.capture_transfer_id)
-                return held, transfer, await self._balance(conn, org_id)
+                return held, transfer, await self._settled_balance(conn, held)
             self._refuse_unless_held(held, work.now)
             account = work.org(org_id)
             account.held -= held.amount_micros
@@ -584,16 +589,32 @@ class LedgerStore:
                                arrears_micros=arrears,
                                capture_transfer_id=transfer.transfer_id if transfer else "",
                                settled_at=work.now)
+            posted_after, held_after, arrears_after = work.balance(org_id)
             await conn.execute(
                 "UPDATE ledger.reservations SET state = 'CAPTURED', captured_micros = $2, "
-                "arrears_micros = $3, capture_transfer_id = $4, settled_at = $5 "
-                "WHERE reservation_id = $1",
-                reservation_id, actual, arrears, captured.capture_transfer_id, work.now)
+                "arrears_micros = $3, capture_transfer_id = $4, settled_at = $5, "
+                "settled_posted_micros = $6, settled_held_micros = $7, "
+                "settled_arrears_micros = $8 WHERE reservation_id = $1",
+                reservation_id, actual, arrears, captured.capture_transfer_id, work.now,
+                posted_after, held_after, arrears_after)
             work.emit_balance_changes()
             await work.flush()
             posted, held_now, arrears_now = work.balance(org_id)
             return captured, transfer, d.Balance(org_id, posted, held_now, arrears_now,
                                                  account.billing_state, (), work.now)
+
+    @staticmethod
+    async def _settled_balance(conn: Connection, held: d.Reservation) -> d.Balance:
+        """The balance right after a reservation was settled, as its settle answered it."""
+        row = await conn.fetchrow(
+            "SELECT r.settled_posted_micros, r.settled_held_micros, r.settled_arrears_micros, "
+            "a.billing_state FROM ledger.reservations r JOIN ledger.accounts a "
+            "ON a.account_id = 'org:' || r.org_id WHERE r.reservation_id = $1",
+            held.reservation_id)
+        assert row is not None
+        return d.Balance(held.org_id, row["settled_posted_micros"], row["settled_held_micros"],
+                         row["settled_arrears_micros"], d.BillingState(row["billing_state"]), (),
+                         held.settled_at)
 
     @staticmethod
     def _refuse_unless_held(held: d.Reservation, now: datetime) -> None:
@@ -617,7 +638,8 @@ class LedgerStore:
                 raise TallyError(Reason.RESERVATION_ALREADY_CAPTURED,
                                  f"reservation {reservation_id} was captured")
             if held.state is not d.ReservationState.HELD:
-                return held, work.available(org_id)
+                settled = await self._settled_balance(conn, held)
+                return held, settled.available_micros
             state = (d.ReservationState.EXPIRED if held.is_expired(work.now)
                      else d.ReservationState.RELEASED)
             released = await self._free_hold(work, held, state)
@@ -629,9 +651,12 @@ class LedgerStore:
         account = work.org(held.org_id)
         account.held -= held.amount_micros
         account.dirty = True
+        posted, held_now, arrears = work.balance(held.org_id)
         await work.conn.execute(
-            "UPDATE ledger.reservations SET state = $2, settled_at = $3 "
-            "WHERE reservation_id = $1", held.reservation_id, state.value, work.now)
+            "UPDATE ledger.reservations SET state = $2, settled_at = $3, "
+            "settled_posted_micros = $4, settled_held_micros = $5, settled_arrears_micros = $6 "
+            "WHERE reservation_id = $1", held.reservation_id, state.value, work.now,
+            posted, held_now, arrears)
         return replace(held, state=state, settled_at=work.now)
 
     async def get_reservation(self, reservation_id: str, org_id: str) -> d.Reservation:
@@ -730,7 +755,7 @@ class LedgerStore:
             debited_by_org: dict[str, int] = defaultdict(int)
             arrears_by_org: dict[str, int] = defaultdict(int)
             receipts: list[tuple[Any, ...]] = []
-            captures: list[tuple[str, int, int]] = []
+            captures: list[tuple[str, str, int, int, str]] = []
             for item in items:
                 org = item.org_id
                 prior = earlier.get((org, item.event_id))
@@ -756,7 +781,8 @@ class LedgerStore:
                 receipts.append((org, item.event_id, batch_id, transfer_id, item.cost_micros,
                                  debited, arrears, result.balance_after_micros))
                 if hold is not None:
-                    captures.append((hold.reservation_id, item.cost_micros, arrears))
+                    captures.append((hold.reservation_id, org, item.cost_micros, arrears,
+                                     transfer_id))
             await work.preload_grants([o for o in orgs if debited_by_org[o]])
             for org in orgs:
                 if debited_by_org[org]:
@@ -778,14 +804,23 @@ class LedgerStore:
                              "debited_micros", "arrears_micros", "balance_after_micros"),
                     records=receipts)
             if captures:
+                # A reservation captured by a batch answers a later Capture replay with the
+                # balance after the whole batch.
+                # (the batch's transfers are already posted to the locked accounts here)
                 await conn.execute(
                     "UPDATE ledger.reservations r SET state = 'CAPTURED', "
-                    "captured_micros = u.cost, arrears_micros = u.arrears, settled_at = $4, "
-                    "capture_transfer_id = 'usage:' || $5 || ':' || r.org_id "
-                    "FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(id, cost, arrears) "
+                    "captured_micros = u.cost, arrears_micros = u.arrears, settled_at = $8, "
+                    "capture_transfer_id = u.transfer_id, settled_posted_micros = u.posted, "
+                    "settled_held_micros = u.held, settled_arrears_micros = u.owed "
+                    "FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], "
+                    "$5::bigint[], $6::bigint[], $7::bigint[]) "
+                    "AS u(id, cost, arrears, transfer_id, posted, held, owed) "
                     "WHERE r.reservation_id = u.id",
-                    [c[0] for c in captures], [c[1] for c in captures],
-                    [c[2] for c in captures], work.now, batch_id)
+                    [c[0] for c in captures], [c[2] for c in captures], [c[3] for c in captures],
+                    [c[4] for c in captures], [work.balance(c[1])[0] for c in captures],
+                    [work.balance(c[1])[1] for c in captures],
+                    [work.balance(c[1])[2] for c in captures],
+                    work.now)
             work.emit_balance_changes()
             await work.flush()
             return results

@@ -119,7 +119,12 @@ def upgrade() -> None:
             arrears_micros      bigint NOT NULL DEFAULT 0,
             capture_transfer_id text NOT NULL DEFAULT '',
             created_at          timestamptz NOT NULL,
-            settled_at          timestamptz
+            settled_at          timestamptz,
+            -- what the original Reserve / Capture / Release answered, for exact replays
+            reserved_available_micros bigint NOT NULL,
+            settled_posted_micros     bigint,
+            settled_held_micros       bigint,
+            settled_arrears_micros    bigint
         );
         CREATE INDEX reservations_expiring ON ledger.reservations (expires_at)
             WHERE state = 'HELD';
