@@ -285,44 +285,54 @@ def _serve(conn: Connection) -> None:
 
 
 @contextlib.contextmanager
-def baseline_server() -> Iterator[str]:
-    """Run the baseline server in a spawned child process; yield its ``host:port`` target.
+def child_server(name: str, target: Callable[..., None], args: tuple[Any, ...] = (), *,
+                 start_timeout_s: float = _SERVER_START_TIMEOUT_S,
+                 stop_timeout_s: float = _SERVER_STOP_TIMEOUT_S) -> Iterator[str]:
+    """Run a server in a spawned child process; yield its ``host:port`` target.
 
-    The child is always stopped on exit: politely via the pipe, then SIGTERM, then SIGKILL.
+    `target(conn, *args)` must send its port over `conn` once serving, and stop when the pipe
+    turns readable (the parent's stop message, or EOF if the parent died). The child is always
+    stopped on exit: politely via the pipe, then SIGTERM, then SIGKILL.
     """
     ctx = multiprocessing.get_context("spawn")
     parent_conn, child_conn = ctx.Pipe()
-    process = ctx.Process(
-        target=_serve, args=(child_conn,), name="bench-baseline-server", daemon=True
-    )
+    process = ctx.Process(target=target, args=(child_conn, *args), name=f"bench-{name}-server",
+                          daemon=True)
     process.start()
     # Drop our copy of the child's end so the child alone holds it (EOF semantics).
     child_conn.close()
     try:
-        if not parent_conn.poll(_SERVER_START_TIMEOUT_S):
+        if not parent_conn.poll(start_timeout_s):
             raise RuntimeError(
-                f"baseline server did not report a port within {_SERVER_START_TIMEOUT_S}s"
+                f"{name} server did not report a port within {start_timeout_s}s"
             )
         try:
             port = parent_conn.recv()
         except EOFError as exc:
             raise RuntimeError(
-                f"baseline server exited during start-up (exit code {process.exitcode})"
+                f"{name} server exited during start-up (exit code {process.exitcode})"
             ) from exc
         if not isinstance(port, int) or port <= 0:
-            raise RuntimeError(f"baseline server reported a bad port: {port!r}")
+            raise RuntimeError(f"{name} server reported a bad port: {port!r}")
         yield f"127.0.0.1:{port}"
     finally:
         with contextlib.suppress(OSError):
             parent_conn.send("stop")
         parent_conn.close()
-        process.join(_SERVER_STOP_TIMEOUT_S)
+        process.join(stop_timeout_s)
         if process.is_alive():
             process.terminate()
-            process.join(_SERVER_STOP_TIMEOUT_S)
+            process.join(stop_timeout_s)
         if process.is_alive():
             process.kill()
-            process.join(_SERVER_STOP_TIMEOUT_S)
+            process.join(stop_timeout_s)
+
+
+@contextlib.contextmanager
+def baseline_server() -> Iterator[str]:
+    """Run the baseline server in a spawned child process; yield its ``host:port`` target."""
+    with child_server("baseline", _serve) as target:
+        yield target
 
 
 # ---------------------------------------------------------------------------- client

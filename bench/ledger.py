@@ -31,7 +31,6 @@ import cProfile
 import dataclasses
 import itertools
 import json
-import multiprocessing
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -46,6 +45,7 @@ from bench.baseline import (
     BaselineResult,
     UnaryStats,
     _machine,
+    child_server,
     measure_unary,
     run_baseline,
     run_in_loop,
@@ -184,40 +184,11 @@ def _serve(conn: Connection, database_url: str, profile_path: str | None) -> Non
 
 @contextlib.contextmanager
 def ledger_server(database_url: str, profile_path: str | None = None) -> Iterator[str]:
-    """Run the ledger in a spawned child process; yield its ``host:port`` target.
-
-    The child is always stopped on exit: politely via the pipe, then SIGTERM, then SIGKILL.
-    """
-    ctx = multiprocessing.get_context("spawn")
-    parent_conn, child_conn = ctx.Pipe()
-    process = ctx.Process(target=_serve, args=(child_conn, database_url, profile_path),
-                          name="bench-ledger-server", daemon=True)
-    process.start()
-    child_conn.close()
-    try:
-        if not parent_conn.poll(_SERVER_START_TIMEOUT_S):
-            raise RuntimeError(
-                f"ledger server did not report a port within {_SERVER_START_TIMEOUT_S}s")
-        try:
-            port = parent_conn.recv()
-        except EOFError as exc:
-            raise RuntimeError(
-                f"ledger server exited during start-up (exit code {process.exitcode})"
-            ) from exc
-        if not isinstance(port, int) or port <= 0:
-            raise RuntimeError(f"ledger server reported a bad port: {port!r}")
-        yield f"127.0.0.1:{port}"
-    finally:
-        with contextlib.suppress(OSError):
-            parent_conn.send("stop")
-        parent_conn.close()
-        process.join(_SERVER_STOP_TIMEOUT_S)
-        if process.is_alive():
-            process.terminate()
-            process.join(_SERVER_STOP_TIMEOUT_S)
-        if process.is_alive():
-            process.kill()
-            process.join(_SERVER_STOP_TIMEOUT_S)
+    """Run the ledger in a spawned child process; yield its ``host:port`` target."""
+    with child_server("ledger", _serve, (database_url, profile_path),
+                      start_timeout_s=_SERVER_START_TIMEOUT_S,
+                      stop_timeout_s=_SERVER_STOP_TIMEOUT_S) as target:
+        yield target
 
 
 # ---------------------------------------------------------------------------- requests
