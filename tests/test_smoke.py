@@ -16,6 +16,7 @@ from services.metering.server import build as build_metering
 from services.notifier.server import build as build_notifier
 from services.pricing.server import build as build_pricing
 from tally.kit.config import KitConfig, load_kit_config
+from tally.kit.infra import free_port
 from tally.kit.server import RunningServer, ServiceApp, start_server
 from tally.ledger.v1 import ledger_pb2
 from tally.metering.v1 import metering_pb2
@@ -38,11 +39,15 @@ INFRASTRUCTURE = {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflec
 @pytest.fixture
 async def all_four(db_url: str) -> AsyncIterator[dict[str, RunningServer]]:
     """Every service, started on port 0 against the same migrated database."""
-    config = dataclasses.replace(load_kit_config({}), database_url=db_url, migrate_on_start=False)
+    # Fixed free ports, not port 0: metering dials pricing and the ledger at their addresses.
+    config = dataclasses.replace(
+        load_kit_config({}), database_url=db_url, migrate_on_start=False,
+        **{f"{name}_port": free_port() for name in BUILDS})
     running: dict[str, RunningServer] = {}
     try:
         for name, (build, _) in BUILDS.items():
-            running[name] = await start_server(await build(config), port=0)
+            running[name] = await start_server(await build(config),
+                                               port=getattr(config, f"{name}_port"))
         yield running
     finally:
         for server in reversed(running.values()):

@@ -1,15 +1,33 @@
-"""Composition root of the metering service: config -> engine -> store -> servicer."""
+"""Composition root of the metering service.
+
+config -> pool/engine -> stores -> price books (watched from pricing) -> ledger client ->
+group committer -> servicer. The service refuses to serve until it holds a price book.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+from dataclasses import dataclass
 
 import grpc
 
+from services.metering.adapters import GrpcLedger, WatchedPriceBooks
+from services.metering.committer import CommitSettings, GroupCommitter
+from services.metering.events_store import UsageEventStore
 from tally.kit import db, infra
-from tally.kit.config import KitConfig, load_kit_config
+from tally.kit.config import (
+    KitConfig,
+    load,
+    load_kit_config,
+    parse_positive_int,
+    setting,
+)
 from tally.kit.server import ServiceApp, run_service
+from tally.ledger.v1 import ledger_pb2_grpc
 from tally.metering.v1 import metering_pb2, metering_pb2_grpc
+from tally.pricing.v1 import pricing_pb2_grpc
 
 from .domain import UsageReports
 from .servicer import MeteringServicer
@@ -19,30 +37,89 @@ NAME = "metering"
 SERVICE_NAME = metering_pb2.DESCRIPTOR.services_by_name["MeteringService"].full_name
 
 
-async def build(config: KitConfig) -> ServiceApp:
-    """Migrates the metering schema (if configured) and wires the roll-up store."""
+@dataclass(frozen=True, slots=True)
+class MeteringConfig:
+    """Bounds of ingestion (TALLY_METERING_*)."""
+
+    max_inflight_batches: int = setting(
+        "TALLY_METERING_MAX_INFLIGHT_BATCHES", parse_positive_int, "an integer > 0", default=4)
+    stream_lifetime_s: int = setting(
+        "TALLY_METERING_STREAM_LIFETIME_S", parse_positive_int, "seconds > 0", default=300)
+    max_batch_events: int = setting(
+        "TALLY_METERING_MAX_BATCH_EVENTS", parse_positive_int, "an integer > 0", default=2000)
+    flush_interval_ms: int = setting(
+        "TALLY_METERING_FLUSH_INTERVAL_MS", parse_positive_int, "milliseconds > 0", default=5)
+    max_buffered_events: int = setting(
+        "TALLY_METERING_MAX_BUFFERED_EVENTS", parse_positive_int, "an integer > 0",
+        default=50_000)
+    buffer_wait_ms: int = setting(
+        "TALLY_METERING_BUFFER_WAIT_MS", parse_positive_int, "milliseconds > 0", default=5_000)
+    price_book_wait_s: int = setting(
+        "TALLY_METERING_PRICE_BOOK_WAIT_S", parse_positive_int, "seconds > 0", default=30)
+
+
+async def build(config: KitConfig, metering: MeteringConfig | None = None) -> ServiceApp:
+    """Wires metering; waits (bounded) for the first price book from pricing."""
+    settings = metering or load(MeteringConfig)
     url = config.database_url or infra.start_embedded_postgres(config.data_dir, keep_running=False)
     if config.migrate_on_start:
         await db.migrate_async(NAME, url)
     engine = db.create_engine(url, pool_size=config.db_pool_size)
-    # The stubs mark every RPC abstract; the ones not overridden keep the generated base's
-    # UNIMPLEMENTED answer on purpose until their issue lands.
-    servicer = MeteringServicer(UsageReports(UsageStore(engine)))  # type: ignore[abstract]
+    pool = await db.create_pool(url, max_size=config.db_pool_size)
+    # Reconnect quickly once a neighbour is back: gRPC's default backoff grows to 120 s.
+    options = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+    pricing_channel = grpc.aio.insecure_channel(config.address_of("pricing"), options=options)
+    ledger_channel = grpc.aio.insecure_channel(config.address_of("ledger"), options=options)
+    books = WatchedPriceBooks(pricing_pb2_grpc.PricingServiceStub(pricing_channel))
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(books.watch(stop), name="price-book-watch")
+    try:
+        await asyncio.wait_for(books.ready.wait(), settings.price_book_wait_s)
+    except TimeoutError:
+        stop.set()
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        raise RuntimeError(f"no price book from pricing at {config.address_of('pricing')} "
+                           f"within {settings.price_book_wait_s}s; refusing to serve") from None
+    events = UsageEventStore(pool)
+    committer = GroupCommitter(
+        events, GrpcLedger(ledger_pb2_grpc.LedgerServiceStub(ledger_channel)), books,
+        CommitSettings(max_batch_events=settings.max_batch_events,
+                       flush_interval_ms=settings.flush_interval_ms,
+                       max_buffered_events=settings.max_buffered_events,
+                       buffer_wait_ms=settings.buffer_wait_ms))
+    # The stubs mark every RPC abstract; Authorize, budgets and quotas keep the generated
+    # base's UNIMPLEMENTED answer until the spend-control issue lands.
+    servicer = MeteringServicer(  # type: ignore[abstract]
+        UsageReports(UsageStore(engine)), committer, events,
+        max_inflight_batches=settings.max_inflight_batches,
+        stream_lifetime_s=settings.stream_lifetime_s)
 
     def register(server: grpc.aio.Server) -> None:
         metering_pb2_grpc.add_MeteringServiceServicer_to_server(servicer, server)
 
-    return ServiceApp(
-        name=NAME, service_names=[SERVICE_NAME], register=register, on_stop=[engine.dispose]
-    )
+    async def close() -> None:
+        await committer.stop()
+        stop.set()
+        watcher.cancel()  # it may be parked inside a long-lived WatchPriceBook stream
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await pricing_channel.close()
+        await ledger_channel.close()
+        await pool.close()
+        await engine.dispose()
+
+    return ServiceApp(name=NAME, service_names=[SERVICE_NAME], register=register,
+                      on_start=[committer.start], on_stop=[close])
 
 
-async def build_for(database_url: str) -> ServiceApp:
-    """`build` against an already migrated database, with every other setting at its default."""
-    config = dataclasses.replace(
-        load_kit_config({}), database_url=database_url, migrate_on_start=False
-    )
-    return await build(config)
+async def build_for(database_url: str, config: KitConfig | None = None,
+                    metering: MeteringConfig | None = None) -> ServiceApp:
+    """`build` against an already migrated database, other settings from `config` or defaults."""
+    base = config or load_kit_config({})
+    return await build(dataclasses.replace(base, database_url=database_url,
+                                           migrate_on_start=False), metering)
 
 
 def main() -> None:

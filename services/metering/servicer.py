@@ -1,32 +1,141 @@
 """tally.metering.v1.MeteringService: proto <-> domain, nothing else.
 
-Only GetUsageSummary is served so far; every other RPC keeps the generated base class's
-UNIMPLEMENTED answer until its issue lands.
+Served: RecordUsage, StreamUsage, GetUsageEvent, ExportUsage (raw events), GetUsageSummary.
+Authorize, budgets, quotas and spend policy belong to the spend-control issue and keep the
+generated base class's UNIMPLEMENTED answer until it lands.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 
+from services.metering import convert_usage
+from services.metering.committer import GroupCommitter
+from services.metering.events_store import UsageEventStore
+from services.metering.ingestion import MAX_RECORD_EVENTS, MAX_STREAM_BATCH_EVENTS
+from tally.kit.errors import Reason, TallyError, invalid
+from tally.kit.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, decode_cursor, encode_cursor
+from tally.kit.protoconv import from_timestamp
 from tally.metering.v1 import metering_pb2, metering_pb2_grpc
 
 from . import convert
 from .domain import UsageReports
 
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _too_many(count: int, limit: int, field: str) -> TallyError:
+    return TallyError(Reason.BATCH_TOO_LARGE, f"{field}: {count} events; at most {limit}",
+                      field=field)
+
 
 class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     """Answers metering calls."""
 
-    def __init__(self, reports: UsageReports) -> None:
+    def __init__(self, reports: UsageReports, committer: GroupCommitter,
+                 events: UsageEventStore, *, max_inflight_batches: int = 4,
+                 stream_lifetime_s: float = 300.0) -> None:
         self.reports = reports
+        self.committer = committer
+        self.events = events
+        self.max_inflight_batches = max_inflight_batches
+        self.stream_lifetime_s = stream_lifetime_s
 
     async def GetUsageSummary(
-        self,
-        request: metering_pb2.GetUsageSummaryRequest,
-        context: grpc.aio.ServicerContext[Any, Any],
+        self, request: metering_pb2.GetUsageSummaryRequest, context: Context
     ) -> metering_pb2.GetUsageSummaryResponse:
         """One org's usage for one calendar month, per meter and the requested dimensions."""
         summary = await self.reports.summarize(convert.summary_query(request))
         return convert.summary_to_proto(summary)
+
+    async def RecordUsage(self, request: metering_pb2.RecordUsageRequest, context: Context
+                          ) -> metering_pb2.RecordUsageResponse:
+        """Records 1..100 events; answers once they and their debit are durable."""
+        if not 0 < len(request.events) <= MAX_RECORD_EVENTS:
+            raise _too_many(len(request.events), MAX_RECORD_EVENTS, "events")
+        results = await self.committer.submit([convert_usage.event(e) for e in request.events])
+        return metering_pb2.RecordUsageResponse(results=[convert_usage.result(r)
+                                                         for r in results])
+
+    async def StreamUsage(self, request_iterator: AsyncIterator[metering_pb2.StreamUsageRequest],
+                          context: Context) -> AsyncIterator[metering_pb2.StreamUsageResponse]:
+        """One ack per batch, in order, each after its events and debit are durable.
+
+        At most `max_inflight_batches` batches are read ahead of their acks; beyond that the
+        server stops reading and gRPC flow control pushes back on the client. At the lifetime
+        cap the server stops reading, acks what it has, and asks the client to reconnect.
+        """
+        inflight: asyncio.Queue[tuple[str, asyncio.Task[Any]] | None] = asyncio.Queue(
+            self.max_inflight_batches)
+        expired = asyncio.Event()
+
+        async def read() -> None:
+            try:
+                async for batch in request_iterator:
+                    if len(batch.events) > MAX_STREAM_BATCH_EVENTS:
+                        raise _too_many(len(batch.events), MAX_STREAM_BATCH_EVENTS, "events")
+                    task = asyncio.create_task(self.committer.submit(
+                        [convert_usage.event(e) for e in batch.events]))
+                    await inflight.put((batch.batch_id, task))
+                    if expired.is_set():
+                        break
+            finally:
+                await inflight.put(None)
+
+        reader = asyncio.create_task(read())
+        timer = asyncio.get_running_loop().call_later(self.stream_lifetime_s, expired.set)
+        try:
+            while (item := await inflight.get()) is not None:
+                batch_id, task = item
+                results = await task
+                yield metering_pb2.StreamUsageResponse(
+                    batch_id=batch_id, results=[convert_usage.result(r) for r in results])
+            await reader  # re-raises a bad batch (BATCH_TOO_LARGE) to end the stream
+            if expired.is_set():
+                yield metering_pb2.StreamUsageResponse(reconnect=True)
+        finally:
+            timer.cancel()
+            reader.cancel()
+
+    async def GetUsageEvent(self, request: metering_pb2.GetUsageEventRequest, context: Context
+                            ) -> metering_pb2.GetUsageEventResponse:
+        """One recorded event with its receipt."""
+        found = await self.events.event(request.org_id, request.event_id)
+        if found is None:
+            raise TallyError(Reason.NOT_FOUND, f"event_id: no event {request.event_id!r} "
+                             f"for org {request.org_id!r}", field="event_id")
+        event, receipt = found
+        return metering_pb2.GetUsageEventResponse(event=convert_usage.event_to_proto(event),
+                                                  receipt=convert_usage.receipt(receipt))
+
+    async def ExportUsage(self, request: metering_pb2.ExportUsageRequest, context: Context
+                          ) -> AsyncIterator[metering_pb2.ExportUsageResponse]:
+        """Raw events of a period (one org, or every org when org_id is empty), oldest first,
+        one page per call (token on the last message)."""
+        if request.kind != metering_pb2.EXPORT_KIND_RAW_EVENTS:
+            raise invalid("kind", "only RAW_EVENTS is exported so far")
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            raise invalid("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        cursor = decode_cursor(request.page_token, "export")
+        after = None
+        if cursor is not None:
+            micros, org_id, event_id = cursor
+            after = (datetime.fromtimestamp(int(micros) / 1_000_000, tz=UTC), str(org_id),
+                     str(event_id))
+        rows = await self.events.export(request.org_id, from_timestamp(request, "start_time"),
+                                        from_timestamp(request, "end_time"), after, size + 1)
+        for event, receipt in rows[:size]:
+            yield metering_pb2.ExportUsageResponse(event=metering_pb2.RecordedUsageEvent(
+                event=convert_usage.event_to_proto(event), receipt=convert_usage.receipt(receipt)))
+        if len(rows) > size:
+            last = rows[size - 1][0]
+            assert last.occurred_at is not None
+            micros_at = int(last.occurred_at.timestamp()) * 1_000_000 + last.occurred_at.microsecond
+            yield metering_pb2.ExportUsageResponse(
+                next_page_token=encode_cursor("export", micros_at, last.org_id, last.event_id))

@@ -1,49 +1,127 @@
-"""Composition root of the pricing service: config -> catalog -> servicer -> ServiceApp."""
+"""Composition root of the pricing service.
+
+config -> pool -> store -> cache -> Pricing (bootstrapped with the default catalog on an empty
+database) -> servicer -> ServiceApp, plus two background loops: the change feed (LISTEN) and
+the refresher that turns its wake-ups (or a periodic poll) into cache updates.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Final
 
+import asyncpg
 import grpc
 
 from tally.kit import db, infra
-from tally.kit.config import KitConfig, load_kit_config
+from tally.kit.config import (
+    KitConfig,
+    load,
+    load_kit_config,
+    parse_path,
+    parse_positive_int,
+    setting,
+)
+from tally.kit.log import get_logger
 from tally.kit.server import ServiceApp, run_service
+from tally.metering.v1 import metering_pb2_grpc
 from tally.pricing.v1 import pricing_pb2, pricing_pb2_grpc
-from tally.rating import load_catalog
+from tally.rating import DEFAULT_CATALOG, load_catalog
 
-from .domain import CreditPackageCatalog
+from .adapters import GrpcUsageSource
+from .domain import BookCache, Pricing
 from .servicer import PricingServicer
+from .store import PriceBookPgStore
 
 NAME = "pricing"
 SERVICE_NAME = pricing_pb2.DESCRIPTOR.services_by_name["PricingService"].full_name
+log = get_logger("pricing.server")
+
+DEFAULT_CUSTOM_CREDIT_PRICE_MINOR: Final = {"USD": Decimal(1)}
+"""The default catalog's unit: 1 credit = 1 US cent."""
 
 
-async def build(config: KitConfig) -> ServiceApp:
-    """Migrates the pricing schema (if configured) and serves the default catalog.
+@dataclass(frozen=True, slots=True)
+class PricingConfig:
+    """Pricing's own settings (TALLY_PRICING_*)."""
 
-    Nothing reads the database yet — published books arrive with PublishPriceBook — so no
-    connection pool is opened; the schema is still migrated so it exists for the writer.
-    """
+    catalog_path: Path = setting(  # noqa: RUF009 - `setting` returns a field()
+        "TALLY_PRICING_CATALOG", parse_path, "a price book JSON file",
+        default=DEFAULT_CATALOG)
+    watch_lifetime_s: int = setting(
+        "TALLY_PRICING_WATCH_LIFETIME_S", parse_positive_int, "seconds > 0", default=300)
+    max_watchers: int = setting(
+        "TALLY_PRICING_MAX_WATCHERS", parse_positive_int, "an integer > 0", default=1000)
+    refresh_interval_ms: int = setting(
+        "TALLY_PRICING_REFRESH_INTERVAL_MS", parse_positive_int, "milliseconds > 0",
+        default=1000)
+    max_report_events: int = setting(
+        "TALLY_PRICING_MAX_REPORT_EVENTS", parse_positive_int, "an integer > 0",
+        default=2_000_000)
+
+
+async def build(config: KitConfig, settings: PricingConfig | None = None) -> ServiceApp:
+    """Wires pricing; publishes the default catalog as version 1 on an empty database."""
+    settings = settings or load(PricingConfig)
     url = config.database_url or infra.start_embedded_postgres(config.data_dir, keep_running=False)
     if config.migrate_on_start:
         await db.migrate_async(NAME, url)
-    # The stubs mark every RPC abstract; the ones not overridden keep the generated base's
-    # UNIMPLEMENTED answer on purpose until their issue lands.
-    servicer = PricingServicer(CreditPackageCatalog(load_catalog()))  # type: ignore[abstract]
+    pool = await db.create_pool(url, max_size=config.db_pool_size)
+    store = PriceBookPgStore(pool, db.asyncpg_url(url))
+    metering_channel = grpc.aio.insecure_channel(config.address_of("metering"))
+    cache = BookCache(max_watchers=settings.max_watchers)
+    pricing = Pricing(store, GrpcUsageSource(metering_pb2_grpc.MeteringServiceStub(
+        metering_channel)), cache, max_report_events=settings.max_report_events)
+    await pricing.bootstrap(load_catalog(settings.catalog_path), DEFAULT_CUSTOM_CREDIT_PRICE_MINOR)
+    servicer = PricingServicer(pricing, watch_lifetime_s=settings.watch_lifetime_s)
+    stop = asyncio.Event()
+    wake = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+
+    async def refresher() -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(wake.wait(), settings.refresh_interval_ms / 1000)
+            except TimeoutError:
+                pass
+            wake.clear()
+            if stop.is_set():
+                return
+            try:
+                await pricing.refresh()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("price_book_refresh_failed", error=str(exc))
+
+    async def start_loops() -> None:
+        tasks.append(asyncio.create_task(refresher(), name="price-book-refresher"))
+        tasks.append(asyncio.create_task(store.follow(wake.set, stop),
+                                         name="price-book-listener"))
+
+    async def close() -> None:
+        stop.set()
+        wake.set()
+        cache.close_subscribers()
+        await asyncio.gather(*tasks)
+        await metering_channel.close()
+        await pool.close()
 
     def register(server: grpc.aio.Server) -> None:
         pricing_pb2_grpc.add_PricingServiceServicer_to_server(servicer, server)
 
-    return ServiceApp(name=NAME, service_names=[SERVICE_NAME], register=register)
+    return ServiceApp(name=NAME, service_names=[SERVICE_NAME], register=register,
+                      on_start=[start_loops], on_stop=[close])
 
 
-async def build_for(database_url: str) -> ServiceApp:
-    """`build` against an already migrated database, with every other setting at its default."""
-    config = dataclasses.replace(
-        load_kit_config({}), database_url=database_url, migrate_on_start=False
-    )
-    return await build(config)
+async def build_for(database_url: str, config: KitConfig | None = None,
+                    settings: PricingConfig | None = None) -> ServiceApp:
+    """`build` against an already migrated database, other settings from `config` or defaults."""
+    base = config or load_kit_config({})
+    return await build(dataclasses.replace(base, database_url=database_url,
+                                           migrate_on_start=False), settings)
 
 
 def main() -> None:

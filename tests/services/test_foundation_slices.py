@@ -35,13 +35,23 @@ Build = Callable[[KitConfig], Awaitable[ServiceApp]]
 
 @asynccontextmanager
 async def serving(build: Build, db_url: str) -> AsyncIterator[grpc.aio.Channel]:
-    """The service `build` makes, started on port 0, and a channel to it."""
+    """The service `build` makes, started on port 0, and a channel to it.
+
+    Metering will not serve without a price book, so pricing is started beside it (and
+    stopped first, with a short grace, since it holds metering's price book watch open).
+    """
     config = dataclasses.replace(load_kit_config({}), database_url=db_url, migrate_on_start=False)
+    pricing = None
+    if build is build_metering:
+        pricing = await start_server(await build_pricing(config), port=0, grace_seconds=0.5)
+        config = dataclasses.replace(config, pricing_port=pricing.port)
     running = await start_server(await build(config), port=0)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             yield channel
     finally:
+        if pricing is not None:
+            await pricing.stop()
         await running.stop()
 
 
@@ -73,7 +83,7 @@ async def test_list_credit_packages_answers_the_catalog_with_bonus_in_effective_
         assert sent.cost_per_credit_minor == str(source.cost_per_credit_minor)
         assert sent.tier != pricing_pb2.PACKAGE_TIER_UNSPECIFIED
     assert response.next_page_token == ""
-    assert response.price_book_version == 0, "the built-in catalog is not a published version"
+    assert response.price_book_version == 1, "the default catalog is published as version 1"
 
 
 async def test_list_credit_packages_pages_through_every_package_once(db_url: str) -> None:
@@ -108,12 +118,12 @@ async def test_list_credit_packages_rejects_bad_paging_naming_the_field(
     assert_invalid(caught.value, field)
 
 
-async def test_pricing_rpcs_of_later_issues_stay_unimplemented(db_url: str) -> None:
+async def test_pricing_bootstraps_the_default_catalog_as_version_1(db_url: str) -> None:
     async with serving(build_pricing, db_url) as channel:
         stub = pricing_pb2_grpc.PricingServiceStub(channel)
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.GetPriceBook(pricing_pb2.GetPriceBookRequest())
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        response = await stub.GetPriceBook(pricing_pb2.GetPriceBookRequest())
+    assert response.book.version == 1
+    assert len(response.book.lines) == len(load_catalog().lines)
 
 
 # --- metering --------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import typer
 from tally.cli import demo as demo_module
 from tally.cli import ledger as ledger_cli
 from tally.cli import suite
+from tally.cli import usage as usage_cli
 from tally.kit.config import ConfigError, KitConfig, exit_on_config_error, load_kit_config
 from tally.kit.log import configure_logging
 
@@ -120,6 +121,9 @@ def verify_ledger(
     """Walk the ledger's hash chains and balances; exit 1 naming the first bad entry."""
     if not asyncio.run(ledger_cli.verify(_config(), org)):
         raise typer.Exit(1)
+
+
+usage_cli.register(app, _config)
 
 
 if __name__ == "__main__":

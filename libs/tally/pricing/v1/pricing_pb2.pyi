@@ -55,6 +55,34 @@ TIER_MODE_VOLUME: TierMode.ValueType  # 3
 """The tier reached by the period's total quantity sets the rate for all units of the period."""
 Global___TierMode: _TypeAlias = TierMode  # noqa: Y015
 
+class _ModelKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModelKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODEL_KIND_UNSPECIFIED: _ModelKind.ValueType  # 0
+    """Not set; read as CHAT."""
+    MODEL_KIND_CHAT: _ModelKind.ValueType  # 1
+    """Conversational / completion model priced by input and output tokens."""
+    MODEL_KIND_EMBEDDING: _ModelKind.ValueType  # 2
+    """Embedding model."""
+    MODEL_KIND_RERANK: _ModelKind.ValueType  # 3
+    """Reranking model."""
+
+class ModelKind(_ModelKind, metaclass=_ModelKindEnumTypeWrapper):
+    """What a model does."""
+
+MODEL_KIND_UNSPECIFIED: ModelKind.ValueType  # 0
+"""Not set; read as CHAT."""
+MODEL_KIND_CHAT: ModelKind.ValueType  # 1
+"""Conversational / completion model priced by input and output tokens."""
+MODEL_KIND_EMBEDDING: ModelKind.ValueType  # 2
+"""Embedding model."""
+MODEL_KIND_RERANK: ModelKind.ValueType  # 3
+"""Reranking model."""
+Global___ModelKind: _TypeAlias = ModelKind  # noqa: Y015
+
 class _PackageTier:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -133,7 +161,11 @@ class PriceBook(_message.Message):
     """Free-text release note shown in the version history (at most 2,000 chars)."""
     @_builtins.property
     def effective_from(self) -> _timestamp_pb2.Timestamp:
-        """When this book starts to apply. Never earlier than published_at (no retroactive repricing)."""
+        """When this book starts to apply. Never earlier than published_at (no retroactive repricing),
+        with one exception: version 1, the default catalog pricing publishes on its first start
+        against an empty database, is in force from the Unix epoch so that any usage (including
+        late events from before that start) has a book. Versions and effective_from ascend together.
+        """
 
     @_builtins.property
     def published_at(self) -> _timestamp_pb2.Timestamp:
@@ -322,6 +354,7 @@ class ModelEntry(_message.Message):
     FALLBACK_MODELS_FIELD_NUMBER: _builtins.int
     DOWNGRADE_TO_FIELD_NUMBER: _builtins.int
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Public model name callers use, e.g. "gpt-4o". Unique per book."""
     provider: _builtins.str
@@ -334,6 +367,10 @@ class ModelEntry(_message.Message):
     """Cheaper model Authorize downgrades to when a SOFT_DOWNGRADE budget runs low; empty = none."""
     max_context_tokens: _builtins.int
     """Largest context the model accepts, in tokens; 0 = unknown / not enforced."""
+    kind: Global___ModelKind.ValueType
+    """What the model does; UNSPECIFIED = CHAT. Chat models must price input and output tokens
+    online; other kinds must have at least one price line.
+    """
     @_builtins.property
     def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Other public names that resolve to this model. Unique across the book. At most 20."""
@@ -353,10 +390,11 @@ class ModelEntry(_message.Message):
         fallback_models: _abc.Iterable[_builtins.str] | None = ...,
         downgrade_to: _builtins.str = ...,
         max_context_tokens: _builtins.int = ...,
+        kind: Global___ModelKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "downgrade_to", b"downgrade_to", "fallback_models", b"fallback_models", "max_context_tokens", b"max_context_tokens", "model", b"model", "provider", b"provider", "provider_model", b"provider_model", "routing_priority", b"routing_priority"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "downgrade_to", b"downgrade_to", "fallback_models", b"fallback_models", "kind", b"kind", "max_context_tokens", b"max_context_tokens", "model", b"model", "provider", b"provider", "provider_model", b"provider_model", "routing_priority", b"routing_priority"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -373,6 +411,7 @@ class ProviderCost(_message.Message):
     METER_FIELD_NUMBER: _builtins.int
     COST_RATE_FIELD_NUMBER: _builtins.int
     PER_UNITS_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     """Upstream provider, e.g. "openai"."""
     model: _builtins.str
@@ -383,6 +422,10 @@ class ProviderCost(_message.Message):
     """Exact decimal credits per per_units that Tally pays upstream, e.g. "1.25"."""
     per_units: _builtins.int
     """Base units cost_rate is quoted per, e.g. 1000000. Must be > 0."""
+    mode: _common_pb2.UsageMode.ValueType
+    """Usage mode this cost applies to (providers discount batch APIs); UNSPECIFIED = both. A cost
+    for the exact mode beats one for UNSPECIFIED.
+    """
     def __init__(
         self,
         *,
@@ -391,10 +434,11 @@ class ProviderCost(_message.Message):
         meter: _common_pb2.Meter.ValueType = ...,
         cost_rate: _builtins.str = ...,
         per_units: _builtins.int = ...,
+        mode: _common_pb2.UsageMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_rate", b"cost_rate", "meter", b"meter", "model", b"model", "per_units", b"per_units", "provider", b"provider"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_rate", b"cost_rate", "meter", b"meter", "mode", b"mode", "model", b"model", "per_units", b"per_units", "provider", b"provider"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -583,6 +627,7 @@ class QuoteLine(_message.Message):
     EXACT_COST_MICROS_FIELD_NUMBER: _builtins.int
     LINE_ID_FIELD_NUMBER: _builtins.int
     REGION_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    OVERAGE_QUANTITY_FIELD_NUMBER: _builtins.int
     meter: _common_pb2.Meter.ValueType
     """Meter priced."""
     quantity: _builtins.int
@@ -607,6 +652,10 @@ class QuoteLine(_message.Message):
     """PriceLine.line_id that priced this segment."""
     region_multiplier: _builtins.str
     """Exact decimal region multiplier applied ("1" when none)."""
+    overage_quantity: _builtins.int
+    """Units of `quantity` priced at PriceLine.overage_rate (above the allowance) rather than by
+    the tiers; 0 when the line has no overage rate.
+    """
     def __init__(
         self,
         *,
@@ -621,10 +670,11 @@ class QuoteLine(_message.Message):
         exact_cost_micros: _builtins.str = ...,
         line_id: _builtins.str = ...,
         region_multiplier: _builtins.str = ...,
+        overage_quantity: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_micros", b"cost_micros", "exact_cost_micros", b"exact_cost_micros", "included_applied", b"included_applied", "line_id", b"line_id", "meter", b"meter", "per_units", b"per_units", "quantity", b"quantity", "rate", b"rate", "region_multiplier", b"region_multiplier", "tier_index", b"tier_index", "tier_mode", b"tier_mode"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_micros", b"cost_micros", "exact_cost_micros", b"exact_cost_micros", "included_applied", b"included_applied", "line_id", b"line_id", "meter", b"meter", "overage_quantity", b"overage_quantity", "per_units", b"per_units", "quantity", b"quantity", "rate", b"rate", "region_multiplier", b"region_multiplier", "tier_index", b"tier_index", "tier_mode", b"tier_mode"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -758,7 +808,11 @@ class PublishPriceBookRequest(_message.Message):
 
     @_builtins.property
     def effective_from(self) -> _timestamp_pb2.Timestamp:
-        """When the new book takes effect; unset = now. Earlier than now is INVALID_ARGUMENT."""
+        """When the new book takes effect; unset = now (the publish instant). Earlier than now, or not
+        later than the effective_from of every published book, is INVALID_ARGUMENT naming
+        `effective_from`: books never apply retroactively, and a later version always takes effect
+        later (to replace a scheduled book, publish another one effective after it).
+        """
 
     @_builtins.property
     def context(self) -> _common_pb2.RequestContext:
@@ -788,6 +842,9 @@ class PublishPriceBookResponse(_message.Message):
 
     BOOK_FIELD_NUMBER: _builtins.int
     BELOW_COST_WARNINGS_FIELD_NUMBER: _builtins.int
+    IS_REPLAY_FIELD_NUMBER: _builtins.int
+    is_replay: _builtins.bool
+    """True when this response replays an earlier publish with the same request_id."""
     @_builtins.property
     def book(self) -> Global___PriceBook:
         """The published book with its assigned version."""
@@ -801,10 +858,11 @@ class PublishPriceBookResponse(_message.Message):
         *,
         book: Global___PriceBook | None = ...,
         below_cost_warnings: _abc.Iterable[Global___PriceWarning] | None = ...,
+        is_replay: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["book", b"book"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["below_cost_warnings", b"below_cost_warnings", "book", b"book"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["below_cost_warnings", b"below_cost_warnings", "book", b"book", "is_replay", b"is_replay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -822,6 +880,9 @@ class PriceWarning(_message.Message):
     PRICE_RATE_FIELD_NUMBER: _builtins.int
     COST_RATE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    TIER_INDEX_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
     line_id: _builtins.str
     """PriceLine.line_id concerned."""
     model: _builtins.str
@@ -834,6 +895,12 @@ class PriceWarning(_message.Message):
     """Provider cost rate normalized to the line's per_units, exact decimal."""
     message: _builtins.str
     """Human-readable explanation."""
+    mode: _common_pb2.UsageMode.ValueType
+    """Usage mode of the rate compared."""
+    tier_index: _builtins.int
+    """Tier compared (0-based); -1 = the line's overage rate."""
+    region: _builtins.str
+    """Region whose multiplier was applied to price_rate; empty = none (1x)."""
     def __init__(
         self,
         *,
@@ -843,10 +910,13 @@ class PriceWarning(_message.Message):
         price_rate: _builtins.str = ...,
         cost_rate: _builtins.str = ...,
         message: _builtins.str = ...,
+        mode: _common_pb2.UsageMode.ValueType = ...,
+        tier_index: _builtins.int = ...,
+        region: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_rate", b"cost_rate", "line_id", b"line_id", "message", b"message", "meter", b"meter", "model", b"model", "price_rate", b"price_rate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_rate", b"cost_rate", "line_id", b"line_id", "message", b"message", "meter", b"meter", "mode", b"mode", "model", b"model", "price_rate", b"price_rate", "region", b"region", "tier_index", b"tier_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -865,7 +935,10 @@ class SimulatePriceChangeRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     org_id: _builtins.str
-    """Only this org; empty = every org."""
+    """Only this org; empty = every org. Tiers and allowances restart at start_time for both sides
+    (period-to-date usage before the window is not reconstructed), so windows aligned to UTC
+    calendar months compare exactly.
+    """
     page_size: _builtins.int
     """Max deltas per page: default 100, at most 1000."""
     page_token: _builtins.str
@@ -938,6 +1011,8 @@ class OrgDelta(_message.Message):
     CURRENT_MICROS_FIELD_NUMBER: _builtins.int
     SIMULATED_MICROS_FIELD_NUMBER: _builtins.int
     DELTA_MICROS_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    UNRATED_EVENTS_FIELD_NUMBER: _builtins.int
     org_id: _builtins.str
     """Org."""
     current_micros: _builtins.int
@@ -946,6 +1021,12 @@ class OrgDelta(_message.Message):
     """Credits the draft book would have charged, micro-credits."""
     delta_micros: _builtins.int
     """simulated_micros - current_micros (negative = cheaper)."""
+    events: _builtins.int
+    """Events of the org in the window that were re-rated."""
+    unrated_events: _builtins.int
+    """Events neither book could price (unknown model, meter without a line); left out of every
+    sum.
+    """
     def __init__(
         self,
         *,
@@ -953,10 +1034,12 @@ class OrgDelta(_message.Message):
         current_micros: _builtins.int = ...,
         simulated_micros: _builtins.int = ...,
         delta_micros: _builtins.int = ...,
+        events: _builtins.int = ...,
+        unrated_events: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_micros", b"current_micros", "delta_micros", b"delta_micros", "org_id", b"org_id", "simulated_micros", b"simulated_micros"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_micros", b"current_micros", "delta_micros", b"delta_micros", "events", b"events", "org_id", b"org_id", "simulated_micros", b"simulated_micros", "unrated_events", b"unrated_events"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,90 @@
+"""Metering's gRPC neighbours: the ledger it debits and the pricing service it watches."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+import grpc
+
+from services.metering.events_store import LedgerItem, LedgerOutcome
+from services.metering.ingestion import MAX_EVENT_AGE
+from tally.kit.errors import Reason, TallyError
+from tally.kit.log import get_logger
+from tally.kit.protoconv import to_timestamp
+from tally.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from tally.pricing.v1 import pricing_pb2, pricing_pb2_grpc
+from tally.rating import PriceBook, PriceBookHistory
+from tally.sdk.pricebook import from_proto
+
+log = get_logger("metering.adapters")
+
+_UNAVAILABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class GrpcLedger:
+    """UsageLedger over LedgerService.PostUsageBatch."""
+
+    def __init__(self, stub: ledger_pb2_grpc.LedgerServiceAsyncStub,
+                 timeout_s: float = 30.0) -> None:
+        self.stub = stub
+        self.timeout_s = timeout_s
+
+    async def post_usage_batch(self, batch_id: str, items: Sequence[LedgerItem]
+                               ) -> list[LedgerOutcome]:
+        """Posts one batch; an unreachable ledger is TallyError(UNAVAILABLE)."""
+        request = ledger_pb2.PostUsageBatchRequest(batch_id=batch_id, items=[
+            ledger_pb2.UsageItem(event_id=i.event_id, org_id=i.org_id, cost_micros=i.cost_micros,
+                                 reservation_id=i.reservation_id) for i in items])
+        try:
+            reply = await self.stub.PostUsageBatch(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in _UNAVAILABLE_CODES:
+                raise TallyError(Reason.UNAVAILABLE, f"ledger: {exc.details()}") from exc
+            raise
+        return [LedgerOutcome(i.org_id, r.event_id, r.transfer_id, r.balance_after_micros,
+                              r.arrears_micros) for i, r in zip(items, reply.results, strict=True)]
+
+
+class WatchedPriceBooks:
+    """The local copy of pricing's books, kept current by WatchPriceBook.
+
+    Holds every book in force during the late-event window, so a late event is rated with the
+    book of its time without calling pricing. If pricing goes away the last books stay in use
+    and the watch reconnects with backoff.
+    """
+
+    def __init__(self, stub: pricing_pb2_grpc.PricingServiceAsyncStub) -> None:
+        self.stub = stub
+        self._history = PriceBookHistory()
+        self.ready = asyncio.Event()
+
+    @property
+    def history(self) -> PriceBookHistory:
+        """The books known so far."""
+        return self._history
+
+    def add(self, book: PriceBook) -> None:
+        """Takes a book pushed by pricing (a version seen before is ignored)."""
+        known = {b.version for b in self._history.books}
+        if book.version not in known:
+            self._history = self._history.with_book(book)
+        self.ready.set()
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        """Follows WatchPriceBook until `stop`, reconnecting with capped backoff."""
+        delay = 0.1
+        while not stop.is_set():
+            since = datetime.now(UTC) - MAX_EVENT_AGE - timedelta(days=1)
+            request = pricing_pb2.WatchPriceBookRequest(history_since=to_timestamp(since))
+            try:
+                async for reply in self.stub.WatchPriceBook(request):
+                    self.add(from_proto(reply.book))
+                    delay = 0.1
+            except grpc.aio.AioRpcError as exc:
+                log.warning("price_book_watch_lost", code=exc.code().name, retry_in_s=delay)
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except TimeoutError:
+                delay = min(delay * 2, 5.0)

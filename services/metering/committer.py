@@ -1,0 +1,222 @@
+"""Group commit: usage from every stream and call becomes one durable batch and one ledger post.
+
+Callers `submit` events and wait. A single flusher collects what is waiting — until
+`max_batch_events` or `flush_interval_ms` — records it in one transaction (events, roll-ups,
+the pending ledger batch), posts the batch to the ledger (idempotent on the batch id, retried
+while the ledger is unavailable), fills the receipts and only then answers. So throughput does
+not depend on how clients batch, nothing is acknowledged before its debit is durable, and a
+crash between the two commits is repaired at start-up by `replay_pending`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Protocol
+
+from services.metering import ingestion as ing
+from services.metering.events_store import LedgerItem, LedgerOutcome, UsageEventStore, with_ledger
+from tally.kit.errors import Reason, TallyError
+from tally.kit.log import get_logger
+from tally.rating import PriceBookHistory
+
+log = get_logger("metering.committer")
+
+
+class UsageLedger(Protocol):
+    """The ledger as ingestion needs it (the gRPC client implements it)."""
+
+    async def post_usage_batch(self, batch_id: str, items: Sequence[LedgerItem]
+                               ) -> list[LedgerOutcome]:
+        """Debits the items once (idempotent on batch_id); raises TallyError(UNAVAILABLE)."""
+        ...
+
+
+class PriceBooks(Protocol):
+    """The local copy of pricing's books."""
+
+    @property
+    def history(self) -> PriceBookHistory:
+        """Every book in force during the late-event window."""
+        ...
+
+
+@dataclass(slots=True)
+class _Pending:
+    events: list[ing.UsageEvent]
+    done: asyncio.Future[list[ing.EventResult]]
+
+
+@dataclass(frozen=True, slots=True)
+class CommitSettings:
+    """Bounds of the committer (TALLY_METERING_* settings)."""
+
+    max_batch_events: int = 2000
+    flush_interval_ms: int = 5
+    max_buffered_events: int = 50_000
+    buffer_wait_ms: int = 5_000
+    ledger_retry_max_ms: int = 2_000
+
+
+def batch_id() -> str:
+    """A time-ordered, unique ledger batch id."""
+    return f"mtr-{time.time_ns():x}-{os.urandom(4).hex()}"
+
+
+@dataclass
+class GroupCommitter:
+    """Collects submitted usage into group commits; see the module docstring."""
+
+    store: UsageEventStore
+    ledger: UsageLedger
+    books: PriceBooks
+    settings: CommitSettings = CommitSettings()
+    _queue: asyncio.Queue[_Pending] = field(default_factory=asyncio.Queue)
+    _buffered: int = 0
+    _room: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Posts what a crash left pending, then starts the flusher."""
+        await self.replay_pending()
+        self._task = asyncio.create_task(self._run(), name="metering-group-commit")
+
+    async def stop(self) -> None:
+        """Finishes the batch in flight and stops."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def replay_pending(self) -> int:
+        """Posts every recorded-but-unposted batch again; the ledger applies each once."""
+        pending = await self.store.pending_batches()
+        for pending_id, items in pending:
+            outcomes = await self._post(pending_id, items)
+            await self.store.mark_posted(pending_id, outcomes, datetime.now(UTC))
+            log.info("replayed_ledger_batch", batch_id=pending_id, items=len(items))
+        return len(pending)
+
+    async def submit(self, events: Sequence[ing.UsageEvent]) -> list[ing.EventResult]:
+        """Records events and returns one result per event, once their debit is durable.
+
+        Events with bad fields are rejected here and never wait. When the buffer is full for
+        longer than `buffer_wait_ms` (the ledger is down, say), the call fails UNAVAILABLE.
+        """
+        now = datetime.now(UTC)
+        checked = [ing.check_event(e, now) for e in events]
+        valid = [e for e, problem in zip(events, checked, strict=True) if problem is None]
+        answers: list[ing.EventResult] = []
+        if valid:
+            await self._reserve_room(len(valid))
+            future: asyncio.Future[list[ing.EventResult]] = (
+                asyncio.get_running_loop().create_future())
+            self._queue.put_nowait(_Pending(valid, future))
+            answers = await future
+        it = iter(answers)
+        return [problem if problem is not None else next(it) for problem in checked]
+
+    async def _reserve_room(self, count: int) -> None:
+        async with self._room:
+            try:
+                await asyncio.wait_for(
+                    self._room.wait_for(
+                        lambda: self._buffered + count <= self.settings.max_buffered_events
+                        or self._buffered == 0),
+                    self.settings.buffer_wait_ms / 1000)
+            except TimeoutError:
+                raise TallyError(Reason.UNAVAILABLE,
+                                 "usage buffer is full (the ledger is not confirming debits); "
+                                 "retry later") from None
+            self._buffered += count
+
+    async def _release_room(self, count: int) -> None:
+        async with self._room:
+            self._buffered -= count
+            self._room.notify_all()
+
+    async def _run(self) -> None:
+        while True:
+            first = await self._queue.get()
+            taken = [first]
+            size = len(first.events)
+            deadline = time.monotonic() + self.settings.flush_interval_ms / 1000
+            while size < self.settings.max_batch_events:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    more = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    break
+                taken.append(more)
+                size += len(more.events)
+            try:
+                answers = await self._commit([e for p in taken for e in p.events])
+            except Exception as exc:  # the batch failed before anything was acknowledged
+                log.exception("group_commit_failed", events=size)
+                for pending in taken:
+                    if not pending.done.done():
+                        pending.done.set_exception(exc)
+            else:
+                start = 0
+                for pending in taken:
+                    end = start + len(pending.events)
+                    if not pending.done.done():
+                        pending.done.set_result(answers[start:end])
+                    start = end
+            await self._release_room(size)
+
+    async def _commit(self, events: list[ing.UsageEvent]) -> list[ing.EventResult]:
+        first = ing.first_of_each(events)
+        unique = [events[i] for i in sorted(set(first.values()))]
+        this_batch = batch_id()
+        recorded = await self.store.record(this_batch, unique, self.books.history)
+        outcomes: dict[tuple[str, str], LedgerOutcome] = {}
+        now = datetime.now(UTC)
+        if recorded.ledger_items:
+            for outcome in await self._post(this_batch, recorded.ledger_items):
+                outcomes[(outcome.org_id, outcome.event_id)] = outcome
+            await self.store.mark_posted(this_batch, list(outcomes.values()), now)
+        by_key: dict[tuple[str, str], ing.EventResult] = {}
+        rated = iter(recorded.new_events)
+        for event, result in zip(unique, recorded.results, strict=True):
+            key = (event.org_id, event.event_id)
+            if result is None:
+                item = next(rated)
+                receipt = with_ledger(item.receipt, outcomes[key], now)
+                result = ing.EventResult(event.event_id, ing.EventStatus.ACCEPTED, receipt)
+            by_key[key] = result
+        answers: list[ing.EventResult] = []
+        for i, event in enumerate(events):
+            key = (event.org_id, event.event_id)
+            original = by_key[key]
+            if first[key] == i:
+                answers.append(original)
+            elif original.status is ing.EventStatus.REJECTED:
+                answers.append(original)
+            elif event.fingerprint() != events[first[key]].fingerprint():
+                answers.append(ing.rejected(event.event_id, Reason.IDEMPOTENCY_KEY_REUSED,
+                                            "event_id", "appears twice with different payloads"))
+            else:
+                answers.append(replace(original, status=ing.EventStatus.DUPLICATE))
+        return answers
+
+    async def _post(self, batch: str, items: Sequence[LedgerItem]) -> list[LedgerOutcome]:
+        """Posts until the ledger confirms; nothing is acknowledged meanwhile (back-pressure)."""
+        delay = 0.05
+        while True:
+            try:
+                return await self.ledger.post_usage_batch(batch, items)
+            except TallyError as exc:
+                if exc.reason is not Reason.UNAVAILABLE:
+                    raise
+                log.warning("ledger_unavailable", batch_id=batch, retry_in_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.settings.ledger_retry_max_ms / 1000)

@@ -1,0 +1,84 @@
+"""tally.metering.v1 usage messages <-> ingestion domain objects."""
+
+from __future__ import annotations
+
+from datetime import UTC
+
+from services.metering import ingestion as ing
+from tally.common.v1 import common_pb2
+from tally.kit.protoconv import from_timestamp, to_timestamp
+from tally.metering.v1 import metering_pb2 as pb
+from tally.rating import Meter, UsageMode
+from tally.sdk.pricebook import meter_from_proto, meter_to_proto
+
+
+def _meter(number: int) -> Meter | None:
+    try:
+        return meter_from_proto(number)
+    except ValueError:
+        return None
+
+
+def _operation(number: int) -> str:
+    if number == 0 or number not in pb.Operation.values():
+        return ""
+    return pb.Operation.Name(pb.Operation.ValueType(number)).removeprefix("OPERATION_").lower()
+
+
+def event(message: pb.UsageEvent) -> ing.UsageEvent:
+    """A domain event from the wire (unknown meters become None: rejected by check_event)."""
+    ctx = message.context
+    mode = UsageMode.BATCH if message.mode == common_pb2.USAGE_MODE_BATCH else UsageMode.ONLINE
+    return ing.UsageEvent(
+        event_id=message.event_id, org_id=ctx.org_id,
+        occurred_at=from_timestamp(message, "occurred_at"),
+        quantities=tuple((_meter(q.meter), q.quantity) for q in message.quantities),
+        model=message.model, provider=message.provider,
+        operation=_operation(message.operation), mode=mode, region=message.region,
+        reservation_id=message.reservation_id, project_id=ctx.project_id,
+        environment=ctx.environment, user_id=ctx.user_id, api_key_id=ctx.api_key_id,
+        labels=dict(ctx.labels),
+        evidence=ing.Evidence(message.evidence.request_id, message.evidence.upstream_request_id,
+                              message.evidence.trace_id, tuple(message.evidence.content_hashes)))
+
+
+def event_to_proto(e: ing.UsageEvent) -> pb.UsageEvent:
+    """The wire form of a recorded event."""
+    operation = pb.Operation.Value(f"OPERATION_{e.operation.upper()}") if e.operation else 0
+    return pb.UsageEvent(
+        event_id=e.event_id, occurred_at=to_timestamp(e.occurred_at),
+        context=common_pb2.RequestContext(
+            org_id=e.org_id, project_id=e.project_id, environment=e.environment,
+            user_id=e.user_id, api_key_id=e.api_key_id, labels=dict(e.labels)),
+        provider=e.provider, model=e.model, operation=operation,  # type: ignore[arg-type]
+        mode=(common_pb2.USAGE_MODE_BATCH if e.mode is UsageMode.BATCH
+              else common_pb2.USAGE_MODE_ONLINE),
+        quantities=[common_pb2.MeterQuantity(meter=meter_to_proto(m), quantity=q)
+                    for m, q in e.quantities if m is not None],
+        reservation_id=e.reservation_id, region=e.region,
+        evidence=pb.RequestEvidence(
+            request_id=e.evidence.request_id,
+            upstream_request_id=e.evidence.upstream_request_id,
+            trace_id=e.evidence.trace_id, content_hashes=list(e.evidence.content_hashes)))
+
+
+def receipt(r: ing.Receipt) -> pb.Receipt:
+    """The wire receipt."""
+    return pb.Receipt(
+        event_id=r.event_id, cost_micros=r.cost_micros,
+        balance_after_micros=r.balance_after_micros, price_book_version=r.price_book_version,
+        ledger_transfer_id=r.ledger_transfer_id,
+        lines=[pb.ReceiptLine(meter=meter_to_proto(ln.meter), quantity=ln.quantity,
+                              rate=ln.rate, cost_micros=ln.cost_micros, per_units=ln.per_units)
+               for ln in r.lines],
+        recorded_at=to_timestamp(r.recorded_at.astimezone(UTC) if r.recorded_at else None),
+        arrears_micros=r.arrears_micros, resolved_model=r.resolved_model)
+
+
+def result(r: ing.EventResult) -> pb.EventResult:
+    """The wire result of one event."""
+    return pb.EventResult(
+        event_id=r.event_id,
+        status=pb.EventStatus.Value(f"EVENT_STATUS_{r.status.value}"),
+        receipt=receipt(r.receipt) if r.receipt else None,
+        reason=r.reason, field=r.field, message=r.message)

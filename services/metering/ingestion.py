@@ -1,0 +1,204 @@
+"""The rules of usage ingestion, in plain Python: what a valid event is, how it is rated, what
+its receipt says. No grpc, no SQL: the store persists, the committer orchestrates.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Final
+
+from tally.kit.errors import Reason
+from tally.rating import (
+    Meter,
+    PriceBook,
+    PriceBookHistory,
+    RatingError,
+    UsageMode,
+    rate_with_carry_attos,
+)
+
+MAX_EVENT_AGE: Final = timedelta(days=35)
+MAX_CLOCK_SKEW: Final = timedelta(minutes=5)
+MAX_ID_LENGTH: Final = 64
+MAX_QUANTITIES: Final = 20
+MAX_LABELS: Final = 32
+MAX_CONTENT_HASHES: Final = 16
+MAX_RECORD_EVENTS: Final = 100
+MAX_STREAM_BATCH_EVENTS: Final = 1000
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class EventStatus(enum.StrEnum):
+    """Outcome of one event (proto EventStatus)."""
+
+    ACCEPTED = "ACCEPTED"
+    DUPLICATE = "DUPLICATE"
+    REJECTED = "REJECTED"
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """What ties a charge to the model call — identifiers and hashes, never content."""
+
+    request_id: str = ""
+    upstream_request_id: str = ""
+    trace_id: str = ""
+    content_hashes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    """One metered request, as reported by the caller."""
+
+    event_id: str
+    org_id: str
+    occurred_at: datetime | None
+    quantities: tuple[tuple[Meter | None, int], ...]
+    model: str = ""
+    provider: str = ""
+    operation: str = ""
+    mode: UsageMode = UsageMode.ONLINE
+    region: str = ""
+    reservation_id: str = ""
+    project_id: str = ""
+    environment: str = ""
+    user_id: str = ""
+    api_key_id: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    evidence: Evidence = Evidence()
+
+    def fingerprint(self) -> str:
+        """Hash of the event's meaning: the same id with another fingerprint is key reuse."""
+        body = [self.org_id, self.occurred_at.isoformat() if self.occurred_at else "",
+                sorted((m.value if m else "", q) for m, q in self.quantities), self.model,
+                self.provider, self.operation, self.mode.value, self.region,
+                self.reservation_id, self.project_id, self.environment, self.user_id,
+                self.api_key_id, sorted(self.labels.items())]
+        return hashlib.sha256(json.dumps(body).encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptLine:
+    """One priced meter of a receipt."""
+
+    meter: Meter
+    quantity: int
+    rate: str
+    per_units: int
+    cost_micros: int
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What an event cost and what it did to the balance."""
+
+    event_id: str
+    cost_micros: int
+    price_book_version: int
+    resolved_model: str
+    lines: tuple[ReceiptLine, ...]
+    ledger_transfer_id: str = ""
+    balance_after_micros: int = 0
+    arrears_micros: int = 0
+    recorded_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventResult:
+    """The answer for one event, in the position of the event in its batch."""
+
+    event_id: str
+    status: EventStatus
+    receipt: Receipt | None = None
+    reason: str = ""
+    field: str = ""
+    message: str = ""
+
+
+def rejected(event_id: str, reason: Reason, field_name: str, message: str) -> EventResult:
+    """A REJECTED result naming the offending field."""
+    return EventResult(event_id, EventStatus.REJECTED, None, reason.value, field_name,
+                       f"{field_name}: {message}")
+
+
+def check_event(event: UsageEvent, now: datetime) -> EventResult | None:
+    """The first problem of an event's own fields, or None (rating checks model and meters)."""
+    def bad(field_name: str, message: str, reason: Reason = Reason.INVALID_ARGUMENT
+            ) -> EventResult:
+        return rejected(event.event_id, reason, field_name, message)
+
+    if not event.event_id or len(event.event_id) > MAX_ID_LENGTH:
+        return bad("event_id", f"must be 1..{MAX_ID_LENGTH} characters")
+    if not event.org_id or len(event.org_id) > MAX_ID_LENGTH:
+        return bad("context.org_id", f"must be 1..{MAX_ID_LENGTH} characters")
+    if event.occurred_at is None:
+        return bad("occurred_at", "is required")
+    if event.occurred_at < now - MAX_EVENT_AGE:
+        return bad("occurred_at", f"is older than {MAX_EVENT_AGE.days} days", Reason.EVENT_TOO_OLD)
+    if event.occurred_at > now + MAX_CLOCK_SKEW:
+        return bad("occurred_at", "is more than 5 minutes in the future", Reason.EVENT_IN_FUTURE)
+    if not event.quantities or len(event.quantities) > MAX_QUANTITIES:
+        return bad("quantities", f"must have 1..{MAX_QUANTITIES} entries")
+    seen: set[Meter] = set()
+    for i, (meter, quantity) in enumerate(event.quantities):
+        if meter is None:
+            return bad(f"quantities[{i}].meter", "is not a known meter", Reason.UNKNOWN_METER)
+        if meter in seen:
+            return bad(f"quantities[{i}].meter", f"{meter} appears twice")
+        seen.add(meter)
+        if quantity < 0:
+            return bad(f"quantities[{i}].quantity", "must be >= 0")
+    if len(event.labels) > MAX_LABELS:
+        return bad("context.labels", f"at most {MAX_LABELS} labels")
+    if len(event.evidence.content_hashes) > MAX_CONTENT_HASHES:
+        return bad("evidence.content_hashes", f"at most {MAX_CONTENT_HASHES}")
+    for i, digest in enumerate(event.evidence.content_hashes):
+        if not _HEX64.match(digest):
+            return bad(f"evidence.content_hashes[{i}]", "must be a lowercase hex SHA-256")
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class RatedEvent:
+    """An event with its price: what is stored and debited."""
+
+    event: UsageEvent
+    fingerprint: str
+    receipt: Receipt
+
+
+def rate_event(history: PriceBookHistory, event: UsageEvent, carry_attos: int,
+               prior: Mapping[str, int] | None = None) -> tuple[RatedEvent | EventResult, int]:
+    """Rates with the book in force at the event's time; carries the sub-micro remainder.
+
+    Returns the rated event (or a REJECTED result: unknown model, no price) and the new carry.
+    """
+    assert event.occurred_at is not None
+    try:
+        book: PriceBook = history.book_at(event.occurred_at)
+        quantities = {m: q for m, q in event.quantities if m is not None}
+        quote, carry = rate_with_carry_attos(book, event.model, event.mode, event.region,
+                                             quantities, prior, carry_attos)
+    except RatingError as exc:
+        # rating's reasons are spelled like the kit's (UNKNOWN_MODEL, PRICE_NOT_FOUND, ...)
+        return rejected(event.event_id, Reason(exc.reason.value), exc.field or "quantities",
+                        exc.message), carry_attos
+    lines = tuple(ReceiptLine(line.meter, line.quantity, str(line.rate), line.per_units,
+                              line.cost_micros) for line in quote.lines)
+    version = int(quote.price_book_version) if quote.price_book_version.isdigit() else 0
+    receipt = Receipt(event.event_id, quote.total_micros, version, quote.resolved_model, lines)
+    return RatedEvent(event, event.fingerprint(), receipt), carry
+
+
+def first_of_each(events: Sequence[UsageEvent]) -> dict[tuple[str, str], int]:
+    """Index of the first occurrence of each (org, event id) in a batch."""
+    first: dict[tuple[str, str], int] = {}
+    for i, event in enumerate(events):
+        first.setdefault((event.org_id, event.event_id), i)
+    return first

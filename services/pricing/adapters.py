@@ -1,0 +1,73 @@
+"""Pricing's gRPC neighbour: metering, which owns recorded usage (SimulatePriceChange and
+MarginReport re-read it through MeteringService.ExportUsage, RAW_EVENTS)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Final
+
+import grpc
+
+from tally.common.v1 import common_pb2
+from tally.kit.errors import Reason, TallyError, from_rpc_error
+from tally.kit.protoconv import to_timestamp
+from tally.metering.v1 import metering_pb2, metering_pb2_grpc
+from tally.rating import UsageMode
+
+from .convert import METER_IN, MODE_IN
+from .domain import RecordedUsage
+
+EXPORT_PAGE_SIZE: Final = 1000
+_UNAVAILABLE_CODES: Final = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+def recorded_usage(row: metering_pb2.RecordedUsageEvent) -> RecordedUsage:
+    """The domain form of one exported event."""
+    event, receipt = row.event, row.receipt
+    mode = (UsageMode.ONLINE if event.mode == common_pb2.USAGE_MODE_UNSPECIFIED
+            else MODE_IN[event.mode])
+    return RecordedUsage(
+        org_id=event.context.org_id,
+        occurred_at=event.occurred_at.ToDatetime(tzinfo=UTC),
+        model=event.model, resolved_model=receipt.resolved_model, provider=event.provider,
+        mode=mode, region=event.region,
+        quantities={METER_IN[q.meter]: q.quantity for q in event.quantities
+                    if q.meter in METER_IN},
+        charged_micros=receipt.cost_micros, price_book_version=receipt.price_book_version)
+
+
+class GrpcUsageSource:
+    """UsageSource over MeteringService.ExportUsage, page by page."""
+
+    def __init__(self, stub: metering_pb2_grpc.MeteringServiceAsyncStub,
+                 timeout_s: float = 60.0) -> None:
+        self.stub = stub
+        self.timeout_s = timeout_s
+
+    async def recorded_usage(self, org_id: str, start: datetime, end: datetime
+                             ) -> AsyncIterator[RecordedUsage]:
+        """Every recorded event of `org_id` ("" = every org) in [start, end)."""
+        token = ""
+        while True:
+            request = metering_pb2.ExportUsageRequest(
+                org_id=org_id, start_time=to_timestamp(start), end_time=to_timestamp(end),
+                kind=metering_pb2.EXPORT_KIND_RAW_EVENTS, page_size=EXPORT_PAGE_SIZE,
+                page_token=token)
+            token = ""
+            try:
+                async for reply in self.stub.ExportUsage(request, timeout=self.timeout_s):
+                    if reply.HasField("event"):
+                        yield recorded_usage(reply.event)
+                    if reply.next_page_token:
+                        token = reply.next_page_token
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in _UNAVAILABLE_CODES:
+                    raise TallyError(Reason.UNAVAILABLE,
+                                     f"metering: {exc.details()}") from exc
+                translated = from_rpc_error(exc)
+                raise TallyError(Reason.INTERNAL, "metering refused the usage export: "
+                                 f"{translated.message if translated else exc.details()}"
+                                 ) from exc
+            if not token:
+                return

@@ -1,0 +1,71 @@
+"""The real pricing, ledger and metering services, in process on free ports, one database."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from services.ledger.server import build as build_ledger
+from services.metering.server import MeteringConfig, build_for
+from services.pricing.server import build_for as build_pricing
+from tally.kit.config import KitConfig, load_kit_config
+from tally.kit.infra import free_port
+from tally.kit.server import RunningServer, start_server
+from tally.ledger.v1 import ledger_pb2 as lpb
+from tally.sdk.client import TallyClient
+
+CREDIT = 1_000_000
+
+
+@dataclass
+class Suite:
+    """Running servers and a client to all of them."""
+
+    config: KitConfig
+    db_url: str
+    pricing: RunningServer
+    ledger: RunningServer
+    metering: RunningServer
+    client: TallyClient
+
+    async def fund(self, org: str, credits: int) -> None:
+        await self.client.ledger.Transfer(lpb.TransferRequest(
+            transfer_id=f"fund-{org}-{credits}", org_id=org,
+            kind=lpb.TRANSFER_KIND_PROMOTIONAL_GRANT, amount_micros=credits * CREDIT,
+            reason="test funding"))
+
+    async def restart_ledger(self) -> None:
+        await self.ledger.stop()
+        config = dataclasses.replace(self.config, database_url=self.db_url,
+                                     migrate_on_start=False)
+        self.ledger = await start_server(await build_ledger(config),
+                                         port=self.config.ledger_port)
+
+
+async def start_suite(db_url: str, metering: MeteringConfig | None = None) -> Suite:
+    config = dataclasses.replace(load_kit_config({}), pricing_port=free_port(),
+                                 ledger_port=free_port(), metering_port=free_port(),
+                                 database_url=db_url, migrate_on_start=False)
+    pricing = await start_server(await build_pricing(db_url), port=config.pricing_port)
+    ledger = await start_server(await build_ledger(config), port=config.ledger_port)
+    metering_server = await start_server(await build_for(db_url, config, metering),
+                                         port=config.metering_port)
+    client = TallyClient({s: config.address_of(s) for s in ("pricing", "ledger", "metering")},
+                         actor="service:test")
+    return Suite(config, db_url, pricing, ledger, metering_server, client)
+
+
+async def stop_suite(suite: Suite) -> None:
+    await suite.client.close()
+    for server in (suite.metering, suite.ledger, suite.pricing):
+        await server.stop()
+
+
+@pytest.fixture
+async def suite(db_url: str) -> AsyncIterator[Suite]:
+    running = await start_suite(db_url)
+    yield running
+    await stop_suite(running)
