@@ -1,16 +1,24 @@
 """Group commit: usage from every stream and call becomes one durable batch and one ledger post.
 
 Callers `submit` events and wait. A single flusher collects what is waiting — until
-`max_batch_events` or `flush_interval_ms` — records it in one transaction (events, roll-ups,
-the pending ledger batch), posts the batch to the ledger (idempotent on the batch id, retried
-while the ledger is unavailable), fills the receipts and only then answers. So throughput does
-not depend on how clients batch, nothing is acknowledged before its debit is durable, and a
-crash between the two commits is repaired at start-up by `replay_pending`.
+`max_batch_events` or `flush_interval_ms` — into a group commit, and runs up to
+`max_inflight_commits` of them at once (so the database, the ledger and this process's CPU
+overlap). A group commit records its events in one transaction (events, roll-ups, the pending
+ledger batch), posts the batch to the ledger (idempotent on the batch id, retried while the
+ledger is unavailable), fills the receipts and only then answers. So throughput does not depend
+on how clients batch, nothing is acknowledged before its debit is durable, and a crash between
+the two commits is repaired at start-up by `replay_pending`.
+
+A DUPLICATE is acknowledged with the original's receipt, so it too waits for the original's
+debit: when the original's batch is still unposted (another commit or another replica has it in
+flight, or crashed with it), this commit posts that batch itself — the ledger applies a batch
+id once, so whoever posts first wins and the others get the same answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Sequence
@@ -60,6 +68,7 @@ class CommitSettings:
     max_buffered_events: int = 50_000
     buffer_wait_ms: int = 5_000
     ledger_retry_max_ms: int = 2_000
+    max_inflight_commits: int = 2
 
 
 def batch_id() -> str:
@@ -79,6 +88,7 @@ class GroupCommitter:
     _buffered: int = 0
     _room: asyncio.Condition = field(default_factory=asyncio.Condition)
     _task: asyncio.Task[None] | None = None
+    _commits: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self) -> None:
         """Posts what a crash left pending, then starts the flusher."""
@@ -86,13 +96,15 @@ class GroupCommitter:
         self._task = asyncio.create_task(self._run(), name="metering-group-commit")
 
     async def stop(self) -> None:
-        """Finishes the batch in flight and stops."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        """Stops collecting; commits in flight are cancelled (what they recorded but did not
+        post is posted by `replay_pending` at the next start)."""
+        for task in [self._task, *self._commits]:
+            if task is not None:
+                task.cancel()
+        for task in [self._task, *self._commits]:
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def replay_pending(self) -> int:
         """Posts every recorded-but-unposted batch again; the ledger applies each once."""
@@ -142,12 +154,27 @@ class GroupCommitter:
             self._room.notify_all()
 
     async def _run(self) -> None:
+        slots = asyncio.Semaphore(self.settings.max_inflight_commits)
         while True:
-            first = await self._queue.get()
-            taken = [first]
-            size = len(first.events)
-            deadline = time.monotonic() + self.settings.flush_interval_ms / 1000
-            while size < self.settings.max_batch_events:
+            taken = await self._collect()
+            await slots.acquire()
+            task = asyncio.create_task(self._commit_and_answer(taken))
+            self._commits.add(task)
+
+            def done(finished: asyncio.Task[None]) -> None:
+                self._commits.discard(finished)
+                slots.release()
+
+            task.add_done_callback(done)
+
+    async def _collect(self) -> list[_Pending]:
+        """What is waiting now, plus what arrives within `flush_interval_ms`, up to the size."""
+        first = await self._queue.get()
+        taken = [first]
+        size = len(first.events)
+        deadline = time.monotonic() + self.settings.flush_interval_ms / 1000
+        while size < self.settings.max_batch_events:
+            if self._queue.empty():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -155,22 +182,29 @@ class GroupCommitter:
                     more = await asyncio.wait_for(self._queue.get(), remaining)
                 except TimeoutError:
                     break
-                taken.append(more)
-                size += len(more.events)
-            try:
-                answers = await self._commit([e for p in taken for e in p.events])
-            except Exception as exc:  # the batch failed before anything was acknowledged
-                log.exception("group_commit_failed", events=size)
-                for pending in taken:
-                    if not pending.done.done():
-                        pending.done.set_exception(exc)
             else:
-                start = 0
-                for pending in taken:
-                    end = start + len(pending.events)
-                    if not pending.done.done():
-                        pending.done.set_result(answers[start:end])
-                    start = end
+                more = self._queue.get_nowait()
+            taken.append(more)
+            size += len(more.events)
+        return taken
+
+    async def _commit_and_answer(self, taken: list[_Pending]) -> None:
+        size = sum(len(p.events) for p in taken)
+        try:
+            answers = await self._commit([e for p in taken for e in p.events])
+        except Exception as exc:  # the batch failed before anything was acknowledged
+            log.exception("group_commit_failed", events=size)
+            for pending in taken:
+                if not pending.done.done():
+                    pending.done.set_exception(exc)
+        else:
+            start = 0
+            for pending in taken:
+                end = start + len(pending.events)
+                if not pending.done.done():
+                    pending.done.set_result(answers[start:end])
+                start = end
+        finally:
             await self._release_room(size)
 
     async def _commit(self, events: list[ing.UsageEvent]) -> list[ing.EventResult]:
@@ -184,6 +218,7 @@ class GroupCommitter:
             for outcome in await self._post(this_batch, recorded.ledger_items):
                 outcomes[(outcome.org_id, outcome.event_id)] = outcome
             await self.store.mark_posted(this_batch, list(outcomes.values()), now)
+        settled = await self._settle(recorded.unposted, unique, recorded.results)
         by_key: dict[tuple[str, str], ing.EventResult] = {}
         rated = iter(recorded.new_events)
         for event, result in zip(unique, recorded.results, strict=True):
@@ -192,6 +227,8 @@ class GroupCommitter:
                 item = next(rated)
                 receipt = with_ledger(item.receipt, outcomes[key], now)
                 result = ing.EventResult(event.event_id, ing.EventStatus.ACCEPTED, receipt)
+            elif key in settled:
+                result = replace(result, receipt=settled[key])
             by_key[key] = result
         answers: list[ing.EventResult] = []
         for i, event in enumerate(events):
@@ -207,6 +244,19 @@ class GroupCommitter:
             else:
                 answers.append(replace(original, status=ing.EventStatus.DUPLICATE))
         return answers
+
+    async def _settle(self, unposted: set[str], events: Sequence[ing.UsageEvent],
+                      results: Sequence[ing.EventResult | None]
+                      ) -> dict[tuple[str, str], ing.Receipt]:
+        """Posts the batches of unconfirmed originals; returns the duplicates' full receipts."""
+        if not unposted:
+            return {}
+        for batch in sorted(unposted):
+            outcomes = await self._post(batch, await self.store.batch_items(batch))
+            await self.store.mark_posted(batch, outcomes, datetime.now(UTC))
+        duplicates = [(e.org_id, e.event_id) for e, r in zip(events, results, strict=True)
+                      if r is not None and r.status is ing.EventStatus.DUPLICATE]
+        return await self.store.receipts(duplicates)
 
     async def _post(self, batch: str, items: Sequence[LedgerItem]) -> list[LedgerOutcome]:
         """Posts until the ledger confirms; nothing is acknowledged meanwhile (back-pressure)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +62,9 @@ class Recorded:
     results: list[ing.EventResult | None]
     new_events: list[ing.RatedEvent]
     ledger_items: list[LedgerItem]
+    # Ledger batches of DUPLICATE originals whose debit is not confirmed yet (another commit,
+    # or another replica, has them in flight): their receipts are incomplete until posted.
+    unposted: set[str] = field(default_factory=set)
 
 
 _ALL_MODELS = "*"  # period-usage key of lines that price a meter for every model
@@ -111,20 +114,21 @@ class UsageEventStore:
             await conn.execute(
                 "SELECT pg_advisory_xact_lock(hashtextextended('metering:' || o, 0)) "
                 "FROM unnest($1::text[]) AS o ORDER BY o", orgs)
-            existing = {(r["org_id"], r["event_id"]): r for r in await conn.fetch(
-                "SELECT * FROM metering.usage_events WHERE (org_id, event_id) IN "
-                "(SELECT * FROM unnest($1::text[], $2::text[]))",
-                [e.org_id for e in events], [e.event_id for e in events])}
+            existing = await self._rows_of(conn, [(e.org_id, e.event_id) for e in events])
             carries: dict[str, int] = {r["org_id"]: int(r["carry_attos"]) for r in await conn.fetch(
                 "SELECT org_id, carry_attos FROM metering.rating_carry "
                 "WHERE org_id = ANY($1::text[])", orgs)}
             periods = await self._period_usage(conn, events)
+            before = dict(periods)
             results: list[ing.EventResult | None] = []
             rated: list[ing.RatedEvent] = []
+            unposted: set[str] = set()
             for event in events:
                 prior_row = existing.get((event.org_id, event.event_id))
                 if prior_row is not None:
                     results.append(self._duplicate(event, prior_row))
+                    if prior_row["recorded_at"] is None:
+                        unposted.add(prior_row["ledger_batch_id"])
                     continue
                 outcome, carry = self._rate(history, event, carries.get(event.org_id, 0),
                                             periods)
@@ -142,6 +146,13 @@ class UsageEventStore:
                     "SELECT * FROM unnest($1::text[], $2::numeric[]) "
                     "ON CONFLICT (org_id) DO UPDATE SET carry_attos = EXCLUDED.carry_attos",
                     list(carries), [carries[o] for o in carries])
+                moved = [k for k, v in periods.items() if before.get(k) != v]
+                await conn.execute(
+                    "INSERT INTO metering.period_usage (org_id, month, model, meter, quantity) "
+                    "SELECT * FROM unnest($1::text[], $2::date[], $3::text[], $4::text[], "
+                    "$5::bigint[]) ON CONFLICT (org_id, month, model, meter) "
+                    "DO UPDATE SET quantity = EXCLUDED.quantity",
+                    *[[k[i] for k in moved] for i in range(4)], [periods[k] for k in moved])
             items = [LedgerItem(r.event.event_id, r.event.org_id, r.receipt.cost_micros,
                                 r.event.reservation_id) for r in rated]
             if items:
@@ -149,7 +160,7 @@ class UsageEventStore:
                     "INSERT INTO metering.ledger_batches (batch_id, items) VALUES ($1, $2)",
                     batch_id, json.dumps([[i.event_id, i.org_id, i.cost_micros, i.reservation_id]
                                           for i in items]))
-            return Recorded(results, rated, items)
+            return Recorded(results, rated, items, unposted)
 
     @staticmethod
     def _duplicate(event: ing.UsageEvent, row: Row) -> ing.EventResult:
@@ -193,6 +204,17 @@ class UsageEventStore:
         return outcome, new_carry
 
     @staticmethod
+    async def _rows_of(conn: Any, keys: Sequence[tuple[str, str]]
+                       ) -> dict[tuple[str, str], Row]:
+        """Recorded events of (org, event id) pairs: one primary-key probe per pair (LIMIT
+        keeps the planner from turning the lateral subquery into a hash join over the table)."""
+        return {(r["org_id"], r["event_id"]): r for r in await conn.fetch(
+            "SELECT e.* FROM unnest($1::text[], $2::text[]) AS k(org_id, event_id), "
+            "LATERAL (SELECT * FROM metering.usage_events e WHERE e.org_id = k.org_id "
+            "AND e.event_id = k.event_id LIMIT 1) AS e",
+            [k[0] for k in keys], [k[1] for k in keys])}
+
+    @staticmethod
     async def _period_usage(conn: Any, events: Sequence[ing.UsageEvent]
                             ) -> dict[tuple[str, date, str, str], int]:
         """(org, month, model or _ALL_MODELS, meter) -> quantity so far this month."""
@@ -200,15 +222,12 @@ class UsageEventStore:
         if not wanted:
             return {}
         rows = await conn.fetch(
-            "SELECT org_id, date_trunc('month', day)::date AS month, model, meter, "
-            "GROUPING(model) AS all_models, sum(quantity) AS quantity "
-            "FROM metering.usage_daily "
-            "WHERE (org_id, date_trunc('month', day)::date) IN "
-            "(SELECT * FROM unnest($1::text[], $2::date[])) "
-            "GROUP BY GROUPING SETS ((org_id, month, model, meter), (org_id, month, meter))",
+            "SELECT p.* FROM unnest($1::text[], $2::date[]) AS k(org_id, month), "
+            "LATERAL (SELECT * FROM metering.period_usage p WHERE p.org_id = k.org_id "
+            "AND p.month = k.month OFFSET 0) AS p",
             [o for o, _ in wanted], [m for _, m in wanted])
-        return {(r["org_id"], r["month"], _ALL_MODELS if r["all_models"] else r["model"],
-                 r["meter"]): int(r["quantity"]) for r in rows}
+        return {(r["org_id"], r["month"], r["model"], r["meter"]): int(r["quantity"])
+                for r in rows}
 
     @staticmethod
     async def _insert(conn: Any, batch_id: str, rated: Sequence[ing.RatedEvent]) -> None:
@@ -317,21 +336,25 @@ class UsageEventStore:
             await conn.execute("UPDATE metering.ledger_batches SET posted_at = $2 "
                                "WHERE batch_id = $1", batch_id, now)
 
+    async def batch_items(self, batch_id: str) -> list[LedgerItem]:
+        """The debits a recorded ledger batch carries."""
+        items = await self.pool.fetchval(
+            "SELECT items FROM metering.ledger_batches WHERE batch_id = $1", batch_id)
+        return [LedgerItem(*item) for item in json.loads(items)]
+
+    async def receipts(self, keys: Sequence[tuple[str, str]]
+                       ) -> dict[tuple[str, str], ing.Receipt]:
+        """Stored receipts of (org, event id) pairs."""
+        async with self.pool.acquire() as conn:
+            rows = await self._rows_of(conn, keys)
+        return {key: receipt_from_row(r) for key, r in rows.items()}
+
     async def pending_batches(self) -> list[tuple[str, list[LedgerItem]]]:
         """Batches whose events are durable but whose ledger debit was never confirmed."""
         rows = await self.pool.fetch("SELECT batch_id, items FROM metering.ledger_batches "
                                      "WHERE posted_at IS NULL ORDER BY created_at")
         return [(r["batch_id"], [LedgerItem(*item) for item in json.loads(r["items"])])
                 for r in rows]
-
-    async def receipts(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str],
-                                                                       ing.Receipt]:
-        """Stored receipts of (org, event id) pairs."""
-        rows = await self.pool.fetch(
-            "SELECT * FROM metering.usage_events WHERE (org_id, event_id) IN "
-            "(SELECT * FROM unnest($1::text[], $2::text[]))",
-            [k[0] for k in keys], [k[1] for k in keys])
-        return {(r["org_id"], r["event_id"]): receipt_from_row(r) for r in rows}
 
     async def event(self, org_id: str, event_id: str
                     ) -> tuple[ing.UsageEvent, ing.Receipt] | None:

@@ -54,6 +54,8 @@ class MeteringConfig:
         default=50_000)
     buffer_wait_ms: int = setting(
         "TALLY_METERING_BUFFER_WAIT_MS", parse_positive_int, "milliseconds > 0", default=5_000)
+    max_inflight_commits: int = setting(
+        "TALLY_METERING_MAX_INFLIGHT_COMMITS", parse_positive_int, "an integer > 0", default=2)
     price_book_wait_s: int = setting(
         "TALLY_METERING_PRICE_BOOK_WAIT_S", parse_positive_int, "seconds > 0", default=30)
 
@@ -88,7 +90,8 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None) -> Se
         CommitSettings(max_batch_events=settings.max_batch_events,
                        flush_interval_ms=settings.flush_interval_ms,
                        max_buffered_events=settings.max_buffered_events,
-                       buffer_wait_ms=settings.buffer_wait_ms))
+                       buffer_wait_ms=settings.buffer_wait_ms,
+                       max_inflight_commits=settings.max_inflight_commits))
     # The stubs mark every RPC abstract; Authorize, budgets and quotas keep the generated
     # base's UNIMPLEMENTED answer until the spend-control issue lands.
     servicer = MeteringServicer(  # type: ignore[abstract]

@@ -70,6 +70,18 @@ def upgrade() -> None:
             carry_attos numeric NOT NULL
         );
 
+        -- Month-to-date quantity per org, model ('*' = every model) and meter: what allowances
+        -- and tiers count against. Kept beside the roll-ups so rating reads a handful of rows,
+        -- not a month of daily roll-ups.
+        CREATE TABLE metering.period_usage (
+            org_id   text NOT NULL,
+            month    date NOT NULL,
+            model    text NOT NULL,
+            meter    text NOT NULL,
+            quantity bigint NOT NULL,
+            PRIMARY KEY (org_id, month, model, meter)
+        );
+
         CREATE TABLE metering.usage_hourly (
             org_id         text NOT NULL,
             hour           timestamptz NOT NULL,
@@ -102,6 +114,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute(
-        "DROP TABLE metering.usage_daily_labels, metering.usage_hourly, metering.rating_carry, "
+        "DROP TABLE metering.usage_daily_labels, metering.usage_hourly, metering.period_usage, "
+        "metering.rating_carry, "
         "metering.ledger_batches, metering.usage_events"
     )

@@ -1,0 +1,284 @@
+"""Ingestion end to end: events streamed, rated, stored, debited and acknowledged.
+
+What it measures (``python -m bench.ingest [--quick]`` prints one JSON object):
+
+- ``streams_<S>_batch_<B>``: ``S`` concurrent ``StreamUsage`` clients sending batches of ``B``
+  events (S in 1, 8; B in 100, 1,000). ``events_per_s`` counts only acknowledged events, each
+  acknowledged only after its usage row, roll-ups and ledger debit are committed; ``ack_p50_ms``
+  / ``ack_p99_ms`` are per batch, from the moment it is handed to gRPC to its ack.
+- ``metering_rss_mb``: the metering process's resident set after the runs (``VmRSS``) and its
+  peak (``VmHWM``).
+- ``baseline``: the raw gRPC client-stream figure of :mod:`bench.baseline` (1,000-event
+  messages) measured in the same run, and ``ratio`` of the best end-to-end figure to it.
+- ``targets``: >= 100,000 events/s end to end, >= 10 % of the raw baseline, RSS < 300 MB.
+
+The three services run as real processes (``python -m services.<name>``), exactly as
+``tally up`` starts them, on a fresh ``tally_bench_ingest_<pid>`` database
+(``TALLY_DATABASE_URL``, else the embedded PostgreSQL under ``.tally/bench``) that is dropped at
+the end. Events spread over 100 funded orgs, four models of the default catalog (one through an
+alias), online and batch, with a team label; every event id is fresh. ``--profile-metering FILE``
+runs metering under cProfile and writes the pstats to FILE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import grpc
+
+from bench.baseline import _machine, nearest_rank, run_baseline, run_in_loop
+from tally.cli.suite import health_state
+from tally.common.v1 import common_pb2
+from tally.kit import db, infra
+from tally.kit.log import configure_logging
+from tally.ledger.v1 import ledger_pb2 as lpb
+from tally.metering.v1 import metering_pb2 as mpb
+from tally.metering.v1 import metering_pb2_grpc
+from tally.sdk.client import TallyClient
+
+BENCH_DATA_DIR: Final = Path(".tally/bench")
+REPO: Final = Path(__file__).resolve().parents[1]
+
+ORGS: Final = 100
+MODELS: Final = ("gpt-4.1-mini", "gpt-4.1", "claude-sonnet", "gemini-2.5-flash")
+FUNDING_MICROS: Final = 10**15
+SHAPES: Final = ((1, 100), (1, 1000), (8, 100), (8, 1000))
+
+TARGET_EVENTS_PER_S: Final = 100_000
+TARGET_BASELINE_SHARE: Final = 0.10
+TARGET_RSS_MB: Final = 300
+
+_START_TIMEOUT_S: Final = 60.0
+_STOP_TIMEOUT_S: Final = 30.0
+
+
+# ---------------------------------------------------------------------------- the suite
+
+
+@contextlib.contextmanager
+def bench_database(server_url: str) -> Iterator[str]:
+    """A fresh database with every schema the three services need; dropped on exit."""
+    name = f"tally_bench_ingest_{os.getpid()}"
+    run_in_loop(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    run_in_loop(_admin(server_url, f'CREATE DATABASE "{name}"'))
+    try:
+        parts = urlsplit(server_url)
+        url = urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+        for service in ("pricing", "ledger", "metering"):
+            db.migrate(service, url)
+        yield url
+    finally:
+        run_in_loop(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def _admin(server_url: str, sql: str) -> None:
+    conn = await asyncpg.connect(db.asyncpg_url(server_url))
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@contextlib.contextmanager
+def running_suite(database_url: str, profile_path: str | None) -> Iterator[dict[str, Any]]:
+    """pricing, ledger and metering as processes on free ports; yields addresses and pids."""
+    ports = {name: infra.free_port() for name in ("pricing", "ledger", "metering")}
+    env = dict(os.environ, TALLY_DATABASE_URL=database_url, TALLY_MIGRATE_ON_START="false",
+               TALLY_LOG_LEVEL="warning",
+               **{f"TALLY_{name.upper()}_PORT": str(port) for name, port in ports.items()})
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for name in ("pricing", "ledger", "metering"):
+            command = [sys.executable, "-m", f"services.{name}"]
+            if name == "metering" and profile_path:
+                command = [sys.executable, "-m", "cProfile", "-o", profile_path, "-m",
+                           "services.metering"]
+            processes[name] = subprocess.Popen(command, cwd=REPO, env=env,
+                                               stdout=subprocess.DEVNULL)
+            _wait_serving(name, f"127.0.0.1:{ports[name]}", processes[name])
+        yield {"addresses": {n: f"127.0.0.1:{p}" for n, p in ports.items()},
+               "pids": {n: p.pid for n, p in processes.items()}}
+    finally:
+        for process in reversed(processes.values()):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes.values():
+            try:
+                process.wait(_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _wait_serving(name: str, address: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode} during start-up")
+        if run_in_loop(health_state(address, 0.5)) == "SERVING":
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{name} not SERVING within {_START_TIMEOUT_S}s")
+
+
+def _rss_mb(pid: int) -> dict[str, float]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = round(int(value.split()[0]) / 1024, 1)
+    return {"rss": fields.get("VmRSS", 0.0), "peak": fields.get("VmHWM", 0.0)}
+
+
+# ---------------------------------------------------------------------------- the load
+
+
+def _event(index: int, tag: str, at: datetime) -> mpb.UsageEvent:
+    """A chat-shaped event; sizes vary so rating and roll-ups do real work."""
+    event = mpb.UsageEvent(
+        event_id=f"{tag}-{index}", model=MODELS[index % len(MODELS)],
+        operation=mpb.OPERATION_CHAT,
+        mode=common_pb2.USAGE_MODE_BATCH if index % 5 == 0 else common_pb2.USAGE_MODE_ONLINE,
+        context=common_pb2.RequestContext(
+            org_id=f"org-{index % ORGS}", project_id=f"p-{index % 7}", user_id=f"u-{index % 50}",
+            labels={"team": ("search", "chat", "ops")[index % 3]}),
+        quantities=[
+            common_pb2.MeterQuantity(meter=common_pb2.METER_INPUT_TOKENS,
+                                     quantity=200 + index % 4000),
+            common_pb2.MeterQuantity(meter=common_pb2.METER_OUTPUT_TOKENS,
+                                     quantity=50 + index % 900),
+        ])
+    event.occurred_at.FromDatetime(at)
+    return event
+
+
+async def _fund(client: TallyClient) -> None:
+    for org in range(ORGS):
+        await client.ledger.Transfer(lpb.TransferRequest(
+            transfer_id=f"bench-fund-{org}", org_id=f"org-{org}",
+            kind=lpb.TRANSFER_KIND_PROMOTIONAL_GRANT, amount_micros=FUNDING_MICROS,
+            reason="ingest benchmark funding"))
+
+
+async def _one_stream(stub: metering_pb2_grpc.MeteringServiceAsyncStub,
+                      batches: list[list[mpb.UsageEvent]], latencies_ns: list[int]) -> int:
+    sent_at: dict[str, int] = {}
+
+    async def requests() -> AsyncIterator[mpb.StreamUsageRequest]:
+        for number, events in enumerate(batches):
+            sent_at[str(number)] = time.perf_counter_ns()
+            yield mpb.StreamUsageRequest(batch_id=str(number), events=events)
+
+    acked = 0
+    async for ack in stub.StreamUsage(requests()):
+        if ack.reconnect:
+            continue
+        latencies_ns.append(time.perf_counter_ns() - sent_at[ack.batch_id])
+        for result in ack.results:
+            if result.status != mpb.EVENT_STATUS_ACCEPTED:
+                raise RuntimeError(f"event {result.event_id} not accepted: {result}")
+        acked += len(ack.results)
+    return acked
+
+
+async def measure_shape(address: str, streams: int, batch: int, events: int
+                        ) -> dict[str, Any]:
+    """`events` fresh events over `streams` streams in batches of `batch`."""
+    tag = f"s{streams}b{batch}-{time.time_ns():x}"
+    at = datetime.now(UTC) - timedelta(minutes=5)
+    all_events = [_event(i, tag, at) for i in range(events)]
+    per_stream = [all_events[i::streams] for i in range(streams)]
+    latencies: list[int] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = metering_pb2_grpc.MeteringServiceStub(channel)
+        started = time.perf_counter()
+        acked = await asyncio.gather(*(
+            _one_stream(stub, [mine[i:i + batch] for i in range(0, len(mine), batch)], latencies)
+            for mine in per_stream))
+        seconds = time.perf_counter() - started
+    latencies.sort()
+    return {"streams": streams, "batch_events": batch, "events": sum(acked),
+            "seconds": round(seconds, 3), "events_per_s": round(sum(acked) / seconds),
+            "ack_p50_ms": round(nearest_rank(latencies, 50) / 1e6, 2),
+            "ack_p99_ms": round(nearest_rank(latencies, 99) / 1e6, 2)}
+
+
+async def measure_ingest(addresses: dict[str, str], quick: bool) -> dict[str, Any]:
+    """Every shape, after funding; a warm-up first so start-up costs are not measured."""
+    client = TallyClient(addresses, actor="service:bench")
+    try:
+        await _fund(client)
+    finally:
+        await client.close()
+    await measure_shape(addresses["metering"], 1, 100, 2_000)  # warm-up
+    count = 4_000 if quick else 40_000
+    results = {}
+    for streams, batch in SHAPES:
+        results[f"streams_{streams}_batch_{batch}"] = await measure_shape(
+            addresses["metering"], streams, batch, count)
+    return results
+
+
+def targets(ingest: dict[str, Any], baseline_events_per_s: float, rss_mb: float
+            ) -> dict[str, Any]:
+    """The issue's targets with pass/fail."""
+    best = max(v["events_per_s"] for v in ingest.values())
+    share = best / baseline_events_per_s if baseline_events_per_s else 0.0
+    return {
+        "events_per_s": {"target": TARGET_EVENTS_PER_S, "measured": best,
+                         "pass": best >= TARGET_EVENTS_PER_S},
+        "share_of_raw_baseline": {"target": TARGET_BASELINE_SHARE, "measured": round(share, 4),
+                                  "pass": share >= TARGET_BASELINE_SHARE},
+        "metering_rss_mb": {"target": TARGET_RSS_MB, "measured": rss_mb,
+                            "pass": rss_mb < TARGET_RSS_MB},
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI entry point: print the ingestion figures, the baseline and the targets as JSON."""
+    parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="4,000 events per shape")
+    parser.add_argument("--profile-metering", metavar="FILE",
+                        help="run metering under cProfile and write the pstats to FILE")
+    args = parser.parse_args(argv)
+    configure_logging("bench", "warning")
+    server_url = os.environ.get("TALLY_DATABASE_URL") or infra.start_embedded_postgres(
+        BENCH_DATA_DIR, keep_running=False)
+    baseline = run_baseline(quick=args.quick)
+    profile = str(Path(args.profile_metering).resolve()) if args.profile_metering else None
+    with bench_database(server_url) as url, running_suite(url, profile) as suite:
+        ingest = run_in_loop(measure_ingest(suite["addresses"], args.quick))
+        rss = _rss_mb(suite["pids"]["metering"])
+    raw = baseline["client_stream_1000"]["events_per_s"]
+    best = max(v["events_per_s"] for v in ingest.values())
+    result = {
+        **ingest,
+        "metering_rss_mb": rss,
+        "baseline": {"client_stream_1000_events_per_s": raw},
+        "ratio": round(best / raw, 4) if raw else None,
+        "targets": targets(ingest, raw, rss["peak"]),
+        "quick": args.quick,
+        "database": "TALLY_DATABASE_URL" if os.environ.get("TALLY_DATABASE_URL")
+        else f"embedded ({BENCH_DATA_DIR})",
+        "machine": _machine(),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
