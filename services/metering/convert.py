@@ -8,10 +8,21 @@ from google.protobuf.descriptor import EnumDescriptor
 
 from tally.common.v1 import common_pb2
 from tally.kit.errors import invalid
+from tally.kit.protoconv import from_timestamp, to_timestamp
 from tally.metering.v1 import metering_pb2
 from tally.rating import Meter
 
-from .domain import Dimension, MeterTotal, SummaryQuery, SummaryRow, UsageFilter, UsageSummary
+from .domain import (
+    Dimension,
+    MeterTotal,
+    RollupExportQuery,
+    RollupGrain,
+    SummaryQuery,
+    SummaryRow,
+    UsageFilter,
+    UsageSummary,
+)
+from .domain import rollup_export_query as validated_export_query
 from .domain import summary_query as validated_summary_query
 
 _GROUP_BY_PREFIX: Final = "USAGE_GROUP_BY_"
@@ -64,8 +75,32 @@ def summary_query(request: metering_pb2.GetUsageSummaryRequest) -> SummaryQuery:
         month=request.month,
         group_by=[_dimension(g) for g in request.group_by],
         filter=_filter(request.filters),
+        label_key=request.label_key,
         label_filter_count=len(request.filters.labels),
     )
+
+
+_GRAIN_OF: Final = {
+    metering_pb2.EXPORT_KIND_HOURLY_SUMMARY: RollupGrain.HOUR,
+    metering_pb2.EXPORT_KIND_DAILY_SUMMARY: RollupGrain.DAY,
+}
+
+
+def rollup_export_query(request: metering_pb2.ExportUsageRequest) -> RollupExportQuery:
+    """The validated domain query of a summary ExportUsage request (raises INVALID_ARGUMENT)."""
+    return validated_export_query(
+        org_id=request.org_id,
+        grain=_GRAIN_OF[request.kind],
+        start=from_timestamp(request, "start_time"),
+        end=from_timestamp(request, "end_time"),
+        group_by=[_dimension(g) for g in request.group_by],
+        label_key=request.label_key,
+    )
+
+
+def is_summary_export(kind: int) -> bool:
+    """True for the HOURLY/DAILY summary kinds of ExportUsage."""
+    return kind in _GRAIN_OF
 
 
 def _meter_to_proto(meter: Meter) -> common_pb2.Meter.ValueType:
@@ -81,13 +116,19 @@ def _key_value(dimension: Dimension, value: str) -> str:
     return value
 
 
-def _row_to_proto(row: SummaryRow) -> metering_pb2.UsageSummaryRow:
+def _key_name(dimension: Dimension, label_key: str) -> str:
+    return f"label.{label_key}" if dimension is Dimension.LABEL else dimension.value
+
+
+def summary_row_to_proto(row: SummaryRow, label_key: str = "") -> metering_pb2.UsageSummaryRow:
+    """One roll-up row on the wire (key names per UsageGroupBy; LABEL is "label.<key>")."""
     return metering_pb2.UsageSummaryRow(
-        key={d.value: _key_value(d, v) for d, v in row.key.items()},
+        key={_key_name(d, label_key): _key_value(d, v) for d, v in row.key.items()},
         meter=_meter_to_proto(row.meter),
         quantity=row.quantity,
         credits_micros=row.credits_micros,
         event_count=row.event_count,
+        bucket_start=to_timestamp(row.bucket_start),
     )
 
 
@@ -95,10 +136,11 @@ def _total_to_proto(total: MeterTotal) -> common_pb2.MeterQuantity:
     return common_pb2.MeterQuantity(meter=_meter_to_proto(total.meter), quantity=total.quantity)
 
 
-def summary_to_proto(summary: UsageSummary) -> metering_pb2.GetUsageSummaryResponse:
+def summary_to_proto(summary: UsageSummary, label_key: str = ""
+                     ) -> metering_pb2.GetUsageSummaryResponse:
     """A usage summary as the GetUsageSummary response."""
     response = metering_pb2.GetUsageSummaryResponse(
-        rows=[_row_to_proto(r) for r in summary.rows],
+        rows=[summary_row_to_proto(r, label_key) for r in summary.rows],
         total_credits_micros=summary.total_credits_micros,
         total_quantities=[_total_to_proto(t) for t in summary.total_quantities],
         total_event_count=summary.total_event_count,

@@ -1,7 +1,7 @@
 """Metering's rules for usage summaries: what a valid question is and what the answer holds.
 
-Summaries come from the daily roll-ups (DESIGN §6), never from raw events. No grpc, no SQL:
-the store is anything with the `UsageRollups` shape.
+Summaries and summary exports come from the roll-ups (DESIGN §6), never from raw events.
+No grpc, no SQL: the store is anything with the `UsageRollups` shape.
 """
 
 from __future__ import annotations
@@ -34,8 +34,16 @@ class Dimension(enum.StrEnum):
     LABEL = "label"
 
 
-SUPPORTED_DIMENSIONS: Final = frozenset(Dimension) - {Dimension.LABEL}
-"""Dimensions the roll-ups carry. Labels are not in `usage_daily`, so LABEL is refused."""
+LABEL_COMPANIONS: Final = frozenset({Dimension.LABEL, Dimension.MODEL, Dimension.METER})
+"""The label roll-up keeps (label key, label value, model, meter) per day: grouping by LABEL
+combines only with MODEL and METER, and with no filter but model and meter."""
+
+
+class RollupGrain(enum.StrEnum):
+    """Time bucket of an exported roll-up."""
+
+    HOUR = "hour"
+    DAY = "day"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +68,36 @@ class SummaryQuery:
     """First day of the following month (exclusive)."""
     group_by: tuple[Dimension, ...]
     filter: UsageFilter = field(default_factory=UsageFilter)
+    label_key: str = ""
+    """The label grouped by, when group_by holds LABEL."""
+
+
+def _check_grouping(group_by: Sequence[Dimension | None], label_key: str, filter: UsageFilter,
+                    problems: list[FieldViolation]) -> tuple[Dimension, ...]:
+    """Appends what is wrong with a grouping; returns the dimensions."""
+    if len(group_by) > MAX_GROUP_BY:
+        problems.append(FieldViolation("group_by", f"at most {MAX_GROUP_BY} dimensions"))
+    seen: list[Dimension] = []
+    for i, dimension in enumerate(group_by):
+        if dimension is None:
+            problems.append(FieldViolation(f"group_by[{i}]", "is not a grouping dimension"))
+        elif dimension in seen:
+            problems.append(FieldViolation(f"group_by[{i}]", f"{dimension} is repeated"))
+        else:
+            seen.append(dimension)
+    if Dimension.LABEL in seen:
+        if not label_key.strip():
+            problems.append(FieldViolation("label_key", "is required when grouping by LABEL"))
+        for i, dimension in enumerate(group_by):
+            if dimension is not None and dimension not in LABEL_COMPANIONS:
+                problems.append(FieldViolation(
+                    f"group_by[{i}]", f"{dimension} cannot be combined with LABEL (labels are "
+                    "rolled up by model and meter only)"))
+        for name in ("project_id", "environment", "user_id", "operation"):
+            if getattr(filter, name):
+                problems.append(FieldViolation(
+                    f"filters.{name}", "cannot be combined with grouping by LABEL"))
+    return tuple(seen)
 
 
 def summary_query(
@@ -69,6 +107,7 @@ def summary_query(
     month: int,
     group_by: Sequence[Dimension | None],
     filter: UsageFilter,
+    label_key: str = "",
     label_filter_count: int = 0,
 ) -> SummaryQuery:
     """Validates a GetUsageSummary request, naming every bad field at once.
@@ -82,27 +121,51 @@ def summary_query(
         problems.append(FieldViolation("year", f"must be {MIN_YEAR}..{MAX_YEAR}, got {year}"))
     if not 1 <= month <= 12:
         problems.append(FieldViolation("month", f"must be 1..12, got {month}"))
-    if len(group_by) > MAX_GROUP_BY:
-        problems.append(FieldViolation("group_by", f"at most {MAX_GROUP_BY} dimensions"))
-    seen: set[Dimension] = set()
-    for i, dimension in enumerate(group_by):
-        if dimension is None:
-            problems.append(FieldViolation(f"group_by[{i}]", "is not a grouping dimension"))
-        elif dimension not in SUPPORTED_DIMENSIONS:
-            problems.append(
-                FieldViolation(f"group_by[{i}]", f"grouping by {dimension} is not supported yet")
-            )
-        elif dimension in seen:
-            problems.append(FieldViolation(f"group_by[{i}]", f"{dimension} is repeated"))
-        else:
-            seen.add(dimension)
+    dimensions = _check_grouping(group_by, label_key, filter, problems)
     if label_filter_count:
-        problems.append(FieldViolation("filters.labels", "filtering by label is not supported yet"))
+        problems.append(FieldViolation(
+            "filters.labels", "filtering by label is not supported; group by LABEL instead"))
     if problems:
         raise invalid_fields(problems)
     start = date(year, month, 1)
     end = date(year + 1, 1, 1) if month == 12 else date(year, month + 1, 1)
-    return SummaryQuery(org_id, start, end, tuple(d for d in group_by if d is not None), filter)
+    return SummaryQuery(org_id, start, end, dimensions, filter,
+                        label_key if Dimension.LABEL in dimensions else "")
+
+
+DEFAULT_EXPORT_GROUP_BY: Final = (Dimension.MODEL, Dimension.OPERATION)
+
+
+@dataclass(frozen=True, slots=True)
+class RollupExportQuery:
+    """A validated summary export: one org's roll-up rows per time bucket in [start, end)."""
+
+    org_id: str
+    grain: RollupGrain
+    start: datetime | None
+    end: datetime | None
+    group_by: tuple[Dimension, ...]
+    label_key: str = ""
+
+
+def rollup_export_query(*, org_id: str, grain: RollupGrain, start: datetime | None,
+                        end: datetime | None, group_by: Sequence[Dimension | None],
+                        label_key: str) -> RollupExportQuery:
+    """Validates an ExportUsage request for HOURLY/DAILY summaries, naming every bad field."""
+    problems: list[FieldViolation] = []
+    if not org_id.strip():
+        problems.append(FieldViolation("org_id", "is required for summary exports"))
+    if start is not None and end is not None and end <= start:
+        problems.append(FieldViolation("end_time", "must be after start_time"))
+    dimensions = _check_grouping(group_by or DEFAULT_EXPORT_GROUP_BY, label_key, UsageFilter(),
+                                 problems)
+    if Dimension.LABEL in dimensions and grain is RollupGrain.HOUR:
+        problems.append(FieldViolation("kind", "labels are rolled up per day: export "
+                                               "DAILY_SUMMARY to group by LABEL"))
+    if problems:
+        raise invalid_fields(problems)
+    return RollupExportQuery(org_id, grain, start, end, dimensions,
+                             label_key if Dimension.LABEL in dimensions else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +177,8 @@ class SummaryRow:
     quantity: int
     credits_micros: int
     event_count: int
+    bucket_start: datetime | None = None
+    """Start of the hour or day (exports); None in a monthly summary."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +208,11 @@ class UsageRollups(Protocol):
         """Rows (at most `row_limit`) and complete totals for `query`, from one snapshot."""
         ...
 
+    async def export_rollup(self, query: RollupExportQuery, after: Sequence[str] | None,
+                            limit: int) -> Sequence[SummaryRow]:
+        """Up to `limit` rows ordered by (bucket, group key, meter), after the `after` key."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class UsageSummary:
@@ -157,10 +227,24 @@ class UsageSummary:
 
 
 class UsageReports:
-    """Usage summaries for an org's month."""
+    """Usage summaries for an org's month, and summary exports."""
 
     def __init__(self, rollups: UsageRollups) -> None:
         self._rollups = rollups
+
+    async def export(self, query: RollupExportQuery, after: Sequence[str] | None, limit: int
+                     ) -> Sequence[SummaryRow]:
+        """A page of roll-up rows for a summary export."""
+        return await self._rollups.export_rollup(query, after, limit)
+
+    @staticmethod
+    def export_key(query: RollupExportQuery, row: SummaryRow) -> list[str]:
+        """The keyset position of `row` (bucket, group key, meter): where the next page starts."""
+        assert row.bucket_start is not None
+        bucket = (row.bucket_start.date().isoformat() if query.grain is RollupGrain.DAY
+                  or Dimension.LABEL in query.group_by else row.bucket_start.isoformat())
+        keys = [row.key[d] for d in query.group_by if d is not Dimension.METER]
+        return [bucket, *keys, row.meter.value]
 
     async def summarize(self, query: SummaryQuery) -> UsageSummary:
         """Rows cut at MAX_SUMMARY_ROWS (flagged), totals always over all filtered usage."""

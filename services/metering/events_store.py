@@ -278,7 +278,8 @@ class UsageEventStore:
                     sums_by_key[key][1] += credits
                     sums_by_key[key][2] += 1
                 for label_key, label_value in e.labels.items():
-                    sums = labels[(e.org_id, at.date(), label_key, label_value, meter.value)]
+                    sums = labels[(e.org_id, at.date(), label_key, label_value,
+                                   receipt.resolved_model, meter.value)]
                     sums[0] += quantity
                     sums[1] += credits
                     sums[2] += 1
@@ -311,13 +312,14 @@ class UsageEventStore:
             keys = list(labels)
             await conn.execute(
                 "INSERT INTO metering.usage_daily_labels (org_id, day, label_key, label_value, "
-                "meter, quantity, credits_micros, event_count) SELECT * FROM unnest("
-                "$1::text[], $2::date[], $3::text[], $4::text[], $5::text[], $6::bigint[], "
-                "$7::bigint[], $8::bigint[]) ON CONFLICT (org_id, day, label_key, label_value, "
-                "meter) DO UPDATE SET quantity = usage_daily_labels.quantity + EXCLUDED.quantity,"
-                " credits_micros = usage_daily_labels.credits_micros + EXCLUDED.credits_micros, "
+                "model, meter, quantity, credits_micros, event_count) SELECT * FROM unnest("
+                "$1::text[], $2::date[], $3::text[], $4::text[], $5::text[], $6::text[], "
+                "$7::bigint[], $8::bigint[], $9::bigint[]) ON CONFLICT (org_id, day, label_key, "
+                "label_value, model, meter) DO UPDATE SET "
+                "quantity = usage_daily_labels.quantity + EXCLUDED.quantity, "
+                "credits_micros = usage_daily_labels.credits_micros + EXCLUDED.credits_micros, "
                 "event_count = usage_daily_labels.event_count + EXCLUDED.event_count",
-                *[[k[i] for k in keys] for i in range(5)], [labels[k][0] for k in keys],
+                *[[k[i] for k in keys] for i in range(6)], [labels[k][0] for k in keys],
                 [labels[k][1] for k in keys], [labels[k][2] for k in keys])
 
     async def mark_posted(self, batch_id: str, outcomes: Sequence[LedgerOutcome],

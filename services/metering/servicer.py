@@ -1,6 +1,6 @@
 """tally.metering.v1.MeteringService: proto <-> domain, nothing else.
 
-Served: RecordUsage, StreamUsage, GetUsageEvent, ExportUsage (raw events), GetUsageSummary.
+Served: RecordUsage, StreamUsage, GetUsageEvent, ExportUsage, GetUsageSummary.
 Authorize, budgets, quotas and spend policy belong to the spend-control issue and keep the
 generated base class's UNIMPLEMENTED answer until it lands.
 """
@@ -50,8 +50,8 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         self, request: metering_pb2.GetUsageSummaryRequest, context: Context
     ) -> metering_pb2.GetUsageSummaryResponse:
         """One org's usage for one calendar month, per meter and the requested dimensions."""
-        summary = await self.reports.summarize(convert.summary_query(request))
-        return convert.summary_to_proto(summary)
+        query = convert.summary_query(request)
+        return convert.summary_to_proto(await self.reports.summarize(query), query.label_key)
 
     async def RecordUsage(self, request: metering_pb2.RecordUsageRequest, context: Context
                           ) -> metering_pb2.RecordUsageResponse:
@@ -115,13 +115,35 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
 
     async def ExportUsage(self, request: metering_pb2.ExportUsageRequest, context: Context
                           ) -> AsyncIterator[metering_pb2.ExportUsageResponse]:
-        """Raw events of a period (one org, or every org when org_id is empty), oldest first,
-        one page per call (token on the last message)."""
-        if request.kind != metering_pb2.EXPORT_KIND_RAW_EVENTS:
-            raise invalid("kind", "only RAW_EVENTS is exported so far")
+        """Raw events (one org, or every org when org_id is empty) or hourly/daily roll-up rows
+        of a period, oldest first, one page per call (token on the last message)."""
         if not 0 <= request.page_size <= MAX_PAGE_SIZE:
             raise invalid("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
         size = request.page_size or DEFAULT_PAGE_SIZE
+        if convert.is_summary_export(request.kind):
+            async for message in self._export_rollup(request, size):
+                yield message
+            return
+        if request.kind != metering_pb2.EXPORT_KIND_RAW_EVENTS:
+            raise invalid("kind", "must be RAW_EVENTS, HOURLY_SUMMARY or DAILY_SUMMARY")
+        async for message in self._export_events(request, size):
+            yield message
+
+    async def _export_rollup(self, request: metering_pb2.ExportUsageRequest, size: int
+                             ) -> AsyncIterator[metering_pb2.ExportUsageResponse]:
+        query = convert.rollup_export_query(request)
+        after = decode_cursor(request.page_token, "export-rollup")
+        page = await self.reports.export(query, [str(v) for v in after] if after else None,
+                                         size + 1)
+        for row in page[:size]:
+            yield metering_pb2.ExportUsageResponse(
+                summary=convert.summary_row_to_proto(row, query.label_key))
+        if len(page) > size:
+            yield metering_pb2.ExportUsageResponse(next_page_token=encode_cursor(
+                "export-rollup", *self.reports.export_key(query, page[size - 1])))
+
+    async def _export_events(self, request: metering_pb2.ExportUsageRequest, size: int
+                             ) -> AsyncIterator[metering_pb2.ExportUsageResponse]:
         cursor = decode_cursor(request.page_token, "export")
         after = None
         if cursor is not None:

@@ -1,7 +1,13 @@
-"""Postgres side of metering: the daily roll-ups in the `metering` schema (SQLAlchemy Core)."""
+"""Postgres side of usage reports: the roll-ups in the `metering` schema (SQLAlchemy Core).
+
+Monthly summaries read the daily roll-ups (and the daily label roll-up when grouped by LABEL);
+exports read the hourly or daily ones. None of them reads raw events.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Final
 
 import sqlalchemy as sa
@@ -12,6 +18,8 @@ from tally.rating import Meter
 from .domain import (
     Dimension,
     MeterTotal,
+    RollupExportQuery,
+    RollupGrain,
     RollupRead,
     SummaryQuery,
     SummaryRow,
@@ -48,12 +56,41 @@ usage_daily_events: Final = sa.Table(
 )
 """Distinct events per group and day, meter-independent."""
 
+usage_hourly: Final = sa.Table(
+    "usage_hourly",
+    _metadata,
+    sa.Column("org_id", sa.Text, primary_key=True),
+    sa.Column("hour", sa.DateTime(timezone=True), primary_key=True),
+    *_group_columns()[2:],
+    sa.Column("meter", sa.Text, primary_key=True),
+    sa.Column("quantity", sa.BigInteger),
+    sa.Column("credits_micros", sa.BigInteger),
+    sa.Column("event_count", sa.BigInteger),
+)
+"""Per-meter hourly usage (migrations/versions/0002_usage_events.py)."""
+
+usage_daily_labels: Final = sa.Table(
+    "usage_daily_labels",
+    _metadata,
+    sa.Column("org_id", sa.Text, primary_key=True),
+    sa.Column("day", sa.Date, primary_key=True),
+    sa.Column("label_key", sa.Text, primary_key=True),
+    sa.Column("label_value", sa.Text, primary_key=True),
+    sa.Column("model", sa.Text, primary_key=True),
+    sa.Column("meter", sa.Text, primary_key=True),
+    sa.Column("quantity", sa.BigInteger),
+    sa.Column("credits_micros", sa.BigInteger),
+    sa.Column("event_count", sa.BigInteger),
+)
+"""Per-label, model and meter daily usage: what LABEL groupings read."""
+
 _COLUMN_OF: Final = {
     Dimension.MODEL: "model",
     Dimension.OPERATION: "operation",
     Dimension.USER: "user_id",
     Dimension.PROJECT: "project_id",
     Dimension.ENVIRONMENT: "environment",
+    Dimension.LABEL: "label_value",
 }
 """Roll-up column of each grouping dimension (METER is the row split itself)."""
 
@@ -77,7 +114,7 @@ def _conditions(table: sa.Table, query: SummaryQuery) -> list[sa.ColumnElement[b
         ("model", wanted.model),
         ("operation", wanted.operation),
     ):
-        if value:
+        if value and column in table.c:  # the label roll-up has no such column
             found.append(table.c[column] == value)
     if wanted.meter is not None and "meter" in table.c:
         found.append(table.c.meter == wanted.meter.value)
@@ -93,19 +130,25 @@ class UsageStore:
     async def read_summary(self, query: SummaryQuery, *, row_limit: int) -> RollupRead:
         """Rows and totals from one REPEATABLE READ snapshot, so they always agree."""
         keyed = [d for d in query.group_by if d is not Dimension.METER]
-        key_columns = [usage_daily.c[_COLUMN_OF[d]] for d in keyed]
         where = _conditions(usage_daily, query)
+        source = usage_daily
+        row_where = where
+        if Dimension.LABEL in query.group_by:
+            source = usage_daily_labels
+            row_where = [*_conditions(usage_daily_labels, query),
+                         usage_daily_labels.c.label_key == query.label_key]
+        key_columns = [source.c[_COLUMN_OF[d]] for d in keyed]
         rows_stmt = (
             sa.select(
                 *key_columns,
-                usage_daily.c.meter,
-                _total(usage_daily.c.quantity, "quantity"),
-                _total(usage_daily.c.credits_micros, "credits_micros"),
-                _total(usage_daily.c.event_count, "event_count"),
+                source.c.meter,
+                _total(source.c.quantity, "quantity"),
+                _total(source.c.credits_micros, "credits_micros"),
+                _total(source.c.event_count, "event_count"),
             )
-            .where(*where)
-            .group_by(*key_columns, usage_daily.c.meter)
-            .order_by(*key_columns, usage_daily.c.meter)
+            .where(*row_where)
+            .group_by(*key_columns, source.c.meter)
+            .order_by(*key_columns, source.c.meter)
             .limit(row_limit)
         )
         totals_stmt = (
@@ -150,3 +193,59 @@ class UsageStore:
             distinct_events=distinct_events,
             as_of=as_of,
         )
+
+    async def export_rollup(self, query: RollupExportQuery, after: Sequence[str] | None,
+                            limit: int) -> list[SummaryRow]:
+        """Rows of the hourly or daily roll-up in [start, end), keyset-paged after `after`
+        (the previous page's last bucket, group key and meter, as strings)."""
+        if Dimension.LABEL in query.group_by:
+            table, bucket = usage_daily_labels, usage_daily_labels.c.day
+        elif query.grain is RollupGrain.HOUR:
+            table, bucket = usage_hourly, usage_hourly.c.hour
+        else:
+            table, bucket = usage_daily, usage_daily.c.day
+        keyed = [d for d in query.group_by if d is not Dimension.METER]
+        key_columns = [table.c[_COLUMN_OF[d]] for d in keyed]
+        where: list[sa.ColumnElement[bool]] = [table.c.org_id == query.org_id]
+        if Dimension.LABEL in query.group_by:
+            where.append(table.c.label_key == query.label_key)
+        daily = query.grain is RollupGrain.DAY
+        if query.start is not None:
+            where.append(bucket >= (_first_day(query.start) if daily else query.start))
+        if query.end is not None:
+            where.append(bucket < (_first_day(query.end) if daily else query.end))
+        order = [bucket, *key_columns, table.c.meter]
+        if after is not None:
+            first = date.fromisoformat(after[0]) if daily else datetime.fromisoformat(after[0])
+            where.append(sa.tuple_(*order) > sa.tuple_(first, *after[1:]))
+        stmt = (
+            sa.select(*order, _total(table.c.quantity, "quantity"),
+                      _total(table.c.credits_micros, "credits_micros"),
+                      _total(table.c.event_count, "event_count"))
+            .where(*where).group_by(*order).order_by(*order).limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [
+            SummaryRow(
+                key={d: row._mapping[_COLUMN_OF[d]] for d in keyed}
+                | ({Dimension.METER: row.meter} if Dimension.METER in query.group_by else {}),
+                meter=Meter(row.meter), quantity=row.quantity,
+                credits_micros=row.credits_micros, event_count=row.event_count,
+                bucket_start=_bucket_start(row[0]),
+            )
+            for row in rows
+        ]
+
+
+def _first_day(moment: datetime) -> date:
+    """First day whose midnight (UTC) is at or after `moment`: a daily bucket is in [start,
+    end) when its midnight is."""
+    at = moment.astimezone(UTC)
+    return at.date() if at.time() == time(0) else at.date() + timedelta(days=1)
+
+
+def _bucket_start(value: date | datetime) -> datetime:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC)
+    return datetime.combine(value, time(0), tzinfo=UTC)

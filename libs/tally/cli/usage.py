@@ -1,4 +1,5 @@
-"""Usage commands of the `tally` CLI: `usage show` (a receipt for people) and `usage export`."""
+"""Usage commands of the `tally` CLI: `usage show` (a receipt for people) and `usage export`
+(raw events or hourly/daily roll-ups, to CSV)."""
 
 from __future__ import annotations
 
@@ -60,19 +61,27 @@ async def show(config: KitConfig, org: str, event_id: str) -> None:
                   if receipt.arrears_micros else ""))
 
 
+_SUMMARY_COLUMNS = ("bucket_start", "model", "operation", "meter", "quantity",
+                    "credits_micros", "event_count")
+_SUMMARY_KINDS = {"hourly": pb.EXPORT_KIND_HOURLY_SUMMARY, "daily": pb.EXPORT_KIND_DAILY_SUMMARY}
+
+
 async def export(config: KitConfig, org: str, start: datetime | None, end: datetime | None,
-                 out: Path) -> int:
-    """Writes every raw event of the period to CSV, one row per meter; returns events written."""
+                 out: Path, summary: str = "") -> int:
+    """Writes the period's raw events (one row per meter) or, with `summary` = hourly|daily,
+    its roll-up rows by model and operation to CSV; returns the rows or events written."""
+    kind = _SUMMARY_KINDS[summary] if summary else pb.EXPORT_KIND_RAW_EVENTS
+    what = f"{summary} rows" if summary else "events"
     written = 0
     token = ""
     with out.open("w", newline="") as handle, Progress(
             SpinnerColumn(), TextColumn("{task.description}"), transient=True) as progress:
         task = progress.add_task("exporting…", total=None)
         writer = csv.writer(handle)
-        writer.writerow(_EXPORT_COLUMNS)
+        writer.writerow(_SUMMARY_COLUMNS if summary else _EXPORT_COLUMNS)
         async with _client(config) as tally:
             while True:
-                request = pb.ExportUsageRequest(org_id=org, kind=pb.EXPORT_KIND_RAW_EVENTS,
+                request = pb.ExportUsageRequest(org_id=org, kind=kind,
                                                 page_size=1000, page_token=token,
                                                 start_time=to_timestamp(start),
                                                 end_time=to_timestamp(end))
@@ -81,11 +90,20 @@ async def export(config: KitConfig, org: str, start: datetime | None, end: datet
                     if message.HasField("event"):
                         _write(writer, message.event)
                         written += 1
+                    elif message.HasField("summary"):
+                        _write_summary(writer, message.summary)
+                        written += 1
                     token = message.next_page_token or token
-                progress.update(task, description=f"exported {written} events")
+                progress.update(task, description=f"exported {written} {what}")
                 if not token:
                     break
     return written
+
+
+def _write_summary(writer: Any, row: pb.UsageSummaryRow) -> None:
+    writer.writerow((row.bucket_start.ToDatetime(tzinfo=UTC).isoformat(), row.key["model"],
+                     row.key["operation"].removeprefix("OPERATION_").lower(), _meter(row.meter),
+                     row.quantity, row.credits_micros, row.event_count))
 
 
 def _write(writer: Any, recorded: pb.RecordedUsageEvent) -> None:
@@ -122,13 +140,18 @@ def register(parent: typer.Typer, get_config: Callable[[], KitConfig]) -> None:
         start: Annotated[datetime | None, typer.Option(help="From (UTC), e.g. 2026-11-01.")]
         = None,
         end: Annotated[datetime | None, typer.Option(help="Until (UTC, exclusive).")] = None,
+        summary: Annotated[str, typer.Option(
+            help="hourly or daily: export roll-up rows by model and operation instead of "
+                 "raw events.")] = "",
     ) -> None:
-        """Write raw usage events of a period to CSV (one row per meter), with progress."""
+        """Write a period's raw usage events (one row per meter) or roll-ups to CSV."""
         import asyncio
 
+        if summary and summary not in _SUMMARY_KINDS:
+            raise typer.BadParameter("must be hourly or daily", param_hint="--summary")
         count = asyncio.run(export(get_config(), org,
                                    start.replace(tzinfo=UTC) if start else None,
-                                   end.replace(tzinfo=UTC) if end else None, out))
-        typer.echo(f"wrote {count} events to {out}")
+                                   end.replace(tzinfo=UTC) if end else None, out, summary))
+        typer.echo(f"wrote {count} {f'{summary} rows' if summary else 'events'} to {out}")
 
     parent.add_typer(app, name="usage")

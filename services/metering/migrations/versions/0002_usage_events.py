@@ -102,11 +102,12 @@ def upgrade() -> None:
             day            date NOT NULL,
             label_key      text NOT NULL,
             label_value    text NOT NULL,
+            model          text NOT NULL DEFAULT '',
             meter          text NOT NULL,
             quantity       bigint NOT NULL DEFAULT 0,
             credits_micros bigint NOT NULL DEFAULT 0,
             event_count    bigint NOT NULL DEFAULT 0,
-            PRIMARY KEY (org_id, day, label_key, label_value, meter)
+            PRIMARY KEY (org_id, day, label_key, label_value, model, meter)
         );
         """
     )
