@@ -34,6 +34,21 @@ def _too_many(count: int, limit: int, field: str) -> TallyError:
                       field=field)
 
 
+async def _next_unless(batches: AsyncIterator[metering_pb2.StreamUsageRequest],
+                       expired: asyncio.Event) -> metering_pb2.StreamUsageRequest | None:
+    """The next batch, or None at the end of the stream or once `expired` is set (a batch
+    being read then is dropped unacknowledged: the client sends it again)."""
+    reading = asyncio.ensure_future(anext(batches, None))
+    if not expired.is_set():
+        expiry = asyncio.ensure_future(expired.wait())
+        await asyncio.wait((reading, expiry), return_when=asyncio.FIRST_COMPLETED)
+        expiry.cancel()
+    if not reading.done():
+        reading.cancel()
+        return None
+    return reading.result()
+
+
 class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     """Answers metering calls."""
 
@@ -75,15 +90,14 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         expired = asyncio.Event()
 
         async def read() -> None:
+            batches = aiter(request_iterator)
             try:
-                async for batch in request_iterator:
+                while (batch := await _next_unless(batches, expired)) is not None:
                     if len(batch.events) > MAX_STREAM_BATCH_EVENTS:
                         raise _too_many(len(batch.events), MAX_STREAM_BATCH_EVENTS, "events")
                     task = asyncio.create_task(self.committer.submit(
                         [convert_usage.event(e) for e in batch.events]))
                     await inflight.put((batch.batch_id, task))
-                    if expired.is_set():
-                        break
             finally:
                 await inflight.put(None)
 

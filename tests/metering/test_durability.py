@@ -121,6 +121,14 @@ async def test_ledger_down_stops_acks_and_new_calls_see_unavailable(db_url: str)
             await suite.client.metering.RecordUsage(mpb.RecordUsageRequest(
                 events=[usage("one-more")]))
         assert caught.value.reason is Reason.UNAVAILABLE
+
+        async def one_batch():  # type: ignore[no-untyped-def]
+            yield mpb.StreamUsageRequest(batch_id="late", events=[usage("by-stream")])
+
+        with pytest.raises(grpc.aio.AioRpcError) as stream_caught:
+            async for _ in suite.client.metering.StreamUsage(one_batch()):
+                raise AssertionError("a batch was acknowledged while the ledger was down")
+        assert stream_caught.value.code() is grpc.StatusCode.UNAVAILABLE
         assert not stuck.done(), "nothing is acknowledged before its debit is durable"
         await suite.restart_ledger()
         results = (await asyncio.wait_for(stuck, 30)).results

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import grpc
 import pytest
 
+from services.metering.server import MeteringConfig
 from tally.common.v1 import common_pb2
-from tally.kit import db
+from tally.kit import db, errors
 from tally.kit.errors import Reason, TallyError
 from tally.ledger.v1 import ledger_pb2 as lpb
 from tally.metering.v1 import metering_pb2 as mpb
-from tests.metering.conftest import CREDIT, Suite
+from tests.metering.conftest import CREDIT, Suite, start_suite, stop_suite
 
 ACCEPTED = mpb.EVENT_STATUS_ACCEPTED
 DUPLICATE = mpb.EVENT_STATUS_DUPLICATE
@@ -173,8 +176,6 @@ async def test_100k_events_from_8_streams_each_sent_twice_are_charged_once(
                 previous = receipts.setdefault(result.event_id, result.receipt.cost_micros)
                 assert previous == result.receipt.cost_micros
 
-    import asyncio
-
     await asyncio.gather(*(client_stream(mine) for mine in per_client))
     assert len(receipts) == total
     charged = sum(receipts.values())
@@ -194,3 +195,52 @@ async def test_100k_events_from_8_streams_each_sent_twice_are_charged_once(
     assert rolled == charged
     assert events_rolled == total
     assert receipts_in_ledger == total
+
+
+async def test_a_stream_past_its_lifetime_acks_what_it_read_and_asks_to_reconnect(
+    db_url: str,
+) -> None:
+    suite = await start_suite(db_url, MeteringConfig(stream_lifetime_s=1))
+    try:
+        await suite.fund("acme", 100)
+        acked = asyncio.Event()
+        told_to_reconnect = asyncio.Event()
+
+        async def batches():  # type: ignore[no-untyped-def]
+            yield mpb.StreamUsageRequest(batch_id="1", events=[usage("life-1")])
+            await acked.wait()
+            yield mpb.StreamUsageRequest(batch_id="2", events=[usage("life-2")])
+            await told_to_reconnect.wait()  # idle: the server must end the stream itself
+
+        replies = []
+        async for reply in suite.client.metering.StreamUsage(batches()):
+            replies.append(reply)
+            if reply.batch_id == "1":
+                acked.set()
+            if reply.reconnect:
+                told_to_reconnect.set()
+        assert [(r.batch_id, r.reconnect) for r in replies] == [
+            ("1", False), ("2", False), ("", True)]
+        assert all(r.results[0].status == ACCEPTED for r in replies[:2])
+    finally:
+        await stop_suite(suite)
+
+
+async def test_an_oversized_stream_batch_ends_the_stream_after_the_earlier_acks(
+    suite: Suite,
+) -> None:
+    await suite.fund("acme", 100)
+
+    async def batches():  # type: ignore[no-untyped-def]
+        yield mpb.StreamUsageRequest(batch_id="ok", events=[usage("fine")])
+        yield mpb.StreamUsageRequest(batch_id="big",
+                                     events=[usage(f"big-{i}") for i in range(1001)])
+
+    acks = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for ack in suite.client.metering.StreamUsage(batches()):
+            acks.append(ack.batch_id)
+    assert acks == ["ok"]
+    error = errors.from_rpc_error(caught.value)
+    assert error is not None and error.reason is Reason.BATCH_TOO_LARGE
+    assert error.message.startswith("events:")
