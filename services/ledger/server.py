@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 
 from services.ledger.servicer import LedgerServicer
-from services.ledger.store import LedgerStore, run_periodically
+from services.ledger.store import LedgerStore
 from tally.kit import db, infra
+from tally.kit.background import run_periodically
 from tally.kit.config import KitConfig
 from tally.kit.server import ServiceApp, run_service
 from tally.ledger.v1 import ledger_pb2, ledger_pb2_grpc

@@ -14,7 +14,6 @@ for as short as possible), and the whole store is written in one style.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections import defaultdict
@@ -1031,17 +1030,3 @@ class LedgerStore:
             r["occurred_at"], r["trace_id"], r["available_micros_after"], r["arrears_micros"],
             d.BillingState(r["billing_state"]), json.loads(r["attributes"]))
             for r in rows]
-
-
-async def run_periodically(name: str, interval_s: float,
-                           task: Callable[[], Any], stop: asyncio.Event) -> None:
-    """Runs `task` every `interval_s` until `stop` is set; a failure is logged, not fatal."""
-    while not stop.is_set():
-        try:
-            await task()
-        except Exception:
-            log.exception("background_task_failed", task=name)
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=interval_s)
-        except TimeoutError:
-            pass

@@ -10,7 +10,7 @@ import grpc
 
 from services.metering.events_store import LedgerItem, LedgerOutcome
 from services.metering.ingestion import MAX_EVENT_AGE
-from tally.kit.errors import Reason, TallyError
+from tally.kit.errors import Reason, TallyError, from_rpc_error
 from tally.kit.log import get_logger
 from tally.kit.protoconv import to_timestamp
 from tally.ledger.v1 import ledger_pb2, ledger_pb2_grpc
@@ -45,6 +45,31 @@ class GrpcLedger:
             raise
         return [LedgerOutcome(i.org_id, r.event_id, r.transfer_id, r.balance_after_micros,
                               r.arrears_micros) for i, r in zip(items, reply.results, strict=True)]
+
+
+class GrpcReservingLedger:
+    """ReservingLedger over LedgerService.Reserve."""
+
+    def __init__(self, stub: ledger_pb2_grpc.LedgerServiceAsyncStub,
+                 timeout_s: float = 5.0) -> None:
+        self.stub = stub
+        self.timeout_s = timeout_s
+
+    async def reserve(self, reservation_id: str, org_id: str, amount_micros: int,
+                      ttl: timedelta) -> int:
+        """Holds credit; the ledger's refusal arrives as its TallyError (via from_rpc_error)."""
+        try:
+            reply = await self.stub.Reserve(ledger_pb2.ReserveRequest(
+                reservation_id=reservation_id, org_id=org_id, amount_micros=amount_micros,
+                ttl_seconds=int(ttl.total_seconds())), timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            translated = from_rpc_error(exc)
+            if translated is not None:
+                raise translated from exc
+            if exc.code() in _UNAVAILABLE_CODES:
+                raise TallyError(Reason.UNAVAILABLE, f"ledger: {exc.details()}") from exc
+            raise
+        return int(reply.available_micros)
 
 
 class WatchedPriceBooks:

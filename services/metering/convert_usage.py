@@ -12,14 +12,16 @@ from tally.rating import Meter, UsageMode
 from tally.sdk.pricebook import meter_from_proto, meter_to_proto
 
 
-def _meter(number: int) -> Meter | None:
+def meter_or_none(number: int) -> Meter | None:
+    """The meter of a wire number; None for UNSPECIFIED or an unknown one (rejected later)."""
     try:
         return meter_from_proto(number)
     except ValueError:
         return None
 
 
-def _operation(number: int) -> str:
+def operation_name(number: int) -> str:
+    """The lower-case name of a wire Operation (e.g. chat); "" when unset or unknown."""
     if number == 0 or number not in pb.Operation.values():
         return ""
     return pb.Operation.Name(pb.Operation.ValueType(number)).removeprefix("OPERATION_").lower()
@@ -32,9 +34,9 @@ def event(message: pb.UsageEvent) -> ing.UsageEvent:
     return ing.UsageEvent(
         event_id=message.event_id, org_id=ctx.org_id,
         occurred_at=from_timestamp(message, "occurred_at"),
-        quantities=tuple((_meter(q.meter), q.quantity) for q in message.quantities),
+        quantities=tuple((meter_or_none(q.meter), q.quantity) for q in message.quantities),
         model=message.model, provider=message.provider,
-        operation=_operation(message.operation), mode=mode, region=message.region,
+        operation=operation_name(message.operation), mode=mode, region=message.region,
         reservation_id=message.reservation_id, project_id=ctx.project_id,
         environment=ctx.environment, user_id=ctx.user_id, api_key_id=ctx.api_key_id,
         labels=dict(ctx.labels),

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from services.metering import ingestion as ing
+from services.metering.spend_store import Charge, charge_budgets
 from tally.kit.errors import Reason
 from tally.rating import Meter, PriceBookHistory, RatingError, UsageMode
 
@@ -141,6 +142,10 @@ class UsageEventStore:
             if rated:
                 await self._insert(conn, batch_id, rated)
                 await self._roll_up(conn, rated)
+                await charge_budgets(conn, [
+                    Charge(r.event.org_id, r.event.project_id, r.event.labels,
+                           r.event.occurred_at, r.receipt.cost_micros, r.event.reservation_id)
+                    for r in rated if r.event.occurred_at is not None], datetime.now(UTC))
                 await conn.execute(
                     "INSERT INTO metering.rating_carry (org_id, carry_attos) "
                     "SELECT * FROM unnest($1::text[], $2::numeric[]) "

@@ -10,13 +10,17 @@ import asyncio
 import contextlib
 import dataclasses
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import grpc
 
-from services.metering.adapters import GrpcLedger, WatchedPriceBooks
+from services.metering.adapters import GrpcLedger, GrpcReservingLedger, WatchedPriceBooks
+from services.metering.authorizer import Authorizer
 from services.metering.committer import CommitSettings, GroupCommitter
 from services.metering.events_store import UsageEventStore
+from services.metering.spend_store import SpendStore
 from tally.kit import db, infra
+from tally.kit.background import run_periodically
 from tally.kit.config import (
     KitConfig,
     load,
@@ -56,6 +60,8 @@ class MeteringConfig:
         "TALLY_METERING_BUFFER_WAIT_MS", parse_positive_int, "milliseconds > 0", default=5_000)
     max_inflight_commits: int = setting(
         "TALLY_METERING_MAX_INFLIGHT_COMMITS", parse_positive_int, "an integer > 0", default=2)
+    sweep_interval_s: int = setting(
+        "TALLY_METERING_SWEEP_INTERVAL_S", parse_positive_int, "seconds > 0", default=5)
     price_book_wait_s: int = setting(
         "TALLY_METERING_PRICE_BOOK_WAIT_S", parse_positive_int, "seconds > 0", default=30)
 
@@ -92,19 +98,28 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None) -> Se
                        max_buffered_events=settings.max_buffered_events,
                        buffer_wait_ms=settings.buffer_wait_ms,
                        max_inflight_commits=settings.max_inflight_commits))
-    # The stubs mark every RPC abstract; Authorize, budgets and quotas keep the generated
-    # base's UNIMPLEMENTED answer until the spend-control issue lands.
+    # The stubs mark every RPC abstract; RPCs not served yet keep the generated base's
+    # UNIMPLEMENTED answer.
+    spend = SpendStore(pool)
+    authorizer = Authorizer(spend, spend, books, GrpcReservingLedger(
+        ledger_pb2_grpc.LedgerServiceStub(ledger_channel)))
     servicer = MeteringServicer(  # type: ignore[abstract]
-        UsageReports(UsageStore(engine)), committer, events,
+        UsageReports(UsageStore(engine)), committer, events, authorizer,
         max_inflight_batches=settings.max_inflight_batches,
         stream_lifetime_s=settings.stream_lifetime_s)
 
     def register(server: grpc.aio.Server) -> None:
         metering_pb2_grpc.add_MeteringServiceServicer_to_server(servicer, server)
 
+    sweeper = asyncio.create_task(run_periodically(
+        "expire-authorizations", settings.sweep_interval_s,
+        lambda: spend.expire_holds(datetime.now(UTC)), stop), name="expire-authorizations")
+
     async def close() -> None:
         await committer.stop()
         stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
         watcher.cancel()  # it may be parked inside a long-lived WatchPriceBook stream
         with contextlib.suppress(asyncio.CancelledError):
             await watcher

@@ -1,8 +1,6 @@
 """tally.metering.v1.MeteringService: proto <-> domain, nothing else.
 
-Served: RecordUsage, StreamUsage, GetUsageEvent, ExportUsage, GetUsageSummary.
-Authorize, budgets, quotas and spend policy belong to the spend-control issue and keep the
-generated base class's UNIMPLEMENTED answer until it lands.
+Served: Authorize, RecordUsage, StreamUsage, GetUsageEvent, ExportUsage, GetUsageSummary.
 """
 
 from __future__ import annotations
@@ -14,7 +12,8 @@ from typing import Any
 
 import grpc
 
-from services.metering import convert_usage
+from services.metering import convert_authorize, convert_usage
+from services.metering.authorizer import Authorizer
 from services.metering.committer import GroupCommitter
 from services.metering.events_store import UsageEventStore
 from services.metering.ingestion import MAX_RECORD_EVENTS, MAX_STREAM_BATCH_EVENTS
@@ -53,13 +52,21 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     """Answers metering calls."""
 
     def __init__(self, reports: UsageReports, committer: GroupCommitter,
-                 events: UsageEventStore, *, max_inflight_batches: int = 4,
+                 events: UsageEventStore, authorizer: Authorizer, *,
+                 max_inflight_batches: int = 4,
                  stream_lifetime_s: float = 300.0) -> None:
         self.reports = reports
         self.committer = committer
         self.events = events
+        self.authorizer = authorizer
         self.max_inflight_batches = max_inflight_batches
         self.stream_lifetime_s = stream_lifetime_s
+
+    async def Authorize(self, request: metering_pb2.AuthorizeRequest, context: Context
+                        ) -> metering_pb2.AuthorizeResponse:
+        """ALLOW / DOWNGRADE with a ledger hold for the worst case, or DENY with a reason."""
+        answer = await self.authorizer.authorize(convert_authorize.request(request))
+        return convert_authorize.answer(answer)
 
     async def GetUsageSummary(
         self, request: metering_pb2.GetUsageSummaryRequest, context: Context

@@ -1,0 +1,25 @@
+"""Background work of a service: periodic tasks that stop with the server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from tally.kit.log import get_logger
+
+log = get_logger("tally.kit.background")
+
+
+async def run_periodically(name: str, interval_s: float,
+                           task: Callable[[], Awaitable[Any]], stop: asyncio.Event) -> None:
+    """Runs `task` every `interval_s` until `stop` is set; a failure is logged, not fatal."""
+    while not stop.is_set():
+        try:
+            await task()
+        except Exception:
+            log.exception("background_task_failed", task=name)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=interval_s)
+        except TimeoutError:
+            pass

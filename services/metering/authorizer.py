@@ -1,0 +1,196 @@
+"""Authorizer: runs the checks of `authorize.py` against the store, the price books, the
+quota limiter and the ledger, in the order documented there.
+
+Every answer is recorded under the request id, so a replay gets the same decision and the
+same reservation, whatever happened in between; a different payload under the same id is
+IDEMPOTENCY_KEY_REUSED. Quota counters are consumed before budgets are checked: a request a
+budget or the ledger then refuses still counted against its rate limits (like any attempt).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from tally.kit.errors import Reason, TallyError, invalid
+from tally.kit.log import get_logger
+from tally.rating import PriceBook, RatingError
+
+from . import authorize as az
+from .committer import PriceBooks
+from .policies import Budget, Quota, SpendPolicy
+from .spend_store import Decide, Replayed, SpendStore
+
+log = get_logger("metering.authorizer")
+
+_LEDGER_REFUSALS = {Reason.INSUFFICIENT_CREDITS, Reason.ACCOUNT_READ_ONLY}
+
+
+class ReservingLedger(Protocol):
+    """The ledger as Authorize needs it (the gRPC client implements it)."""
+
+    async def reserve(self, reservation_id: str, org_id: str, amount_micros: int,
+                      ttl: timedelta) -> int:
+        """Holds credit (idempotent on reservation_id); returns available after the hold.
+        Raises TallyError: INSUFFICIENT_CREDITS, ACCOUNT_READ_ONLY, UNAVAILABLE, ..."""
+        ...
+
+
+class PolicySource(Protocol):
+    """Where the org's spend policy, quotas and budgets come from."""
+
+    async def policy_for(self, org_id: str) -> SpendPolicy:
+        """The org's spend policy (defaults when never set)."""
+        ...
+
+    async def quotas_for(self, org_id: str) -> list[Quota]:
+        """The org's live quotas."""
+        ...
+
+
+class QuotaGate(Protocol):
+    """Consumes every applicable quota counter, or none."""
+
+    async def admit(self, request: az.AuthorizeRequest, quotas: Sequence[Quota],
+                    policy: SpendPolicy) -> tuple[az.Answer | None, list[az.Headroom]]:
+        """(a DENY answer or None, headroom under each quota)."""
+        ...
+
+
+def reservation_id_for(org_id: str, request_id: str) -> str:
+    """The ledger hold of an authorization: derived, so a retry makes the same hold."""
+    digest = hashlib.sha256(f"{org_id}\x1f{request_id}".encode()).hexdigest()[:40]
+    return f"authz-{digest}"
+
+
+class Authorizer:
+    """May this request run, on which model, at what worst-case cost?"""
+
+    def __init__(self, store: SpendStore, policies: PolicySource, books: PriceBooks,
+                 ledger: ReservingLedger, quotas: QuotaGate | None = None,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.store = store
+        self.policies = policies
+        self.books = books
+        self.ledger = ledger
+        self.quotas = quotas
+        self.clock = clock
+
+    async def authorize(self, request: az.AuthorizeRequest) -> az.Answer:
+        """The decision for `request`; the same one again for a replay of its id."""
+        az.validate(request)
+        fingerprint = request.fingerprint()
+        earlier = await self.store.authorization(request.org_id, request.request_id)
+        if earlier is not None:
+            return await self._replay(request, fingerprint, *earlier)
+        now = self.clock()
+        policy = await self.policies.policy_for(request.org_id)
+        refused = az.check_policy(policy, request)
+        if refused is not None:
+            return await self._record(request, fingerprint, [], lambda _: refused)
+        book = self.books.history.book_at(now)
+        first = self._estimate(book, request, request.model)
+        headroom: list[az.Headroom] = []
+        if self.quotas is not None:
+            quotas = await self.policies.quotas_for(request.org_id)
+            denied, headroom = await self.quotas.admit(request, quotas, policy)
+            if denied is not None:
+                return await self._record(request, fingerprint, [],
+                                          lambda _: replace(denied, headroom=tuple(headroom)))
+        budgets = await self._budgets_in_force(request, now)
+
+        def decide(states: list[az.BudgetState]) -> az.Answer:
+            return self._decide(request, book, first, states, now, headroom)
+
+        answer = await self._record(request, fingerprint, budgets, decide)
+        return await self._hold(request, answer)
+
+    async def _replay(self, request: az.AuthorizeRequest, fingerprint: str, stored_hash: str,
+                      state: str, answer: az.Answer) -> az.Answer:
+        if stored_hash != fingerprint:
+            raise TallyError(Reason.IDEMPOTENCY_KEY_REUSED,
+                             f"request_id: {request.request_id!r} was used for another request",
+                             field="request_id")
+        if state == "PENDING":  # the first call stopped between the budget and the ledger
+            return await self._hold(request, answer)
+        return answer
+
+    async def _record(self, request: az.AuthorizeRequest, fingerprint: str,
+                      budgets: Sequence[tuple[Budget, datetime]], decide: Decide
+                      ) -> az.Answer:
+        try:
+            return await self.store.decide(request, fingerprint, budgets, decide)
+        except Replayed:
+            earlier = await self.store.authorization(request.org_id, request.request_id)
+            assert earlier is not None
+            return await self._replay(request, fingerprint, *earlier)
+
+    @staticmethod
+    def _estimate(book: PriceBook, request: az.AuthorizeRequest, model: str) -> az.Estimate:
+        try:
+            return az.estimate(book, request, model)
+        except RatingError as exc:
+            raise invalid(exc.field or "model", exc.message) from exc
+
+    async def _budgets_in_force(self, request: az.AuthorizeRequest, now: datetime
+                                ) -> list[tuple[Budget, datetime]]:
+        found = []
+        for budget in await self.store.budgets_of(request.org_id):
+            window = budget.window(now)
+            if window is not None and budget.applies_to(request.project_id, request.labels):
+                found.append((budget, window[0]))
+        return found
+
+    def _decide(self, request: az.AuthorizeRequest, book: PriceBook, first: az.Estimate,
+                states: list[az.BudgetState], now: datetime,
+                headroom: list[az.Headroom]) -> az.Answer:
+        """The budget verdict (under the budgets' row locks) turned into an answer."""
+        chosen, decision = first, az.Decision.ALLOW
+        verdict = az.judge_budgets(states, first.cost_micros)
+        if verdict.allowed and verdict.downgrade:
+            cheaper = book.downgrade_for(first.model)
+            if cheaper is not None:
+                chosen = self._estimate(book, request, cheaper.model)
+                decision = az.Decision.DOWNGRADE
+                verdict = az.judge_budgets(states, chosen.cost_micros)
+        if not verdict.allowed:
+            assert verdict.denied_by is not None
+            budget = verdict.denied_by
+            return az.deny(
+                Reason.BUDGET_EXCEEDED,
+                f"budget {budget.name!r} ({budget.budget_id}) would exceed its limit of "
+                f"{budget.limit_micros} micro-credits", version=first.price_book_version,
+                headroom=[*headroom, *az.budget_headroom(states, 0)])
+        return az.Answer(
+            decision, model=chosen.model,
+            reservation_id=(reservation_id_for(request.org_id, request.request_id)
+                            if chosen.cost_micros else ""),
+            reserved_micros=chosen.cost_micros, price_book_version=chosen.price_book_version,
+            expires_at=now + request.ttl,
+            message=("budget past its downgrade threshold: use the cheaper model"
+                     if decision is az.Decision.DOWNGRADE else ""),
+            headroom=(*headroom, *az.budget_headroom(states, chosen.cost_micros)))
+
+    async def _hold(self, request: az.AuthorizeRequest, answer: az.Answer) -> az.Answer:
+        """Makes the ledger hold of an ALLOW/DOWNGRADE; a refusal turns it into a DENY."""
+        if answer.decision is az.Decision.DENY or not answer.reservation_id:
+            return answer
+        try:
+            available = await self.ledger.reserve(answer.reservation_id, request.org_id,
+                                                  answer.reserved_micros, request.ttl)
+        except TallyError as exc:
+            if exc.reason not in _LEDGER_REFUSALS:
+                raise  # UNAVAILABLE etc.: the client retries the same request id
+            refused = az.deny(exc.reason, exc.message, version=answer.price_book_version,
+                              headroom=answer.headroom)
+            await self.store.refuse(request.org_id, request.request_id, refused)
+            return refused
+        held = replace(answer, headroom=(
+            *answer.headroom,
+            az.Headroom("balance", "micros", available + answer.reserved_micros, available)))
+        await self.store.confirm(request.org_id, request.request_id, held)
+        return held
+

@@ -1,0 +1,44 @@
+"""tally.metering.v1 Authorize messages <-> the authorize domain."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from services.metering import authorize as az
+from services.metering.convert_usage import meter_or_none, operation_name
+from tally.common.v1 import common_pb2
+from tally.kit.protoconv import to_timestamp
+from tally.metering.v1 import metering_pb2 as pb
+from tally.rating import UsageMode
+
+
+def request(message: pb.AuthorizeRequest) -> az.AuthorizeRequest:
+    """The domain request (bad values are left for `authorize.validate` to name)."""
+    ctx = message.context
+    return az.AuthorizeRequest(
+        request_id=message.request_id, org_id=ctx.org_id, model=message.model,
+        project_id=ctx.project_id, environment=ctx.environment, user_id=ctx.user_id,
+        api_key_id=ctx.api_key_id, labels=dict(ctx.labels),
+        operation=operation_name(message.operation),
+        mode=UsageMode.BATCH if message.mode == common_pb2.USAGE_MODE_BATCH
+        else UsageMode.ONLINE,
+        estimated_input_tokens=message.estimated_input_tokens,
+        max_output_tokens=message.max_output_tokens, upload_bytes=message.upload_bytes,
+        context_tokens=message.context_tokens,
+        ttl=(timedelta(seconds=message.reservation_ttl_seconds)
+             if message.reservation_ttl_seconds else az.DEFAULT_TTL),
+        region=message.region,
+        estimated_quantities=tuple((meter_or_none(q.meter), q.quantity)
+                                   for q in message.estimated_quantities))
+
+
+def answer(a: az.Answer) -> pb.AuthorizeResponse:
+    """The wire answer."""
+    return pb.AuthorizeResponse(
+        decision=pb.Decision.Value(f"DECISION_{a.decision.value}"),
+        reservation_id=a.reservation_id, reserved_micros=a.reserved_micros, model=a.model,
+        deny_reason=a.deny_reason, retry_after_ms=a.retry_after_ms,
+        headroom=[pb.Headroom(scope=h.scope, unit=h.unit, limit=h.limit, remaining=h.remaining)
+                  for h in a.headroom],
+        price_book_version=a.price_book_version, message=a.message,
+        reservation_expires_at=to_timestamp(a.expires_at) if a.reservation_id else None)

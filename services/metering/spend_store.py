@@ -1,0 +1,312 @@
+"""SpendStore: authorizations and the budget holds they place, in Postgres.
+
+An authorization is written PENDING together with its budget holds, in the transaction that
+locked the budgets' usage rows (so spent + reserved + estimate is decided under the lock and
+parallel requests cannot overshoot); it becomes HELD once the ledger holds the credit, or
+DENIED (holds given back) when the ledger refuses. A replay of a PENDING one finishes it
+(the ledger hold is idempotent on its id). Holds leave the budget when the usage event
+captures the reservation (`events_store`) or when the sweeper finds them past their ttl.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from .authorize import (
+    Answer,
+    AuthorizeRequest,
+    BudgetState,
+    Decision,
+    Headroom,
+    crossed_thresholds,
+)
+from .policies import (
+    Budget,
+    BudgetEnforcement,
+    BudgetPeriod,
+    BudgetScope,
+    Quota,
+    QuotaEnforcement,
+    QuotaKind,
+    QuotaScope,
+    SpendPolicy,
+)
+
+Decide = Callable[[list[BudgetState]], Answer]
+
+
+class Replayed(Exception):
+    """Another call with the same request id got there first."""
+
+
+def answer_to_json(answer: Answer) -> str:
+    body = asdict(answer)
+    body["decision"] = answer.decision.value
+    body["expires_at"] = answer.expires_at.isoformat() if answer.expires_at else None
+    return json.dumps(body)
+
+
+def answer_from_json(raw: str) -> Answer:
+    body = json.loads(raw)
+    return Answer(
+        decision=Decision(body["decision"]), model=body["model"],
+        reservation_id=body["reservation_id"], reserved_micros=body["reserved_micros"],
+        deny_reason=body["deny_reason"], retry_after_ms=body["retry_after_ms"],
+        message=body["message"], price_book_version=body["price_book_version"],
+        expires_at=datetime.fromisoformat(body["expires_at"]) if body["expires_at"] else None,
+        headroom=tuple(Headroom(**h) for h in body["headroom"]))
+
+
+def budget_from_row(r: Any) -> Budget:
+    """A budget as stored in metering.budgets."""
+    return Budget(
+        budget_id=r["budget_id"], org_id=r["org_id"], name=r["name"],
+        scope=BudgetScope(r["scope"]), scope_value=r["scope_value"],
+        period=BudgetPeriod(r["period"]), limit_micros=r["limit_micros"],
+        enforcement=BudgetEnforcement(r["enforcement"]),
+        alarm_thresholds_percent=tuple(r["alarm_thresholds_percent"]),
+        downgrade_at_percent=r["downgrade_at_percent"], period_start=r["period_start"],
+        period_end=r["period_end"], created_at=r["created_at"], updated_at=r["updated_at"])
+
+
+class SpendStore:
+    """Postgres persistence of Authorize."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def budgets_of(self, org_id: str) -> list[Budget]:
+        """The org's live budgets."""
+        rows = await self.pool.fetch(
+            "SELECT * FROM metering.budgets WHERE org_id = $1 AND deleted_at IS NULL "
+            "ORDER BY budget_id", org_id)
+        return [budget_from_row(r) for r in rows]
+
+    async def policy_for(self, org_id: str) -> SpendPolicy:
+        """The org's spend policy; no limits when never set."""
+        row = await self.pool.fetchrow(
+            "SELECT * FROM metering.spend_policies WHERE org_id = $1", org_id)
+        if row is None:
+            return SpendPolicy(org_id)
+        return SpendPolicy(org_id, row["max_context_tokens"], row["max_upload_bytes"],
+                           row["long_context_threshold_tokens"],
+                           row["throttled_requests_per_second"], row["updated_at"],
+                           row["updated_by"])
+
+    async def quotas_for(self, org_id: str) -> list[Quota]:
+        """The org's live quotas."""
+        rows = await self.pool.fetch(
+            "SELECT * FROM metering.quotas WHERE org_id = $1 AND deleted_at IS NULL "
+            "ORDER BY quota_id", org_id)
+        return [Quota(r["quota_id"], r["org_id"], QuotaScope(r["scope"]), r["scope_value"],
+                      QuotaKind(r["kind"]), r["limit_value"], QuotaEnforcement(r["enforcement"]),
+                      r["burst"], r["long_context_threshold_tokens"], r["created_at"],
+                      r["updated_at"]) for r in rows]
+
+    async def authorization(self, org_id: str, request_id: str
+                            ) -> tuple[str, str, Answer] | None:
+        """(request hash, state, answer) of an earlier Authorize with this id, if any."""
+        row = await self.pool.fetchrow(
+            "SELECT request_hash, state, response FROM metering.authorizations "
+            "WHERE org_id = $1 AND request_id = $2", org_id, request_id)
+        if row is None:
+            return None
+        return row["request_hash"], row["state"], answer_from_json(row["response"])
+
+    async def decide(self, request: AuthorizeRequest, request_hash: str,
+                     budgets: Sequence[tuple[Budget, datetime]], decide: Decide) -> Answer:
+        """Locks the budgets' usage rows for their periods, lets `decide` answer, and records
+        the answer with its holds (PENDING) or as DENIED — one transaction.
+
+        Raises Replayed if the same request id was recorded meanwhile.
+        """
+        ids = [b.budget_id for b, _ in budgets]
+        starts = [start for _, start in budgets]
+        async with self.pool.acquire() as conn, conn.transaction():
+            locked = await lock_usage(conn, list(zip(ids, starts, strict=True)))
+            states = [BudgetState(b, start, *locked[(b.budget_id, start)])
+                      for b, start in budgets]
+            answer = decide(states)
+            holding = answer.decision is not Decision.DENY and answer.reserved_micros > 0
+            holds = [[s.budget.budget_id, s.period_start.isoformat(), answer.reserved_micros]
+                     for s in states] if holding else []
+            inserted = await conn.fetchval(
+                "INSERT INTO metering.authorizations (org_id, request_id, request_hash, "
+                "decision, reservation_id, reserved_micros, budget_holds, state, expires_at, "
+                "response) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
+                "ON CONFLICT DO NOTHING RETURNING true",
+                request.org_id, request.request_id, request_hash, answer.decision.value,
+                answer.reservation_id, answer.reserved_micros, json.dumps(holds),
+                "PENDING" if holding else "DENIED" if answer.decision is Decision.DENY
+                else "HELD", answer.expires_at, answer_to_json(answer))
+            if not inserted:
+                raise Replayed(request.request_id)
+            if holds:
+                await conn.execute(
+                    "UPDATE metering.budget_usage u SET reserved_micros = u.reserved_micros + $3 "
+                    "FROM unnest($1::text[], $2::timestamptz[]) AS k(id, start) "
+                    "WHERE u.budget_id = k.id AND u.period_start = k.start",
+                    ids, starts, answer.reserved_micros)
+            return answer
+
+    async def confirm(self, org_id: str, request_id: str, answer: Answer) -> None:
+        """The ledger holds the credit: PENDING becomes HELD with the final answer."""
+        await self.pool.execute(
+            "UPDATE metering.authorizations SET state = 'HELD', response = $3 "
+            "WHERE org_id = $1 AND request_id = $2 AND state = 'PENDING'",
+            org_id, request_id, answer_to_json(answer))
+
+    async def refuse(self, org_id: str, request_id: str, answer: Answer) -> None:
+        """The ledger refused: the budget holds are given back and the DENY is recorded."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            holds = await conn.fetchval(
+                "UPDATE metering.authorizations SET state = 'DENIED', decision = 'DENY', "
+                "response = $3 WHERE org_id = $1 AND request_id = $2 AND state = 'PENDING' "
+                "RETURNING budget_holds", org_id, request_id, answer_to_json(answer))
+            if holds:
+                await give_back(conn, [json.loads(holds)])
+
+    async def expire_holds(self, now: datetime, limit: int = 500) -> int:
+        """Frees the budget holds of authorizations past their ttl that nothing captured."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "UPDATE metering.authorizations SET state = 'RELEASED' WHERE (org_id, request_id) "
+                "IN (SELECT org_id, request_id FROM metering.authorizations WHERE state IN "
+                "('HELD', 'PENDING') AND expires_at < $1 ORDER BY expires_at LIMIT $2 "
+                "FOR UPDATE SKIP LOCKED) RETURNING budget_holds", now, limit)
+            await give_back(conn, [json.loads(r["budget_holds"]) for r in rows])
+            return len(rows)
+
+
+UsageKey = tuple[str, datetime]
+
+
+async def lock_usage(conn: Any, keys: Sequence[UsageKey]) -> dict[UsageKey, tuple[int, int]]:
+    """Creates missing budget_usage rows and locks them all, in (budget, period) order — the
+    one order every writer uses, so Authorize, ingestion and the sweeper never deadlock.
+    Returns (spent, reserved) per key."""
+    if not keys:
+        return {}
+    ordered = sorted(set(keys))
+    ids, starts = [k[0] for k in ordered], [k[1] for k in ordered]
+    await conn.execute(
+        "INSERT INTO metering.budget_usage (budget_id, period_start) "
+        "SELECT * FROM unnest($1::text[], $2::timestamptz[]) ORDER BY 1, 2 "
+        "ON CONFLICT DO NOTHING", ids, starts)
+    rows = await conn.fetch(
+        "SELECT u.budget_id, u.period_start, u.spent_micros, u.reserved_micros "
+        "FROM metering.budget_usage u JOIN unnest($1::text[], $2::timestamptz[]) "
+        "AS k(id, start) ON u.budget_id = k.id AND u.period_start = k.start "
+        "ORDER BY u.budget_id, u.period_start FOR UPDATE OF u", ids, starts)
+    return {(r["budget_id"], r["period_start"]): (r["spent_micros"], r["reserved_micros"])
+            for r in rows}
+
+
+async def move_usage(conn: Any, spent: dict[UsageKey, int], freed: dict[UsageKey, int]
+                     ) -> dict[UsageKey, tuple[int, int]]:
+    """Adds spend and frees holds on budget_usage rows (locked first, in order); returns the
+    spent amount before and after per key."""
+    keys = sorted(set(spent) | set(freed))
+    before = await lock_usage(conn, keys)
+    if not keys:
+        return {}
+    await conn.execute(
+        "UPDATE metering.budget_usage u SET spent_micros = u.spent_micros + k.spent, "
+        "reserved_micros = u.reserved_micros - k.freed "
+        "FROM unnest($1::text[], $2::timestamptz[], $3::bigint[], $4::bigint[]) "
+        "AS k(id, start, spent, freed) WHERE u.budget_id = k.id AND u.period_start = k.start",
+        [k[0] for k in keys], [k[1] for k in keys], [spent.get(k, 0) for k in keys],
+        [freed.get(k, 0) for k in keys])
+    return {k: (before[k][0], before[k][0] + spent.get(k, 0)) for k in keys}
+
+
+def holds_by_key(holds_of_each: Sequence[Sequence[Sequence[Any]]]) -> dict[UsageKey, int]:
+    """Sums authorizations' budget holds ([budget_id, period_start iso, micros]) per key."""
+    totals: dict[UsageKey, int] = {}
+    for holds in holds_of_each:
+        for budget_id, start, micros in holds:
+            key = (budget_id, datetime.fromisoformat(start))
+            totals[key] = totals.get(key, 0) + micros
+    return totals
+
+
+async def give_back(conn: Any, holds_of_each: Sequence[Sequence[Sequence[Any]]]) -> None:
+    """Removes authorizations' holds from their budgets' reserved amounts."""
+    await move_usage(conn, {}, holds_by_key(holds_of_each))
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """Usage as budgets see it: who spent how much, when, and which hold it captures."""
+
+    org_id: str
+    project_id: str
+    labels: Mapping[str, str]
+    occurred_at: datetime
+    cost_micros: int
+    reservation_id: str = ""
+
+
+async def charge_budgets(conn: Any, charges: Sequence[Charge], now: datetime) -> int:
+    """Inside the ingestion transaction: captured authorizations give their holds back, the
+    usage is added to every budget it counts against, and each alarm threshold crossed is
+    recorded once per budget and period (and put in the outbox). Returns alarms fired."""
+    captured = sorted({c.reservation_id for c in charges if c.reservation_id})
+    freed: dict[UsageKey, int] = {}
+    if captured:
+        rows = await conn.fetch(
+            "UPDATE metering.authorizations SET state = 'CAPTURED' "
+            "WHERE reservation_id = ANY($1::text[]) AND state IN ('HELD', 'PENDING') "
+            "RETURNING budget_holds", captured)
+        freed = holds_by_key([json.loads(r["budget_holds"]) for r in rows])
+    orgs = sorted({c.org_id for c in charges})
+    budgets = [budget_from_row(r) for r in await conn.fetch(
+        "SELECT * FROM metering.budgets WHERE org_id = ANY($1::text[]) AND deleted_at IS NULL",
+        orgs)]
+    if not budgets and not freed:
+        return 0
+    of_org: dict[str, list[Budget]] = {}
+    for budget in budgets:
+        of_org.setdefault(budget.org_id, []).append(budget)
+    spent: dict[UsageKey, int] = {}
+    for charge in charges:
+        for budget in of_org.get(charge.org_id, ()):
+            window = budget.window(charge.occurred_at)
+            if window is not None and budget.applies_to(charge.project_id, charge.labels):
+                key = (budget.budget_id, window[0])
+                spent[key] = spent.get(key, 0) + charge.cost_micros
+    moved = await move_usage(conn, spent, freed)
+    by_id = {b.budget_id: b for b in budgets}
+    alarms = [(budget_id, start, threshold, after)
+              for (budget_id, start), (before, after) in moved.items()
+              if budget_id in by_id
+              for threshold in crossed_thresholds(by_id[budget_id], before, after)]
+    if not alarms:
+        return 0
+    fired = await conn.fetch(
+        "INSERT INTO metering.budget_alarms (budget_id, period_start, threshold_percent, "
+        "spent_micros, fired_at) SELECT k.*, $5 FROM unnest($1::text[], $2::timestamptz[], "
+        "$3::int[], $4::bigint[]) AS k ON CONFLICT DO NOTHING "
+        "RETURNING budget_id, period_start, threshold_percent, spent_micros",
+        [a[0] for a in alarms], [a[1] for a in alarms], [a[2] for a in alarms],
+        [a[3] for a in alarms], now)
+    await conn.copy_records_to_table(
+        "outbox", schema_name="metering",
+        columns=("event_id", "org_id", "type", "occurred_at", "attributes"),
+        records=[(str(uuid.uuid4()), by_id[r["budget_id"]].org_id, "BUDGET_THRESHOLD", now,
+                  json.dumps({"budget_id": r["budget_id"],
+                              "period_start": r["period_start"].isoformat(),
+                              "threshold_percent": r["threshold_percent"],
+                              "spent_micros": r["spent_micros"],
+                              "limit_micros": by_id[r["budget_id"]].limit_micros,
+                              "scope": by_id[r["budget_id"]].scope.value,
+                              "scope_value": by_id[r["budget_id"]].scope_value}))
+                 for r in fired])
+    return len(fired)

@@ -1,0 +1,252 @@
+"""Authorize through the real services: ledger holds, budgets that parallel requests cannot
+overshoot, downgrades, guard rails, alarms once per period, holds freed at their ttl."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from services.metering.spend_store import SpendStore
+from tally.common.v1 import common_pb2
+from tally.kit import db
+from tally.kit.errors import Reason, TallyError
+from tally.metering.v1 import metering_pb2 as mpb
+from tests.metering.conftest import CREDIT, Suite, start_suite, stop_suite
+from tests.metering.test_ingestion import ACCEPTED, balance, usage
+
+ALLOW = mpb.DECISION_ALLOW
+DOWNGRADE = mpb.DECISION_DOWNGRADE
+DENY = mpb.DECISION_DENY
+
+
+def ask(request_id: str, org: str = "acme", *, model: str = "gpt-4.1-mini",
+        input_tokens: int = 2_000, max_output: int = 500, **fields: object
+        ) -> mpb.AuthorizeRequest:
+    context = common_pb2.RequestContext(
+        org_id=org, **{k: v for k, v in fields.items() if k in ("project_id", "labels")})
+    return mpb.AuthorizeRequest(
+        request_id=request_id, context=context, model=model, operation=mpb.OPERATION_CHAT,
+        estimated_input_tokens=input_tokens, max_output_tokens=max_output,
+        **{k: v for k, v in fields.items() if k not in ("project_id", "labels")})
+
+
+async def sql(suite: Suite, statement: str, *args: object) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(db.asyncpg_url(suite.db_url))
+    try:
+        return list(await conn.fetch(statement, *args))
+    finally:
+        await conn.close()
+
+
+async def add_budget(suite: Suite, budget_id: str, limit_credits: float, *,
+                     enforcement: str = "HARD", scope: str = "ORG", scope_value: str = "",
+                     downgrade_at: int = 0, thresholds: tuple[int, ...] = (50, 80, 100)) -> None:
+    # Budgets are made with SQL here; the management RPCs have their own tests.
+    await sql(suite, "INSERT INTO metering.budgets (budget_id, org_id, name, scope, scope_value, "
+              "period, limit_micros, alarm_thresholds_percent, enforcement, "
+              "downgrade_at_percent) VALUES ($1, 'acme', $1, $2, $3, 'MONTHLY', $4, $5, $6, $7)",
+              budget_id, scope, scope_value, int(limit_credits * CREDIT), list(thresholds),
+              enforcement, downgrade_at)
+
+
+async def budget_usage(suite: Suite, budget_id: str) -> tuple[int, int]:
+    rows = await sql(suite, "SELECT spent_micros, reserved_micros FROM metering.budget_usage "
+                     "WHERE budget_id = $1", budget_id)
+    return (rows[0]["spent_micros"], rows[0]["reserved_micros"]) if rows else (0, 0)
+
+
+async def test_allow_holds_the_worst_case_in_the_ledger_and_a_replay_is_the_same(
+    suite: Suite,
+) -> None:
+    await suite.fund("acme", 100)
+    first = await suite.client.metering.Authorize(ask("r-1"))
+    assert first.decision == ALLOW
+    assert first.model == "gpt-4.1-mini" and first.reserved_micros > 0
+    assert first.reservation_id and first.reservation_expires_at.seconds > 0
+    after = await balance(suite)
+    assert after.held_micros == first.reserved_micros
+    again = await suite.client.metering.Authorize(ask("r-1"))
+    assert again == first
+    assert (await balance(suite)).held_micros == first.reserved_micros
+    with pytest.raises(TallyError) as caught:
+        await suite.client.metering.Authorize(ask("r-1", input_tokens=9))
+    assert caught.value.reason is Reason.IDEMPOTENCY_KEY_REUSED
+    # the usage event captures the hold: held goes to zero, the actual cost is posted
+    recorded = await suite.client.metering.RecordUsage(mpb.RecordUsageRequest(events=[
+        _captured("u-1", first.reservation_id, input_tokens=1_000, output_tokens=100)]))
+    cost = recorded.results[0].receipt.cost_micros
+    assert 0 < cost <= first.reserved_micros
+    final = await balance(suite)
+    assert (final.held_micros, final.posted_micros) == (0, 100 * CREDIT - cost)
+
+
+def _captured(event_id: str, reservation_id: str, *, input_tokens: int, output_tokens: int,
+              model: str = "gpt-4.1-mini") -> mpb.UsageEvent:
+    event = usage(event_id, model=model, input_tokens=input_tokens, output_tokens=output_tokens)
+    event.reservation_id = reservation_id
+    return event
+
+
+async def test_bad_requests_and_unknown_models_name_the_field(suite: Suite) -> None:
+    for request, field in ((ask(""), "request_id"), (ask("x", org=""), "context.org_id"),
+                           (ask("x", model=""), "model"),
+                           (ask("x", input_tokens=-1), "estimated_input_tokens"),
+                           (ask("x", reservation_ttl_seconds=7200), "reservation_ttl_seconds"),
+                           (ask("x", model="no-such-model"), "model")):
+        with pytest.raises(TallyError) as caught:
+            await suite.client.metering.Authorize(request)
+        assert caught.value.field == field or caught.value.message.startswith(field), (
+            field, caught.value)
+
+
+async def test_without_credit_the_answer_is_deny_and_nothing_stays_held(suite: Suite) -> None:
+    await suite.fund("acme", 1)
+    await add_budget(suite, "b-org", 1_000)
+    reply = await suite.client.metering.Authorize(ask("big", input_tokens=5_000_000))
+    assert (reply.decision, reply.deny_reason) == (DENY, "INSUFFICIENT_CREDITS")
+    assert not reply.reservation_id
+    assert await budget_usage(suite, "b-org") == (0, 0)
+    assert (await balance(suite)).held_micros == 0
+    assert await suite.client.metering.Authorize(ask("big", input_tokens=5_000_000)) == reply
+
+
+async def test_guard_rails_deny_long_contexts_and_large_uploads(suite: Suite) -> None:
+    await suite.fund("acme", 100)
+    await sql(suite, "INSERT INTO metering.spend_policies (org_id, max_context_tokens, "
+              "max_upload_bytes) VALUES ('acme', 8000, 1000000)")
+    long = await suite.client.metering.Authorize(ask("long", context_tokens=9_000))
+    assert (long.decision, long.deny_reason) == (DENY, "CONTEXT_TOO_LONG")
+    upload = await suite.client.metering.Authorize(ask("upload", upload_bytes=2_000_000))
+    assert (upload.decision, upload.deny_reason) == (DENY, "UPLOAD_TOO_LARGE")
+    fine = await suite.client.metering.Authorize(ask("fine", context_tokens=8_000))
+    assert fine.decision == ALLOW
+
+
+async def test_a_soft_budget_past_its_threshold_downgrades_to_the_cheaper_model(
+    suite: Suite,
+) -> None:
+    await suite.fund("acme", 1_000)
+    await add_budget(suite, "b-soft", 10, enforcement="SOFT_DOWNGRADE", downgrade_at=50)
+    cheap = await suite.client.metering.Authorize(ask("before", model="gpt-4.1"))
+    assert cheap.decision == ALLOW and cheap.model == "gpt-4.1"
+    await suite.client.metering.RecordUsage(mpb.RecordUsageRequest(events=[
+        _captured("spend", cheap.reservation_id, input_tokens=24_000, output_tokens=0,
+                  model="gpt-4.1")]))
+    spent, _ = await budget_usage(suite, "b-soft")
+    assert spent >= 5 * CREDIT  # past the 50 % threshold
+    after = await suite.client.metering.Authorize(ask("after", model="gpt-4.1"))
+    assert after.decision == DOWNGRADE
+    assert after.model == "gpt-4.1-mini"
+    assert 0 < after.reserved_micros < cheap.reserved_micros
+    assert (await balance(suite)).held_micros == after.reserved_micros
+
+
+async def test_64_parallel_flows_never_overshoot_a_hard_budget_and_leave_no_room_unused(
+    suite: Suite,
+) -> None:
+    await suite.fund("acme", 10_000)
+    limit = 30 * CREDIT
+    await add_budget(suite, "b-hard", limit / CREDIT)
+    holding = 0  # flows between an ALLOW and the usage event that captures it
+    captures = 0  # usage events recorded so far (each may free part of its hold)
+    estimates: list[int] = []
+    rng = random.Random(11)
+
+    async def flow(worker: int) -> int:
+        nonlocal holding, captures
+        allowed = 0
+        for attempt in range(10_000):
+            quiet = holding == 0
+            seen = captures
+            answer = await suite.client.metering.Authorize(
+                ask(f"w{worker}-{attempt}", input_tokens=20_000, max_output=2_000))
+            if answer.decision == DENY:
+                assert answer.deny_reason == "BUDGET_EXCEEDED", answer
+                if quiet and seen == captures:
+                    # nothing was held when we asked and nothing was freed since: the budget
+                    # truly has no room for this request (later holders keep trying)
+                    return allowed
+                await asyncio.sleep(0)
+                continue
+            holding += 1
+            try:
+                allowed += 1
+                estimates.append(answer.reserved_micros)
+                actual = await suite.client.metering.RecordUsage(mpb.RecordUsageRequest(events=[
+                    _captured(f"e-w{worker}-{attempt}", answer.reservation_id,
+                              input_tokens=rng.randint(10_000, 20_000),
+                              output_tokens=rng.randint(0, 2_000))]))
+                assert actual.results[0].status == ACCEPTED
+                captures += 1
+            finally:
+                holding -= 1
+        raise AssertionError("never denied")
+
+    admitted = sum(await asyncio.gather(*(flow(w) for w in range(64))))
+    spent, reserved = await budget_usage(suite, "b-hard")
+    debited = 10_000 * CREDIT - (await balance(suite)).posted_micros
+    assert reserved == 0
+    assert spent == debited, "the budget counts exactly what the ledger debited"
+    assert spent <= limit, "a hard budget is never overshot"
+    assert limit - spent < max(estimates), "room for one more request was never left unused"
+    assert admitted == len(estimates)
+
+
+async def test_each_alarm_threshold_fires_once_per_period_even_across_a_restart(
+    db_url: str,
+) -> None:
+    suite = await start_suite(db_url)
+    try:
+        await suite.fund("acme", 1_000)
+        await add_budget(suite, "b-alarm", 1, enforcement="ALERT_ONLY")
+
+        async def spend(event_id: str, tokens: int) -> None:
+            reply = await suite.client.metering.RecordUsage(mpb.RecordUsageRequest(
+                events=[usage(event_id, model="gpt-4.1", input_tokens=tokens,
+                              output_tokens=0)]))
+            assert reply.results[0].status == ACCEPTED
+
+        async def fired() -> list[int]:
+            rows = await sql(suite, "SELECT threshold_percent FROM metering.budget_alarms "
+                             "WHERE budget_id = 'b-alarm' ORDER BY 1")
+            return [r["threshold_percent"] for r in rows]
+
+        await spend("a-1", 2_400)   # 250 credits per 1M input tokens on gpt-4.1: 0.6 credit
+        assert await fired() == [50]
+        await spend("a-2", 40)
+        assert await fired() == [50]
+        await stop_suite(suite)
+        suite = await start_suite(db_url)
+        await spend("a-3", 800)   # 0.81 credit
+        assert await fired() == [50, 80]
+        await spend("a-4", 800)   # 1.01 credits: ALERT_ONLY never blocks
+        assert await fired() == [50, 80, 100]
+        outbox = await sql(suite, "SELECT type, attributes FROM metering.outbox ORDER BY id")
+        assert [r["type"] for r in outbox] == ["BUDGET_THRESHOLD"] * 3
+    finally:
+        await stop_suite(suite)
+
+
+async def test_holds_nobody_captured_leave_the_budget_at_their_ttl(suite: Suite) -> None:
+    await suite.fund("acme", 100)
+    await add_budget(suite, "b-ttl", 50)
+    answer = await suite.client.metering.Authorize(ask("t-1", reservation_ttl_seconds=1))
+    assert answer.decision == ALLOW
+    assert await budget_usage(suite, "b-ttl") == (0, answer.reserved_micros)
+    pool = await db.create_pool(suite.db_url, max_size=1)
+    try:
+        store = SpendStore(pool)
+        assert await store.expire_holds(datetime.now(UTC)) == 0
+        assert await store.expire_holds(datetime.now(UTC) + timedelta(seconds=2)) == 1
+    finally:
+        await pool.close()
+    assert await budget_usage(suite, "b-ttl") == (0, 0)
+    # a late usage event for the lapsed hold is still charged, as plain spend
+    late = await suite.client.metering.RecordUsage(mpb.RecordUsageRequest(events=[
+        _captured("late", answer.reservation_id, input_tokens=100, output_tokens=10)]))
+    assert late.results[0].status == ACCEPTED
+    assert (await budget_usage(suite, "b-ttl"))[0] == late.results[0].receipt.cost_micros
