@@ -1,17 +1,20 @@
 """`tally demo`: a short workload against the running suite, one story a person can follow.
 
-It asks each service one question, then walks the ledger through the product loop as far as it
-exists today: credit granted -> reserved for a request -> captured at its actual cost -> usage
-batch debited -> balance and its hash chain verified.
+It asks each service one question, walks the ledger through its primitives (credit granted ->
+reserved -> captured at its actual cost -> usage batch debited -> balance and hash chain
+verified), then runs one metered AI request end to end: Authorize holds the worst case ->
+the usage event streams in -> its receipt -> the hold is captured.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 
 import typer
 
 from tally.cli import suite
+from tally.common.v1 import common_pb2 as cpb
 from tally.kit.config import KitConfig
 from tally.kit.errors import Reason, TallyError
 from tally.kit.money import format_credits, parse_credits
@@ -42,6 +45,7 @@ async def run(config: KitConfig, org: str) -> bool:
         try:
             await _one_call_each(tally, org)
             await _ledger_story(tally, f"{org}-{run_id}", run_id)
+            await _metered_request(tally, f"{org}-{run_id}", run_id)
         except TallyError as exc:
             typer.echo(f"demo failed: {exc.reason}: {exc.message}", err=True)
             return False
@@ -92,3 +96,38 @@ async def _ledger_story(tally: TallyClient, org: str, run_id: str) -> None:
     _say("hash chain", f"ok={report.ok} over {report.entries_checked} entries")
     if not report.ok:
         raise TallyError(Reason.INTERNAL, f"ledger verification failed: {report.detail}")
+
+
+async def _metered_request(tally: TallyClient, org: str, run_id: str) -> None:
+    """The product loop: ask, run, report usage, get a receipt, see the balance."""
+    typer.echo(f"one metered AI request for {org}:")
+    asked = await tally.metering.Authorize(mpb.AuthorizeRequest(
+        request_id=f"demo-req-{run_id}", context=cpb.RequestContext(org_id=org),
+        model="claude-sonnet", operation=mpb.OPERATION_CHAT, estimated_input_tokens=3_000,
+        max_output_tokens=1_000))
+    decision = mpb.Decision.Name(asked.decision).removeprefix("DECISION_")
+    _say("metering.Authorize", f"{decision} on {asked.model}, holding "
+         f"{format_credits(asked.reserved_micros)} (book v{asked.price_book_version})")
+    if asked.decision == mpb.DECISION_DENY:
+        raise TallyError(Reason.INTERNAL, f"demo request denied: {asked.deny_reason}")
+    event = mpb.UsageEvent(
+        event_id=f"demo-usage-{run_id}", model=asked.model, operation=mpb.OPERATION_CHAT,
+        reservation_id=asked.reservation_id, context=cpb.RequestContext(org_id=org),
+        quantities=[cpb.MeterQuantity(meter=cpb.METER_INPUT_TOKENS, quantity=2_800),
+                    cpb.MeterQuantity(meter=cpb.METER_OUTPUT_TOKENS, quantity=640)])
+    event.occurred_at.GetCurrentTime()
+
+    async def one_batch() -> AsyncIterator[mpb.StreamUsageRequest]:
+        yield mpb.StreamUsageRequest(batch_id="1", events=[event])
+
+    acks = [ack async for ack in tally.metering.StreamUsage(one_batch())]
+    receipt = acks[0].results[0].receipt
+    lines = ", ".join(f"{cpb.Meter.Name(line.meter).removeprefix('METER_').lower()} "
+                      f"{format_credits(line.cost_micros)}" for line in receipt.lines)
+    _say("metering.StreamUsage receipt", f"{format_credits(receipt.cost_micros)} ({lines}); "
+         f"available after {format_credits(receipt.balance_after_micros)}")
+    balance = (await tally.ledger.GetBalance(lpb.GetBalanceRequest(org_id=org))).balance
+    _say("hold captured", f"held {format_credits(balance.held_micros)}, available "
+         f"{format_credits(balance.available_micros)}")
+    if balance.held_micros:
+        raise TallyError(Reason.INTERNAL, "the usage event did not capture its hold")
