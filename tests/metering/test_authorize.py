@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 
 from services.metering.spend_store import SpendStore
+from tally.cli import authorize as authorize_cli
 from tally.common.v1 import common_pb2
 from tally.kit import db
 from tally.kit.errors import Reason, TallyError
@@ -250,3 +251,19 @@ async def test_holds_nobody_captured_leave_the_budget_at_their_ttl(suite: Suite)
         _captured("late", answer.reservation_id, input_tokens=100, output_tokens=10)]))
     assert late.results[0].status == ACCEPTED
     assert (await budget_usage(suite, "b-ttl"))[0] == late.results[0].receipt.cost_micros
+
+
+async def test_tally_authorize_prints_the_decision_and_the_budget_headroom(
+    suite: Suite, capsys: pytest.CaptureFixture[str],
+) -> None:
+    await suite.fund("acme", 100)
+    await add_budget(suite, "b-cli", 50)
+    answer = await authorize_cli.authorize(suite.config, ask("cli-1", model="claude-sonnet"))
+    printed = capsys.readouterr().out  # the in-process servers log to stdout too
+    assert answer.decision == ALLOW
+    assert "\nALLOW on claude-sonnet-4: holding " in f"\n{printed}"
+    assert answer.reservation_id in printed
+    assert "budget:b-cli" in printed and "balance" in printed
+    denied = await authorize_cli.authorize(suite.config, ask("cli-2", input_tokens=10**9))
+    assert denied.decision == DENY
+    assert "\nDENY BUDGET_EXCEEDED: " in f"\n{capsys.readouterr().out}"

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from tally.cli import authorize as authorize_cli
 from tally.cli import demo as demo_module
 from tally.cli import ledger as ledger_cli
 from tally.cli import suite
@@ -124,6 +125,7 @@ def verify_ledger(
 
 
 usage_cli.register(app, _config)
+authorize_cli.register(app, _config)
 
 
 if __name__ == "__main__":
