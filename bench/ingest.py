@@ -4,8 +4,9 @@ What it measures (``python -m bench.ingest [--quick]`` prints one JSON object):
 
 - ``streams_<S>_batch_<B>``: ``S`` concurrent ``StreamUsage`` clients sending batches of ``B``
   events (S in 1, 8; B in 100, 1,000). ``events_per_s`` counts only acknowledged events, each
-  acknowledged only after its usage row, roll-ups and ledger debit are committed; ``ack_p50_ms``
-  / ``ack_p99_ms`` are per batch, from the moment it is handed to gRPC to its ack.
+  acknowledged only after its usage row, roll-ups and ledger debit are committed. Each client
+  keeps at most 4 batches unacknowledged (as a client that resends unacked batches must);
+  ``ack_p50_ms`` / ``ack_p99_ms`` are per batch, from the moment it is handed to gRPC to its ack.
 - ``metering_rss_mb``: the metering process's resident set after the runs (``VmRSS``) and its
   peak (``VmHWM``).
 - ``baseline``: the raw gRPC client-stream figure of :mod:`bench.baseline` (1,000-event
@@ -35,15 +36,14 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import grpc
 
 from bench.baseline import _machine, nearest_rank, run_baseline, run_in_loop
+from bench.harness import bench_database, database_label, database_server_url
 from tally.cli.suite import health_state
 from tally.common.v1 import common_pb2
-from tally.kit import db, infra
+from tally.kit import infra
 from tally.kit.log import configure_logging
 from tally.ledger.v1 import ledger_pb2 as lpb
 from tally.metering.v1 import metering_pb2 as mpb
@@ -57,6 +57,10 @@ ORGS: Final = 100
 MODELS: Final = ("gpt-4.1-mini", "gpt-4.1", "claude-sonnet", "gemini-2.5-flash")
 FUNDING_MICROS: Final = 10**15
 SHAPES: Final = ((1, 100), (1, 1000), (8, 100), (8, 1000))
+WINDOW: Final = 4
+"""Unacknowledged batches a client keeps in flight per stream (the server's default too)."""
+SERVICES: Final = ("pricing", "ledger", "metering")
+"""What the suite runs, in start order (each after the one it calls at start-up)."""
 
 TARGET_EVENTS_PER_S: Final = 100_000
 TARGET_BASELINE_SHARE: Final = 0.10
@@ -70,39 +74,15 @@ _STOP_TIMEOUT_S: Final = 30.0
 
 
 @contextlib.contextmanager
-def bench_database(server_url: str) -> Iterator[str]:
-    """A fresh database with every schema the three services need; dropped on exit."""
-    name = f"tally_bench_ingest_{os.getpid()}"
-    run_in_loop(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    run_in_loop(_admin(server_url, f'CREATE DATABASE "{name}"'))
-    try:
-        parts = urlsplit(server_url)
-        url = urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
-        for service in ("pricing", "ledger", "metering"):
-            db.migrate(service, url)
-        yield url
-    finally:
-        run_in_loop(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-async def _admin(server_url: str, sql: str) -> None:
-    conn = await asyncpg.connect(db.asyncpg_url(server_url))
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-@contextlib.contextmanager
 def running_suite(database_url: str, profile_path: str | None) -> Iterator[dict[str, Any]]:
     """pricing, ledger and metering as processes on free ports; yields addresses and pids."""
-    ports = {name: infra.free_port() for name in ("pricing", "ledger", "metering")}
+    ports = {name: infra.free_port() for name in SERVICES}
     env = dict(os.environ, TALLY_DATABASE_URL=database_url, TALLY_MIGRATE_ON_START="false",
                TALLY_LOG_LEVEL="warning",
                **{f"TALLY_{name.upper()}_PORT": str(port) for name, port in ports.items()})
     processes: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        for name in ("pricing", "ledger", "metering"):
+        for name in SERVICES:
             command = [sys.executable, "-m", f"services.{name}"]
             if name == "metering" and profile_path:
                 command = [sys.executable, "-m", "cProfile", "-o", profile_path, "-m",
@@ -177,9 +157,12 @@ async def _fund(client: TallyClient) -> None:
 async def _one_stream(stub: metering_pb2_grpc.MeteringServiceAsyncStub,
                       batches: list[list[mpb.UsageEvent]], latencies_ns: list[int]) -> int:
     sent_at: dict[str, int] = {}
+    # Like a real client that must resend what is unacknowledged: at most WINDOW batches out.
+    window = asyncio.Semaphore(WINDOW)
 
     async def requests() -> AsyncIterator[mpb.StreamUsageRequest]:
         for number, events in enumerate(batches):
+            await window.acquire()
             sent_at[str(number)] = time.perf_counter_ns()
             yield mpb.StreamUsageRequest(batch_id=str(number), events=events)
 
@@ -187,6 +170,7 @@ async def _one_stream(stub: metering_pb2_grpc.MeteringServiceAsyncStub,
     async for ack in stub.StreamUsage(requests()):
         if ack.reconnect:
             continue
+        window.release()
         latencies_ns.append(time.perf_counter_ns() - sent_at[ack.batch_id])
         for result in ack.results:
             if result.status != mpb.EVENT_STATUS_ACCEPTED:
@@ -257,11 +241,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="run metering under cProfile and write the pstats to FILE")
     args = parser.parse_args(argv)
     configure_logging("bench", "warning")
-    server_url = os.environ.get("TALLY_DATABASE_URL") or infra.start_embedded_postgres(
-        BENCH_DATA_DIR, keep_running=False)
+    server_url = database_server_url(BENCH_DATA_DIR)
     baseline = run_baseline(quick=args.quick)
     profile = str(Path(args.profile_metering).resolve()) if args.profile_metering else None
-    with bench_database(server_url) as url, running_suite(url, profile) as suite:
+    with (bench_database(server_url, "tally_bench_ingest", SERVICES) as url,
+          running_suite(url, profile) as suite):
         ingest = run_in_loop(measure_ingest(suite["addresses"], args.quick))
         rss = _rss_mb(suite["pids"]["metering"])
     raw = baseline["client_stream_1000"]["events_per_s"]
@@ -273,8 +257,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "ratio": round(best / raw, 4) if raw else None,
         "targets": targets(ingest, raw, rss["peak"]),
         "quick": args.quick,
-        "database": "TALLY_DATABASE_URL" if os.environ.get("TALLY_DATABASE_URL")
-        else f"embedded ({BENCH_DATA_DIR})",
+        "database": database_label(BENCH_DATA_DIR),
         "machine": _machine(),
     }
     print(json.dumps(result, indent=2))

@@ -27,19 +27,14 @@ import argparse
 import asyncio
 import contextlib
 import contextvars
-import cProfile
 import dataclasses
 import itertools
 import json
-import os
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Final, TypedDict
-from urllib.parse import urlsplit, urlunsplit
-
-import asyncpg
 
 from bench.baseline import (
     BaselineResult,
@@ -50,12 +45,11 @@ from bench.baseline import (
     run_baseline,
     run_in_loop,
 )
+from bench.harness import bench_database, database_label, database_server_url, serve_in_child
 from services.ledger.server import build
 from tally.common.v1 import common_pb2
-from tally.kit import db, infra
 from tally.kit.config import load_kit_config
 from tally.kit.log import configure_logging
-from tally.kit.server import start_server
 from tally.ledger.v1 import ledger_pb2 as pb
 from tally.sdk.client import TallyClient
 
@@ -117,69 +111,14 @@ class CallStats(TypedDict):
     p99_ms: float
 
 
-# ---------------------------------------------------------------------------- database
-
-
-def _with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
-
-
-async def _admin(server_url: str, sql: str) -> None:
-    conn = await asyncpg.connect(db.asyncpg_url(server_url))
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-@contextlib.contextmanager
-def bench_database(server_url: str) -> Iterator[str]:
-    """A fresh database with the ledger schema migrated; dropped on exit whatever happens."""
-    name = f"tally_bench_{os.getpid()}"
-    run_in_loop(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    run_in_loop(_admin(server_url, f'CREATE DATABASE "{name}"'))
-    try:
-        url = _with_database(server_url, name)
-        db.migrate("ledger", url)
-        yield url
-    finally:
-        run_in_loop(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
 # ---------------------------------------------------------------------------- server
-
-
-async def _serve_async(conn: Connection, database_url: str) -> None:
-    config = dataclasses.replace(load_kit_config({}), database_url=database_url,
-                                 migrate_on_start=False, db_pool_size=8)
-    running = await start_server(await build(config), port=0, grace_seconds=5.0)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    # Readable on the parent's stop message *or* on EOF when the parent dies.
-    loop.add_reader(conn.fileno(), stop.set)
-    try:
-        conn.send(running.port)
-        await stop.wait()
-    finally:
-        loop.remove_reader(conn.fileno())
-        await running.stop()
 
 
 def _serve(conn: Connection, database_url: str, profile_path: str | None) -> None:
     """Child-process entry point: serve the ledger until the parent says stop or goes away."""
-    # stderr, and quiet: stdout carries the benchmark's JSON.
-    configure_logging("ledger", "warning")
-    profiler = cProfile.Profile() if profile_path else None
-    try:
-        if profiler is not None:
-            profiler.enable()
-        run_in_loop(_serve_async(conn, database_url))
-    finally:
-        if profiler is not None and profile_path:
-            profiler.disable()
-            profiler.dump_stats(profile_path)
-        conn.close()
+    config = dataclasses.replace(load_kit_config({}), database_url=database_url,
+                                 migrate_on_start=False, db_pool_size=8)
+    serve_in_child(conn, "ledger", build, config, grace_seconds=5.0, profile_path=profile_path)
 
 
 @contextlib.contextmanager
@@ -426,12 +365,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Logs to stderr (structlog's default would print them to stdout, into the JSON).
     configure_logging("bench", "warning")
 
-    server_url = os.environ.get("TALLY_DATABASE_URL") or infra.start_embedded_postgres(
-        BENCH_DATA_DIR, keep_running=False)
+    server_url = database_server_url(BENCH_DATA_DIR)
     baseline = run_baseline(quick=args.quick)
     profile = str(Path(args.profile_server).resolve()) if args.profile_server else None
-    with bench_database(server_url) as database_url, ledger_server(database_url,
-                                                                    profile) as target:
+    with (bench_database(server_url, "tally_bench", ["ledger"]) as database_url,
+          ledger_server(database_url, profile) as target):
         ledger = run_in_loop(measure_ledger(target, quick=args.quick))
 
     result: dict[str, Any] = {
@@ -440,8 +378,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "ratios": ratios(ledger, baseline),
         "targets": targets(ledger),
         "quick": args.quick,
-        "database": "TALLY_DATABASE_URL" if os.environ.get("TALLY_DATABASE_URL")
-        else f"embedded ({BENCH_DATA_DIR})",
+        "database": database_label(BENCH_DATA_DIR),
         "machine": _machine(),
     }
     print(json.dumps(result, indent=2))

@@ -14,35 +14,40 @@ What it measures (``python -m bench.pricing [--quick]`` prints one JSON object):
   ``ratios`` of the Quote figures to them, and ``targets`` (rating >= 500,000 events/s per
   core; Quote p99 at 1 caller <= 1.5x the raw unary p99) with ``pass``.
 
-The pricing server runs in a ``spawn``ed child process (uvloop), like the baseline server,
-on a fresh ``tally_bench_pricing_<pid>`` database (``TALLY_DATABASE_URL``, else the embedded
-PostgreSQL under ``.tally/bench-pricing``) that it bootstraps with the default catalog;
-the database is dropped at the end.
+The pricing server runs in a ``spawn``ed child process (:func:`bench.baseline.child_server`,
+uvloop), like the baseline server, on a fresh ``tally_bench_pricing_<pid>`` database
+(``TALLY_DATABASE_URL``, else the embedded PostgreSQL under ``.tally/bench-pricing``) that it
+bootstraps with the default catalog; the database is dropped at the end. The server sets up
+logging and telemetry as ``run_service`` does (:func:`bench.harness.serve_in_child`), so each
+Quote pays for its server span as in a deployment without an OTLP endpoint.
+``--profile-server FILE`` writes a cProfile (pstats) of the whole server process to FILE.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import dataclasses
 import json
-import multiprocessing
-import os
 import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import grpc
 
-from bench.baseline import BaselineResult, measure_unary, run_baseline, run_in_loop
+from bench.baseline import (
+    BaselineResult,
+    _machine,
+    child_server,
+    measure_unary,
+    run_baseline,
+    run_in_loop,
+)
+from bench.harness import bench_database, database_label, database_server_url, serve_in_child
 from tally.common.v1 import common_pb2
-from tally.kit import db, infra
 from tally.kit.config import load_kit_config
 from tally.kit.log import configure_logging
 from tally.pricing.v1 import pricing_pb2, pricing_pb2_grpc
@@ -107,94 +112,26 @@ def measure_rating(book: PriceBook, events: int, rounds: int = 3) -> dict[str, d
     return results
 
 
-# ---------------------------------------------------------------------------- database
-
-
-def _with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
-
-
-async def _admin(server_url: str, sql: str) -> None:
-    conn = await asyncpg.connect(db.asyncpg_url(server_url))
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-@contextlib.contextmanager
-def bench_database(server_url: str) -> Iterator[str]:
-    """A fresh database with the pricing schema migrated; dropped on exit."""
-    name = f"tally_bench_pricing_{os.getpid()}"
-    run_in_loop(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    run_in_loop(_admin(server_url, f'CREATE DATABASE "{name}"'))
-    try:
-        url = _with_database(server_url, name)
-        db.migrate("pricing", url)
-        yield url
-    finally:
-        run_in_loop(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
 # ---------------------------------------------------------------------------- server
 
 
-async def _serve_async(conn: Connection, database_url: str) -> None:
+def _serve(conn: Connection, database_url: str, profile_path: str | None) -> None:
+    """Child-process entry point: serve pricing until the parent says stop or goes away."""
     from services.pricing.server import build
-    from tally.kit.server import start_server
 
     config = dataclasses.replace(load_kit_config({}), database_url=database_url,
                                  migrate_on_start=False)
-    running = await start_server(await build(config), port=0, grace_seconds=2.0)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_reader(conn.fileno(), stop.set)  # the parent's stop message, or EOF
-    try:
-        conn.send(running.port)
-        await stop.wait()
-    finally:
-        loop.remove_reader(conn.fileno())
-        await running.stop()
-
-
-def _serve(conn: Connection, database_url: str) -> None:
-    """Child-process entry point: serve pricing until the parent says stop or goes away."""
-    configure_logging("pricing", "warning")
-    try:
-        run_in_loop(_serve_async(conn, database_url))
-    finally:
-        conn.close()
+    serve_in_child(conn, "pricing", build, config, grace_seconds=2.0,
+                   profile_path=profile_path)
 
 
 @contextlib.contextmanager
-def pricing_server(database_url: str) -> Iterator[str]:
+def pricing_server(database_url: str, profile_path: str | None = None) -> Iterator[str]:
     """Run pricing in a spawned child process; yield its ``host:port`` target."""
-    ctx = multiprocessing.get_context("spawn")
-    parent_conn, child_conn = ctx.Pipe()
-    process = ctx.Process(target=_serve, args=(child_conn, database_url),
-                          name="bench-pricing-server", daemon=True)
-    process.start()
-    child_conn.close()
-    try:
-        if not parent_conn.poll(_SERVER_START_TIMEOUT_S):
-            raise RuntimeError(f"pricing did not report a port within {_SERVER_START_TIMEOUT_S}s")
-        try:
-            port = parent_conn.recv()
-        except EOFError as exc:
-            raise RuntimeError(f"pricing exited during start-up ({process.exitcode})") from exc
-        yield f"127.0.0.1:{port}"
-    finally:
-        with contextlib.suppress(OSError):
-            parent_conn.send("stop")
-        parent_conn.close()
-        process.join(_SERVER_STOP_TIMEOUT_S)
-        if process.is_alive():
-            process.terminate()
-            process.join(_SERVER_STOP_TIMEOUT_S)
-        if process.is_alive():
-            process.kill()
-            process.join(_SERVER_STOP_TIMEOUT_S)
+    with child_server("pricing", _serve, (database_url, profile_path),
+                      start_timeout_s=_SERVER_START_TIMEOUT_S,
+                      stop_timeout_s=_SERVER_STOP_TIMEOUT_S) as target:
+        yield target
 
 
 async def measure_quote(target: str, quick: bool) -> dict[str, Any]:
@@ -227,16 +164,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.pricing", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="counts / 10, for CI smoke")
+    parser.add_argument("--profile-server", metavar="FILE",
+                        help="write a cProfile (pstats) of the pricing server process to FILE")
     args = parser.parse_args(argv)
     configure_logging("bench", "warning")
 
     book = load_catalog()
     assert book.effective_from <= datetime.now(UTC)
     rating = measure_rating(book, 20_000 if args.quick else 200_000)
-    server_url = os.environ.get("TALLY_DATABASE_URL") or infra.start_embedded_postgres(
-        BENCH_DATA_DIR, keep_running=False)
+    server_url = database_server_url(BENCH_DATA_DIR)
     baseline: BaselineResult = run_baseline(quick=args.quick)
-    with bench_database(server_url) as database_url, pricing_server(database_url) as target:
+    profile = str(Path(args.profile_server).resolve()) if args.profile_server else None
+    with (bench_database(server_url, "tally_bench_pricing", ["pricing"]) as database_url,
+          pricing_server(database_url, profile) as target):
         quote = run_in_loop(measure_quote(target, args.quick))
 
     best_rating = rating["rate_total"]["events_per_s"]
@@ -263,9 +203,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "pass": p99_ratio is not None and p99_ratio <= TARGET_P99_RATIO},
         },
         "quick": args.quick,
-        "database": "TALLY_DATABASE_URL" if os.environ.get("TALLY_DATABASE_URL")
-        else f"embedded ({BENCH_DATA_DIR})",
-        "machine": {"cpus": os.cpu_count()},
+        "database": database_label(BENCH_DATA_DIR),
+        "machine": _machine(),
     }
     print(json.dumps(result, indent=2))
 

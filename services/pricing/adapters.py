@@ -9,13 +9,13 @@ from typing import Final
 
 import grpc
 
-from tally.common.v1 import common_pb2
 from tally.kit.errors import Reason, TallyError, from_rpc_error
 from tally.kit.protoconv import to_timestamp
 from tally.metering.v1 import metering_pb2, metering_pb2_grpc
 from tally.rating import UsageMode
+from tally.sdk.pricebook import meter_from_proto, mode_from_proto
 
-from .convert import METER_IN, MODE_IN
+from .convert import or_none
 from .domain import RecordedUsage
 
 EXPORT_PAGE_SIZE: Final = 1000
@@ -25,15 +25,15 @@ _UNAVAILABLE_CODES: Final = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLI
 def recorded_usage(row: metering_pb2.RecordedUsageEvent) -> RecordedUsage:
     """The domain form of one exported event."""
     event, receipt = row.event, row.receipt
-    mode = (UsageMode.ONLINE if event.mode == common_pb2.USAGE_MODE_UNSPECIFIED
-            else MODE_IN[event.mode])
+    mode = or_none(mode_from_proto, event.mode) or UsageMode.ONLINE
+    quantities = {meter: q.quantity for q in event.quantities
+                  if (meter := or_none(meter_from_proto, q.meter)) is not None}
     return RecordedUsage(
         org_id=event.context.org_id,
         occurred_at=event.occurred_at.ToDatetime(tzinfo=UTC),
         model=event.model, resolved_model=receipt.resolved_model, provider=event.provider,
         mode=mode, region=event.region,
-        quantities={METER_IN[q.meter]: q.quantity for q in event.quantities
-                    if q.meter in METER_IN},
+        quantities=quantities,
         charged_micros=receipt.cost_micros, price_book_version=receipt.price_book_version)
 
 

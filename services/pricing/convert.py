@@ -1,17 +1,19 @@
 """tally.pricing.v1 messages <-> pricing domain objects.
 
 Published books go out through `tally.sdk.pricebook.to_proto`, the conversion metering uses to
-read them back, so both ends agree. Drafts come in through `draft_from_proto`, which is
-tolerant on purpose: PublishPriceBook must list every problem of a draft, so a bad decimal or
-an unset enum becomes a field violation instead of stopping at the first one.
+read them back, so both ends agree; every enum (meter, mode, tier mode, kind, package tier) and
+credit package crosses the wire through the same module. Drafts come in through
+`draft_from_proto`, which is tolerant on purpose: PublishPriceBook must list every problem of a
+draft, so a bad decimal or an unset enum becomes a field violation instead of stopping at the
+first one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import Final
+from typing import TypeVar
 
 from tally.common.v1 import common_pb2
 from tally.kit.errors import FieldViolation, Reason, TallyError, invalid_fields
@@ -23,16 +25,25 @@ from tally.rating import (
     Meter,
     ModelEntry,
     ModelKind,
-    PackageTier,
     PriceBook,
     PriceLine,
     ProviderCost,
     Quote,
     Tier,
-    TierMode,
     UsageMode,
 )
-from tally.sdk.pricebook import to_proto
+from tally.sdk.pricebook import (
+    kind_from_proto,
+    meter_from_proto,
+    meter_to_proto,
+    mode_from_proto,
+    mode_to_proto,
+    package_tier_from_proto,
+    package_to_proto,
+    tier_mode_from_proto,
+    tier_mode_to_proto,
+    to_proto,
+)
 
 from .domain import (
     EPOCH,
@@ -52,22 +63,16 @@ from .domain import (
     request_fingerprint,
 )
 
-METER_IN: Final[Mapping[int, Meter]] = {
-    common_pb2.Meter.Value(f"METER_{m.name}"): m for m in Meter}
-METER_OUT: Final[Mapping[Meter, int]] = {m: n for n, m in METER_IN.items()}
-MODE_IN: Final[Mapping[int, UsageMode]] = {
-    common_pb2.UsageMode.Value(f"USAGE_MODE_{m.name}"): m for m in UsageMode}
-MODE_OUT: Final[Mapping[UsageMode | None, int]] = {
-    None: common_pb2.USAGE_MODE_UNSPECIFIED, **{m: n for n, m in MODE_IN.items()}}
-TIER_MODE_IN: Final[Mapping[int, TierMode]] = {
-    pb.TierMode.Value(f"TIER_MODE_{m.name}"): m for m in TierMode}
-TIER_MODE_OUT: Final[Mapping[TierMode, int]] = {m: n for n, m in TIER_MODE_IN.items()}
-KIND_IN: Final[Mapping[int, ModelKind]] = {
-    pb.MODEL_KIND_UNSPECIFIED: ModelKind.CHAT,
-    **{pb.ModelKind.Value(f"MODEL_KIND_{k.name}"): k for k in ModelKind}}
-PACKAGE_TIER_IN: Final[Mapping[int, PackageTier]] = {
-    pb.PackageTier.Value(f"PACKAGE_TIER_{t.name}"): t for t in PackageTier}
-_ONE: Final = "1"
+_T = TypeVar("_T")
+
+
+def or_none(convert: Callable[[int], _T], number: int) -> _T | None:
+    """`convert(number)`, or None where it refuses the number (unset or unknown enum value):
+    the tolerant reading of wire enums, for callers that report every problem at once."""
+    try:
+        return convert(number)
+    except ValueError:
+        return None
 
 
 # --- books out -------------------------------------------------------------------------------
@@ -105,10 +110,10 @@ def warning_to_proto(warning: BelowCostWarning, book: PriceBook) -> pb.PriceWarn
     """A below-cost warning with both rates per the line's per_units."""
     per_units = book.line(warning.line_id).per_units
     return pb.PriceWarning(
-        line_id=warning.line_id, model=warning.model, meter=METER_OUT[warning.meter],  # type: ignore[arg-type]
+        line_id=warning.line_id, model=warning.model, meter=meter_to_proto(warning.meter),
         price_rate=fraction_text(warning.price_per_unit * per_units),
         cost_rate=fraction_text(warning.cost_per_unit * per_units),
-        message=warning.message, mode=MODE_OUT[warning.mode],  # type: ignore[arg-type]
+        message=warning.message, mode=mode_to_proto(warning.mode),
         tier_index=warning.tier_index, region=warning.region)
 
 
@@ -119,22 +124,6 @@ def publish_to_proto(result: PublishResult) -> pb.PublishPriceBookResponse:
         below_cost_warnings=[warning_to_proto(w, result.published.book)
                              for w in result.warnings],
         is_replay=result.is_replay)
-
-
-def package_to_proto(package: CreditPackage) -> pb.CreditPackage:
-    """A catalog package as the wire message, with its derived (output-only) figures."""
-    return pb.CreditPackage(
-        package_id=package.package_id,
-        name=package.name,
-        tier=pb.PackageTier.Value(f"PACKAGE_TIER_{package.tier.name}"),
-        price_minor=package.price_minor,
-        currency=package.currency,
-        credits_micros=package.credits_micros,
-        bonus_credits_micros=package.bonus_credits_micros,
-        effective_credits_micros=package.effective_credits_micros,
-        cost_per_credit_minor=str(package.cost_per_credit_minor),
-        manual_settlement_only=package.manual_settlement_only,
-    )
 
 
 def package_page_to_proto(page: PackagePage) -> pb.ListCreditPackagesResponse:
@@ -168,8 +157,26 @@ def margin_to_proto(page: MarginPage) -> pb.MarginReportResponse:
 # --- quotes ----------------------------------------------------------------------------------
 
 
-def _quantities(items: Iterable[common_pb2.MeterQuantity], name: str, *, required: bool
+def _quantities(items: Sequence[common_pb2.MeterQuantity], name: str, *, required: bool
                 ) -> dict[Meter, int]:
+    # The common case in one pass; anything odd goes to the full check, which names every
+    # problem (Quote runs this twice per call, so the fast path matters).
+    found: dict[Meter, int] = {}
+    if len(items) <= MAX_QUOTE_QUANTITIES:
+        for entry in items:
+            meter = or_none(meter_from_proto, entry.meter)
+            quantity = entry.quantity
+            if meter is None or quantity < 0 or meter in found:
+                break
+            found[meter] = quantity
+        else:
+            if found or not required:
+                return found
+    return _checked_quantities(items, name, required=required)
+
+
+def _checked_quantities(items: Iterable[common_pb2.MeterQuantity], name: str, *,
+                        required: bool) -> dict[Meter, int]:
     found: dict[Meter, int] = {}
     problems: list[FieldViolation] = []
     unknown: FieldViolation | None = None
@@ -179,7 +186,7 @@ def _quantities(items: Iterable[common_pb2.MeterQuantity], name: str, *, require
     if len(entries) > MAX_QUOTE_QUANTITIES:
         problems.append(FieldViolation(name, f"at most {MAX_QUOTE_QUANTITIES} entries"))
     for index, entry in enumerate(entries):
-        meter = METER_IN.get(entry.meter)
+        meter = or_none(meter_from_proto, entry.meter)
         if meter is None:
             unknown = unknown or FieldViolation(f"{name}[{index}].meter",
                                                 f"unknown meter {entry.meter}")
@@ -201,12 +208,11 @@ def _quantities(items: Iterable[common_pb2.MeterQuantity], name: str, *, require
 
 
 def _mode(number: int) -> UsageMode:
-    if number == common_pb2.USAGE_MODE_UNSPECIFIED:
-        return UsageMode.ONLINE
-    mode = MODE_IN.get(number)
-    if mode is None:
-        raise invalid_fields([FieldViolation("mode", f"unknown usage mode {number}")])
-    return mode
+    try:
+        mode = mode_from_proto(number)
+    except ValueError:
+        raise invalid_fields([FieldViolation("mode", f"unknown usage mode {number}")]) from None
+    return UsageMode.ONLINE if mode is None else mode
 
 
 def quote_command(request: pb.QuoteRequest) -> QuoteCommand:
@@ -222,22 +228,20 @@ def quote_command(request: pb.QuoteRequest) -> QuoteCommand:
 def quote_to_proto(quote: Quote, published: PublishedBook, is_estimate: bool
                    ) -> pb.QuoteResponse:
     """The Quote response: one line per meter, the version that priced it."""
-    version = published.version
-    lines = [
-        pb.QuoteLine(
-            meter=METER_OUT[line.meter],  # type: ignore[arg-type]
-            quantity=line.quantity, rate=str(line.rate), per_units=line.per_units,
-            tier_index=line.tier_index,
-            tier_mode=TIER_MODE_OUT[line.tier_mode],  # type: ignore[arg-type]
+    response = pb.QuoteResponse(total_micros=quote.total_micros,
+                                price_book_version=published.version,
+                                resolved_model=quote.resolved_model, provider=quote.provider,
+                                is_estimate=is_estimate)
+    add = response.lines.add  # built in place: no message built and then copied in
+    for line in quote.lines:
+        add(meter=meter_to_proto(line.meter), quantity=line.quantity, rate=str(line.rate),
+            per_units=line.per_units, tier_index=line.tier_index,
+            tier_mode=tier_mode_to_proto(line.tier_mode),
             included_applied=line.included_applied, cost_micros=line.cost_micros,
             exact_cost_micros=str(line.exact_cost), line_id=line.line_id,
             region_multiplier=str(line.region_multiplier),
             overage_quantity=line.overage_quantity)
-        for line in quote.lines
-    ]
-    return pb.QuoteResponse(total_micros=quote.total_micros, lines=lines,
-                            price_book_version=version, resolved_model=quote.resolved_model,
-                            provider=quote.provider, is_estimate=is_estimate)
+    return response
 
 
 # --- drafts in -------------------------------------------------------------------------------
@@ -263,13 +267,13 @@ class _Reader:
         out: list[PriceLine] = []
         for index, line in enumerate(message.lines):
             where = f"draft.lines[{index}]"
-            meter = METER_IN.get(line.meter)
+            meter = or_none(meter_from_proto, line.meter)
             if meter is None:
                 self.bad(f"{where}.meter", "is required (a known meter)")
-            mode = None if line.mode == 0 else MODE_IN.get(line.mode)
+            mode = or_none(mode_from_proto, line.mode)
             if line.mode and mode is None:
                 self.bad(f"{where}.mode", f"unknown usage mode {line.mode}")
-            tier_mode = TIER_MODE_IN.get(line.tier_mode)
+            tier_mode = or_none(tier_mode_from_proto, line.tier_mode)
             if tier_mode is None:
                 self.bad(f"{where}.tier_mode", "is required: FLAT, GRADUATED or VOLUME")
             tiers = tuple(Tier(t.up_to or None, self.decimal(t.rate, f"{where}.tiers[{i}].rate"))
@@ -290,7 +294,7 @@ class _Reader:
     def models(self, message: pb.PriceBook) -> list[ModelEntry]:
         out: list[ModelEntry] = []
         for index, entry in enumerate(message.models):
-            kind = KIND_IN.get(entry.kind)
+            kind = or_none(kind_from_proto, entry.kind)
             if kind is None:
                 self.bad(f"draft.models[{index}].kind", f"unknown model kind {entry.kind}")
                 kind = ModelKind.CHAT
@@ -306,10 +310,10 @@ class _Reader:
         out: list[ProviderCost] = []
         for index, cost in enumerate(message.costs):
             where = f"draft.costs[{index}]"
-            meter = METER_IN.get(cost.meter)
+            meter = or_none(meter_from_proto, cost.meter)
             if meter is None:
                 self.bad(f"{where}.meter", "is required (a known meter)")
-            mode = None if cost.mode == 0 else MODE_IN.get(cost.mode)
+            mode = or_none(mode_from_proto, cost.mode)
             if cost.mode and mode is None:
                 self.bad(f"{where}.mode", f"unknown usage mode {cost.mode}")
             rate = self.decimal(cost.cost_rate, f"{where}.cost_rate")
@@ -321,7 +325,7 @@ class _Reader:
     def packages(self, message: pb.PriceBook) -> list[CreditPackage]:
         out: list[CreditPackage] = []
         for index, package in enumerate(message.packages):
-            tier = PACKAGE_TIER_IN.get(package.tier)
+            tier = or_none(package_tier_from_proto, package.tier)
             if tier is None:
                 self.bad(f"draft.packages[{index}].tier", "is required (a package tier)")
                 continue

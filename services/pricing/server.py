@@ -77,7 +77,9 @@ async def build(config: KitConfig, settings: PricingConfig | None = None) -> Ser
     pricing = Pricing(store, GrpcUsageSource(metering_pb2_grpc.MeteringServiceStub(
         metering_channel)), cache, max_report_events=settings.max_report_events)
     await pricing.bootstrap(load_catalog(settings.catalog_path), DEFAULT_CUSTOM_CREDIT_PRICE_MINOR)
-    servicer = PricingServicer(pricing, watch_lifetime_s=settings.watch_lifetime_s)
+    shutting_down = asyncio.Event()
+    servicer = PricingServicer(pricing, watch_lifetime_s=settings.watch_lifetime_s,
+                               shutting_down=shutting_down)
     stop = asyncio.Event()
     wake = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
@@ -113,7 +115,7 @@ async def build(config: KitConfig, settings: PricingConfig | None = None) -> Ser
         pricing_pb2_grpc.add_PricingServiceServicer_to_server(servicer, server)
 
     return ServiceApp(name=NAME, service_names=[SERVICE_NAME], register=register,
-                      on_start=[start_loops], on_stop=[close])
+                      on_start=[start_loops], on_stop=[close], shutting_down=shutting_down)
 
 
 async def build_for(database_url: str, config: KitConfig | None = None,

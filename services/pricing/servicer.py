@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from tally.kit.protoconv import from_timestamp
-from tally.kit.server import current_principal
+from tally.kit.server import current_principal, until_shutdown
 from tally.pricing.v1 import pricing_pb2 as pb
 from tally.pricing.v1 import pricing_pb2_grpc
 
@@ -26,9 +27,12 @@ def _actor() -> str:
 class PricingServicer(pricing_pb2_grpc.PricingServiceServicer):
     """Translates PricingService calls to the Pricing domain."""
 
-    def __init__(self, pricing: Pricing, *, watch_lifetime_s: float) -> None:
+    def __init__(self, pricing: Pricing, *, watch_lifetime_s: float,
+                 shutting_down: asyncio.Event | None = None) -> None:
         self.pricing = pricing
         self.watch_lifetime_s = watch_lifetime_s
+        # the server's ServiceApp.shutting_down: watch streams end when it is set
+        self.shutting_down = shutting_down or asyncio.Event()
         self._wire: dict[int, pb.PriceBook] = {}  # published books are immutable
 
     def _book(self, published: PublishedBook) -> pb.PriceBook:
@@ -50,10 +54,12 @@ class PricingServicer(pricing_pb2_grpc.PricingServiceServicer):
 
     async def WatchPriceBook(self, request: pb.WatchPriceBookRequest, context: Context
                              ) -> AsyncIterator[pb.WatchPriceBookResponse]:
-        """History (if asked), the current book, then every newly published one."""
-        async for published in self.pricing.watch(
-                request.known_version, from_timestamp(request, "history_since"),
-                self.watch_lifetime_s):
+        """History (if asked), the current book, then every newly published one; ends cleanly
+        at its lifetime cap or when this server begins shutting down (the caller reconnects)."""
+        books = self.pricing.watch(request.known_version,
+                                   from_timestamp(request, "history_since"),
+                                   self.watch_lifetime_s)
+        async for published in until_shutdown(books, self.shutting_down):
             yield pb.WatchPriceBookResponse(book=self._book(published))
 
     async def PublishPriceBook(self, request: pb.PublishPriceBookRequest, context: Context

@@ -100,3 +100,19 @@ async def test_the_stream_ends_cleanly_at_its_lifetime_cap(db_url: str) -> None:
         async with asyncio.timeout(3):
             assert await stream.read() is grpc.aio.EOF
         assert await stream.code() == grpc.StatusCode.OK
+
+
+async def test_the_stream_ends_cleanly_as_soon_as_the_server_begins_shutting_down(
+    db_url: str,
+) -> None:
+    async with pricing_server(db_url) as (running, stub):
+        assert running.grace_seconds >= 10
+        stream = stub.WatchPriceBook(pb.WatchPriceBookRequest())
+        assert (await next_book(stream, 5)).version == 1
+        started = asyncio.get_running_loop().time()
+        stopping = asyncio.create_task(running.stop())
+        async with asyncio.timeout(2):
+            assert await stream.read() is grpc.aio.EOF
+        assert await stream.code() == grpc.StatusCode.OK, "a clean end: the watcher reconnects"
+        await stopping
+        assert asyncio.get_running_loop().time() - started < 2, "not held for the grace period"

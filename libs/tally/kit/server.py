@@ -2,13 +2,15 @@
 
 A service describes itself as a `ServiceApp` (its gRPC services, and what to start and stop
 around them); `start_server` binds it on a grpc.aio server with the standard health service,
-reflection, OpenTelemetry and the kit interceptor (auth hook, error mapping, access log);
-`run_service` is a service's `main`: config, logging, telemetry, signals, graceful shutdown.
+reflection and the kit interceptor (OpenTelemetry server spans, auth hook, error mapping,
+access log); `run_service` is a service's `main`: config, logging, telemetry, signals,
+graceful shutdown.
 
 Shutdown order on SIGTERM/SIGINT (what Kubernetes and a mesh need): health turns NOT_SERVING
-for every service, the server keeps answering for `TALLY_SHUTDOWN_DRAIN_DELAY_MS` so load
-balancers notice, then stops accepting calls, lets in-flight calls finish within
-`TALLY_SHUTDOWN_GRACE_SECONDS`, and only then closes pools.
+for every service and `ServiceApp.shutting_down` is set, so long-lived server streams end
+cleanly at once (see `until_shutdown`); the server keeps answering for
+`TALLY_SHUTDOWN_DRAIN_DELAY_MS` so load balancers notice, then stops accepting calls, lets
+in-flight calls finish within `TALLY_SHUTDOWN_GRACE_SECONDS`, and only then closes pools.
 """
 
 from __future__ import annotations
@@ -16,18 +18,22 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
+import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+from urllib.parse import unquote
 
 import grpc
 import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Status, StatusCode
 
 from tally.kit import errors
 from tally.kit.config import ConfigError, KitConfig, exit_on_config_error, load_kit_config
@@ -37,6 +43,8 @@ from tally.kit.telemetry import setup_telemetry, shutdown_telemetry
 log = get_logger("tally.kit.server")
 
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+_T = TypeVar("_T")
 
 
 # --- auth hook ----------------------------------------------------------------------------
@@ -76,14 +84,53 @@ current_principal: contextvars.ContextVar[Principal | None] = contextvars.Contex
 
 # --- the kit interceptor ------------------------------------------------------------------
 
-_AUTH_EXEMPT_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+# Health probes and reflection are infrastructure: no trace, no auth, no access log.
+_INFRASTRUCTURE_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+
+# OpenTelemetry semantic conventions for RPC server spans (the attributes
+# opentelemetry-instrumentation-grpc sets, so dashboards built on it keep working).
+_RPC_SYSTEM = "rpc.system"
+_RPC_SERVICE = "rpc.service"
+_RPC_METHOD = "rpc.method"
+_RPC_STATUS_CODE = "rpc.grpc.status_code"
+_RPC_USER_AGENT = "rpc.user_agent"
+_NET_PEER_IP = "net.peer.ip"
+_NET_PEER_PORT = "net.peer.port"
+_NET_PEER_NAME = "net.peer.name"
+# Codes that are the server's fault: a server span ends in ERROR only for these (the spec's
+# rule; a client's bad argument or a denied request is not a server error).
+_SERVER_ERROR_CODES = frozenset({
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS,
+})
+_NO_PARENT = otel_context.Context()  # an RPC without trace headers starts a new trace
 
 
 class KitInterceptor(grpc.aio.ServerInterceptor):
-    """Auth hook, domain-error mapping and the access log, in one layer (one hop per call)."""
+    """Tracing, the auth hook, domain-error mapping and the access log, in one layer.
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    One hop per call, and per-method work done once: each method's wrapped handler, span name
+    and span attributes are built on its first call and reused (Quote's latency budget is a
+    fraction of a millisecond; see bench/pricing.py).
+
+    The server span follows the OpenTelemetry RPC conventions: named after the full method,
+    parented to the caller's propagated context, with `rpc.*` / `net.peer.*` attributes and
+    `rpc.grpc.status_code`, in ERROR for server-side codes, with a crash's exception
+    recorded. It is current while the handler runs, so logs and outgoing calls carry it.
+    """
+
+    def __init__(self, authenticator: Authenticator,
+                 tracer_provider: trace.TracerProvider | None = None) -> None:
         self._authenticator = authenticator
+        # A ProxyTracer until setup_telemetry installs the provider, then the real one.
+        self._tracer = trace.get_tracer("tally.kit.server", tracer_provider=tracer_provider)
+        self._propagated = frozenset(propagate.get_global_textmap().fields)
+        # Bound now (start_server runs after configure_logging): a per-call lazy logger costs
+        # a bind per line even when the level filters the line out.
+        self._log = log.bind()
+        is_enabled_for = getattr(self._log, "is_enabled_for", None)
+        self._logs_ok = is_enabled_for(logging.DEBUG) if is_enabled_for else True
+        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -96,9 +143,14 @@ class KitInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method: str = handler_call_details.method
-        if method.startswith(_AUTH_EXEMPT_PREFIXES):
-            return handler
-        return _wrap(handler, method, self._authenticator)
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = (handler if method.startswith(_INFRASTRUCTURE_PREFIXES)
+                   else _wrap(handler, _Method(method, self)))
+        # Bounded: only methods some server registered get here (unknown ones have no handler).
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: errors.TallyError) -> None:
@@ -111,63 +163,139 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: errors.Tall
 
 
 def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for key, value in context.invocation_metadata() or ():
-        if isinstance(value, str):
-            found[key] = value
-    return found
+    return {key: value for key, value in context.invocation_metadata() or ()
+            if value.__class__ is str}
 
 
-class _CallScope:
-    """Authenticates, maps errors and logs one call; shared by the four handler shapes."""
+class _Method:
+    """What every call of one method shares: names, span attributes, tracer, logger."""
 
-    def __init__(self, method: str, authenticator: Authenticator) -> None:
+    __slots__ = ("attributes", "authenticator", "log", "logs_ok", "name", "propagated", "tracer")
+
+    def __init__(self, name: str, interceptor: KitInterceptor) -> None:
+        self.name = name
+        service, _, short = name.lstrip("/").partition("/")
+        self.attributes = {_RPC_SYSTEM: "grpc", _RPC_SERVICE: service, _RPC_METHOD: short}
+        self.authenticator = interceptor._authenticator
+        self.tracer = interceptor._tracer
+        self.propagated = interceptor._propagated
+        self.log = interceptor._log
+        self.logs_ok = interceptor._logs_ok
+
+
+class _Call:
+    """Traces, authenticates, maps errors and logs one call; shared by the four shapes."""
+
+    __slots__ = ("code", "context", "details", "metadata", "method", "span", "started", "token")
+
+    def __init__(self, method: _Method, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self.started = time.perf_counter()
         self.method = method
-        self.authenticator = authenticator
+        self.context = context
+        self.code: grpc.StatusCode | None = None
+        self.details = ""
+        metadata = _metadata(context)
+        parent = (propagate.extract(metadata) if not method.propagated.isdisjoint(metadata)
+                  else _NO_PARENT)
+        self.span = method.tracer.start_span(method.name, parent, trace.SpanKind.SERVER,
+                                             method.attributes)
+        self.token = otel_context.attach(trace.set_span_in_context(self.span, parent))
+        if self.span.is_recording():
+            _describe_peer(self.span, context.peer(), metadata)
+        self.metadata = metadata
 
-    async def enter(self, context: grpc.aio.ServicerContext[Any, Any]) -> float:
-        principal = await self.authenticator.authenticate(self.method, _metadata(context))
+    async def enter(self) -> None:
+        principal = await self.method.authenticator.authenticate(self.method.name,
+                                                                 self.metadata)
         current_principal.set(principal)
-        return time.perf_counter()
 
-    async def fail(
-        self, context: grpc.aio.ServicerContext[Any, Any], exc: Exception, started: float
-    ) -> None:
-        elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
+    def aborted(self) -> None:
+        """The handler aborted the call itself: its status is on the context."""
+        self.code = self.context.code() or grpc.StatusCode.UNKNOWN
+        self.details = self.context.details() or ""
+
+    async def fail(self, exc: Exception) -> None:
+        """Maps `exc` to its status, records it, and aborts the call (raises AbortError)."""
+        method = self.method
+        elapsed_ms = round((time.perf_counter() - self.started) * 1000, 3)
         if isinstance(exc, NotImplementedError):
             # a contract RPC whose issue has not landed yet (the generated base raises this)
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{self.method} is not implemented")
+            self.code, self.details = (grpc.StatusCode.UNIMPLEMENTED,
+                                       f"{method.name} is not implemented")
+            await self.context.abort(self.code, self.details)
         if isinstance(exc, errors.TallyError):
-            log.info("rpc_failed", method=self.method, reason=exc.reason.value,
-                     code=exc.code.name, duration_ms=elapsed_ms)
-            await _abort(context, exc)
-        log.error("rpc_crashed", method=self.method, duration_ms=elapsed_ms, exc_info=exc)
-        await _abort(context, errors.TallyError(errors.Reason.INTERNAL, "internal error"))
+            self.code, self.details = exc.code, exc.message
+            method.log.info("rpc_failed", method=method.name, reason=exc.reason.value,
+                            code=exc.code.name, duration_ms=elapsed_ms)
+            await _abort(self.context, exc)
+        self.code, self.details = grpc.StatusCode.INTERNAL, "internal error"
+        if self.span.is_recording():
+            self.span.record_exception(exc)
+        method.log.error("rpc_crashed", method=method.name, duration_ms=elapsed_ms,
+                         exc_info=exc)
+        await _abort(self.context, errors.TallyError(errors.Reason.INTERNAL, "internal error"))
 
-    def done(self, started: float) -> None:
-        log.debug("rpc_ok", method=self.method,
-                  duration_ms=round((time.perf_counter() - started) * 1000, 3))
+    def cancelled(self) -> None:
+        """The caller went away (or the server is stopping past its grace)."""
+        self.code = grpc.StatusCode.CANCELLED
+
+    def end(self) -> None:
+        """Ends the span (status from the outcome) and writes the access log line."""
+        span = self.span
+        code = self.code or self.context.code() or grpc.StatusCode.OK
+        if span.is_recording():
+            span.set_attribute(_RPC_STATUS_CODE, code.value[0])
+            if code in _SERVER_ERROR_CODES:
+                details = self.details or self.context.details() or ""
+                span.set_status(Status(StatusCode.ERROR, f"{code}:{details}"))
+        span.end()
+        otel_context.detach(self.token)
+        if self.code is None and self.method.logs_ok:
+            self.method.log.debug("rpc_ok", method=self.method.name, duration_ms=round(
+                (time.perf_counter() - self.started) * 1000, 3))
 
 
-def _wrap(
-    handler: grpc.RpcMethodHandler[Any, Any], method: str, authenticator: Authenticator
-) -> grpc.RpcMethodHandler[Any, Any]:
-    scope = _CallScope(method, authenticator)
+def _describe_peer(span: trace.Span, peer: str, metadata: Mapping[str, str]) -> None:
+    # peer looks like ipv4:127.0.0.1:57284, ipv6:[::1]:57284 or unix:/path
+    agent = metadata.get("user-agent")
+    if agent:
+        span.set_attribute(_RPC_USER_AGENT, agent)
+    if peer.startswith("unix:"):
+        return
+    address = peer.split(",")[0].partition(":")[2]
+    ip, _, port = address.rpartition(":")
+    if not ip:
+        return
+    ip = unquote(ip)
+    span.set_attribute(_NET_PEER_IP, ip)
+    span.set_attribute(_NET_PEER_PORT, port)
+    if ip in ("[::1]", "127.0.0.1"):
+        span.set_attribute(_NET_PEER_NAME, "localhost")
+
+
+def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: _Method
+          ) -> grpc.RpcMethodHandler[Any, Any]:
     h: Any = handler
     if h.unary_unary or h.stream_unary:
         inner = h.unary_unary or h.stream_unary
 
         async def unary_response(request: Any, context: Any) -> Any:
-            started = time.perf_counter()
+            call = _Call(method, context)
             try:
-                started = await scope.enter(context)
-                response = await inner(request, context)
+                await call.enter()
+                return await inner(request, context)
             except grpc.aio.AbortError:
+                if call.code is None:
+                    call.aborted()
+                raise
+            except asyncio.CancelledError:
+                call.cancelled()
                 raise
             except Exception as exc:
-                await scope.fail(context, exc, started)
-            scope.done(started)
-            return response
+                await call.fail(exc)
+                raise  # unreachable: fail aborts
+            finally:
+                call.end()
 
         make = (grpc.unary_unary_rpc_method_handler if h.unary_unary
                 else grpc.stream_unary_rpc_method_handler)
@@ -176,9 +304,9 @@ def _wrap(
     inner = h.unary_stream or h.stream_stream
 
     async def streaming_response(request: Any, context: Any) -> AsyncIterator[Any]:
-        started = time.perf_counter()
+        call = _Call(method, context)
         try:
-            started = await scope.enter(context)
+            await call.enter()
             produced = inner(request, context)
             if inspect.isasyncgen(produced):
                 async for item in produced:
@@ -186,10 +314,16 @@ def _wrap(
             else:  # a handler that writes with context.write and returns None
                 await produced
         except grpc.aio.AbortError:
+            if call.code is None:
+                call.aborted()
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            call.cancelled()
             raise
         except Exception as exc:
-            await scope.fail(context, exc, started)
-        scope.done(started)
+            await call.fail(exc)
+        finally:
+            call.end()
 
     make = (grpc.unary_stream_rpc_method_handler if h.unary_stream
             else grpc.stream_stream_rpc_method_handler)
@@ -215,6 +349,75 @@ class ServiceApp:
     """Run after the port is bound, before SERVING (start background loops here)."""
     on_stop: list[Hook] = field(default_factory=list)
     """Run after in-flight calls have drained (stop loops, close pools)."""
+    shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when shutdown begins (before the drain delay). Long-lived streams end on it through
+    `until_shutdown`; the composition root hands the same event to its servicer."""
+
+
+async def until_shutdown(items: AsyncIterable[_T], shutting_down: asyncio.Event
+                         ) -> AsyncIterator[_T]:
+    """`items`, until the server begins shutting down; then `items` is closed and this ends.
+
+    Without it a long-lived stream holds a stopping server for its whole grace period, and its
+    subscriber only learns of the shutdown when the call is cancelled. With it the stream ends
+    cleanly (status OK) as soon as shutdown begins, so the subscriber reconnects, to another
+    replica once load balancers see NOT_SERVING; unary calls still finish within the grace.
+    A stream opened after shutdown began ends at once.
+
+    A wait for the next item is interrupted the way `asyncio.timeout` interrupts (a
+    cancellation of the calling task, taken back here), so `items` runs in the call's own task:
+    its context variables, timeouts and `finally` blocks behave as without the wrapper. An
+    item that arrives at the very moment of the interruption may be dropped; the caller
+    resyncs when it reconnects.
+
+    A server stream wraps what it sends (pricing's WatchPriceBook)::
+
+        async for book in until_shutdown(self.pricing.watch(...), self.shutting_down):
+            yield pb.WatchPriceBookResponse(book=...)
+
+    A bidirectional stream wraps what it reads, so it stops taking new requests, finishes
+    and acknowledges those already taken, then returns (metering's StreamUsage)::
+
+        async for batch in until_shutdown(request_iterator, self.shutting_down):
+            ...                  # submit the batch, yield acks as commits complete
+        ...                      # shutdown or half-close: await in-flight commits, yield acks
+
+    `shutting_down` is the `ServiceApp.shutting_down` of the server that serves the call.
+    """
+    task = asyncio.current_task()
+    if task is None:
+        raise RuntimeError("until_shutdown needs a running task")
+    iterator = aiter(items)
+    reading = interrupted = False
+
+    def interrupt(_: object) -> None:
+        nonlocal interrupted
+        if reading and not interrupted:
+            interrupted = True
+            task.cancel()
+
+    waiter = asyncio.ensure_future(shutting_down.wait())
+    waiter.add_done_callback(interrupt)
+    try:
+        while not shutting_down.is_set():
+            reading = True
+            try:
+                item = await anext(iterator)
+            except StopAsyncIteration:
+                return
+            except asyncio.CancelledError:
+                if interrupted and task.uncancel() == 0:
+                    return  # only our interruption: a clean end
+                raise  # the call itself was cancelled too
+            finally:
+                reading = False
+            yield item
+    finally:
+        waiter.remove_done_callback(interrupt)
+        waiter.cancel()
+        close = getattr(iterator, "aclose", None)
+        if close is not None:
+            await close()
 
 
 @dataclass
@@ -230,11 +433,13 @@ class RunningServer:
     _stopped: bool = False
 
     async def stop(self) -> None:
-        """NOT_SERVING, drain delay, stop accepting, finish in-flight calls, run on_stop."""
+        """NOT_SERVING and end long-lived streams, drain delay, stop accepting, finish
+        in-flight calls, run on_stop."""
         if self._stopped:
             return
         self._stopped = True
         await self.health.enter_graceful_shutdown()
+        self.app.shutting_down.set()  # long-lived streams end now, not at the grace deadline
         log.info("shutdown_begin", service=self.app.name, grace_s=self.grace_seconds)
         if self.drain_delay_seconds:
             await asyncio.sleep(self.drain_delay_seconds)
@@ -255,19 +460,7 @@ async def start_server(
 ) -> RunningServer:
     """Builds, binds and starts `app`; returns once every service reports SERVING."""
     server = grpc.aio.server(
-        interceptors=[
-            # Health probes and reflection are infrastructure, not requests worth a trace (and
-            # the OTel wrapper cannot wrap the write()-style Watch handler).
-            aio_server_interceptor(  # type: ignore[no-untyped-call]
-                filter_=filters.negate(
-                    filters.any_of(
-                        filters.service_prefix("grpc.health."),
-                        filters.service_prefix("grpc.reflection."),
-                    )
-                )
-            ),
-            KitInterceptor(authenticator or TrustInternalCallers()),
-        ],
+        interceptors=[KitInterceptor(authenticator or TrustInternalCallers())],
         options=[
             ("grpc.max_receive_message_length", 32 * 1024 * 1024),
             ("grpc.so_reuseport", 0),

@@ -2,7 +2,10 @@
 
 Spans are exported over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the standard variable,
 so collectors and operators configure Tally like any other OTel-instrumented program);
-otherwise spans are still created, so trace ids reach the logs, but nothing is exported.
+otherwise spans still get trace and span ids, so trace ids reach the logs and propagate to
+the next service, but a trace this process starts is not recorded (nothing would export it,
+and recording costs every RPC tens of microseconds); a trace a caller marked sampled still is,
+and stays sampled downstream. `OTEL_TRACES_SAMPLER`, when set, decides instead.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 
 _provider: TracerProvider | None = None
 
@@ -25,11 +29,15 @@ def setup_telemetry(service: str, exporter: SpanExporter | None = None) -> Trace
     global _provider
     if _provider is not None:
         return _provider
-    provider = TracerProvider(resource=Resource.create({"service.name": f"tally-{service}"}))
     if exporter is None and os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         exporter = OTLPSpanExporter()
+    sampler = None  # the SDK's default, or OTEL_TRACES_SAMPLER
+    if exporter is None and not os.environ.get("OTEL_TRACES_SAMPLER"):
+        sampler = ParentBased(ALWAYS_OFF)
+    provider = TracerProvider(resource=Resource.create({"service.name": f"tally-{service}"}),
+                              sampler=sampler)
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)

@@ -1,0 +1,117 @@
+"""What the service benchmarks share: their PostgreSQL, a fresh database per run, and the body
+of a child process that serves one Tally service (run through :func:`bench.baseline.child_server`).
+
+The server is ``TALLY_DATABASE_URL`` if set, else an embedded PostgreSQL under the benchmark's
+own data directory. Each run creates ``<prefix>_<pid>``, migrates the schemas it needs and drops
+it at the end whatever happens, so runs never see each other's rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import cProfile
+import os
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from bench.baseline import run_in_loop
+from tally.kit import db, infra
+from tally.kit.config import KitConfig
+from tally.kit.log import configure_logging
+from tally.kit.server import ServiceApp, start_server
+from tally.kit.telemetry import setup_telemetry, shutdown_telemetry
+
+__all__ = ["bench_database", "database_label", "database_server_url", "serve_in_child"]
+
+
+# ---------------------------------------------------------------------------- database
+
+
+def database_server_url(data_dir: Path) -> str:
+    """``TALLY_DATABASE_URL``, else an embedded PostgreSQL started under ``data_dir``."""
+    return os.environ.get("TALLY_DATABASE_URL") or infra.start_embedded_postgres(
+        data_dir, keep_running=False)
+
+
+def database_label(data_dir: Path) -> str:
+    """Which server :func:`database_server_url` picked, for the JSON output."""
+    return ("TALLY_DATABASE_URL" if os.environ.get("TALLY_DATABASE_URL")
+            else f"embedded ({data_dir})")
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+async def _admin(server_url: str, sql: str) -> None:
+    conn = await asyncpg.connect(db.asyncpg_url(server_url))
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@contextlib.contextmanager
+def bench_database(server_url: str, prefix: str, services: Sequence[str]) -> Iterator[str]:
+    """A fresh ``<prefix>_<pid>`` database with `services`' schemas migrated; dropped on exit
+    whatever happens."""
+    name = f"{prefix}_{os.getpid()}"
+    run_in_loop(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    run_in_loop(_admin(server_url, f'CREATE DATABASE "{name}"'))
+    try:
+        url = _with_database(server_url, name)
+        for service in services:
+            db.migrate(service, url)
+        yield url
+    finally:
+        run_in_loop(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+# ---------------------------------------------------------------------------- child server
+
+
+async def _serve_until_told(conn: Connection, build: Callable[[KitConfig], Awaitable[ServiceApp]],
+                            config: KitConfig, grace_seconds: float) -> None:
+    running = await start_server(await build(config), port=0, grace_seconds=grace_seconds)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    # Readable on the parent's stop message *or* on EOF when the parent dies.
+    loop.add_reader(conn.fileno(), stop.set)
+    try:
+        conn.send(running.port)
+        await stop.wait()
+    finally:
+        loop.remove_reader(conn.fileno())
+        await running.stop()
+
+
+def serve_in_child(conn: Connection, name: str,
+                   build: Callable[[KitConfig], Awaitable[ServiceApp]], config: KitConfig, *,
+                   grace_seconds: float, profile_path: str | None = None) -> None:
+    """The body of a :func:`bench.baseline.child_server` target for one Tally service.
+
+    Builds the service with `config`, serves it on the kit server (uvloop when available)
+    on a free port, sends the port to the parent and serves until the parent says stop or goes
+    away. Logging and telemetry are set up as `run_service` does (so each RPC pays for its
+    span as in a deployment); logs go to stderr at warning (stdout carries the benchmark's
+    JSON). With `profile_path`, the whole process runs under cProfile and the pstats land there.
+    """
+    configure_logging(name, "warning")
+    setup_telemetry(name)
+    profiler = cProfile.Profile() if profile_path else None
+    try:
+        if profiler is not None:
+            profiler.enable()
+        run_in_loop(_serve_until_told(conn, build, config, grace_seconds))
+    finally:
+        if profiler is not None and profile_path:
+            profiler.disable()
+            profiler.dump_stats(profile_path)
+        shutdown_telemetry()
+        conn.close()
