@@ -103,10 +103,11 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None) -> Se
     spend = SpendStore(pool)
     authorizer = Authorizer(spend, spend, books, GrpcReservingLedger(
         ledger_pb2_grpc.LedgerServiceStub(ledger_channel)))
+    shutting_down = asyncio.Event()
     servicer = MeteringServicer(  # type: ignore[abstract]
         UsageReports(UsageStore(engine)), committer, events, authorizer,
         max_inflight_batches=settings.max_inflight_batches,
-        stream_lifetime_s=settings.stream_lifetime_s)
+        stream_lifetime_s=settings.stream_lifetime_s, shutting_down=shutting_down)
 
     def register(server: grpc.aio.Server) -> None:
         metering_pb2_grpc.add_MeteringServiceServicer_to_server(servicer, server)
@@ -129,7 +130,7 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None) -> Se
         await engine.dispose()
 
     return ServiceApp(name=NAME, service_names=[SERVICE_NAME], register=register,
-                      on_start=[committer.start], on_stop=[close])
+                      on_start=[committer.start], on_stop=[close], shutting_down=shutting_down)
 
 
 async def build_for(database_url: str, config: KitConfig | None = None,

@@ -54,13 +54,16 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     def __init__(self, reports: UsageReports, committer: GroupCommitter,
                  events: UsageEventStore, authorizer: Authorizer, *,
                  max_inflight_batches: int = 4,
-                 stream_lifetime_s: float = 300.0) -> None:
+                 stream_lifetime_s: float = 300.0,
+                 shutting_down: asyncio.Event | None = None) -> None:
         self.reports = reports
         self.committer = committer
         self.events = events
         self.authorizer = authorizer
         self.max_inflight_batches = max_inflight_batches
         self.stream_lifetime_s = stream_lifetime_s
+        # the server's ServiceApp.shutting_down: open streams wind down like at their lifetime
+        self.shutting_down = shutting_down or asyncio.Event()
 
     async def Authorize(self, request: metering_pb2.AuthorizeRequest, context: Context
                         ) -> metering_pb2.AuthorizeResponse:
@@ -90,7 +93,8 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
 
         At most `max_inflight_batches` batches are read ahead of their acks; beyond that the
         server stops reading and gRPC flow control pushes back on the client. At the lifetime
-        cap the server stops reading, acks what it has, and asks the client to reconnect.
+        cap, or when the server starts shutting down, the server stops reading, acks what it
+        has, and asks the client to reconnect (to another replica).
         """
         inflight: asyncio.Queue[tuple[str, asyncio.Task[Any]] | None] = asyncio.Queue(
             self.max_inflight_batches)
@@ -110,6 +114,8 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
 
         reader = asyncio.create_task(read())
         timer = asyncio.get_running_loop().call_later(self.stream_lifetime_s, expired.set)
+        shutdown = asyncio.ensure_future(self.shutting_down.wait())
+        shutdown.add_done_callback(lambda _: expired.set())
         try:
             while (item := await inflight.get()) is not None:
                 batch_id, task = item
@@ -121,6 +127,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                 yield metering_pb2.StreamUsageResponse(reconnect=True)
         finally:
             timer.cancel()
+            shutdown.cancel()
             reader.cancel()
 
     async def GetUsageEvent(self, request: metering_pb2.GetUsageEventRequest, context: Context

@@ -244,3 +244,30 @@ async def test_an_oversized_stream_batch_ends_the_stream_after_the_earlier_acks(
     error = errors.from_rpc_error(caught.value)
     assert error is not None and error.reason is Reason.BATCH_TOO_LARGE
     assert error.message.startswith("events:")
+
+
+async def test_a_shutting_down_server_acks_what_it_read_and_asks_streams_to_reconnect(
+    suite: Suite,
+) -> None:
+    await suite.fund("acme", 100)
+    acked = asyncio.Event()
+    done = asyncio.Event()
+
+    async def batches():  # type: ignore[no-untyped-def]
+        yield mpb.StreamUsageRequest(batch_id="1", events=[usage("bye-1")])
+        await done.wait()  # idle until the server ends the stream
+
+    replies = []
+
+    async def consume() -> None:
+        async for reply in suite.client.metering.StreamUsage(batches()):
+            replies.append(reply)
+            acked.set()
+        done.set()
+
+    consumer = asyncio.create_task(consume())
+    await acked.wait()
+    # grace is 10 s; an idle stream must not hold the shutdown that long
+    await asyncio.wait_for(suite.metering.stop(), 5)
+    await asyncio.wait_for(consumer, 5)
+    assert [(r.batch_id, r.reconnect) for r in replies] == [("1", False), ("", True)]
