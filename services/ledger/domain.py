@@ -81,6 +81,19 @@ class BillingState(enum.StrEnum):
     READ_ONLY = "READ_ONLY"
 
 
+def automatic_billing_state(posted_micros: int, arrears_micros: int
+                            ) -> tuple[BillingState, str]:
+    """The state the money puts an org in, and why (unless an operator pinned another):
+    usage owed beyond credit -> READ_ONLY; prepaid credit used up -> THROTTLED (a lower rate
+    cap, so a top-up can still be bought and used); otherwise ACTIVE. A payment that clears
+    the cause therefore restores ACTIVE by itself."""
+    if arrears_micros > 0:
+        return BillingState.READ_ONLY, "usage beyond available credit is owed (arrears)"
+    if posted_micros <= 0:
+        return BillingState.THROTTLED, "prepaid balance exhausted"
+    return BillingState.ACTIVE, "credit available and nothing owed"
+
+
 class OutboxEventType(enum.StrEnum):
     """What an outbox event reports (proto OutboxEventType)."""
 

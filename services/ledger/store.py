@@ -62,6 +62,7 @@ class _Account:
     held: int
     billing_state: d.BillingState
     last_hash: str
+    pinned: bool = False
     dirty: bool = False
 
 
@@ -78,6 +79,8 @@ class _Work:
         self.dirty_grants: dict[str, d.Grant] = {}
         self.new_grants: list[d.Grant] = []
         self.outbox: list[tuple[Any, ...]] = []
+        self.state_changes: list[tuple[Any, ...]] = []
+        self.settled: list[tuple[str, str]] = []  # (reservation id, org) settled here
 
     # -- idempotency ---------------------------------------------------------------------
 
@@ -120,14 +123,18 @@ class _Work:
             return
         rows = await self.conn.fetch(
             "SELECT account_id, kind, org_id, balance_micros, held_micros, billing_state, "
-            "last_hash FROM ledger.accounts WHERE account_id = ANY($1::text[]) "
-            "ORDER BY account_id FOR UPDATE",
+            "last_hash, billing_state_pinned FROM ledger.accounts "
+            "WHERE account_id = ANY($1::text[]) ORDER BY account_id FOR UPDATE",
             wanted,
         )
+        opened = set(to_open)
         for r in rows:
             self.accounts[r["account_id"]] = _Account(
                 r["account_id"], d.AccountKind(r["kind"]), r["org_id"], r["balance_micros"],
                 r["held_micros"], d.BillingState(r["billing_state"]), r["last_hash"],
+                r["billing_state_pinned"],
+                # a new org's state is decided by the rules at once (no credit: THROTTLED)
+                dirty=r["org_id"] in opened and r["kind"] == d.AccountKind.ORG_CREDIT.value,
             )
 
     async def lock_orgs(self, org_ids: Iterable[str], *, system: Iterable[d.AccountKind] = (),
@@ -276,25 +283,70 @@ class _Work:
         for org_id in sorted({e.org_id for e in self.entries}):
             self.emit(org_id, d.OutboxEventType.BALANCE_CHANGED)
 
+    # -- billing state ---------------------------------------------------------------------
+
+    def state_of(self, org_id: str) -> str | None:
+        """The org's billing state as this transaction leaves it (None if not locked)."""
+        account = self.accounts.get(d.credit_account(org_id))
+        return account.billing_state.value if account else None
+
+    def follow_the_money(self) -> None:
+        """Moves each touched, unpinned org to the state its balances call for, recording the
+        transition and its cause (d.automatic_billing_state)."""
+        for account in list(self.accounts.values()):
+            org = account.org_id
+            if (account.kind is not d.AccountKind.ORG_CREDIT or account.pinned or org is None
+                    or d.arrears_account(org) not in self.accounts):
+                continue
+            if not (account.dirty or self.accounts[d.arrears_account(org)].dirty):
+                continue
+            posted, _, arrears = self.balance(org)
+            state, cause = d.automatic_billing_state(posted, arrears)
+            if state is account.billing_state:
+                continue
+            previous = account.billing_state
+            account.billing_state = state
+            account.dirty = True
+            self.state_changes.append((f"auto:{uuid.uuid4()}", org, previous.value,
+                                       state.value, cause, self.caller.actor, self.now))
+            self.emit(org, d.OutboxEventType.BILLING_STATE_CHANGED,
+                      previous_state=previous.value, cause=cause)
+
     # -- write -----------------------------------------------------------------------------
 
-    async def flush(self) -> None:
+    async def flush(self, *, follow_the_money: bool = True) -> None:
         conn = self.conn
+        if follow_the_money:
+            self.follow_the_money()
+        if self.state_changes:
+            await conn.executemany(
+                "INSERT INTO ledger.billing_state_changes (request_id, org_id, previous_state, "
+                "state, cause, actor, changed_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                self.state_changes)
         if self.entries:
             await conn.copy_records_to_table(
-                "transfers", schema_name="ledger", columns=_TRANSFER_COLUMNS,
-                records=[_transfer_record(e) for e in self.entries])
+                "transfers", schema_name="ledger",
+                columns=(*_TRANSFER_COLUMNS, "org_billing_state_after"),
+                records=[(*_transfer_record(e), self.state_of(e.org_id)) for e in self.entries])
         dirty = [a for a in self.accounts.values() if a.dirty]
         if dirty:
             await conn.execute(
                 "UPDATE ledger.accounts a SET balance_micros = u.balance, held_micros = u.held, "
-                "billing_state = u.state, last_hash = u.last_hash "
-                "FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[]) "
-                "AS u(id, balance, held, state, last_hash) WHERE a.account_id = u.id",
+                "billing_state = u.state, last_hash = u.last_hash, "
+                "billing_state_pinned = u.pinned "
+                "FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], "
+                "$6::boolean[]) AS u(id, balance, held, state, last_hash, pinned) "
+                "WHERE a.account_id = u.id",
                 [a.account_id for a in dirty], [a.balance for a in dirty],
                 [a.held for a in dirty], [a.billing_state.value for a in dirty],
-                [a.last_hash for a in dirty],
+                [a.last_hash for a in dirty], [a.pinned for a in dirty],
             )
+        if self.settled:
+            await conn.execute(
+                "UPDATE ledger.reservations r SET settled_billing_state = u.state "
+                "FROM unnest($1::text[], $2::text[]) AS u(id, state) "
+                "WHERE r.reservation_id = u.id",
+                [r for r, _ in self.settled], [self.state_of(o) for _, o in self.settled])
         new_ids = {g.grant_id for g in self.new_grants}
         if self.new_grants:
             await conn.copy_records_to_table(
@@ -426,8 +478,9 @@ class LedgerStore:
             [transfer_id, f"{transfer_id}:settle-arrears"])
         assert rows, transfer_id
         transfer, last = _transfer(rows[0]), _transfer(rows[-1])
-        state = await conn.fetchval("SELECT billing_state FROM ledger.accounts "
-                                    "WHERE account_id = $1", d.credit_account(transfer.org_id))
+        state = rows[-1]["org_billing_state_after"] or await conn.fetchval(
+            "SELECT billing_state FROM ledger.accounts WHERE account_id = $1",
+            d.credit_account(transfer.org_id))
         return transfer, _snapshot_balance(last, d.BillingState(state))
 
     async def _apply(self, work: _Work, cmd: d.TransferCommand, prefix: str) -> d.Transfer:
@@ -596,6 +649,7 @@ class LedgerStore:
                 "settled_arrears_micros = $8 WHERE reservation_id = $1",
                 reservation_id, actual, arrears, captured.capture_transfer_id, work.now,
                 posted_after, held_after, arrears_after)
+            work.settled.append((reservation_id, org_id))
             work.emit_balance_changes()
             await work.flush()
             posted, held_now, arrears_now = work.balance(org_id)
@@ -607,7 +661,8 @@ class LedgerStore:
         """The balance right after a reservation was settled, as its settle answered it."""
         row = await conn.fetchrow(
             "SELECT r.settled_posted_micros, r.settled_held_micros, r.settled_arrears_micros, "
-            "a.billing_state FROM ledger.reservations r JOIN ledger.accounts a "
+            "coalesce(r.settled_billing_state, a.billing_state) AS billing_state "
+            "FROM ledger.reservations r JOIN ledger.accounts a "
             "ON a.account_id = 'org:' || r.org_id WHERE r.reservation_id = $1",
             held.reservation_id)
         assert row is not None
@@ -656,6 +711,7 @@ class LedgerStore:
             "settled_posted_micros = $4, settled_held_micros = $5, settled_arrears_micros = $6 "
             "WHERE reservation_id = $1", held.reservation_id, state.value, work.now,
             posted, held_now, arrears)
+        work.settled.append((held.reservation_id, held.org_id))
         return replace(held, state=state, settled_at=work.now)
 
     async def get_reservation(self, reservation_id: str, org_id: str) -> d.Reservation:
@@ -815,6 +871,7 @@ class LedgerStore:
                     [work.balance(c[1])[1] for c in captures],
                     [work.balance(c[1])[2] for c in captures],
                     work.now)
+                work.settled.extend((c[0], c[1]) for c in captures)
             work.emit_balance_changes()
             await work.flush()
             return results
@@ -882,6 +939,9 @@ class LedgerStore:
             account = work.org(org_id)
             previous = account.billing_state
             account.billing_state = state
+            # THROTTLED/READ_ONLY set by hand stay until set ACTIVE, which hands the org back
+            # to the automatic rules at its next balance change.
+            account.pinned = state is not d.BillingState.ACTIVE
             account.dirty = True
             await conn.execute(
                 "INSERT INTO ledger.billing_state_changes (request_id, org_id, previous_state, "
@@ -890,7 +950,7 @@ class LedgerStore:
             if previous is not state:
                 work.emit(org_id, d.OutboxEventType.BILLING_STATE_CHANGED,
                           previous_state=previous.value, cause=cause)
-            await work.flush()
+            await work.flush(follow_the_money=False)
             return previous, state, work.now
 
     # -- queries ---------------------------------------------------------------------------

@@ -305,3 +305,57 @@ async def test_outbox_delivers_every_event_once_in_order_under_32_concurrent_wri
         rest += (await asyncio.wait_for(resumed.read(), 10)).events
     resumed.cancel()
     assert [e.event_id for e in rest] == [e.event_id for e in received if e.sequence > middle]
+
+
+async def test_billing_state_follows_the_money_and_an_operator_pin_holds(
+    tally: TallyClient, db_url: str,
+) -> None:
+    async def state() -> int:
+        return (await tally.ledger.GetBalance(pb.GetBalanceRequest(org_id="acme"))
+                ).balance.billing_state
+
+    await grant(tally, "acme", 2 * CREDIT, "g1")
+    assert await state() == common_pb2.BILLING_STATE_ACTIVE
+    # usage beyond credit: arrears -> READ_ONLY, and no new holds
+    await tally.ledger.PostUsageBatch(pb.PostUsageBatchRequest(
+        batch_id="b1", items=items("acme", ("e1", 3 * CREDIT))))
+    assert await state() == common_pb2.BILLING_STATE_READ_ONLY
+    with pytest.raises(TallyError) as caught:
+        await tally.ledger.Reserve(pb.ReserveRequest(
+            reservation_id="r1", org_id="acme", amount_micros=1))
+    assert caught.value.reason is Reason.ACCOUNT_READ_ONLY
+    # a payment settles the arrears first; what is left makes the org ACTIVE again
+    await grant(tally, "acme", 5 * CREDIT, "g2")
+    assert await state() == common_pb2.BILLING_STATE_ACTIVE
+    # prepaid credit used up exactly: THROTTLED (holds are still allowed, for the top-up)
+    await tally.ledger.PostUsageBatch(pb.PostUsageBatchRequest(
+        batch_id="b2", items=items("acme", ("e2", 4 * CREDIT))))
+    assert await state() == common_pb2.BILLING_STATE_THROTTLED
+    await grant(tally, "acme", CREDIT, "g3")
+    assert await state() == common_pb2.BILLING_STATE_ACTIVE
+    # an operator's READ_ONLY is pinned: money moving does not lift it ...
+    await tally.ledger.SetBillingState(pb.SetBillingStateRequest(
+        request_id="pin", org_id="acme", state=common_pb2.BILLING_STATE_READ_ONLY,
+        cause="invoice overdue"))
+    await grant(tally, "acme", CREDIT, "g4")
+    assert await state() == common_pb2.BILLING_STATE_READ_ONLY
+    # ... until an operator sets ACTIVE, which hands the org back to the rules
+    await tally.ledger.SetBillingState(pb.SetBillingStateRequest(
+        request_id="unpin", org_id="acme", state=common_pb2.BILLING_STATE_ACTIVE,
+        cause="invoice paid"))
+    await tally.ledger.PostUsageBatch(pb.PostUsageBatchRequest(
+        batch_id="b3", items=items("acme", ("e3", 2 * CREDIT))))
+    assert await state() == common_pb2.BILLING_STATE_THROTTLED
+    # every transition is in the ledger with its cause, and in the outbox
+    conn = await asyncpg.connect(db.asyncpg_url(db_url))
+    try:
+        changes = await conn.fetch("SELECT state, cause FROM ledger.billing_state_changes "
+                                   "WHERE org_id = 'acme' ORDER BY changed_at, state")
+        outboxed = await conn.fetchval("SELECT count(*) FROM ledger.outbox WHERE org_id = "
+                                       "'acme' AND type = 'BILLING_STATE_CHANGED'")
+    finally:
+        await conn.close()
+    assert [r["state"] for r in changes] == [
+        "READ_ONLY", "ACTIVE", "THROTTLED", "ACTIVE", "READ_ONLY", "ACTIVE", "THROTTLED"]
+    assert changes[0]["cause"] == "usage beyond available credit is owed (arrears)"
+    assert outboxed == len(changes)

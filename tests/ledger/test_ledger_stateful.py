@@ -40,6 +40,7 @@ from hypothesis.stateful import (
 )
 
 from services.ledger.server import build
+from tally.common.v1 import common_pb2
 from tally.kit.config import load_kit_config
 from tally.kit.errors import Reason, from_rpc_error
 from tally.kit.server import start_server
@@ -151,6 +152,8 @@ class Hold:
     captured_micros: int = 0
     arrears_micros: int = 0
     settled_by: Message | None = None  # the Capture/Release response that settled it
+    # (posted, held, available, arrears) right after the usage batch that captured it
+    after_batch: tuple[int, int, int, int] | None = None
 
 
 @dataclass
@@ -222,6 +225,11 @@ class LedgerMachine(RuleBasedStateMachine):
             f"{what}: (posted, held, available, arrears) should be "
             f"{(b.posted_micros, b.held_micros, b.available_micros, b.arrears_micros)}:\n"
             f"{balance}")
+        if b.is_open:  # the automatic billing-state rules follow every balance change
+            state = (common_pb2.BILLING_STATE_READ_ONLY if b.arrears_micros > 0
+                     else common_pb2.BILLING_STATE_THROTTLED if b.posted_micros <= 0
+                     else common_pb2.BILLING_STATE_ACTIVE)
+            assert balance.billing_state == state, f"{what}: billing state\n{balance}"
 
     def already_committed(self, key: str, request: Message, outcome: Outcome) -> bool:
         """Checks a request whose id was used before: same payload replays, other is refused."""
@@ -288,6 +296,9 @@ class LedgerMachine(RuleBasedStateMachine):
         if self.already_committed(key, request, outcome) or self.unopened(outcome, key):
             return
         b = self.books
+        if b.arrears_micros > 0:  # owing usage makes the org READ_ONLY: no new holds
+            expect_refused(outcome, Reason.ACCOUNT_READ_ONLY, key)
+            return
         if request.amount_micros > b.available_micros:
             expect_refused(outcome, Reason.INSUFFICIENT_CREDITS, key)
             return
@@ -315,10 +326,14 @@ class LedgerMachine(RuleBasedStateMachine):
                 expect_refused(outcome, Reason.RESERVATION_ALREADY_CAPTURED, what)
             elif hold.settled_by is not None:
                 expect_same(outcome, hold.settled_by, f"repeated {what}")
-            else:  # captured by a usage item: the same actual is a replay of that capture
+            else:  # captured by a usage item: the same actual is a replay of that capture,
+                # answered with the balance right after that batch
                 reply = expect_applied(outcome, f"repeated {what} (captured by usage)")
                 self.expect_reservation(reply.reservation, hold, what)
-                self.expect_balance(reply.balance_after, what)
+                after = reply.balance_after
+                assert (after.posted_micros, after.held_micros, after.available_micros,
+                        after.arrears_micros) == hold.after_batch, f"{what}: {after}"
+                hold.settled_by = reply
         else:
             b.held_micros -= hold.amount_micros
             debited = min(max(b.available_micros, 0), request.actual_micros)
@@ -370,6 +385,7 @@ class LedgerMachine(RuleBasedStateMachine):
         b = self.books
         b.is_open = True
         expected: list[pb.UsageItemResult] = []
+        captured_here: list[Hold] = []
         debited_total = arrears_total = 0
         for item in request.items:
             if item.event_id in b.receipts:  # charged once, forever: the original receipt
@@ -401,8 +417,12 @@ class LedgerMachine(RuleBasedStateMachine):
             if hold is not None:
                 hold.state = pb.RESERVATION_STATE_CAPTURED
                 hold.captured_micros, hold.arrears_micros = item.cost_micros, arrears
+                captured_here.append(hold)
         b.burn(debited_total)
         b.arrears_micros += arrears_total
+        for hold in captured_here:
+            hold.after_batch = (b.posted_micros, b.held_micros, b.available_micros,
+                                b.arrears_micros)
         got = list(reply.results)
         assert got == expected, (
             f"{key}: results differ\n--- expected\n{expected}\n--- got\n{got}")
