@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Final
 import asyncpg
 
 from services.ledger import domain as d
+from tally.kit import outbox
 from tally.kit.errors import FieldViolation, Reason, TallyError, invalid
 from tally.kit.log import get_logger
 from tally.kit.money import INT64_MAX
@@ -38,7 +39,6 @@ _TRANSFER_COLUMNS: Final = (
     "reverses_transfer_id", "payment_order_id", "created_at", "prev_hash", "entry_hash",
     "org_posted_after", "org_held_after", "org_arrears_after",
 )
-_OUTBOX_LOCK_KEY: Final = 0x7A11_0B0C
 
 
 if TYPE_CHECKING:
@@ -1059,24 +1059,8 @@ class LedgerStore:
     # -- outbox ----------------------------------------------------------------------------
 
     async def seal_outbox(self, limit: int = 5000) -> int:
-        """Gives sequences to outbox rows whose transactions can no longer be followed by an
-        older one (txid below the oldest running transaction), oldest first; one sealer at a
-        time. Returns how many rows were sealed."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _OUTBOX_LOCK_KEY):
-                return 0
-            ids = await conn.fetchval(
-                "SELECT array_agg(id ORDER BY txid, id) FROM (SELECT id, txid FROM ledger.outbox "
-                "WHERE sequence IS NULL AND txid < pg_snapshot_xmin(pg_current_snapshot()) "
-                "ORDER BY txid, id LIMIT $1) AS ready", limit)
-            if not ids:
-                return 0
-            last = await conn.fetchval("SELECT coalesce(max(sequence), 0) FROM ledger.outbox")
-            await conn.execute(
-                "UPDATE ledger.outbox o SET sequence = u.sequence "
-                "FROM unnest($1::bigint[], $2::bigint[]) AS u(id, sequence) WHERE o.id = u.id",
-                ids, list(range(last + 1, last + 1 + len(ids))))
-            return len(ids)
+        """Gives sequences to the outbox rows that can be delivered (kit.outbox.seal)."""
+        return await outbox.seal(self.pool, "ledger.outbox", limit)
 
     async def outbox_after(self, sequence: int, types: Sequence[d.OutboxEventType],
                            limit: int = 500) -> list[d.OutboxEvent]:

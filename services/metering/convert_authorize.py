@@ -1,4 +1,4 @@
-"""tally.metering.v1 Authorize messages <-> the authorize domain."""
+"""tally.metering.v1 Authorize and outbox messages <-> the spend-control domain."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from datetime import timedelta
 
 from services.metering import authorize as az
 from services.metering.convert_usage import meter_or_none, operation_name
+from services.metering.spend_store import OutboxEvent
 from tally.common.v1 import common_pb2
 from tally.kit.protoconv import to_timestamp
 from tally.metering.v1 import metering_pb2 as pb
@@ -42,3 +43,24 @@ def answer(a: az.Answer) -> pb.AuthorizeResponse:
                   for h in a.headroom],
         price_book_version=a.price_book_version, message=a.message,
         reservation_expires_at=to_timestamp(a.expires_at) if a.reservation_id else None)
+
+
+def outbox_type(number: int) -> str | None:
+    """BUDGET_THRESHOLD, ... for a wire OutboxEventType; None for UNSPECIFIED or unknown."""
+    if number == 0 or number not in pb.OutboxEventType.values():
+        return None
+    return pb.OutboxEventType.Name(pb.OutboxEventType.ValueType(number)).removeprefix(
+        "OUTBOX_EVENT_TYPE_")
+
+
+def outbox_event(e: OutboxEvent) -> pb.OutboxEvent:
+    """The wire form of an outbox event; budget fields are lifted out of the attributes."""
+    a = e.attributes
+    return pb.OutboxEvent(
+        event_id=e.event_id, sequence=e.sequence, org_id=e.org_id,
+        type=pb.OutboxEventType.Value(f"OUTBOX_EVENT_TYPE_{e.type}"),
+        occurred_at=to_timestamp(e.occurred_at), trace_id=e.trace_id,
+        budget_id=str(a.get("budget_id", "")),
+        threshold_percent=int(a.get("threshold_percent", 0)),
+        spent_micros=int(a.get("spent_micros", 0)), limit_micros=int(a.get("limit_micros", 0)),
+        attributes={k: str(v) for k, v in a.items()})

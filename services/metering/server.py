@@ -38,6 +38,7 @@ from .servicer import MeteringServicer
 from .store import UsageStore
 
 NAME = "metering"
+OUTBOX_SEAL_INTERVAL_S = 0.1  # how late a budget alarm may become visible to consumers
 SERVICE_NAME = metering_pb2.DESCRIPTOR.services_by_name["MeteringService"].full_name
 
 
@@ -105,7 +106,7 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None) -> Se
         ledger_pb2_grpc.LedgerServiceStub(ledger_channel)))
     shutting_down = asyncio.Event()
     servicer = MeteringServicer(  # type: ignore[abstract]
-        UsageReports(UsageStore(engine)), committer, events, authorizer,
+        UsageReports(UsageStore(engine)), committer, events, authorizer, spend,
         max_inflight_batches=settings.max_inflight_batches,
         stream_lifetime_s=settings.stream_lifetime_s, shutting_down=shutting_down)
 
@@ -116,11 +117,15 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None) -> Se
         "expire-authorizations", settings.sweep_interval_s,
         lambda: spend.expire_holds(datetime.now(UTC)), stop), name="expire-authorizations")
 
+    sealer = asyncio.create_task(run_periodically(
+        "seal-outbox", OUTBOX_SEAL_INTERVAL_S, spend.seal_outbox, stop), name="seal-outbox")
+
     async def close() -> None:
         await committer.stop()
         stop.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
+        for task in (sweeper, sealer):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         watcher.cancel()  # it may be parked inside a long-lived WatchPriceBook stream
         with contextlib.suppress(asyncio.CancelledError):
             await watcher

@@ -1,11 +1,13 @@
 """tally.metering.v1.MeteringService: proto <-> domain, nothing else.
 
-Served: Authorize, RecordUsage, StreamUsage, GetUsageEvent, ExportUsage, GetUsageSummary.
+Served: Authorize, RecordUsage, StreamUsage, GetUsageEvent, ExportUsage, GetUsageSummary,
+StreamEvents.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -17,6 +19,7 @@ from services.metering.authorizer import Authorizer
 from services.metering.committer import GroupCommitter
 from services.metering.events_store import UsageEventStore
 from services.metering.ingestion import MAX_RECORD_EVENTS, MAX_STREAM_BATCH_EVENTS
+from services.metering.spend_store import SpendStore
 from tally.kit.errors import Reason, TallyError, invalid
 from tally.kit.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, decode_cursor, encode_cursor
 from tally.kit.protoconv import from_timestamp
@@ -52,7 +55,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     """Answers metering calls."""
 
     def __init__(self, reports: UsageReports, committer: GroupCommitter,
-                 events: UsageEventStore, authorizer: Authorizer, *,
+                 events: UsageEventStore, authorizer: Authorizer, spend: SpendStore, *,
                  max_inflight_batches: int = 4,
                  stream_lifetime_s: float = 300.0,
                  shutting_down: asyncio.Event | None = None) -> None:
@@ -60,6 +63,8 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         self.committer = committer
         self.events = events
         self.authorizer = authorizer
+        self.spend = spend
+        self.outbox_poll_s = 0.2
         self.max_inflight_batches = max_inflight_batches
         self.stream_lifetime_s = stream_lifetime_s
         # the server's ServiceApp.shutting_down: open streams wind down like at their lifetime
@@ -70,6 +75,26 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         """ALLOW / DOWNGRADE with a ledger hold for the worst case, or DENY with a reason."""
         answer = await self.authorizer.authorize(convert_authorize.request(request))
         return convert_authorize.answer(answer)
+
+    async def StreamEvents(self, request: metering_pb2.StreamEventsRequest, context: Context
+                           ) -> AsyncIterator[metering_pb2.StreamEventsResponse]:
+        """Budget alarms after `after_sequence`, then new ones as they are sealed, until the
+        stream's lifetime or the server's shutdown (resume from the last sequence)."""
+        types = [convert_authorize.outbox_type(t) for t in request.types]
+        for i, found in enumerate(types):
+            if found is None:
+                raise invalid(f"types[{i}]", "is not an outbox event type")
+        after = request.after_sequence
+        ends = asyncio.get_running_loop().time() + self.stream_lifetime_s
+        while not self.shutting_down.is_set() and asyncio.get_running_loop().time() < ends:
+            events = await self.spend.outbox_after(after, [t for t in types if t])
+            if events:
+                after = events[-1].sequence
+                yield metering_pb2.StreamEventsResponse(
+                    events=[convert_authorize.outbox_event(e) for e in events])
+                continue
+            with contextlib.suppress(TimeoutError):  # poll, or leave at shutdown
+                await asyncio.wait_for(self.shutting_down.wait(), self.outbox_poll_s)
 
     async def GetUsageSummary(
         self, request: metering_pb2.GetUsageSummaryRequest, context: Context

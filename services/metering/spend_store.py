@@ -19,6 +19,8 @@ from typing import Any
 
 import asyncpg
 
+from tally.kit import outbox
+
 from .authorize import (
     Answer,
     AuthorizeRequest,
@@ -62,6 +64,19 @@ def answer_from_json(raw: str) -> Answer:
         message=body["message"], price_book_version=body["price_book_version"],
         expires_at=datetime.fromisoformat(body["expires_at"]) if body["expires_at"] else None,
         headroom=tuple(Headroom(**h) for h in body["headroom"]))
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    """One sealed event of metering's outbox (a budget alarm)."""
+
+    event_id: str
+    sequence: int
+    org_id: str
+    type: str
+    occurred_at: datetime
+    trace_id: str
+    attributes: Mapping[str, Any]
 
 
 def budget_from_row(r: Any) -> Budget:
@@ -172,6 +187,21 @@ class SpendStore:
                 "RETURNING budget_holds", org_id, request_id, answer_to_json(answer))
             if holds:
                 await give_back(conn, [json.loads(holds)])
+
+    async def seal_outbox(self) -> int:
+        """Gives sequences to the outbox rows that can be delivered (kit.outbox.seal)."""
+        return await outbox.seal(self.pool, "metering.outbox")
+
+    async def outbox_after(self, sequence: int, types: Sequence[str], limit: int = 1000
+                           ) -> list[OutboxEvent]:
+        """Sealed outbox events after `sequence`, oldest first (types: empty = all)."""
+        rows = await self.pool.fetch(
+            "SELECT * FROM metering.outbox WHERE sequence > $1 "
+            "AND (cardinality($2::text[]) = 0 OR type = ANY($2::text[])) "
+            "ORDER BY sequence LIMIT $3", sequence, list(types), limit)
+        return [OutboxEvent(r["event_id"], r["sequence"], r["org_id"], r["type"],
+                            r["occurred_at"], r["trace_id"], json.loads(r["attributes"]))
+                for r in rows]
 
     async def expire_holds(self, now: datetime, limit: int = 500) -> int:
         """Frees the budget holds of authorizations past their ttl that nothing captured."""

@@ -8,6 +8,7 @@ import random
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import grpc
 import pytest
 
 from services.metering.spend_store import SpendStore
@@ -228,6 +229,28 @@ async def test_each_alarm_threshold_fires_once_per_period_even_across_a_restart(
         assert await fired() == [50, 80, 100]
         outbox = await sql(suite, "SELECT type, attributes FROM metering.outbox ORDER BY id")
         assert [r["type"] for r in outbox] == ["BUDGET_THRESHOLD"] * 3
+        # the notifier's view: sealed in order, resumable after any sequence
+        streamed: list[mpb.OutboxEvent] = []
+        async for message in suite.client.metering.StreamEvents(mpb.StreamEventsRequest(
+                types=[mpb.OUTBOX_EVENT_TYPE_BUDGET_THRESHOLD])):
+            streamed += message.events
+            if len(streamed) >= 3:
+                break
+        assert [(e.budget_id, e.threshold_percent) for e in streamed] == [
+            ("b-alarm", 50), ("b-alarm", 80), ("b-alarm", 100)]
+        assert [e.sequence for e in streamed] == sorted({e.sequence for e in streamed})
+        assert all(e.limit_micros == CREDIT and e.spent_micros >= CREDIT * e.threshold_percent
+                   // 100 for e in streamed)
+        async for message in suite.client.metering.StreamEvents(mpb.StreamEventsRequest(
+                after_sequence=streamed[0].sequence)):
+            assert [e.threshold_percent for e in message.events] == [80, 100]
+            break
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in suite.client.metering.StreamEvents(mpb.StreamEventsRequest(
+                    types=[99])):  # type: ignore[list-item]
+                pass
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert (caught.value.details() or "").startswith("types[0]:")
     finally:
         await stop_suite(suite)
 
