@@ -26,7 +26,8 @@ async def build(config: KitConfig) -> ServiceApp:
     pool = await db.create_pool(url, max_size=config.db_pool_size)
     store = LedgerStore(pool)
     # Payment RPCs are declared but belong to a later issue: they answer UNIMPLEMENTED.
-    servicer = LedgerServicer(store)  # type: ignore[abstract]
+    shutting_down = asyncio.Event()
+    servicer = LedgerServicer(store, shutting_down=shutting_down)  # type: ignore[abstract]
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
 
@@ -50,6 +51,7 @@ async def build(config: KitConfig) -> ServiceApp:
             servicer, server),
         on_start=[start_sweepers],
         on_stop=[close],
+        shutting_down=shutting_down,
     )
 
 

@@ -7,6 +7,7 @@ purchases issue and answer UNIMPLEMENTED until then (the generated base class do
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import grpc
@@ -32,10 +33,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     """Translates LedgerService calls to LedgerStore operations."""
 
     def __init__(self, store: LedgerStore, *, outbox_poll_s: float = 0.2,
-                 stream_lifetime_s: float = 300.0) -> None:
+                 stream_lifetime_s: float = 300.0,
+                 shutting_down: asyncio.Event | None = None) -> None:
         self.store = store
         self.outbox_poll_s = outbox_poll_s
         self.stream_lifetime_s = stream_lifetime_s
+        # the server's ServiceApp.shutting_down: event streams end when it is set
+        self.shutting_down = shutting_down or asyncio.Event()
 
     async def Transfer(self, request: pb.TransferRequest, context: Context
                        ) -> pb.TransferResponse:
@@ -148,11 +152,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         after = request.after_event_sequence
         deadline = asyncio.get_running_loop().time() + self.stream_lifetime_s
         # Bounded lifetime so a mesh can rebalance; the client resumes from its last sequence.
-        while asyncio.get_running_loop().time() < deadline:
+        while (not self.shutting_down.is_set()
+               and asyncio.get_running_loop().time() < deadline):
             await self.store.seal_outbox()
             events = await self.store.outbox_after(after, [t for t in types if t is not None])
             if events:
                 after = events[-1].sequence
                 yield pb.StreamEventsResponse(events=[convert.outbox_event(e) for e in events])
-            else:
-                await asyncio.sleep(self.outbox_poll_s)
+                continue
+            with contextlib.suppress(TimeoutError):  # poll, or leave at shutdown
+                await asyncio.wait_for(self.shutting_down.wait(), self.outbox_poll_s)

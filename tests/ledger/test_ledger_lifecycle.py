@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import grpc
 import pytest
 
 from services.ledger import domain as d
@@ -14,6 +15,7 @@ from services.ledger.store import LedgerStore
 from tally.common.v1 import common_pb2
 from tally.kit import db
 from tally.kit.errors import Reason, TallyError
+from tally.kit.server import RunningServer
 from tally.ledger.v1 import ledger_pb2 as pb
 from tally.sdk.client import TallyClient
 
@@ -359,3 +361,16 @@ async def test_billing_state_follows_the_money_and_an_operator_pin_holds(
         "READ_ONLY", "ACTIVE", "THROTTLED", "ACTIVE", "READ_ONLY", "ACTIVE", "THROTTLED"]
     assert changes[0]["cause"] == "usage beyond available credit is owed (arrears)"
     assert outboxed == len(changes)
+
+
+async def test_an_open_event_stream_ends_cleanly_when_the_ledger_shuts_down(
+    ledger_server: RunningServer, tally: TallyClient,
+) -> None:
+    await grant(tally, "acme", CREDIT, "g")
+    stream = tally.ledger.StreamEvents(pb.StreamEventsRequest())
+    first = await stream.read()
+    assert first.events  # the grant's BALANCE_CHANGED
+    # the grace period is 10 s; an idle event stream must not hold the shutdown that long
+    await asyncio.wait_for(ledger_server.stop(), 5)
+    assert await asyncio.wait_for(stream.read(), 5) is grpc.aio.EOF
+    assert await stream.code() is grpc.StatusCode.OK
