@@ -70,11 +70,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                                  balance_after=convert.balance(balance))
 
     async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:
-        held, available = await self.store.reserve(
+        held, available, state = await self.store.reserve(
             request.reservation_id, request.org_id, request.amount_micros,
             d.validate_ttl(request.ttl_seconds), convert.caller(request.context, _actor()))
         return pb.ReserveResponse(reservation=convert.reservation(held),
-                                  available_micros=available)
+                                  available_micros=available,
+                                  billing_state=convert.billing_state(state))
 
     async def Capture(self, request: pb.CaptureRequest, context: Context) -> pb.CaptureResponse:
         captured, posted, balance = await self.store.capture(

@@ -546,8 +546,9 @@ class LedgerStore:
     # -- reservations ----------------------------------------------------------------------
 
     async def reserve(self, reservation_id: str, org_id: str, amount: int, ttl: timedelta,
-                      caller: d.Caller) -> tuple[d.Reservation, int]:
-        """Holds credit only if available covers it, decided under the org's row lock."""
+                      caller: d.Caller) -> tuple[d.Reservation, int, d.BillingState]:
+        """Holds credit only if available covers it, decided under the org's row lock.
+        Returns the hold, available credit after it and the org's billing state."""
         d.raise_if([d.check_id("reservation_id", reservation_id), d.check_id("org_id", org_id),
                     d.check_amount("amount_micros", amount)])
         async with self.pool.acquire() as conn, conn.transaction():
@@ -561,7 +562,8 @@ class LedgerStore:
                 made = replace(_reservation(row), state=d.ReservationState.HELD,
                                captured_micros=0, arrears_micros=0, capture_transfer_id="",
                                settled_at=None)
-                return made, row["reserved_available_micros"]
+                return (made, row["reserved_available_micros"],
+                        d.BillingState(row["reserved_billing_state"] or "ACTIVE"))
             await work.lock_orgs([org_id])
             account = work.org(org_id)
             if account.billing_state is d.BillingState.READ_ONLY:
@@ -577,12 +579,12 @@ class LedgerStore:
                                         work.now + ttl, 0, 0, "", work.now, None)
             await conn.execute(
                 "INSERT INTO ledger.reservations (reservation_id, org_id, amount_micros, state, "
-                "expires_at, created_at, reserved_available_micros) "
-                "VALUES ($1, $2, $3, 'HELD', $4, $5, $6)",
+                "expires_at, created_at, reserved_available_micros, reserved_billing_state) "
+                "VALUES ($1, $2, $3, 'HELD', $4, $5, $6, $7)",
                 reservation_id, org_id, amount, reservation.expires_at, work.now,
-                work.available(org_id))
+                work.available(org_id), account.billing_state.value)
             await work.flush()
-            return reservation, work.available(org_id)
+            return reservation, work.available(org_id), account.billing_state
 
     async def _reservation(self, conn: Connection, reservation_id: str, org_id: str,
                            *, for_update: bool = False) -> d.Reservation:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import grpc
 
 from services.metering.events_store import LedgerItem, LedgerOutcome
 from services.metering.ingestion import MAX_EVENT_AGE
+from tally.common.v1 import common_pb2
 from tally.kit.errors import Reason, TallyError, from_rpc_error
 from tally.kit.log import get_logger
 from tally.kit.protoconv import to_timestamp
@@ -48,7 +50,7 @@ class GrpcLedger:
 
 
 class GrpcReservingLedger:
-    """ReservingLedger over LedgerService.Reserve."""
+    """ReservingLedger over LedgerService.Reserve and Release."""
 
     def __init__(self, stub: ledger_pb2_grpc.LedgerServiceAsyncStub,
                  timeout_s: float = 5.0) -> None:
@@ -56,20 +58,35 @@ class GrpcReservingLedger:
         self.timeout_s = timeout_s
 
     async def reserve(self, reservation_id: str, org_id: str, amount_micros: int,
-                      ttl: timedelta) -> int:
+                      ttl: timedelta) -> tuple[int, str]:
         """Holds credit; the ledger's refusal arrives as its TallyError (via from_rpc_error)."""
-        try:
+        async with _translated():
             reply = await self.stub.Reserve(ledger_pb2.ReserveRequest(
                 reservation_id=reservation_id, org_id=org_id, amount_micros=amount_micros,
                 ttl_seconds=int(ttl.total_seconds())), timeout=self.timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            translated = from_rpc_error(exc)
-            if translated is not None:
-                raise translated from exc
-            if exc.code() in _UNAVAILABLE_CODES:
-                raise TallyError(Reason.UNAVAILABLE, f"ledger: {exc.details()}") from exc
-            raise
-        return int(reply.available_micros)
+        state = common_pb2.BillingState.Name(reply.billing_state).removeprefix("BILLING_STATE_")
+        return int(reply.available_micros), "ACTIVE" if state == "UNSPECIFIED" else state
+
+    async def release(self, reservation_id: str, org_id: str, reason: str) -> None:
+        """Frees a hold (idempotent in the ledger)."""
+        async with _translated():
+            await self.stub.Release(ledger_pb2.ReleaseRequest(
+                reservation_id=reservation_id, org_id=org_id, reason=reason),
+                timeout=self.timeout_s)
+
+
+@contextlib.asynccontextmanager
+async def _translated() -> AsyncIterator[None]:
+    """The ledger's errors as TallyErrors: its reasons, or UNAVAILABLE."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        translated = from_rpc_error(exc)
+        if translated is not None:
+            raise translated from exc
+        if exc.code() in _UNAVAILABLE_CODES:
+            raise TallyError(Reason.UNAVAILABLE, f"ledger: {exc.details()}") from exc
+        raise
 
 
 class WatchedPriceBooks:

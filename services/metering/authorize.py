@@ -10,7 +10,9 @@ Order of checks (each later one is only reached if every earlier one passes):
 4. quotas, all counters at once (QUOTA_EXCEEDED with a retry-after);
 5. budgets, counting spent plus reserved plus this estimate under a row lock
    (BUDGET_EXCEEDED, or DOWNGRADE past a SOFT_DOWNGRADE budget's threshold);
-6. the ledger hold for the estimate (INSUFFICIENT_CREDITS, ACCOUNT_READ_ONLY).
+6. the ledger hold for the estimate (INSUFFICIENT_CREDITS, ACCOUNT_READ_ONLY), and for a
+   THROTTLED org its spend policy's reduced rate (ACCOUNT_THROTTLED; the hold is released).
+   A request that costs nothing makes no hold and so meets no billing state.
 """
 
 from __future__ import annotations

@@ -33,9 +33,14 @@ class ReservingLedger(Protocol):
     """The ledger as Authorize needs it (the gRPC client implements it)."""
 
     async def reserve(self, reservation_id: str, org_id: str, amount_micros: int,
-                      ttl: timedelta) -> int:
-        """Holds credit (idempotent on reservation_id); returns available after the hold.
+                      ttl: timedelta) -> tuple[int, str]:
+        """Holds credit (idempotent on reservation_id); returns available after the hold and
+        the org's billing state (ACTIVE, THROTTLED).
         Raises TallyError: INSUFFICIENT_CREDITS, ACCOUNT_READ_ONLY, UNAVAILABLE, ..."""
+        ...
+
+    async def release(self, reservation_id: str, org_id: str, reason: str) -> None:
+        """Frees a hold (idempotent)."""
         ...
 
 
@@ -52,11 +57,16 @@ class PolicySource(Protocol):
 
 
 class QuotaGate(Protocol):
-    """Consumes every applicable quota counter, or none."""
+    """The rate limits of Authorize (quotas.LimiterGate implements it)."""
 
     async def admit(self, request: az.AuthorizeRequest, quotas: Sequence[Quota],
                     policy: SpendPolicy) -> tuple[az.Answer | None, list[az.Headroom]]:
-        """(a DENY answer or None, headroom under each quota)."""
+        """Consumes every applicable quota counter, or none: (a DENY answer or None,
+        headroom under each quota)."""
+        ...
+
+    async def throttle(self, org_id: str, policy: SpendPolicy) -> az.Answer | None:
+        """An ACCOUNT_THROTTLED DENY when a THROTTLED org is past its reduced rate."""
         ...
 
 
@@ -70,7 +80,7 @@ class Authorizer:
     """May this request run, on which model, at what worst-case cost?"""
 
     def __init__(self, store: SpendStore, policies: PolicySource, books: PriceBooks,
-                 ledger: ReservingLedger, quotas: QuotaGate | None = None,
+                 ledger: ReservingLedger, quotas: QuotaGate,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.store = store
         self.policies = policies
@@ -93,20 +103,17 @@ class Authorizer:
             return await self._record(request, fingerprint, [], lambda _: refused)
         book = self.books.history.book_at(now)
         first = self._estimate(book, request, request.model)
-        headroom: list[az.Headroom] = []
-        if self.quotas is not None:
-            quotas = await self.policies.quotas_for(request.org_id)
-            denied, headroom = await self.quotas.admit(request, quotas, policy)
-            if denied is not None:
-                return await self._record(request, fingerprint, [],
-                                          lambda _: replace(denied, headroom=tuple(headroom)))
+        quotas = await self.policies.quotas_for(request.org_id)
+        denied, headroom = await self.quotas.admit(request, quotas, policy)
+        if denied is not None:
+            return await self._record(request, fingerprint, [], lambda _: denied)
         budgets = await self._budgets_in_force(request, now)
 
         def decide(states: list[az.BudgetState]) -> az.Answer:
             return self._decide(request, book, first, states, now, headroom)
 
         answer = await self._record(request, fingerprint, budgets, decide)
-        return await self._hold(request, answer)
+        return await self._hold(request, answer, policy)
 
     async def _replay(self, request: az.AuthorizeRequest, fingerprint: str, stored_hash: str,
                       state: str, answer: az.Answer) -> az.Answer:
@@ -115,7 +122,7 @@ class Authorizer:
                              f"request_id: {request.request_id!r} was used for another request",
                              field="request_id")
         if state == "PENDING":  # the first call stopped between the budget and the ledger
-            return await self._hold(request, answer)
+            return await self._hold(request, answer, None)
         return answer
 
     async def _record(self, request: az.AuthorizeRequest, fingerprint: str,
@@ -174,13 +181,15 @@ class Authorizer:
                      if decision is az.Decision.DOWNGRADE else ""),
             headroom=(*headroom, *az.budget_headroom(states, chosen.cost_micros)))
 
-    async def _hold(self, request: az.AuthorizeRequest, answer: az.Answer) -> az.Answer:
-        """Makes the ledger hold of an ALLOW/DOWNGRADE; a refusal turns it into a DENY."""
+    async def _hold(self, request: az.AuthorizeRequest, answer: az.Answer,
+                    policy: SpendPolicy | None) -> az.Answer:
+        """Makes the ledger hold of an ALLOW/DOWNGRADE; a refusal, or a THROTTLED org past its
+        reduced rate, turns it into a DENY (and gives the holds back)."""
         if answer.decision is az.Decision.DENY or not answer.reservation_id:
             return answer
         try:
-            available = await self.ledger.reserve(answer.reservation_id, request.org_id,
-                                                  answer.reserved_micros, request.ttl)
+            available, billing_state = await self.ledger.reserve(
+                answer.reservation_id, request.org_id, answer.reserved_micros, request.ttl)
         except TallyError as exc:
             if exc.reason not in _LEDGER_REFUSALS:
                 raise  # UNAVAILABLE etc.: the client retries the same request id
@@ -188,6 +197,16 @@ class Authorizer:
                               headroom=answer.headroom)
             await self.store.refuse(request.org_id, request.request_id, refused)
             return refused
+        if billing_state == "THROTTLED":
+            policy = policy or await self.policies.policy_for(request.org_id)
+            throttled = await self.quotas.throttle(request.org_id, policy)
+            if throttled is not None:
+                await self.ledger.release(answer.reservation_id, request.org_id,
+                                          "org throttled past its reduced rate")
+                refused = replace(throttled, price_book_version=answer.price_book_version,
+                                  headroom=answer.headroom)
+                await self.store.refuse(request.org_id, request.request_id, refused)
+                return refused
         held = replace(answer, headroom=(
             *answer.headroom,
             az.Headroom("balance", "micros", available + answer.reserved_micros, available)))

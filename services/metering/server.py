@@ -25,15 +25,18 @@ from tally.kit.config import (
     KitConfig,
     load,
     load_kit_config,
+    parse_choice,
     parse_positive_int,
     setting,
 )
 from tally.kit.server import ServiceApp, run_service
 from tally.ledger.v1 import ledger_pb2_grpc
+from tally.limits import InProcessLimiter, Limiter, OutagePolicy, RedisLimiter
 from tally.metering.v1 import metering_pb2, metering_pb2_grpc
 from tally.pricing.v1 import pricing_pb2_grpc
 
 from .domain import UsageReports
+from .quotas import LimiterGate
 from .servicer import MeteringServicer
 from .store import UsageStore
 
@@ -65,11 +68,31 @@ class MeteringConfig:
         "TALLY_METERING_SWEEP_INTERVAL_S", parse_positive_int, "seconds > 0", default=5)
     price_book_wait_s: int = setting(
         "TALLY_METERING_PRICE_BOOK_WAIT_S", parse_positive_int, "seconds > 0", default=30)
+    limiter: str = setting(
+        "TALLY_METERING_LIMITER", parse_choice("in-process", "redis"),
+        "in-process (one replica) or redis (replicas share quotas; needs TALLY_REDIS_URL)",
+        default="in-process")
+    limiter_on_outage: str = setting(
+        "TALLY_METERING_LIMITER_ON_OUTAGE", parse_choice("deny", "local"),
+        "deny (hard quotas fail closed) or local (each replica enforces them alone)",
+        default="deny")
 
 
-async def build(config: KitConfig, metering: MeteringConfig | None = None) -> ServiceApp:
-    """Wires metering; waits (bounded) for the first price book from pricing."""
+def make_limiter(config: KitConfig, settings: MeteringConfig) -> Limiter:
+    """The quota limiter the settings ask for."""
+    if settings.limiter == "in-process":
+        return InProcessLimiter()
+    if not config.redis_url:
+        raise RuntimeError("TALLY_METERING_LIMITER=redis needs TALLY_REDIS_URL")
+    return RedisLimiter(config.redis_url, on_outage=OutagePolicy(settings.limiter_on_outage))
+
+
+async def build(config: KitConfig, metering: MeteringConfig | None = None,
+                limiter: Limiter | None = None) -> ServiceApp:
+    """Wires metering; waits (bounded) for the first price book from pricing. `limiter`
+    replaces the one the settings name (tests share one clock between replicas)."""
     settings = metering or load(MeteringConfig)
+    limiter = limiter if limiter is not None else make_limiter(config, settings)
     url = config.database_url or infra.start_embedded_postgres(config.data_dir, keep_running=False)
     if config.migrate_on_start:
         await db.migrate_async(NAME, url)
@@ -89,6 +112,7 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None) -> Se
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+        await limiter.close()
         raise RuntimeError(f"no price book from pricing at {config.address_of('pricing')} "
                            f"within {settings.price_book_wait_s}s; refusing to serve") from None
     events = UsageEventStore(pool)
@@ -103,7 +127,7 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None) -> Se
     # UNIMPLEMENTED answer.
     spend = SpendStore(pool)
     authorizer = Authorizer(spend, spend, books, GrpcReservingLedger(
-        ledger_pb2_grpc.LedgerServiceStub(ledger_channel)))
+        ledger_pb2_grpc.LedgerServiceStub(ledger_channel)), LimiterGate(limiter))
     shutting_down = asyncio.Event()
     servicer = MeteringServicer(  # type: ignore[abstract]
         UsageReports(UsageStore(engine)), committer, events, authorizer, spend,
@@ -131,6 +155,7 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None) -> Se
             await watcher
         await pricing_channel.close()
         await ledger_channel.close()
+        await limiter.close()
         await pool.close()
         await engine.dispose()
 
@@ -139,11 +164,12 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None) -> Se
 
 
 async def build_for(database_url: str, config: KitConfig | None = None,
-                    metering: MeteringConfig | None = None) -> ServiceApp:
+                    metering: MeteringConfig | None = None,
+                    limiter: Limiter | None = None) -> ServiceApp:
     """`build` against an already migrated database, other settings from `config` or defaults."""
     base = config or load_kit_config({})
     return await build(dataclasses.replace(base, database_url=database_url,
-                                           migrate_on_start=False), metering)
+                                           migrate_on_start=False), metering, limiter)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from tally.kit.config import KitConfig, load_kit_config
 from tally.kit.infra import free_port
 from tally.kit.server import RunningServer, start_server
 from tally.ledger.v1 import ledger_pb2 as lpb
+from tally.limits import Limiter
 from tally.sdk.client import TallyClient
 
 CREDIT = 1_000_000
@@ -37,6 +38,18 @@ class Suite:
             kind=lpb.TRANSFER_KIND_PROMOTIONAL_GRANT, amount_micros=credits * CREDIT,
             reason="test funding"))
 
+    async def start_metering_replica(self, limiter: Limiter | None = None
+                                     ) -> tuple[RunningServer, TallyClient]:
+        """One more metering server on the same database and neighbours, and a client to it
+        (the caller stops both)."""
+        port = free_port()
+        config = dataclasses.replace(self.config, metering_port=port)
+        server = await start_server(await build_for(self.db_url, config, limiter=limiter),
+                                    port=port)
+        client = TallyClient({"metering": config.address_of("metering")},
+                             actor="service:test")
+        return server, client
+
     async def restart_ledger(self) -> None:
         await self.ledger.stop()
         config = dataclasses.replace(self.config, database_url=self.db_url,
@@ -45,13 +58,14 @@ class Suite:
                                          port=self.config.ledger_port)
 
 
-async def start_suite(db_url: str, metering: MeteringConfig | None = None) -> Suite:
+async def start_suite(db_url: str, metering: MeteringConfig | None = None,
+                      limiter: Limiter | None = None) -> Suite:
     config = dataclasses.replace(load_kit_config({}), pricing_port=free_port(),
                                  ledger_port=free_port(), metering_port=free_port(),
                                  database_url=db_url, migrate_on_start=False)
     pricing = await start_server(await build_pricing(db_url), port=config.pricing_port)
     ledger = await start_server(await build_ledger(config), port=config.ledger_port)
-    metering_server = await start_server(await build_for(db_url, config, metering),
+    metering_server = await start_server(await build_for(db_url, config, metering, limiter),
                                          port=config.metering_port)
     client = TallyClient({s: config.address_of(s) for s in ("pricing", "ledger", "metering")},
                          actor="service:test")

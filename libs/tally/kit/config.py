@@ -137,6 +137,18 @@ def parse_bool(raw: str) -> bool:
     raise ValueError
 
 
+def parse_choice(*choices: str) -> Callable[[str], str]:
+    """A parser accepting exactly one of `choices` (any case)."""
+
+    def parse(raw: str) -> str:
+        lowered = raw.strip().lower()
+        if lowered not in choices:
+            raise ValueError
+        return lowered
+
+    return parse
+
+
 def parse_log_level(raw: str) -> str:
     """One of debug, info, warning, error."""
     lowered = raw.strip().lower()

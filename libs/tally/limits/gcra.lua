@@ -3,7 +3,9 @@
 --
 -- KEYS: every limit's key, decision after decision.
 -- ARGV[1]: now in microseconds, or "" to use the server's clock (shared by every replica).
--- ARGV[2]: number of decisions; then per decision its limit count n, then per limit:
+-- ARGV[2]: the shortest expiry of a counter, ms (a caller's own clock need not move with
+--          Redis's, so its counters must outlive what its clock says).
+-- ARGV[3]: number of decisions; then per decision its limit count n, then per limit:
 --          window ("R" rolling / "C" calendar), amount, period_us, capacity, cost, hard (1/0).
 -- Returns, per decision: allowed (1/0), retry_after_us, n, n remaining values, the number of
 -- denying limits d, then their 0-based indexes.
@@ -22,10 +24,11 @@ local function idiv(a, b)  -- floor(a / b), exact for integers below 2^53
   return q
 end
 
+local min_ttl = tonumber(ARGV[2])
 local out = {}
-local arg = 3
+local arg = 4
 local key_at = 1
-for _ = 1, tonumber(ARGV[2]) do
+for _ = 1, tonumber(ARGV[3]) do
   local n = tonumber(ARGV[arg]); arg = arg + 1
   local writes, if_consumed, if_not, denied = {}, {}, {}, {}
   local retry = 0
@@ -78,7 +81,9 @@ for _ = 1, tonumber(ARGV[2]) do
   end
   local remaining = if_consumed
   if #denied == 0 then
-    for i = 1, n do redis.call("SET", writes[i][1], writes[i][2], "PX", writes[i][3]) end
+    for i = 1, n do
+      redis.call("SET", writes[i][1], writes[i][2], "PX", math.max(writes[i][3], min_ttl))
+    end
     out[#out + 1] = 1
   else
     remaining = if_not

@@ -34,6 +34,8 @@ from .model import Limit, Verdict
 log = get_logger("limits.redis")
 
 SCRIPT: Final = resources.files(__package__).joinpath("gcra.lua").read_text()
+OWN_CLOCK_MIN_TTL_MS: Final = 3_600_000
+"""With a caller's clock (tests), counters live at least this long in Redis's own time."""
 MAX_DECISIONS_PER_CALL: Final = 64
 """Decisions per script call: bounds how long one call holds Redis's single thread."""
 _DOWN_ERRORS = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
@@ -194,9 +196,10 @@ class RedisLimiter:
 
     async def _pipeline(self, now: str, calls: list[tuple[list[int], list[str], list[Any]]]
                         ) -> list[Any]:
+        min_ttl = 0 if self.clock_us is None else OWN_CLOCK_MIN_TTL_MS
         async with self.client.pipeline(transaction=False) as pipe:
             for members, keys, args in calls:
-                pipe.evalsha(self._sha, len(keys), *keys, now, len(members), *args)
+                pipe.evalsha(self._sha, len(keys), *keys, now, min_ttl, len(members), *args)
             return list(await pipe.execute(raise_on_error=False))
 
     def _outage_verdict(self, limits: Sequence[Limit]) -> Verdict:

@@ -853,8 +853,11 @@ class ReserveResponse(_message.Message):
 
     RESERVATION_FIELD_NUMBER: _builtins.int
     AVAILABLE_MICROS_FIELD_NUMBER: _builtins.int
+    BILLING_STATE_FIELD_NUMBER: _builtins.int
     available_micros: _builtins.int
     """Org's available credit (posted - held) after the hold, micro-credits."""
+    billing_state: _common_pb2.BillingState.ValueType
+    """Org's billing state when the hold was made (THROTTLED: metering applies its rate cap)."""
     @_builtins.property
     def reservation(self) -> Global___Reservation:
         """The reservation (HELD)."""
@@ -864,10 +867,11 @@ class ReserveResponse(_message.Message):
         *,
         reservation: Global___Reservation | None = ...,
         available_micros: _builtins.int = ...,
+        billing_state: _common_pb2.BillingState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["reservation", b"reservation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_micros", b"available_micros", "reservation", b"reservation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_micros", b"available_micros", "billing_state", b"billing_state", "reservation", b"reservation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
