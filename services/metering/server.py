@@ -18,6 +18,7 @@ from services.metering.adapters import GrpcLedger, GrpcReservingLedger, WatchedP
 from services.metering.authorizer import Authorizer
 from services.metering.committer import CommitSettings, GroupCommitter
 from services.metering.events_store import UsageEventStore
+from services.metering.policy_store import PolicyStore
 from services.metering.spend_store import SpendStore
 from tally.kit import db, infra
 from tally.kit.background import run_periodically
@@ -97,7 +98,7 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
     if config.migrate_on_start:
         await db.migrate_async(NAME, url)
     engine = db.create_engine(url, pool_size=config.db_pool_size)
-    pool = await db.create_pool(url, max_size=config.db_pool_size)
+    pool = await db.create_pool(url, max_size=config.db_pool_size, custom_plans=True)
     # Reconnect quickly once a neighbour is back: gRPC's default backoff grows to 120 s.
     options = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
     pricing_channel = grpc.aio.insecure_channel(config.address_of("pricing"), options=options)
@@ -123,14 +124,13 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
                        max_buffered_events=settings.max_buffered_events,
                        buffer_wait_ms=settings.buffer_wait_ms,
                        max_inflight_commits=settings.max_inflight_commits))
-    # The stubs mark every RPC abstract; RPCs not served yet keep the generated base's
-    # UNIMPLEMENTED answer.
     spend = SpendStore(pool)
     authorizer = Authorizer(spend, spend, books, GrpcReservingLedger(
         ledger_pb2_grpc.LedgerServiceStub(ledger_channel)), LimiterGate(limiter))
     shutting_down = asyncio.Event()
-    servicer = MeteringServicer(  # type: ignore[abstract]
+    servicer = MeteringServicer(
         UsageReports(UsageStore(engine)), committer, events, authorizer, spend,
+        policies=PolicyStore(pool),
         max_inflight_batches=settings.max_inflight_batches,
         stream_lifetime_s=settings.stream_lifetime_s, shutting_down=shutting_down)
 

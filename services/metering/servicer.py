@@ -1,7 +1,7 @@
 """tally.metering.v1.MeteringService: proto <-> domain, nothing else.
 
 Served: Authorize, RecordUsage, StreamUsage, GetUsageEvent, ExportUsage, GetUsageSummary,
-StreamEvents.
+StreamEvents, and the management of budgets, quotas and spend policies.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from typing import Any
 
 import grpc
 
-from services.metering import convert_authorize, convert_usage
+from services.metering import convert_authorize, convert_policies, convert_usage
 from services.metering.authorizer import Authorizer
 from services.metering.committer import GroupCommitter
 from services.metering.events_store import UsageEventStore
 from services.metering.ingestion import MAX_RECORD_EVENTS, MAX_STREAM_BATCH_EVENTS
+from services.metering.policy_store import PolicyStore
 from services.metering.spend_store import SpendStore
 from tally.kit.errors import Reason, TallyError, invalid
 from tally.kit.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, decode_cursor, encode_cursor
@@ -56,6 +57,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
 
     def __init__(self, reports: UsageReports, committer: GroupCommitter,
                  events: UsageEventStore, authorizer: Authorizer, spend: SpendStore, *,
+                 policies: PolicyStore | None = None,
                  max_inflight_batches: int = 4,
                  stream_lifetime_s: float = 300.0,
                  shutting_down: asyncio.Event | None = None) -> None:
@@ -64,6 +66,8 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         self.events = events
         self.authorizer = authorizer
         self.spend = spend
+        # budgets, quotas and spend policies live in the same database as Authorize's state
+        self.policies = policies or PolicyStore(spend.pool)
         self.outbox_poll_s = 0.2
         self.max_inflight_batches = max_inflight_batches
         self.stream_lifetime_s = stream_lifetime_s
@@ -214,3 +218,90 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             micros_at = int(last.occurred_at.timestamp()) * 1_000_000 + last.occurred_at.microsecond
             yield metering_pb2.ExportUsageResponse(
                 next_page_token=encode_cursor("export", micros_at, last.org_id, last.event_id))
+
+    # -- budgets, quotas and spend policy ------------------------------------------------------
+
+    async def CreateBudget(self, request: metering_pb2.CreateBudgetRequest, context: Context
+                           ) -> metering_pb2.CreateBudgetResponse:
+        """Creates a budget; a replay of the request id returns the budget first created."""
+        created = await self.policies.create_budget(
+            request.request_id, request.budget.org_id,
+            convert_policies.budget_spec(request.budget))
+        return metering_pb2.CreateBudgetResponse(budget=convert_policies.budget(created))
+
+    async def UpdateBudget(self, request: metering_pb2.UpdateBudgetRequest, context: Context
+                           ) -> metering_pb2.UpdateBudgetResponse:
+        """Changes the fields in update_mask (empty = every writable field)."""
+        updated = await self.policies.update_budget(
+            request.request_id, request.budget.org_id, request.budget.budget_id,
+            convert_policies.budget_spec(request.budget), list(request.update_mask.paths))
+        return metering_pb2.UpdateBudgetResponse(budget=convert_policies.budget(updated))
+
+    async def GetBudget(self, request: metering_pb2.GetBudgetRequest, context: Context
+                        ) -> metering_pb2.GetBudgetResponse:
+        """One budget with its spend in the current period."""
+        found = await self.policies.budget(request.org_id, request.budget_id)
+        return metering_pb2.GetBudgetResponse(budget=convert_policies.budget(found))
+
+    async def ListBudgets(self, request: metering_pb2.ListBudgetsRequest, context: Context
+                          ) -> metering_pb2.ListBudgetsResponse:
+        """A page of an org's budgets, oldest first."""
+        page, token = await self.policies.budgets(request.org_id, request.page_size,
+                                                  request.page_token)
+        return metering_pb2.ListBudgetsResponse(
+            budgets=[convert_policies.budget(b) for b in page], next_page_token=token)
+
+    async def DeleteBudget(self, request: metering_pb2.DeleteBudgetRequest, context: Context
+                           ) -> metering_pb2.DeleteBudgetResponse:
+        """Deletes a budget; a replay of the request id succeeds again."""
+        await self.policies.delete_budget(request.request_id, request.org_id, request.budget_id)
+        return metering_pb2.DeleteBudgetResponse()
+
+    async def CreateQuota(self, request: metering_pb2.CreateQuotaRequest, context: Context
+                          ) -> metering_pb2.CreateQuotaResponse:
+        """Creates a quota; a replay of the request id returns the quota first created."""
+        created = await self.policies.create_quota(
+            request.request_id, request.quota.org_id, convert_policies.quota_spec(request.quota))
+        return metering_pb2.CreateQuotaResponse(quota=convert_policies.quota(created))
+
+    async def UpdateQuota(self, request: metering_pb2.UpdateQuotaRequest, context: Context
+                          ) -> metering_pb2.UpdateQuotaResponse:
+        """Changes the fields in update_mask (empty = every writable field)."""
+        updated = await self.policies.update_quota(
+            request.request_id, request.quota.org_id, request.quota.quota_id,
+            convert_policies.quota_spec(request.quota), list(request.update_mask.paths))
+        return metering_pb2.UpdateQuotaResponse(quota=convert_policies.quota(updated))
+
+    async def GetQuota(self, request: metering_pb2.GetQuotaRequest, context: Context
+                       ) -> metering_pb2.GetQuotaResponse:
+        """One quota."""
+        found = await self.policies.quota(request.org_id, request.quota_id)
+        return metering_pb2.GetQuotaResponse(quota=convert_policies.quota(found))
+
+    async def ListQuotas(self, request: metering_pb2.ListQuotasRequest, context: Context
+                         ) -> metering_pb2.ListQuotasResponse:
+        """A page of an org's quotas, oldest first."""
+        page, token = await self.policies.quotas(request.org_id, request.page_size,
+                                                 request.page_token)
+        return metering_pb2.ListQuotasResponse(
+            quotas=[convert_policies.quota(q) for q in page], next_page_token=token)
+
+    async def DeleteQuota(self, request: metering_pb2.DeleteQuotaRequest, context: Context
+                          ) -> metering_pb2.DeleteQuotaResponse:
+        """Deletes a quota; a replay of the request id succeeds again."""
+        await self.policies.delete_quota(request.request_id, request.org_id, request.quota_id)
+        return metering_pb2.DeleteQuotaResponse()
+
+    async def SetSpendPolicy(self, request: metering_pb2.SetSpendPolicyRequest,
+                             context: Context) -> metering_pb2.SetSpendPolicyResponse:
+        """Replaces an org's spend policy, recording who did it."""
+        stored = await self.policies.set_policy(
+            request.request_id, convert_policies.policy_in(request.policy),
+            convert_policies.actor(request.context))
+        return metering_pb2.SetSpendPolicyResponse(policy=convert_policies.policy(stored))
+
+    async def GetSpendPolicy(self, request: metering_pb2.GetSpendPolicyRequest,
+                             context: Context) -> metering_pb2.GetSpendPolicyResponse:
+        """An org's spend policy; all limits 0 (none) when never set."""
+        found = await self.policies.policy(request.org_id)
+        return metering_pb2.GetSpendPolicyResponse(policy=convert_policies.policy(found))

@@ -91,6 +91,23 @@ def budget_from_row(r: Any) -> Budget:
         period_end=r["period_end"], created_at=r["created_at"], updated_at=r["updated_at"])
 
 
+def quota_from_row(r: Any) -> Quota:
+    """A quota as stored in metering.quotas."""
+    return Quota(r["quota_id"], r["org_id"], QuotaScope(r["scope"]), r["scope_value"],
+                 QuotaKind(r["kind"]), r["limit_value"], QuotaEnforcement(r["enforcement"]),
+                 r["burst"], r["long_context_threshold_tokens"], r["created_at"],
+                 r["updated_at"])
+
+
+def policy_from_row(org_id: str, r: Any | None) -> SpendPolicy:
+    """An org's spend policy as stored in metering.spend_policies; no limits without a row."""
+    if r is None:
+        return SpendPolicy(org_id)
+    return SpendPolicy(org_id, r["max_context_tokens"], r["max_upload_bytes"],
+                       r["long_context_threshold_tokens"], r["throttled_requests_per_second"],
+                       r["updated_at"], r["updated_by"])
+
+
 class SpendStore:
     """Postgres persistence of Authorize."""
 
@@ -106,24 +123,15 @@ class SpendStore:
 
     async def policy_for(self, org_id: str) -> SpendPolicy:
         """The org's spend policy; no limits when never set."""
-        row = await self.pool.fetchrow(
-            "SELECT * FROM metering.spend_policies WHERE org_id = $1", org_id)
-        if row is None:
-            return SpendPolicy(org_id)
-        return SpendPolicy(org_id, row["max_context_tokens"], row["max_upload_bytes"],
-                           row["long_context_threshold_tokens"],
-                           row["throttled_requests_per_second"], row["updated_at"],
-                           row["updated_by"])
+        return policy_from_row(org_id, await self.pool.fetchrow(
+            "SELECT * FROM metering.spend_policies WHERE org_id = $1", org_id))
 
     async def quotas_for(self, org_id: str) -> list[Quota]:
         """The org's live quotas."""
         rows = await self.pool.fetch(
             "SELECT * FROM metering.quotas WHERE org_id = $1 AND deleted_at IS NULL "
             "ORDER BY quota_id", org_id)
-        return [Quota(r["quota_id"], r["org_id"], QuotaScope(r["scope"]), r["scope_value"],
-                      QuotaKind(r["kind"]), r["limit_value"], QuotaEnforcement(r["enforcement"]),
-                      r["burst"], r["long_context_threshold_tokens"], r["created_at"],
-                      r["updated_at"]) for r in rows]
+        return [quota_from_row(r) for r in rows]
 
     async def authorization(self, org_id: str, request_id: str
                             ) -> tuple[str, str, Answer] | None:

@@ -10,6 +10,7 @@ import typer
 from tally.cli import authorize as authorize_cli
 from tally.cli import demo as demo_module
 from tally.cli import ledger as ledger_cli
+from tally.cli import policies as policies_cli
 from tally.cli import pricing as pricing_cli
 from tally.cli import suite
 from tally.cli import usage as usage_cli
@@ -128,6 +129,7 @@ def verify_ledger(
 usage_cli.register(app, _config)
 authorize_cli.register(app, _config)
 pricing_cli.register(app, _config)
+policies_cli.register(app, _config)
 
 
 if __name__ == "__main__":

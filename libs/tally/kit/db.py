@@ -50,9 +50,17 @@ def create_engine(url: str, *, pool_size: int = 8) -> AsyncEngine:
     )
 
 
-async def create_pool(url: str, *, min_size: int = 1, max_size: int = 8) -> asyncpg.Pool:
-    """A raw asyncpg pool for bulk paths (COPY, unnest batches)."""
-    pool = await asyncpg.create_pool(asyncpg_url(url), min_size=min_size, max_size=max_size)
+async def create_pool(url: str, *, min_size: int = 1, max_size: int = 8,
+                      custom_plans: bool = False) -> asyncpg.Pool:
+    """A raw asyncpg pool for bulk paths (COPY, unnest batches).
+
+    `custom_plans`: plan every statement for its parameters. asyncpg prepares statements, and
+    PostgreSQL may settle on a generic plan while a table is still nearly empty (a seq scan)
+    and keep it on that connection until the table is next analyzed; a table that grows by
+    thousands of rows a second (authorizations) pays for that on every call."""
+    settings = {"plan_cache_mode": "force_custom_plan"} if custom_plans else None
+    pool = await asyncpg.create_pool(asyncpg_url(url), min_size=min_size, max_size=max_size,
+                                     server_settings=settings)
     assert pool is not None
     return pool
 

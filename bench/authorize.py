@@ -1,0 +1,259 @@
+"""Authorize latency and throughput, and limiter decisions/s, beside the raw gRPC baseline.
+
+What it measures (``python -m bench.authorize [--quick]`` prints one JSON object):
+
+- ``limiter``: decisions/s of each backend on its own, one limit per decision over 1,000
+  orgs: ``in_process`` (this process, one thread), ``redis_pipelined`` (``acquire_many`` of
+  1,000 decisions per round trip) and ``redis_64_callers`` (64 concurrent ``acquire`` calls,
+  which the limiter pipelines itself).
+- ``authorize_in_process`` / ``authorize_redis``: the Authorize RPC with the metering server's
+  limiter in process and in Redis, at 1 and 64 callers (``calls``, ``qps``, ``p50_ms``,
+  ``p99_ms``). Every call is a fresh request that passes three quotas (org QPS, project
+  QPS, tokens/min), a HARD budget and the ledger hold: the full ALLOW path.
+- ``baseline``: the raw gRPC figures of :mod:`bench.baseline` from the same run, ``ratios``
+  to them, and ``targets`` with ``pass``: Authorize p99 at 1 caller <= 2 ms and <= 2x the raw
+  unary p99; at 64 callers >= 50 % of raw unary QPS; Redis >= 50,000 decisions/s pipelined;
+  in process >= 500,000/s.
+
+Pricing, ledger and metering each run in a ``spawn``ed child process (uvloop), as deployed,
+on a fresh ``tally_bench_authorize_<pid>`` database (``TALLY_DATABASE_URL``, else the embedded
+PostgreSQL under ``.tally/bench-authorize``; dropped at the end). Redis is ``TALLY_REDIS_URL``,
+else an embedded Valkey started for the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Final
+
+import asyncpg
+
+from bench.baseline import _machine, child_server, measure_unary, run_baseline, run_in_loop
+from bench.harness import bench_database, database_label, database_server_url, serve_in_child
+from tally.common.v1 import common_pb2
+from tally.kit import db, infra
+from tally.kit.config import KitConfig, load_kit_config
+from tally.kit.log import configure_logging
+from tally.kit.server import ServiceApp
+from tally.ledger.v1 import ledger_pb2
+from tally.limits import SECOND_US, InProcessLimiter, Limit, RedisLimiter
+from tally.metering.v1 import metering_pb2
+from tally.sdk.client import TallyClient
+
+BENCH_DATA_DIR: Final = Path(".tally") / "bench-authorize"
+ORG: Final = "bench-org"
+TARGET_P99_MS: Final = 2.0
+TARGET_P99_RATIO: Final = 2.0
+TARGET_QPS_SHARE_64: Final = 0.5
+TARGET_REDIS_PER_S: Final = 50_000
+TARGET_IN_PROCESS_PER_S: Final = 500_000
+_START_TIMEOUT_S: Final = 90.0
+
+
+# ---------------------------------------------------------------------------- limiter
+
+
+def _decisions(count: int) -> list[list[Limit]]:
+    return [[Limit(f"{{bench-{i % 1000}}}:qps", 10**9, SECOND_US)] for i in range(count)]
+
+
+async def _rate(run: Callable[[], Awaitable[int]], seconds: float) -> int:
+    await run()  # warm-up
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        done += await run()
+    return round(done / (time.perf_counter() - started))
+
+
+async def measure_limiter(redis_url: str, seconds: float) -> dict[str, int]:
+    """Decisions/s of each backend."""
+    decisions = _decisions(1000)
+    memory = InProcessLimiter()
+
+    async def in_process() -> int:
+        for limits in decisions:
+            await memory.acquire(limits)
+        return len(decisions)
+
+    shared = RedisLimiter(redis_url)
+
+    async def pipelined() -> int:
+        await shared.acquire_many(decisions)
+        return len(decisions)
+
+    async def callers_64() -> int:
+        await asyncio.gather(*(shared.acquire(limits) for limits in decisions[:64]))
+        return 64
+
+    try:
+        return {"in_process": await _rate(in_process, seconds),
+                "redis_pipelined": await _rate(pipelined, seconds),
+                "redis_64_callers": await _rate(callers_64, seconds)}
+    finally:
+        await shared.close()
+
+
+# ---------------------------------------------------------------------------- servers
+
+
+def _serve(conn: Connection, service: str, config: KitConfig,
+           environ: dict[str, str]) -> None:
+    """Child-process entry point: one Tally service until the parent says stop."""
+    os.environ.update(environ)
+    build: Callable[[KitConfig], Awaitable[ServiceApp]]
+    if service == "pricing":
+        from services.pricing.server import build
+    elif service == "ledger":
+        from services.ledger.server import build
+    else:
+        from services.metering.server import build
+    serve_in_child(conn, service, build, config, grace_seconds=2.0)
+
+
+@contextlib.contextmanager
+def serving(service: str, config: KitConfig, environ: dict[str, str] | None = None
+            ) -> Iterator[str]:
+    with child_server(service, _serve, (service, config, environ or {}),
+                      start_timeout_s=_START_TIMEOUT_S) as target:
+        yield target
+
+
+def _port(target: str) -> int:
+    return int(target.rsplit(":", 1)[1])
+
+
+async def prepare(database_url: str, ledger_target: str) -> None:
+    """A well-funded org with quotas and a budget that the run never exhausts."""
+    async with TallyClient({"ledger": ledger_target}, actor="service:bench") as client:
+        await client.ledger.Transfer(ledger_pb2.TransferRequest(
+            transfer_id="bench-funding", org_id=ORG,
+            kind=ledger_pb2.TRANSFER_KIND_PROMOTIONAL_GRANT,
+            amount_micros=10**9 * 1_000_000, reason="bench funding"))
+    conn = await asyncpg.connect(db.asyncpg_url(database_url))
+    try:
+        await conn.execute(
+            "INSERT INTO metering.quotas (quota_id, org_id, scope, scope_value, kind, "
+            "limit_value, enforcement) VALUES "
+            "('bench-org-qps', $1, 'ORG', '', 'REQUESTS_PER_SECOND', 1000000000, 'HARD'), "
+            "('bench-project-qps', $1, 'PROJECT', 'p1', 'REQUESTS_PER_SECOND', 1000000000, "
+            "'HARD'), ('bench-tpm', $1, 'ORG', '', 'TOKENS_PER_MINUTE', 10000000, 'HARD')",
+            ORG)
+        await conn.execute(
+            "INSERT INTO metering.budgets (budget_id, org_id, name, scope, period, "
+            "limit_micros, enforcement) VALUES ('bench-budget', $1, 'bench', 'ORG', "
+            "'MONTHLY', $2, 'HARD')", ORG, 10**9 * 1_000_000)
+        await conn.execute("ANALYZE")
+    finally:
+        await conn.close()
+
+
+async def measure_authorize(target: str, run: str, quick: bool) -> dict[str, Any]:
+    """Authorize at 1 and 64 callers, every call a fresh request (`run` keeps ids unique:
+    a reused id would measure replays)."""
+    calls_1, calls_64 = (300, 1_000) if quick else (3_000, 10_000)
+    ids = itertools.count()
+    async with TallyClient({"metering": target}, actor="service:bench") as client:
+
+        async def one() -> None:
+            reply = await client.metering.Authorize(metering_pb2.AuthorizeRequest(
+                request_id=f"bench-{run}-{next(ids)}",
+                context=common_pb2.RequestContext(org_id=ORG, project_id="p1"),
+                model="gpt-4.1-mini", estimated_input_tokens=1_000, max_output_tokens=200),
+                timeout=30)
+            assert reply.decision == metering_pb2.DECISION_ALLOW, reply
+
+        single = await measure_unary(one, calls_1, 1, warmup=calls_1 // 10)
+        many = await measure_unary(one, calls_64, 64, warmup=calls_64 // 10)
+    return {"1_caller": single, "64_callers": many}
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[tuple[str, str]]:
+    """(url, label): TALLY_REDIS_URL, else an embedded Valkey for the run."""
+    configured = os.environ.get("TALLY_REDIS_URL")
+    if configured:
+        yield configured, "TALLY_REDIS_URL"
+        return
+    server = infra.start_embedded_redis(BENCH_DATA_DIR)
+    try:
+        yield server.url, "embedded valkey"
+    finally:
+        server.stop()
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return round(numerator / denominator, 3) if denominator else None
+
+
+def _target(target: float, measured: float | None, at_most: bool = False) -> dict[str, Any]:
+    passed = measured is not None and (measured <= target if at_most else measured >= target)
+    return {"target": target, "measured": measured, "pass": passed}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI entry point: print limiter and Authorize figures, the baseline and targets."""
+    parser = argparse.ArgumentParser(prog="python -m bench.authorize", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="counts / 10, for CI smoke")
+    args = parser.parse_args(argv)
+    configure_logging("bench", "warning")
+    baseline = run_baseline(quick=args.quick)
+    server_url = database_server_url(BENCH_DATA_DIR)
+    authorize: dict[str, Any] = {}
+    with (redis_server() as (redis_url, redis_label),
+          bench_database(server_url, "tally_bench_authorize",
+                         ["pricing", "ledger", "metering"]) as database_url):
+        limiter = run_in_loop(measure_limiter(redis_url, 0.5 if args.quick else 2.0))
+        base = dataclasses.replace(load_kit_config({}), database_url=database_url,
+                                   migrate_on_start=False, redis_url=redis_url)
+        with serving("pricing", base) as pricing, serving("ledger", base) as ledger:
+            config = dataclasses.replace(base, pricing_port=_port(pricing),
+                                         ledger_port=_port(ledger))
+            run_in_loop(prepare(database_url, ledger))
+            for backend in ("in-process", "redis"):
+                with serving("metering", config,
+                             {"TALLY_METERING_LIMITER": backend}) as metering:
+                    authorize[backend] = run_in_loop(
+                        measure_authorize(metering, backend, args.quick))
+
+    raw_1, raw_64 = baseline["unary_1"], baseline["unary_64"]
+    ratios: dict[str, Any] = {}
+    targets: dict[str, Any] = {}
+    for backend, figures in authorize.items():
+        p99_1, qps_64 = figures["1_caller"]["p99_ms"], figures["64_callers"]["qps"]
+        ratios[backend] = {"p99_1_vs_unary_1_p99": _ratio(p99_1, raw_1["p99_ms"]),
+                           "qps_64_vs_unary_64_qps": _ratio(qps_64, raw_64["qps"])}
+        targets[f"authorize_{backend}_p99_1_caller_ms"] = _target(TARGET_P99_MS, p99_1, True)
+        targets[f"authorize_{backend}_p99_1_vs_raw"] = _target(
+            TARGET_P99_RATIO, ratios[backend]["p99_1_vs_unary_1_p99"], True)
+        targets[f"authorize_{backend}_qps_64_share_of_raw"] = _target(
+            TARGET_QPS_SHARE_64, ratios[backend]["qps_64_vs_unary_64_qps"])
+    targets["redis_limiter_pipelined_per_s"] = _target(TARGET_REDIS_PER_S,
+                                                       limiter["redis_pipelined"])
+    targets["in_process_limiter_per_s"] = _target(TARGET_IN_PROCESS_PER_S,
+                                                  limiter["in_process"])
+    print(json.dumps({
+        "limiter": limiter,
+        "authorize_in_process": authorize["in-process"],
+        "authorize_redis": authorize["redis"],
+        "baseline": baseline,
+        "ratios": ratios,
+        "targets": targets,
+        "database": database_label(BENCH_DATA_DIR),
+        "redis": redis_label,
+        "machine": _machine(),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""tally.metering.v1 budgets, quotas and spend policies <-> the policies domain.
+
+Incoming messages become specs as sent: an UNSPECIFIED (or unknown) enum is None, and
+`policies.validate_*` names it with every other bad field. Output-only fields are not read.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, TypeVar
+
+from tally.common.v1 import common_pb2
+from tally.kit.protoconv import enum_out, from_timestamp, to_timestamp
+from tally.kit.server import current_principal
+from tally.metering.v1 import metering_pb2 as pb
+
+from .policies import (
+    BudgetEnforcement,
+    BudgetPeriod,
+    BudgetScope,
+    BudgetSpec,
+    BudgetSpend,
+    Quota,
+    QuotaEnforcement,
+    QuotaKind,
+    QuotaScope,
+    QuotaSpec,
+    SpendPolicy,
+)
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+def _enum(proto_enum: Any, prefix: str, number: int, domain: type[E]) -> E | None:
+    """The domain value of a proto enum number; None for UNSPECIFIED or a value we lack."""
+    if number == 0:
+        return None
+    try:
+        return domain[proto_enum.Name(number).removeprefix(prefix)]
+    except (ValueError, KeyError):
+        return None
+
+
+def actor(context: common_pb2.RequestContext) -> str:
+    """Who made a change: the context's actor, else the authenticated caller."""
+    principal = current_principal.get()
+    return context.actor or (principal.identity if principal else "service:anonymous")
+
+
+def budget_spec(m: pb.Budget) -> BudgetSpec:
+    """The writable fields of a wire budget."""
+    return BudgetSpec(
+        name=m.name, scope=_enum(pb.BudgetScope, "BUDGET_SCOPE_", m.scope, BudgetScope),
+        scope_value=m.scope_value,
+        period=_enum(pb.BudgetPeriod, "BUDGET_PERIOD_", m.period, BudgetPeriod),
+        period_start=from_timestamp(m, "period_start"),
+        period_end=from_timestamp(m, "period_end"), limit_micros=m.limit_micros,
+        alarm_thresholds_percent=tuple(m.alarm_thresholds_percent),
+        enforcement=_enum(pb.BudgetEnforcement, "BUDGET_ENFORCEMENT_", m.enforcement,
+                          BudgetEnforcement),
+        downgrade_at_percent=m.downgrade_at_percent)
+
+
+def budget(s: BudgetSpend) -> pb.Budget:
+    """The wire budget with its spend; period_start/end are the period the spend is of."""
+    b = s.budget
+    return pb.Budget(
+        budget_id=b.budget_id, org_id=b.org_id, name=b.name,
+        scope=enum_out(pb.BudgetScope, "BUDGET_SCOPE_", b.scope), scope_value=b.scope_value,
+        period=enum_out(pb.BudgetPeriod, "BUDGET_PERIOD_", b.period),
+        period_start=to_timestamp(s.period_start), period_end=to_timestamp(s.period_end),
+        limit_micros=b.limit_micros, alarm_thresholds_percent=list(b.alarm_thresholds_percent),
+        enforcement=enum_out(pb.BudgetEnforcement, "BUDGET_ENFORCEMENT_", b.enforcement),
+        downgrade_at_percent=b.downgrade_at_percent, spent_micros=s.spent_micros,
+        reserved_micros=s.reserved_micros, created_at=to_timestamp(b.created_at),
+        updated_at=to_timestamp(b.updated_at))
+
+
+def quota_spec(m: pb.Quota) -> QuotaSpec:
+    """The writable fields of a wire quota."""
+    return QuotaSpec(
+        scope=_enum(pb.QuotaScope, "QUOTA_SCOPE_", m.scope, QuotaScope),
+        scope_value=m.scope_value, kind=_enum(pb.QuotaKind, "QUOTA_KIND_", m.kind, QuotaKind),
+        limit=m.limit, burst=m.burst,
+        enforcement=_enum(pb.QuotaEnforcement, "QUOTA_ENFORCEMENT_", m.enforcement,
+                          QuotaEnforcement),
+        long_context_threshold_tokens=m.long_context_threshold_tokens)
+
+
+def quota(q: Quota) -> pb.Quota:
+    """The wire quota."""
+    return pb.Quota(
+        quota_id=q.quota_id, org_id=q.org_id,
+        scope=enum_out(pb.QuotaScope, "QUOTA_SCOPE_", q.scope), scope_value=q.scope_value,
+        kind=enum_out(pb.QuotaKind, "QUOTA_KIND_", q.kind), limit=q.limit, burst=q.burst,
+        enforcement=enum_out(pb.QuotaEnforcement, "QUOTA_ENFORCEMENT_", q.enforcement),
+        long_context_threshold_tokens=q.long_context_threshold_tokens,
+        created_at=to_timestamp(q.created_at), updated_at=to_timestamp(q.updated_at))
+
+
+def policy_in(m: pb.SpendPolicy) -> SpendPolicy:
+    """The policy a client asks for (updated_at/by are output only)."""
+    return SpendPolicy(org_id=m.org_id, max_context_tokens=m.max_context_tokens,
+                       max_upload_bytes=m.max_upload_bytes,
+                       long_context_threshold_tokens=m.long_context_threshold_tokens,
+                       throttled_requests_per_second=m.throttled_requests_per_second)
+
+
+def policy(p: SpendPolicy) -> pb.SpendPolicy:
+    """The wire policy; updated_at unset for the defaults of a never-set policy."""
+    return pb.SpendPolicy(
+        org_id=p.org_id, max_context_tokens=p.max_context_tokens,
+        max_upload_bytes=p.max_upload_bytes,
+        long_context_threshold_tokens=p.long_context_threshold_tokens,
+        throttled_requests_per_second=p.throttled_requests_per_second,
+        updated_at=to_timestamp(p.updated_at), updated_by=p.updated_by)
