@@ -18,7 +18,7 @@ check-protos:
 lint:
 	.venv/bin/ruff check .
 types:
-	.venv/bin/mypy libs/tally/kit libs/tally/sdk libs/tally/cli libs/tally/rating services bench
+	.venv/bin/mypy libs/tally/kit libs/tally/sdk libs/tally/cli libs/tally/rating libs/tally/limits services bench
 buf:
 	npx --yes @bufbuild/buf lint
 bench:

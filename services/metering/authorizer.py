@@ -9,6 +9,7 @@ budget or the ledger then refuses still counted against its rate limits (like an
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -55,6 +56,10 @@ class PolicySource(Protocol):
         """The org's live quotas."""
         ...
 
+    async def budgets_of(self, org_id: str) -> list[Budget]:
+        """The org's live budgets."""
+        ...
+
 
 class QuotaGate(Protocol):
     """The rate limits of Authorize (quotas.LimiterGate implements it)."""
@@ -88,6 +93,8 @@ class Authorizer:
         self.ledger = ledger
         self.quotas = quotas
         self.clock = clock
+        self._confirms: list[tuple[str, str, az.Answer]] = []
+        self._confirming: asyncio.Task[None] | None = None
 
     async def authorize(self, request: az.AuthorizeRequest) -> az.Answer:
         """The decision for `request`; the same one again for a replay of its id."""
@@ -145,7 +152,7 @@ class Authorizer:
     async def _budgets_in_force(self, request: az.AuthorizeRequest, now: datetime
                                 ) -> list[tuple[Budget, datetime]]:
         found = []
-        for budget in await self.store.budgets_of(request.org_id):
+        for budget in await self.policies.budgets_of(request.org_id):
             window = budget.window(now)
             if window is not None and budget.applies_to(request.project_id, request.labels):
                 found.append((budget, window[0]))
@@ -210,6 +217,27 @@ class Authorizer:
         held = replace(answer, headroom=(
             *answer.headroom,
             az.Headroom("balance", "micros", available + answer.reserved_micros, available)))
-        await self.store.confirm(request.org_id, request.request_id, held)
+        self._confirm_later(request.org_id, request.request_id, held)
         return held
+
+    def _confirm_later(self, org_id: str, request_id: str, held: az.Answer) -> None:
+        """Marks the authorization HELD off the request's path, many per statement. Losing
+        it is harmless: a PENDING authorization's replay makes the same (idempotent) ledger
+        hold again, and the sweeper and captures treat PENDING like HELD."""
+        self._confirms.append((org_id, request_id, held))
+        if self._confirming is None or self._confirming.done():
+            self._confirming = asyncio.create_task(self._flush_confirms(), name="confirm-holds")
+
+    async def _flush_confirms(self) -> None:
+        while self._confirms:
+            batch, self._confirms = self._confirms, []
+            try:
+                await self.store.confirm_many(batch)
+            except Exception as exc:  # see _confirm_later: they stay PENDING
+                log.warning("confirm_holds_failed", count=len(batch), error=repr(exc))
+
+    async def drain(self) -> None:
+        """Waits for the confirmations still queued (at shutdown)."""
+        if self._confirming is not None:
+            await self._confirming
 

@@ -11,11 +11,12 @@ Authorize reads the same tables through `SpendStore`; the row -> domain helpers 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -163,9 +164,19 @@ def _quota_values(q: Quota) -> tuple[Any, ...]:
 class PolicyStore:
     """Postgres persistence of the budget, quota and spend-policy management RPCs."""
 
-    def __init__(self, pool: asyncpg.Pool, *, clock: Clock = _utcnow) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, clock: Clock = _utcnow,
+                 on_change: Callable[[str], None] = lambda org_id: None) -> None:
         self.pool = pool
         self.clock = clock
+        self.on_change = on_change
+        """Told the org after each committed write (Authorize's policy cache forgets it)."""
+
+    @contextlib.asynccontextmanager
+    async def _writing(self, org_id: str) -> AsyncIterator[Any]:
+        """A transaction that changes the org's policies; `on_change` hears of it after."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            yield conn
+        self.on_change(org_id)
 
     # -- budgets ---------------------------------------------------------------------------
 
@@ -175,7 +186,7 @@ class PolicyStore:
         budget = validate_budget(spec, org_id=org_id,
                                  problems=[check_id("request_id", request_id)])
         key = f"CreateBudget:{org_id}:{request_id}"
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._writing(org_id) as conn:
             stored = await _claim(conn, key, _fingerprint(org_id, _spec_body(spec)), request_id)
             if stored is None:
                 row = await conn.fetchrow(
@@ -199,7 +210,7 @@ class PolicyStore:
                   check_id("budget.budget_id", budget_id), *mask_problems(BudgetSpec, paths)])
         key = f"UpdateBudget:{org_id}:{request_id}"
         request_hash = _fingerprint(budget_id, _spec_body(spec), sorted(set(paths)))
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._writing(org_id) as conn:
             stored = await _claim(conn, key, request_hash, request_id)
             if stored is None:
                 existing = await conn.fetchrow(
@@ -269,7 +280,7 @@ class PolicyStore:
     async def _delete(self, rpc: str, what: str, request_id: str, org_id: str,
                       target_id: str) -> None:
         key = f"{rpc}:{org_id}:{request_id}"
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._writing(org_id) as conn:
             if await _claim(conn, key, _fingerprint(target_id), request_id) is not None:
                 return
             deleted = await conn.fetchval(
@@ -286,7 +297,7 @@ class PolicyStore:
         """Creates a quota with a new id; a replay returns the quota first created."""
         quota = validate_quota(spec, org_id=org_id, problems=[check_id("request_id", request_id)])
         key = f"CreateQuota:{org_id}:{request_id}"
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._writing(org_id) as conn:
             stored = await _claim(conn, key, _fingerprint(org_id, _spec_body(spec)), request_id)
             if stored is not None:
                 return quota_from_row(_row_of(stored, _QUOTA_TIMES))
@@ -307,7 +318,7 @@ class PolicyStore:
                   check_id("quota.quota_id", quota_id), *mask_problems(QuotaSpec, paths)])
         key = f"UpdateQuota:{org_id}:{request_id}"
         request_hash = _fingerprint(quota_id, _spec_body(spec), sorted(set(paths)))
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._writing(org_id) as conn:
             stored = await _claim(conn, key, request_hash, request_id)
             if stored is not None:
                 return quota_from_row(_row_of(stored, _QUOTA_TIMES))
@@ -367,7 +378,7 @@ class PolicyStore:
         key = f"SetSpendPolicy:{policy.org_id}:{request_id}"
         limits = (policy.max_context_tokens, policy.max_upload_bytes,
                   policy.long_context_threshold_tokens, policy.throttled_requests_per_second)
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._writing(policy.org_id) as conn:
             stored = await _claim(conn, key, _fingerprint(policy.org_id, limits), request_id)
             if stored is not None:
                 return policy_from_row(policy.org_id, _row_of(stored, ("updated_at",)))

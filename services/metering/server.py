@@ -27,6 +27,7 @@ from tally.kit.config import (
     load,
     load_kit_config,
     parse_choice,
+    parse_non_negative_int,
     parse_positive_int,
     setting,
 )
@@ -37,6 +38,7 @@ from tally.metering.v1 import metering_pb2, metering_pb2_grpc
 from tally.pricing.v1 import pricing_pb2_grpc
 
 from .domain import UsageReports
+from .policy_cache import PolicyCache
 from .quotas import LimiterGate
 from .servicer import MeteringServicer
 from .store import UsageStore
@@ -69,6 +71,10 @@ class MeteringConfig:
         "TALLY_METERING_SWEEP_INTERVAL_S", parse_positive_int, "seconds > 0", default=5)
     price_book_wait_s: int = setting(
         "TALLY_METERING_PRICE_BOOK_WAIT_S", parse_positive_int, "seconds > 0", default=30)
+    policy_cache_ms: int = setting(
+        "TALLY_METERING_POLICY_CACHE_MS", parse_non_negative_int,
+        "milliseconds >= 0 (how late a policy, quota or budget change may reach Authorize)",
+        default=1000)
     limiter: str = setting(
         "TALLY_METERING_LIMITER", parse_choice("in-process", "redis"),
         "in-process (one replica) or redis (replicas share quotas; needs TALLY_REDIS_URL)",
@@ -125,12 +131,13 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
                        buffer_wait_ms=settings.buffer_wait_ms,
                        max_inflight_commits=settings.max_inflight_commits))
     spend = SpendStore(pool)
-    authorizer = Authorizer(spend, spend, books, GrpcReservingLedger(
+    policies = PolicyCache(spend, settings.policy_cache_ms / 1000)
+    authorizer = Authorizer(spend, policies, books, GrpcReservingLedger(
         ledger_pb2_grpc.LedgerServiceStub(ledger_channel)), LimiterGate(limiter))
     shutting_down = asyncio.Event()
     servicer = MeteringServicer(
         UsageReports(UsageStore(engine)), committer, events, authorizer, spend,
-        policies=PolicyStore(pool),
+        policies=PolicyStore(pool, on_change=policies.forget),
         max_inflight_batches=settings.max_inflight_batches,
         stream_lifetime_s=settings.stream_lifetime_s, shutting_down=shutting_down)
 
@@ -146,6 +153,7 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
 
     async def close() -> None:
         await committer.stop()
+        await authorizer.drain()
         stop.set()
         for task in (sweeper, sealer):
             with contextlib.suppress(asyncio.CancelledError):

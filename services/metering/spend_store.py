@@ -150,41 +150,62 @@ class SpendStore:
 
         Raises Replayed if the same request id was recorded meanwhile.
         """
-        ids = [b.budget_id for b, _ in budgets]
-        starts = [start for _, start in budgets]
-        async with self.pool.acquire() as conn, conn.transaction():
-            locked = await lock_usage(conn, list(zip(ids, starts, strict=True)))
-            states = [BudgetState(b, start, *locked[(b.budget_id, start)])
-                      for b, start in budgets]
-            answer = decide(states)
-            holding = answer.decision is not Decision.DENY and answer.reserved_micros > 0
-            holds = [[s.budget.budget_id, s.period_start.isoformat(), answer.reserved_micros]
-                     for s in states] if holding else []
-            inserted = await conn.fetchval(
-                "INSERT INTO metering.authorizations (org_id, request_id, request_hash, "
-                "decision, reservation_id, reserved_micros, budget_holds, state, expires_at, "
-                "response) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
-                "ON CONFLICT DO NOTHING RETURNING true",
-                request.org_id, request.request_id, request_hash, answer.decision.value,
-                answer.reservation_id, answer.reserved_micros, json.dumps(holds),
-                "PENDING" if holding else "DENIED" if answer.decision is Decision.DENY
-                else "HELD", answer.expires_at, answer_to_json(answer))
-            if not inserted:
-                raise Replayed(request.request_id)
-            if holds:
-                await conn.execute(
-                    "UPDATE metering.budget_usage u SET reserved_micros = u.reserved_micros + $3 "
-                    "FROM unnest($1::text[], $2::timestamptz[]) AS k(id, start) "
-                    "WHERE u.budget_id = k.id AND u.period_start = k.start",
-                    ids, starts, answer.reserved_micros)
-            return answer
+        keys = sorted({(b.budget_id, start) for b, start in budgets})
+        if not keys:  # nothing to lock: one statement
+            return await self._record(self.pool, request, request_hash, decide([]), [])
+        for _ in range(2):
+            async with self.pool.acquire() as conn, conn.transaction():
+                locked = await lock_existing_usage(conn, keys)
+                if len(locked) == len(keys):
+                    states = [BudgetState(b, start, *locked[(b.budget_id, start)])
+                              for b, start in budgets]
+                    return await self._record(conn, request, request_hash, decide(states),
+                                              states)
+            # A period's first request: create its usage rows outside any lock, then retry
+            # (creating them while holding others' locks could deadlock with another creator).
+            await self.pool.execute(
+                "INSERT INTO metering.budget_usage (budget_id, period_start) "
+                "SELECT * FROM unnest($1::text[], $2::timestamptz[]) ORDER BY 1, 2 "
+                "ON CONFLICT DO NOTHING", [k[0] for k in keys], [k[1] for k in keys])
+        raise RuntimeError("budget usage rows vanished")  # nothing deletes them
+
+    @staticmethod
+    async def _record(conn: Any, request: AuthorizeRequest, request_hash: str, answer: Answer,
+                      states: Sequence[BudgetState]) -> Answer:
+        """Inserts the authorization and adds its holds to the budgets, in one statement."""
+        holding = answer.decision is not Decision.DENY and answer.reserved_micros > 0
+        held = states if holding else []
+        inserted = await conn.fetchval(
+            "WITH a AS (INSERT INTO metering.authorizations (org_id, request_id, request_hash, "
+            "decision, reservation_id, reserved_micros, budget_holds, state, expires_at, "
+            "response) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
+            "ON CONFLICT DO NOTHING RETURNING 1), "
+            "u AS (UPDATE metering.budget_usage u SET reserved_micros = u.reserved_micros + $6 "
+            "FROM unnest($11::text[], $12::timestamptz[]) AS k(id, start) "
+            "WHERE u.budget_id = k.id AND u.period_start = k.start AND EXISTS (SELECT FROM a)) "
+            "SELECT count(*) FROM a",
+            request.org_id, request.request_id, request_hash, answer.decision.value,
+            answer.reservation_id, answer.reserved_micros,
+            json.dumps([[s.budget.budget_id, s.period_start.isoformat(), answer.reserved_micros]
+                        for s in held]),
+            "PENDING" if holding else "DENIED" if answer.decision is Decision.DENY else "HELD",
+            answer.expires_at, answer_to_json(answer),
+            [s.budget.budget_id for s in held], [s.period_start for s in held])
+        if not inserted:
+            raise Replayed(request.request_id)
+        return answer
 
     async def confirm(self, org_id: str, request_id: str, answer: Answer) -> None:
         """The ledger holds the credit: PENDING becomes HELD with the final answer."""
+        await self.confirm_many([(org_id, request_id, answer)])
+
+    async def confirm_many(self, held: Sequence[tuple[str, str, Answer]]) -> None:
+        """`confirm` for many authorizations in one statement."""
         await self.pool.execute(
-            "UPDATE metering.authorizations SET state = 'HELD', response = $3 "
-            "WHERE org_id = $1 AND request_id = $2 AND state = 'PENDING'",
-            org_id, request_id, answer_to_json(answer))
+            "UPDATE metering.authorizations a SET state = 'HELD', response = k.response::jsonb "
+            "FROM unnest($1::text[], $2::text[], $3::text[]) AS k(org_id, request_id, response) "
+            "WHERE a.org_id = k.org_id AND a.request_id = k.request_id AND a.state = 'PENDING'",
+            [h[0] for h in held], [h[1] for h in held], [answer_to_json(h[2]) for h in held])
 
     async def refuse(self, org_id: str, request_id: str, answer: Answer) -> None:
         """The ledger refused: the budget holds are given back and the DENY is recorded."""
@@ -224,6 +245,20 @@ class SpendStore:
 
 
 UsageKey = tuple[str, datetime]
+
+
+async def lock_existing_usage(conn: Any, keys: Sequence[UsageKey]
+                              ) -> dict[UsageKey, tuple[int, int]]:
+    """Locks the budget_usage rows of `keys` that exist, in (budget, period) order; returns
+    (spent, reserved) per key found."""
+    rows = await conn.fetch(
+        "SELECT u.budget_id, u.period_start, u.spent_micros, u.reserved_micros "
+        "FROM metering.budget_usage u JOIN unnest($1::text[], $2::timestamptz[]) "
+        "AS k(id, start) ON u.budget_id = k.id AND u.period_start = k.start "
+        "ORDER BY u.budget_id, u.period_start FOR UPDATE OF u",
+        [k[0] for k in keys], [k[1] for k in keys])
+    return {(r["budget_id"], r["period_start"]): (r["spent_micros"], r["reserved_micros"])
+            for r in rows}
 
 
 async def lock_usage(conn: Any, keys: Sequence[UsageKey]) -> dict[UsageKey, tuple[int, int]]:

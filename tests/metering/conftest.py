@@ -44,7 +44,8 @@ class Suite:
         (the caller stops both)."""
         port = free_port()
         config = dataclasses.replace(self.config, metering_port=port)
-        server = await start_server(await build_for(self.db_url, config, limiter=limiter),
+        server = await start_server(await build_for(self.db_url, config, MeteringConfig(
+            policy_cache_ms=0), limiter),
                                     port=port)
         client = TallyClient({"metering": config.address_of("metering")},
                              actor="service:test")
@@ -65,6 +66,8 @@ async def start_suite(db_url: str, metering: MeteringConfig | None = None,
                                  database_url=db_url, migrate_on_start=False)
     pricing = await start_server(await build_pricing(db_url), port=config.pricing_port)
     ledger = await start_server(await build_ledger(config), port=config.ledger_port)
+    # Tests change policies with SQL behind Authorize's policy cache: no cache unless asked.
+    metering = metering or MeteringConfig(policy_cache_ms=0)
     metering_server = await start_server(await build_for(db_url, config, metering, limiter),
                                          port=config.metering_port)
     client = TallyClient({s: config.address_of(s) for s in ("pricing", "ledger", "metering")},

@@ -5,7 +5,7 @@ idempotent on its request id; bad input names every bad field and writes nothing
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime
 
 import pytest
@@ -13,12 +13,22 @@ import typer
 from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from services.metering.server import MeteringConfig
 from tally.cli import policies as policies_cli
 from tally.common.v1 import common_pb2
 from tally.kit.errors import Reason, TallyError
 from tally.metering.v1 import metering_pb2 as mpb
-from tests.metering.conftest import CREDIT, Suite
+from tests.metering.conftest import CREDIT, Suite, start_suite, stop_suite
 from tests.metering.test_authorize import ask, sql
+
+
+@pytest.fixture
+async def suite(db_url: str) -> AsyncIterator[Suite]:
+    # A policy cache far longer than any test: what these RPCs change must reach Authorize
+    # at once all the same (the store tells the cache).
+    running = await start_suite(db_url, MeteringConfig(policy_cache_ms=600_000))
+    yield running
+    await stop_suite(running)
 
 ORG = "acme"
 
