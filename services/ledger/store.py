@@ -324,10 +324,9 @@ class _Work:
                 "state, cause, actor, changed_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 self.state_changes)
         if self.entries:
-            await conn.copy_records_to_table(
-                "transfers", schema_name="ledger",
-                columns=(*_TRANSFER_COLUMNS, "org_billing_state_after"),
-                records=[(*_transfer_record(e), self.state_of(e.org_id)) for e in self.entries])
+            await insert_rows(
+                conn, "transfers", (*_TRANSFER_COLUMNS, "org_billing_state_after"),
+                [(*_transfer_record(e), self.state_of(e.org_id)) for e in self.entries])
         dirty = [a for a in self.accounts.values() if a.dirty]
         if dirty:
             await conn.execute(
@@ -349,13 +348,13 @@ class _Work:
                 [r for r, _ in self.settled], [self.state_of(o) for _, o in self.settled])
         new_ids = {g.grant_id for g in self.new_grants}
         if self.new_grants:
-            await conn.copy_records_to_table(
-                "grants", schema_name="ledger",
-                columns=("grant_id", "org_id", "kind", "priority", "original_micros",
-                         "remaining_micros", "expires_at", "source_transfer_id", "created_at"),
-                records=[(g.grant_id, g.org_id, g.kind.value, g.priority, g.original_micros,
-                          g.remaining_micros, g.expires_at, g.source_transfer_id, g.created_at)
-                         for g in self.new_grants])
+            await insert_rows(
+                conn, "grants",
+                ("grant_id", "org_id", "kind", "priority", "original_micros",
+                 "remaining_micros", "expires_at", "source_transfer_id", "created_at"),
+                [(g.grant_id, g.org_id, g.kind.value, g.priority, g.original_micros,
+                  g.remaining_micros, g.expires_at, g.source_transfer_id, g.created_at)
+                 for g in self.new_grants])
         changed = [g for g in self.dirty_grants.values() if g.grant_id not in new_ids]
         if changed:
             await conn.execute(
@@ -364,12 +363,28 @@ class _Work:
                 "WHERE g.grant_id = u.id",
                 [g.grant_id for g in changed], [g.remaining_micros for g in changed])
         if self.outbox:
-            await conn.copy_records_to_table(
-                "outbox", schema_name="ledger",
-                columns=("event_id", "org_id", "type", "occurred_at", "trace_id",
-                         "available_micros_after", "arrears_micros", "billing_state",
-                         "attributes"),
-                records=self.outbox)
+            await insert_rows(
+                conn, "outbox",
+                ("event_id", "org_id", "type", "occurred_at", "trace_id",
+                 "available_micros_after", "arrears_micros", "billing_state", "attributes"),
+                self.outbox)
+
+
+COPY_FROM_ROWS: Final = 32
+"""Fewer rows go in as one pipelined INSERT: COPY's extra round trips (asyncpg introspects
+the table, then streams) dominate a single Transfer or Reserve."""
+
+
+async def insert_rows(conn: Connection, table: str, columns: Sequence[str],
+                      records: Sequence[Sequence[Any]]) -> None:
+    """Appends rows to ledger.<table>: COPY for a batch, INSERT for a few."""
+    if len(records) >= COPY_FROM_ROWS:
+        await conn.copy_records_to_table(table, schema_name="ledger", columns=columns,
+                                         records=records)
+        return
+    placeholders = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
+    await conn.executemany(
+        f"INSERT INTO ledger.{table} ({', '.join(columns)}) VALUES ({placeholders})", records)
 
 
 def _transfer_record(t: d.Transfer) -> tuple[Any, ...]:
