@@ -15,6 +15,7 @@ for as short as possible), and the whole store is written in one style.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 import asyncpg
 
 from services.ledger import domain as d
-from tally.kit import outbox
+from tally.kit import metrics, outbox
 from tally.kit.errors import FieldViolation, Reason, TallyError, invalid
 from tally.kit.log import get_logger
 from tally.kit.money import INT64_MAX
@@ -808,6 +809,7 @@ class LedgerStore:
         event id), whatever batch it arrives in.
         """
         d.validate_usage_batch(batch_id, items)
+        started = time.perf_counter()
         async with self.pool.acquire() as conn, conn.transaction():
             work = _Work(conn, self.clock(), caller)
             request_hash = d.fingerprint([(i.event_id, i.org_id, i.cost_micros, i.reservation_id)
@@ -891,7 +893,11 @@ class LedgerStore:
                 work.settled.extend((c[0], c[1]) for c in captures)
             work.emit_balance_changes()
             await work.flush()
-            return results
+        metrics.LEDGER_BATCH_ITEMS.observe(len(items))
+        metrics.LEDGER_COMMIT_SECONDS.observe(time.perf_counter() - started)
+        metrics.CREDITS_DEBITED.inc(sum(debited_by_org.values()))
+        metrics.ARREARS_RECORDED.inc(sum(arrears_by_org.values()))
+        return results
 
     async def _capturable_holds(self, work: _Work, items: Sequence[d.UsageItem]
                                 ) -> dict[str, d.Reservation]:

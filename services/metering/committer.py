@@ -18,6 +18,7 @@ id once, so whoever posts first wins and the others get the same answer.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import time
@@ -28,6 +29,7 @@ from typing import Protocol
 
 from services.metering import ingestion as ing
 from services.metering.events_store import LedgerItem, LedgerOutcome, UsageEventStore, with_ledger
+from tally.kit import metrics
 from tally.kit.errors import Reason, TallyError
 from tally.kit.log import get_logger
 from tally.rating import PriceBookHistory
@@ -132,7 +134,10 @@ class GroupCommitter:
             self._queue.put_nowait(_Pending(valid, future))
             answers = await future
         it = iter(answers)
-        return [problem if problem is not None else next(it) for problem in checked]
+        results = [problem if problem is not None else next(it) for problem in checked]
+        for status, count in collections.Counter(r.status for r in results).items():
+            metrics.USAGE_EVENTS.labels(status.value).inc(count)
+        return results
 
     async def _reserve_room(self, count: int) -> None:
         async with self._room:

@@ -21,6 +21,7 @@ from services.metering.events_store import UsageEventStore
 from services.metering.ingestion import MAX_RECORD_EVENTS, MAX_STREAM_BATCH_EVENTS
 from services.metering.policy_store import PolicyStore
 from services.metering.spend_store import SpendStore
+from tally.kit import metrics
 from tally.kit.errors import Reason, TallyError, invalid
 from tally.kit.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, decode_cursor, encode_cursor
 from tally.kit.protoconv import from_timestamp
@@ -78,6 +79,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                         ) -> metering_pb2.AuthorizeResponse:
         """ALLOW / DOWNGRADE with a ledger hold for the worst case, or DENY with a reason."""
         answer = await self.authorizer.authorize(convert_authorize.request(request))
+        metrics.AUTHORIZE_DECISIONS.labels(answer.decision.value, answer.deny_reason).inc()
         return convert_authorize.answer(answer)
 
     async def StreamEvents(self, request: metering_pb2.StreamEventsRequest, context: Context

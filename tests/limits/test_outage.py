@@ -7,7 +7,7 @@ from pathlib import Path
 
 from structlog.testing import capture_logs
 
-from tally.kit import infra
+from tally.kit import infra, metrics
 from tally.limits import SECOND_US, Limit, OutagePolicy, RedisLimiter
 
 
@@ -17,9 +17,16 @@ def qps(amount: int, *, hard: bool = True) -> Limit:
 
 async def test_hard_limits_fail_closed_by_default() -> None:
     limiter = RedisLimiter(f"redis://127.0.0.1:{infra.free_port()}/0", probe_interval_s=2.0)
+    errors = metrics.sample("tally_limiter_backend_errors_total", {"backend": "redis"})
+    degraded = metrics.sample("tally_limiter_degraded_decisions_total",
+                              {"backend": "redis", "policy": "deny"})
     try:
         verdict = await limiter.acquire([qps(100), qps(100, hard=False)])
         assert not verdict.allowed and verdict.degraded
+        assert metrics.sample("tally_limiter_backend_errors_total",
+                              {"backend": "redis"}) == errors + 1
+        assert metrics.sample("tally_limiter_degraded_decisions_total",
+                              {"backend": "redis", "policy": "deny"}) == degraded + 1
         assert verdict.denied_by == (0,) and verdict.retry_after_us == 2 * SECOND_US
         assert limiter.degraded
     finally:

@@ -231,6 +231,10 @@ class KitConfig:
     db_pool_size: int = setting(
         "TALLY_DB_POOL_SIZE", parse_positive_int, "an integer > 0", default=8
     )
+    metrics_port: int = setting(
+        "TALLY_METRICS_PORT", parse_port, "a port 0-65535 (0 = no /metrics endpoint)",
+        default=0
+    )
     pricing_port: int = setting(
         "TALLY_PRICING_PORT", parse_port, "a port 0-65535", default=DEFAULT_PORTS["pricing"]
     )

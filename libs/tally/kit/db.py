@@ -50,6 +50,13 @@ def create_engine(url: str, *, pool_size: int = 8) -> AsyncEngine:
     )
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool connections go back as they are: asyncpg's default reset (unlock advisory locks,
+    UNLISTEN, RESET ALL) is a round trip on every release, and nothing of ours leaves session
+    state on a pooled connection — advisory locks are transaction-scoped, LISTEN runs on
+    dedicated connections. An open transaction is still rolled back by the pool."""
+
+
 async def create_pool(url: str, *, min_size: int = 1, max_size: int = 8,
                       custom_plans: bool = False) -> asyncpg.Pool:
     """A raw asyncpg pool for bulk paths (COPY, unnest batches).
@@ -60,7 +67,7 @@ async def create_pool(url: str, *, min_size: int = 1, max_size: int = 8,
     thousands of rows a second (authorizations) pays for that on every call."""
     settings = {"plan_cache_mode": "force_custom_plan"} if custom_plans else None
     pool = await asyncpg.create_pool(asyncpg_url(url), min_size=min_size, max_size=max_size,
-                                     server_settings=settings)
+                                     server_settings=settings, reset=_keep_session)
     assert pool is not None
     return pool
 

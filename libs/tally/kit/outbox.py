@@ -13,6 +13,8 @@ import zlib
 
 import asyncpg
 
+from tally.kit import metrics
+
 
 async def seal(pool: asyncpg.Pool, table: str, limit: int = 5000) -> int:
     """Seals what can be sealed in `table` (e.g. "ledger.outbox"); returns how many rows."""
@@ -27,6 +29,11 @@ async def seal(pool: asyncpg.Pool, table: str, limit: int = 5000) -> int:
         if not ids:
             return 0
         last = await conn.fetchval(f"SELECT coalesce(max(sequence), 0) FROM {table}")
+        lag = await conn.fetchval(
+            f"SELECT extract(epoch FROM now() - min(occurred_at))::float8 FROM {table} "
+            "WHERE id = ANY($1::bigint[])", ids)
+        metrics.OUTBOX_SEALED.labels(table).inc(len(ids))
+        metrics.OUTBOX_SEAL_LAG.labels(table).set(max(0.0, lag or 0.0))
         await conn.execute(
             f"UPDATE {table} o SET sequence = u.sequence "
             "FROM unnest($1::bigint[], $2::bigint[]) AS u(id, sequence) WHERE o.id = u.id",

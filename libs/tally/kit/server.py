@@ -35,7 +35,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Status, StatusCode
 
-from tally.kit import errors
+from tally.kit import errors, metrics
 from tally.kit.config import ConfigError, KitConfig, exit_on_config_error, load_kit_config
 from tally.kit.log import configure_logging, get_logger
 from tally.kit.telemetry import setup_telemetry, shutdown_telemetry
@@ -168,14 +168,19 @@ def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
 
 
 class _Method:
-    """What every call of one method shares: names, span attributes, tracer, logger."""
+    """What every call of one method shares: names, span attributes, tracer, logger, and its
+    metric series (looked up once, not per call)."""
 
-    __slots__ = ("attributes", "authenticator", "log", "logs_ok", "name", "propagated", "tracer")
+    __slots__ = ("attributes", "authenticator", "counted", "duration", "log", "logs_ok", "name",
+                 "propagated", "service", "short", "tracer")
 
     def __init__(self, name: str, interceptor: KitInterceptor) -> None:
         self.name = name
         service, _, short = name.lstrip("/").partition("/")
+        self.service, self.short = service, short
         self.attributes = {_RPC_SYSTEM: "grpc", _RPC_SERVICE: service, _RPC_METHOD: short}
+        self.duration = metrics.RPC_DURATION.labels(service, short)
+        self.counted: dict[grpc.StatusCode, Any] = {}
         self.authenticator = interceptor._authenticator
         self.tracer = interceptor._tracer
         self.propagated = interceptor._propagated
@@ -240,9 +245,17 @@ class _Call:
         self.code = grpc.StatusCode.CANCELLED
 
     def end(self) -> None:
-        """Ends the span (status from the outcome) and writes the access log line."""
+        """Ends the span (status from the outcome), records the golden signals and writes the
+        access log line."""
         span = self.span
         code = self.code or self.context.code() or grpc.StatusCode.OK
+        method = self.method
+        method.duration.observe(time.perf_counter() - self.started)
+        counter = method.counted.get(code)
+        if counter is None:
+            counter = method.counted[code] = metrics.RPC_REQUESTS.labels(
+                method.service, method.short, code.name)
+        counter.inc()
         if span.is_recording():
             span.set_attribute(_RPC_STATUS_CODE, code.value[0])
             if code in _SERVER_ERROR_CODES:
@@ -487,7 +500,8 @@ async def start_server(
 def run_service(
     name: str, build: Callable[[KitConfig], Awaitable[ServiceApp]], *, port: int | None = None
 ) -> None:
-    """A service's `main`: read config, set up logs and traces, serve until SIGTERM/SIGINT.
+    """A service's `main`: read config, set up logs, traces and /metrics (TALLY_METRICS_PORT),
+    serve until SIGTERM/SIGINT.
 
     The port is the configured `TALLY_<NAME>_PORT` unless `port` is given.
     """
@@ -498,6 +512,9 @@ def run_service(
         return
     configure_logging(name, config.log_level)
     setup_telemetry(name)
+    if config.metrics_port:
+        metrics.serve(config.metrics_port, config.host)
+        log.info("metrics_serving", service=name, port=config.metrics_port)
     try:
         # uvloop: the same asyncio, with a faster event loop for gRPC and asyncpg.
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from tally.kit import metrics
 from tally.kit.log import get_logger
 
 from .memory import InProcessLimiter, wall_clock_us
@@ -141,6 +142,7 @@ class RedisLimiter:
             try:
                 return await self._decide(decisions)
             except _DOWN_ERRORS as exc:
+                metrics.LIMITER_BACKEND_ERRORS.labels("redis").inc()
                 self._down_until = time.monotonic() + self.probe_interval_s
                 if self._outage_since is None:
                     self._outage_since = time.monotonic()
@@ -203,6 +205,7 @@ class RedisLimiter:
             return list(await pipe.execute(raise_on_error=False))
 
     def _outage_verdict(self, limits: Sequence[Limit]) -> Verdict:
+        metrics.LIMITER_DEGRADED_DECISIONS.labels("redis", self.on_outage.value).inc()
         now = self.local.clock_us()
         if self.on_outage is OutagePolicy.DENY and any(limit.hard for limit in limits):
             hard = tuple(i for i, limit in enumerate(limits) if limit.hard)

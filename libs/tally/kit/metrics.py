@@ -1,0 +1,70 @@
+"""Prometheus metrics, one registry per process: the golden signals of every RPC (recorded by
+the kit server's interceptor) and the domain counters the services declare here, so every
+name and label set is in one place.
+
+Served over HTTP at /metrics on TALLY_METRICS_PORT when it is set (`serve`); in tests,
+`sample` reads a value straight from the registry.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                           1.0, 2.5, 5.0, 10.0)
+
+# -- golden signals (kit server) ------------------------------------------------------------
+RPC_REQUESTS: Final = Counter(
+    "tally_rpc_requests", "RPCs served, by method and final gRPC status code",
+    ["service", "method", "code"])
+RPC_DURATION: Final = Histogram(
+    "tally_rpc_duration_seconds", "Time to serve an RPC (streams: their whole life)",
+    ["service", "method"], buckets=_LATENCY_BUCKETS)
+
+# -- metering ---------------------------------------------------------------------------------
+USAGE_EVENTS: Final = Counter(
+    "tally_usage_events", "Usage events answered, by outcome (ACCEPTED, DUPLICATE, REJECTED)",
+    ["status"])
+AUTHORIZE_DECISIONS: Final = Counter(
+    "tally_authorize_decisions", "Authorize answers, by decision and deny reason",
+    ["decision", "reason"])
+LIMITER_BACKEND_ERRORS: Final = Counter(
+    "tally_limiter_backend_errors", "Limiter round trips that failed (the outage policy "
+    "answered)", ["backend"])
+LIMITER_DEGRADED_DECISIONS: Final = Counter(
+    "tally_limiter_degraded_decisions", "Quota decisions made by the outage policy",
+    ["backend", "policy"])
+
+# -- ledger -----------------------------------------------------------------------------------
+CREDITS_DEBITED: Final = Counter(
+    "tally_ledger_credits_debited_micros", "Usage debited from org credit, micro-credits")
+ARREARS_RECORDED: Final = Counter(
+    "tally_ledger_arrears_micros", "Usage beyond available credit recorded as arrears, "
+    "micro-credits")
+LEDGER_BATCH_ITEMS: Final = Histogram(
+    "tally_ledger_batch_items", "Items per PostUsageBatch",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000))
+LEDGER_COMMIT_SECONDS: Final = Histogram(
+    "tally_ledger_batch_commit_seconds", "Time to apply one PostUsageBatch transaction",
+    buckets=_LATENCY_BUCKETS)
+
+# -- outboxes (kit.outbox) --------------------------------------------------------------------
+OUTBOX_SEALED: Final = Counter(
+    "tally_outbox_sealed_events", "Outbox events made visible to consumers", ["table"])
+OUTBOX_SEAL_LAG: Final = Gauge(
+    "tally_outbox_seal_lag_seconds", "Age of the oldest event in the last sealed batch: how "
+    "late consumers see events", ["table"])
+
+
+def serve(port: int, host: str) -> None:
+    """Serves /metrics over HTTP on a daemon thread for the life of the process (on the
+    interface gRPC binds, TALLY_HOST)."""
+    start_http_server(port, addr=host, registry=REGISTRY)
+
+
+def sample(name: str, labels: dict[str, str] | None = None) -> float:
+    """The current value of one series (0 when it has never been recorded)."""
+    value = REGISTRY.get_sample_value(name, labels or {})
+    return value or 0.0
