@@ -10,6 +10,8 @@ What it measures (``python -m bench.authorize [--quick]`` prints one JSON object
   limiter in process and in Redis, at 1 and 64 callers (``calls``, ``qps``, ``p50_ms``,
   ``p99_ms``). Every call is a fresh request that passes three quotas (org QPS, project
   QPS, tokens/min), a HARD budget and the ledger hold: the full ALLOW path.
+- ``ledger_reserve``: the ledger's Reserve RPC alone at 1 caller, the hold every ALLOW waits
+  for (how much of Authorize's latency is the ledger's).
 - ``baseline``: the raw gRPC figures of :mod:`bench.baseline` from the same run, ``ratios``
   to them, and ``targets`` with ``pass``: Authorize p99 at 1 caller <= 2 ms and <= 2x the raw
   unary p99; at 64 callers >= 50 % of raw unary QPS; Redis >= 50,000 decisions/s pipelined;
@@ -177,6 +179,20 @@ async def measure_authorize(target: str, run: str, quick: bool) -> dict[str, Any
     return {"1_caller": single, "64_callers": many}
 
 
+async def measure_reserve(ledger_target: str, quick: bool) -> dict[str, Any]:
+    """The ledger hold alone (Reserve at 1 caller): the part of Authorize metering waits on."""
+    calls = 300 if quick else 3_000
+    ids = itertools.count()
+    async with TallyClient({"ledger": ledger_target}, actor="service:bench") as client:
+
+        async def one() -> None:
+            await client.ledger.Reserve(ledger_pb2.ReserveRequest(
+                reservation_id=f"bench-reserve-{next(ids)}", org_id=ORG, amount_micros=1_000,
+                ttl_seconds=600), timeout=30)
+
+        return {"1_caller": await measure_unary(one, calls, 1, warmup=calls // 10)}
+
+
 @contextlib.contextmanager
 def redis_server() -> Iterator[tuple[str, str]]:
     """(url, label): TALLY_REDIS_URL, else an embedded Valkey for the run."""
@@ -220,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             config = dataclasses.replace(base, pricing_port=_port(pricing),
                                          ledger_port=_port(ledger))
             run_in_loop(prepare(database_url, ledger))
+            reserve = run_in_loop(measure_reserve(ledger, args.quick))
             for backend in ("in-process", "redis"):
                 with serving("metering", config,
                              {"TALLY_METERING_LIMITER": backend}) as metering:
@@ -246,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "limiter": limiter,
         "authorize_in_process": authorize["in-process"],
         "authorize_redis": authorize["redis"],
+        "ledger_reserve": reserve,
         "baseline": baseline,
         "ratios": ratios,
         "targets": targets,
