@@ -150,3 +150,44 @@ def test_without_an_exporter_own_traces_are_not_recorded_but_keep_their_ids() ->
     done = subprocess.run([sys.executable, "-c", _UNEXPORTED_PROCESS], env=env,
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+_CLIENT_SPANS_PROCESS = """
+import asyncio, os
+import asyncpg
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from redis.asyncio import Redis
+from tally.kit import db
+from tally.kit.telemetry import setup_telemetry
+
+exporter = InMemorySpanExporter()
+provider = setup_telemetry("test", exporter=exporter)
+
+async def main():
+    with trace.get_tracer("test").start_as_current_span("rpc") as rpc:
+        conn = await asyncpg.connect(db.asyncpg_url(os.environ["DB_URL"]))
+        await conn.fetchval("SELECT 1")
+        await conn.close()
+        client = Redis.from_url(os.environ["REDIS_URL"])
+        await client.ping()
+        await client.aclose()
+    provider.force_flush()
+    spans = exporter.get_finished_spans()
+    rpc_id = rpc.get_span_context().span_id
+    children = [s for s in spans if s.parent is not None and s.parent.span_id == rpc_id]
+    systems = {s.attributes.get("db.system") for s in children}
+    assert {"postgresql", "redis"} <= systems, [(s.name, dict(s.attributes)) for s in spans]
+    assert all(s.context.trace_id == rpc.get_span_context().trace_id for s in children)
+    print("ok")
+
+asyncio.run(main())
+"""
+
+
+def test_database_and_redis_calls_get_client_spans_under_the_rpc(
+        db_url: str, redis_url: str) -> None:
+    env = {**os.environ, "DB_URL": db_url, "REDIS_URL": redis_url}
+    done = subprocess.run([sys.executable, "-c", _CLIENT_SPANS_PROCESS], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -247,6 +247,16 @@ class KitConfig:
     notifier_port: int = setting(
         "TALLY_NOTIFIER_PORT", parse_port, "a port 0-65535", default=DEFAULT_PORTS["notifier"]
     )
+    # Where a peer is reached when that is not TALLY_HOST:<its port> (in Kubernetes a service
+    # binds 0.0.0.0 and reaches its peers through their Services' DNS names).
+    pricing_address: str | None = setting(
+        "TALLY_PRICING_ADDRESS", parse_address, "host:port", default=None)
+    metering_address: str | None = setting(
+        "TALLY_METERING_ADDRESS", parse_address, "host:port", default=None)
+    ledger_address: str | None = setting(
+        "TALLY_LEDGER_ADDRESS", parse_address, "host:port", default=None)
+    notifier_address: str | None = setting(
+        "TALLY_NOTIFIER_ADDRESS", parse_address, "host:port", default=None)
 
     def port_of(self, service: str) -> int:
         """The configured port of `service` (pricing, metering, ledger or notifier)."""
@@ -254,8 +264,10 @@ class KitConfig:
         return port
 
     def address_of(self, service: str) -> str:
-        """host:port where `service` is reached."""
-        return f"{self.host}:{self.port_of(service)}"
+        """host:port where `service` is reached: TALLY_<SERVICE>_ADDRESS, else TALLY_HOST and
+        the service's port."""
+        explicit: str | None = getattr(self, f"{service}_address")
+        return explicit or f"{self.host}:{self.port_of(service)}"
 
 
 def load_kit_config(environ: Mapping[str, str] | None = None) -> KitConfig:

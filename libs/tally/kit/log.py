@@ -1,12 +1,14 @@
 """One logger for every service: structlog, JSON lines, with the current trace and span ids.
 
 Secrets never reach a log line: keys that name credentials are redacted by a processor, so a
-careless `log.info("x", api_key=...)` still prints `"[redacted]"`.
+careless `log.info("x", api_key=...)` still prints `"[redacted]"`, and a password inside a URL
+(a DSN in an exception message, say) is cut out of any value, tracebacks included.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any, Final, TextIO
@@ -30,35 +32,44 @@ def _add_trace_ids(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableM
     return event
 
 
+_URL_PASSWORD: Final = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@", re.IGNORECASE)
+
+
 def _redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    for key in event:
+    for key, value in event.items():
         if key.lower() in _SECRET_KEYS:
             event[key] = "[redacted]"
+        elif isinstance(value, str) and "://" in value:
+            event[key] = _URL_PASSWORD.sub(r"\1[redacted]@", value)
     return event
 
 
 def configure_logging(service: str, level: str = "info", stream: TextIO | None = None) -> None:
-    """Configures structlog (and stdlib logging, for libraries) to print JSON lines."""
+    """Configures structlog, and stdlib logging (libraries), to print the same JSON lines."""
     numeric = logging.getLevelName(level.upper())
     out = stream or sys.stderr
+    enrich: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _add_trace_ids,
+    ]
+    render: list[Any] = [
+        structlog.processors.format_exc_info,
+        _redact_secrets,  # after the traceback is text, so it is scrubbed too
+        structlog.processors.JSONRenderer(),
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _add_trace_ids,
-            _redact_secrets,
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
+        processors=[*enrich, *render],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.bind_contextvars(service=service)
     handler = logging.StreamHandler(out)
-    handler.setFormatter(logging.Formatter('{"logger": "%(name)s", "level": "%(levelname)s", '
-                                           '"event": "%(message)s"}'))
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *enrich],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render]))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.WARNING))

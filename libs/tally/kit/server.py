@@ -191,7 +191,8 @@ class _Method:
 class _Call:
     """Traces, authenticates, maps errors and logs one call; shared by the four shapes."""
 
-    __slots__ = ("code", "context", "details", "metadata", "method", "span", "started", "token")
+    __slots__ = ("code", "context", "details", "ended", "metadata", "method", "span", "started",
+                 "token")
 
     def __init__(self, method: _Method, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self.started = time.perf_counter()
@@ -199,6 +200,7 @@ class _Call:
         self.context = context
         self.code: grpc.StatusCode | None = None
         self.details = ""
+        self.ended = False
         metadata = _metadata(context)
         parent = (propagate.extract(metadata) if not method.propagated.isdisjoint(metadata)
                   else _NO_PARENT)
@@ -227,17 +229,20 @@ class _Call:
             # a contract RPC whose issue has not landed yet (the generated base raises this)
             self.code, self.details = (grpc.StatusCode.UNIMPLEMENTED,
                                        f"{method.name} is not implemented")
+            self.end()
             await self.context.abort(self.code, self.details)
         if isinstance(exc, errors.TallyError):
             self.code, self.details = exc.code, exc.message
             method.log.info("rpc_failed", method=method.name, reason=exc.reason.value,
                             code=exc.code.name, duration_ms=elapsed_ms)
+            self.end()
             await _abort(self.context, exc)
         self.code, self.details = grpc.StatusCode.INTERNAL, "internal error"
         if self.span.is_recording():
             self.span.record_exception(exc)
         method.log.error("rpc_crashed", method=method.name, duration_ms=elapsed_ms,
                          exc_info=exc)
+        self.end()
         await _abort(self.context, errors.TallyError(errors.Reason.INTERNAL, "internal error"))
 
     def cancelled(self) -> None:
@@ -246,7 +251,11 @@ class _Call:
 
     def end(self) -> None:
         """Ends the span (status from the outcome), records the golden signals and writes the
-        access log line."""
+        access log line; once. A failure ends it before the status goes out, so whoever sees
+        the status can also see the finished span."""
+        if self.ended:
+            return
+        self.ended = True
         span = self.span
         code = self.code or self.context.code() or grpc.StatusCode.OK
         method = self.method

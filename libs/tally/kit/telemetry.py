@@ -2,7 +2,8 @@
 
 Spans are exported over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the standard variable,
 so collectors and operators configure Tally like any other OTel-instrumented program);
-otherwise spans still get trace and span ids, so trace ids reach the logs and propagate to
+PostgreSQL statements and Redis commands get client spans under the RPC that made them.
+Otherwise spans still get trace and span ids, so trace ids reach the logs and propagate to
 the next service, but a trace this process starts is not recorded (nothing would export it,
 and recording costs every RPC tens of microseconds); a trace a caller marked sampled still is,
 and stays sampled downstream. `OTEL_TRACES_SAMPLER`, when set, decides instead.
@@ -41,8 +42,19 @@ def setup_telemetry(service: str, exporter: SpanExporter | None = None) -> Trace
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
+    _instrument_clients(provider)
     _provider = provider
     return provider
+
+
+def _instrument_clients(provider: TracerProvider) -> None:
+    """A client span for every PostgreSQL statement (asyncpg: the pools of the hot paths)
+    and Redis command (the limiter), children of the RPC that made them."""
+    from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+    AsyncPGInstrumentor().instrument(tracer_provider=provider)  # type: ignore[no-untyped-call]
+    RedisInstrumentor().instrument(tracer_provider=provider)
 
 
 def shutdown_telemetry() -> None:

@@ -1,0 +1,48 @@
+# syntax=docker/dockerfile:1
+# One image for the four services; the argument picks what runs (`python -m <argument>`):
+#   docker run tally:0.1.0                                -> services.ledger (the default)
+#   docker run tally:0.1.0 services.metering              -> metering (also pricing, notifier)
+#   docker run tally:0.1.0 tally.cli.main migrate         -> `tally migrate`
+# k8s/ runs it with TALLY_DATABASE_URL set: the embedded PostgreSQL / Valkey fallbacks (runtime
+# dependencies of the package) are never started in a container.
+
+ARG PYTHON_IMAGE=python:3.11-slim
+
+FROM ${PYTHON_IMAGE} AS builder
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+# The runtime dependencies alone first, read from pyproject.toml (no dev extras), so this layer
+# is reused while only the source changes.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/requirements.txt', 'w').write(chr(10).join(deps) + chr(10))" \
+ && pip install --upgrade pip \
+ && pip install -r /tmp/requirements.txt
+# Then the package itself: tally (libs/tally) and services, with the migrations, the default
+# catalog and the limiter's Lua script as package data; pip byte-compiles it, which matters
+# because the container's root filesystem is read-only at run time.
+COPY libs ./libs
+COPY services ./services
+RUN pip install --no-deps . \
+ && cd /tmp && python -c "import services.ledger.server, tally.cli.main, tally.kit.db as db; assert all((db.migrations_dir(s) / 'versions').is_dir() for s in db.SERVICES)"
+
+FROM ${PYTHON_IMAGE} AS runtime
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    TALLY_HOST=0.0.0.0 \
+    TALLY_DATA_DIR=/tmp/tally
+RUN groupadd --system --gid 10001 tally \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin tally
+# The installed package is the whole program (the source tree is not needed beside it: the
+# wheel carries services/*/migrations, the catalog and the Lua script).
+COPY --from=builder /opt/venv /opt/venv
+# An empty working directory, so nothing in it shadows the installed packages.
+WORKDIR /app
+USER 10001:10001
+EXPOSE 50051 50052 50053 50054 9464
+ENTRYPOINT ["python", "-m"]
+CMD ["services.ledger"]
