@@ -27,6 +27,9 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Protocol
 
+from opentelemetry import trace
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext
+
 from services.metering import ingestion as ing
 from services.metering.events_store import LedgerItem, LedgerOutcome, UsageEventStore, with_ledger
 from tally.kit import metrics
@@ -34,6 +37,7 @@ from tally.kit.errors import Reason, TallyError
 from tally.kit.log import get_logger
 from tally.rating import PriceBookHistory
 
+_tracer = trace.get_tracer("tally.metering.committer")
 log = get_logger("metering.committer")
 
 
@@ -59,6 +63,9 @@ class PriceBooks(Protocol):
 class _Pending:
     events: list[ing.UsageEvent]
     done: asyncio.Future[list[ing.EventResult]]
+    # the submitting call's span: a group commit continues the first one's trace and links
+    # the others, so each request's trace reaches its ledger debit
+    caller: SpanContext = field(default_factory=lambda: trace.get_current_span().get_span_context())
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,8 +202,15 @@ class GroupCommitter:
 
     async def _commit_and_answer(self, taken: list[_Pending]) -> None:
         size = sum(len(p.events) for p in taken)
+        callers = [p.caller for p in taken if p.caller.is_valid]
+        parent = (trace.set_span_in_context(NonRecordingSpan(callers[0])) if callers
+                  else None)
         try:
-            answers = await self._commit([e for p in taken for e in p.events])
+            with _tracer.start_as_current_span(
+                    "metering.group_commit", context=parent,
+                    links=[Link(c) for c in callers[1:]],
+                    attributes={"tally.event_count": size, "tally.callers": len(taken)}):
+                answers = await self._commit([e for p in taken for e in p.events])
         except Exception as exc:  # the batch failed before anything was acknowledged
             log.exception("group_commit_failed", events=size)
             for pending in taken:

@@ -1,14 +1,48 @@
-"""Notifier domain objects -> tally.notifier.v1 messages."""
+"""tally.notifier.v1 messages <-> notifier domain objects.
+
+Incoming rules become specs as sent: an UNSPECIFIED (or unknown) enum is None, and
+`domain.validate_rule` names it with every other bad field. Output-only fields are not read.
+"""
 
 from __future__ import annotations
 
+import enum
+from typing import Any, TypeVar
+
+from tally.kit.protoconv import to_timestamp
 from tally.notifier.v1 import notifier_pb2
 
-from .domain import AlertRule, AlertRulePage, NotificationType
+from .domain import AlertRule, AlertRulePage, Channel, NotificationType, Rotation, RuleSpec
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+def _enum_in(proto_enum: Any, prefix: str, number: int, domain: type[E]) -> E | None:
+    """The domain value of a proto enum number; None for UNSPECIFIED or a value we lack."""
+    if number == 0:
+        return None
+    try:
+        return domain[proto_enum.Name(number).removeprefix(prefix)]
+    except (ValueError, KeyError):
+        return None
 
 
 def _type_to_proto(kind: NotificationType) -> notifier_pb2.NotificationType.ValueType:
     return notifier_pb2.NotificationType.Value(f"NOTIFICATION_TYPE_{kind.name}")
+
+
+def rule_spec(message: notifier_pb2.AlertRule) -> RuleSpec:
+    """The writable fields of a wire rule."""
+    return RuleSpec(
+        types=tuple(_enum_in(notifier_pb2.NotificationType, "NOTIFICATION_TYPE_", t,
+                             NotificationType) for t in message.types),
+        channel=_enum_in(notifier_pb2.Channel, "CHANNEL_", message.channel, Channel),
+        webhook_url=message.webhook_url,
+        email_to=message.email_to,
+        cooldown_seconds=message.cooldown_seconds,
+        low_balance_threshold_micros=message.low_balance_threshold_micros,
+        is_enabled=message.enabled,
+    )
 
 
 def rule_to_proto(rule: AlertRule) -> notifier_pb2.AlertRule:
@@ -34,3 +68,10 @@ def rule_page_to_proto(page: AlertRulePage) -> notifier_pb2.ListAlertRulesRespon
     return notifier_pb2.ListAlertRulesResponse(
         rules=[rule_to_proto(r) for r in page.rules], next_page_token=page.next_page_token
     )
+
+
+def rotation_to_proto(rotation: Rotation) -> notifier_pb2.RotateWebhookSecretResponse:
+    """A rotation as the RotateWebhookSecret response (previous_valid_until unset if none)."""
+    return notifier_pb2.RotateWebhookSecretResponse(
+        secret_id=rotation.secret_id, secret=rotation.secret,
+        previous_valid_until=to_timestamp(rotation.previous_valid_until))

@@ -1,48 +1,128 @@
-"""Composition root of the notifier service: config -> engine -> store -> servicer."""
+"""Composition root of the notifier service.
+
+config -> engine/pool -> stores -> outbox follower (ledger and metering StreamEvents) ->
+delivery worker (webhook and e-mail senders) and the Subscribe hub -> servicer.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+from dataclasses import dataclass
+from datetime import timedelta
 
 import grpc
 
 from tally.kit import db, infra
-from tally.kit.config import KitConfig, load_kit_config
+from tally.kit.config import (
+    KitConfig,
+    load,
+    load_kit_config,
+    parse_port,
+    parse_positive_int,
+    setting,
+)
 from tally.kit.server import ServiceApp, run_service
+from tally.ledger.v1 import ledger_pb2_grpc
+from tally.metering.v1 import metering_pb2_grpc
 from tally.notifier.v1 import notifier_pb2, notifier_pb2_grpc
 
-from .domain import AlertRules
+from .alerting import Notification
+from .channels import EmailSender, WebhookSender
+from .deliveries import DeliveryWorker
+from .delivery_store import DeliveryStore
+from .domain import AlertRules, Channel, SigningSecrets
+from .follower import Follower, LedgerSource, MeteringSource
+from .hub import NotificationHub
 from .servicer import NotifierServicer
-from .store import AlertRuleRepository
+from .store import AlertRuleRepository, WebhookSecrets
 
 NAME = "notifier"
 SERVICE_NAME = notifier_pb2.DESCRIPTOR.services_by_name["NotifierService"].full_name
 
 
-async def build(config: KitConfig) -> ServiceApp:
-    """Migrates the notifier schema (if configured) and wires the alert-rule store."""
+@dataclass(frozen=True, slots=True)
+class NotifierConfig:
+    """Where e-mail goes and how deliveries are paced (TALLY_NOTIFIER_*)."""
+
+    smtp_host: str = setting("TALLY_NOTIFIER_SMTP_HOST", str, "a host name",
+                             default="127.0.0.1")
+    smtp_port: int = setting("TALLY_NOTIFIER_SMTP_PORT", parse_port, "a port", default=25)
+    email_from: str = setting("TALLY_NOTIFIER_EMAIL_FROM", str, "an e-mail address",
+                              default="alerts@tally.local")
+    first_retry_ms: int = setting(
+        "TALLY_NOTIFIER_FIRST_RETRY_MS", parse_positive_int, "milliseconds > 0", default=1000)
+    poll_ms: int = setting(
+        "TALLY_NOTIFIER_POLL_MS", parse_positive_int, "milliseconds > 0", default=500)
+
+
+async def build(config: KitConfig, notifier: NotifierConfig | None = None) -> ServiceApp:
+    """Wires the notifier; follows the ledger and metering once serving."""
+    settings = notifier or load(NotifierConfig)
     url = config.database_url or infra.start_embedded_postgres(config.data_dir, keep_running=False)
     if config.migrate_on_start:
         await db.migrate_async(NAME, url)
     engine = db.create_engine(url, pool_size=config.db_pool_size)
-    # The stubs mark every RPC abstract; the ones not overridden keep the generated base's
-    # UNIMPLEMENTED answer on purpose until their issue lands.
-    servicer = NotifierServicer(AlertRules(AlertRuleRepository(engine)))  # type: ignore[abstract]
+    pool = await db.create_pool(url, max_size=config.db_pool_size)
+    options = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+    ledger_channel = grpc.aio.insecure_channel(config.address_of("ledger"), options=options)
+    metering_channel = grpc.aio.insecure_channel(config.address_of("metering"), options=options)
+    deliveries = DeliveryStore(pool)
+    secrets = WebhookSecrets(engine)
+    webhooks = WebhookSender(secrets)
+    worker = DeliveryWorker(
+        deliveries, {Channel.WEBHOOK: webhooks,
+                     Channel.EMAIL: EmailSender(settings.smtp_host, settings.smtp_port,
+                                                settings.email_from)},
+        first_retry=timedelta(milliseconds=settings.first_retry_ms))
+    hub = NotificationHub()
+
+    def on_new(fresh: list[Notification]) -> None:
+        hub.publish(fresh)
+        worker.wake.set()
+
+    follower = Follower(deliveries, [
+        LedgerSource(ledger_pb2_grpc.LedgerServiceStub(ledger_channel)),
+        MeteringSource(metering_pb2_grpc.MeteringServiceStub(metering_channel))], on_new)
+    stop = asyncio.Event()
+    shutting_down = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+    servicer = NotifierServicer(
+        AlertRules(AlertRuleRepository(engine)), deliveries=deliveries, hub=hub,
+        secrets=SigningSecrets(secrets), on_replayed=worker.wake.set,
+        shutting_down=shutting_down)
 
     def register(server: grpc.aio.Server) -> None:
         notifier_pb2_grpc.add_NotifierServiceServicer_to_server(servicer, server)
 
-    return ServiceApp(
-        name=NAME, service_names=[SERVICE_NAME], register=register, on_stop=[engine.dispose]
-    )
+    async def start() -> None:
+        tasks.append(asyncio.create_task(follower.run(stop), name="outbox-follower"))
+        tasks.append(asyncio.create_task(worker.run(stop, settings.poll_ms / 1000),
+                                         name="delivery-worker"))
+
+    async def close() -> None:
+        stop.set()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await webhooks.close()
+        await ledger_channel.close()
+        await metering_channel.close()
+        await pool.close()
+        await engine.dispose()
+
+    return ServiceApp(name=NAME, service_names=[SERVICE_NAME], register=register,
+                      on_start=[start], on_stop=[close], shutting_down=shutting_down)
 
 
-async def build_for(database_url: str) -> ServiceApp:
-    """`build` against an already migrated database, with every other setting at its default."""
-    config = dataclasses.replace(
-        load_kit_config({}), database_url=database_url, migrate_on_start=False
-    )
-    return await build(config)
+async def build_for(database_url: str, config: KitConfig | None = None,
+                    notifier: NotifierConfig | None = None) -> ServiceApp:
+    """`build` against an already migrated database, other settings from `config` or
+    defaults."""
+    base = config or load_kit_config({})
+    return await build(dataclasses.replace(base, database_url=database_url,
+                                           migrate_on_start=False), notifier)
 
 
 def main() -> None:

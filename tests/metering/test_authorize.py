@@ -88,7 +88,9 @@ async def test_allow_holds_the_worst_case_in_the_ledger_and_a_replay_is_the_same
 
 def _captured(event_id: str, reservation_id: str, *, input_tokens: int, output_tokens: int,
               model: str = "gpt-4.1-mini") -> mpb.UsageEvent:
-    event = usage(event_id, model=model, input_tokens=input_tokens, output_tokens=output_tokens)
+    # now, not the ingestion tests' hour ago: budgets are monthly and must see it this month
+    event = usage(event_id, model=model, input_tokens=input_tokens, output_tokens=output_tokens,
+                  at=datetime.now(UTC))
     event.reservation_id = reservation_id
     return event
 
@@ -209,7 +211,7 @@ async def test_each_alarm_threshold_fires_once_per_period_even_across_a_restart(
         async def spend(event_id: str, tokens: int) -> None:
             reply = await suite.client.metering.RecordUsage(mpb.RecordUsageRequest(
                 events=[usage(event_id, model="gpt-4.1", input_tokens=tokens,
-                              output_tokens=0)]))
+                              output_tokens=0, at=datetime.now(UTC))]))
             assert reply.results[0].status == ACCEPTED
 
         async def fired() -> list[int]:

@@ -18,7 +18,12 @@ from tally.metering.v1 import metering_pb2 as mpb
 from tests.metering.conftest import Suite
 from tests.metering.test_ingestion import ACCEPTED, usage
 
-NOW = datetime.now(UTC).replace(minute=30, second=0, microsecond=0)
+_NOW = datetime.now(UTC)
+_MONTH_START = _NOW.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+# Three distinct past hours in one calendar month (the summaries asked for are that month's):
+# in a month's first hours, the end of the month before.
+NOW = (_NOW if _NOW - timedelta(hours=5) >= _MONTH_START
+       else _MONTH_START - timedelta(minutes=1)).replace(minute=30, second=0, microsecond=0)
 # Three distinct hours, all in the current month's window of late events.
 HOURS = [NOW - timedelta(hours=h) for h in (2, 3, 4)]
 

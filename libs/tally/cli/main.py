@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from tally.cli import alerts as alerts_cli
 from tally.cli import authorize as authorize_cli
 from tally.cli import demo as demo_module
 from tally.cli import ledger as ledger_cli
@@ -130,6 +131,7 @@ usage_cli.register(app, _config)
 authorize_cli.register(app, _config)
 pricing_cli.register(app, _config)
 policies_cli.register(app, _config)
+alerts_cli.register(app, _config)
 
 
 if __name__ == "__main__":

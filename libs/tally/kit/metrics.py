@@ -50,6 +50,13 @@ LEDGER_COMMIT_SECONDS: Final = Histogram(
     "tally_ledger_batch_commit_seconds", "Time to apply one PostUsageBatch transaction",
     buckets=_LATENCY_BUCKETS)
 
+# -- notifier ---------------------------------------------------------------------------------
+WEBHOOK_DELIVERIES: Final = Counter(
+    "tally_notifier_deliveries", "Delivery attempts, by channel and outcome (delivered, "
+    "retrying, dead_lettered)", ["channel", "outcome"])
+NOTIFICATIONS: Final = Counter(
+    "tally_notifier_notifications", "Notifications created, by type", ["type"])
+
 # -- outboxes (kit.outbox) --------------------------------------------------------------------
 OUTBOX_SEALED: Final = Counter(
     "tally_outbox_sealed_events", "Outbox events made visible to consumers", ["table"])
