@@ -1,5 +1,5 @@
 # Thin wrappers: ./dev is the entry point a fresh machine needs (no make required).
-.PHONY: demo test test-deep up down protos check-protos lint types buf bench
+.PHONY: demo test test-deep up down protos check-protos lint types buf bench trace-demo
 
 demo:
 	./dev demo
@@ -23,3 +23,6 @@ buf:
 	npx --yes @bufbuild/buf lint
 bench:
 	.venv/bin/python -m bench.baseline
+
+trace-demo:
+	./dev setup && .venv/bin/tally trace-demo

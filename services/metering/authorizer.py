@@ -16,6 +16,8 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+from opentelemetry import trace
+
 from tally.kit.errors import Reason, TallyError, invalid
 from tally.kit.log import get_logger
 from tally.rating import PriceBook, RatingError
@@ -26,6 +28,7 @@ from .policies import Budget, Quota, SpendPolicy
 from .spend_store import Decide, Replayed, SpendStore
 
 log = get_logger("metering.authorizer")
+_tracer = trace.get_tracer("tally.metering.authorizer")
 
 _LEDGER_REFUSALS = {Reason.INSUFFICIENT_CREDITS, Reason.ACCOUNT_READ_ONLY}
 
@@ -108,8 +111,10 @@ class Authorizer:
         refused = az.check_policy(policy, request)
         if refused is not None:
             return await self._record(request, fingerprint, [], lambda _: refused)
-        book = self.books.history.book_at(now)
-        first = self._estimate(book, request, request.model)
+        with _tracer.start_as_current_span("metering.price_book") as span:
+            book = self.books.history.book_at(now)  # the local copy pricing keeps current
+            first = self._estimate(book, request, request.model)
+            span.set_attribute("tally.price_book_version", first.price_book_version)
         quotas = await self.policies.quotas_for(request.org_id)
         denied, headroom = await self.quotas.admit(request, quotas, policy)
         if denied is not None:

@@ -22,6 +22,7 @@ from services.metering.policy_store import PolicyStore
 from services.metering.spend_store import SpendStore
 from tally.kit import db, infra
 from tally.kit.background import run_periodically
+from tally.kit.channels import peer_channel
 from tally.kit.config import (
     KitConfig,
     load,
@@ -105,10 +106,8 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
         await db.migrate_async(NAME, url)
     engine = db.create_engine(url, pool_size=config.db_pool_size)
     pool = await db.create_pool(url, max_size=config.db_pool_size, custom_plans=True)
-    # Reconnect quickly once a neighbour is back: gRPC's default backoff grows to 120 s.
-    options = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
-    pricing_channel = grpc.aio.insecure_channel(config.address_of("pricing"), options=options)
-    ledger_channel = grpc.aio.insecure_channel(config.address_of("ledger"), options=options)
+    pricing_channel = peer_channel(config.address_of("pricing"))
+    ledger_channel = peer_channel(config.address_of("ledger"))
     books = WatchedPriceBooks(pricing_pb2_grpc.PricingServiceStub(pricing_channel))
     stop = asyncio.Event()
     watcher = asyncio.create_task(books.watch(stop), name="price-book-watch")

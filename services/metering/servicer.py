@@ -25,6 +25,7 @@ from tally.kit import metrics
 from tally.kit.errors import Reason, TallyError, invalid
 from tally.kit.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, decode_cursor, encode_cursor
 from tally.kit.protoconv import from_timestamp
+from tally.kit.telemetry import annotate
 from tally.metering.v1 import metering_pb2, metering_pb2_grpc
 
 from . import convert
@@ -80,6 +81,8 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         """ALLOW / DOWNGRADE with a ledger hold for the worst case, or DENY with a reason."""
         answer = await self.authorizer.authorize(convert_authorize.request(request))
         metrics.AUTHORIZE_DECISIONS.labels(answer.decision.value, answer.deny_reason).inc()
+        annotate(org_id=request.context.org_id, decision=answer.decision.value,
+                 reason=answer.deny_reason, reserved_micros=answer.reserved_micros)
         return convert_authorize.answer(answer)
 
     async def StreamEvents(self, request: metering_pb2.StreamEventsRequest, context: Context
@@ -114,6 +117,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         """Records 1..100 events; answers once they and their debit are durable."""
         if not 0 < len(request.events) <= MAX_RECORD_EVENTS:
             raise _too_many(len(request.events), MAX_RECORD_EVENTS, "events")
+        annotate(event_count=len(request.events))
         results = await self.committer.submit([convert_usage.event(e) for e in request.events])
         return metering_pb2.RecordUsageResponse(results=[convert_usage.result(r)
                                                          for r in results])

@@ -13,11 +13,10 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 
 from opentelemetry import trace
-from opentelemetry.context import Context
-from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from tally.kit import metrics
 from tally.kit.log import get_logger
+from tally.kit.telemetry import continue_trace
 
 from .alerting import FIRST_RETRY, Notification, retry_at
 from .channels import Sender, SendFailed
@@ -26,20 +25,6 @@ from .domain import Channel
 
 log = get_logger("notifier.deliveries")
 _tracer = trace.get_tracer("tally.notifier")
-
-
-def _continuing(trace_id: str) -> Context | None:
-    """A context in the trace of the request that caused the event (its span is not known,
-    so the delivery span joins the trace under a remote placeholder)."""
-    try:
-        value = int(trace_id, 16)
-    except ValueError:
-        return None
-    if not value:
-        return None
-    parent = SpanContext(value, random.getrandbits(64) or 1, is_remote=True,
-                         trace_flags=TraceFlags(TraceFlags.SAMPLED))
-    return trace.set_span_in_context(NonRecordingSpan(parent))
 
 
 class DeliveryWorker:
@@ -71,7 +56,7 @@ class DeliveryWorker:
         async with self._slots:
             sender = self.senders.get(delivery.channel)
             with _tracer.start_as_current_span(
-                    "notifier.deliver", context=_continuing(notification.trace_id),
+                    "notifier.deliver", context=continue_trace(notification.trace_id),
                     kind=trace.SpanKind.PRODUCER,
                     attributes={"tally.org_id": delivery.org_id,
                                 "tally.notification_id": notification.notification_id,

@@ -15,11 +15,13 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import grpc
+from opentelemetry import trace
 
 from tally.common.v1 import common_pb2
 from tally.kit import metrics
 from tally.kit.log import get_logger
 from tally.kit.protoconv import from_timestamp
+from tally.kit.telemetry import continue_trace
 from tally.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from tally.metering.v1 import metering_pb2, metering_pb2_grpc
 
@@ -27,6 +29,7 @@ from .alerting import Notification, SourceEvent
 from .delivery_store import DeliveryStore
 
 log = get_logger("notifier.follower")
+_tracer = trace.get_tracer("tally.notifier")
 
 
 class Source(Protocol):
@@ -133,5 +136,11 @@ class Follower:
             fresh = await self.store.record(source.name, batch, self.clock())
             for notification in fresh:
                 metrics.NOTIFICATIONS.labels(notification.type.value).inc()
+                # the alert in the trace of the request whose event caused it
+                _tracer.start_span(
+                    "notifier.notification", context=continue_trace(notification.trace_id),
+                    attributes={"tally.org_id": notification.org_id,
+                                "tally.notification_type": notification.type.value,
+                                "tally.source_event_id": notification.source_event_id}).end()
             if fresh:
                 self.on_new(fresh)

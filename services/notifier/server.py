@@ -15,6 +15,7 @@ from datetime import timedelta
 import grpc
 
 from tally.kit import db, infra
+from tally.kit.channels import peer_channel
 from tally.kit.config import (
     KitConfig,
     load,
@@ -65,9 +66,8 @@ async def build(config: KitConfig, notifier: NotifierConfig | None = None) -> Se
         await db.migrate_async(NAME, url)
     engine = db.create_engine(url, pool_size=config.db_pool_size)
     pool = await db.create_pool(url, max_size=config.db_pool_size)
-    options = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
-    ledger_channel = grpc.aio.insecure_channel(config.address_of("ledger"), options=options)
-    metering_channel = grpc.aio.insecure_channel(config.address_of("metering"), options=options)
+    ledger_channel = peer_channel(config.address_of("ledger"))
+    metering_channel = peer_channel(config.address_of("metering"))
     deliveries = DeliveryStore(pool)
     secrets = WebhookSecrets(engine)
     webhooks = WebhookSender(secrets)

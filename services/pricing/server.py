@@ -18,6 +18,7 @@ import asyncpg
 import grpc
 
 from tally.kit import db, infra
+from tally.kit.channels import peer_channel
 from tally.kit.config import (
     KitConfig,
     load,
@@ -72,7 +73,7 @@ async def build(config: KitConfig, settings: PricingConfig | None = None) -> Ser
         await db.migrate_async(NAME, url)
     pool = await db.create_pool(url, max_size=config.db_pool_size)
     store = PriceBookPgStore(pool, db.asyncpg_url(url))
-    metering_channel = grpc.aio.insecure_channel(config.address_of("metering"))
+    metering_channel = peer_channel(config.address_of("metering"))
     cache = BookCache(max_watchers=settings.max_watchers)
     pricing = Pricing(store, GrpcUsageSource(metering_pb2_grpc.MeteringServiceStub(
         metering_channel)), cache, max_report_events=settings.max_report_events)

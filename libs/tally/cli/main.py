@@ -89,6 +89,17 @@ def demo(
         raise typer.Exit(1)
 
 
+@app.command("trace-demo")
+def trace_demo() -> None:
+    """Bring up a traced suite, run one metered request, print its span tree across the
+    services (Authorize -> ledger -> usage -> outbox -> notifier), and stop the suite."""
+    from tally.cli import tracedemo
+
+    if not tracedemo.main(_config()):
+        typer.echo("the trace did not reach the notifier", err=True)
+        raise typer.Exit(1)
+
+
 @app.command()
 def balance(org: Annotated[str, typer.Argument(help="Organization id.")]) -> None:
     """Print an org's balance, billing state and grants in burn order."""

@@ -55,6 +55,13 @@ def _read_pid(path: Path) -> int | None:
     except (OSError, ValueError):
         return None
     try:
+        # a service this process started (trace-demo runs up and down itself) is reaped
+        # here, or it would linger as a zombie that kill(0) still finds
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return None
+    except ChildProcessError:
+        pass
+    try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return None

@@ -12,12 +12,15 @@ and stays sampled downstream. `OTEL_TRACES_SAMPLER`, when set, decides instead.
 from __future__ import annotations
 
 import os
+import random
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 _provider: TracerProvider | None = None
 
@@ -72,3 +75,26 @@ def current_trace_id() -> str:
     """The W3C trace id of the current span (32 hex digits), or "" outside any trace."""
     ctx = trace.get_current_span().get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+
+
+def continue_trace(trace_id: str) -> Context | None:
+    """A context inside the trace `trace_id` (32 hex digits, as stored with outbox events),
+    for work an event causes later: its span joins the trace that caused the event, under a
+    remote placeholder parent (the event's own span is not stored). None for no trace."""
+    try:
+        value = int(trace_id, 16)
+    except ValueError:
+        return None
+    if not value:
+        return None
+    parent = SpanContext(value, random.getrandbits(64) or 1, is_remote=True,
+                         trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    return trace.set_span_in_context(NonRecordingSpan(parent))
+
+
+def annotate(**attributes: str | int | bool) -> None:
+    """Puts domain facts (org, decision, reason, amounts) on the current span as `tally.*`
+    attributes, when it is being recorded."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attributes({f"tally.{key}": value for key, value in attributes.items()})
