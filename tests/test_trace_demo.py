@@ -35,6 +35,14 @@ async def test_one_request_is_one_trace_from_authorize_to_the_notifier(
     assert "metering.price_book" in {s.name for s in spans}
     posted = path_to(spans, f"/{ledger}/PostUsageBatch")
     assert posted[:3] == [tracedemo.ROOT, f"/{metering}/StreamUsage", "metering.group_commit"]
+    authorized = next(s for s in spans if s.service == "tally-metering"
+                      and s.name == f"/{metering}/Authorize" and s.attributes)
+    assert authorized.attributes["tally.decision"] == "ALLOW"
+    assert authorized.attributes["tally.org_id"].startswith("trace-")
+    batch = next(s for s in spans if s.service == "tally-ledger"
+                 and s.name == f"/{ledger}/PostUsageBatch")
+    assert batch.attributes["tally.item_count"] == "1"
+    assert int(batch.attributes["tally.debited_micros"]) > 0
     notified = [s for s in spans if s.name == "notifier.notification"]
     assert [s.service for s in notified] == ["tally-notifier"]
     assert any(s.database == "postgresql" for s in spans)

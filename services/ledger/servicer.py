@@ -18,6 +18,7 @@ from services.ledger.store import LedgerStore
 from tally.common.v1 import common_pb2
 from tally.kit.protoconv import enum_in, from_timestamp
 from tally.kit.server import current_principal
+from tally.kit.telemetry import annotate
 from tally.ledger.v1 import ledger_pb2 as pb
 from tally.ledger.v1 import ledger_pb2_grpc
 
@@ -70,6 +71,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                                  balance_after=convert.balance(balance))
 
     async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:
+        annotate(org_id=request.org_id, amount_micros=request.amount_micros)
         held, available, state = await self.store.reserve(
             request.reservation_id, request.org_id, request.amount_micros,
             d.validate_ttl(request.ttl_seconds), convert.caller(request.context, _actor()))
@@ -102,6 +104,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         results = await self.store.post_usage_batch(
             request.batch_id, [convert.usage_item(i) for i in request.items],
             convert.caller(request.context, _actor()))
+        annotate(item_count=len(results),
+                 debited_micros=sum(r.debited_micros for r in results))
         return pb.PostUsageBatchResponse(results=[convert.usage_result(r) for r in results])
 
     async def GetBalance(self, request: pb.GetBalanceRequest, context: Context

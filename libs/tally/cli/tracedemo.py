@@ -53,6 +53,8 @@ class Span:
     start_ns: int
     database: str = ""
     """db.system of a client span to a database (collapsed when printed)."""
+    attributes: dict[str, str] = dataclasses.field(default_factory=dict)
+    """The span's tally.* attributes, as text."""
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -70,9 +72,12 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
                 for s in scope.spans:
                     database = next((a.value.string_value for a in s.attributes
                                      if a.key == "db.system"), "")
+                    domain = {a.key: str(getattr(a.value, a.value.WhichOneof("value") or
+                                                 "string_value"))
+                              for a in s.attributes if a.key.startswith("tally.")}
                     self.spans.append(Span(s.trace_id.hex(), s.span_id.hex(),
                                            s.parent_span_id.hex(), s.name, service,
-                                           s.start_time_unix_nano, database))
+                                           s.start_time_unix_nano, database, domain))
         self.arrived.set()
         return trace_service_pb2.ExportTraceServiceResponse()
 
