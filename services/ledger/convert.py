@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from services.ledger import domain as d
@@ -116,11 +117,14 @@ def usage_item(item: pb.UsageItem) -> d.UsageItem:
     return d.UsageItem(item.event_id, item.org_id, item.cost_micros, item.reservation_id, labels)
 
 
-def usage_result(r: d.UsageResult) -> pb.UsageItemResult:
-    return pb.UsageItemResult(
-        event_id=r.event_id, transfer_id=r.transfer_id, debited_micros=r.debited_micros,
-        arrears_micros=r.arrears_micros, balance_after_micros=r.balance_after_micros,
-        is_duplicate=r.is_duplicate)
+def add_usage_results(into: Any, results: Iterable[d.UsageResult]) -> None:
+    """Appends `results` to a repeated UsageItemResult field (a batch's reply): add() builds
+    each message in place, without an intermediate message copied into the list."""
+    add = into.add
+    for r in results:
+        add(event_id=r.event_id, transfer_id=r.transfer_id, debited_micros=r.debited_micros,
+            arrears_micros=r.arrears_micros, balance_after_micros=r.balance_after_micros,
+            is_duplicate=r.is_duplicate)
 
 
 def outbox_event(e: d.OutboxEvent) -> pb.OutboxEvent:

@@ -273,12 +273,15 @@ def canonical_entry(
     amount_micros: int,
     actor: str,
     reason: str,
-    created_at: datetime,
+    created_at: datetime | str,
 ) -> bytes:
-    """The bytes an entry's hash covers: everything that gives the entry its meaning."""
+    """The bytes an entry's hash covers: everything that gives the entry its meaning.
+    (`created_at` may come already spelled as its isoformat(), as a batch of entries made at
+    one instant passes it.)"""
+    stamp = created_at if isinstance(created_at, str) else created_at.isoformat()
     return "\x1f".join(
         [transfer_id, kind, debit_account_id, credit_account_id, org_id, str(amount_micros),
-         actor, reason, created_at.isoformat()]
+         actor, reason, stamp]
     ).encode()
 
 

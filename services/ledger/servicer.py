@@ -106,7 +106,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             convert.caller(request.context, _actor()))
         annotate(item_count=len(results),
                  debited_micros=sum(r.debited_micros for r in results))
-        return pb.PostUsageBatchResponse(results=[convert.usage_result(r) for r in results])
+        response = pb.PostUsageBatchResponse()
+        convert.add_usage_results(response.results, results)
+        return response
 
     async def GetBalance(self, request: pb.GetBalanceRequest, context: Context
                          ) -> pb.GetBalanceResponse:

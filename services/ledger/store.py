@@ -14,14 +14,15 @@ for as short as possible), and the whole store is written in one style.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import time
 import uuid
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import asyncpg
 
@@ -33,6 +34,7 @@ from tally.kit.money import INT64_MAX
 from tally.kit.paging import encode_token, page_request
 
 log = get_logger("ledger.store")
+T = TypeVar("T")
 
 _TRANSFER_COLUMNS: Final = (
     "transfer_id", "kind", "debit_account_id", "credit_account_id", "org_id", "amount_micros",
@@ -40,6 +42,7 @@ _TRANSFER_COLUMNS: Final = (
     "reverses_transfer_id", "payment_order_id", "created_at", "prev_hash", "entry_hash",
     "org_posted_after", "org_held_after", "org_arrears_after",
 )
+_ENTRY_ORG: Final = _TRANSFER_COLUMNS.index("org_id")
 
 
 if TYPE_CHECKING:
@@ -67,6 +70,26 @@ class _Account:
     dirty: bool = False
 
 
+_ACCOUNT_KINDS: Final = {k.value: k for k in d.AccountKind}
+_BILLING_STATES: Final = {s.value: s for s in d.BillingState}
+_GRANT_KINDS: Final = {k.value: k for k in d.GrantKind}
+
+# The credit and arrears accounts of orgs $1 (domain.credit_account, arrears_account) and the
+# accounts $2, locked in the global order. Joined to unnest(), not `= ANY(...)`: a generic plan
+# made while the table was small filters a seq scan with ANY, a linear search of the array for
+# every row (tens of ms for 2,000 ids); a join is a hash or an index probe per id whatever plan
+# the statement settled on. The ids are one array (an init plan), not a UNION ALL of unnests:
+# a row locked after waiting for another transaction is rechecked against the joined row, and
+# that recheck found no row in a UNION ALL (the account was silently left out).
+_LOCK_ACCOUNTS: Final = (
+    "SELECT a.account_id, a.kind, a.org_id, a.balance_micros, a.held_micros, a.billing_state, "
+    "a.last_hash, a.billing_state_pinned FROM ledger.accounts a "
+    "JOIN unnest($2::text[] || ARRAY(SELECT p || o FROM unnest($1::text[]) o, "
+    "unnest('{org:,arrears:}'::text[]) p)) AS u(id) ON a.account_id = u.id "
+    "ORDER BY a.account_id FOR UPDATE OF a"
+)
+
+
 class _Work:
     """One transaction's view of the rows it has locked, and what it will write."""
 
@@ -75,13 +98,16 @@ class _Work:
         self.now = now
         self.caller = caller
         self.accounts: dict[str, _Account] = {}
-        self.entries: list[d.Transfer] = []
+        self.now_iso = now.isoformat()  # as the hash chain spells it
+        self.entries: list[tuple[Any, ...]] = []  # transfer rows, in _TRANSFER_COLUMNS order
         self.grants: dict[str, list[d.Grant]] = {}
         self.dirty_grants: dict[str, d.Grant] = {}
         self.new_grants: list[d.Grant] = []
         self.outbox: list[tuple[Any, ...]] = []
         self.state_changes: list[tuple[Any, ...]] = []
         self.settled: list[tuple[str, str]] = []  # (reservation id, org) settled here
+        self.event_ids: list[str] = []  # outbox event ids drawn ahead (time_ordered_uuids)
+        self.pending: list[asyncio.Future[Any]] = []  # statements sent with `meanwhile`
 
     # -- idempotency ---------------------------------------------------------------------
 
@@ -103,48 +129,48 @@ class _Work:
 
     # -- accounts ------------------------------------------------------------------------
 
-    async def lock(self, account_ids: Iterable[str], *, open_orgs: Iterable[str] = ()) -> None:
-        """Locks accounts in the global order; opens the credit/arrears accounts of `open_orgs`."""
-        to_open = sorted(set(open_orgs))
-        if to_open:  # only orgs without accounts: most batches open none
-            known = await self.conn.fetch(
-                "SELECT org_id FROM ledger.accounts WHERE account_id = ANY($1::text[])",
-                [d.credit_account(o) for o in to_open])
-            to_open = sorted(set(to_open) - {r["org_id"] for r in known})
-        if to_open:
-            await self.conn.execute(
-                "INSERT INTO ledger.accounts (account_id, kind, org_id) "
-                "SELECT 'org:' || o, 'ORG_CREDIT', o FROM unnest($1::text[]) o "
-                "UNION ALL SELECT 'arrears:' || o, 'ARREARS', o FROM unnest($1::text[]) o "
-                "ON CONFLICT (account_id) DO NOTHING",
-                to_open,
-            )
-        wanted = sorted(set(account_ids) - self.accounts.keys())
-        if not wanted:
+    async def lock(self, account_ids: Iterable[str] = (), *, orgs: Iterable[str] = (),
+                   open_missing: bool = False) -> None:
+        """Locks, in the global order, `account_ids` and the credit and arrears accounts of
+        `orgs`; with `open_missing`, opens those of orgs that have none.
+
+        Accounts that exist are locked first, in one statement; only orgs found without
+        accounts (rare: most batches open none) are then created and their new rows loaded.
+        """
+        accounts = self.accounts
+        wanted_orgs = [o for o in set(orgs) if d.credit_account(o) not in accounts]
+        wanted = [a for a in set(account_ids) if a not in accounts]
+        if wanted_orgs or wanted:
+            self._load(await self.conn.fetch(_LOCK_ACCOUNTS, wanted_orgs, wanted))
+        to_open = sorted(o for o in wanted_orgs if d.credit_account(o) not in accounts)
+        if not (open_missing and to_open):
             return
-        rows = await self.conn.fetch(
-            "SELECT account_id, kind, org_id, balance_micros, held_micros, billing_state, "
-            "last_hash, billing_state_pinned FROM ledger.accounts "
-            "WHERE account_id = ANY($1::text[]) ORDER BY account_id FOR UPDATE",
-            wanted,
+        await self.conn.execute(
+            "INSERT INTO ledger.accounts (account_id, kind, org_id) "
+            "SELECT 'org:' || o, 'ORG_CREDIT', o FROM unnest($1::text[]) o "
+            "UNION ALL SELECT 'arrears:' || o, 'ARREARS', o FROM unnest($1::text[]) o "
+            "ON CONFLICT (account_id) DO NOTHING",
+            to_open,
         )
-        opened = set(to_open)
-        for r in rows:
-            self.accounts[r["account_id"]] = _Account(
-                r["account_id"], d.AccountKind(r["kind"]), r["org_id"], r["balance_micros"],
-                r["held_micros"], d.BillingState(r["billing_state"]), r["last_hash"],
-                r["billing_state_pinned"],
+        self._load(await self.conn.fetch(_LOCK_ACCOUNTS, to_open, []), opened=set(to_open))
+
+    def _load(self, rows: Iterable[asyncpg.Record], opened: Set[str] = frozenset()) -> None:
+        kinds, states, accounts = _ACCOUNT_KINDS, _BILLING_STATES, self.accounts
+        credit = d.AccountKind.ORG_CREDIT
+        for account_id, kind, org_id, balance, held, state, last_hash, pinned in rows:
+            account_kind = kinds[kind]
+            accounts[account_id] = _Account(
+                account_id, account_kind, org_id, balance, held, states[state], last_hash, pinned,
                 # a new org's state is decided by the rules at once (no credit: THROTTLED)
-                dirty=r["org_id"] in opened and r["kind"] == d.AccountKind.ORG_CREDIT.value,
+                dirty=account_kind is credit and org_id in opened,
             )
 
     async def lock_orgs(self, org_ids: Iterable[str], *, system: Iterable[d.AccountKind] = (),
                         open_missing: bool = False, field: str = "org_id") -> None:
         """Locks each org's credit and arrears accounts (and its shards of `system` accounts)."""
         orgs = sorted(set(org_ids))
-        ids = [d.credit_account(o) for o in orgs] + [d.arrears_account(o) for o in orgs]
-        ids += [d.system_account(k, o) for k in system for o in orgs]
-        await self.lock(ids, open_orgs=orgs if open_missing else ())
+        await self.lock({d.system_account(k, o) for k in system for o in orgs}, orgs=orgs,
+                        open_missing=open_missing)
         for org in orgs:
             if d.credit_account(org) not in self.accounts:
                 raise invalid(field, f"unknown org {org!r}")
@@ -169,26 +195,46 @@ class _Work:
              reservation_id: str = "", reverses: str = "", payment_order_id: str = "",
              labels: Mapping[str, str] | None = None) -> d.Transfer:
         """Moves `amount` from `debit` to `credit` and appends the entry to the org's chain."""
-        debit_acc, credit_acc = self.accounts[debit], self.accounts[credit]
+        caller = self.caller
+        labels = dict(caller.labels if labels is None else labels)
+        prev, entry_hash, posted, held, arrears = self.append_entry(
+            kind, debit, credit, org_id, amount, transfer_id, reason, labels, grant_id,
+            reservation_id, reverses, payment_order_id)
+        return d.Transfer(
+            transfer_id, kind, debit, credit, org_id, amount, caller.actor, reason,
+            caller.trace_id, caller.user_id, labels, grant_id, reservation_id, reverses,
+            payment_order_id, self.now, prev, entry_hash, posted, held, arrears,
+        )
+
+    def append_entry(self, kind: d.TransferKind, debit: str, credit: str, org_id: str,
+                     amount: int, transfer_id: str, reason: str = "",
+                     labels: Mapping[str, str] | None = None, grant_id: str = "",
+                     reservation_id: str = "", reverses: str = "", payment_order_id: str = ""
+                     ) -> tuple[str, str, int, int, int]:
+        """`post` without building the Transfer (a batch posts one per org and returns none):
+        moves the amount, chains the entry and queues its row. Returns the entry's previous
+        and own hash and the org's (posted, held, arrears) after it."""
+        accounts, caller = self.accounts, self.caller
+        debit_acc, credit_acc = accounts[debit], accounts[credit]
         debit_acc.balance -= amount
         credit_acc.balance += amount
         debit_acc.dirty = credit_acc.dirty = True
-        head = self.org(org_id)
+        head = accounts[d.credit_account(org_id)]
         prev = head.last_hash
-        actor = self.caller.actor
+        kind_value, actor = kind.value, caller.actor
         entry_hash = d.chain_hash(prev, d.canonical_entry(
-            transfer_id, kind.value, debit, credit, org_id, amount, actor, reason, self.now))
+            transfer_id, kind_value, debit, credit, org_id, amount, actor, reason, self.now_iso))
         head.last_hash = entry_hash
         head.dirty = True
-        posted, held, arrears = self.balance(org_id)
-        transfer = d.Transfer(
-            transfer_id, kind, debit, credit, org_id, amount, actor, reason,
-            self.caller.trace_id, self.caller.user_id,
-            dict(self.caller.labels if labels is None else labels), grant_id, reservation_id,
-            reverses, payment_order_id, self.now, prev, entry_hash, posted, held, arrears,
-        )
-        self.entries.append(transfer)
-        return transfer
+        posted, held = head.balance, head.held
+        arrears = -accounts[d.arrears_account(org_id)].balance
+        self.entries.append((
+            transfer_id, kind_value, debit, credit, org_id, amount, actor, reason,
+            caller.trace_id, caller.user_id, json.dumps(labels) if labels else "{}", grant_id,
+            reservation_id, reverses, payment_order_id, self.now, prev, entry_hash, posted,
+            held, arrears,
+        ))
+        return prev, entry_hash, posted, held, arrears
 
     # -- grants --------------------------------------------------------------------------
 
@@ -197,24 +243,37 @@ class _Work:
         wanted = [o for o in org_ids if o not in self.grants]
         if not wanted:
             return
+        grants, kinds, grant = self.grants, _GRANT_KINDS, d.Grant
         for org in wanted:
-            self.grants[org] = []
-        for r in await self.conn.fetch(
-                "SELECT * FROM ledger.grants WHERE org_id = ANY($1::text[]) "
-                "AND remaining_micros > 0 ORDER BY grant_id FOR UPDATE", wanted):
-            self.grants[r["org_id"]].append(_grant(r))
+            grants[org] = []
+        for (grant_id, org_id, kind, priority, original, remaining, expires_at, source,
+             created_at) in await self.conn.fetch(
+                "SELECT g.grant_id, g.org_id, g.kind, g.priority, g.original_micros, "
+                "g.remaining_micros, g.expires_at, g.source_transfer_id, g.created_at "
+                "FROM unnest($1::text[]) AS u(org_id) JOIN ledger.grants g "
+                "ON g.org_id = u.org_id WHERE g.is_open "
+                "ORDER BY g.grant_id FOR UPDATE OF g", wanted):
+            grants[org_id].append(grant(grant_id, org_id, kinds[kind], priority, original,
+                                        remaining, expires_at, source, created_at))
 
     async def grants_of(self, org_id: str) -> list[d.Grant]:
         if org_id not in self.grants:
             rows = await self.conn.fetch(
-                "SELECT * FROM ledger.grants WHERE org_id = $1 AND remaining_micros > 0 "
+                "SELECT * FROM ledger.grants WHERE org_id = $1 AND is_open "
                 "FOR UPDATE", org_id)
             self.grants[org_id] = [_grant(r) for r in rows]
         return self.grants[org_id]
 
     async def burn(self, org_id: str, amount: int) -> None:
         """Takes `amount` from the org's grants in burn order."""
-        taken = d.allocate(await self.grants_of(org_id), amount)
+        self.burn_loaded(org_id, await self.grants_of(org_id), amount)
+
+    def burn_loaded(self, org_id: str, grants: list[d.Grant], amount: int) -> None:
+        """`burn` from grants already locked and loaded (preload_grants)."""
+        if len(grants) == 1 and grants[0].remaining_micros >= amount:  # the usual case
+            taken = [(grants[0], amount)]
+        else:
+            taken = d.allocate(grants, amount)
         if sum(t for _, t in taken) != amount:
             # posted credit is always the sum of open grants; anything else is a bug
             raise TallyError(Reason.INTERNAL, f"grants of {org_id} do not cover {amount}")
@@ -272,16 +331,20 @@ class _Work:
     # -- outbox --------------------------------------------------------------------------
 
     def emit(self, org_id: str, kind: d.OutboxEventType, **attributes: str) -> None:
-        _, _, arrears = self.balance(org_id)
+        credit = self.accounts[d.credit_account(org_id)]
         self.outbox.append((
-            str(uuid.uuid4()), org_id, kind.value, self.now, self.caller.trace_id,
-            self.available(org_id), arrears, self.org(org_id).billing_state.value,
-            json.dumps(attributes),
+            self.event_ids.pop() if self.event_ids else str(uuid.uuid4()), org_id, kind.value,
+            self.now, self.caller.trace_id, credit.balance - credit.held,
+            -self.accounts[d.arrears_account(org_id)].balance, credit.billing_state.value,
+            json.dumps(attributes) if attributes else "{}",
         ))
 
     def emit_balance_changes(self) -> None:
         """One BALANCE_CHANGED per org whose posted credit moved in this transaction."""
-        for org_id in sorted({e.org_id for e in self.entries}):
+        orgs = sorted({e[_ENTRY_ORG] for e in self.entries})
+        if len(orgs) > 1:
+            self.event_ids.extend(time_ordered_uuids(len(orgs)))
+        for org_id in orgs:
             self.emit(org_id, d.OutboxEventType.BALANCE_CHANGED)
 
     # -- billing state ---------------------------------------------------------------------
@@ -294,15 +357,15 @@ class _Work:
     def follow_the_money(self) -> None:
         """Moves each touched, unpinned org to the state its balances call for, recording the
         transition and its cause (d.automatic_billing_state)."""
-        for account in list(self.accounts.values()):
+        accounts, credit_kind = self.accounts, d.AccountKind.ORG_CREDIT
+        for account in list(accounts.values()):
             org = account.org_id
-            if (account.kind is not d.AccountKind.ORG_CREDIT or account.pinned or org is None
-                    or d.arrears_account(org) not in self.accounts):
+            if account.kind is not credit_kind or account.pinned or org is None:
                 continue
-            if not (account.dirty or self.accounts[d.arrears_account(org)].dirty):
+            arrears_account = accounts.get(d.arrears_account(org))
+            if arrears_account is None or not (account.dirty or arrears_account.dirty):
                 continue
-            posted, _, arrears = self.balance(org)
-            state, cause = d.automatic_billing_state(posted, arrears)
+            state, cause = d.automatic_billing_state(account.balance, -arrears_account.balance)
             if state is account.billing_state:
                 continue
             previous = account.billing_state
@@ -315,60 +378,130 @@ class _Work:
 
     # -- write -----------------------------------------------------------------------------
 
-    async def flush(self, *, follow_the_money: bool = True) -> None:
-        conn = self.conn
+    async def flush(self, *, follow_the_money: bool = True,
+                    after: Awaitable[object] | None = None) -> None:
+        """Writes what the transaction changed. Everything is computed first: with `after`, a
+        statement sent earlier (`meanwhile`), the server runs it while this is done."""
         if follow_the_money:
             self.follow_the_money()
-        if self.state_changes:
-            await conn.executemany(
+        writes = self._writes()
+        if after is not None:
+            await after
+        for write in writes:
+            await write()
+
+    def _writes(self) -> list[Callable[[], Awaitable[object]]]:
+        """The statements that write this transaction's changes, in order, arguments built."""
+        conn = self.conn
+        writes: list[Callable[[], Awaitable[object]]] = []
+        if state_changes := self.state_changes:
+            writes.append(lambda: conn.executemany(
                 "INSERT INTO ledger.billing_state_changes (request_id, org_id, previous_state, "
                 "state, cause, actor, changed_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                self.state_changes)
+                state_changes))
         if self.entries:
-            await insert_rows(
-                conn, "transfers", (*_TRANSFER_COLUMNS, "org_billing_state_after"),
-                [(*_transfer_record(e), self.state_of(e.org_id)) for e in self.entries])
+            transfers = [(*e, self.state_of(e[_ENTRY_ORG])) for e in self.entries]
+            writes.append(lambda: insert_rows(
+                conn, "transfers", (*_TRANSFER_COLUMNS, "org_billing_state_after"), transfers))
         dirty = [a for a in self.accounts.values() if a.dirty]
         if dirty:
-            await conn.execute(
+            ids, balances, held, states, hashes, pinned = [], [], [], [], [], []
+            for a in dirty:
+                ids.append(a.account_id)
+                balances.append(a.balance)
+                held.append(a.held)
+                states.append(a.billing_state.value)
+                hashes.append(a.last_hash)
+                pinned.append(a.pinned)
+            writes.append(lambda: conn.execute(
                 "UPDATE ledger.accounts a SET balance_micros = u.balance, held_micros = u.held, "
                 "billing_state = u.state, last_hash = u.last_hash, "
                 "billing_state_pinned = u.pinned "
                 "FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], "
                 "$6::boolean[]) AS u(id, balance, held, state, last_hash, pinned) "
                 "WHERE a.account_id = u.id",
-                [a.account_id for a in dirty], [a.balance for a in dirty],
-                [a.held for a in dirty], [a.billing_state.value for a in dirty],
-                [a.last_hash for a in dirty], [a.pinned for a in dirty],
-            )
+                ids, balances, held, states, hashes, pinned,
+            ))
         if self.settled:
-            await conn.execute(
+            settled = [r for r, _ in self.settled]
+            settled_states = [self.state_of(o) for _, o in self.settled]
+            writes.append(lambda: conn.execute(
                 "UPDATE ledger.reservations r SET settled_billing_state = u.state "
                 "FROM unnest($1::text[], $2::text[]) AS u(id, state) "
-                "WHERE r.reservation_id = u.id",
-                [r for r, _ in self.settled], [self.state_of(o) for _, o in self.settled])
-        new_ids = {g.grant_id for g in self.new_grants}
-        if self.new_grants:
-            await insert_rows(
-                conn, "grants",
-                ("grant_id", "org_id", "kind", "priority", "original_micros",
-                 "remaining_micros", "expires_at", "source_transfer_id", "created_at"),
-                [(g.grant_id, g.org_id, g.kind.value, g.priority, g.original_micros,
-                  g.remaining_micros, g.expires_at, g.source_transfer_id, g.created_at)
-                 for g in self.new_grants])
-        changed = [g for g in self.dirty_grants.values() if g.grant_id not in new_ids]
-        if changed:
-            await conn.execute(
-                "UPDATE ledger.grants g SET remaining_micros = u.remaining "
-                "FROM unnest($1::text[], $2::bigint[]) AS u(id, remaining) "
-                "WHERE g.grant_id = u.id",
-                [g.grant_id for g in changed], [g.remaining_micros for g in changed])
-        if self.outbox:
-            await insert_rows(
+                "WHERE r.reservation_id = u.id", settled, settled_states))
+        writes += self._grant_writes()
+        if outbox_rows := self.outbox:
+            writes.append(lambda: insert_rows(
                 conn, "outbox",
                 ("event_id", "org_id", "type", "occurred_at", "trace_id",
                  "available_micros_after", "arrears_micros", "billing_state", "attributes"),
-                self.outbox)
+                outbox_rows))
+        return writes
+
+    def _grant_writes(self) -> list[Callable[[], Awaitable[object]]]:
+        """The statements that write the grants made and burned so far (then taken as
+        written)."""
+        conn = self.conn
+        writes: list[Callable[[], Awaitable[object]]] = []
+        new_ids = {g.grant_id for g in self.new_grants}
+        if self.new_grants:
+            new_grants = [(g.grant_id, g.org_id, g.kind.value, g.priority, g.original_micros,
+                           g.remaining_micros, g.expires_at, g.source_transfer_id, g.created_at)
+                          for g in self.new_grants]
+            writes.append(lambda: insert_rows(
+                conn, "grants",
+                ("grant_id", "org_id", "kind", "priority", "original_micros",
+                 "remaining_micros", "expires_at", "source_transfer_id", "created_at"),
+                new_grants))
+        changed = [g for g in self.dirty_grants.values() if g.grant_id not in new_ids]
+        if changed:
+            grant_ids = [g.grant_id for g in changed]
+            remaining = [g.remaining_micros for g in changed]
+            writes.append(lambda: conn.execute(
+                "UPDATE ledger.grants g SET remaining_micros = u.remaining "
+                "FROM unnest($1::text[], $2::bigint[]) AS u(id, remaining) "
+                "WHERE g.grant_id = u.id", grant_ids, remaining))
+        self.new_grants, self.dirty_grants = [], {}
+        return writes
+
+    async def write_grants(self) -> None:
+        """Writes the grants made and burned so far, ahead of `flush`."""
+        for write in self._grant_writes():
+            await write()
+
+    # -- overlapping Python with the server ------------------------------------------------
+
+    async def meanwhile(self, statement: Awaitable[T]) -> asyncio.Future[T]:
+        """Sends `statement` and returns while the server runs it, so that Python work goes on
+        in the meantime. The caller awaits the result before its next statement (a connection
+        runs one at a time), yields (asyncio.sleep(0)) now and then in long loops for a
+        statement that takes more than one exchange (COPY), and ends the transaction only after
+        `settle`, however it ends."""
+        future = asyncio.ensure_future(statement)
+        self.pending.append(future)
+        await asyncio.sleep(0)
+        return future
+
+    async def settle(self) -> None:
+        """Waits for the statements sent with `meanwhile` (their errors are raised where they
+        are awaited; here, only an earlier error is on its way out)."""
+        if self.pending:
+            await asyncio.gather(*self.pending, return_exceptions=True)
+
+
+_UUID_VARIANT: Final = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+
+
+def time_ordered_uuids(n: int) -> list[str]:
+    """`n` time-ordered (version 7, RFC 9562) UUIDs from one read of the OS's random source:
+    the current millisecond, then 74 random bits. Cheaper than n uuid4() (a system call and a
+    UUID object each), and rows keyed by them land together at the right edge of a unique
+    index instead of on n random pages."""
+    head = f"{time.time_ns() // 1_000_000:012x}"
+    head = f"{head[:8]}-{head[8:]}-7"
+    h = os.urandom(10 * n).hex()
+    return [f"{head}{h[i:i + 3]}-{_UUID_VARIANT[h[i + 3]]}{h[i + 4:i + 7]}-{h[i + 7:i + 19]}"
+            for i in range(0, 20 * n, 20)]
 
 
 COPY_FROM_ROWS: Final = 32
@@ -386,14 +519,6 @@ async def insert_rows(conn: Connection, table: str, columns: Sequence[str],
     placeholders = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
     await conn.executemany(
         f"INSERT INTO ledger.{table} ({', '.join(columns)}) VALUES ({placeholders})", records)
-
-
-def _transfer_record(t: d.Transfer) -> tuple[Any, ...]:
-    return (t.transfer_id, t.kind.value, t.debit_account_id, t.credit_account_id, t.org_id,
-            t.amount_micros, t.actor, t.reason, t.trace_id, t.user_id, json.dumps(t.labels),
-            t.grant_id, t.reservation_id, t.reverses_transfer_id, t.payment_order_id,
-            t.created_at, t.prev_hash, t.entry_hash, t.org_posted_after, t.org_held_after,
-            t.org_arrears_after)
 
 
 def _transfer(r: Row) -> d.Transfer:
@@ -773,7 +898,7 @@ class LedgerStore:
         now = self.clock()
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
-                "SELECT grant_id, org_id FROM ledger.grants WHERE remaining_micros > 0 "
+                "SELECT grant_id, org_id FROM ledger.grants WHERE is_open "
                 "AND expires_at <= $1 ORDER BY expires_at LIMIT $2", now, limit)
             if not rows:
                 return 0
@@ -807,6 +932,11 @@ class LedgerStore:
         Usage already happened, so it is never refused: what available credit cannot cover is
         recorded as arrears. Each event is charged once, forever (receipts are keyed by org and
         event id), whatever batch it arrives in.
+
+        Events seen before are rare, so the batch is first debited as if none were, in a
+        savepoint: a receipt that already exists fails the insert of the receipts, and only
+        then is the batch debited again from the savepoint, knowing which events were seen
+        (that lookup is a probe of the receipts per item, in every batch otherwise).
         """
         d.validate_usage_batch(batch_id, items)
         started = time.perf_counter()
@@ -816,88 +946,131 @@ class LedgerStore:
                                           for i in items])
             if not await work.claim(f"usage-batch:{batch_id}", request_hash):
                 return await self._replay_usage(conn, batch_id, items)
-            orgs = sorted({i.org_id for i in items})
-            await work.lock_orgs(orgs, system=[d.AccountKind.REVENUE], open_missing=True)
-            earlier = await self._receipts_of(conn, items)
-            holds = await self._capturable_holds(work, items)
-            results: list[d.UsageResult] = []
-            debited_by_org: dict[str, int] = defaultdict(int)
-            arrears_by_org: dict[str, int] = defaultdict(int)
-            receipts: list[tuple[Any, ...]] = []
-            captures: list[tuple[str, str, int, int, str]] = []
-            for item in items:
-                org = item.org_id
-                prior = earlier.get((org, item.event_id))
-                if prior is not None:
-                    results.append(d.UsageResult(
-                        item.event_id, prior["transfer_id"], prior["debited_micros"],
-                        prior["arrears_micros"], prior["balance_after_micros"], True))
-                    continue
-                hold = holds.pop(item.reservation_id, None) if item.reservation_id else None
-                account = work.org(org)
-                if hold is not None:
-                    account.held -= hold.amount_micros
-                    account.dirty = True
-                available = account.balance - debited_by_org[org] - account.held
-                debited, arrears = d.split_debit(available, item.cost_micros)
-                debited_by_org[org] += debited
-                arrears_by_org[org] += arrears
-                transfer_id = (f"usage:{batch_id}:{org}" if debited
-                               else f"usage:{batch_id}:{org}:arrears" if arrears else "")
-                result = d.UsageResult(item.event_id, transfer_id, debited, arrears,
-                                       available - debited)
-                results.append(result)
-                receipts.append((org, item.event_id, batch_id, transfer_id, item.cost_micros,
-                                 debited, arrears, result.balance_after_micros))
-                if hold is not None:
-                    captures.append((hold.reservation_id, org, item.cost_micros, arrears,
-                                     transfer_id))
-            await work.preload_grants([o for o in orgs if debited_by_org[o]])
-            for org in orgs:
-                if debited_by_org[org]:
-                    await work.burn(org, debited_by_org[org])
-                    work.post(d.TransferKind.USAGE, d.credit_account(org),
-                              d.system_account(d.AccountKind.REVENUE, org), org,
-                              debited_by_org[org], f"usage:{batch_id}:{org}", labels={})
-                if arrears_by_org[org]:
-                    work.post(d.TransferKind.USAGE, d.arrears_account(org),
-                              d.system_account(d.AccountKind.REVENUE, org), org,
-                              arrears_by_org[org], f"usage:{batch_id}:{org}:arrears",
-                              reason="usage beyond available credit", labels={})
-                    work.emit(org, d.OutboxEventType.ARREARS_RECORDED,
-                              arrears_micros=str(arrears_by_org[org]), batch_id=batch_id)
-            if receipts:
-                await conn.copy_records_to_table(
-                    "usage_receipts", schema_name="ledger",
-                    columns=("org_id", "event_id", "batch_id", "transfer_id", "cost_micros",
-                             "debited_micros", "arrears_micros", "balance_after_micros"),
-                    records=receipts)
-            if captures:
-                # A reservation captured by a batch answers a later Capture replay with the
-                # balance after the whole batch.
-                # (the batch's transfers are already posted to the locked accounts here)
-                await conn.execute(
-                    "UPDATE ledger.reservations r SET state = 'CAPTURED', "
-                    "captured_micros = u.cost, arrears_micros = u.arrears, settled_at = $8, "
-                    "capture_transfer_id = u.transfer_id, settled_posted_micros = u.posted, "
-                    "settled_held_micros = u.held, settled_arrears_micros = u.owed "
-                    "FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], "
-                    "$5::bigint[], $6::bigint[], $7::bigint[]) "
-                    "AS u(id, cost, arrears, transfer_id, posted, held, owed) "
-                    "WHERE r.reservation_id = u.id",
-                    [c[0] for c in captures], [c[2] for c in captures], [c[3] for c in captures],
-                    [c[4] for c in captures], [work.balance(c[1])[0] for c in captures],
-                    [work.balance(c[1])[1] for c in captures],
-                    [work.balance(c[1])[2] for c in captures],
-                    work.now)
-                work.settled.extend((c[0], c[1]) for c in captures)
-            work.emit_balance_changes()
-            await work.flush()
+            try:
+                async with conn.transaction():  # the savepoint
+                    try:
+                        results, debited, arrears = await self._debit_usage(
+                            work, batch_id, items, seen_before=False)
+                    finally:
+                        await work.settle()
+            except asyncpg.UniqueViolationError as e:
+                if e.constraint_name != "usage_receipts_pkey":
+                    raise
+                work = _Work(conn, work.now, caller)
+                try:
+                    results, debited, arrears = await self._debit_usage(
+                        work, batch_id, items, seen_before=True)
+                finally:
+                    await work.settle()
         metrics.LEDGER_BATCH_ITEMS.observe(len(items))
         metrics.LEDGER_COMMIT_SECONDS.observe(time.perf_counter() - started)
-        metrics.CREDITS_DEBITED.inc(sum(debited_by_org.values()))
-        metrics.ARREARS_RECORDED.inc(sum(arrears_by_org.values()))
+        metrics.CREDITS_DEBITED.inc(debited)
+        metrics.ARREARS_RECORDED.inc(arrears)
         return results
+
+    async def _debit_usage(self, work: _Work, batch_id: str, items: Sequence[d.UsageItem], *,
+                           seen_before: bool) -> tuple[list[d.UsageResult], int, int]:
+        """post_usage_batch once the batch is claimed: the results, and the total debited and
+        recorded as arrears. Without `seen_before`, every event is taken to be new (the insert
+        of the receipts fails if one is not)."""
+        conn = work.conn
+        orgs = sorted({i.org_id for i in items})
+        await work.lock_orgs(orgs, system=[d.AccountKind.REVENUE], open_missing=True)
+        earlier = await self._receipts_of(conn, items) if seen_before else {}
+        holds = await self._capturable_holds(work, items)
+        credit_of = {org: work.org(org) for org in orgs}
+        # The open grants of the orgs that have credit (all the items can debit) load while
+        # the items are priced.
+        grants_loaded = await work.meanwhile(
+            work.preload_grants([o for o in orgs if credit_of[o].balance > 0]))
+        results: list[d.UsageResult] = []
+        debited_by_org = dict.fromkeys(orgs, 0)
+        arrears_by_org = dict.fromkeys(orgs, 0)
+        receipts: list[tuple[Any, ...]] = []
+        captures: list[tuple[str, str, int, int, str]] = []
+        split_debit, usage_result = d.split_debit, d.UsageResult
+        for item in items:
+            org, event_id = item.org_id, item.event_id
+            if earlier:
+                prior = earlier.get((org, event_id))
+                if prior is not None:
+                    results.append(usage_result(
+                        event_id, prior["transfer_id"], prior["debited_micros"],
+                        prior["arrears_micros"], prior["balance_after_micros"], True))
+                    continue
+            hold = holds.pop(item.reservation_id, None) if item.reservation_id else None
+            account = credit_of[org]
+            if hold is not None:
+                account.held -= hold.amount_micros
+                account.dirty = True
+            debited_before = debited_by_org[org]
+            available = account.balance - debited_before - account.held
+            debited, arrears = split_debit(available, item.cost_micros)
+            if debited:
+                debited_by_org[org] = debited_before + debited
+                transfer_id = f"usage:{batch_id}:{org}"
+            else:
+                transfer_id = f"usage:{batch_id}:{org}:arrears" if arrears else ""
+            if arrears:
+                arrears_by_org[org] += arrears
+            balance_after = available - debited
+            results.append(usage_result(event_id, transfer_id, debited, arrears, balance_after))
+            receipts.append((org, event_id, batch_id, transfer_id, item.cost_micros, debited,
+                             arrears, balance_after))
+            if hold is not None:
+                captures.append((hold.reservation_id, org, item.cost_micros, arrears,
+                                 transfer_id))
+        await grants_loaded
+        # The receipts are written while the transfers are made.
+        receipts_written = await work.meanwhile(conn.copy_records_to_table(
+            "usage_receipts", schema_name="ledger",
+            columns=("org_id", "event_id", "batch_id", "transfer_id", "cost_micros",
+                     "debited_micros", "arrears_micros", "balance_after_micros"),
+            records=receipts)) if receipts else None
+        usage, revenue = d.TransferKind.USAGE, d.AccountKind.REVENUE
+        for n, org in enumerate(orgs):
+            if not n % 100:
+                await asyncio.sleep(0)  # the COPY's next exchange with the server
+            debited, arrears = debited_by_org[org], arrears_by_org[org]
+            if not (debited or arrears):
+                continue
+            sink = d.system_account(revenue, org)
+            if debited:
+                work.burn_loaded(org, work.grants[org], debited)
+                work.append_entry(usage, d.credit_account(org), sink, org, debited,
+                                  f"usage:{batch_id}:{org}")
+            if arrears:
+                work.append_entry(usage, d.arrears_account(org), sink, org, arrears,
+                                  f"usage:{batch_id}:{org}:arrears",
+                                  "usage beyond available credit")
+                work.emit(org, d.OutboxEventType.ARREARS_RECORDED,
+                          arrears_micros=str(arrears), batch_id=batch_id)
+        if receipts_written is not None:
+            await receipts_written
+        if captures:
+            # A reservation captured by a batch answers a later Capture replay with the
+            # balance after the whole batch.
+            # (the batch's transfers are already posted to the locked accounts here)
+            await conn.execute(
+                "UPDATE ledger.reservations r SET state = 'CAPTURED', "
+                "captured_micros = u.cost, arrears_micros = u.arrears, settled_at = $8, "
+                "capture_transfer_id = u.transfer_id, settled_posted_micros = u.posted, "
+                "settled_held_micros = u.held, settled_arrears_micros = u.owed "
+                "FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], "
+                "$5::bigint[], $6::bigint[], $7::bigint[]) "
+                "AS u(id, cost, arrears, transfer_id, posted, held, owed) "
+                "WHERE r.reservation_id = u.id",
+                [c[0] for c in captures], [c[2] for c in captures], [c[3] for c in captures],
+                [c[4] for c in captures], [work.balance(c[1])[0] for c in captures],
+                [work.balance(c[1])[1] for c in captures],
+                [work.balance(c[1])[2] for c in captures],
+                work.now)
+            work.settled.extend((c[0], c[1]) for c in captures)
+        # The burned grants are written while the rest of the writes are made ready.
+        grants_written = await work.meanwhile(work.write_grants())
+        work.emit_balance_changes()
+        await work.flush(after=grants_written)
+        return results, sum(debited_by_org.values()), sum(arrears_by_org.values())
 
     async def _capturable_holds(self, work: _Work, items: Sequence[d.UsageItem]
                                 ) -> dict[str, d.Reservation]:
@@ -907,8 +1080,8 @@ class LedgerStore:
             return {}
         owner = {i.reservation_id: i.org_id for i in items if i.reservation_id}
         rows = await work.conn.fetch(
-            "SELECT * FROM ledger.reservations WHERE reservation_id = ANY($1::text[]) "
-            "ORDER BY reservation_id FOR UPDATE", ids)
+            "SELECT r.* FROM unnest($1::text[]) AS u(id) JOIN ledger.reservations r "
+            "ON r.reservation_id = u.id ORDER BY r.reservation_id FOR UPDATE OF r", ids)
         found = (_reservation(r) for r in rows)
         return {r.reservation_id: r for r in found
                 if r.org_id == owner[r.reservation_id] and r.state is d.ReservationState.HELD
@@ -994,7 +1167,7 @@ class LedgerStore:
             raise TallyError(Reason.NOT_FOUND, f"org_id: unknown org {org_id!r}",
                              field="org_id")
         grants = sorted((_grant(r) for r in await conn.fetch(
-            "SELECT * FROM ledger.grants WHERE org_id = $1 AND remaining_micros > 0", org_id)),
+            "SELECT * FROM ledger.grants WHERE org_id = $1 AND is_open", org_id)),
             key=d.burn_order)
         return d.Balance(org_id, credit["balance_micros"], credit["held_micros"],
                          -by_id[d.arrears_account(org_id)]["balance_micros"],

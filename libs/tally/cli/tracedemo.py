@@ -207,10 +207,21 @@ async def _request(config: KitConfig, provider: TracerProvider) -> str:
             return format(root.get_span_context().trace_id, "032x")
 
 
+_EXPECTED = {("tally-demo", ROOT), ("tally-metering", "metering.group_commit"),
+             ("tally-ledger", "/tally.ledger.v1.LedgerService/Reserve"),
+             ("tally-ledger", "/tally.ledger.v1.LedgerService/PostUsageBatch"),
+             ("tally-notifier", "notifier.notification")}
+
+
 def _complete(spans: list[Span]) -> bool:
-    names = {s.name for s in spans}
-    return (ROOT in names and "notifier.notification" in names
-            and any(n.endswith("LedgerService/PostUsageBatch") for n in names))
+    """Every expected span is in, and every span but the root and the notifier's (which
+    continue the trace from an outbox event) has its parent in: each service exports on its
+    own schedule, so a parent can arrive after its children."""
+    if not _EXPECTED <= {(s.service, s.name) for s in spans}:
+        return False
+    ids = {s.span_id for s in spans}
+    return all(s.parent_id in ids for s in spans
+               if s.name != ROOT and s.service != "tally-notifier")
 
 
 async def run(base: KitConfig, data_dir: Path) -> tuple[str, list[Span]]:
