@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
-from tally.kit.errors import FieldViolation, Reason, TallyError, invalid, invalid_fields
+from tally.kit import errors
+from tally.kit.errors import FieldViolation, Reason, TallyError, invalid
 from tally.kit.money import INT64_MAX
 
 MAX_ID_LENGTH: Final = 64
@@ -417,13 +418,7 @@ def fingerprint(*parts: object) -> str:
 
 def check_id(name: str, value: str) -> FieldViolation | None:
     """A client-chosen id: 1..64 printable characters."""
-    if not value:
-        return FieldViolation(name, "is required")
-    if len(value) > MAX_ID_LENGTH:
-        return FieldViolation(name, f"is longer than {MAX_ID_LENGTH} characters")
-    if not value.isprintable():
-        return FieldViolation(name, "must be printable")
-    return None
+    return errors.check_id(name, value, MAX_ID_LENGTH)
 
 
 def check_amount(name: str, value: int, *, allow_zero: bool = False) -> FieldViolation | None:
@@ -435,11 +430,7 @@ def check_amount(name: str, value: int, *, allow_zero: bool = False) -> FieldVio
     return None
 
 
-def raise_if(violations: Iterable[FieldViolation | None]) -> None:
-    """Raises one INVALID_ARGUMENT naming every bad field, if there is any."""
-    found = [v for v in violations if v is not None]
-    if found:
-        raise invalid_fields(found)
+raise_if = errors.raise_if
 
 
 def validate_transfer(cmd: TransferCommand, prefix: str = "") -> list[FieldViolation | None]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, TypeVar
 
+from tally.kit import errors
 from tally.kit.errors import FieldViolation, invalid_fields
 from tally.kit.money import INT64_MAX
 
@@ -230,17 +231,11 @@ class _Problems(list[FieldViolation]):
 
 
 def check_id(field: str, value: str) -> FieldViolation | None:
-    """An id must be 1..128 characters."""
-    if not 0 < len(value) <= MAX_ID_LENGTH:
-        return FieldViolation(field, f"must be 1..{MAX_ID_LENGTH} characters")
-    return None
+    """An id: 1..128 printable characters."""
+    return errors.check_id(field, value, MAX_ID_LENGTH)
 
 
-def raise_if(problems: Iterable[FieldViolation | None]) -> None:
-    """INVALID_ARGUMENT naming every problem, if there is any."""
-    found = [p for p in problems if p is not None]
-    if found:
-        raise invalid_fields(found)
+raise_if = errors.raise_if
 
 
 def _check_amount(problems: _Problems, field: str, value: int, *, positive: bool) -> None:

@@ -23,7 +23,8 @@ from datetime import datetime, timedelta
 from typing import Any, Final, Protocol
 from urllib.parse import urlsplit
 
-from tally.kit.errors import FieldViolation, Reason, TallyError, invalid_fields
+from tally.kit import errors
+from tally.kit.errors import FieldViolation, Reason, TallyError
 from tally.kit.paging import encode_token, page_problems, page_request
 
 MAX_ID_LENGTH: Final = 128
@@ -174,17 +175,11 @@ class Rotation:
 
 
 def check_id(field: str, value: str) -> FieldViolation | None:
-    """An id must be 1..128 characters."""
-    if not 0 < len(value) <= MAX_ID_LENGTH:
-        return FieldViolation(field, f"must be 1..{MAX_ID_LENGTH} characters")
-    return None
+    """An id: 1..128 printable characters."""
+    return errors.check_id(field, value, MAX_ID_LENGTH)
 
 
-def raise_if(problems: Iterable[FieldViolation | None]) -> None:
-    """INVALID_ARGUMENT naming every problem, if there is any."""
-    found = [p for p in problems if p is not None]
-    if found:
-        raise invalid_fields(found)
+raise_if = errors.raise_if
 
 
 def _webhook_url_problem(url: str) -> str | None:

@@ -8,7 +8,6 @@ unless --request-id is given), so re-running a command with the same id is safe.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Final, TypeVar
@@ -16,13 +15,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, TypeVar
 import typer
 from google.protobuf.field_mask_pb2 import FieldMask
 
-from tally.common.v1 import common_pb2
+from tally.cli import calls
 from tally.kit.config import KitConfig
-from tally.kit.errors import TallyError
 from tally.kit.money import MoneyError, format_credits, parse_credits
 from tally.kit.protoconv import to_timestamp
 from tally.metering.v1 import metering_pb2 as pb
-from tally.sdk.client import TallyClient
 
 if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
     from tally.metering.v1.metering_pb2_grpc import MeteringServiceAsyncStub as Metering
@@ -192,24 +189,13 @@ def show_policy(p: pb.SpendPolicy) -> None:
 
 # --- calls --------------------------------------------------------------------------------
 
+
 async def _call(config: KitConfig, rpc: Callable[[Metering], Awaitable[T]]) -> T:
-    """Runs `rpc` against metering; a refusal prints its reason and each bad field, exit 1."""
-    async with TallyClient({"metering": config.address_of("metering")},
-                           actor="user:cli") as tally:
-        try:
-            return await rpc(tally.metering)
-        except TallyError as exc:
-            typer.echo(f"{exc.reason}: {exc.message}", err=True)
-            raise typer.Exit(1) from exc
+    return await calls.call(config, "metering", rpc)
 
 
-def _context(org: str) -> common_pb2.RequestContext:
-    return common_pb2.RequestContext(org_id=org)
-
-
-def _request_id(given: str) -> str:
-    return given or f"cli-{uuid.uuid4().hex}"
-
+_context = calls.context
+_request_id = calls.request_id
 
 async def create_budget(config: KitConfig, budget: pb.Budget, request_id: str = ""
                         ) -> pb.Budget:

@@ -138,6 +138,24 @@ def invalid(field: str, description: str, reason: Reason = Reason.INVALID_ARGUME
     return TallyError(reason, f"{field}: {description}", field=field)
 
 
+def check_id(field: str, value: str, max_length: int) -> FieldViolation | None:
+    """A client-chosen id: 1..max_length printable characters (None when it is one)."""
+    if not value:
+        return FieldViolation(field, "is required")
+    if len(value) > max_length:
+        return FieldViolation(field, f"is longer than {max_length} characters")
+    if not value.isprintable():
+        return FieldViolation(field, "must be printable")
+    return None
+
+
+def raise_if(problems: Iterable[FieldViolation | None]) -> None:
+    """Raises one INVALID_ARGUMENT naming every problem, if there is any."""
+    found = [p for p in problems if p is not None]
+    if found:
+        raise invalid_fields(found)
+
+
 def invalid_fields(violations: Iterable[FieldViolation]) -> TallyError:
     """A bad-input error listing every bad field at once."""
     found = list(violations)
