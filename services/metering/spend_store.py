@@ -163,10 +163,7 @@ class SpendStore:
                                               states)
             # A period's first request: create its usage rows outside any lock, then retry
             # (creating them while holding others' locks could deadlock with another creator).
-            await self.pool.execute(
-                "INSERT INTO metering.budget_usage (budget_id, period_start) "
-                "SELECT * FROM unnest($1::text[], $2::timestamptz[]) ORDER BY 1, 2 "
-                "ON CONFLICT DO NOTHING", [k[0] for k in keys], [k[1] for k in keys])
+            await create_usage_rows(self.pool, keys)
         raise RuntimeError("budget usage rows vanished")  # nothing deletes them
 
     @staticmethod
@@ -268,18 +265,16 @@ async def lock_usage(conn: Any, keys: Sequence[UsageKey]) -> dict[UsageKey, tupl
     if not keys:
         return {}
     ordered = sorted(set(keys))
-    ids, starts = [k[0] for k in ordered], [k[1] for k in ordered]
+    await create_usage_rows(conn, ordered)
+    return await lock_existing_usage(conn, ordered)
+
+
+async def create_usage_rows(conn: Any, keys: Sequence[UsageKey]) -> None:
+    """Creates the budget_usage rows of `keys` that do not exist yet (in key order)."""
     await conn.execute(
         "INSERT INTO metering.budget_usage (budget_id, period_start) "
         "SELECT * FROM unnest($1::text[], $2::timestamptz[]) ORDER BY 1, 2 "
-        "ON CONFLICT DO NOTHING", ids, starts)
-    rows = await conn.fetch(
-        "SELECT u.budget_id, u.period_start, u.spent_micros, u.reserved_micros "
-        "FROM metering.budget_usage u JOIN unnest($1::text[], $2::timestamptz[]) "
-        "AS k(id, start) ON u.budget_id = k.id AND u.period_start = k.start "
-        "ORDER BY u.budget_id, u.period_start FOR UPDATE OF u", ids, starts)
-    return {(r["budget_id"], r["period_start"]): (r["spent_micros"], r["reserved_micros"])
-            for r in rows}
+        "ON CONFLICT DO NOTHING", [k[0] for k in keys], [k[1] for k in keys])
 
 
 async def move_usage(conn: Any, spent: dict[UsageKey, int], freed: dict[UsageKey, int]

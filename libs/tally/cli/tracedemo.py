@@ -115,24 +115,21 @@ def tree(spans: list[Span]) -> list[tuple[int, Span]]:
 
 
 def render(spans: list[Span]) -> str:
-    """The tree as text, one span per line (service: name); a span's database calls are
-    folded into one line per database."""
-    lines: list[str] = []
-    folded: dict[tuple[int, str], int] = {}
+    """The tree as text, one span per line (service: name); the database calls made under one
+    span are folded into one line per database with their count."""
+    lines: list[list[Any]] = []  # [text, count]; count is None for a span's own line
+    folded: dict[tuple[int, str], list[Any]] = {}
     for depth, span in tree(spans):
-        if span.database:
-            key = (depth, span.database)
-            if key in folded:
-                lines[folded[key]] = lines[folded[key]].replace(
-                    f"x{lines[folded[key]].rsplit('x', 1)[1]}",
-                    f"x{int(lines[folded[key]].rsplit('x', 1)[1]) + 1}")
-                continue
-            folded[key] = len(lines)
-            lines.append(f"{'  ' * depth}{span.service}: {span.database} statements x1")
-            continue
-        folded = {k: v for k, v in folded.items() if k[0] < depth}
-        lines.append(f"{'  ' * depth}{span.service}: {span.name}")
-    return "\n".join(lines)
+        if not span.database:
+            folded = {k: v for k, v in folded.items() if k[0] < depth}
+            lines.append([f"{'  ' * depth}{span.service}: {span.name}", None])
+        elif (depth, span.database) in folded:
+            folded[(depth, span.database)][1] += 1
+        else:
+            line = [f"{'  ' * depth}{span.service}: {span.database} statements x", 1]
+            folded[(depth, span.database)] = line
+            lines.append(line)
+    return "\n".join(text if count is None else f"{text}{count}" for text, count in lines)
 
 
 class _ToReceiver(SpanExporter):

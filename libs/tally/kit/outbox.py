@@ -22,16 +22,16 @@ async def seal(pool: asyncpg.Pool, table: str, limit: int = 5000) -> int:
     async with pool.acquire() as conn, conn.transaction():
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", lock_key):
             return 0
-        ids = await conn.fetchval(
-            f"SELECT array_agg(id ORDER BY txid, id) FROM (SELECT id, txid FROM {table} "
+        ready = await conn.fetchrow(
+            "SELECT array_agg(id ORDER BY txid, id) AS ids, "
+            "extract(epoch FROM now() - min(occurred_at))::float8 AS lag "
+            f"FROM (SELECT id, txid, occurred_at FROM {table} "
             "WHERE sequence IS NULL AND txid < pg_snapshot_xmin(pg_current_snapshot()) "
             "ORDER BY txid, id LIMIT $1) AS ready", limit)
+        ids, lag = (ready["ids"], ready["lag"]) if ready else (None, None)
         if not ids:
             return 0
         last = await conn.fetchval(f"SELECT coalesce(max(sequence), 0) FROM {table}")
-        lag = await conn.fetchval(
-            f"SELECT extract(epoch FROM now() - min(occurred_at))::float8 FROM {table} "
-            "WHERE id = ANY($1::bigint[])", ids)
         metrics.OUTBOX_SEALED.labels(table).inc(len(ids))
         metrics.OUTBOX_SEAL_LAG.labels(table).set(max(0.0, lag or 0.0))
         await conn.execute(
