@@ -24,6 +24,11 @@ from tally.kit import db, infra
 REPO = Path(__file__).resolve().parent.parent
 TEST_DATA_DIR = REPO / ".tally" / "test"
 
+# Every ledger a test starts serves webhooks and checkout pages over HTTP too; on the default
+# ports two of them (or a `tally up` on this machine) would collide.
+os.environ.setdefault("TALLY_LEDGER_WEBHOOK_PORT", "0")
+os.environ.setdefault("TALLY_LEDGER_CHECKOUT_PORT", "0")
+
 
 def _with_database(url: str, name: str) -> str:
     parts = urlsplit(url)

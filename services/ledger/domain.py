@@ -102,6 +102,11 @@ class OutboxEventType(enum.StrEnum):
     BILLING_STATE_CHANGED = "BILLING_STATE_CHANGED"
     RESERVATION_EXPIRED = "RESERVATION_EXPIRED"
     ARREARS_RECORDED = "ARREARS_RECORDED"
+    LOW_BALANCE = "LOW_BALANCE"
+    PAYMENT_SUCCEEDED = "PAYMENT_SUCCEEDED"
+    PAYMENT_FAILED = "PAYMENT_FAILED"
+    TOP_UP_SUCCEEDED = "TOP_UP_SUCCEEDED"
+    TOP_UP_FAILED = "TOP_UP_FAILED"
 
 
 # --- accounts -----------------------------------------------------------------------------

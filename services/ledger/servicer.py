@@ -1,8 +1,4 @@
-"""LedgerService over gRPC: proto in, domain call, proto out — nothing else.
-
-Payment RPCs (Purchase, ConfirmPayment, manual settlement, Refund, auto-top-up) belong to the
-purchases issue and answer UNIMPLEMENTED until then (the generated base class does that).
-"""
+"""LedgerService over gRPC: proto in, domain call, proto out — nothing else."""
 
 from __future__ import annotations
 
@@ -14,6 +10,8 @@ import grpc
 
 from services.ledger import convert
 from services.ledger import domain as d
+from services.ledger.payments import convert as pay_convert
+from services.ledger.payments.service import Payments
 from services.ledger.store import LedgerStore
 from tally.common.v1 import common_pb2
 from tally.kit.protoconv import enum_in, from_timestamp
@@ -33,10 +31,11 @@ def _actor() -> str:
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     """Translates LedgerService calls to LedgerStore operations."""
 
-    def __init__(self, store: LedgerStore, *, outbox_poll_s: float = 0.2,
+    def __init__(self, store: LedgerStore, payments: Payments, *, outbox_poll_s: float = 0.2,
                  stream_lifetime_s: float = 300.0,
                  shutting_down: asyncio.Event | None = None) -> None:
         self.store = store
+        self.payments = payments
         self.outbox_poll_s = outbox_poll_s
         self.stream_lifetime_s = stream_lifetime_s
         # the server's ServiceApp.shutting_down: event streams end when it is set
@@ -152,6 +151,59 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         return pb.VerifyLedgerResponse(ok=report.ok, entries_checked=report.entries_checked,
                                        first_bad_transfer_id=report.first_bad_transfer_id,
                                        detail=report.detail)
+
+    async def Purchase(self, request: pb.PurchaseRequest, context: Context
+                       ) -> pb.PurchaseResponse:
+        order = await self.payments.purchase(pay_convert.purchase_command(request),
+                                             convert.caller(request.context, _actor()))
+        return pb.PurchaseResponse(order=pay_convert.order(order))
+
+    async def GetPaymentOrder(self, request: pb.GetPaymentOrderRequest, context: Context
+                              ) -> pb.GetPaymentOrderResponse:
+        order = await self.payments.store.get_order(request.org_id, request.payment_order_id)
+        return pb.GetPaymentOrderResponse(order=pay_convert.order(order))
+
+    async def ConfirmPayment(self, request: pb.ConfirmPaymentRequest, context: Context
+                             ) -> pb.ConfirmPaymentResponse:
+        first, order = await self.payments.confirm(request.provider, request.payload,
+                                                   request.signature_header)
+        return pb.ConfirmPaymentResponse(
+            processed_first_time=first, order=pay_convert.order(order) if order else None)
+
+    async def RecordManualPayment(self, request: pb.RecordManualPaymentRequest,
+                                  context: Context) -> pb.RecordManualPaymentResponse:
+        order = await self.payments.record_manual(pay_convert.manual_command(request),
+                                                  convert.caller(request.context, _actor()))
+        return pb.RecordManualPaymentResponse(order=pay_convert.order(order))
+
+    async def ApproveManualPayment(self, request: pb.ApproveManualPaymentRequest,
+                                   context: Context) -> pb.ApproveManualPaymentResponse:
+        order, balance = await self.payments.approve(
+            request.payment_order_id, convert.caller(request.context, _actor()))
+        return pb.ApproveManualPaymentResponse(order=pay_convert.order(order),
+                                               balance_after=convert.balance(balance))
+
+    async def Refund(self, request: pb.RefundRequest, context: Context) -> pb.RefundResponse:
+        plan, transfer, order = await self.payments.refund(
+            request.refund_id, request.payment_order_id, request.amount_micros, request.reason,
+            convert.caller(request.context, _actor()))
+        return pb.RefundResponse(
+            refund_id=request.refund_id, reversed_micros=plan.reversed_micros,
+            provider_refund_minor=plan.provider_refund_minor,
+            transfer=convert.transfer(transfer),
+            bonus_forfeited_micros=plan.bonus_forfeited_micros, order=pay_convert.order(order))
+
+    async def SetAutoTopUp(self, request: pb.SetAutoTopUpRequest, context: Context
+                           ) -> pb.SetAutoTopUpResponse:
+        stored = await self.payments.set_auto_top_up(
+            request.request_id, pay_convert.auto_top_up_in(request.auto_top_up),
+            convert.caller(request.context, _actor()))
+        return pb.SetAutoTopUpResponse(auto_top_up=pay_convert.auto_top_up(stored))
+
+    async def GetAutoTopUp(self, request: pb.GetAutoTopUpRequest, context: Context
+                           ) -> pb.GetAutoTopUpResponse:
+        config = await self.payments.store.get_auto_top_up(request.org_id)
+        return pb.GetAutoTopUpResponse(auto_top_up=pay_convert.auto_top_up(config))
 
     async def StreamEvents(self, request: pb.StreamEventsRequest, context: Context) -> Any:
         types = [enum_in(pb.OutboxEventType, "OUTBOX_EVENT_TYPE_", t, d.OutboxEventType,

@@ -1,6 +1,6 @@
 """LedgerStore: the ledger's rules applied inside PostgreSQL transactions.
 
-Every mutating operation follows the same shape (one `_Work` unit per transaction):
+Every mutating operation follows the same shape (one `Work` unit per transaction):
 1. claim the client-chosen id in `ledger.idempotency_keys` — the first statement, so a
    concurrent duplicate blocks on the unique index until the first commits, then replays;
 2. lock the accounts involved with one `SELECT … ORDER BY account_id FOR UPDATE` (a single
@@ -90,7 +90,7 @@ _LOCK_ACCOUNTS: Final = (
 )
 
 
-class _Work:
+class Work:
     """One transaction's view of the rows it has locked, and what it will write."""
 
     def __init__(self, conn: Connection, now: datetime, caller: d.Caller) -> None:
@@ -580,13 +580,13 @@ class LedgerStore:
         d.raise_if(v for i, cmd in enumerate(cmds) for v in d.validate_transfer(
             cmd, f"transfers[{i}]." if batch_id is not None else ""))
         async with self.pool.acquire() as conn, conn.transaction():
-            work = _Work(conn, self.clock(), caller)
+            work = Work(conn, self.clock(), caller)
             if batch_id is not None and not await work.claim(
                     f"transfer-batch:{batch_id}", d.fingerprint(list(cmds))):
                 ids = await conn.fetchval(
                     "SELECT transfer_ids FROM ledger.transfer_batches WHERE batch_id = $1",
                     batch_id)
-                return [await self._replay_transfer(conn, tid) for tid in ids]
+                return [await self.replay_transfer(conn, tid) for tid in ids]
             results: list[d.Transfer | None] = []
             for i, cmd in enumerate(cmds):
                 prefix = f"transfers[{i}]." if batch_id is not None else ""
@@ -603,7 +603,7 @@ class LedgerStore:
             out: list[tuple[d.Transfer, d.Balance]] = []
             for cmd, posted in zip(cmds, results, strict=True):
                 if posted is None:
-                    out.append(await self._replay_transfer(conn, cmd.transfer_id))
+                    out.append(await self.replay_transfer(conn, cmd.transfer_id))
                 else:
                     posted_now, held, arrears = work.balance(posted.org_id)
                     state = work.org(posted.org_id).billing_state
@@ -611,8 +611,9 @@ class LedgerStore:
                                                   state, (), work.now)))
             return out
 
-    async def _replay_transfer(self, conn: Connection, transfer_id: str
-                               ) -> tuple[d.Transfer, d.Balance]:
+    async def replay_transfer(self, conn: Connection, transfer_id: str
+                              ) -> tuple[d.Transfer, d.Balance]:
+        """A posted transfer and the org's balance right after it, as first answered."""
         # The balance after a transfer includes the arrears it settled (a follow-up entry).
         rows = await conn.fetch(
             "SELECT * FROM ledger.transfers WHERE transfer_id = ANY($1::text[]) ORDER BY seq",
@@ -624,7 +625,7 @@ class LedgerStore:
             d.credit_account(transfer.org_id))
         return transfer, _snapshot_balance(last, d.BillingState(state))
 
-    async def _apply(self, work: _Work, cmd: d.TransferCommand, prefix: str) -> d.Transfer:
+    async def _apply(self, work: Work, cmd: d.TransferCommand, prefix: str) -> d.Transfer:
         kind, org = cmd.kind, cmd.org_id
         field = f"{prefix}amount_micros"
         if kind is d.TransferKind.REVERSAL:
@@ -638,7 +639,7 @@ class LedgerStore:
         return await work.debit_org(kind, org, abs(cmd.amount_micros), cmd.transfer_id,
                                     cmd.reason, field)
 
-    async def _reverse(self, work: _Work, cmd: d.TransferCommand, prefix: str) -> d.Transfer:
+    async def _reverse(self, work: Work, cmd: d.TransferCommand, prefix: str) -> d.Transfer:
         row = await work.conn.fetchrow(
             "SELECT * FROM ledger.transfers WHERE transfer_id = $1 AND org_id = $2",
             cmd.reverses_transfer_id, cmd.org_id)
@@ -693,7 +694,7 @@ class LedgerStore:
         d.raise_if([d.check_id("reservation_id", reservation_id), d.check_id("org_id", org_id),
                     d.check_amount("amount_micros", amount)])
         async with self.pool.acquire() as conn, conn.transaction():
-            work = _Work(conn, self.clock(), caller)
+            work = Work(conn, self.clock(), caller)
             if not await work.claim(f"reserve:{reservation_id}",
                                     d.fingerprint(org_id, amount, ttl.total_seconds())):
                 # the original answer: the hold as it was made, and available right after it
@@ -744,7 +745,7 @@ class LedgerStore:
         d.raise_if([d.check_id("reservation_id", reservation_id), d.check_id("org_id", org_id),
                     d.check_amount("actual_micros", actual, allow_zero=True)])
         async with self.pool.acquire() as conn, conn.transaction():
-            work = _Work(conn, self.clock(), caller)
+            work = Work(conn, self.clock(), caller)
             await work.lock_orgs([org_id], system=[d.AccountKind.REVENUE])
             held = await self._reservation(conn, reservation_id, org_id, for_update=True)
             if held.state is d.ReservationState.CAPTURED:
@@ -756,7 +757,7 @@ class LedgerStore:
                         metadata={"captured_micros": str(held.captured_micros)})
                 transfer = None
                 if held.capture_transfer_id.startswith("capture:"):
-                    transfer, _ = await self._replay_transfer(conn, held.capture_transfer_id)
+                    transfer, _ = await self.replay_transfer(conn, held.capture_transfer_id)
                 return held, transfer, await self._settled_balance(conn, held)
             self._refuse_unless_held(held, work.now)
             account = work.org(org_id)
@@ -828,7 +829,7 @@ class LedgerStore:
         """Frees a hold; releasing an already released or expired one changes nothing."""
         d.raise_if([d.check_id("reservation_id", reservation_id), d.check_id("org_id", org_id)])
         async with self.pool.acquire() as conn, conn.transaction():
-            work = _Work(conn, self.clock(), caller)
+            work = Work(conn, self.clock(), caller)
             await work.lock_orgs([org_id])
             held = await self._reservation(conn, reservation_id, org_id, for_update=True)
             if held.state is d.ReservationState.CAPTURED:
@@ -843,7 +844,7 @@ class LedgerStore:
             await work.flush()
             return released, work.available(org_id)
 
-    async def _free_hold(self, work: _Work, held: d.Reservation, state: d.ReservationState
+    async def _free_hold(self, work: Work, held: d.Reservation, state: d.ReservationState
                          ) -> d.Reservation:
         account = work.org(held.org_id)
         account.held -= held.amount_micros
@@ -872,7 +873,7 @@ class LedgerStore:
                 now, limit)
             if not rows:
                 return 0
-            work = _Work(conn, now, d.Caller(actor="service:ledger-sweeper"))
+            work = Work(conn, now, d.Caller(actor="service:ledger-sweeper"))
             await work.lock_orgs([r["org_id"] for r in rows])
             expired = 0
             for r in rows:
@@ -902,7 +903,7 @@ class LedgerStore:
                 "AND expires_at <= $1 ORDER BY expires_at LIMIT $2", now, limit)
             if not rows:
                 return 0
-            work = _Work(conn, now, d.Caller(actor="service:ledger-expiry"))
+            work = Work(conn, now, d.Caller(actor="service:ledger-expiry"))
             await work.lock_orgs([r["org_id"] for r in rows],
                                  system=[d.AccountKind.EXPIRY])
             expired = 0
@@ -941,7 +942,7 @@ class LedgerStore:
         d.validate_usage_batch(batch_id, items)
         started = time.perf_counter()
         async with self.pool.acquire() as conn, conn.transaction():
-            work = _Work(conn, self.clock(), caller)
+            work = Work(conn, self.clock(), caller)
             request_hash = d.fingerprint([(i.event_id, i.org_id, i.cost_micros, i.reservation_id)
                                           for i in items])
             if not await work.claim(f"usage-batch:{batch_id}", request_hash):
@@ -956,7 +957,7 @@ class LedgerStore:
             except asyncpg.UniqueViolationError as e:
                 if e.constraint_name != "usage_receipts_pkey":
                     raise
-                work = _Work(conn, work.now, caller)
+                work = Work(conn, work.now, caller)
                 try:
                     results, debited, arrears = await self._debit_usage(
                         work, batch_id, items, seen_before=True)
@@ -968,7 +969,7 @@ class LedgerStore:
         metrics.ARREARS_RECORDED.inc(arrears)
         return results
 
-    async def _debit_usage(self, work: _Work, batch_id: str, items: Sequence[d.UsageItem], *,
+    async def _debit_usage(self, work: Work, batch_id: str, items: Sequence[d.UsageItem], *,
                            seen_before: bool) -> tuple[list[d.UsageResult], int, int]:
         """post_usage_batch once the batch is claimed: the results, and the total debited and
         recorded as arrears. Without `seen_before`, every event is taken to be new (the insert
@@ -1072,7 +1073,7 @@ class LedgerStore:
         await work.flush(after=grants_written)
         return results, sum(debited_by_org.values()), sum(arrears_by_org.values())
 
-    async def _capturable_holds(self, work: _Work, items: Sequence[d.UsageItem]
+    async def _capturable_holds(self, work: Work, items: Sequence[d.UsageItem]
                                 ) -> dict[str, d.Reservation]:
         """HELD, unexpired reservations named by the items (others mean a plain debit)."""
         ids = [i.reservation_id for i in items if i.reservation_id]
@@ -1122,7 +1123,7 @@ class LedgerStore:
         d.raise_if([d.check_id("request_id", request_id), d.check_id("org_id", org_id),
                     None if cause.strip() else FieldViolation("cause", "is required")])
         async with self.pool.acquire() as conn, conn.transaction():
-            work = _Work(conn, self.clock(), caller)
+            work = Work(conn, self.clock(), caller)
             if not await work.claim(f"billing-state:{request_id}",
                                     d.fingerprint(org_id, state.value, cause)):
                 row = await conn.fetchrow(
@@ -1154,9 +1155,10 @@ class LedgerStore:
     async def get_balance(self, org_id: str) -> d.Balance:
         """Posted, held, available, arrears, billing state and open grants in burn order."""
         async with self.pool.acquire() as conn:
-            return await self._balance(conn, org_id)
+            return await self.balance_in(conn, org_id)
 
-    async def _balance(self, conn: Connection, org_id: str) -> d.Balance:
+    async def balance_in(self, conn: Connection, org_id: str) -> d.Balance:
+        """`get_balance` on a connection the caller holds (inside its transaction)."""
         rows = await conn.fetch(
             "SELECT account_id, balance_micros, held_micros, billing_state "
             "FROM ledger.accounts WHERE account_id = ANY($1::text[])",

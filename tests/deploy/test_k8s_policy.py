@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from services.ledger.server import LedgerConfig
 from services.metering.server import MeteringConfig
 from services.pricing.server import PricingConfig
 from tally.cli.main import app as cli
@@ -38,6 +39,7 @@ USER_ID = 10001
 SECRET_STAND_INS = {
     ("tally-database", "url"): "postgresql://tally@postgres.invalid:5432/tally",
     ("tally-redis", "url"): "redis://redis.invalid:6379/0",
+    ("tally-payments", "webhook-secrets"): "whsec_stand_in_current,whsec_stand_in_previous",
 }
 CLIENT_LABEL = {"tally.dev/client": "true"}
 
@@ -291,7 +293,7 @@ def test_shutdown_drains_within_the_termination_grace_period(
 def test_settings_parse_and_migrations_are_left_to_the_job(
         rendered: dict[str, list[Document]], overlay: str) -> None:
     docs = rendered[overlay]
-    known = setting_names(KitConfig, MeteringConfig, PricingConfig)
+    known = setting_names(KitConfig, MeteringConfig, PricingConfig, LedgerConfig)
     for service, deployment in tally_deployments(docs).items():
         env = environment(deployment_container(deployment), docs)
         unknown = {name for name in env if name.startswith("TALLY_")} - known

@@ -127,6 +127,17 @@ def parse_non_negative_int(raw: str) -> int:
     return value
 
 
+def parse_fraction(raw: str) -> float:
+    """A share or probability from 0 to 1."""
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("must be 0..1")
+    return value
+
+
 def parse_bool(raw: str) -> bool:
     """true/false, 1/0, yes/no, on/off (any case)."""
     lowered = raw.strip().lower()

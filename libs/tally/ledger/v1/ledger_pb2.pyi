@@ -2202,11 +2202,15 @@ class RefundResponse(_message.Message):
     reversed_micros: _builtins.int
     """Purchased credit reversed, micro-credits."""
     provider_refund_minor: _builtins.int
-    """Money refunded through the provider, minor units of the order's currency:
-    floor(amount_minor * reversed_micros / credits_micros).
+    """Money refunded through the provider, minor units of the order's currency. Computed on the
+    order's running totals, so that partial refunds add up exactly to the price: after this
+    refund the order's refunded_minor is floor(amount_minor * refunded_micros / credits_micros).
     """
     bonus_forfeited_micros: _builtins.int
-    """Unspent bonus credit of the order forfeited in the same proportion, micro-credits."""
+    """Unspent bonus credit of the order forfeited in the same proportion (running totals, as
+    above; at most what is left of the bonus grant), micro-credits. Posted as an EXPIRY
+    transfer "refund:<refund_id>:bonus".
+    """
     @_builtins.property
     def transfer(self) -> Global___Transfer:
         """The REFUND transfer."""

@@ -1,0 +1,70 @@
+"""Automatic top-up: follows the ledger's BALANCE_CHANGED events and starts a top-up for an
+org whose available credit is below its threshold.
+
+Events are read from the outbox after a cursor kept in the database, so a restart (or another
+replica) resumes where the last one stopped. Whether to top up is decided again under a lock on
+the org's configuration with its current balance (events may be stale), so a burst of events
+crossing the threshold opens one order; a unique index makes a second in-flight order
+impossible even across replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import timedelta
+from typing import Final
+
+from services.ledger import domain as d
+from services.ledger.payments.service import Payments
+from services.ledger.payments.store import TOP_UP_CURSOR, PaymentStore
+from services.ledger.store import LedgerStore
+from tally.kit.log import get_logger
+
+log = get_logger("ledger.top_up")
+
+CALLER: Final = d.Caller(actor="service:auto-top-up")
+RESUME_AFTER: Final = timedelta(seconds=30)
+
+
+class TopUpWorker:
+    """One pass (`step`) reads a page of events and acts on the orgs in it."""
+
+    def __init__(self, payments: Payments, store: PaymentStore, ledger: LedgerStore, *,
+                 poll_s: float = 0.2, page: int = 1000) -> None:
+        self.payments = payments
+        self.store = store
+        self.ledger = ledger
+        self.poll_s = poll_s
+        self.page = page
+
+    async def step(self) -> int:
+        """Acts on the next page of events; returns how many were read. The cursor moves only
+        after the page was acted on, so a failure (pricing unreachable, say) retries it."""
+        after = await self.store.cursor(TOP_UP_CURSOR)
+        events = await self.ledger.outbox_after(after, [d.OutboxEventType.BALANCE_CHANGED],
+                                                self.page)
+        if not events:
+            return 0
+        latest = {e.org_id: e.available_micros_after for e in events}
+        for org, config in (await self.store.enabled_top_ups(list(latest))).items():
+            await self.store.note_threshold(org, latest[org], CALLER)
+            if latest[org] < config.threshold_micros:
+                decision = await self.payments.top_up(config, CALLER)
+                log.info("top_up_considered", org_id=org, decision=decision.value,
+                         available_micros=latest[org])
+        await self.store.advance(TOP_UP_CURSOR, events[-1].sequence)
+        return len(events)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Steps until `stop`; pauses `poll_s` when caught up. Failures are logged and retried."""
+        while not stop.is_set():
+            read = 0
+            try:
+                await self.payments.resume_top_ups(CALLER, RESUME_AFTER)
+                read = await self.step()
+            except Exception:
+                log.exception("top_up_step_failed")
+            if read < self.page:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.poll_s)
