@@ -267,3 +267,24 @@ async def test_subscribe_streams_the_orgs_notifications_live(world: World) -> No
     assert reply.notification.type == npb.NOTIFICATION_TYPE_LOW_BALANCE
     assert reply.notification.org_id == "acme"
     stream.cancel()
+
+
+async def test_a_failed_automatic_top_up_alerts_the_org(world: World) -> None:
+    ok = world.receivers["ok"]
+    await add_rule(world, channel="webhook", target=ok.url,
+                   types=("top_up_failed", "low_balance"))
+    await world.suite.client.ledger.SetAutoTopUp(lpb.SetAutoTopUpRequest(
+        request_id="top-up-1", auto_top_up=lpb.AutoTopUp(
+            org_id="acme", enabled=True, threshold_micros=100 * CREDIT,
+            package_id="individual-20", max_per_day=1,
+            payment_method_id="pm_card_chargeDeclined")))
+    await grant(world, 150)
+    await spend(world, 60)  # 90 left: below the top-up threshold; the card is declined
+
+    async def alerted() -> bool:
+        return any(json.loads(body)["type"] == "TOP_UP_FAILED" for _, body in ok.requests)
+    await until(alerted, "the top-up failure alert")
+    failed = [json.loads(body) for _, body in ok.requests
+              if json.loads(body)["type"] == "TOP_UP_FAILED"]
+    assert failed[0]["attributes"]["failure_reason"] == "card_declined"
+    assert failed[0]["org_id"] == "acme"

@@ -1,11 +1,14 @@
 """How CLI commands call a service: one client per command, refusals printed with their
-reason (and each bad field) and exit status 1, request ids made up when not given."""
+reason (and each bad field) and exit status 1, request ids made up when not given.
+
+Calls carry an actor for the audit trail: `user:cli` unless a command takes `--actor`
+(or TALLY_ACTOR), as the four-eyes payment commands do."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import typer
 
@@ -16,10 +19,15 @@ from tally.sdk.client import TallyClient
 
 T = TypeVar("T")
 
+DEFAULT_ACTOR: Final = "user:cli"
+"""Who the CLI acts as when no --actor is given."""
 
-async def call(config: KitConfig, service: str, rpc: Callable[[Any], Awaitable[T]]) -> T:
-    """Runs `rpc` on `service`'s stub; a refusal prints its reason and message, exit 1."""
-    async with TallyClient({service: config.address_of(service)}, actor="user:cli") as tally:
+
+async def call(config: KitConfig, service: str, rpc: Callable[[Any], Awaitable[T]], *,
+               actor: str = DEFAULT_ACTOR) -> T:
+    """Runs `rpc` on `service`'s stub as `actor`; a refusal prints its reason and message,
+    exit 1."""
+    async with TallyClient({service: config.address_of(service)}, actor=actor) as tally:
         try:
             return await rpc(getattr(tally, service))
         except TallyError as exc:

@@ -1,28 +1,39 @@
 """`tally demo`: a short workload against the running suite, one story a person can follow.
 
-It asks each service one question, walks the ledger through its primitives (credit granted ->
-reserved -> captured at its actual cost -> usage batch debited -> balance and hash chain
-verified), then runs one metered AI request end to end: Authorize holds the worst case ->
-the usage event streams in -> its receipt -> the hold is captured.
+It asks each service one question, buys credit the way a customer does (Purchase -> the
+hosted checkout page, paid with the local provider's test card -> the provider's signed
+webhook -> credit), walks the ledger through its primitives (credit granted -> reserved ->
+captured at its actual cost -> usage batch debited -> balance and hash chain verified), then
+runs one metered AI request end to end: Authorize holds the worst case -> the usage event
+streams in -> its receipt -> the hold is captured.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Final
 
 import typer
 
 from tally.cli import suite
+from tally.cli.payments import TEST_CARD, pay_checkout
 from tally.common.v1 import common_pb2 as cpb
 from tally.kit.config import KitConfig
 from tally.kit.errors import Reason, TallyError
-from tally.kit.money import format_credits, parse_credits
+from tally.kit.money import format_credits, format_money, parse_credits
 from tally.ledger.v1 import ledger_pb2 as lpb
 from tally.metering.v1 import metering_pb2 as mpb
 from tally.notifier.v1 import notifier_pb2 as npb
 from tally.pricing.v1 import pricing_pb2 as ppb
 from tally.sdk.client import TallyClient
+
+PURCHASE_PACKAGE: Final = "individual-20"
+PAYMENT_CONFIRM_TIMEOUT_S: Final = 30.0
+"""How long the demo waits for the provider's webhook to credit a paid checkout."""
+PAYMENT_POLL_INTERVAL_S: Final = 0.1
 
 
 def _say(label: str, text: str) -> None:
@@ -44,6 +55,7 @@ async def run(config: KitConfig, org: str) -> bool:
     async with TallyClient.from_config(config, actor="user:demo") as tally:
         try:
             await _one_call_each(tally, org)
+            await _purchase(tally, f"{org}-{run_id}", run_id)
             await _ledger_story(tally, f"{org}-{run_id}", run_id)
             await _metered_request(tally, f"{org}-{run_id}", run_id)
         except TallyError as exc:
@@ -65,6 +77,62 @@ async def _one_call_each(tally: TallyClient, org: str) -> None:
     _say("notifier.ListAlertRules", f"{len(rules.rules)} rules for {org}")
     report = await tally.ledger.VerifyLedger(lpb.VerifyLedgerRequest())
     _say("ledger.VerifyLedger", f"ok={report.ok}, {report.entries_checked} entries checked")
+
+
+async def _available(tally: TallyClient, org: str) -> int:
+    try:
+        balance = (await tally.ledger.GetBalance(lpb.GetBalanceRequest(org_id=org))).balance
+    except TallyError as exc:
+        if exc.reason is Reason.NOT_FOUND:  # no account before its first credit
+            return 0
+        raise
+    return balance.available_micros
+
+
+async def _purchase(tally: TallyClient, org: str, run_id: str) -> None:
+    """Buys a package as a customer would: checkout page, card, webhook, credit."""
+    typer.echo(f"buying credit for {org}:")
+    before = await _available(tally, org)
+    order = (await tally.ledger.Purchase(lpb.PurchaseRequest(
+        payment_order_id=f"demo-purchase-{run_id}", org_id=org,
+        context=cpb.RequestContext(org_id=org), package_id=PURCHASE_PACKAGE))).order
+    price = format_money(order.amount_minor, order.currency)
+    bonus = (f" + {format_credits(order.bonus_credits_micros)} bonus"
+             if order.bonus_credits_micros else "")
+    state = lpb.PaymentOrderState.Name(order.state).removeprefix("PAYMENT_ORDER_STATE_")
+    _say("ledger.Purchase", f"{PURCHASE_PACKAGE}: {price} for "
+         f"{format_credits(order.credits_micros)}{bonus} credits, {state}")
+    answer = await pay_checkout(order.checkout_url, card=TEST_CARD)
+    if not answer.is_accepted:
+        raise TallyError(Reason.INTERNAL, f"the checkout page refused the test card: "
+                                          f"{answer.detail}")
+    _say("checkout page", f"card {TEST_CARD[-4:]} accepted at {order.checkout_url}")
+    started = time.monotonic()
+    order = await _settled_order(tally, org, order.payment_order_id)
+    _say("provider webhook", f"order SUCCEEDED after {time.monotonic() - started:.1f}s "
+         f"({order.credit_transfer_id})")
+    after = await _available(tally, org)
+    _say("balance", f"available {format_credits(before)} -> {format_credits(after)}")
+
+
+async def _settled_order(tally: TallyClient, org: str, order_id: str) -> lpb.PaymentOrder:
+    """Polls the order until the webhook settles it (bounded by PAYMENT_CONFIRM_TIMEOUT_S)."""
+    deadline = time.monotonic() + PAYMENT_CONFIRM_TIMEOUT_S
+    while True:
+        order = (await tally.ledger.GetPaymentOrder(lpb.GetPaymentOrderRequest(
+            org_id=org, payment_order_id=order_id))).order
+        if order.state == lpb.PAYMENT_ORDER_STATE_SUCCEEDED:
+            return order
+        state = lpb.PaymentOrderState.Name(order.state).removeprefix("PAYMENT_ORDER_STATE_")
+        if order.state != lpb.PAYMENT_ORDER_STATE_PENDING:
+            raise TallyError(Reason.INTERNAL, f"order {order_id} ended {state}: "
+                                              f"{order.failure_reason or 'no reason given'}")
+        if time.monotonic() > deadline:
+            raise TallyError(Reason.UNAVAILABLE, (
+                f"order {order_id} still {state} {PAYMENT_CONFIRM_TIMEOUT_S:.0f}s after "
+                "payment: the provider's webhook did not reach the ledger (see the ledger's "
+                "log)"))
+        await asyncio.sleep(PAYMENT_POLL_INTERVAL_S)
 
 
 async def _ledger_story(tally: TallyClient, org: str, run_id: str) -> None:

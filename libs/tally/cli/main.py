@@ -11,6 +11,7 @@ from tally.cli import alerts as alerts_cli
 from tally.cli import authorize as authorize_cli
 from tally.cli import demo as demo_module
 from tally.cli import ledger as ledger_cli
+from tally.cli import payments as payments_cli
 from tally.cli import policies as policies_cli
 from tally.cli import pricing as pricing_cli
 from tally.cli import suite
@@ -83,7 +84,8 @@ def migrate() -> None:
 def demo(
     org: Annotated[str, typer.Option(help="Organization the demo acts for.")] = "org-demo",
 ) -> None:
-    """Call each running service once and print what it answers."""
+    """Call each running service once, buy credit through the local checkout page, and run
+    a short ledger and metering workload."""
     ok = asyncio.run(demo_module.run(_config(), org))
     if not ok:
         raise typer.Exit(1)
@@ -143,6 +145,7 @@ authorize_cli.register(app, _config)
 pricing_cli.register(app, _config)
 policies_cli.register(app, _config)
 alerts_cli.register(app, _config)
+payments_cli.register(app, _config)
 
 
 if __name__ == "__main__":

@@ -228,7 +228,10 @@ async def run(base: KitConfig, data_dir: Path) -> tuple[str, list[Span]]:
     otlp_port = free_port()
     server = await _serve_receiver(receiver, otlp_port)
     ports = {f"TALLY_{s.upper()}_PORT": str(free_port()) for s in suite.SERVICES}
-    env = {**ports, "TALLY_DATA_DIR": str(data_dir),
+    # the ledger's HTTP ports too, so a `tally up` suite on the default ports can keep running
+    http_ports = {"TALLY_LEDGER_WEBHOOK_PORT": str(free_port()),
+                  "TALLY_LEDGER_CHECKOUT_PORT": str(free_port())}
+    env = {**ports, **http_ports, "TALLY_DATA_DIR": str(data_dir),
            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}",
            "OTEL_EXPORTER_OTLP_INSECURE": "true", "OTEL_BSP_SCHEDULE_DELAY": "100",
            "TALLY_NOTIFIER_POLL_MS": "50"}

@@ -81,3 +81,27 @@ def floor_decimal_to_micros(value: Decimal) -> Micros:
     Used by rating, which carries the remainder forward so nothing is lost across a batch.
     """
     return micros(int(value.to_integral_value(rounding=ROUND_FLOOR)))
+
+
+# --- real money (payments): integer minor units of an ISO 4217 currency ----------------------
+
+_ZERO_DECIMAL: Final = frozenset({"BIF", "CLP", "DJF", "GNF", "JPY", "KMF", "KRW", "MGA", "PYG",
+                                  "RWF", "UGX", "VND", "VUV", "XAF", "XOF", "XPF"})
+_THREE_DECIMAL: Final = frozenset({"BHD", "JOD", "KWD", "OMR", "TND"})
+
+
+def minor_digits(currency: str) -> int:
+    """Decimal places of a currency's minor unit (ISO 4217): JPY 0, USD 2, KWD 3."""
+    code = currency.upper()
+    return 0 if code in _ZERO_DECIMAL else 3 if code in _THREE_DECIMAL else 2
+
+
+def format_money(amount_minor: int, currency: str) -> str:
+    """Minor units as an amount of money: 2500, "usd" -> "USD 25.00"."""
+    code = currency.upper()
+    places = minor_digits(code)
+    if places == 0:
+        return f"{code} {amount_minor:,}"
+    whole, frac = divmod(abs(amount_minor), 10**places)
+    sign = "-" if amount_minor < 0 else ""
+    return f"{code} {sign}{whole:,}.{frac:0{places}d}"

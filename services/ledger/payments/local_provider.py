@@ -37,6 +37,7 @@ from aiohttp import web
 
 from tally.kit import signing
 from tally.kit.log import get_logger
+from tally.kit.money import format_money
 
 from .provider import (
     ChargeRequest,
@@ -103,22 +104,6 @@ _DECLINE_MESSAGES: Final = {
 }
 
 # ISO 4217 currencies whose minor unit is not 1/100 (Stripe's lists).
-_ZERO_DECIMAL: Final = frozenset({"BIF", "CLP", "DJF", "GNF", "JPY", "KMF", "KRW", "MGA", "PYG",
-                                  "RWF", "UGX", "VND", "VUV", "XAF", "XOF", "XPF"})
-_THREE_DECIMAL: Final = frozenset({"BHD", "JOD", "KWD", "OMR", "TND"})
-
-
-def format_amount(amount_minor: int, currency: str) -> str:
-    """Money as the checkout page shows it: 2500, "usd" -> "USD 25.00"."""
-    code = currency.upper()
-    places = 0 if code in _ZERO_DECIMAL else 3 if code in _THREE_DECIMAL else 2
-    if places == 0:
-        return f"{code} {amount_minor:,}"
-    whole, frac = divmod(abs(amount_minor), 10**places)
-    sign = "-" if amount_minor < 0 else ""
-    return f"{code} {sign}{whole:,}.{frac:0{places}d}"
-
-
 def luhn_ok(digits: str) -> bool:
     """Whether a card number passes the Luhn checksum."""
     total = 0
@@ -433,8 +418,8 @@ class LocalProvider:
         refundable = payment.amount_minor - payment.amount_refunded
         if amount_minor > refundable:
             raise ProviderError(
-                f"refund of {format_amount(amount_minor, payment.currency)} exceeds what is "
-                f"left to refund ({format_amount(refundable, payment.currency)})")
+                f"refund of {format_money(amount_minor, payment.currency)} exceeds what is "
+                f"left to refund ({format_money(refundable, payment.currency)})")
         payment.amount_refunded += amount_minor
         refund = ProviderRefund(refund_id=_new_id("re"), amount_minor=amount_minor)
         self._refunds[idempotency_key] = _RefundRecord(session_id, refund)
@@ -846,7 +831,7 @@ def _banner() -> str:
 
 
 def _summary(payment: _Payment) -> str:
-    amount = format_amount(payment.amount_minor, payment.currency)
+    amount = format_money(payment.amount_minor, payment.currency)
     return (f'<p id="description">{html.escape(payment.description)}</p>'
             f'<p class="amount" id="amount">{html.escape(amount)}</p>')
 
@@ -855,7 +840,7 @@ def _checkout_page(payment: _Payment, *, error: str = "", fields: dict[str, str]
                    status: int = 200) -> web.Response:
     values = fields or {}
     sid = html.escape(payment.session_id)
-    amount = html.escape(format_amount(payment.amount_minor, payment.currency))
+    amount = html.escape(format_money(payment.amount_minor, payment.currency))
 
     def field(name: str, input_id: str, label: str, extra: str) -> str:
         value = html.escape(values.get(name, ""))
@@ -879,7 +864,7 @@ def _checkout_page(payment: _Payment, *, error: str = "", fields: dict[str, str]
         + '<h2>Test cards</h2><table id="test-cards">' + cards + "</table>"
         + "<p>Any future expiry, any 3-digit CVC and any name.</p>"
     )
-    return _html(f"Pay {format_amount(payment.amount_minor, payment.currency)}", body, status)
+    return _html(f"Pay {format_money(payment.amount_minor, payment.currency)}", body, status)
 
 
 def _authenticate_page(payment: _Payment, status: int = 200) -> web.Response:
@@ -897,7 +882,7 @@ def _authenticate_page(payment: _Payment, status: int = 200) -> web.Response:
 
 
 def _paid_page(payment: _Payment) -> web.Response:
-    amount = html.escape(format_amount(payment.amount_minor, payment.currency))
+    amount = html.escape(format_money(payment.amount_minor, payment.currency))
     body = (f"{_banner()}<h1>Thank you</h1>"
             f'<p id="paid">Payment received: {amount}</p>'
             f'<p id="description">{html.escape(payment.description)}</p>')
