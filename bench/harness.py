@@ -104,6 +104,9 @@ def serve_in_child(conn: Connection, name: str,
     """
     configure_logging(name, "warning")
     setup_telemetry(name)
+    # a ledger also serves webhooks and checkout pages over HTTP: any free port will do
+    os.environ.setdefault("TALLY_LEDGER_WEBHOOK_PORT", "0")
+    os.environ.setdefault("TALLY_LEDGER_CHECKOUT_PORT", "0")
     profiler = cProfile.Profile() if profile_path else None
     try:
         if profiler is not None:

@@ -197,3 +197,23 @@ async def test_top_up_settings_are_validated_and_idempotent(shop: Shop) -> None:
                                                            "auto_top_up.package_id")
     got = await shop.tally.ledger.GetAutoTopUp(pb.GetAutoTopUpRequest(org_id="acme"))
     assert got.auto_top_up == stored
+
+
+async def test_an_order_opened_before_a_crash_is_charged_once_after_it(shop: Shop) -> None:
+    await fund(shop, 1500)
+    await configure(shop, "cfg-1")
+    # What a ledger stopped between committing a top-up order and charging it leaves behind.
+    await shop.db.execute(
+        "INSERT INTO ledger.payment_orders (payment_order_id, org_id, kind, state, "
+        "amount_minor, currency, credits_micros, bonus_credits_micros, provider, created_by, "
+        "created_at) VALUES ('topup:acme:1', 'acme', 'AUTO_TOP_UP', 'PENDING', 2000, 'USD', "
+        "$1, $2, 'local', 'service:auto-top-up', now() - interval '1 minute')",
+        PACKAGE_CREDITS, PACKAGE_BONUS)
+
+    async def paid() -> bool:
+        return (await shop.order("topup:acme:1")).state == pb.PAYMENT_ORDER_STATE_SUCCEEDED
+    await eventually(paid, "the resumed top-up to be paid")
+    await shop.provider.settled()
+    charges = [e for e in shop.provider.events if e["type"] == "payment_intent.succeeded"]
+    assert len(charges) == 1
+    assert (await shop.balance()).posted_micros == 1500 * CREDIT + PACKAGE_CREDITS + PACKAGE_BONUS

@@ -12,6 +12,7 @@ import pytest
 
 from services.ledger.server import LedgerConfig
 from tally.common.v1 import common_pb2
+from tally.kit import metrics
 from tally.kit.errors import Reason, TallyError
 from tally.ledger.v1 import ledger_pb2 as pb
 from tests.ledger.payments_support import (
@@ -30,6 +31,7 @@ from tests.ledger.payments_support import (
 )
 
 COMPLETED = "checkout.session.completed"
+WEBHOOKS = "tally_ledger_payment_webhooks_total"
 
 
 @pytest.fixture
@@ -114,10 +116,13 @@ async def test_a_success_webhook_replayed_100_times_concurrently_credits_once(sh
     order = await shop.purchase("po-1")
     await shop.pay(order)
     body = shop.event_body(COMPLETED, "po-1")
+    duplicates = metrics.sample(WEBHOOKS, {"provider": "local", "outcome": "DUPLICATE"})
     replies = await asyncio.gather(*(shop.post_webhook(body, signed(body))
                                      for _ in range(100)))
     assert {status for status, _ in replies} == {200}
     assert all(reply["duplicate"] for _, reply in replies)  # the provider's delivery was first
+    assert metrics.sample(WEBHOOKS, {"provider": "local", "outcome": "DUPLICATE"}) == \
+        duplicates + 100
     assert (await shop.balance()).posted_micros == PACKAGE_CREDITS + PACKAGE_BONUS
     assert await shop.db.fetchval(
         "SELECT count(*) FROM ledger.transfers WHERE payment_order_id = 'po-1'") == 2
@@ -154,9 +159,12 @@ async def test_forged_stale_and_future_webhooks_are_refused_and_grant_nothing(sh
         "no signature": (body, ""),
         "malformed": (body, "v1=deadbeef"),
     }
+    refused = metrics.sample(WEBHOOKS, {"provider": "local", "outcome": "REFUSED"})
     for what, (payload, header) in attempts.items():
         status, reply = await shop.post_webhook(payload, header)
         assert (status, reply["error"]) == (400, "WEBHOOK_SIGNATURE_INVALID"), what
+    assert metrics.sample(WEBHOOKS, {"provider": "local", "outcome": "REFUSED"}) == \
+        refused + len(attempts)
     with pytest.raises(TallyError) as caught:
         await shop.tally.ledger.ConfirmPayment(pb.ConfirmPaymentRequest(
             provider="local", payload=body, signature_header=signed(body, at=now - 3600)))

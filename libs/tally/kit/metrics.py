@@ -50,6 +50,13 @@ LEDGER_COMMIT_SECONDS: Final = Histogram(
     "tally_ledger_batch_commit_seconds", "Time to apply one PostUsageBatch transaction",
     buckets=_LATENCY_BUCKETS)
 
+PAYMENT_WEBHOOKS: Final = Counter(
+    "tally_ledger_payment_webhooks", "Payment webhooks received, by provider and outcome "
+    "(CREDITED, ALREADY_PAID, ATTEMPT_FAILED, FAILED, CANCELED, IGNORED, MISMATCH, DUPLICATE, "
+    "REFUSED)", ["provider", "outcome"])
+TOP_UPS: Final = Counter(
+    "tally_ledger_top_ups", "Automatic top-up decisions, by decision (START, IN_FLIGHT, "
+    "DAILY_LIMIT, NOT_BELOW, DISABLED)", ["decision"])
 # -- notifier ---------------------------------------------------------------------------------
 WEBHOOK_DELIVERIES: Final = Counter(
     "tally_notifier_deliveries", "Delivery attempts, by channel and outcome (delivered, "

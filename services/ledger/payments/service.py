@@ -23,7 +23,7 @@ from services.ledger.payments.provider import (
     ProviderRefund,
 )
 from services.ledger.payments.store import MANUAL_PROVIDER, PaymentStore
-from tally.kit import signing
+from tally.kit import metrics, signing
 from tally.kit.errors import FieldViolation, Reason, TallyError, invalid
 from tally.kit.log import get_logger
 from tally.kit.telemetry import current_trace_id
@@ -103,6 +103,7 @@ class Payments:
         except signing.SignatureError as exc:
             log.warning("webhook_refused", provider=provider, why=str(exc),
                         payload_bytes=len(payload))
+            metrics.PAYMENT_WEBHOOKS.labels(provider, "REFUSED").inc()
             raise TallyError(Reason.WEBHOOK_SIGNATURE_INVALID,
                              f"signature_header: {exc}", field="signature_header") from exc
         try:
@@ -115,6 +116,8 @@ class Payments:
         log.info("webhook_processed", provider=provider, event_id=event.event_id,
                  type=event.type.value, payment_order_id=event.payment_order_id,
                  first_time=first, outcome=outcome.value)
+        metrics.PAYMENT_WEBHOOKS.labels(provider,
+                                        outcome.value if first else "DUPLICATE").inc()
         return first, order
 
     # -- manual settlement -----------------------------------------------------------------
@@ -172,6 +175,7 @@ class Payments:
                                   checkout=False)
         decision, order = await self.store.open_top_up(config.org_id, offer,
                                                         self.provider.name, caller)
+        metrics.TOP_UPS.labels(decision.value).inc()
         if order is not None:
             await self.charge(order, config.payment_method_id, caller)
         return decision
