@@ -41,6 +41,7 @@ from tally.pricing.v1 import pricing_pb2_grpc
 SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
 SWEEP_INTERVAL_S = 1.0  # how late an expired hold or grant may be noticed
 OUTBOX_SEAL_INTERVAL_S = 0.1  # how late an outbox event may become visible to consumers
+REFUND_RETRY_INTERVAL_S = 30.0  # how often the money of an unconfirmed refund is asked again
 
 log = get_logger("ledger.server")
 
@@ -132,6 +133,8 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
         tasks.append(asyncio.create_task(run_periodically(
             "seal_outbox", OUTBOX_SEAL_INTERVAL_S, store.seal_outbox, stop)))
         tasks.append(asyncio.create_task(top_up.run(stop)))
+        tasks.append(asyncio.create_task(run_periodically(
+            "retry_provider_refunds", REFUND_RETRY_INTERVAL_S, payments.retry_refunds, stop)))
 
     async def close() -> None:
         stop.set()

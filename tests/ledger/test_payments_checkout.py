@@ -235,9 +235,24 @@ async def test_a_declined_card_leaves_the_order_open_and_says_why(shop: Shop) ->
                                                          "card_declined")
     failed = await shop.outbox("acme", "PAYMENT_FAILED")
     assert [json.loads(e["attributes"])["failure_reason"] for e in failed] == ["card_declined"]
-    assert (await shop.balance()).posted_micros == 0  # an account, but no credit
+    unpaid = await shop.balance()  # an account, but no credit: throttled like any such org
+    assert (unpaid.posted_micros, unpaid.billing_state) == (0, common_pb2.BILLING_STATE_THROTTLED)
     await shop.pay(order)
     assert (await shop.order("po-1")).state == pb.PAYMENT_ORDER_STATE_SUCCEEDED
+    assert (await shop.balance()).billing_state == common_pb2.BILLING_STATE_ACTIVE
+
+
+async def test_reading_an_order_or_top_up_needs_valid_ids(shop: Shop) -> None:
+    with pytest.raises(TallyError) as caught:
+        await shop.order("", org="acme")
+    assert (caught.value.reason, caught.value.field) == (Reason.INVALID_ARGUMENT,
+                                                         "payment_order_id")
+    with pytest.raises(TallyError) as unknown:
+        await shop.order("po-nobody-made")
+    assert unknown.value.reason is Reason.NOT_FOUND
+    with pytest.raises(TallyError) as no_org:
+        await shop.tally.ledger.GetAutoTopUp(pb.GetAutoTopUpRequest(org_id=""))
+    assert (no_org.value.reason, no_org.value.field) == (Reason.INVALID_ARGUMENT, "org_id")
 
 
 async def test_a_failure_arriving_after_the_success_changes_nothing(shop: Shop) -> None:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from services.ledger.payments.provider import ProviderError, ProviderRefund
 from tally.common.v1 import common_pb2
 from tally.kit.errors import Reason, TallyError
 from tally.ledger.v1 import ledger_pb2 as pb
@@ -229,3 +230,29 @@ async def test_a_manual_payment_refunds_without_the_provider(shop: Shop) -> None
     reply = await refund(shop, "rf-1", "bank-1", 100_000)
     assert (reply.reversed_micros, reply.provider_refund_minor) == (100_000 * CREDIT, 100_000)
     assert shop.provider.events == []
+
+
+async def test_a_refund_stands_when_the_provider_is_down_and_its_money_follows_once(
+        shop: Shop, monkeypatch: pytest.MonkeyPatch) -> None:
+    await paid_order(shop)
+    real_refund = shop.provider.refund
+
+    async def provider_down(session_id: str, amount_minor: int, key: str) -> ProviderRefund:
+        raise ProviderError("connection refused")
+
+    monkeypatch.setattr(shop.provider, "refund", provider_down)
+    reply = await refund(shop, "rf-1", "po-1", 500)
+    assert (reply.reversed_micros, reply.provider_refund_minor) == (500 * CREDIT, 500)
+    row = await shop.db.fetchrow("SELECT * FROM ledger.refunds WHERE refund_id = 'rf-1'")
+    assert (row["provider_state"], row["provider_error"]) == ("PENDING", "connection refused")
+    assert (await shop.balance()).posted_micros == (PACKAGE_CREDITS + PACKAGE_BONUS
+                                                    - 500 * CREDIT - 25 * CREDIT)
+
+    monkeypatch.setattr(shop.provider, "refund", real_refund)
+    again = await refund(shop, "rf-1", "po-1", 500)  # a retry (or the ledger's own) sends it
+    assert again.transfer == reply.transfer
+    row = await shop.db.fetchrow("SELECT * FROM ledger.refunds WHERE refund_id = 'rf-1'")
+    assert row["provider_state"] == "DONE" and row["provider_refund_id"].startswith("re_")
+    await refund(shop, "rf-1", "po-1", 500)
+    refunded = [e for e in shop.provider.events if e["type"] == "charge.refunded"]
+    assert [e["data"]["object"]["refund"]["amount"] for e in refunded] == [500]

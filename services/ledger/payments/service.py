@@ -20,7 +20,6 @@ from services.ledger.payments.provider import (
     CheckoutRequest,
     PaymentProvider,
     ProviderError,
-    ProviderRefund,
 )
 from services.ledger.payments.store import MANUAL_PROVIDER, PaymentStore
 from tally.kit import metrics, signing
@@ -143,20 +142,35 @@ class Payments:
 
     async def refund(self, refund_id: str, order_id: str, amount_micros: int, reason: str,
                      caller: d.Caller) -> tuple[p.RefundPlan, d.Transfer, p.PaymentOrder]:
-        """Reverses unspent purchased credit and returns the money in proportion."""
+        """Reverses unspent purchased credit, then has the provider return the money in
+        proportion. If the provider cannot be reached the refund stands and its money is sent
+        by `retry_refunds` (the provider call is idempotent on the refund id)."""
         d.raise_if([d.check_id("refund_id", refund_id),
                     d.check_id("payment_order_id", order_id),
                     d.check_amount("amount_micros", amount_micros, allow_zero=True),
                     None if reason.strip() else FieldViolation("reason", "is required")])
+        plan, transfer, order = await self.store.refund(
+            refund_id, order_id, amount_micros, reason.strip(), caller)
+        await self._send_refunds(refund_id)
+        return plan, transfer, order
 
-        async def provider_refund(order: p.PaymentOrder, amount_minor: int) -> ProviderRefund:
-            if order.provider == MANUAL_PROVIDER:  # paid by bank transfer: returned the same way
-                return ProviderRefund(f"manual:{refund_id}", amount_minor)
-            return await self._provider_call(self.provider.refund(
-                order.provider_session_id, amount_minor, refund_id))
+    async def retry_refunds(self) -> int:
+        """Sends the money of refunds the provider has not confirmed yet."""
+        return await self._send_refunds("")
 
-        return await self.store.refund(refund_id, order_id, amount_micros, reason.strip(),
-                                       caller, provider_refund)
+    async def _send_refunds(self, refund_id: str) -> int:
+        pending = await self.store.pending_provider_refunds(refund_id)
+        for pending_id, order, amount_minor in pending:
+            try:
+                money = await self.provider.refund(order.provider_session_id, amount_minor,
+                                                   pending_id)
+            except ProviderError as exc:
+                log.warning("provider_refund_failed", refund_id=pending_id,
+                            payment_order_id=order.payment_order_id, why=str(exc))
+                await self.store.provider_refund_failed(pending_id, str(exc))
+                continue
+            await self.store.provider_refund_done(pending_id, money.refund_id)
+        return len(pending)
 
     # -- automatic top-up ------------------------------------------------------------------
 

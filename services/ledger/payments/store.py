@@ -3,21 +3,21 @@
 Credit moves through the ledger's own unit of work (`store.Work`): the PURCHASE and BONUS
 transfers of an order, its state change, the provider event that caused them and the outbox
 events all commit in one transaction, or none of them does. Provider calls are never made
-while a transaction is open except by `refund`, which must hold the order while the provider
-returns the money (the call is idempotent on the refund id, so a retry after a failure is safe).
+while a transaction is open: a refund commits its reversal with the money's return marked
+PENDING, and the service asks the provider afterwards (idempotently on the refund id) until it
+confirms.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 from services.ledger import domain as d
 from services.ledger.payments import domain as p
-from services.ledger.payments.provider import ProviderEvent, ProviderEventType, ProviderRefund
+from services.ledger.payments.provider import ProviderEvent, ProviderEventType
 from services.ledger.store import LedgerStore, Work
 from tally.kit.errors import Reason, TallyError
 from tally.kit.log import get_logger
@@ -119,6 +119,7 @@ class PaymentStore:
 
     async def get_order(self, org_id: str, order_id: str) -> p.PaymentOrder:
         """One order of an org."""
+        d.raise_if([d.check_id("org_id", org_id), d.check_id("payment_order_id", order_id)])
         async with self.pool.acquire() as conn:
             order = await self._get(conn, order_id)
         if order.org_id != org_id:
@@ -324,7 +325,7 @@ class PaymentStore:
             work.emit(org, d.OutboxEventType.TOP_UP_FAILED,
                       payment_order_id=order.payment_order_id, failure_reason=reason)
             await self._count_top_up_failure(work, org)
-        await work.flush(follow_the_money=False)
+        await work.flush()  # an org opened here gets the state its (empty) balance calls for
         return failed
 
     async def _count_top_up_failure(self, work: Work, org: str) -> None:
@@ -364,11 +365,10 @@ class PaymentStore:
     # -- refunds ---------------------------------------------------------------------------
 
     async def refund(self, refund_id: str, order_id: str, amount_micros: int, reason: str,
-                     caller: d.Caller,
-                     provider_refund: Callable[[p.PaymentOrder, int], Awaitable[ProviderRefund]]
-                     ) -> tuple[p.RefundPlan, d.Transfer, p.PaymentOrder]:
-        """Takes back unspent purchased credit of an order (and its bonus in proportion) and
-        has the provider return the money, idempotently on `refund_id`."""
+                     caller: d.Caller) -> tuple[p.RefundPlan, d.Transfer, p.PaymentOrder]:
+        """Takes back unspent purchased credit of an order (and its bonus in proportion),
+        idempotently on `refund_id`. The money's return is left PENDING for the provider
+        (`provider_refund_done`); a manual payment's is paid back by hand (NONE)."""
         async with self.pool.acquire() as conn, conn.transaction():
             work = Work(conn, self._clock(), caller)
             if not await work.claim(f"refund:{refund_id}",
@@ -385,8 +385,6 @@ class PaymentStore:
                                  purchased.remaining_micros if purchased else 0,
                                  bonus.remaining_micros if bonus else 0, work.available(org))
             assert purchased is not None  # plan_refund refuses when nothing is unspent
-            money = (await provider_refund(order, plan.provider_refund_minor)
-                     if plan.provider_refund_minor else ProviderRefund("", 0))
             refunds = d.system_account(d.AccountKind.REFUNDS, org)
             await work.lock([refunds])
             purchased.remaining_micros -= plan.reversed_micros
@@ -414,14 +412,15 @@ class PaymentStore:
             await self._save(conn, after)
             await self._history(conn, after, caller.actor, f"refund {refund_id}: {reason}",
                                 caller.trace_id, work.now)
+            pending = order.provider != MANUAL_PROVIDER and plan.provider_refund_minor > 0
             await conn.execute(
                 "INSERT INTO ledger.refunds (refund_id, payment_order_id, org_id, "
                 "reversed_micros, bonus_forfeited_micros, provider_refund_minor, "
-                "provider_refund_id, transfer_id, reason, actor, created_at) "
+                "provider_state, transfer_id, reason, actor, created_at) "
                 "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                 refund_id, order_id, org, plan.reversed_micros, plan.bonus_forfeited_micros,
-                plan.provider_refund_minor, money.refund_id, transfer.transfer_id, reason,
-                caller.actor, work.now)
+                plan.provider_refund_minor, "PENDING" if pending else "NONE",
+                transfer.transfer_id, reason, caller.actor, work.now)
             work.emit_balance_changes()
             await work.flush()
             return plan, transfer, after
@@ -438,6 +437,32 @@ class PaymentStore:
                  p.PaymentOrderState.PARTIALLY_REFUNDED)
         return (p.RefundPlan(row["reversed_micros"], row["provider_refund_minor"],
                              row["bonus_forfeited_micros"], state), transfer, order)
+
+    async def pending_provider_refunds(self, refund_id: str = "", limit: int = 100
+                                       ) -> list[tuple[str, p.PaymentOrder, int]]:
+        """Refunds whose money the provider has not confirmed yet: (refund id, order, amount);
+        one refund's when `refund_id` is given."""
+        rows = await self.pool.fetch(
+            "SELECT r.refund_id, r.provider_refund_minor, o.* FROM ledger.refunds r "
+            "JOIN ledger.payment_orders o USING (payment_order_id) "
+            "WHERE r.provider_state = 'PENDING' AND ($1 = '' OR r.refund_id = $1) "
+            "ORDER BY r.created_at LIMIT $2", refund_id, limit)
+        return [(r["refund_id"], _order(r), r["provider_refund_minor"]) for r in rows]
+
+    async def provider_refund_done(self, refund_id: str, provider_refund_id: str) -> None:
+        """The provider returned the money."""
+        await self.pool.execute(
+            "UPDATE ledger.refunds SET provider_state = 'DONE', provider_refund_id = $2, "
+            "provider_attempts = provider_attempts + 1, provider_error = '' "
+            "WHERE refund_id = $1 AND provider_state = 'PENDING'", refund_id,
+            provider_refund_id)
+
+    async def provider_refund_failed(self, refund_id: str, error: str) -> None:
+        """The provider could not be asked (or refused for now): tried again later."""
+        await self.pool.execute(
+            "UPDATE ledger.refunds SET provider_attempts = provider_attempts + 1, "
+            "provider_error = $2 WHERE refund_id = $1 AND provider_state = 'PENDING'",
+            refund_id, error[:500])
 
     # -- automatic top-up ------------------------------------------------------------------
 
@@ -467,6 +492,7 @@ class PaymentStore:
 
     async def get_auto_top_up(self, org_id: str) -> p.AutoTopUp:
         """An org's configuration (disabled if never set)."""
+        d.raise_if([d.check_id("org_id", org_id)])
         async with self.pool.acquire() as conn:
             return await self._top_up_config(conn, org_id) or p.AutoTopUp(
                 org_id, False, 0, 0)

@@ -6,6 +6,8 @@
   on the event: a redelivered webhook finds its row and changes nothing (exactly once).
 - At most one automatic top-up is in flight per org: a unique index over PENDING AUTO_TOP_UP
   orders, so even racing workers on several replicas cannot open a second one.
+- A refund's credit is reversed first; the money goes back through the provider after the
+  commit (no lock is held during a network call), retried until the provider confirms it.
 - `auto_top_ups` is an org's configuration plus the counters its rules need (consecutive
   failures, the day a max_per_day refusal was last reported).
 
@@ -92,13 +94,20 @@ def upgrade() -> None:
             reversed_micros        bigint NOT NULL,
             bonus_forfeited_micros bigint NOT NULL,
             provider_refund_minor  bigint NOT NULL,
-            provider_refund_id     text NOT NULL,
+            -- the money's way back: PENDING until the provider confirms (retried), DONE, or
+            -- NONE when there is nothing to return through a provider (manual, zero)
+            provider_state         text NOT NULL,
+            provider_refund_id     text NOT NULL DEFAULT '',
+            provider_attempts      integer NOT NULL DEFAULT 0,
+            provider_error         text NOT NULL DEFAULT '',
             transfer_id            text NOT NULL,
             reason                 text NOT NULL,
             actor                  text NOT NULL,
             created_at             timestamptz NOT NULL
         );
         CREATE INDEX refunds_order ON ledger.refunds (payment_order_id);
+        CREATE INDEX refunds_provider_pending ON ledger.refunds (created_at)
+            WHERE provider_state = 'PENDING';
 
         CREATE TABLE ledger.auto_top_ups (
             org_id               text PRIMARY KEY,
