@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from tally.kit.errors import Reason, TallyError
@@ -170,3 +172,19 @@ async def test_bad_input_names_the_field_and_writes_nothing(tally: TallyClient) 
     assert caught.value.reason is Reason.NOT_FOUND
     report = await tally.ledger.VerifyLedger(pb.VerifyLedgerRequest())
     assert report.ok and report.entries_checked == 0
+
+
+async def test_a_failing_stream_raises_tally_error_like_a_unary_call(tally: TallyClient) -> None:
+    bad = pb.StreamEventsRequest(types=[99])  # type: ignore[list-item]
+    with pytest.raises(TallyError) as read:
+        await tally.ledger.StreamEvents(bad).read()
+    with pytest.raises(TallyError) as iterated:
+        async for _ in tally.ledger.StreamEvents(bad):
+            pass
+    for caught in (read, iterated):
+        assert (caught.value.reason, caught.value.field) == (Reason.INVALID_ARGUMENT, "types")
+    stream = tally.ledger.StreamEvents(pb.StreamEventsRequest())
+    assert stream.cancel()  # control still reaches the real call
+    with pytest.raises(asyncio.CancelledError):
+        await stream.read()
+    assert stream.cancelled()

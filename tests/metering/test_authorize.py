@@ -8,7 +8,6 @@ import random
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
-import grpc
 import pytest
 
 from services.metering.spend_store import SpendStore
@@ -247,12 +246,12 @@ async def test_each_alarm_threshold_fires_once_per_period_even_across_a_restart(
                 after_sequence=streamed[0].sequence)):
             assert [e.threshold_percent for e in message.events] == [80, 100]
             break
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
+        with pytest.raises(TallyError) as caught:
             async for _ in suite.client.metering.StreamEvents(mpb.StreamEventsRequest(
                     types=[99])):  # type: ignore[list-item]
                 pass
-        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-        assert (caught.value.details() or "").startswith("types[0]:")
+        assert (caught.value.reason, caught.value.field) == (Reason.INVALID_ARGUMENT,
+                                                             "types[0]")
     finally:
         await stop_suite(suite)
 

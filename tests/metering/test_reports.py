@@ -8,12 +8,10 @@ from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import grpc
 import pytest
 
 from tally.cli import usage as usage_cli
-from tally.kit import errors
-from tally.kit.errors import Reason
+from tally.kit.errors import Reason, TallyError
 from tally.metering.v1 import metering_pb2 as mpb
 from tests.metering.conftest import Suite
 from tests.metering.test_ingestion import ACCEPTED, usage
@@ -152,11 +150,10 @@ async def test_a_daily_label_export_keys_rows_by_the_label(suite: Suite) -> None
 async def test_bad_summary_exports_are_refused_naming_the_field(
     suite: Suite, fields: dict[str, object], field: str,
 ) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:  # streams surface the raw status
+    with pytest.raises(TallyError) as caught:  # streams raise TallyError like unary calls
         async for _ in suite.client.metering.ExportUsage(mpb.ExportUsageRequest(**fields)):
             pass
-    error = errors.from_rpc_error(caught.value)
-    assert error is not None
+    error = caught.value
     assert error.reason is Reason.INVALID_ARGUMENT
     assert error.message.startswith(f"{field}:"), error.message
 

@@ -2,14 +2,15 @@
 
 `TallyClient` opens one channel per service and exposes the generated, typed stubs
 (`client.ledger.GetBalance(...)`). Every call carries the caller's identity (`x-tally-actor`)
-and the current trace context, and a failed call raises `TallyError` with the server's stable
-reason instead of a bare `AioRpcError`, so callers write `except TallyError as e: if e.reason
-is Reason.INSUFFICIENT_CREDITS`.
+and the current trace context, and a failed call (unary, or a stream while it is read, written
+or awaited) raises `TallyError` with the server's stable reason instead of a bare
+`AioRpcError`, so callers write `except TallyError as e: if e.reason is
+Reason.INSUFFICIENT_CREDITS`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
 from types import TracebackType
 from typing import Any, Self
 
@@ -60,12 +61,110 @@ class _TallyErrors(grpc.aio.UnaryUnaryClientInterceptor):
         return call
 
 
-class _ActorOnStreams(
+def _translated(exc: grpc.aio.AioRpcError) -> Exception:
+    """The TallyError a failed call carries, else the call's own error."""
+    return errors.from_rpc_error(exc) or exc
+
+
+class _StreamCall:
+    """A streaming call whose failures surface as `TallyError`, like unary calls'; control
+    (cancel, metadata, status) goes to the real call."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def cancel(self) -> bool:
+        return bool(self._call.cancel())
+
+    def cancelled(self) -> bool:
+        return bool(self._call.cancelled())
+
+    def done(self) -> bool:
+        return bool(self._call.done())
+
+    def add_done_callback(self, callback: Any) -> None:
+        self._call.add_done_callback(callback)
+
+    def time_remaining(self) -> float | None:
+        remaining: float | None = self._call.time_remaining()
+        return remaining
+
+    async def initial_metadata(self) -> Any:
+        return await self._call.initial_metadata()
+
+    async def trailing_metadata(self) -> Any:
+        return await self._call.trailing_metadata()
+
+    async def code(self) -> grpc.StatusCode:
+        code: grpc.StatusCode = await self._call.code()
+        return code
+
+    async def details(self) -> str:
+        return str(await self._call.details())
+
+    async def debug_error_string(self) -> str:
+        return str(await self._call.debug_error_string())
+
+    async def wait_for_connection(self) -> None:
+        await self._call.wait_for_connection()
+
+    async def read(self) -> Any:
+        try:
+            return await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise _translated(exc) from exc
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._responses()
+
+    async def _responses(self) -> AsyncIterator[Any]:
+        try:
+            async for response in self._call:
+                yield response
+        except grpc.aio.AioRpcError as exc:
+            raise _translated(exc) from exc
+
+    async def write(self, request: Any) -> None:
+        try:
+            await self._call.write(request)
+        except grpc.aio.AioRpcError as exc:
+            raise _translated(exc) from exc
+
+    async def done_writing(self) -> None:
+        try:
+            await self._call.done_writing()
+        except grpc.aio.AioRpcError as exc:
+            raise _translated(exc) from exc
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._response().__await__()
+
+    async def _response(self) -> Any:
+        try:
+            return await self._call
+        except grpc.aio.AioRpcError as exc:
+            raise _translated(exc) from exc
+
+
+class _UnaryStream(_StreamCall, grpc.aio.UnaryStreamCall[Any, Any]):
+    """A server-streaming call."""
+
+
+class _StreamUnary(_StreamCall, grpc.aio.StreamUnaryCall[Any, Any]):
+    """A client-streaming call."""
+
+
+class _StreamStream(_StreamCall, grpc.aio.StreamStreamCall[Any, Any]):
+    """A bidirectional call."""
+
+
+class _Streams(
     grpc.aio.UnaryStreamClientInterceptor,
     grpc.aio.StreamStreamClientInterceptor,
     grpc.aio.StreamUnaryClientInterceptor,
 ):
-    """Adds the actor to streaming calls (their errors surface while iterating)."""
+    """Adds the actor to streaming calls, and raises their failures as `TallyError` (where
+    they surface: while reading, writing or awaiting the response)."""
 
     def __init__(self, actor: str) -> None:
         self._actor = actor
@@ -73,17 +172,20 @@ class _ActorOnStreams(
     async def intercept_unary_stream(
         self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
     ) -> Any:
-        return await continuation(_with_actor(client_call_details, self._actor), request)
+        return _UnaryStream(await continuation(_with_actor(client_call_details, self._actor),
+                                               request))
 
     async def intercept_stream_unary(
         self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, requests: Any
     ) -> Any:
-        return await continuation(_with_actor(client_call_details, self._actor), requests)
+        return _StreamUnary(await continuation(_with_actor(client_call_details, self._actor),
+                                               requests))
 
     async def intercept_stream_stream(
         self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, requests: Any
     ) -> Any:
-        return await continuation(_with_actor(client_call_details, self._actor), requests)
+        return _StreamStream(await continuation(_with_actor(client_call_details, self._actor),
+                                                requests))
 
 
 class TallyClient:
@@ -97,7 +199,7 @@ class TallyClient:
         interceptors: list[Any] = [
             *aio_client_interceptors(),  # type: ignore[no-untyped-call]
             _TallyErrors(actor),
-            _ActorOnStreams(actor),
+            _Streams(actor),
         ]
         self._channels = {
             service: grpc.aio.insecure_channel(
