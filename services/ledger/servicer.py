@@ -163,6 +163,15 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         order = await self.payments.store.get_order(request.org_id, request.payment_order_id)
         return pb.GetPaymentOrderResponse(order=pay_convert.order(order))
 
+    async def ListPaymentOrders(self, request: pb.ListPaymentOrdersRequest, context: Context
+                                ) -> pb.ListPaymentOrdersResponse:
+        orders, token = await self.payments.store.list_orders(
+            request.org_id, states=pay_convert.states_in(request.states),
+            kinds=pay_convert.kinds_in(request.kinds), size=request.page_size,
+            token=request.page_token)
+        return pb.ListPaymentOrdersResponse(orders=[pay_convert.order(o) for o in orders],
+                                            next_page_token=token)
+
     async def ConfirmPayment(self, request: pb.ConfirmPaymentRequest, context: Context
                              ) -> pb.ConfirmPaymentResponse:
         first, order = await self.payments.confirm(request.provider, request.payload,

@@ -314,3 +314,17 @@ async def test_top_up_set_refuses_an_incomplete_or_out_of_range_configuration(
     assert too_many.err.startswith("INVALID_ARGUMENT: ") and "max_per_day" in too_many.err
     assert not (await shop.tally.ledger.GetAutoTopUp(
         pb.GetAutoTopUpRequest(org_id=ORG))).auto_top_up.enabled
+
+
+async def test_orders_lists_an_orgs_orders_newest_first(shop: Shop) -> None:
+    for order_id in ("po-a", "po-b"):
+        await shop.purchase(order_id, org=ORG)
+    await shop.pay(await shop.order("po-b", ORG))
+    listed = await tally(shop, "orders", ORG)
+    assert listed.exit_code == 0, listed.err
+    lines = [line for line in listed.out.splitlines() if "po-" in line]
+    assert [line.split()[1:3] for line in lines] == [["po-b", "SUCCEEDED"], ["po-a", "PENDING"]]
+    only = await tally(shop, "orders", ORG, "--state", "pending")
+    assert [line.split()[1] for line in only.out.splitlines() if "po-" in line] == ["po-a"]
+    bad = await tally(shop, "orders", ORG, "--state", "lost")
+    assert bad.exit_code == 2 and "unknown state" in bad.err

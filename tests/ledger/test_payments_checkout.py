@@ -325,3 +325,28 @@ async def test_a_provider_that_duplicates_and_reorders_every_webhook_credits_eac
         assert (await shop.balance()).posted_micros == 10 * (PACKAGE_CREDITS + PACKAGE_BONUS)
         assert await shop.db.fetchval("SELECT count(*) FROM ledger.provider_events") == len(
             shop.provider.events)
+
+
+async def test_an_orgs_orders_are_listed_newest_first_filtered_and_paged(shop: Shop) -> None:
+    for i in range(5):
+        await shop.purchase(f"po-{i}")
+    await shop.pay(await shop.order("po-1"))
+    await shop.pay(await shop.order("po-3"), DECLINED_CARD)
+    await shop.purchase("po-other", org="globex")
+
+    async def listed(**fields: object) -> tuple[list[str], str]:
+        reply = await shop.tally.ledger.ListPaymentOrders(pb.ListPaymentOrdersRequest(
+            org_id="acme", **fields))  # type: ignore[arg-type]
+        return [o.payment_order_id for o in reply.orders], reply.next_page_token
+
+    everything, _ = await listed()
+    assert everything == ["po-4", "po-3", "po-2", "po-1", "po-0"]
+    first, token = await listed(page_size=2)
+    second, token2 = await listed(page_size=2, page_token=token)
+    third, last = await listed(page_size=2, page_token=token2)
+    assert (first + second + third, last) == (everything, "")
+    assert (await listed(states=[pb.PAYMENT_ORDER_STATE_SUCCEEDED]))[0] == ["po-1"]
+    assert (await listed(kinds=[pb.PAYMENT_ORDER_KIND_MANUAL]))[0] == []
+    with pytest.raises(TallyError) as caught:
+        await listed(page_token="not-ours")
+    assert (caught.value.reason, caught.value.field) == (Reason.INVALID_ARGUMENT, "page_token")

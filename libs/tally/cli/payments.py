@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from html.parser import HTMLParser
@@ -209,6 +209,35 @@ async def get_order(config: KitConfig, org: str, order_id: str) -> pb.PaymentOrd
     return reply.order
 
 
+def _orders_page(request: pb.ListPaymentOrdersRequest
+                 ) -> Callable[[Ledger], Awaitable[pb.ListPaymentOrdersResponse]]:
+    return lambda ledger: ledger.ListPaymentOrders(request)
+
+
+async def list_orders(config: KitConfig, org: str, *, states: Sequence[str] = ()
+                      ) -> list[pb.PaymentOrder]:
+    """Prints an org's payment orders, newest first, a line each (every page)."""
+    wanted = [pb.PaymentOrderState.Value(f"PAYMENT_ORDER_STATE_{s.upper()}") for s in states]
+    found: list[pb.PaymentOrder] = []
+    token = ""
+    while True:
+        request = pb.ListPaymentOrdersRequest(org_id=org, states=wanted, page_token=token)
+        reply = await _call(config, _orders_page(request))
+        found.extend(reply.orders)
+        token = reply.next_page_token
+        if not token:
+            break
+    if not found:
+        typer.echo(f"no payment orders for {org}")
+    for order in found:
+        kind = _name(pb.PaymentOrderKind, "PAYMENT_ORDER_KIND_", order.kind).lower()
+        typer.echo(f"{_when(order.created_at)}  {order.payment_order_id:<28} "
+                   f"{state_name(order):<18} {kind:<11} "
+                   f"{format_money(order.amount_minor, order.currency):>12}  "
+                   f"{_credits(order.credits_micros, order.bonus_credits_micros)}")
+    return found
+
+
 async def record_manual_payment(config: KitConfig, org: str, *, amount_minor: int,
                                 currency: str, credits_micros: int, bonus_micros: int,
                                 reference: str, method: pb.ManualPaymentMethod.ValueType,
@@ -386,6 +415,20 @@ def register(parent: typer.Typer, get_config: Callable[[], KitConfig]) -> None:
     def order_command(org: OrgArgument, order_id: OrderIdArgument) -> None:
         """Print a payment order: state, amounts, refunds, failure reason, transfer."""
         asyncio.run(get_order(get_config(), org, order_id))
+
+    @parent.command("orders")
+    def orders_command(
+        org: OrgArgument,
+        state: Annotated[list[str] | None, typer.Option(
+            help="Only this state (repeatable): pending, succeeded, failed, canceled, "
+                 "refunded, partially-refunded.")] = None,
+    ) -> None:
+        """List an org's payment orders, newest first."""
+        states = [s.replace("-", "_") for s in state or []]
+        for s in states:
+            if f"PAYMENT_ORDER_STATE_{s.upper()}" not in pb.PaymentOrderState.keys():
+                raise typer.BadParameter(f"unknown state {s!r}", param_hint="--state")
+        asyncio.run(list_orders(get_config(), org, states=states))
 
     @parent.command("pay")
     def pay_command(

@@ -11,6 +11,7 @@ confirms.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
@@ -21,6 +22,7 @@ from services.ledger.payments.provider import ProviderEvent, ProviderEventType
 from services.ledger.store import LedgerStore, Work
 from tally.kit.errors import Reason, TallyError
 from tally.kit.log import get_logger
+from tally.kit.paging import DEFAULT_PAGE_SIZE, decode_cursor, encode_cursor, page_problems
 
 if TYPE_CHECKING:
     from services.ledger.store import Connection, Row
@@ -126,12 +128,28 @@ class PaymentStore:
             raise _not_found(order_id)
         return order
 
-    async def list_orders(self, org_id: str, limit: int = 100) -> list[p.PaymentOrder]:
-        """An org's orders, newest first."""
+    async def list_orders(self, org_id: str, *, states: Sequence[p.PaymentOrderState] = (),
+                          kinds: Sequence[p.PaymentOrderKind] = (), size: int = 0,
+                          token: str = "") -> tuple[list[p.PaymentOrder], str]:
+        """An org's orders, newest first, keyset-paged on (created_at, id)."""
+        d.raise_if([d.check_id("org_id", org_id), *page_problems(size, "", "offset")])
+        after = decode_cursor(token, "orders")
+        limit = size or DEFAULT_PAGE_SIZE
+        before_at = datetime.fromisoformat(str(after[0])) if after else None
+        before_id = str(after[1]) if after else ""
         rows = await self.pool.fetch(
             "SELECT * FROM ledger.payment_orders WHERE org_id = $1 "
-            "ORDER BY created_at DESC, payment_order_id LIMIT $2", org_id, limit)
-        return [_order(r) for r in rows]
+            "AND (cardinality($2::text[]) = 0 OR state = ANY($2::text[])) "
+            "AND (cardinality($3::text[]) = 0 OR kind = ANY($3::text[])) "
+            "AND ($4::timestamptz IS NULL OR (created_at, payment_order_id) < ($4, $5)) "
+            "ORDER BY created_at DESC, payment_order_id DESC LIMIT $6",
+            org_id, [s.value for s in states], [k.value for k in kinds], before_at, before_id,
+            limit + 1)
+        found = [_order(r) for r in rows[:limit]]
+        last = found[-1] if found and len(rows) > limit else None
+        next_token = (encode_cursor("orders", last.created_at.isoformat(),
+                                    last.payment_order_id) if last else "")
+        return found, next_token
 
     async def history(self, order_id: str) -> list[tuple[str, str, str, datetime]]:
         """An order's audit trail: (state, actor, cause, at), oldest first."""

@@ -1948,6 +1948,76 @@ class GetPaymentOrderResponse(_message.Message):
 Global___GetPaymentOrderResponse: _TypeAlias = GetPaymentOrderResponse  # noqa: Y015
 
 @_typing.final
+class ListPaymentOrdersRequest(_message.Message):
+    """Request of ListPaymentOrders."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
+    KINDS_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    org_id: _builtins.str
+    """Org whose orders to list."""
+    page_size: _builtins.int
+    """Max orders per page: default 100, at most 1000."""
+    page_token: _builtins.str
+    """Token from a previous response; empty = first page. Filters must not change."""
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[Global___PaymentOrderState.ValueType]:
+        """Only orders in these states; empty = all."""
+
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___PaymentOrderKind.ValueType]:
+        """Only orders of these kinds; empty = all."""
+
+    def __init__(
+        self,
+        *,
+        org_id: _builtins.str = ...,
+        states: _abc.Iterable[Global___PaymentOrderState.ValueType] | None = ...,
+        kinds: _abc.Iterable[Global___PaymentOrderKind.ValueType] | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kinds", b"kinds", "org_id", b"org_id", "page_size", b"page_size", "page_token", b"page_token", "states", b"states"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPaymentOrdersRequest: _TypeAlias = ListPaymentOrdersRequest  # noqa: Y015
+
+@_typing.final
+class ListPaymentOrdersResponse(_message.Message):
+    """Response of ListPaymentOrders."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDERS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty = last page."""
+    @_builtins.property
+    def orders(self) -> _containers.RepeatedCompositeFieldContainer[Global___PaymentOrder]:
+        """Orders, newest first."""
+
+    def __init__(
+        self,
+        *,
+        orders: _abc.Iterable[Global___PaymentOrder] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "orders", b"orders"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPaymentOrdersResponse: _TypeAlias = ListPaymentOrdersResponse  # noqa: Y015
+
+@_typing.final
 class ConfirmPaymentRequest(_message.Message):
     """Request of ConfirmPayment."""
 

@@ -110,6 +110,11 @@ class LedgerServiceStub:
                 request_serializer=tally_dot_ledger_dot_v1_dot_ledger__pb2.GetPaymentOrderRequest.SerializeToString,
                 response_deserializer=tally_dot_ledger_dot_v1_dot_ledger__pb2.GetPaymentOrderResponse.FromString,
                 _registered_method=True)
+        self.ListPaymentOrders = channel.unary_unary(
+                '/tally.ledger.v1.LedgerService/ListPaymentOrders',
+                request_serializer=tally_dot_ledger_dot_v1_dot_ledger__pb2.ListPaymentOrdersRequest.SerializeToString,
+                response_deserializer=tally_dot_ledger_dot_v1_dot_ledger__pb2.ListPaymentOrdersResponse.FromString,
+                _registered_method=True)
         self.ConfirmPayment = channel.unary_unary(
                 '/tally.ledger.v1.LedgerService/ConfirmPayment',
                 request_serializer=tally_dot_ledger_dot_v1_dot_ledger__pb2.ConfirmPaymentRequest.SerializeToString,
@@ -274,6 +279,13 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPaymentOrders(self, request, context):
+        """Lists an org's payment orders, newest first, optionally only some states and kinds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ConfirmPayment(self, request, context):
         """Webhook confirmation over gRPC, for providers or gateways that cannot call the HTTP
         endpoint. Same verification as HTTP: HMAC-SHA256 over "<timestamp>.<body>", constant-time
@@ -411,6 +423,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.GetPaymentOrder,
                     request_deserializer=tally_dot_ledger_dot_v1_dot_ledger__pb2.GetPaymentOrderRequest.FromString,
                     response_serializer=tally_dot_ledger_dot_v1_dot_ledger__pb2.GetPaymentOrderResponse.SerializeToString,
+            ),
+            'ListPaymentOrders': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPaymentOrders,
+                    request_deserializer=tally_dot_ledger_dot_v1_dot_ledger__pb2.ListPaymentOrdersRequest.FromString,
+                    response_serializer=tally_dot_ledger_dot_v1_dot_ledger__pb2.ListPaymentOrdersResponse.SerializeToString,
             ),
             'ConfirmPayment': grpc.unary_unary_rpc_method_handler(
                     servicer.ConfirmPayment,
@@ -854,6 +871,33 @@ class LedgerService:
             '/tally.ledger.v1.LedgerService/GetPaymentOrder',
             tally_dot_ledger_dot_v1_dot_ledger__pb2.GetPaymentOrderRequest.SerializeToString,
             tally_dot_ledger_dot_v1_dot_ledger__pb2.GetPaymentOrderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPaymentOrders(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.ledger.v1.LedgerService/ListPaymentOrders',
+            tally_dot_ledger_dot_v1_dot_ledger__pb2.ListPaymentOrdersRequest.SerializeToString,
+            tally_dot_ledger_dot_v1_dot_ledger__pb2.ListPaymentOrdersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -108,6 +108,8 @@ class LedgerServiceStub:
     """
     GetPaymentOrder: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetPaymentOrderRequest, _ledger_pb2.GetPaymentOrderResponse]
     """Returns one payment order."""
+    ListPaymentOrders: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListPaymentOrdersRequest, _ledger_pb2.ListPaymentOrdersResponse]
+    """Lists an org's payment orders, newest first, optionally only some states and kinds."""
     ConfirmPayment: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ConfirmPaymentRequest, _ledger_pb2.ConfirmPaymentResponse]
     """Webhook confirmation over gRPC, for providers or gateways that cannot call the HTTP
     endpoint. Same verification as HTTP: HMAC-SHA256 over "<timestamp>.<body>", constant-time
@@ -201,6 +203,8 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """
     GetPaymentOrder: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetPaymentOrderRequest, _ledger_pb2.GetPaymentOrderResponse]  # type: ignore[assignment]
     """Returns one payment order."""
+    ListPaymentOrders: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListPaymentOrdersRequest, _ledger_pb2.ListPaymentOrdersResponse]  # type: ignore[assignment]
+    """Lists an org's payment orders, newest first, optionally only some states and kinds."""
     ConfirmPayment: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ConfirmPaymentRequest, _ledger_pb2.ConfirmPaymentResponse]  # type: ignore[assignment]
     """Webhook confirmation over gRPC, for providers or gateways that cannot call the HTTP
     endpoint. Same verification as HTTP: HMAC-SHA256 over "<timestamp>.<body>", constant-time
@@ -381,6 +385,14 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.GetPaymentOrderResponse, _abc.Awaitable[_ledger_pb2.GetPaymentOrderResponse]]:
         """Returns one payment order."""
+
+    @_abc_1.abstractmethod
+    def ListPaymentOrders(
+        self,
+        request: _ledger_pb2.ListPaymentOrdersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.ListPaymentOrdersResponse, _abc.Awaitable[_ledger_pb2.ListPaymentOrdersResponse]]:
+        """Lists an org's payment orders, newest first, optionally only some states and kinds."""
 
     @_abc_1.abstractmethod
     def ConfirmPayment(
