@@ -67,6 +67,13 @@ def _auto_top_up(r: Row) -> p.AutoTopUp:
                        r["payment_method_id"], r["updated_at"], r["updated_by"])
 
 
+async def _lock_top_up(conn: Connection, org_id: str) -> None:
+    """Locks an org's top-up configuration (if any) ahead of its accounts: every transaction
+    that takes both takes them in this order, so none waits for another in a cycle."""
+    await conn.execute("SELECT 1 FROM ledger.auto_top_ups WHERE org_id = $1 FOR UPDATE",
+                       org_id)
+
+
 def _not_found(order_id: str) -> TallyError:
     return TallyError(Reason.NOT_FOUND, f"payment_order_id: no order {order_id!r}",
                       field="payment_order_id")
@@ -205,6 +212,7 @@ class PaymentStore:
         """Grants an order's credit (PURCHASE, and BONUS as its own grant) and marks it
         SUCCEEDED; lifts a throttle that failed top-ups put on the org."""
         org, order_id = order.org_id, order.payment_order_id
+        await _lock_top_up(work.conn, org)
         await work.lock_orgs([org], open_missing=True)
         purchase_id = p.purchase_transfer_id(order_id)
         for transfer_id, kind, amount in (
@@ -242,7 +250,8 @@ class PaymentStore:
             "WITH old AS (SELECT org_id, throttling FROM ledger.auto_top_ups "
             "WHERE org_id = $1 FOR UPDATE) "
             "UPDATE ledger.auto_top_ups t SET consecutive_failures = 0, throttling = false "
-            "FROM old WHERE t.org_id = old.org_id RETURNING old.throttling", org)
+            "FROM old WHERE t.org_id = old.org_id "
+            "AND (t.consecutive_failures > 0 OR t.throttling) RETURNING old.throttling", org)
         account = work.org(org)
         if (was_throttling and account.pinned
                 and account.billing_state is d.BillingState.THROTTLED
@@ -330,6 +339,7 @@ class PaymentStore:
         """A refused payment: a checkout stays open for another card (final=False); an
         automatic top-up fails, and enough failures in a row throttle the org."""
         conn, org = work.conn, order.org_id
+        await _lock_top_up(conn, org)
         failed = replace(order, failure_reason=reason,
                          state=p.PaymentOrderState.FAILED if final else order.state,
                          settled_at=work.now if final else None)
