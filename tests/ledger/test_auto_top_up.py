@@ -217,3 +217,25 @@ async def test_an_order_opened_before_a_crash_is_charged_once_after_it(shop: Sho
     charges = [e for e in shop.provider.events if e["type"] == "payment_intent.succeeded"]
     assert len(charges) == 1
     assert (await shop.balance()).posted_micros == 1500 * CREDIT + PACKAGE_CREDITS + PACKAGE_BONUS
+
+
+async def test_many_orgs_topping_up_while_they_spend_each_get_one_paid_top_up(shop: Shop
+                                                                              ) -> None:
+    orgs = [f"org-{i}" for i in range(10)]
+    for org in orgs:
+        await fund(shop, 1500, org)
+        await configure(shop, f"cfg-{org}", org)
+    # usage, webhooks crediting top-ups and the follower all touch the same orgs at once
+    await asyncio.gather(*(debit_burst(shop, 200, 5, org, prefix=org) for org in orgs))
+    for org in orgs:
+        async def paid(org: str = org) -> bool:
+            orders = await top_up_orders(shop, org)
+            return [o.state for o in orders] == [pb.PAYMENT_ORDER_STATE_SUCCEEDED]
+        await eventually(paid, f"the top-up of {org}")
+    await caught_up(shop)
+    for org in orgs:
+        assert len(await top_up_orders(shop, org)) == 1
+        balance = await shop.balance(org)
+        assert balance.posted_micros == 500 * CREDIT + PACKAGE_CREDITS + PACKAGE_BONUS
+    verified = await shop.tally.ledger.VerifyLedger(pb.VerifyLedgerRequest())
+    assert verified.ok, verified.detail
