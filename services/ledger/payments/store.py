@@ -539,6 +539,15 @@ class PaymentStore:
             org_ids)
         return {r["org_id"]: _auto_top_up(r) for r in rows}
 
+    async def available_now(self, org_ids: list[str]) -> dict[str, int]:
+        """Each org's available credit as committed now (0 for an org without accounts)."""
+        rows = await self.pool.fetch(
+            "SELECT org_id, balance_micros - held_micros AS available FROM ledger.accounts "
+            "WHERE kind = 'ORG_CREDIT' AND account_id = ANY($1::text[])",
+            [d.credit_account(o) for o in org_ids])
+        found = {r["org_id"]: r["available"] for r in rows}
+        return {org: found.get(org, 0) for org in org_ids}
+
     async def note_threshold(self, org_id: str, available: int, caller: d.Caller) -> None:
         """Emits LOW_BALANCE when an org's available credit is first seen below its top-up
         threshold (and re-arms when it is seen above it again)."""

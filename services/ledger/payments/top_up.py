@@ -2,10 +2,11 @@
 org whose available credit is below its threshold.
 
 Events are read from the outbox after a cursor kept in the database, so a restart (or another
-replica) resumes where the last one stopped. Whether to top up is decided again under a lock on
-the org's configuration with its current balance (events may be stale), so a burst of events
-crossing the threshold opens one order; a unique index makes a second in-flight order
-impossible even across replicas.
+replica) resumes where the last one stopped. They only say which orgs to look at: the balance
+compared with the threshold is the one in the accounts now, and whether to top up is decided
+again under a lock on the org's configuration, so a burst of events crossing the threshold
+opens one order; a unique index makes a second in-flight order impossible even across
+replicas.
 """
 
 from __future__ import annotations
@@ -46,13 +47,17 @@ class TopUpWorker:
                                                 self.page)
         if not events:
             return 0
-        latest = {e.org_id: e.available_micros_after for e in events}
-        for org, config in (await self.store.enabled_top_ups(list(latest))).items():
-            await self.store.note_threshold(org, latest[org], CALLER)
-            if latest[org] < config.threshold_micros:
+        # The events say which orgs' balances moved; what each balance is now is read from the
+        # accounts (an org's events need not arrive in the order its transactions committed).
+        orgs = list(dict.fromkeys(e.org_id for e in events))
+        configs = await self.store.enabled_top_ups(orgs)
+        available = await self.store.available_now(list(configs))
+        for org, config in configs.items():
+            await self.store.note_threshold(org, available[org], CALLER)
+            if available[org] < config.threshold_micros:
                 decision = await self.payments.top_up(config, CALLER)
                 log.info("top_up_considered", org_id=org, decision=decision.value,
-                         available_micros=latest[org])
+                         available_micros=available[org])
         await self.store.advance(TOP_UP_CURSOR, events[-1].sequence)
         return len(events)
 
