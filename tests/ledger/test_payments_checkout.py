@@ -350,3 +350,38 @@ async def test_an_orgs_orders_are_listed_newest_first_filtered_and_paged(shop: S
     with pytest.raises(TallyError) as caught:
         await listed(page_token="not-ours")
     assert (caught.value.reason, caught.value.field) == (Reason.INVALID_ARGUMENT, "page_token")
+
+
+async def test_an_orgs_events_arrive_in_the_order_its_balance_changed(shop: Shop) -> None:
+    await shop.tally.ledger.Transfer(pb.TransferRequest(
+        transfer_id="promo-1", org_id="acme", kind=pb.TRANSFER_KIND_PROMOTIONAL_GRANT,
+        amount_micros=10 * CREDIT, reason="welcome"))
+    order = await shop.purchase("po-1")
+    # The webhook's transaction begins, then waits on the order's row; meanwhile a debit of
+    # the same org begins after it and commits before it.
+    async with shop.db.acquire() as blocker, blocker.transaction():
+        await blocker.execute("SELECT 1 FROM ledger.payment_orders "
+                              "WHERE payment_order_id = 'po-1' FOR UPDATE")
+        form = {"card_number": "4242424242424242", "expiry": "12/40", "cvc": "123",
+                "name": "Ada"}
+        async with shop.http.post(f"{order.checkout_url}/pay", data=form,
+                                  allow_redirects=False) as reply:
+            assert reply.status == 303
+        await eventually(lambda: shop.db.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE '%payment_orders%FOR UPDATE%'"), "the webhook to wait on the lock")
+        await shop.tally.ledger.Transfer(pb.TransferRequest(
+            transfer_id="usage-1", org_id="acme", kind=pb.TRANSFER_KIND_USAGE,
+            amount_micros=1 * CREDIT))
+    await shop.provider.settled()
+
+    async def sealed() -> list[int]:
+        if await shop.db.fetchval("SELECT count(*) FROM ledger.outbox WHERE sequence IS NULL"):
+            return []
+        rows = await shop.db.fetch(
+            "SELECT available_micros_after FROM ledger.outbox WHERE org_id = 'acme' "
+            "AND type = 'BALANCE_CHANGED' ORDER BY sequence")
+        return [r["available_micros_after"] // CREDIT for r in rows]
+    assert await eventually(sealed, "the events to be sealed") == [
+        10, 9, 9 + (PACKAGE_CREDITS + PACKAGE_BONUS) // CREDIT]
+    assert (await shop.balance()).available_micros == 9 * CREDIT + PACKAGE_CREDITS + PACKAGE_BONUS

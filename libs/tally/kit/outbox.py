@@ -1,10 +1,16 @@
 """Transactional outboxes, one way for every service.
 
-A service writes outbox rows in the same transaction as the change they announce; each row
-records its transaction id (`txid`, default pg_current_xact_id()). `seal` gives sequences only
-to rows of transactions older than every transaction still running, in (txid, id) order, so
-sequences only ever grow in commit-safe order and a consumer resuming "after N" misses nothing,
-without writers taking any shared lock. One sealer runs at a time per table.
+A service writes outbox rows in the same transaction as the change they announce. `seal` gives
+sequences to the rows it can see, which are committed ones, in the order of their `id` (taken
+when the row was inserted), continuing after the highest sequence given so far. So:
+- a consumer resuming "after N" misses nothing: a row committed later is sealed later, with a
+  higher sequence, whatever its id;
+- the events of one subject (an org's balance, a budget) arrive in the order their transactions
+  committed: writers insert a subject's row while holding the subject's row lock, so a later
+  writer's row has a higher id and is committed after the earlier one is visible. (Ordering by
+  transaction id instead would put a transaction that began first but waited, for a lock,
+  before one that committed ahead of it.)
+Writers take no shared lock; one sealer runs at a time per table.
 """
 
 from __future__ import annotations
@@ -23,11 +29,10 @@ async def seal(pool: asyncpg.Pool, table: str, limit: int = 5000) -> int:
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", lock_key):
             return 0
         ready = await conn.fetchrow(
-            "SELECT array_agg(id ORDER BY txid, id) AS ids, "
+            "SELECT array_agg(id ORDER BY id) AS ids, "
             "extract(epoch FROM now() - min(occurred_at))::float8 AS lag "
-            f"FROM (SELECT id, txid, occurred_at FROM {table} "
-            "WHERE sequence IS NULL AND txid < pg_snapshot_xmin(pg_current_snapshot()) "
-            "ORDER BY txid, id LIMIT $1) AS ready", limit)
+            f"FROM (SELECT id, occurred_at FROM {table} WHERE sequence IS NULL "
+            "ORDER BY id LIMIT $1) AS ready", limit)
         ids, lag = (ready["ids"], ready["lag"]) if ready else (None, None)
         if not ids:
             return 0
