@@ -1,7 +1,8 @@
 """Payment commands of the `tally` CLI: buying credit and what follows it.
 
-`tally purchase`, `tally order`, `tally pay` (the local test provider's checkout form),
-`tally manual-payment record|approve`, `tally refund`, `tally top-up show|set`.
+`tally purchase`, `tally orders`, `tally order`, `tally pay` (the local test provider's
+checkout form), `tally manual-payment record|approve`, `tally refund`, `tally top-up
+show|set`.
 
 Credits are parsed and printed as credits ("12.5", exact micro-credits); money as an amount of
 the currency ("20.00" USD = 2000 minor units). Writes carry an idempotency id (random unless
@@ -41,7 +42,6 @@ CHECKOUT_TIMEOUT_S: Final = 30.0
 """How long `tally pay` waits for the checkout page to answer."""
 DEFAULT_MAX_TOP_UPS_PER_DAY: Final = 1
 
-# ISO 4217 currencies whose minor unit is not 1/100.
 top_up_app = typer.Typer(help="Automatic top-up: buy credit when the balance runs low.",
                          no_args_is_help=True)
 manual_app = typer.Typer(help="Payments received outside checkout (bank transfer, invoice): "
