@@ -17,13 +17,13 @@ import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import asyncpg
 
-from tally.kit.errors import FieldViolation, Reason, TallyError
-from tally.kit.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, decode_cursor, encode_cursor
+from tally.kit.errors import Reason, TallyError
+from tally.kit.paging import encode_time_cursor, time_cursor_page
 
 from .policies import (
     Budget,
@@ -42,7 +42,6 @@ from .policies import (
 )
 from .spend_store import budget_from_row, policy_from_row, quota_from_row
 
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _BUDGET_TIMES: Final = ("period_start", "period_end", "created_at", "updated_at")
 _QUOTA_TIMES: Final = ("created_at", "updated_at")
 
@@ -87,31 +86,6 @@ def _spec_body(spec: BudgetSpec | QuotaSpec) -> dict[str, Any]:
 def _not_found(what: str, field: str, wanted: str, org_id: str) -> TallyError:
     return TallyError(Reason.NOT_FOUND, f"{field}: no {what} {wanted!r} in org {org_id!r}",
                       field=field)
-
-
-def _position(at: datetime) -> int:
-    return (at - _EPOCH) // timedelta(microseconds=1)
-
-
-def _page(org_id: str, page_size: int, page_token: str, kind: str
-          ) -> tuple[int, tuple[datetime, str] | None]:
-    """Validated paging: (size, the (created_at, id) to continue after, or None)."""
-    problems = [check_id("org_id", org_id)]
-    if not 0 <= page_size <= MAX_PAGE_SIZE:
-        problems.append(FieldViolation(
-            "page_size", f"must be 0 (default {DEFAULT_PAGE_SIZE}) .. {MAX_PAGE_SIZE}"))
-    after = None
-    try:
-        cursor = decode_cursor(page_token, kind)
-        if cursor is not None:
-            micros, last_id = cursor
-            if not isinstance(micros, int) or not isinstance(last_id, str):
-                raise ValueError(page_token)
-            after = (_EPOCH + timedelta(microseconds=micros), last_id)
-    except (TallyError, ValueError, TypeError, OverflowError):
-        problems.append(FieldViolation("page_token", "is not a token this service issued"))
-    raise_if(problems)
-    return page_size or DEFAULT_PAGE_SIZE, after
 
 
 async def _claim(conn: Any, key: str, request_hash: str, request_id: str) -> str | None:
@@ -244,7 +218,8 @@ class PolicyStore:
                       ) -> tuple[list[BudgetSpend], str]:
         """A page of the org's live budgets by (created_at, budget_id), with their spend, and
         the token of the next page ("" after the last)."""
-        size, after = _page(org_id, page_size, page_token, "budgets")
+        size, after = time_cursor_page(page_size, page_token, "budgets",
+                                       also=[check_id("org_id", org_id)])
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
                 "SELECT * FROM metering.budgets WHERE org_id = $1 AND deleted_at IS NULL "
@@ -256,7 +231,7 @@ class PolicyStore:
         if len(rows) > size:
             last = page[-1].budget
             assert last.created_at is not None
-            token = encode_cursor("budgets", _position(last.created_at), last.budget_id)
+            token = encode_time_cursor("budgets", last.created_at, last.budget_id)
         return page, token
 
     async def delete_budget(self, request_id: str, org_id: str, budget_id: str) -> None:
@@ -349,7 +324,8 @@ class PolicyStore:
     async def quotas(self, org_id: str, page_size: int, page_token: str
                      ) -> tuple[list[Quota], str]:
         """A page of the org's live quotas by (created_at, quota_id), and the next token."""
-        size, after = _page(org_id, page_size, page_token, "quotas")
+        size, after = time_cursor_page(page_size, page_token, "quotas",
+                                       also=[check_id("org_id", org_id)])
         rows = await self.pool.fetch(
             "SELECT * FROM metering.quotas WHERE org_id = $1 AND deleted_at IS NULL "
             "AND ($2::timestamptz IS NULL OR (created_at, quota_id) > ($2, $3)) "
@@ -360,7 +336,7 @@ class PolicyStore:
         if len(rows) > size:
             last = page[-1]
             assert last.created_at is not None
-            token = encode_cursor("quotas", _position(last.created_at), last.quota_id)
+            token = encode_time_cursor("quotas", last.created_at, last.quota_id)
         return page, token
 
     async def delete_quota(self, request_id: str, org_id: str, quota_id: str) -> None:

@@ -22,7 +22,7 @@ from services.ledger.payments.provider import ProviderEvent, ProviderEventType
 from services.ledger.store import LedgerStore, Work
 from tally.kit.errors import Reason, TallyError
 from tally.kit.log import get_logger
-from tally.kit.paging import DEFAULT_PAGE_SIZE, decode_cursor, encode_cursor, page_problems
+from tally.kit.paging import encode_time_cursor, time_cursor_page
 
 if TYPE_CHECKING:
     from services.ledger.store import Connection, Row
@@ -139,11 +139,9 @@ class PaymentStore:
                           kinds: Sequence[p.PaymentOrderKind] = (), size: int = 0,
                           token: str = "") -> tuple[list[p.PaymentOrder], str]:
         """An org's orders, newest first, keyset-paged on (created_at, id)."""
-        d.raise_if([d.check_id("org_id", org_id), *page_problems(size, "", "offset")])
-        after = decode_cursor(token, "orders")
-        limit = size or DEFAULT_PAGE_SIZE
-        before_at = datetime.fromisoformat(str(after[0])) if after else None
-        before_id = str(after[1]) if after else ""
+        limit, after = time_cursor_page(size, token, "orders",
+                                        also=[d.check_id("org_id", org_id)])
+        before_at, before_id = after if after else (None, "")
         rows = await self.pool.fetch(
             "SELECT * FROM ledger.payment_orders WHERE org_id = $1 "
             "AND (cardinality($2::text[]) = 0 OR state = ANY($2::text[])) "
@@ -154,8 +152,8 @@ class PaymentStore:
             limit + 1)
         found = [_order(r) for r in rows[:limit]]
         last = found[-1] if found and len(rows) > limit else None
-        next_token = (encode_cursor("orders", last.created_at.isoformat(),
-                                    last.payment_order_id) if last else "")
+        next_token = (encode_time_cursor("orders", last.created_at, last.payment_order_id)
+                      if last else "")
         return found, next_token
 
     async def history(self, order_id: str) -> list[tuple[str, str, str, datetime]]:
