@@ -185,9 +185,11 @@ class Payments:
 
     async def top_up(self, config: p.AutoTopUp, caller: d.Caller) -> p.TopUpDecision:
         """Starts one automatic top-up of an org if its rules allow it now."""
-        offer = await self._offer(config.package_id, config.custom, "auto_top_up.",
-                                  checkout=False)
-        decision, order = await self.store.open_top_up(config.org_id, offer,
+        async def price(current: p.AutoTopUp) -> p.Offer:
+            return await self._offer(current.package_id, current.custom, "auto_top_up.",
+                                     checkout=False)
+
+        decision, order = await self.store.open_top_up(config.org_id, price,
                                                         self.provider.name, caller)
         metrics.TOP_UPS.labels(decision.value).inc()
         if order is not None:

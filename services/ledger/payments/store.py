@@ -11,7 +11,7 @@ confirms.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
@@ -155,13 +155,6 @@ class PaymentStore:
         next_token = (encode_time_cursor("orders", last.created_at, last.payment_order_id)
                       if last else "")
         return found, next_token
-
-    async def history(self, order_id: str) -> list[tuple[str, str, str, datetime]]:
-        """An order's audit trail: (state, actor, cause, at), oldest first."""
-        rows = await self.pool.fetch(
-            "SELECT state, actor, cause, at FROM ledger.payment_order_history "
-            "WHERE payment_order_id = $1 ORDER BY id", order_id)
-        return [(r["state"], r["actor"], r["cause"], r["at"]) for r in rows]
 
     @staticmethod
     async def _get(conn: Connection, order_id: str, *, lock: bool = False) -> p.PaymentOrder:
@@ -567,10 +560,12 @@ class PaymentStore:
                           threshold_micros=str(row["threshold_micros"]))
                 await work.flush(follow_the_money=False)
 
-    async def open_top_up(self, org_id: str, offer: p.Offer, provider: str, caller: d.Caller
-                          ) -> tuple[p.TopUpDecision, p.PaymentOrder | None]:
-        """Opens an automatic top-up order if the rules allow one now. Serialized per org by
-        the configuration row's lock; a second in-flight order is also impossible by index."""
+    async def open_top_up(self, org_id: str,
+                          price: Callable[[p.AutoTopUp], Awaitable[p.Offer]], provider: str,
+                          caller: d.Caller) -> tuple[p.TopUpDecision, p.PaymentOrder | None]:
+        """Opens an automatic top-up order if the rules allow one now, priced by `price` from
+        the configuration as locked (asked only then). Serialized per org by the
+        configuration row's lock; a second in-flight order is also impossible by index."""
         async with self.pool.acquire() as conn, conn.transaction():
             config = await self._top_up_config(conn, org_id, lock=True)
             now = self._clock()
@@ -591,10 +586,11 @@ class PaymentStore:
                 await self._report_daily_limit(conn, org_id, day.date(), caller, now)
             if decision is not p.TopUpDecision.START:
                 return decision, None
+            assert config is not None
+            offer = await price(config)  # only now: most calls end IN_FLIGHT or NOT_BELOW
             attempt = await conn.fetchval(
                 "UPDATE ledger.auto_top_ups SET attempts = attempts + 1 WHERE org_id = $1 "
                 "RETURNING attempts", org_id)
-            assert config is not None
             order = p.PaymentOrder(
                 p.top_up_order_id(org_id, attempt), org_id, p.PaymentOrderKind.AUTO_TOP_UP,
                 p.PaymentOrderState.PENDING, offer.amount_minor, offer.currency,
