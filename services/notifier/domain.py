@@ -233,22 +233,17 @@ def _target_problems(spec: RuleSpec) -> list[FieldViolation]:
     problems: list[FieldViolation] = []
     if spec.channel is None:
         problems.append(FieldViolation("rule.channel", "is required (WEBHOOK, EMAIL or STREAM)"))
-    if spec.webhook_url:
-        if spec.channel is not None and spec.channel is not Channel.WEBHOOK:
-            problems.append(FieldViolation("rule.webhook_url",
-                                           f"must be empty for channel {spec.channel.name}"))
-        elif (bad := _webhook_url_problem(spec.webhook_url)) is not None:
-            problems.append(FieldViolation("rule.webhook_url", bad))
-    elif spec.channel is Channel.WEBHOOK:
-        problems.append(FieldViolation("rule.webhook_url", "is required for channel WEBHOOK"))
-    if spec.email_to:
-        if spec.channel is not None and spec.channel is not Channel.EMAIL:
-            problems.append(FieldViolation("rule.email_to",
-                                           f"must be empty for channel {spec.channel.name}"))
-        elif (bad := _email_problem(spec.email_to)) is not None:
-            problems.append(FieldViolation("rule.email_to", bad))
-    elif spec.channel is Channel.EMAIL:
-        problems.append(FieldViolation("rule.email_to", "is required for channel EMAIL"))
+    targets = ((Channel.WEBHOOK, "rule.webhook_url", spec.webhook_url, _webhook_url_problem),
+               (Channel.EMAIL, "rule.email_to", spec.email_to, _email_problem))
+    for channel, field, value, problem_of in targets:
+        if value:
+            if spec.channel is not None and spec.channel is not channel:
+                problems.append(FieldViolation(field,
+                                               f"must be empty for channel {spec.channel.name}"))
+            elif (bad := problem_of(value)) is not None:
+                problems.append(FieldViolation(field, bad))
+        elif spec.channel is channel:
+            problems.append(FieldViolation(field, f"is required for channel {channel.name}"))
     return problems
 
 
