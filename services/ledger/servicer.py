@@ -11,10 +11,11 @@ import grpc
 from services.ledger import convert
 from services.ledger import domain as d
 from services.ledger.payments import convert as pay_convert
+from services.ledger.payments.domain import PaymentOrderKind, PaymentOrderState
 from services.ledger.payments.service import Payments
 from services.ledger.store import LedgerStore
 from tally.common.v1 import common_pb2
-from tally.kit.protoconv import enum_in, from_timestamp
+from tally.kit.protoconv import enum_in, enums_in, from_timestamp
 from tally.kit.server import current_principal
 from tally.kit.telemetry import annotate
 from tally.ledger.v1 import ledger_pb2 as pb
@@ -135,10 +136,10 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
     async def ListTransactions(self, request: pb.ListTransactionsRequest, context: Context
                                ) -> pb.ListTransactionsResponse:
-        kinds = [enum_in(pb.TransferKind, "TRANSFER_KIND_", k, d.TransferKind, "kinds")
-                 for k in request.kinds]
+        kinds = enums_in(pb.TransferKind, "TRANSFER_KIND_", request.kinds, d.TransferKind,
+                         "kinds")
         transfers, token = await self.store.list_transactions(
-            request.org_id, kinds=[k for k in kinds if k is not None],
+            request.org_id, kinds=kinds,
             start=from_timestamp(request, "start_time"), end=from_timestamp(request, "end_time"),
             user_id=request.user_id, labels=dict(request.labels), size=request.page_size,
             token=request.page_token)
@@ -166,8 +167,11 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def ListPaymentOrders(self, request: pb.ListPaymentOrdersRequest, context: Context
                                 ) -> pb.ListPaymentOrdersResponse:
         orders, token = await self.payments.store.list_orders(
-            request.org_id, states=pay_convert.states_in(request.states),
-            kinds=pay_convert.kinds_in(request.kinds), size=request.page_size,
+            request.org_id,
+            states=enums_in(pb.PaymentOrderState, "PAYMENT_ORDER_STATE_", request.states,
+                            PaymentOrderState, "states"),
+            kinds=enums_in(pb.PaymentOrderKind, "PAYMENT_ORDER_KIND_", request.kinds,
+                           PaymentOrderKind, "kinds"), size=request.page_size,
             token=request.page_token)
         return pb.ListPaymentOrdersResponse(orders=[pay_convert.order(o) for o in orders],
                                             next_page_token=token)
@@ -215,15 +219,15 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         return pb.GetAutoTopUpResponse(auto_top_up=pay_convert.auto_top_up(config))
 
     async def StreamEvents(self, request: pb.StreamEventsRequest, context: Context) -> Any:
-        types = [enum_in(pb.OutboxEventType, "OUTBOX_EVENT_TYPE_", t, d.OutboxEventType,
-                         "types") for t in request.types]
+        types = enums_in(pb.OutboxEventType, "OUTBOX_EVENT_TYPE_", request.types,
+                         d.OutboxEventType, "types")
         after = request.after_event_sequence
         deadline = asyncio.get_running_loop().time() + self.stream_lifetime_s
         # Bounded lifetime so a mesh can rebalance; the client resumes from its last sequence.
         while (not self.shutting_down.is_set()
                and asyncio.get_running_loop().time() < deadline):
             await self.store.seal_outbox()
-            events = await self.store.outbox_after(after, [t for t in types if t is not None])
+            events = await self.store.outbox_after(after, types)
             if events:
                 after = events[-1].sequence
                 yield pb.StreamEventsResponse(events=[convert.outbox_event(e) for e in events])

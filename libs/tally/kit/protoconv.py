@@ -8,6 +8,7 @@ a value to both is all it takes.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -57,3 +58,10 @@ def enum_in(proto_enum: Any, prefix: str, number: int, domain: type[E], field: s
         return domain[name.removeprefix(prefix)]
     except KeyError:
         raise invalid(field, f"{name} is not accepted here") from None
+
+
+def enums_in(proto_enum: Any, prefix: str, numbers: Iterable[int], domain: type[E],
+             field: str) -> list[E]:
+    """The domain values of a repeated enum field (a filter); each one must be set and known."""
+    found = [enum_in(proto_enum, prefix, n, domain, field) for n in numbers]
+    return [value for value in found if value is not None]

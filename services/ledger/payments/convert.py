@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from services.ledger.payments import domain as p
 from tally.kit.protoconv import enum_in, enum_out, to_timestamp
 from tally.ledger.v1 import ledger_pb2 as pb
@@ -26,18 +24,6 @@ def order(o: p.PaymentOrder) -> pb.PaymentOrder:
                                o.manual_method),
         reference=o.reference, created_by=o.created_by, approved_by=o.approved_by,
         credit_transfer_id=o.credit_transfer_id, price_book_version=o.price_book_version)
-
-
-def states_in(numbers: Iterable[int]) -> list[p.PaymentOrderState]:
-    found = [enum_in(pb.PaymentOrderState, "PAYMENT_ORDER_STATE_", n, p.PaymentOrderState,
-                     "states") for n in numbers]
-    return [s for s in found if s is not None]
-
-
-def kinds_in(numbers: Iterable[int]) -> list[p.PaymentOrderKind]:
-    found = [enum_in(pb.PaymentOrderKind, "PAYMENT_ORDER_KIND_", n, p.PaymentOrderKind,
-                     "kinds") for n in numbers]
-    return [k for k in found if k is not None]
 
 
 def _custom(message: pb.CustomAmount) -> p.CustomAmount:
