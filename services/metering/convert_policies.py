@@ -6,11 +6,8 @@ Incoming messages become specs as sent: an UNSPECIFIED (or unknown) enum is None
 
 from __future__ import annotations
 
-import enum
-from typing import Any, TypeVar
-
 from tally.common.v1 import common_pb2
-from tally.kit.protoconv import enum_out, from_timestamp, to_timestamp
+from tally.kit.protoconv import enum_or_none, enum_out, from_timestamp, to_timestamp
 from tally.kit.server import current_principal
 from tally.metering.v1 import metering_pb2 as pb
 
@@ -28,18 +25,6 @@ from .policies import (
     SpendPolicy,
 )
 
-E = TypeVar("E", bound=enum.Enum)
-
-
-def _enum(proto_enum: Any, prefix: str, number: int, domain: type[E]) -> E | None:
-    """The domain value of a proto enum number; None for UNSPECIFIED or a value we lack."""
-    if number == 0:
-        return None
-    try:
-        return domain[proto_enum.Name(number).removeprefix(prefix)]
-    except (ValueError, KeyError):
-        return None
-
 
 def actor(context: common_pb2.RequestContext) -> str:
     """Who made a change: the context's actor, else the authenticated caller."""
@@ -50,14 +35,14 @@ def actor(context: common_pb2.RequestContext) -> str:
 def budget_spec(m: pb.Budget) -> BudgetSpec:
     """The writable fields of a wire budget."""
     return BudgetSpec(
-        name=m.name, scope=_enum(pb.BudgetScope, "BUDGET_SCOPE_", m.scope, BudgetScope),
+        name=m.name, scope=enum_or_none(pb.BudgetScope, "BUDGET_SCOPE_", m.scope, BudgetScope),
         scope_value=m.scope_value,
-        period=_enum(pb.BudgetPeriod, "BUDGET_PERIOD_", m.period, BudgetPeriod),
+        period=enum_or_none(pb.BudgetPeriod, "BUDGET_PERIOD_", m.period, BudgetPeriod),
         period_start=from_timestamp(m, "period_start"),
         period_end=from_timestamp(m, "period_end"), limit_micros=m.limit_micros,
         alarm_thresholds_percent=tuple(m.alarm_thresholds_percent),
-        enforcement=_enum(pb.BudgetEnforcement, "BUDGET_ENFORCEMENT_", m.enforcement,
-                          BudgetEnforcement),
+        enforcement=enum_or_none(pb.BudgetEnforcement, "BUDGET_ENFORCEMENT_", m.enforcement,
+                                 BudgetEnforcement),
         downgrade_at_percent=m.downgrade_at_percent)
 
 
@@ -79,11 +64,12 @@ def budget(s: BudgetSpend) -> pb.Budget:
 def quota_spec(m: pb.Quota) -> QuotaSpec:
     """The writable fields of a wire quota."""
     return QuotaSpec(
-        scope=_enum(pb.QuotaScope, "QUOTA_SCOPE_", m.scope, QuotaScope),
-        scope_value=m.scope_value, kind=_enum(pb.QuotaKind, "QUOTA_KIND_", m.kind, QuotaKind),
+        scope=enum_or_none(pb.QuotaScope, "QUOTA_SCOPE_", m.scope, QuotaScope),
+        scope_value=m.scope_value,
+        kind=enum_or_none(pb.QuotaKind, "QUOTA_KIND_", m.kind, QuotaKind),
         limit=m.limit, burst=m.burst,
-        enforcement=_enum(pb.QuotaEnforcement, "QUOTA_ENFORCEMENT_", m.enforcement,
-                          QuotaEnforcement),
+        enforcement=enum_or_none(pb.QuotaEnforcement, "QUOTA_ENFORCEMENT_", m.enforcement,
+                                 QuotaEnforcement),
         long_context_threshold_tokens=m.long_context_threshold_tokens)
 
 

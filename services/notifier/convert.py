@@ -6,25 +6,10 @@ Incoming rules become specs as sent: an UNSPECIFIED (or unknown) enum is None, a
 
 from __future__ import annotations
 
-import enum
-from typing import Any, TypeVar
-
-from tally.kit.protoconv import to_timestamp
+from tally.kit.protoconv import enum_or_none, to_timestamp
 from tally.notifier.v1 import notifier_pb2
 
 from .domain import AlertRule, AlertRulePage, Channel, NotificationType, Rotation, RuleSpec
-
-E = TypeVar("E", bound=enum.Enum)
-
-
-def _enum_in(proto_enum: Any, prefix: str, number: int, domain: type[E]) -> E | None:
-    """The domain value of a proto enum number; None for UNSPECIFIED or a value we lack."""
-    if number == 0:
-        return None
-    try:
-        return domain[proto_enum.Name(number).removeprefix(prefix)]
-    except (ValueError, KeyError):
-        return None
 
 
 def _type_to_proto(kind: NotificationType) -> notifier_pb2.NotificationType.ValueType:
@@ -34,9 +19,9 @@ def _type_to_proto(kind: NotificationType) -> notifier_pb2.NotificationType.Valu
 def rule_spec(message: notifier_pb2.AlertRule) -> RuleSpec:
     """The writable fields of a wire rule."""
     return RuleSpec(
-        types=tuple(_enum_in(notifier_pb2.NotificationType, "NOTIFICATION_TYPE_", t,
-                             NotificationType) for t in message.types),
-        channel=_enum_in(notifier_pb2.Channel, "CHANNEL_", message.channel, Channel),
+        types=tuple(enum_or_none(notifier_pb2.NotificationType, "NOTIFICATION_TYPE_", t,
+                                 NotificationType) for t in message.types),
+        channel=enum_or_none(notifier_pb2.Channel, "CHANNEL_", message.channel, Channel),
         webhook_url=message.webhook_url,
         email_to=message.email_to,
         cooldown_seconds=message.cooldown_seconds,

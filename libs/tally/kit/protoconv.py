@@ -65,3 +65,14 @@ def enums_in(proto_enum: Any, prefix: str, numbers: Iterable[int], domain: type[
     """The domain values of a repeated enum field (a filter); each one must be set and known."""
     found = [enum_in(proto_enum, prefix, n, domain, field) for n in numbers]
     return [value for value in found if value is not None]
+
+
+def enum_or_none(proto_enum: Any, prefix: str, number: int, domain: type[E]) -> E | None:
+    """The domain value of a proto enum number; None for UNSPECIFIED or a value we lack (for
+    messages whose domain validation names the missing field itself)."""
+    if number == 0:
+        return None
+    try:
+        return domain[proto_enum.Name(number).removeprefix(prefix)]
+    except (ValueError, KeyError):
+        return None
