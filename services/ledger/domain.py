@@ -409,6 +409,26 @@ class UsageItem:
     labels: Mapping[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class UsageBatch:
+    """One PostUsageBatch request: its items, applied once under its id."""
+
+    batch_id: str
+    items: Sequence[UsageItem]
+    caller: Caller
+
+    def fingerprint(self) -> str:
+        """What a replay of the id must match (labels are annotations, not meaning)."""
+        return fingerprint([(i.event_id, i.org_id, i.cost_micros, i.reservation_id)
+                            for i in self.items])
+
+    def audited_as(self) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+        """The audit fields its entries carry (actor, user, labels): only batches that agree
+        on them may share entries."""
+        caller = self.caller
+        return caller.actor, caller.user_id, tuple(sorted(caller.labels.items()))
+
+
 def fingerprint(*parts: object) -> str:
     """A stable hash of a request's meaning: the same id with another fingerprint is reuse."""
 
@@ -490,6 +510,8 @@ def validate_usage_batch(batch_id: str, items: Sequence[UsageItem]) -> None:
             f"items: {len(items)} items; at most {MAX_USAGE_BATCH} per batch",
             field="items",
         )
+    if items and check_id("batch_id", batch_id) is None and _usage_items_valid(items):
+        return
     problems: list[FieldViolation | None] = [check_id("batch_id", batch_id)]
     if not items:
         problems.append(FieldViolation("items", "must not be empty"))
@@ -505,6 +527,24 @@ def validate_usage_batch(batch_id: str, items: Sequence[UsageItem]) -> None:
             problems.append(FieldViolation(f"items[{i}].event_id", "appears twice in the batch"))
         seen.add(key)
     raise_if(problems)
+
+
+def _usage_items_valid(items: Sequence[UsageItem]) -> bool:
+    """The common case of validate_usage_batch, without naming fields: True when every item
+    is valid (the same rules as check_id and check_amount, inlined: this runs for every item
+    of every batch)."""
+    longest = MAX_ID_LENGTH
+    keys = set()
+    for item in items:
+        event, org, cost, reservation = (item.event_id, item.org_id, item.cost_micros,
+                                         item.reservation_id)
+        if not (event and org and 0 <= cost <= INT64_MAX and len(event) <= longest
+                and len(org) <= longest and event.isprintable() and org.isprintable()):
+            return False
+        if reservation and not (len(reservation) <= longest and reservation.isprintable()):
+            return False
+        keys.add((org, event))
+    return len(keys) == len(items)
 
 
 def insufficient(available_micros: int, needed_micros: int, field_name: str) -> TallyError:

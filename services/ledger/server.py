@@ -21,6 +21,7 @@ from services.ledger.payments.top_up import TopUpWorker
 from services.ledger.payments.webhook_endpoint import WebhookEndpoint
 from services.ledger.servicer import LedgerServicer
 from services.ledger.store import LedgerStore
+from services.ledger.usage_commit import UsageGroupCommit
 from tally.kit import db, infra
 from tally.kit.background import run_periodically
 from tally.kit.channels import peer_channel
@@ -83,6 +84,13 @@ class LedgerConfig:
         "failed automatic top-ups in a row that throttle the org", default=3)
     top_up_poll_ms: int = setting("TALLY_LEDGER_TOP_UP_POLL_MS", parse_positive_int,
                                   "milliseconds > 0", default=200)
+    usage_group_max_items: int = setting(
+        "TALLY_LEDGER_USAGE_GROUP_MAX_ITEMS", parse_positive_int,
+        "usage items > 0 that concurrent PostUsageBatch calls may share a transaction with",
+        default=20_000)
+    usage_committers: int = setting(
+        "TALLY_LEDGER_USAGE_COMMITTERS", parse_positive_int,
+        "usage group commits > 0 in flight at once", default=1)
 
 
 async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
@@ -115,7 +123,10 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
     top_up = TopUpWorker(payments, payment_store, store,
                          poll_s=settings.top_up_poll_ms / 1000)
     shutting_down = asyncio.Event()
-    servicer = LedgerServicer(store, payments, shutting_down=shutting_down)
+    usage = UsageGroupCommit(store.post_usage_batches,
+                             max_items=settings.usage_group_max_items,
+                             committers=settings.usage_committers)
+    servicer = LedgerServicer(store, payments, usage=usage, shutting_down=shutting_down)
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
 

@@ -14,6 +14,7 @@ from services.ledger.payments import convert as pay_convert
 from services.ledger.payments.domain import PaymentOrderKind, PaymentOrderState
 from services.ledger.payments.service import Payments
 from services.ledger.store import LedgerStore
+from services.ledger.usage_commit import UsageGroupCommit
 from tally.common.v1 import common_pb2
 from tally.kit.protoconv import enum_in, enums_in, from_timestamp
 from tally.kit.server import current_principal
@@ -32,11 +33,13 @@ def _actor() -> str:
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     """Translates LedgerService calls to LedgerStore operations."""
 
-    def __init__(self, store: LedgerStore, payments: Payments, *, outbox_poll_s: float = 0.2,
+    def __init__(self, store: LedgerStore, payments: Payments, *,
+                 usage: UsageGroupCommit | None = None, outbox_poll_s: float = 0.2,
                  stream_lifetime_s: float = 300.0,
                  shutting_down: asyncio.Event | None = None) -> None:
         self.store = store
         self.payments = payments
+        self.usage = usage or UsageGroupCommit(store.post_usage_batches)
         self.outbox_poll_s = outbox_poll_s
         self.stream_lifetime_s = stream_lifetime_s
         # the server's ServiceApp.shutting_down: event streams end when it is set
@@ -101,9 +104,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
     async def PostUsageBatch(self, request: pb.PostUsageBatchRequest, context: Context
                              ) -> pb.PostUsageBatchResponse:
-        results = await self.store.post_usage_batch(
+        results = await self.usage.post(d.UsageBatch(
             request.batch_id, [convert.usage_item(i) for i in request.items],
-            convert.caller(request.context, _actor()))
+            convert.caller(request.context, _actor())))
         annotate(item_count=len(results),
                  debited_micros=sum(r.debited_micros for r in results))
         response = pb.PostUsageBatchResponse()

@@ -928,53 +928,109 @@ class LedgerStore:
 
     async def post_usage_batch(self, batch_id: str, items: Sequence[d.UsageItem],
                                caller: d.Caller) -> list[d.UsageResult]:
-        """Debits a batch of rated usage in one transaction: one USAGE transfer per org.
+        """Debits one batch of rated usage (post_usage_batches, for a group of one)."""
+        d.validate_usage_batch(batch_id, items)
+        (outcome,) = await self.post_usage_batches([d.UsageBatch(batch_id, items, caller)])
+        if isinstance(outcome, TallyError):
+            raise outcome
+        return outcome
+
+    async def post_usage_batches(self, batches: Sequence[d.UsageBatch]
+                                 ) -> list[list[d.UsageResult] | TallyError]:
+        """Debits batches of rated usage in one transaction: one USAGE transfer per org.
 
         Usage already happened, so it is never refused: what available credit cannot cover is
         recorded as arrears. Each event is charged once, forever (receipts are keyed by org and
         event id), whatever batch it arrives in.
 
-        Events seen before are rare, so the batch is first debited as if none were, in a
+        Several batches are the group commit of concurrent calls (usage_commit.py): each is
+        claimed under its own id and answered on its own (its results, or the error of an id
+        used for another request), but the ones applied share the org's transfer, named after
+        the first of them. The batches are validated and agree on their audit fields
+        (UsageBatch.audited_as); the entries carry the first one's trace id.
+
+        Events seen before are rare, so the batches are first debited as if none were, in a
         savepoint: a receipt that already exists fails the insert of the receipts, and only
-        then is the batch debited again from the savepoint, knowing which events were seen
+        then are they debited again from the savepoint, knowing which events were seen
         (that lookup is a probe of the receipts per item, in every batch otherwise).
         """
-        d.validate_usage_batch(batch_id, items)
         started = time.perf_counter()
+        outcomes: list[list[d.UsageResult] | TallyError | None] = [None] * len(batches)
         async with self.pool.acquire() as conn, conn.transaction():
-            work = Work(conn, self.clock(), caller)
-            request_hash = d.fingerprint([(i.event_id, i.org_id, i.cost_micros, i.reservation_id)
-                                          for i in items])
-            if not await work.claim(f"usage-batch:{batch_id}", request_hash):
-                return await self._replay_usage(conn, batch_id, items)
-            try:
-                async with conn.transaction():  # the savepoint
+            work = Work(conn, self.clock(), batches[0].caller)
+            applied, replayed = await self._claim_batches(work, batches, outcomes)
+            debited = arrears = 0
+            if applied:
+                group = [batches[i] for i in applied]
+                try:
+                    async with conn.transaction():  # the savepoint
+                        try:
+                            results, debited, arrears = await self._debit_usage(
+                                work, group, seen_before=False)
+                        finally:
+                            await work.settle()
+                except asyncpg.UniqueViolationError as e:
+                    if e.constraint_name != "usage_receipts_pkey":
+                        raise
+                    work = Work(conn, work.now, work.caller)
                     try:
                         results, debited, arrears = await self._debit_usage(
-                            work, batch_id, items, seen_before=False)
+                            work, group, seen_before=True)
                     finally:
                         await work.settle()
-            except asyncpg.UniqueViolationError as e:
-                if e.constraint_name != "usage_receipts_pkey":
-                    raise
-                work = Work(conn, work.now, caller)
-                try:
-                    results, debited, arrears = await self._debit_usage(
-                        work, batch_id, items, seen_before=True)
-                finally:
-                    await work.settle()
-        metrics.LEDGER_BATCH_ITEMS.observe(len(items))
+                for i, batch_results in zip(applied, results, strict=True):
+                    outcomes[i] = batch_results
+            for i in replayed:  # after the claim waited for the original, or applied it here
+                outcomes[i] = await self._replay_usage(conn, batches[i].batch_id,
+                                                       batches[i].items)
+        for batch in batches:
+            metrics.LEDGER_BATCH_ITEMS.observe(len(batch.items))
         metrics.LEDGER_COMMIT_SECONDS.observe(time.perf_counter() - started)
         metrics.CREDITS_DEBITED.inc(debited)
         metrics.ARREARS_RECORDED.inc(arrears)
-        return results
+        return [o for o in outcomes if o is not None]
 
-    async def _debit_usage(self, work: Work, batch_id: str, items: Sequence[d.UsageItem], *,
-                           seen_before: bool) -> tuple[list[d.UsageResult], int, int]:
-        """post_usage_batch once the batch is claimed: the results, and the total debited and
-        recorded as arrears. Without `seen_before`, every event is taken to be new (the insert
-        of the receipts fails if one is not)."""
+    @staticmethod
+    async def _claim_batches(work: Work, batches: Sequence[d.UsageBatch],
+                             outcomes: list[list[d.UsageResult] | TallyError | None]
+                             ) -> tuple[list[int], list[int]]:
+        """Claims the batches' ids in one statement: (the batches to apply, those to answer
+        from their receipts). A batch whose id was used for another request gets its
+        IDEMPOTENCY_KEY_REUSED in `outcomes` and takes no further part."""
+        hashes = [b.fingerprint() for b in batches]
+        owner: dict[str, int] = {}
+        for i, batch in enumerate(batches):
+            owner.setdefault(f"usage-batch:{batch.batch_id}", i)
+        keys = sorted(owner)  # one insert order everywhere: concurrent claims never deadlock
+        claimed = {r[0] for r in await work.conn.fetch(
+            "INSERT INTO ledger.idempotency_keys (key, request_hash) "
+            "SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT (key) DO NOTHING "
+            "RETURNING key", keys, [hashes[owner[k]] for k in keys])}
+        stored = {k: hashes[owner[k]] for k in claimed}
+        if len(claimed) < len(keys):
+            stored.update((r["key"], r["request_hash"]) for r in await work.conn.fetch(
+                "SELECT key, request_hash FROM ledger.idempotency_keys WHERE key = ANY($1)",
+                [k for k in keys if k not in claimed]))
+        applied, replayed = [], []
+        for i, batch in enumerate(batches):
+            key = f"usage-batch:{batch.batch_id}"
+            if stored[key] != hashes[i]:
+                outcomes[i] = d.reused(key)
+            elif owner[key] == i and key in claimed:
+                applied.append(i)
+            else:
+                replayed.append(i)
+        return applied, replayed
+
+    async def _debit_usage(self, work: Work, batches: Sequence[d.UsageBatch], *,
+                           seen_before: bool) -> tuple[list[list[d.UsageResult]], int, int]:
+        """post_usage_batches once the batches are claimed: each batch's results, and the
+        total debited and recorded as arrears. Without `seen_before`, every event is taken to
+        be new (the insert of the receipts fails if one is not)."""
         conn = work.conn
+        lead = batches[0].batch_id
+        items = [item for batch in batches for item in batch.items] if len(batches) > 1 \
+            else batches[0].items
         orgs = sorted({i.org_id for i in items})
         await work.lock_orgs(orgs, system=[d.AccountKind.REVENUE], open_missing=True)
         earlier = await self._receipts_of(conn, items) if seen_before else {}
@@ -984,43 +1040,57 @@ class LedgerStore:
         # the items are priced.
         grants_loaded = await work.meanwhile(
             work.preload_grants([o for o in orgs if credit_of[o].balance > 0]))
-        results: list[d.UsageResult] = []
+        # an event twice in the group (in two batches) is charged at its first
+        in_group: dict[tuple[str, str], d.UsageResult] | None = {} if len(batches) > 1 else None
+        answers: list[list[d.UsageResult]] = []
         debited_by_org = dict.fromkeys(orgs, 0)
         arrears_by_org = dict.fromkeys(orgs, 0)
         receipts: list[tuple[Any, ...]] = []
         captures: list[tuple[str, str, int, int, str]] = []
         split_debit, usage_result = d.split_debit, d.UsageResult
-        for item in items:
-            org, event_id = item.org_id, item.event_id
-            if earlier:
-                prior = earlier.get((org, event_id))
-                if prior is not None:
-                    results.append(usage_result(
-                        event_id, prior["transfer_id"], prior["debited_micros"],
-                        prior["arrears_micros"], prior["balance_after_micros"], True))
-                    continue
-            hold = holds.pop(item.reservation_id, None) if item.reservation_id else None
-            account = credit_of[org]
-            if hold is not None:
-                account.held -= hold.amount_micros
-                account.dirty = True
-            debited_before = debited_by_org[org]
-            available = account.balance - debited_before - account.held
-            debited, arrears = split_debit(available, item.cost_micros)
-            if debited:
-                debited_by_org[org] = debited_before + debited
-                transfer_id = f"usage:{batch_id}:{org}"
-            else:
-                transfer_id = f"usage:{batch_id}:{org}:arrears" if arrears else ""
-            if arrears:
-                arrears_by_org[org] += arrears
-            balance_after = available - debited
-            results.append(usage_result(event_id, transfer_id, debited, arrears, balance_after))
-            receipts.append((org, event_id, batch_id, transfer_id, item.cost_micros, debited,
-                             arrears, balance_after))
-            if hold is not None:
-                captures.append((hold.reservation_id, org, item.cost_micros, arrears,
-                                 transfer_id))
+        for batch in batches:
+            batch_id = batch.batch_id
+            results: list[d.UsageResult] = []
+            answers.append(results)
+            for item in batch.items:
+                org, event_id = item.org_id, item.event_id
+                if earlier:
+                    prior = earlier.get((org, event_id))
+                    if prior is not None:
+                        results.append(usage_result(
+                            event_id, prior["transfer_id"], prior["debited_micros"],
+                            prior["arrears_micros"], prior["balance_after_micros"], True))
+                        continue
+                if in_group is not None:
+                    first = in_group.get((org, event_id))
+                    if first is not None:
+                        results.append(replace(first, is_duplicate=True))
+                        continue
+                hold = holds.pop(item.reservation_id, None) if item.reservation_id else None
+                account = credit_of[org]
+                if hold is not None:
+                    account.held -= hold.amount_micros
+                    account.dirty = True
+                debited_before = debited_by_org[org]
+                available = account.balance - debited_before - account.held
+                debited, arrears = split_debit(available, item.cost_micros)
+                if debited:
+                    debited_by_org[org] = debited_before + debited
+                    transfer_id = f"usage:{lead}:{org}"
+                else:
+                    transfer_id = f"usage:{lead}:{org}:arrears" if arrears else ""
+                if arrears:
+                    arrears_by_org[org] += arrears
+                balance_after = available - debited
+                result = usage_result(event_id, transfer_id, debited, arrears, balance_after)
+                results.append(result)
+                if in_group is not None:
+                    in_group[(org, event_id)] = result
+                receipts.append((org, event_id, batch_id, transfer_id, item.cost_micros,
+                                 debited, arrears, balance_after))
+                if hold is not None:
+                    captures.append((hold.reservation_id, org, item.cost_micros, arrears,
+                                     transfer_id))
         await grants_loaded
         # The receipts are written while the transfers are made.
         receipts_written = await work.meanwhile(conn.copy_records_to_table(
@@ -1029,6 +1099,7 @@ class LedgerStore:
                      "debited_micros", "arrears_micros", "balance_after_micros"),
             records=receipts)) if receipts else None
         usage, revenue = d.TransferKind.USAGE, d.AccountKind.REVENUE
+        labels = work.caller.labels or None
         for n, org in enumerate(orgs):
             if not n % 100:
                 await asyncio.sleep(0)  # the COPY's next exchange with the server
@@ -1039,13 +1110,13 @@ class LedgerStore:
             if debited:
                 work.burn_loaded(org, work.grants[org], debited)
                 work.append_entry(usage, d.credit_account(org), sink, org, debited,
-                                  f"usage:{batch_id}:{org}")
+                                  f"usage:{lead}:{org}", labels=labels)
             if arrears:
                 work.append_entry(usage, d.arrears_account(org), sink, org, arrears,
-                                  f"usage:{batch_id}:{org}:arrears",
-                                  "usage beyond available credit")
+                                  f"usage:{lead}:{org}:arrears",
+                                  "usage beyond available credit", labels)
                 work.emit(org, d.OutboxEventType.ARREARS_RECORDED,
-                          arrears_micros=str(arrears), batch_id=batch_id)
+                          arrears_micros=str(arrears), batch_id=lead)
         if receipts_written is not None:
             await receipts_written
         if captures:
@@ -1071,7 +1142,7 @@ class LedgerStore:
         grants_written = await work.meanwhile(work.write_grants())
         work.emit_balance_changes()
         await work.flush(after=grants_written)
-        return results, sum(debited_by_org.values()), sum(arrears_by_org.values())
+        return answers, sum(debited_by_org.values()), sum(arrears_by_org.values())
 
     async def _capturable_holds(self, work: Work, items: Sequence[d.UsageItem]
                                 ) -> dict[str, d.Reservation]:

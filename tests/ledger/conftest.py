@@ -5,12 +5,22 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 
 from services.ledger.server import build
+from tally.kit import db
 from tally.kit.config import load_kit_config
 from tally.kit.server import RunningServer, start_server
 from tally.sdk.client import TallyClient
+
+
+@pytest.fixture
+async def pool(db_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on the test database, for tests of the store itself."""
+    created = await db.create_pool(db_url, max_size=4)
+    yield created
+    await created.close()
 
 
 @pytest.fixture

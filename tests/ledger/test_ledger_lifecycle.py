@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -141,13 +140,6 @@ async def test_list_transactions_filters_and_pages_newest_first(tally: TallyClie
         await tally.ledger.ListTransactions(pb.ListTransactionsRequest(
             org_id="acme", page_token="garbage"))
     assert caught.value.field == "page_token"
-
-
-@pytest.fixture
-async def pool(db_url: str) -> AsyncIterator[asyncpg.Pool]:
-    created = await db.create_pool(db_url, max_size=4)
-    yield created
-    await created.close()
 
 
 class Clock:

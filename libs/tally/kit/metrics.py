@@ -50,6 +50,10 @@ LEDGER_COMMIT_SECONDS: Final = Histogram(
     "tally_ledger_batch_commit_seconds", "Time to apply one PostUsageBatch transaction",
     buckets=_LATENCY_BUCKETS)
 
+LEDGER_GROUP_BATCHES: Final = Histogram(
+    "tally_ledger_usage_group_batches", "PostUsageBatch calls applied together in one "
+    "transaction (the group commit)", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))
+
 PAYMENT_WEBHOOKS: Final = Counter(
     "tally_ledger_payment_webhooks", "Payment webhooks received, by provider and outcome "
     "(CREDITED, ALREADY_PAID, ATTEMPT_FAILED, FAILED, CANCELED, IGNORED, MISMATCH, DUPLICATE, "
