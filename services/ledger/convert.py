@@ -112,9 +112,7 @@ def reservation(r: d.Reservation) -> pb.Reservation:
 
 
 def usage_item(item: pb.UsageItem) -> d.UsageItem:
-    # most items carry no labels; converting an empty protobuf map still costs a dict()
-    labels = dict(item.labels) if len(item.labels) else {}
-    return d.UsageItem(item.event_id, item.org_id, item.cost_micros, item.reservation_id, labels)
+    return d.UsageItem(item.event_id, item.org_id, item.cost_micros, item.reservation_id)
 
 
 def add_usage_results(into: Any, results: Iterable[d.UsageResult]) -> None:

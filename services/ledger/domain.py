@@ -405,8 +405,7 @@ class UsageItem:
     event_id: str
     org_id: str
     cost_micros: int
-    reservation_id: str = ""
-    labels: Mapping[str, str] = field(default_factory=dict)
+    reservation_id: str = ""  # its cost-allocation labels are metering's, not the ledger's
 
 
 @dataclass(frozen=True, slots=True)

@@ -400,7 +400,8 @@ class Work:
                 "state, cause, actor, changed_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 state_changes))
         if self.entries:
-            transfers = [(*e, self.state_of(e[_ENTRY_ORG])) for e in self.entries]
+            state_after = {org: self.state_of(org) for org in {e[_ENTRY_ORG] for e in self.entries}}
+            transfers = [(*e, state_after[e[_ENTRY_ORG]]) for e in self.entries]
             writes.append(lambda: insert_rows(
                 conn, "transfers", (*_TRANSFER_COLUMNS, "org_billing_state_after"), transfers))
         dirty = [a for a in self.accounts.values() if a.dirty]
@@ -1330,6 +1331,20 @@ class LedgerStore:
     async def seal_outbox(self, limit: int = 5000) -> int:
         """Gives sequences to the outbox rows that can be delivered (kit.outbox.seal)."""
         return await outbox.seal(self.pool, "ledger.outbox", limit)
+
+    async def orgs_changed_after(self, sequence: int, types: Sequence[d.OutboxEventType],
+                                 limit: int = 1000) -> tuple[list[str], int, int]:
+        """The orgs of up to `limit` outbox events after `sequence` (each once, in the order of
+        its first event), the last sequence read and how many events were read: for a
+        follower that only needs to know whom to look at (a page of full events costs a usage
+        batch's worth of objects)."""
+        rows = await self.pool.fetch(
+            "SELECT org_id, sequence FROM ledger.outbox WHERE sequence > $1 "
+            "AND type = ANY($2::text[]) ORDER BY sequence LIMIT $3",
+            sequence, [t.value for t in types], limit)
+        if not rows:
+            return [], sequence, 0
+        return list(dict.fromkeys(r[0] for r in rows)), rows[-1][1], len(rows)
 
     async def outbox_after(self, sequence: int, types: Sequence[d.OutboxEventType],
                            limit: int = 500) -> list[d.OutboxEvent]:

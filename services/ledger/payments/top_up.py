@@ -43,13 +43,12 @@ class TopUpWorker:
         """Acts on the next page of events; returns how many were read. The cursor moves only
         after the page was acted on, so a failure (pricing unreachable, say) retries it."""
         after = await self.store.cursor(TOP_UP_CURSOR)
-        events = await self.ledger.outbox_after(after, [d.OutboxEventType.BALANCE_CHANGED],
-                                                self.page)
-        if not events:
-            return 0
         # The events say which orgs' balances moved; what each balance is now is read from the
         # accounts (an org's events need not arrive in the order its transactions committed).
-        orgs = list(dict.fromkeys(e.org_id for e in events))
+        orgs, last, read = await self.ledger.orgs_changed_after(
+            after, [d.OutboxEventType.BALANCE_CHANGED], self.page)
+        if not orgs:
+            return 0
         configs = await self.store.enabled_top_ups(orgs)
         available = await self.store.available_now(list(configs))
         for org, config in configs.items():
@@ -58,8 +57,8 @@ class TopUpWorker:
                 decision = await self.payments.top_up(config, CALLER)
                 log.info("top_up_considered", org_id=org, decision=decision.value,
                          available_micros=available[org])
-        await self.store.advance(TOP_UP_CURSOR, events[-1].sequence)
-        return len(events)
+        await self.store.advance(TOP_UP_CURSOR, last)
+        return read
 
     async def run(self, stop: asyncio.Event) -> None:
         """Steps until `stop`; pauses `poll_s` when caught up. Failures are logged and retried."""

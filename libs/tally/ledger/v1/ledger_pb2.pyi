@@ -1184,7 +1184,9 @@ class UsageItemResult(_message.Message):
     event_id: _builtins.str
     """Event the result is for."""
     transfer_id: _builtins.str
-    """USAGE transfer carrying the debit (shared by the org's items in this batch)."""
+    """USAGE transfer carrying the debit (shared by the org's items in this batch, and in the
+    batches applied in the same transaction; named after the first of those).
+    """
     debited_micros: _builtins.int
     """Part of the cost debited from credit, micro-credits."""
     arrears_micros: _builtins.int

@@ -220,9 +220,10 @@ class LedgerServiceServicer:
     def PostUsageBatch(self, request, context):
         """Posts the debits of a batch of rated usage events in one database transaction (metering's
         hot path). Items with a reservation capture it; the others are plain debits. Debits
-        aggregate into one USAGE transfer per org per batch. Usage beyond available credit is never
-        refused: the uncovered part is recorded as arrears. Idempotent on batch_id and on each
-        item's event_id.
+        aggregate into one USAGE transfer per org per transaction: batches posted while another
+        is being applied are applied together next (a group commit), each answered as if applied
+        alone, in arrival order. Usage beyond available credit is never refused: the uncovered part
+        is recorded as arrears. Idempotent on batch_id and on each item's event_id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -86,9 +86,10 @@ class LedgerServiceStub:
     PostUsageBatch: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.PostUsageBatchRequest, _ledger_pb2.PostUsageBatchResponse]
     """Posts the debits of a batch of rated usage events in one database transaction (metering's
     hot path). Items with a reservation capture it; the others are plain debits. Debits
-    aggregate into one USAGE transfer per org per batch. Usage beyond available credit is never
-    refused: the uncovered part is recorded as arrears. Idempotent on batch_id and on each
-    item's event_id.
+    aggregate into one USAGE transfer per org per transaction: batches posted while another
+    is being applied are applied together next (a group commit), each answered as if applied
+    alone, in arrival order. Usage beyond available credit is never refused: the uncovered part
+    is recorded as arrears. Idempotent on batch_id and on each item's event_id.
     """
     GetBalance: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetBalanceRequest, _ledger_pb2.GetBalanceResponse]
     """Returns an org's balance, billing state and grants."""
@@ -181,9 +182,10 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     PostUsageBatch: _aio.UnaryUnaryMultiCallable[_ledger_pb2.PostUsageBatchRequest, _ledger_pb2.PostUsageBatchResponse]  # type: ignore[assignment]
     """Posts the debits of a batch of rated usage events in one database transaction (metering's
     hot path). Items with a reservation capture it; the others are plain debits. Debits
-    aggregate into one USAGE transfer per org per batch. Usage beyond available credit is never
-    refused: the uncovered part is recorded as arrears. Idempotent on batch_id and on each
-    item's event_id.
+    aggregate into one USAGE transfer per org per transaction: batches posted while another
+    is being applied are applied together next (a group commit), each answered as if applied
+    alone, in arrival order. Usage beyond available credit is never refused: the uncovered part
+    is recorded as arrears. Idempotent on batch_id and on each item's event_id.
     """
     GetBalance: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetBalanceRequest, _ledger_pb2.GetBalanceResponse]  # type: ignore[assignment]
     """Returns an org's balance, billing state and grants."""
@@ -321,9 +323,10 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_ledger_pb2.PostUsageBatchResponse, _abc.Awaitable[_ledger_pb2.PostUsageBatchResponse]]:
         """Posts the debits of a batch of rated usage events in one database transaction (metering's
         hot path). Items with a reservation capture it; the others are plain debits. Debits
-        aggregate into one USAGE transfer per org per batch. Usage beyond available credit is never
-        refused: the uncovered part is recorded as arrears. Idempotent on batch_id and on each
-        item's event_id.
+        aggregate into one USAGE transfer per org per transaction: batches posted while another
+        is being applied are applied together next (a group commit), each answered as if applied
+        alone, in arrival order. Usage beyond available credit is never refused: the uncovered part
+        is recorded as arrears. Idempotent on batch_id and on each item's event_id.
         """
 
     @_abc_1.abstractmethod
