@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import secrets
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from services.ledger import domain as d
 from services.ledger.payments.catalog import PricingCatalog
 from services.ledger.payments.local_provider import LocalProvider
 from services.ledger.payments.provider import PaymentProvider
@@ -21,7 +23,6 @@ from services.ledger.payments.top_up import TopUpWorker
 from services.ledger.payments.webhook_endpoint import WebhookEndpoint
 from services.ledger.servicer import LedgerServicer
 from services.ledger.store import LedgerStore
-from services.ledger.usage_commit import UsageGroupCommit
 from tally.kit import db, infra
 from tally.kit.background import run_periodically
 from tally.kit.channels import peer_channel
@@ -34,6 +35,7 @@ from tally.kit.config import (
     parse_positive_int,
     setting,
 )
+from tally.kit.group_commit import GroupCommit
 from tally.kit.log import get_logger
 from tally.kit.server import ServiceApp, run_service
 from tally.ledger.v1 import ledger_pb2, ledger_pb2_grpc
@@ -93,6 +95,19 @@ class LedgerConfig:
         "usage group commits > 0 in flight at once", default=1)
 
 
+PostUsageBatches = Callable[[Sequence[d.UsageBatch]],
+                            Awaitable[Sequence[list[d.UsageResult] | Exception]]]
+
+
+def usage_group_commit(post_batches: PostUsageBatches, *, max_items: int = 20_000,
+                       committers: int = 1) -> GroupCommit[d.UsageBatch, list[d.UsageResult]]:
+    """PostUsageBatch calls that arrive while a usage transaction runs share the next one
+    (LedgerStore.post_usage_batches), if their entries' audit fields agree."""
+    return GroupCommit("ledger.usage", post_batches, max_size=max_items,
+                       size=lambda batch: len(batch.items), key=d.UsageBatch.audited_as,
+                       concurrency=committers)
+
+
 async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
                 provider: PaymentProvider | None = None) -> ServiceApp:
     """Wires the ledger for `config` (an embedded database when none is configured). With
@@ -123,9 +138,9 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
     top_up = TopUpWorker(payments, payment_store, store,
                          poll_s=settings.top_up_poll_ms / 1000)
     shutting_down = asyncio.Event()
-    usage = UsageGroupCommit(store.post_usage_batches,
-                             max_items=settings.usage_group_max_items,
-                             committers=settings.usage_committers)
+    usage = usage_group_commit(store.post_usage_batches,
+                               max_items=settings.usage_group_max_items,
+                               committers=settings.usage_committers)
     servicer = LedgerServicer(store, payments, usage=usage, shutting_down=shutting_down)
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []

@@ -14,8 +14,8 @@ from services.ledger.payments import convert as pay_convert
 from services.ledger.payments.domain import PaymentOrderKind, PaymentOrderState
 from services.ledger.payments.service import Payments
 from services.ledger.store import LedgerStore
-from services.ledger.usage_commit import UsageGroupCommit
 from tally.common.v1 import common_pb2
+from tally.kit.group_commit import GroupCommit
 from tally.kit.protoconv import enum_in, enums_in, from_timestamp
 from tally.kit.server import current_principal
 from tally.kit.telemetry import annotate
@@ -34,12 +34,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     """Translates LedgerService calls to LedgerStore operations."""
 
     def __init__(self, store: LedgerStore, payments: Payments, *,
-                 usage: UsageGroupCommit | None = None, outbox_poll_s: float = 0.2,
-                 stream_lifetime_s: float = 300.0,
+                 usage: GroupCommit[d.UsageBatch, list[d.UsageResult]],
+                 outbox_poll_s: float = 0.2, stream_lifetime_s: float = 300.0,
                  shutting_down: asyncio.Event | None = None) -> None:
         self.store = store
         self.payments = payments
-        self.usage = usage or UsageGroupCommit(store.post_usage_batches)
+        self.usage = usage  # PostUsageBatch calls share transactions (store.post_usage_batches)
         self.outbox_poll_s = outbox_poll_s
         self.stream_lifetime_s = stream_lifetime_s
         # the server's ServiceApp.shutting_down: event streams end when it is set
@@ -104,7 +104,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
     async def PostUsageBatch(self, request: pb.PostUsageBatchRequest, context: Context
                              ) -> pb.PostUsageBatchResponse:
-        results = await self.usage.post(d.UsageBatch(
+        results = await self.usage.submit(d.UsageBatch(
             request.batch_id, [convert.usage_item(i) for i in request.items],
             convert.caller(request.context, _actor())))
         annotate(item_count=len(results),

@@ -930,7 +930,6 @@ class LedgerStore:
     async def post_usage_batch(self, batch_id: str, items: Sequence[d.UsageItem],
                                caller: d.Caller) -> list[d.UsageResult]:
         """Debits one batch of rated usage (post_usage_batches, for a group of one)."""
-        d.validate_usage_batch(batch_id, items)
         (outcome,) = await self.post_usage_batches([d.UsageBatch(batch_id, items, caller)])
         if isinstance(outcome, TallyError):
             raise outcome
@@ -944,11 +943,11 @@ class LedgerStore:
         recorded as arrears. Each event is charged once, forever (receipts are keyed by org and
         event id), whatever batch it arrives in.
 
-        Several batches are the group commit of concurrent calls (usage_commit.py): each is
-        claimed under its own id and answered on its own (its results, or the error of an id
-        used for another request), but the ones applied share the org's transfer, named after
-        the first of them. The batches are validated and agree on their audit fields
-        (UsageBatch.audited_as); the entries carry the first one's trace id.
+        Several batches are the group commit of concurrent calls (tally.kit.group_commit): each
+        is validated, claimed under its own id and answered on its own (its results, or its
+        refusal: bad input, an id used for another request), but the ones applied share the
+        org's transfer, named after the first of them. The batches agree on their audit
+        fields (UsageBatch.audited_as); the entries carry the first one's trace id.
 
         Events seen before are rare, so the batches are first debited as if none were, in a
         savepoint: a receipt that already exists fails the insert of the receipts, and only
@@ -957,8 +956,16 @@ class LedgerStore:
         """
         started = time.perf_counter()
         outcomes: list[list[d.UsageResult] | TallyError | None] = [None] * len(batches)
+        for i, batch in enumerate(batches):
+            try:
+                d.validate_usage_batch(batch.batch_id, batch.items)
+            except TallyError as refused:
+                outcomes[i] = refused
+        valid = [b for b, o in zip(batches, outcomes, strict=True) if o is None]
+        if not valid:
+            return [o for o in outcomes if o is not None]
         async with self.pool.acquire() as conn, conn.transaction():
-            work = Work(conn, self.clock(), batches[0].caller)
+            work = Work(conn, self.clock(), valid[0].caller)
             applied, replayed = await self._claim_batches(work, batches, outcomes)
             debited = arrears = 0
             if applied:
@@ -998,10 +1005,11 @@ class LedgerStore:
         """Claims the batches' ids in one statement: (the batches to apply, those to answer
         from their receipts). A batch whose id was used for another request gets its
         IDEMPOTENCY_KEY_REUSED in `outcomes` and takes no further part."""
-        hashes = [b.fingerprint() for b in batches]
+        hashes = [b.fingerprint() if outcomes[i] is None else "" for i, b in enumerate(batches)]
         owner: dict[str, int] = {}
         for i, batch in enumerate(batches):
-            owner.setdefault(f"usage-batch:{batch.batch_id}", i)
+            if outcomes[i] is None:  # not refused already
+                owner.setdefault(f"usage-batch:{batch.batch_id}", i)
         keys = sorted(owner)  # one insert order everywhere: concurrent claims never deadlock
         claimed = {r[0] for r in await work.conn.fetch(
             "INSERT INTO ledger.idempotency_keys (key, request_hash) "
@@ -1015,6 +1023,8 @@ class LedgerStore:
         applied, replayed = [], []
         for i, batch in enumerate(batches):
             key = f"usage-batch:{batch.batch_id}"
+            if outcomes[i] is not None:
+                continue
             if stored[key] != hashes[i]:
                 outcomes[i] = d.reused(key)
             elif owner[key] == i and key in claimed:

@@ -12,8 +12,8 @@ import asyncpg
 import pytest
 
 from services.ledger import domain as d
+from services.ledger.server import usage_group_commit
 from services.ledger.store import LedgerStore
-from services.ledger.usage_commit import UsageGroupCommit
 from tally.common.v1 import common_pb2
 from tally.kit import db
 from tally.kit.errors import Reason, TallyError
@@ -127,17 +127,17 @@ async def test_a_batch_that_fails_fails_alone(pool: asyncpg.Pool) -> None:
         groups.append(len(batches))
         return await store.post_usage_batches(batches)
 
-    commit = UsageGroupCommit(post)
+    commit = usage_group_commit(post)
     # globex's arrears would pass int64: the database refuses its transaction
     broke = [d.UsageItem("x1", "globex", INT64_MAX), d.UsageItem("x2", "globex", INT64_MAX)]
     async with pool.acquire() as blocker, blocker.transaction():
         # the first group waits on acme's account while the rest queue up behind it
         await blocker.execute("SELECT 1 FROM ledger.accounts WHERE account_id = 'org:acme' "
                               "FOR UPDATE")
-        first = asyncio.create_task(commit.post(batch("b0", ("acme", "e0", CREDIT))))
+        first = asyncio.create_task(commit.submit(batch("b0", ("acme", "e0", CREDIT))))
         await wait_until_blocked(pool)
-        bad = asyncio.create_task(commit.post(d.UsageBatch("bad", broke, METERING)))
-        good = [asyncio.create_task(commit.post(batch(f"b{i}", ("acme", f"e{i}", CREDIT))))
+        bad = asyncio.create_task(commit.submit(d.UsageBatch("bad", broke, METERING)))
+        good = [asyncio.create_task(commit.submit(batch(f"b{i}", ("acme", f"e{i}", CREDIT))))
                 for i in range(1, 4)]
         await asyncio.sleep(0)
     assert len(await first) == 1
@@ -164,14 +164,14 @@ async def wait_until_blocked(db: asyncpg.Pool | asyncpg.Connection) -> None:
 async def test_batches_with_other_audit_fields_are_not_grouped(pool: asyncpg.Pool) -> None:
     store = LedgerStore(pool)
     await fund(store, "acme", 10 * CREDIT)
-    commit = UsageGroupCommit(store.post_usage_batches)
+    commit = usage_group_commit(store.post_usage_batches)
     operator = d.Caller(actor="user:ops", labels={"team": "a"})
     async with pool.acquire() as blocker, blocker.transaction():
         await blocker.execute("SELECT 1 FROM ledger.accounts WHERE account_id = 'org:acme' "
                               "FOR UPDATE")
-        first = asyncio.create_task(commit.post(batch("b0", ("acme", "e0", CREDIT))))
+        first = asyncio.create_task(commit.submit(batch("b0", ("acme", "e0", CREDIT))))
         await wait_until_blocked(pool)
-        queued = [asyncio.create_task(commit.post(batch(
+        queued = [asyncio.create_task(commit.submit(batch(
             f"b{i}", ("acme", f"e{i}", CREDIT), caller=operator if i == 2 else METERING)))
             for i in range(1, 5)]
         await asyncio.sleep(0)
@@ -256,3 +256,20 @@ async def test_concurrent_batches_sent_three_times_charge_each_event_once(
         assert owed == max(0, spent - 3 * CREDIT)
     verified = await tally.ledger.VerifyLedger(pb.VerifyLedgerRequest())
     assert verified.ok
+
+
+async def test_bad_input_in_a_group_is_refused_alone(pool: asyncpg.Pool) -> None:
+    store = LedgerStore(pool)
+    await fund(store, "acme", 10 * CREDIT)
+    empty = d.UsageBatch("empty", [], METERING)
+    negative = batch("negative", ("acme", "e1", -1))
+    outcomes = await store.post_usage_batches([empty, batch("good", ("acme", "e2", CREDIT)),
+                                               negative])
+    refused_empty, good, refused_negative = outcomes
+    assert isinstance(refused_empty, TallyError)
+    assert refused_empty.reason is Reason.INVALID_ARGUMENT and "items" in str(refused_empty)
+    assert isinstance(refused_negative, TallyError)
+    assert "items[0].cost_micros" in str(refused_negative)
+    assert not isinstance(good, TallyError) and good[0].balance_after_micros == 9 * CREDIT
+    assert await pool.fetchval("SELECT count(*) FROM ledger.idempotency_keys "
+                               "WHERE key LIKE 'usage-batch:%'") == 1

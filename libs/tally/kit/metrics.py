@@ -37,6 +37,9 @@ LIMITER_DEGRADED_DECISIONS: Final = Counter(
     "tally_limiter_degraded_decisions", "Quota decisions made by the outage policy",
     ["backend", "policy"])
 
+GROUP_COMMIT_SIZE: Final = Histogram(
+    "tally_group_commit_size", "Requests applied together in one transaction, by group commit "
+    "(tally.kit.group_commit)", ["group"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128))
 # -- ledger -----------------------------------------------------------------------------------
 CREDITS_DEBITED: Final = Counter(
     "tally_ledger_credits_debited_micros", "Usage debited from org credit, micro-credits")
@@ -50,9 +53,6 @@ LEDGER_COMMIT_SECONDS: Final = Histogram(
     "tally_ledger_batch_commit_seconds", "Time to apply one PostUsageBatch transaction",
     buckets=_LATENCY_BUCKETS)
 
-LEDGER_GROUP_BATCHES: Final = Histogram(
-    "tally_ledger_usage_group_batches", "PostUsageBatch calls applied together in one "
-    "transaction (the group commit)", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))
 
 PAYMENT_WEBHOOKS: Final = Counter(
     "tally_ledger_payment_webhooks", "Payment webhooks received, by provider and outcome "

@@ -1,0 +1,93 @@
+"""GroupCommit: what queues while a group runs goes together next, each request answered on
+its own, and a failing group never fails a request that would have succeeded alone."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from tally.kit.group_commit import GroupCommit
+
+
+class Recorder:
+    """An `apply` that holds each group until released, and records the groups."""
+
+    def __init__(self) -> None:
+        self.groups: list[list[str]] = []
+        self.gate = asyncio.Event()
+        self.applying = asyncio.Event()
+
+    async def __call__(self, requests: Sequence[str]) -> list[str | Exception]:
+        self.groups.append(list(requests))
+        self.applying.set()
+        await self.gate.wait()
+        if "boom" in requests and len(requests) > 1:
+            raise RuntimeError("the whole group failed")
+        return [ValueError(r) if r.startswith("refuse") else r.upper() for r in requests]
+
+
+async def test_requests_queued_meanwhile_go_together_in_arrival_order() -> None:
+    apply = Recorder()
+    commit = GroupCommit("test", apply, max_size=100)
+    first = asyncio.create_task(commit.submit("a"))
+    await apply.applying.wait()
+    rest = [asyncio.create_task(commit.submit(r)) for r in ("b", "c", "d")]
+    await asyncio.sleep(0)
+    apply.gate.set()
+    assert await asyncio.gather(first, *rest) == ["A", "B", "C", "D"]
+    assert apply.groups == [["a"], ["b", "c", "d"]]
+
+
+async def test_a_refusal_is_its_request_answer_only() -> None:
+    apply = Recorder()
+    apply.gate.set()
+    commit = GroupCommit("test", apply, max_size=100)
+    results = await asyncio.gather(*(commit.submit(r) for r in ("a", "refuse-b", "c")),
+                                   return_exceptions=True)
+    assert results[0] == "A" and results[2] == "C"
+    assert isinstance(results[1], ValueError)
+
+
+async def test_a_failing_group_is_retried_request_by_request() -> None:
+    apply = Recorder()
+    commit = GroupCommit("test", apply, max_size=100)
+    first = asyncio.create_task(commit.submit("a"))
+    await apply.applying.wait()
+    queued = [asyncio.create_task(commit.submit(r)) for r in ("b", "boom", "c")]
+    await asyncio.sleep(0)
+    apply.gate.set()
+    assert await first == "A"
+    results = await asyncio.gather(*queued, return_exceptions=True)
+    assert results == ["B", "BOOM", "C"]  # alone, "boom" applies fine too
+    assert apply.groups == [["a"], ["b", "boom", "c"], ["b"], ["boom"], ["c"]]
+
+
+async def test_groups_keep_to_their_size_and_key() -> None:
+    apply = Recorder()
+    commit = GroupCommit("test", apply, max_size=5, size=len, key=lambda r: r[0])
+    first = asyncio.create_task(commit.submit("x"))
+    await apply.applying.wait()
+    queued = [asyncio.create_task(commit.submit(r)) for r in ("aa", "ab", "ac", "bb", "aaaaaaa")]
+    await asyncio.sleep(0)
+    apply.gate.set()
+    await asyncio.gather(first, *queued)
+    # "ac" would pass 5; "bb" has another key; a request bigger than a group goes alone
+    assert apply.groups == [["x"], ["aa", "ab"], ["ac"], ["bb"], ["aaaaaaa"]]
+
+
+async def test_a_caller_that_gave_up_is_left_out() -> None:
+    apply = Recorder()
+    commit = GroupCommit("test", apply, max_size=100)
+    first = asyncio.create_task(commit.submit("a"))
+    await apply.applying.wait()
+    gone = asyncio.create_task(commit.submit("gone"))
+    kept = asyncio.create_task(commit.submit("kept"))
+    await asyncio.sleep(0)
+    gone.cancel()
+    apply.gate.set()
+    assert await asyncio.gather(first, kept) == ["A", "KEPT"]
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert apply.groups == [["a"], ["kept"]]
