@@ -399,6 +399,25 @@ class TransferCommand:
 
 
 @dataclass(frozen=True, slots=True)
+class ReserveCommand:
+    """Hold credit for an in-flight request (the Reserve RPC)."""
+
+    reservation_id: str
+    org_id: str
+    amount_micros: int
+    ttl: timedelta
+    caller: Caller
+
+    def problems(self) -> list[FieldViolation | None]:
+        return [check_id("reservation_id", self.reservation_id),
+                check_id("org_id", self.org_id),
+                check_amount("amount_micros", self.amount_micros)]
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.org_id, self.amount_micros, self.ttl.total_seconds())
+
+
+@dataclass(frozen=True, slots=True)
 class UsageItem:
     """One rated usage event to debit."""
 

@@ -45,6 +45,7 @@ SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
 SWEEP_INTERVAL_S = 1.0  # how late an expired hold or grant may be noticed
 OUTBOX_SEAL_INTERVAL_S = 0.1  # how late an outbox event may become visible to consumers
 REFUND_RETRY_INTERVAL_S = 30.0  # how often the money of an unconfirmed refund is asked again
+RESERVE_GROUP_MAX = 256  # Reserve calls that may share one transaction
 
 log = get_logger("ledger.server")
 
@@ -141,7 +142,9 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
     usage = usage_group_commit(store.post_usage_batches,
                                max_items=settings.usage_group_max_items,
                                committers=settings.usage_committers)
-    servicer = LedgerServicer(store, payments, usage=usage, shutting_down=shutting_down)
+    holds = GroupCommit("ledger.reserve", store.reserve_many, max_size=RESERVE_GROUP_MAX)
+    servicer = LedgerServicer(store, payments, usage=usage, holds=holds,
+                              shutting_down=shutting_down)
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
 

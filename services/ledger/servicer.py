@@ -35,11 +35,14 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
     def __init__(self, store: LedgerStore, payments: Payments, *,
                  usage: GroupCommit[d.UsageBatch, list[d.UsageResult]],
+                 holds: GroupCommit[d.ReserveCommand, tuple[d.Reservation, int, d.BillingState]],
                  outbox_poll_s: float = 0.2, stream_lifetime_s: float = 300.0,
                  shutting_down: asyncio.Event | None = None) -> None:
         self.store = store
         self.payments = payments
-        self.usage = usage  # PostUsageBatch calls share transactions (store.post_usage_batches)
+        # concurrent calls share transactions (store.post_usage_batches, store.reserve_many)
+        self.usage = usage
+        self.holds = holds
         self.outbox_poll_s = outbox_poll_s
         self.stream_lifetime_s = stream_lifetime_s
         # the server's ServiceApp.shutting_down: event streams end when it is set
@@ -75,9 +78,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
     async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:
         annotate(org_id=request.org_id, amount_micros=request.amount_micros)
-        held, available, state = await self.store.reserve(
+        held, available, state = await self.holds.submit(d.ReserveCommand(
             request.reservation_id, request.org_id, request.amount_micros,
-            d.validate_ttl(request.ttl_seconds), convert.caller(request.context, _actor()))
+            d.validate_ttl(request.ttl_seconds), convert.caller(request.context, _actor())))
         return pb.ReserveResponse(reservation=convert.reservation(held),
                                   available_micros=available,
                                   billing_state=convert.billing_state(state))

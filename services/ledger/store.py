@@ -690,44 +690,121 @@ class LedgerStore:
 
     async def reserve(self, reservation_id: str, org_id: str, amount: int, ttl: timedelta,
                       caller: d.Caller) -> tuple[d.Reservation, int, d.BillingState]:
-        """Holds credit only if available covers it, decided under the org's row lock.
-        Returns the hold, available credit after it and the org's billing state."""
-        d.raise_if([d.check_id("reservation_id", reservation_id), d.check_id("org_id", org_id),
-                    d.check_amount("amount_micros", amount)])
+        """Holds credit (reserve_many, for one hold)."""
+        (outcome,) = await self.reserve_many(
+            [d.ReserveCommand(reservation_id, org_id, amount, ttl, caller)])
+        if isinstance(outcome, TallyError):
+            raise outcome
+        return outcome
+
+    async def reserve_many(self, commands: Sequence[d.ReserveCommand]
+                           ) -> list[tuple[d.Reservation, int, d.BillingState] | TallyError]:
+        """Holds credit for each command only if available covers it, decided under the orgs'
+        row locks, in order, in one transaction (the group commit of concurrent Reserve
+        calls). Each answer is the hold, available credit after it and the org's billing
+        state; or the command's refusal, which leaves nothing behind (its id stays free)."""
+        outcomes: list[tuple[d.Reservation, int, d.BillingState] | TallyError | None] = [
+            None] * len(commands)
+        for i, cmd in enumerate(commands):
+            try:
+                d.raise_if(cmd.problems())
+            except TallyError as refused:
+                outcomes[i] = refused
+        if all(o is not None for o in outcomes):
+            return [o for o in outcomes if o is not None]
         async with self.pool.acquire() as conn, conn.transaction():
-            work = Work(conn, self.clock(), caller)
-            if not await work.claim(f"reserve:{reservation_id}",
-                                    d.fingerprint(org_id, amount, ttl.total_seconds())):
-                # the original answer: the hold as it was made, and available right after it
-                row = await conn.fetchrow(
-                    "SELECT * FROM ledger.reservations WHERE reservation_id = $1", reservation_id)
-                assert row is not None  # the claim and the row commit together
-                made = replace(_reservation(row), state=d.ReservationState.HELD,
-                               captured_micros=0, arrears_micros=0, capture_transfer_id="",
-                               settled_at=None)
-                return (made, row["reserved_available_micros"],
-                        d.BillingState(row["reserved_billing_state"] or "ACTIVE"))
-            await work.lock_orgs([org_id])
-            account = work.org(org_id)
-            if account.billing_state is d.BillingState.READ_ONLY:
-                raise TallyError(Reason.ACCOUNT_READ_ONLY,
-                                 f"org {org_id} is read-only: no new holds",
-                                 metadata={"org_id": org_id})
-            available = work.available(org_id)
-            if amount > available:
-                raise d.insufficient(available, amount, "amount_micros")
-            account.held += amount
-            account.dirty = True
-            reservation = d.Reservation(reservation_id, org_id, amount, d.ReservationState.HELD,
-                                        work.now + ttl, 0, 0, "", work.now, None)
-            await conn.execute(
-                "INSERT INTO ledger.reservations (reservation_id, org_id, amount_micros, state, "
-                "expires_at, created_at, reserved_available_micros, reserved_billing_state) "
-                "VALUES ($1, $2, $3, 'HELD', $4, $5, $6, $7)",
-                reservation_id, org_id, amount, reservation.expires_at, work.now,
-                work.available(org_id), account.billing_state.value)
-            await work.flush()
-            return reservation, work.available(org_id), account.billing_state
+            work = Work(conn, self.clock(), commands[0].caller)
+            new, replayed = await self._claim_holds(work, commands, outcomes)
+            await work.lock(orgs={commands[i].org_id for i in new})
+            rows: list[tuple[Any, ...]] = []
+            refused_keys = []
+            for i in new:
+                cmd = commands[i]
+                try:
+                    outcomes[i] = self._hold(work, cmd)
+                except TallyError as refused:
+                    outcomes[i] = refused
+                    refused_keys.append(f"reserve:{cmd.reservation_id}")
+                    continue
+                held, available, state = outcomes[i]  # type: ignore[misc]
+                rows.append((cmd.reservation_id, cmd.org_id, cmd.amount_micros, "HELD",
+                             held.expires_at, work.now, available, state.value))
+            if refused_keys:  # claimed in this transaction: as if never asked
+                await conn.execute("DELETE FROM ledger.idempotency_keys WHERE key = ANY($1)",
+                                   refused_keys)
+            if rows:
+                await conn.executemany(
+                    "INSERT INTO ledger.reservations (reservation_id, org_id, amount_micros, "
+                    "state, expires_at, created_at, reserved_available_micros, "
+                    "reserved_billing_state) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)", rows)
+                await work.flush()
+            first = {commands[i].reservation_id: i for i in new}
+            for i in replayed:  # the original answer: the hold as made, available right after
+                original = outcomes[first.get(commands[i].reservation_id, i)]
+                outcomes[i] = (original if isinstance(original, TallyError)
+                               else await self._replay_hold(conn, commands[i]))
+        return [o for o in outcomes if o is not None]
+
+    @staticmethod
+    def _hold(work: Work, cmd: d.ReserveCommand) -> tuple[d.Reservation, int, d.BillingState]:
+        """One hold on the locked org, or its refusal."""
+        org_id, amount = cmd.org_id, cmd.amount_micros
+        if d.credit_account(org_id) not in work.accounts:
+            raise invalid("org_id", f"unknown org {org_id!r}")
+        account = work.org(org_id)
+        if account.billing_state is d.BillingState.READ_ONLY:
+            raise TallyError(Reason.ACCOUNT_READ_ONLY, f"org {org_id} is read-only: no new holds",
+                             metadata={"org_id": org_id})
+        available = work.available(org_id)
+        if amount > available:
+            raise d.insufficient(available, amount, "amount_micros")
+        account.held += amount
+        account.dirty = True
+        reservation = d.Reservation(cmd.reservation_id, org_id, amount, d.ReservationState.HELD,
+                                    work.now + cmd.ttl, 0, 0, "", work.now, None)
+        return reservation, work.available(org_id), account.billing_state
+
+    @staticmethod
+    async def _claim_holds(work: Work, commands: Sequence[d.ReserveCommand],
+                           outcomes: list[Any]) -> tuple[list[int], list[int]]:
+        """Claims the commands' reservation ids in one statement: (the holds to make, those
+        to answer as made before). An id used for another request is refused in
+        `outcomes`."""
+        hashes = {i: c.fingerprint() for i, c in enumerate(commands) if outcomes[i] is None}
+        owner: dict[str, int] = {}
+        for i in hashes:
+            owner.setdefault(f"reserve:{commands[i].reservation_id}", i)
+        keys = sorted(owner)  # one insert order everywhere: concurrent claims never deadlock
+        claimed = {r[0] for r in await work.conn.fetch(
+            "INSERT INTO ledger.idempotency_keys (key, request_hash) "
+            "SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT (key) DO NOTHING "
+            "RETURNING key", keys, [hashes[owner[k]] for k in keys])}
+        stored = {k: hashes[owner[k]] for k in claimed}
+        if len(claimed) < len(keys):
+            stored.update((r["key"], r["request_hash"]) for r in await work.conn.fetch(
+                "SELECT key, request_hash FROM ledger.idempotency_keys WHERE key = ANY($1)",
+                [k for k in keys if k not in claimed]))
+        new, replayed = [], []
+        for i, request_hash in hashes.items():
+            key = f"reserve:{commands[i].reservation_id}"
+            if stored[key] != request_hash:
+                outcomes[i] = d.reused(key)
+            elif owner[key] == i and key in claimed:
+                new.append(i)
+            else:
+                replayed.append(i)
+        return new, replayed
+
+    @staticmethod
+    async def _replay_hold(conn: Connection, cmd: d.ReserveCommand
+                           ) -> tuple[d.Reservation, int, d.BillingState]:
+        row = await conn.fetchrow(
+            "SELECT * FROM ledger.reservations WHERE reservation_id = $1", cmd.reservation_id)
+        assert row is not None  # the claim and the row commit together
+        made = replace(_reservation(row), state=d.ReservationState.HELD, captured_micros=0,
+                       arrears_micros=0, capture_transfer_id="", settled_at=None)
+        return (made, row["reserved_available_micros"],
+                d.BillingState(row["reserved_billing_state"] or "ACTIVE"))
 
     async def _reservation(self, conn: Connection, reservation_id: str, org_id: str,
                            *, for_update: bool = False) -> d.Reservation:

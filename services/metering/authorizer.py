@@ -124,8 +124,7 @@ class Authorizer:
         def decide(states: list[az.BudgetState]) -> az.Answer:
             return self._decide(request, book, first, states, now, headroom)
 
-        answer = await self._record(request, fingerprint, budgets, decide)
-        return await self._hold(request, answer, policy)
+        return await self._record(request, fingerprint, budgets, decide, then_hold=policy)
 
     async def _replay(self, request: az.AuthorizeRequest, fingerprint: str, stored_hash: str,
                       state: str, answer: az.Answer) -> az.Answer:
@@ -138,14 +137,17 @@ class Authorizer:
         return answer
 
     async def _record(self, request: az.AuthorizeRequest, fingerprint: str,
-                      budgets: Sequence[tuple[Budget, datetime]], decide: Decide
-                      ) -> az.Answer:
+                      budgets: Sequence[tuple[Budget, datetime]], decide: Decide, *,
+                      then_hold: SpendPolicy | None = None) -> az.Answer:
+        """Records the decision; with `then_hold`, makes its ledger hold. A call recorded
+        first by a concurrent copy answers as that copy's replay (which holds, if needed)."""
         try:
-            return await self.store.decide(request, fingerprint, budgets, decide)
+            answer = await self.store.decide(request, fingerprint, budgets, decide)
         except Replayed:
             earlier = await self.store.authorization(request.org_id, request.request_id)
             assert earlier is not None
             return await self._replay(request, fingerprint, *earlier)
+        return answer if then_hold is None else await self._hold(request, answer, then_hold)
 
     @staticmethod
     def _estimate(book: PriceBook, request: az.AuthorizeRequest, model: str) -> az.Estimate:

@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 
 from tally.kit import outbox
+from tally.kit.group_commit import GroupCommit
 
 from .authorize import (
     Answer,
@@ -108,11 +109,25 @@ def policy_from_row(org_id: str, r: Any | None) -> SpendPolicy:
                        r["updated_at"], r["updated_by"])
 
 
+@dataclass(frozen=True, slots=True)
+class _Decision:
+    """One Authorize waiting to be decided under its budgets' locks (SpendStore.decide)."""
+
+    request: AuthorizeRequest
+    request_hash: str
+    budgets: Sequence[tuple[Budget, datetime]]
+    decide: Decide
+
+
 class SpendStore:
     """Postgres persistence of Authorize."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, decisions_per_group: int = 256) -> None:
         self.pool = pool
+        # Authorize calls against budgets that arrive while a decision's transaction runs are
+        # decided together in the next one: a hot budget costs a lock per group, not per call.
+        self._decisions = GroupCommit("metering.authorize", self._decide_many,
+                                      max_size=decisions_per_group)
 
     async def budgets_of(self, org_id: str) -> list[Budget]:
         """The org's live budgets."""
@@ -146,32 +161,100 @@ class SpendStore:
     async def decide(self, request: AuthorizeRequest, request_hash: str,
                      budgets: Sequence[tuple[Budget, datetime]], decide: Decide) -> Answer:
         """Locks the budgets' usage rows for their periods, lets `decide` answer, and records
-        the answer with its holds (PENDING) or as DENIED — one transaction.
+        the answer with its holds (PENDING) or as DENIED — one transaction, shared with the
+        calls that queued up meanwhile (each decided on the holds of the ones before it).
 
         Raises Replayed if the same request id was recorded meanwhile.
         """
-        keys = sorted({(b.budget_id, start) for b, start in budgets})
-        if not keys:  # nothing to lock: one statement
+        if not budgets:  # nothing to lock: one statement
             return await self._record(self.pool, request, request_hash, decide([]), [])
+        return await self._decisions.submit(_Decision(request, request_hash, budgets, decide))
+
+    async def _decide_many(self, decisions: Sequence[_Decision]) -> list[Answer | Exception]:
+        keys = sorted({(b.budget_id, start) for x in decisions for b, start in x.budgets})
         for _ in range(2):
             async with self.pool.acquire() as conn, conn.transaction():
                 locked = await lock_existing_usage(conn, keys)
                 if len(locked) == len(keys):
-                    states = [BudgetState(b, start, *locked[(b.budget_id, start)])
-                              for b, start in budgets]
-                    return await self._record(conn, request, request_hash, decide(states),
-                                              states)
+                    return await self._record_many(conn, decisions, locked)
             # A period's first request: create its usage rows outside any lock, then retry
             # (creating them while holding others' locks could deadlock with another creator).
             await create_usage_rows(self.pool, keys)
         raise RuntimeError("budget usage rows vanished")  # nothing deletes them
 
     @staticmethod
+    async def _record_many(conn: Any, decisions: Sequence[_Decision],
+                           locked: dict[UsageKey, tuple[int, int]]
+                           ) -> list[Answer | Exception]:
+        """Decides each in order, on the locked usage plus the holds of the ones before it,
+        and records them. One whose id is recorded already (before the locks, or earlier in
+        the group) is Replayed, undecided. A copy recorded meanwhile elsewhere, without
+        these locks (it cannot hold these budgets: it is the same request), is Replayed too,
+        and its holds are not kept; counted for the ones after it, they may have refused one
+        for nothing, never admitted one too many."""
+        usage = dict(locked)
+        answers: list[Answer | Exception] = []
+        rows: list[tuple[Any, ...]] = []
+        holds: list[list[tuple[UsageKey, int]]] = []
+        # copies of a call recorded before these locks were granted: their holds are in the
+        # locked usage already
+        seen: set[tuple[str, str]] = {(r[0], r[1]) for r in await conn.fetch(
+            "SELECT a.org_id, a.request_id FROM metering.authorizations a "
+            "JOIN unnest($1::text[], $2::text[]) AS k(o, q) "
+            "ON a.org_id = k.o AND a.request_id = k.q",
+            [x.request.org_id for x in decisions], [x.request.request_id for x in decisions])}
+        for x in decisions:
+            request = x.request
+            ident = (request.org_id, request.request_id)
+            if ident in seen:
+                answers.append(Replayed(request.request_id))
+                continue
+            states = [BudgetState(b, start, *usage[(b.budget_id, start)])
+                      for b, start in x.budgets]
+            try:
+                answer = x.decide(states)
+            except Exception as refused:  # this call's answer, not the group's
+                answers.append(refused)
+                continue
+            seen.add(ident)
+            held = _holds(answer, states)
+            for key, amount in held:
+                spent, reserved = usage[key]
+                usage[key] = (spent, reserved + amount)
+            holds.append(held)
+            rows.append(_authorization_row(request, x.request_hash, answer, held))
+            answers.append(answer)
+        if not rows:
+            return answers
+        inserted = {(r[0], r[1]) for r in await conn.fetch(
+            "INSERT INTO metering.authorizations (org_id, request_id, request_hash, decision, "
+            "reservation_id, reserved_micros, budget_holds, state, expires_at, response) "
+            "SELECT o, q, h, d, r, m, b::jsonb, s, e, a::jsonb FROM unnest($1::text[], "
+            "$2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[], "
+            "$8::text[], $9::timestamptz[], $10::text[]) AS k(o, q, h, d, r, m, b, s, e, a) "
+            "ON CONFLICT DO NOTHING RETURNING org_id, request_id",
+            *(list(column) for column in zip(*rows, strict=True)))}
+        added: dict[UsageKey, int] = {}
+        for row, held in zip(rows, holds, strict=True):
+            if (row[0], row[1]) in inserted:
+                for key, amount in held:
+                    added[key] = added.get(key, 0) + amount
+        if added:
+            ordered = sorted(added)
+            await conn.execute(
+                "UPDATE metering.budget_usage u SET reserved_micros = u.reserved_micros + k.held "
+                "FROM unnest($1::text[], $2::timestamptz[], $3::bigint[]) AS k(id, start, held) "
+                "WHERE u.budget_id = k.id AND u.period_start = k.start",
+                [k[0] for k in ordered], [k[1] for k in ordered], [added[k] for k in ordered])
+        return [Replayed(x.request.request_id)
+                if isinstance(a, Answer) and (x.request.org_id, x.request.request_id)
+                not in inserted else a for a, x in zip(answers, decisions, strict=True)]
+
+    @staticmethod
     async def _record(conn: Any, request: AuthorizeRequest, request_hash: str, answer: Answer,
                       states: Sequence[BudgetState]) -> Answer:
         """Inserts the authorization and adds its holds to the budgets, in one statement."""
-        holding = answer.decision is not Decision.DENY and answer.reserved_micros > 0
-        held = states if holding else []
+        held = _holds(answer, states)
         inserted = await conn.fetchval(
             "WITH a AS (INSERT INTO metering.authorizations (org_id, request_id, request_hash, "
             "decision, reservation_id, reserved_micros, budget_holds, state, expires_at, "
@@ -181,13 +264,8 @@ class SpendStore:
             "FROM unnest($11::text[], $12::timestamptz[]) AS k(id, start) "
             "WHERE u.budget_id = k.id AND u.period_start = k.start AND EXISTS (SELECT FROM a)) "
             "SELECT count(*) FROM a",
-            request.org_id, request.request_id, request_hash, answer.decision.value,
-            answer.reservation_id, answer.reserved_micros,
-            json.dumps([[s.budget.budget_id, s.period_start.isoformat(), answer.reserved_micros]
-                        for s in held]),
-            "PENDING" if holding else "DENIED" if answer.decision is Decision.DENY else "HELD",
-            answer.expires_at, answer_to_json(answer),
-            [s.budget.budget_id for s in held], [s.period_start for s in held])
+            *_authorization_row(request, request_hash, answer, held),
+            [key[0] for key, _ in held], [key[1] for key, _ in held])
         if not inserted:
             raise Replayed(request.request_id)
         return answer
@@ -242,6 +320,25 @@ class SpendStore:
 
 
 UsageKey = tuple[str, datetime]
+
+
+def _holds(answer: Answer, states: Sequence[BudgetState]) -> list[tuple[UsageKey, int]]:
+    """What an answer holds on each budget it was decided on: its reservation, unless denied."""
+    if answer.decision is Decision.DENY or answer.reserved_micros <= 0:
+        return []
+    return [((s.budget.budget_id, s.period_start), answer.reserved_micros) for s in states]
+
+
+def _authorization_row(request: AuthorizeRequest, request_hash: str, answer: Answer,
+                       held: Sequence[tuple[UsageKey, int]]) -> tuple[Any, ...]:
+    """The metering.authorizations values of an answer holding `held` on budgets: PENDING
+    until the ledger holds its credit too."""
+    holding = answer.decision is not Decision.DENY and answer.reserved_micros > 0
+    return (request.org_id, request.request_id, request_hash, answer.decision.value,
+            answer.reservation_id, answer.reserved_micros,
+            json.dumps([[key[0], key[1].isoformat(), amount] for key, amount in held]),
+            "PENDING" if holding else "DENIED" if answer.decision is Decision.DENY else "HELD",
+            answer.expires_at, answer_to_json(answer))
 
 
 async def lock_existing_usage(conn: Any, keys: Sequence[UsageKey]

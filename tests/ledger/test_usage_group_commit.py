@@ -154,6 +154,8 @@ async def test_a_batch_that_fails_fails_alone(pool: asyncpg.Pool) -> None:
 async def wait_until_blocked(db: asyncpg.Pool | asyncpg.Connection) -> None:
     """Until some session waits for a row lock (the group commit's transaction)."""
     for _ in range(500):
+        # a transaction sees one snapshot of pg_stat_activity unless it is cleared
+        await db.execute("SELECT pg_stat_clear_snapshot()")
         if await db.fetchval("SELECT count(*) FROM pg_stat_activity "
                                "WHERE wait_event_type = 'Lock'"):
             return

@@ -13,7 +13,7 @@ import pytest
 from services.metering.spend_store import SpendStore
 from tally.cli import authorize as authorize_cli
 from tally.common.v1 import common_pb2
-from tally.kit import db
+from tally.kit import db, metrics
 from tally.kit.errors import Reason, TallyError
 from tally.metering.v1 import metering_pb2 as mpb
 from tests.metering.conftest import CREDIT, Suite, start_suite, stop_suite
@@ -291,3 +291,51 @@ async def test_tally_authorize_prints_the_decision_and_the_budget_headroom(
     denied = await authorize_cli.authorize(suite.config, ask("cli-2", input_tokens=10**9))
     assert denied.decision == DENY
     assert "\nDENY BUDGET_EXCEEDED: " in f"\n{capsys.readouterr().out}"
+
+
+async def test_authorize_calls_queued_on_a_budget_are_decided_together_and_exactly(
+    suite: Suite,
+) -> None:
+    """40 Authorize calls (each sent twice at once) pile up behind a held budget lock and are
+    decided in shared transactions: each on the holds of the ones before it, so exactly as
+    many are allowed as the budget admits, copies get one answer, and both the budget and
+    the ledger hold exactly the allowed estimates."""
+    await suite.fund("acme", 10_000)
+    await suite.fund("other", 100)
+    estimate = (await suite.client.metering.Authorize(ask("probe", "other"))).reserved_micros
+    # room for 13, and half of another; the first call creates the period's usage row
+    await add_budget(suite, "b-group", (13 * estimate + estimate // 2) / CREDIT)
+    first = await suite.client.metering.Authorize(ask("first"))
+    assert first.decision == ALLOW and first.reserved_micros == estimate
+    groups = ("tally_group_commit_size_count", {"group": "metering.authorize"})
+    decided = ("tally_group_commit_size_sum", {"group": "metering.authorize"})
+    groups_before, decided_before = metrics.sample(*groups), metrics.sample(*decided)
+    conn = await asyncpg.connect(db.asyncpg_url(suite.db_url))
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT 1 FROM metering.budget_usage WHERE budget_id = 'b-group' "
+                               "FOR UPDATE")
+            async def authorize(request_id: str) -> mpb.AuthorizeResponse:
+                return await suite.client.metering.Authorize(ask(request_id))
+
+            calls = [asyncio.create_task(authorize(f"g-{n // 2}")) for n in range(80)]
+            for _ in range(500):  # until a decision waits on the lock
+                # (a transaction sees one snapshot of pg_stat_activity unless it is cleared)
+                await conn.execute("SELECT pg_stat_clear_snapshot()")
+                if await conn.fetchval("SELECT count(*) FROM pg_stat_activity "
+                                       "WHERE wait_event_type = 'Lock'"):
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("no decision waited for the budget")
+        answers = await asyncio.gather(*calls)
+    finally:
+        await conn.close()
+    for n in range(0, 80, 2):
+        assert answers[n] == answers[n + 1]
+    allowed = [a for a in answers[::2] if a.decision == ALLOW]
+    assert len(allowed) == 12
+    assert all(a.deny_reason == "BUDGET_EXCEEDED" for a in answers[::2] if a.decision == DENY)
+    assert await budget_usage(suite, "b-group") == (0, 13 * estimate)
+    assert (await balance(suite)).held_micros == 13 * estimate
+    assert metrics.sample(*groups) - groups_before < metrics.sample(*decided) - decided_before
