@@ -127,6 +127,37 @@ class Work:
             raise d.reused(key)
         return False
 
+    async def claim_many(self, requests: Sequence[tuple[str, str] | None]
+                         ) -> list[bool | TallyError | None]:
+        """`claim` for many (key, request hash) pairs in one statement, inserted in key order
+        (so concurrent claims never deadlock). Per request: True if this transaction owns
+        its key (the first of those here with that key), False if an earlier one, or the
+        first here, is the same request, IDEMPOTENCY_KEY_REUSED if it is another; None where
+        no request was given."""
+        owner: dict[str, int] = {}
+        hash_of: dict[str, str] = {}  # the owner's, then what is stored
+        for i, request in enumerate(requests):
+            if request is not None and request[0] not in owner:
+                owner[request[0]], hash_of[request[0]] = i, request[1]
+        keys = sorted(owner)
+        claimed = {r[0] for r in await self.conn.fetch(
+            "INSERT INTO ledger.idempotency_keys (key, request_hash) "
+            "SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT (key) DO NOTHING "
+            "RETURNING key", keys, [hash_of[k] for k in keys])}
+        if len(claimed) < len(keys):
+            hash_of.update((r["key"], r["request_hash"]) for r in await self.conn.fetch(
+                "SELECT key, request_hash FROM ledger.idempotency_keys WHERE key = ANY($1)",
+                [k for k in keys if k not in claimed]))
+        claims: list[bool | TallyError | None] = []
+        for i, request in enumerate(requests):
+            if request is None:
+                claims.append(None)
+            elif hash_of[request[0]] != request[1]:
+                claims.append(d.reused(request[0]))
+            else:
+                claims.append(owner[request[0]] == i and request[0] in claimed)
+        return claims
+
     # -- accounts ------------------------------------------------------------------------
 
     async def lock(self, account_ids: Iterable[str] = (), *, orgs: Iterable[str] = (),
@@ -490,6 +521,21 @@ class Work:
             await asyncio.gather(*self.pending, return_exceptions=True)
 
 
+def _sort_claims(claims: Sequence[bool | TallyError | None], outcomes: list[Any]
+                 ) -> tuple[list[int], list[int]]:
+    """Work.claim_many's answers as (the requests to apply, those to replay); a refusal goes
+    to `outcomes`."""
+    new, replayed = [], []
+    for i, claim in enumerate(claims):
+        if isinstance(claim, TallyError):
+            outcomes[i] = claim
+        elif claim is True:
+            new.append(i)
+        elif claim is False:
+            replayed.append(i)
+    return new, replayed
+
+
 _UUID_VARIANT: Final = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 
@@ -767,33 +813,13 @@ class LedgerStore:
     @staticmethod
     async def _claim_holds(work: Work, commands: Sequence[d.ReserveCommand],
                            outcomes: list[Any]) -> tuple[list[int], list[int]]:
-        """Claims the commands' reservation ids in one statement: (the holds to make, those
-        to answer as made before). An id used for another request is refused in
+        """Claims the reservation ids of the commands not refused yet: (the holds to make,
+        those to answer as made before). An id used for another request is refused in
         `outcomes`."""
-        hashes = {i: c.fingerprint() for i, c in enumerate(commands) if outcomes[i] is None}
-        owner: dict[str, int] = {}
-        for i in hashes:
-            owner.setdefault(f"reserve:{commands[i].reservation_id}", i)
-        keys = sorted(owner)  # one insert order everywhere: concurrent claims never deadlock
-        claimed = {r[0] for r in await work.conn.fetch(
-            "INSERT INTO ledger.idempotency_keys (key, request_hash) "
-            "SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT (key) DO NOTHING "
-            "RETURNING key", keys, [hashes[owner[k]] for k in keys])}
-        stored = {k: hashes[owner[k]] for k in claimed}
-        if len(claimed) < len(keys):
-            stored.update((r["key"], r["request_hash"]) for r in await work.conn.fetch(
-                "SELECT key, request_hash FROM ledger.idempotency_keys WHERE key = ANY($1)",
-                [k for k in keys if k not in claimed]))
-        new, replayed = [], []
-        for i, request_hash in hashes.items():
-            key = f"reserve:{commands[i].reservation_id}"
-            if stored[key] != request_hash:
-                outcomes[i] = d.reused(key)
-            elif owner[key] == i and key in claimed:
-                new.append(i)
-            else:
-                replayed.append(i)
-        return new, replayed
+        claims = await work.claim_many([
+            (f"reserve:{c.reservation_id}", c.fingerprint()) if outcomes[i] is None else None
+            for i, c in enumerate(commands)])
+        return _sort_claims(claims, outcomes)
 
     @staticmethod
     async def _replay_hold(conn: Connection, cmd: d.ReserveCommand
@@ -1079,36 +1105,13 @@ class LedgerStore:
     async def _claim_batches(work: Work, batches: Sequence[d.UsageBatch],
                              outcomes: list[list[d.UsageResult] | TallyError | None]
                              ) -> tuple[list[int], list[int]]:
-        """Claims the batches' ids in one statement: (the batches to apply, those to answer
-        from their receipts). A batch whose id was used for another request gets its
-        IDEMPOTENCY_KEY_REUSED in `outcomes` and takes no further part."""
-        hashes = [b.fingerprint() if outcomes[i] is None else "" for i, b in enumerate(batches)]
-        owner: dict[str, int] = {}
-        for i, batch in enumerate(batches):
-            if outcomes[i] is None:  # not refused already
-                owner.setdefault(f"usage-batch:{batch.batch_id}", i)
-        keys = sorted(owner)  # one insert order everywhere: concurrent claims never deadlock
-        claimed = {r[0] for r in await work.conn.fetch(
-            "INSERT INTO ledger.idempotency_keys (key, request_hash) "
-            "SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT (key) DO NOTHING "
-            "RETURNING key", keys, [hashes[owner[k]] for k in keys])}
-        stored = {k: hashes[owner[k]] for k in claimed}
-        if len(claimed) < len(keys):
-            stored.update((r["key"], r["request_hash"]) for r in await work.conn.fetch(
-                "SELECT key, request_hash FROM ledger.idempotency_keys WHERE key = ANY($1)",
-                [k for k in keys if k not in claimed]))
-        applied, replayed = [], []
-        for i, batch in enumerate(batches):
-            key = f"usage-batch:{batch.batch_id}"
-            if outcomes[i] is not None:
-                continue
-            if stored[key] != hashes[i]:
-                outcomes[i] = d.reused(key)
-            elif owner[key] == i and key in claimed:
-                applied.append(i)
-            else:
-                replayed.append(i)
-        return applied, replayed
+        """Claims the ids of the batches not refused yet: (the batches to apply, those to
+        answer from their receipts). One whose id was used for another request gets its
+        IDEMPOTENCY_KEY_REUSED in `outcomes`."""
+        claims = await work.claim_many([
+            (f"usage-batch:{b.batch_id}", b.fingerprint()) if outcomes[i] is None else None
+            for i, b in enumerate(batches)])
+        return _sort_claims(claims, outcomes)
 
     async def _debit_usage(self, work: Work, batches: Sequence[d.UsageBatch], *,
                            seen_before: bool) -> tuple[list[list[d.UsageResult]], int, int]:

@@ -188,21 +188,24 @@ class SpendStore:
                            ) -> list[Answer | Exception]:
         """Decides each in order, on the locked usage plus the holds of the ones before it,
         and records them. One whose id is recorded already (before the locks, or earlier in
-        the group) is Replayed, undecided. A copy recorded meanwhile elsewhere, without
-        these locks (it cannot hold these budgets: it is the same request), is Replayed too,
-        and its holds are not kept; counted for the ones after it, they may have refused one
-        for nothing, never admitted one too many."""
+        the group) is Replayed, undecided. A copy's transaction holds the same budget locks,
+        so none can record it meanwhile, unless its budgets changed in between (a policy
+        cache refresh): then its insert finds it, it is Replayed too and its holds are not
+        kept; counted for the ones after it, they may have refused one for nothing, never
+        admitted one too many."""
         usage = dict(locked)
         answers: list[Answer | Exception] = []
         rows: list[tuple[Any, ...]] = []
         holds: list[list[tuple[UsageKey, int]]] = []
         # copies of a call recorded before these locks were granted: their holds are in the
-        # locked usage already
-        seen: set[tuple[str, str]] = {(r[0], r[1]) for r in await conn.fetch(
-            "SELECT a.org_id, a.request_id FROM metering.authorizations a "
-            "JOIN unnest($1::text[], $2::text[]) AS k(o, q) "
-            "ON a.org_id = k.o AND a.request_id = k.q",
-            [x.request.org_id for x in decisions], [x.request.request_id for x in decisions])}
+        # locked usage already (alone, a call finds that out from its insert)
+        seen: set[tuple[str, str]] = set() if len(decisions) == 1 else {
+            (r[0], r[1]) for r in await conn.fetch(
+                "SELECT a.org_id, a.request_id FROM metering.authorizations a "
+                "JOIN unnest($1::text[], $2::text[]) AS k(o, q) "
+                "ON a.org_id = k.o AND a.request_id = k.q",
+                [x.request.org_id for x in decisions],
+                [x.request.request_id for x in decisions])}
         for x in decisions:
             request = x.request
             ident = (request.org_id, request.request_id)
