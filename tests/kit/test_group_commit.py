@@ -28,13 +28,20 @@ class Recorder:
         return [ValueError(r) if r.startswith("refuse") else r.upper() for r in requests]
 
 
+async def queue_behind(apply: Recorder, commit: GroupCommit[str, str], first: str,
+                       *queued: str) -> tuple[asyncio.Task[str], list[asyncio.Task[str]]]:
+    """Submits `first`, waits until its group is being applied, then queues `queued`."""
+    running = asyncio.create_task(commit.submit(first))
+    await apply.applying.wait()
+    waiting = [asyncio.create_task(commit.submit(r)) for r in queued]
+    await asyncio.sleep(0)  # they reach the queue
+    return running, waiting
+
+
 async def test_requests_queued_meanwhile_go_together_in_arrival_order() -> None:
     apply = Recorder()
     commit = GroupCommit("test", apply, max_size=100)
-    first = asyncio.create_task(commit.submit("a"))
-    await apply.applying.wait()
-    rest = [asyncio.create_task(commit.submit(r)) for r in ("b", "c", "d")]
-    await asyncio.sleep(0)
+    first, rest = await queue_behind(apply, commit, "a", "b", "c", "d")
     apply.gate.set()
     assert await asyncio.gather(first, *rest) == ["A", "B", "C", "D"]
     assert apply.groups == [["a"], ["b", "c", "d"]]
@@ -53,10 +60,7 @@ async def test_a_refusal_is_its_request_answer_only() -> None:
 async def test_a_failing_group_is_retried_request_by_request() -> None:
     apply = Recorder()
     commit = GroupCommit("test", apply, max_size=100)
-    first = asyncio.create_task(commit.submit("a"))
-    await apply.applying.wait()
-    queued = [asyncio.create_task(commit.submit(r)) for r in ("b", "boom", "c")]
-    await asyncio.sleep(0)
+    first, queued = await queue_behind(apply, commit, "a", "b", "boom", "c")
     apply.gate.set()
     assert await first == "A"
     results = await asyncio.gather(*queued, return_exceptions=True)
@@ -67,10 +71,7 @@ async def test_a_failing_group_is_retried_request_by_request() -> None:
 async def test_groups_keep_to_their_size_and_key() -> None:
     apply = Recorder()
     commit = GroupCommit("test", apply, max_size=5, size=len, key=lambda r: r[0])
-    first = asyncio.create_task(commit.submit("x"))
-    await apply.applying.wait()
-    queued = [asyncio.create_task(commit.submit(r)) for r in ("aa", "ab", "ac", "bb", "aaaaaaa")]
-    await asyncio.sleep(0)
+    first, queued = await queue_behind(apply, commit, "x", "aa", "ab", "ac", "bb", "aaaaaaa")
     apply.gate.set()
     await asyncio.gather(first, *queued)
     # "ac" would pass 5; "bb" has another key; a request bigger than a group goes alone
@@ -80,11 +81,7 @@ async def test_groups_keep_to_their_size_and_key() -> None:
 async def test_a_caller_that_gave_up_is_left_out() -> None:
     apply = Recorder()
     commit = GroupCommit("test", apply, max_size=100)
-    first = asyncio.create_task(commit.submit("a"))
-    await apply.applying.wait()
-    gone = asyncio.create_task(commit.submit("gone"))
-    kept = asyncio.create_task(commit.submit("kept"))
-    await asyncio.sleep(0)
+    first, (gone, kept) = await queue_behind(apply, commit, "a", "gone", "kept")
     gone.cancel()
     apply.gate.set()
     assert await asyncio.gather(first, kept) == ["A", "KEPT"]

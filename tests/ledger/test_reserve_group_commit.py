@@ -14,6 +14,7 @@ from tally.kit import metrics
 from tally.kit.errors import Reason, TallyError
 from tally.ledger.v1 import ledger_pb2 as pb
 from tally.sdk.client import TallyClient
+from tests.ledger.support import fund
 
 CREDIT = 1_000_000
 METERING = d.Caller(actor="svc:metering")
@@ -22,11 +23,6 @@ TTL = timedelta(seconds=60)
 
 def hold(reservation_id: str, org: str, amount: int) -> d.ReserveCommand:
     return d.ReserveCommand(reservation_id, org, amount, TTL, METERING)
-
-
-async def fund(store: LedgerStore, org: str, amount: int) -> None:
-    await store.transfer(d.TransferCommand(f"fund:{org}:{amount}", org,
-                                           d.TransferKind.PROMOTIONAL_GRANT, amount), METERING)
 
 
 def refusal(outcome: object) -> Reason | None:

@@ -20,6 +20,7 @@ from tally.kit.errors import Reason, TallyError
 from tally.kit.money import INT64_MAX
 from tally.ledger.v1 import ledger_pb2 as pb
 from tally.sdk.client import TallyClient
+from tests.ledger.support import fund
 
 CREDIT = 1_000_000
 METERING = d.Caller(actor="svc:metering")
@@ -28,11 +29,6 @@ METERING = d.Caller(actor="svc:metering")
 def batch(batch_id: str, *items: tuple[str, str, int], caller: d.Caller = METERING
           ) -> d.UsageBatch:
     return d.UsageBatch(batch_id, [d.UsageItem(e, o, c) for o, e, c in items], caller)
-
-
-async def fund(store: LedgerStore, org: str, amount: int) -> None:
-    await store.transfer(d.TransferCommand(f"fund:{org}", org, d.TransferKind.PROMOTIONAL_GRANT,
-                                           amount), METERING)
 
 
 async def usage_transfers(pool: asyncpg.Pool, org: str) -> list[asyncpg.Record]:
