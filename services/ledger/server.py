@@ -45,7 +45,7 @@ SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
 SWEEP_INTERVAL_S = 1.0  # how late an expired hold or grant may be noticed
 OUTBOX_SEAL_INTERVAL_S = 0.1  # how late an outbox event may become visible to consumers
 REFUND_RETRY_INTERVAL_S = 30.0  # how often the money of an unconfirmed refund is asked again
-RESERVE_GROUP_MAX = 256  # Reserve calls that may share one transaction
+RESERVE_GROUP_MAX = 256  # Reserve calls of one org that may share one transaction
 
 log = get_logger("ledger.server")
 
@@ -103,7 +103,7 @@ PostUsageBatches = Callable[[Sequence[d.UsageBatch]],
 def usage_group_commit(post_batches: PostUsageBatches, *, max_items: int = 20_000,
                        committers: int = 1) -> GroupCommit[d.UsageBatch, list[d.UsageResult]]:
     """PostUsageBatch calls that arrive while a usage transaction runs share the next one
-    (LedgerStore.post_usage_batches), if their entries' audit fields agree."""
+    (LedgerStore.post_usage_batches), if their entries' audit fields agree (the lanes)."""
     return GroupCommit("ledger.usage", post_batches, max_size=max_items,
                        size=lambda batch: len(batch.items), key=d.UsageBatch.audited_as,
                        concurrency=committers)
@@ -142,7 +142,8 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
     usage = usage_group_commit(store.post_usage_batches,
                                max_items=settings.usage_group_max_items,
                                committers=settings.usage_committers)
-    holds = GroupCommit("ledger.reserve", store.reserve_many, max_size=RESERVE_GROUP_MAX)
+    holds = GroupCommit("ledger.reserve", store.reserve_many, max_size=RESERVE_GROUP_MAX,
+                        key=lambda hold: hold.org_id)
     servicer = LedgerServicer(store, payments, usage=usage, holds=holds,
                               shutting_down=shutting_down)
     stop = asyncio.Event()

@@ -124,10 +124,12 @@ class SpendStore:
 
     def __init__(self, pool: asyncpg.Pool, *, decisions_per_group: int = 256) -> None:
         self.pool = pool
-        # Authorize calls against budgets that arrive while a decision's transaction runs are
-        # decided together in the next one: a hot budget costs a lock per group, not per call.
+        # An org's Authorize calls against budgets that arrive while its decision's
+        # transaction runs are decided together in the next one: a hot budget costs a lock
+        # per group, not per call (and one org's lock waits are not another's).
         self._decisions = GroupCommit("metering.authorize", self._decide_many,
-                                      max_size=decisions_per_group)
+                                      max_size=decisions_per_group,
+                                      key=lambda decision: decision.request.org_id)
 
     async def budgets_of(self, org_id: str) -> list[Budget]:
         """The org's live budgets."""

@@ -68,14 +68,29 @@ async def test_a_failing_group_is_retried_request_by_request() -> None:
     assert apply.groups == [["a"], ["b", "boom", "c"], ["b"], ["boom"], ["c"]]
 
 
-async def test_groups_keep_to_their_size_and_key() -> None:
+async def test_groups_keep_to_their_size() -> None:
     apply = Recorder()
-    commit = GroupCommit("test", apply, max_size=5, size=len, key=lambda r: r[0])
-    first, queued = await queue_behind(apply, commit, "x", "aa", "ab", "ac", "bb", "aaaaaaa")
+    commit = GroupCommit("test", apply, max_size=5, size=len)
+    first, queued = await queue_behind(apply, commit, "x", "aa", "ab", "ac", "aaaaaaa")
     apply.gate.set()
     await asyncio.gather(first, *queued)
-    # "ac" would pass 5; "bb" has another key; a request bigger than a group goes alone
-    assert apply.groups == [["x"], ["aa", "ab"], ["ac"], ["bb"], ["aaaaaaa"]]
+    # "ac" would pass 5; a request bigger than a group goes alone
+    assert apply.groups == [["x"], ["aa", "ab"], ["ac"], ["aaaaaaa"]]
+
+
+async def test_lanes_share_groups_within_and_never_wait_for_each_other() -> None:
+    apply = Recorder()
+    commit = GroupCommit("test", apply, max_size=100, key=lambda r: r[0])
+    first, queued = await queue_behind(apply, commit, "a1", "a2", "a3")
+    # lane "a" is inside its first transaction (held at the gate); lane "b" starts its own
+    apply.applying.clear()
+    other = asyncio.gather(commit.submit("b1"), commit.submit("b2"))
+    await apply.applying.wait()
+    assert apply.groups[-1] == ["b1", "b2"] and not first.done()
+    apply.gate.set()
+    assert await other == ["B1", "B2"]
+    assert await asyncio.gather(first, *queued) == ["A1", "A2", "A3"]
+    assert apply.groups[0] == ["a1"] and ["a2", "a3"] in apply.groups
 
 
 async def test_a_caller_that_gave_up_is_left_out() -> None:

@@ -7,6 +7,9 @@ lone request starts at once, and a group is only what queued up meanwhile. So a 
 org's balance, a budget) costs one transaction per group instead of one per request, and
 throughput grows with the load instead of being capped by the row's lock.
 
+Requests queue in lanes by `key` (an org, say): only requests of one lane share a group, and
+lanes are applied independently, so one org waiting on a lock never holds up another's.
+
 `apply` answers each request of a group on its own: its result, or the exception that is its
 answer (a refusal). When `apply` itself raises, no request of the group is answered from it:
 each is applied again alone, so one request's failure is never another's.
@@ -53,29 +56,37 @@ class GroupCommit(Generic[T, R]):
         self._apply = apply
         self.max_size = max_size  # of a group, in `size` units (a lone request may be bigger)
         self._size = size
-        self._key = key  # only requests with equal keys share a group
-        self.concurrency = concurrency  # groups in flight at once
-        self._queue: collections.deque[_Waiting[T, R]] = collections.deque()
-        self._running: set[asyncio.Task[None]] = set()
+        self._key = key  # the lane of a request
+        self.concurrency = concurrency  # groups of one lane in flight at once
+        self._lanes: dict[Hashable, collections.deque[_Waiting[T, R]]] = {}
+        self._running: dict[Hashable, int] = {}  # drains per lane
+        self._drains: set[asyncio.Task[None]] = set()
 
     async def submit(self, request: T) -> R:
         """The request's answer, once the group it joined is committed (its refusal raised)."""
         done: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Waiting(request, done))
-        if len(self._running) < self.concurrency:
-            task = asyncio.create_task(self._drain(), name=f"{self.name}-group-commit")
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+        lane = self._key(request)
+        self._lanes.setdefault(lane, collections.deque()).append(_Waiting(request, done))
+        if self._running.get(lane, 0) < self.concurrency:
+            self._running[lane] = self._running.get(lane, 0) + 1
+            drain = asyncio.create_task(self._drain(lane), name=f"{self.name}-group-commit")
+            self._drains.add(drain)
+            drain.add_done_callback(self._drains.discard)
         return await done
 
-    async def _drain(self) -> None:
-        while group := self._take():
-            await self._commit(group)
+    async def _drain(self, lane: Hashable) -> None:
+        try:
+            while group := self._take(lane):
+                await self._commit(group)
+        finally:
+            self._running[lane] -= 1
+            if not self._running[lane]:  # the lane's queue is empty: forget it
+                del self._running[lane]
+                self._lanes.pop(lane, None)
 
-    def _take(self) -> list[_Waiting[T, R]]:
-        """The oldest waiting requests that may share a transaction: in arrival order, with
-        one key, up to `max_size`."""
-        queue, size = self._queue, 0
+    def _take(self, lane: Hashable) -> list[_Waiting[T, R]]:
+        """The lane's oldest waiting requests, in arrival order, up to `max_size`."""
+        queue, size = self._lanes[lane], 0
         group: list[_Waiting[T, R]] = []
         while queue:
             waiting = queue[0]
@@ -83,8 +94,7 @@ class GroupCommit(Generic[T, R]):
                 queue.popleft()
                 continue
             more = self._size(waiting.request)
-            if group and (size + more > self.max_size
-                          or self._key(waiting.request) != self._key(group[0].request)):
+            if group and size + more > self.max_size:
                 break
             group.append(queue.popleft())
             size += more
