@@ -1182,6 +1182,9 @@ class LedgerStore:
                 if hold is not None:
                     captures.append((hold.reservation_id, org, item.cost_micros, arrears,
                                      transfer_id))
+        for org, owed in arrears_by_org.items():
+            if owed and owed - work.accounts[d.arrears_account(org)].balance > INT64_MAX:
+                raise invalid("items", f"the arrears of org {org!r} would pass int64")
         await grants_loaded
         # The receipts are written while the transfers are made.
         receipts_written = await work.meanwhile(conn.copy_records_to_table(

@@ -75,13 +75,16 @@ async def debit_burst(shop: Shop, count: int, credits_each: int, org: str = "acm
 async def caught_up(shop: Shop) -> None:
     """Waits until the top-up follower has read every event committed so far."""
     async def done() -> bool:
-        last = await shop.db.fetchval("SELECT max(sequence) FROM ledger.outbox "
-                                      "WHERE type = 'BALANCE_CHANGED'")
-        unsealed = await shop.db.fetchval(
-            "SELECT count(*) FROM ledger.outbox WHERE sequence IS NULL")
-        cursor = await shop.db.fetchval(
-            "SELECT sequence FROM ledger.outbox_cursors WHERE consumer = 'auto-top-up'")
-        return unsealed == 0 and cursor is not None and cursor >= (last or 0)
+        # one statement, one snapshot: read apart, an event sealed between the reads would
+        # count as neither unsealed nor last
+        row = await shop.db.fetchrow(
+            "SELECT (SELECT max(sequence) FROM ledger.outbox WHERE type = 'BALANCE_CHANGED') "
+            "AS last, (SELECT count(*) FROM ledger.outbox WHERE sequence IS NULL) AS unsealed, "
+            "(SELECT sequence FROM ledger.outbox_cursors WHERE consumer = 'auto-top-up') "
+            "AS cursor")
+        assert row is not None
+        return (row["unsealed"] == 0 and row["cursor"] is not None
+                and row["cursor"] >= (row["last"] or 0))
     await eventually(done, "the top-up follower to catch up")
 
 

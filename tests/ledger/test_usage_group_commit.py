@@ -124,7 +124,7 @@ async def test_a_batch_that_fails_fails_alone(pool: asyncpg.Pool) -> None:
         return await store.post_usage_batches(batches)
 
     commit = usage_group_commit(post)
-    # globex's arrears would pass int64: the database refuses its transaction
+    # globex's arrears would pass int64: refused, and so its whole group at first
     broke = [d.UsageItem("x1", "globex", INT64_MAX), d.UsageItem("x2", "globex", INT64_MAX)]
     async with pool.acquire() as blocker, blocker.transaction():
         # the first group waits on acme's account while the rest queue up behind it
@@ -137,8 +137,9 @@ async def test_a_batch_that_fails_fails_alone(pool: asyncpg.Pool) -> None:
                 for i in range(1, 4)]
         await asyncio.sleep(0)
     assert len(await first) == 1
-    with pytest.raises(Exception):  # noqa: B017 (whatever the database said, it failed)
+    with pytest.raises(TallyError) as refused:
         await bad
+    assert refused.value.reason is Reason.INVALID_ARGUMENT and "globex" in str(refused.value)
     assert [len(r) for r in await asyncio.gather(*good)] == [1, 1, 1]
     assert groups[:2] == [1, 4]  # the four queued batches were tried together, then alone
     assert sorted(groups[2:]) == [1, 1, 1, 1]

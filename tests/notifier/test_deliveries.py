@@ -161,14 +161,15 @@ async def caught_up(world: World) -> None:
     conn = await asyncpg.connect(db.asyncpg_url(world.suite.db_url))
     try:
         async def done() -> bool:
-            newest = await conn.fetchval(
-                "SELECT coalesce(max(sequence), 0) FROM ledger.outbox WHERE sequence IS NOT NULL")
-            unsealed = await conn.fetchval(
-                "SELECT count(*) FROM ledger.outbox WHERE sequence IS NULL")
-            cursor = await conn.fetchval(
-                "SELECT coalesce(max(sequence), 0) FROM notifier.source_cursors "
-                "WHERE source = 'ledger'")
-            return unsealed == 0 and cursor >= newest
+            # one statement, one snapshot: read apart, an event sealed between the reads would
+            # count as neither unsealed nor newest
+            row = await conn.fetchrow(
+                "SELECT (SELECT coalesce(max(sequence), 0) FROM ledger.outbox) AS newest, "
+                "(SELECT count(*) FROM ledger.outbox WHERE sequence IS NULL) AS unsealed, "
+                "(SELECT coalesce(max(sequence), 0) FROM notifier.source_cursors "
+                "WHERE source = 'ledger') AS cursor")
+            assert row is not None
+            return row["unsealed"] == 0 and row["cursor"] >= row["newest"]
         await until(done, "the notifier to catch up with the ledger")
     finally:
         await conn.close()
