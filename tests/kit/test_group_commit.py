@@ -103,3 +103,15 @@ async def test_a_caller_that_gave_up_is_left_out() -> None:
     with pytest.raises(asyncio.CancelledError):
         await gone
     assert apply.groups == [["a"], ["kept"]]
+
+
+async def test_a_cancelled_drain_cancels_whoever_waits_on_it() -> None:
+    apply = Recorder()
+    commit = GroupCommit("test", apply, max_size=1)
+    first, (queued,) = await queue_behind(apply, commit, "a", "b")
+    (drain,) = commit._drains
+    drain.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    with pytest.raises(asyncio.CancelledError):
+        await queued

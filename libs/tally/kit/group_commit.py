@@ -80,9 +80,10 @@ class GroupCommit(Generic[T, R]):
                 await self._commit(group)
         finally:
             self._running[lane] -= 1
-            if not self._running[lane]:  # the lane's queue is empty: forget it
+            if not self._running[lane]:  # the lane's queue is empty (or the loop is ending)
                 del self._running[lane]
-                self._lanes.pop(lane, None)
+                for waiting in self._lanes.pop(lane, ()):
+                    waiting.done.cancel()
 
     def _take(self, lane: Hashable) -> list[_Waiting[T, R]]:
         """The lane's oldest waiting requests, in arrival order, up to `max_size`."""
@@ -110,6 +111,10 @@ class GroupCommit(Generic[T, R]):
                     attributes={"tally.group_size": len(group)}):
                 answers: Sequence[R | BaseException] = await self._apply(
                     [w.request for w in group])
+        except asyncio.CancelledError:  # the loop is ending: nobody will answer these
+            for waiting in group:
+                waiting.done.cancel()
+            raise
         except Exception as exc:
             if len(group) > 1:
                 for waiting in group:
