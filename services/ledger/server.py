@@ -93,7 +93,7 @@ class LedgerConfig:
         default=20_000)
     usage_committers: int = setting(
         "TALLY_LEDGER_USAGE_COMMITTERS", parse_positive_int,
-        "usage group commits > 0 in flight at once", default=1)
+        "usage group commits > 0 in flight at once per caller identity", default=1)
 
 
 PostUsageBatches = Callable[[Sequence[d.UsageBatch]],
