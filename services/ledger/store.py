@@ -113,19 +113,10 @@ class Work:
 
     async def claim(self, key: str, request_hash: str) -> bool:
         """True if this transaction owns `key`; False if an earlier one did the same request."""
-        claimed = await self.conn.fetchval(
-            "INSERT INTO ledger.idempotency_keys (key, request_hash) VALUES ($1, $2) "
-            "ON CONFLICT (key) DO NOTHING RETURNING true",
-            key, request_hash,
-        )
-        if claimed:
-            return True
-        stored = await self.conn.fetchval(
-            "SELECT request_hash FROM ledger.idempotency_keys WHERE key = $1", key
-        )
-        if stored != request_hash:
-            raise d.reused(key)
-        return False
+        (claimed,) = await self.claim_many([(key, request_hash)])
+        if isinstance(claimed, TallyError):
+            raise claimed
+        return bool(claimed)
 
     async def claim_many(self, requests: Sequence[tuple[str, str] | None]
                          ) -> list[bool | TallyError | None]:
@@ -523,8 +514,8 @@ class Work:
 
 def _sort_claims(claims: Sequence[bool | TallyError | None], outcomes: list[Any]
                  ) -> tuple[list[int], list[int]]:
-    """Work.claim_many's answers as (the requests to apply, those to replay); a refusal goes
-    to `outcomes`."""
+    """Work.claim_many's answers as (the requests to apply, those to answer as applied
+    before); an id used for another request is refused in `outcomes`."""
     new, replayed = [], []
     for i, claim in enumerate(claims):
         if isinstance(claim, TallyError):
@@ -760,7 +751,9 @@ class LedgerStore:
             return [o for o in outcomes if o is not None]
         async with self.pool.acquire() as conn, conn.transaction():
             work = Work(conn, self.clock(), commands[0].caller)
-            new, replayed = await self._claim_holds(work, commands, outcomes)
+            new, replayed = _sort_claims(await work.claim_many([
+                (f"reserve:{c.reservation_id}", c.fingerprint()) if outcomes[i] is None else None
+                for i, c in enumerate(commands)]), outcomes)
             await work.lock(orgs={commands[i].org_id for i in new})
             rows: list[tuple[Any, ...]] = []
             refused_keys = []
@@ -809,17 +802,6 @@ class LedgerStore:
         reservation = d.Reservation(cmd.reservation_id, org_id, amount, d.ReservationState.HELD,
                                     work.now + cmd.ttl, 0, 0, "", work.now, None)
         return reservation, work.available(org_id), account.billing_state
-
-    @staticmethod
-    async def _claim_holds(work: Work, commands: Sequence[d.ReserveCommand],
-                           outcomes: list[Any]) -> tuple[list[int], list[int]]:
-        """Claims the reservation ids of the commands not refused yet: (the holds to make,
-        those to answer as made before). An id used for another request is refused in
-        `outcomes`."""
-        claims = await work.claim_many([
-            (f"reserve:{c.reservation_id}", c.fingerprint()) if outcomes[i] is None else None
-            for i, c in enumerate(commands)])
-        return _sort_claims(claims, outcomes)
 
     @staticmethod
     async def _replay_hold(conn: Connection, cmd: d.ReserveCommand
@@ -1069,7 +1051,9 @@ class LedgerStore:
             return [o for o in outcomes if o is not None]
         async with self.pool.acquire() as conn, conn.transaction():
             work = Work(conn, self.clock(), valid[0].caller)
-            applied, replayed = await self._claim_batches(work, batches, outcomes)
+            applied, replayed = _sort_claims(await work.claim_many([
+                (f"usage-batch:{b.batch_id}", b.fingerprint()) if outcomes[i] is None else None
+                for i, b in enumerate(batches)]), outcomes)
             debited = arrears = 0
             if applied:
                 group = [batches[i] for i in applied]
@@ -1100,18 +1084,6 @@ class LedgerStore:
         metrics.CREDITS_DEBITED.inc(debited)
         metrics.ARREARS_RECORDED.inc(arrears)
         return [o for o in outcomes if o is not None]
-
-    @staticmethod
-    async def _claim_batches(work: Work, batches: Sequence[d.UsageBatch],
-                             outcomes: list[list[d.UsageResult] | TallyError | None]
-                             ) -> tuple[list[int], list[int]]:
-        """Claims the ids of the batches not refused yet: (the batches to apply, those to
-        answer from their receipts). One whose id was used for another request gets its
-        IDEMPOTENCY_KEY_REUSED in `outcomes`."""
-        claims = await work.claim_many([
-            (f"usage-batch:{b.batch_id}", b.fingerprint()) if outcomes[i] is None else None
-            for i, b in enumerate(batches)])
-        return _sort_claims(claims, outcomes)
 
     async def _debit_usage(self, work: Work, batches: Sequence[d.UsageBatch], *,
                            seen_before: bool) -> tuple[list[list[d.UsageResult]], int, int]:

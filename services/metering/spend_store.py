@@ -169,7 +169,7 @@ class SpendStore:
         Raises Replayed if the same request id was recorded meanwhile.
         """
         if not budgets:  # nothing to lock: one statement
-            return await self._record(self.pool, request, request_hash, decide([]), [])
+            return await self._record_without_budgets(request, request_hash, decide([]))
         return await self._decisions.submit(_Decision(request, request_hash, budgets, decide))
 
     async def _decide_many(self, decisions: Sequence[_Decision]) -> list[Answer | Exception]:
@@ -255,22 +255,14 @@ class SpendStore:
                 if isinstance(a, Answer) and (x.request.org_id, x.request.request_id)
                 not in inserted else a for a, x in zip(answers, decisions, strict=True)]
 
-    @staticmethod
-    async def _record(conn: Any, request: AuthorizeRequest, request_hash: str, answer: Answer,
-                      states: Sequence[BudgetState]) -> Answer:
-        """Inserts the authorization and adds its holds to the budgets, in one statement."""
-        held = _holds(answer, states)
-        inserted = await conn.fetchval(
-            "WITH a AS (INSERT INTO metering.authorizations (org_id, request_id, request_hash, "
-            "decision, reservation_id, reserved_micros, budget_holds, state, expires_at, "
-            "response) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
-            "ON CONFLICT DO NOTHING RETURNING 1), "
-            "u AS (UPDATE metering.budget_usage u SET reserved_micros = u.reserved_micros + $6 "
-            "FROM unnest($11::text[], $12::timestamptz[]) AS k(id, start) "
-            "WHERE u.budget_id = k.id AND u.period_start = k.start AND EXISTS (SELECT FROM a)) "
-            "SELECT count(*) FROM a",
-            *_authorization_row(request, request_hash, answer, held),
-            [key[0] for key, _ in held], [key[1] for key, _ in held])
+    async def _record_without_budgets(self, request: AuthorizeRequest, request_hash: str,
+                                      answer: Answer) -> Answer:
+        """Inserts an authorization no budget applies to (so it holds none): one statement."""
+        inserted = await self.pool.fetchval(
+            "INSERT INTO metering.authorizations (org_id, request_id, request_hash, decision, "
+            "reservation_id, reserved_micros, budget_holds, state, expires_at, response) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING "
+            "RETURNING true", *_authorization_row(request, request_hash, answer, []))
         if not inserted:
             raise Replayed(request.request_id)
         return answer
