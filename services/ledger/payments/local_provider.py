@@ -712,7 +712,9 @@ class LocalProvider:
         why = f"{_DECLINE_MESSAGES[outcome]} ({code})"
         return _checkout_page(payment, error=why, fields={"name": fields["name"]}, status=402)
 
-    async def _page_authenticate(self, request: web.Request) -> web.StreamResponse:
+    def _authenticating(self, request: web.Request) -> _Payment | web.StreamResponse:
+        """The payment an authentication page is for, or the answer when there is none: not
+        found, or a redirect to where the payment stands."""
         payment = self._checkout_for(request)
         if payment is None:
             return _not_found()
@@ -720,17 +722,19 @@ class LocalProvider:
             raise web.HTTPSeeOther(self._complete_path(payment))
         if not payment.awaits_authentication:
             raise web.HTTPSeeOther(f"/checkout/{payment.session_id}")
+        return payment
+
+    async def _page_authenticate(self, request: web.Request) -> web.StreamResponse:
+        payment = self._authenticating(request)
+        if isinstance(payment, web.StreamResponse):
+            return payment
         return _authenticate_page(payment)
 
     async def _page_authenticate_answer(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
-        payment = self._checkout_for(request)
-        if payment is None:
-            return _not_found()
-        if payment.is_paid:
-            raise web.HTTPSeeOther(self._complete_path(payment))
-        if not payment.awaits_authentication:
-            raise web.HTTPSeeOther(f"/checkout/{payment.session_id}")
+        payment = self._authenticating(request)
+        if isinstance(payment, web.StreamResponse):
+            return payment
         action = form.get("action")
         if action == "approve":
             self._paid_redirect(payment)
