@@ -4,6 +4,7 @@ signatures, replays, forgeries, rotation, failures after verification, events ou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -197,21 +198,28 @@ async def test_confirm_payment_over_grpc_is_the_same_exactly_once(shop: Shop) ->
     assert (await shop.balance()).posted_micros == PACKAGE_CREDITS + PACKAGE_BONUS
 
 
-async def test_a_failure_after_verification_is_retried_by_the_provider_and_credits_once(
-        shop: Shop) -> None:
-    order = await shop.purchase("po-1")
-    # Hold the order's row: the webhook's transaction waits on it, and is then killed.
+@contextlib.asynccontextmanager
+async def paid_while_held(shop: Shop, order: pb.PaymentOrder) -> AsyncIterator[int]:
+    """Pays `order` by card while its row is locked; yields the pid of the webhook's
+    transaction once it waits on that lock, which is released on leaving."""
     async with shop.db.acquire() as blocker, blocker.transaction():
         await blocker.execute("SELECT 1 FROM ledger.payment_orders "
-                              "WHERE payment_order_id = 'po-1' FOR UPDATE")
+                              "WHERE payment_order_id = $1 FOR UPDATE", order.payment_order_id)
         form = {"card_number": "4242424242424242", "expiry": "12/40", "cvc": "123",
                 "name": "Ada"}
         async with shop.http.post(f"{order.checkout_url}/pay", data=form,
                                   allow_redirects=False) as reply:
             assert reply.status == 303
-        waiting = await eventually(lambda: shop.db.fetchval(
+        yield await eventually(lambda: shop.db.fetchval(
             "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
             "AND query LIKE '%payment_orders%FOR UPDATE%'"), "the webhook to wait on the lock")
+
+
+async def test_a_failure_after_verification_is_retried_by_the_provider_and_credits_once(
+        shop: Shop) -> None:
+    order = await shop.purchase("po-1")
+    # The webhook's transaction waits on the held order row, and is then killed.
+    async with paid_while_held(shop, order) as waiting:
         await shop.db.execute("SELECT pg_terminate_backend($1)", waiting)
 
         async def a_failed_delivery() -> bool:
@@ -359,17 +367,7 @@ async def test_an_orgs_events_arrive_in_the_order_its_balance_changed(shop: Shop
     order = await shop.purchase("po-1")
     # The webhook's transaction begins, then waits on the order's row; meanwhile a debit of
     # the same org begins after it and commits before it.
-    async with shop.db.acquire() as blocker, blocker.transaction():
-        await blocker.execute("SELECT 1 FROM ledger.payment_orders "
-                              "WHERE payment_order_id = 'po-1' FOR UPDATE")
-        form = {"card_number": "4242424242424242", "expiry": "12/40", "cvc": "123",
-                "name": "Ada"}
-        async with shop.http.post(f"{order.checkout_url}/pay", data=form,
-                                  allow_redirects=False) as reply:
-            assert reply.status == 303
-        await eventually(lambda: shop.db.fetchval(
-            "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND query LIKE '%payment_orders%FOR UPDATE%'"), "the webhook to wait on the lock")
+    async with paid_while_held(shop, order):
         await shop.tally.ledger.Transfer(pb.TransferRequest(
             transfer_id="usage-1", org_id="acme", kind=pb.TRANSFER_KIND_USAGE,
             amount_micros=1 * CREDIT))
