@@ -3,8 +3,8 @@
 #   docker run tally:0.1.0                                -> services.ledger (the default)
 #   docker run tally:0.1.0 services.metering              -> metering (also pricing, notifier)
 #   docker run tally:0.1.0 tally.cli.main migrate         -> `tally migrate`
-# k8s/ runs it with TALLY_DATABASE_URL set: the embedded PostgreSQL / Valkey fallbacks (runtime
-# dependencies of the package) are never started in a container.
+# k8s/ runs it with TALLY_DATABASE_URL / TALLY_REDIS_URL set: the embedded PostgreSQL and Valkey
+# (the `embedded` extra) are not in the image.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -14,18 +14,17 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# The runtime dependencies alone first, read from pyproject.toml (no dev extras), so this layer
-# is reused while only the source changes.
-COPY pyproject.toml ./
-RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/requirements.txt', 'w').write(chr(10).join(deps) + chr(10))" \
- && pip install --upgrade pip \
- && pip install -r /tmp/requirements.txt
+# The locked runtime dependencies alone first (requirements/runtime.lock: exact versions and
+# hashes, no dev tools, no embedded servers), so this layer is reused while only the source
+# changes.
+COPY requirements/runtime.lock ./
+RUN pip install --require-hashes --only-binary :all: -r runtime.lock
 # Then the package itself: tally (libs/tally) and services, with the migrations, the default
 # catalog and the limiter's Lua script as package data; pip byte-compiles it, which matters
 # because the container's root filesystem is read-only at run time.
 COPY libs ./libs
 COPY services ./services
-RUN pip install --no-deps . \
+RUN pip install --no-deps --no-build-isolation . \
  && cd /tmp && python -c "import services.ledger.server, tally.cli.main, tally.kit.db as db; assert all((db.migrations_dir(s) / 'versions').is_dir() for s in db.SERVICES)"
 
 FROM ${PYTHON_IMAGE} AS runtime

@@ -1,5 +1,5 @@
 # Thin wrappers: ./dev is the entry point a fresh machine needs (no make required).
-.PHONY: demo test test-deep up down protos check-protos lint types buf bench trace-demo
+.PHONY: demo test test-deep up down lock protos check-protos lint types buf bench trace-demo
 
 demo:
 	./dev demo
@@ -11,6 +11,8 @@ up:
 	./dev up
 down:
 	./dev down
+lock:
+	scripts/lock.sh
 protos:
 	scripts/gen_protos.sh
 check-protos:

@@ -5,7 +5,7 @@ import warnings
 
 from tally.ledger.v1 import ledger_pb2 as tally_dot_ledger_dot_v1_dot_ledger__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

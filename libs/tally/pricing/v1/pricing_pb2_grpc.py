@@ -5,7 +5,7 @@ import warnings
 
 from tally.pricing.v1 import pricing_pb2 as tally_dot_pricing_dot_v1_dot_pricing__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
