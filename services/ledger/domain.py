@@ -268,6 +268,17 @@ class Transfer:
     org_posted_after: int
     org_held_after: int
     org_arrears_after: int
+    hash_version: int = 2
+    """The canonical encoding `entry_hash` is computed with (HASH_VERSION when written)."""
+
+
+HASH_VERSION: Final = 2
+"""The canonical encoding new entries are chained with. Version 1 covered the money and its
+audit line (ids, kind, accounts, org, amount, actor, reason, time) but not the entry's other
+stored fields, which could then be rewritten unnoticed; version 2 covers every field an entry
+is stored with. Migration 0006 re-chained the rows written under version 1 and kept their
+version 1 chain beside it (prev_hash_v1, entry_hash_v1), so both stay verifiable."""
+HASH_VERSIONS: Final = (1, 2)
 
 
 def canonical_entry(
@@ -280,15 +291,54 @@ def canonical_entry(
     actor: str,
     reason: str,
     created_at: datetime | str,
+    *,
+    trace_id: str,
+    user_id: str,
+    labels: Mapping[str, str] | None,
+    grant_id: str,
+    reservation_id: str,
+    reverses_transfer_id: str,
+    payment_order_id: str,
+    org_posted_after: int,
+    org_held_after: int,
+    org_arrears_after: int,
+    version: int = HASH_VERSION,
 ) -> bytes:
-    """The bytes an entry's hash covers: everything that gives the entry its meaning.
-    (`created_at` may come already spelled as its isoformat(), as a batch of entries made at
-    one instant passes it.)"""
+    """The bytes an entry's hash covers under `version`. Version 2 (current): every stored
+    field of the entry, as a JSON array (unambiguous whatever the strings hold; labels with
+    sorted keys, as jsonb gives them back in its own order). Version 1: the first nine fields
+    joined by U+001F, kept to verify entries written before version 2. (`created_at` may come
+    already spelled as its isoformat(), as a batch of entries made at one instant passes it.)
+
+    The fields after `created_at` are keyword-only and required, so a caller can never leave
+    one out of the hash by accident."""
     stamp = created_at if isinstance(created_at, str) else created_at.isoformat()
-    return "\x1f".join(
-        [transfer_id, kind, debit_account_id, credit_account_id, org_id, str(amount_micros),
-         actor, reason, stamp]
+    if version == 1:
+        return "\x1f".join(
+            [transfer_id, kind, debit_account_id, credit_account_id, org_id, str(amount_micros),
+             actor, reason, stamp]
+        ).encode()
+    if version != 2:
+        raise ValueError(f"unknown hash version {version}")
+    return json.dumps(
+        ["tally.ledger.entry", 2, transfer_id, kind, debit_account_id, credit_account_id,
+         org_id, amount_micros, actor, reason, stamp, trace_id, user_id,
+         dict(sorted((labels or {}).items())), grant_id, reservation_id, reverses_transfer_id,
+         payment_order_id, org_posted_after, org_held_after, org_arrears_after],
+        separators=(",", ":"),
     ).encode()
+
+
+def transfer_entry(t: Transfer, version: int) -> bytes:
+    """`canonical_entry` of a stored transfer under `version` (to verify it)."""
+    return canonical_entry(
+        t.transfer_id, t.kind.value, t.debit_account_id, t.credit_account_id, t.org_id,
+        t.amount_micros, t.actor, t.reason, t.created_at, trace_id=t.trace_id,
+        user_id=t.user_id, labels=t.labels, grant_id=t.grant_id,
+        reservation_id=t.reservation_id, reverses_transfer_id=t.reverses_transfer_id,
+        payment_order_id=t.payment_order_id, org_posted_after=t.org_posted_after,
+        org_held_after=t.org_held_after, org_arrears_after=t.org_arrears_after,
+        version=version)
 
 
 def chain_hash(prev_hash: str, entry: bytes) -> str:

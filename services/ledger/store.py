@@ -40,7 +40,7 @@ _TRANSFER_COLUMNS: Final = (
     "transfer_id", "kind", "debit_account_id", "credit_account_id", "org_id", "amount_micros",
     "actor", "reason", "trace_id", "user_id", "labels", "grant_id", "reservation_id",
     "reverses_transfer_id", "payment_order_id", "created_at", "prev_hash", "entry_hash",
-    "org_posted_after", "org_held_after", "org_arrears_after",
+    "org_posted_after", "org_held_after", "org_arrears_after", "hash_version",
 )
 _ENTRY_ORG: Final = _TRANSFER_COLUMNS.index("org_id")
 
@@ -226,6 +226,7 @@ class Work:
             transfer_id, kind, debit, credit, org_id, amount, caller.actor, reason,
             caller.trace_id, caller.user_id, labels, grant_id, reservation_id, reverses,
             payment_order_id, self.now, prev, entry_hash, posted, held, arrears,
+            d.HASH_VERSION,
         )
 
     def append_entry(self, kind: d.TransferKind, debit: str, credit: str, org_id: str,
@@ -244,17 +245,22 @@ class Work:
         head = accounts[d.credit_account(org_id)]
         prev = head.last_hash
         kind_value, actor = kind.value, caller.actor
-        entry_hash = d.chain_hash(prev, d.canonical_entry(
-            transfer_id, kind_value, debit, credit, org_id, amount, actor, reason, self.now_iso))
-        head.last_hash = entry_hash
-        head.dirty = True
+        trace_id, user_id = caller.trace_id, caller.user_id
         posted, held = head.balance, head.held
         arrears = -accounts[d.arrears_account(org_id)].balance
+        entry_hash = d.chain_hash(prev, d.canonical_entry(
+            transfer_id, kind_value, debit, credit, org_id, amount, actor, reason, self.now_iso,
+            trace_id=trace_id, user_id=user_id, labels=labels, grant_id=grant_id,
+            reservation_id=reservation_id, reverses_transfer_id=reverses,
+            payment_order_id=payment_order_id, org_posted_after=posted, org_held_after=held,
+            org_arrears_after=arrears))
+        head.last_hash = entry_hash
+        head.dirty = True
         self.entries.append((
             transfer_id, kind_value, debit, credit, org_id, amount, actor, reason,
-            caller.trace_id, caller.user_id, json.dumps(labels) if labels else "{}", grant_id,
+            trace_id, user_id, json.dumps(labels) if labels else "{}", grant_id,
             reservation_id, reverses, payment_order_id, self.now, prev, entry_hash, posted,
-            held, arrears,
+            held, arrears, d.HASH_VERSION,
         ))
         return prev, entry_hash, posted, held, arrears
 
@@ -567,7 +573,7 @@ def _transfer(r: Row) -> d.Transfer:
         r["trace_id"], r["user_id"], json.loads(labels) if isinstance(labels, str) else labels,
         r["grant_id"], r["reservation_id"], r["reverses_transfer_id"], r["payment_order_id"],
         r["created_at"], r["prev_hash"], r["entry_hash"], r["org_posted_after"],
-        r["org_held_after"], r["org_arrears_after"],
+        r["org_held_after"], r["org_arrears_after"], r["hash_version"],
     )
 
 
@@ -1346,26 +1352,37 @@ class LedgerStore:
         return [_transfer(r) for r in found], next_token
 
     async def verify(self, org_id: str = "") -> d.ChainReport:
-        """Recomputes every org's hash chain, each account's balance, and the zero sum."""
+        """Recomputes every org's hash chain, each account's balance, and the zero sum. Each
+        entry is checked under the hash version it carries; an entry first written under
+        version 1 (before migration 0006) is checked under its original version 1 chain as
+        well."""
         checked = 0
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
             heads = {r["org_id"]: r["last_hash"] for r in await conn.fetch(
                 "SELECT org_id, last_hash FROM ledger.accounts WHERE kind = 'ORG_CREDIT' "
                 "AND ($1 = '' OR org_id = $1)", org_id)}
             prev: dict[str, str] = {}
+            prev_v1: dict[str, str] = {}
             cursor = conn.cursor(
                 "SELECT * FROM ledger.transfers WHERE ($1 = '' OR org_id = $1) ORDER BY seq",
                 org_id, prefetch=2000)
             async for row in cursor:
                 t = _transfer(row)
+                bad = d.ChainReport(False, checked, t.transfer_id,
+                                    f"entry {t.transfer_id} does not match its hash chain")
+                if t.hash_version not in d.HASH_VERSIONS:
+                    return bad
                 expected_prev = prev.get(t.org_id, d.GENESIS_HASH)
-                recomputed = d.chain_hash(t.prev_hash, d.canonical_entry(
-                    t.transfer_id, t.kind.value, t.debit_account_id, t.credit_account_id,
-                    t.org_id, t.amount_micros, t.actor, t.reason, t.created_at))
+                recomputed = d.chain_hash(t.prev_hash, d.transfer_entry(t, t.hash_version))
                 if t.prev_hash != expected_prev or recomputed != t.entry_hash:
-                    return d.ChainReport(False, checked, t.transfer_id,
-                                         f"entry {t.transfer_id} does not match its hash chain")
+                    return bad
                 prev[t.org_id] = t.entry_hash
+                if row["entry_hash_v1"] is not None:
+                    original = d.chain_hash(row["prev_hash_v1"], d.transfer_entry(t, 1))
+                    if (row["prev_hash_v1"] != prev_v1.get(t.org_id, d.GENESIS_HASH)
+                            or original != row["entry_hash_v1"]):
+                        return bad
+                    prev_v1[t.org_id] = row["entry_hash_v1"]
                 checked += 1
             for org, head in heads.items():
                 if prev.get(org, d.GENESIS_HASH) != head:
