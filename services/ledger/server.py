@@ -19,6 +19,7 @@ from services.ledger.payments.local_provider import LocalProvider
 from services.ledger.payments.provider import PaymentProvider
 from services.ledger.payments.service import Payments
 from services.ledger.payments.store import PaymentStore
+from services.ledger.payments.stripe_provider import StripeProvider
 from services.ledger.payments.top_up import TopUpWorker
 from services.ledger.payments.webhook_endpoint import WebhookEndpoint
 from services.ledger.servicer import LedgerServicer
@@ -27,12 +28,14 @@ from tally.kit import db, infra
 from tally.kit.background import run_periodically
 from tally.kit.channels import peer_channel
 from tally.kit.config import (
+    ConfigError,
     KitConfig,
     load,
     parse_choice,
     parse_fraction,
     parse_port,
     parse_positive_int,
+    parse_secret_file,
     setting,
 )
 from tally.kit.group_commit import GroupCommit
@@ -50,6 +53,21 @@ RESERVE_GROUP_MAX = 256  # Reserve calls of one org that may share one transacti
 log = get_logger("ledger.server")
 
 
+def parse_stripe_key(raw: str) -> str:
+    """A Stripe API key: secret (sk_) or restricted (rk_), live or test."""
+    key = raw.strip()
+    if not key.startswith(("sk_", "rk_")) or len(key) < 16:
+        raise ValueError("not an sk_ or rk_ key")
+    return key
+
+
+def parse_url(raw: str) -> str:
+    """An http(s) URL."""
+    if not raw.startswith(("https://", "http://")):
+        raise ValueError("must start with https:// or http://")
+    return raw.strip()
+
+
 def parse_secrets(raw: str) -> tuple[str, ...]:
     """Comma-separated webhook secrets, the current one first (at least 16 chars each)."""
     values = tuple(s.strip() for s in raw.split(",") if s.strip())
@@ -62,13 +80,37 @@ def parse_secrets(raw: str) -> tuple[str, ...]:
 class LedgerConfig:
     """Payments and top-up settings of the ledger (TALLY_LEDGER_*)."""
 
-    payment_provider: str = setting("TALLY_LEDGER_PAYMENT_PROVIDER", parse_choice("local"),
-                                    "local", default="local")
+    environment: str = setting(
+        "TALLY_ENVIRONMENT", parse_choice("development", "production"),
+        "development or production", default="development")
+    payment_provider: str = setting(
+        "TALLY_LEDGER_PAYMENT_PROVIDER", parse_choice("local", "stripe"),
+        "local (development only) or stripe", default="local")
+    stripe_secret_key: str = setting(
+        "TALLY_LEDGER_STRIPE_SECRET_KEY", parse_stripe_key,
+        "a Stripe secret or restricted key (sk_... / rk_...)", default="", secret=True)
+    stripe_secret_key_file: str = setting(
+        "TALLY_LEDGER_STRIPE_SECRET_KEY_FILE", parse_secret_file,
+        "a readable file holding the Stripe secret key", default="", secret=True)
+    stripe_success_url: str = setting(
+        "TALLY_LEDGER_STRIPE_SUCCESS_URL", parse_url,
+        "an https:// URL Stripe sends customers to after paying", default="")
+    stripe_cancel_url: str = setting(
+        "TALLY_LEDGER_STRIPE_CANCEL_URL", parse_url,
+        "an https:// URL Stripe sends customers to when they cancel", default="")
+    stripe_api_base: str = setting(
+        "TALLY_LEDGER_STRIPE_API_BASE", parse_url,
+        "Stripe's API address (only to point at a test double)", default="")
     webhook_port: int = setting("TALLY_LEDGER_WEBHOOK_PORT", parse_port,
                                 "a port 0-65535 for POST /webhooks/<provider>", default=8053)
     webhook_secrets: tuple[str, ...] | None = setting(
         "TALLY_LEDGER_WEBHOOK_SECRETS", parse_secrets,
-        "comma-separated secrets, current first (two during a rotation)", default=None)
+        "comma-separated secrets, current first (two during a rotation)", default=None,
+        secret=True)
+    webhook_secrets_file: tuple[str, ...] | None = setting(
+        "TALLY_LEDGER_WEBHOOK_SECRETS_FILE", lambda raw: parse_secrets(parse_secret_file(raw)),
+        "a readable file of comma-separated secrets, current first", default=None,
+        secret=True)
     checkout_port: int = setting("TALLY_LEDGER_CHECKOUT_PORT", parse_port,
                                  "a port 0-65535 for the local provider's checkout pages",
                                  default=8153)
@@ -114,21 +156,20 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
     """Wires the ledger for `config` (an embedded database when none is configured). With
     `provider`, that provider is used (and started/stopped if it is a LocalProvider)."""
     settings = ledger or load(LedgerConfig)
+    webhook_secrets = settings.webhook_secrets or settings.webhook_secrets_file
+    if provider is None:  # checked before anything starts: a bad setting stops the process
+        provider = payment_provider(config, settings, webhook_secrets)
+    if webhook_secrets is None:
+        if not isinstance(provider, LocalProvider):
+            raise ConfigError([("TALLY_LEDGER_WEBHOOK_SECRETS",
+                                "is required with a real payment provider")])
+        webhook_secrets = provider.secrets
     url = config.database_url or infra.start_embedded_postgres(config.data_dir,
                                                                keep_running=False)
     if config.migrate_on_start:
         await db.migrate_async("ledger", url)
     pool = await db.create_pool(url, max_size=config.db_pool_size)
     store = LedgerStore(pool)
-    webhook_secrets = settings.webhook_secrets
-    if webhook_secrets is None:
-        # the local provider lives in this process: a fresh secret shared with it will do
-        webhook_secrets = (secrets.token_hex(32),)
-    if provider is None:
-        provider = LocalProvider(secrets=webhook_secrets[:1], host=config.host,
-                                 port=settings.checkout_port, public_url=settings.checkout_url,
-                                 duplicate_rate=settings.local_duplicate_rate,
-                                 reorder_rate=settings.local_reorder_rate)
     pricing_channel = peer_channel(config.address_of("pricing"))
     payment_store = PaymentStore(store,
                                  failures_to_throttle=settings.top_up_failures_to_throttle)
@@ -169,7 +210,7 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
     async def close() -> None:
         stop.set()
         await asyncio.gather(*tasks)
-        if isinstance(provider, LocalProvider):
+        if isinstance(provider, (LocalProvider, StripeProvider)):
             await provider.stop()
         await endpoint.stop()
         await pricing_channel.close()
@@ -188,6 +229,45 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
         on_stop=[close],
         shutting_down=shutting_down,
     )
+
+
+def payment_provider(config: KitConfig, settings: LedgerConfig,
+                     webhook_secrets: tuple[str, ...] | None) -> PaymentProvider:
+    """The provider the settings ask for. The local one is for development only: configured
+    in production, the ledger refuses to start and says which settings to change."""
+    if settings.payment_provider == "local":
+        if settings.environment == "production":
+            raise ConfigError([(
+                "TALLY_LEDGER_PAYMENT_PROVIDER",
+                "is local (the development provider: simulated checkout, no real money, "
+                "one replica) while TALLY_ENVIRONMENT=production; set it to stripe with "
+                "TALLY_LEDGER_STRIPE_SECRET_KEY, TALLY_LEDGER_WEBHOOK_SECRETS and "
+                "TALLY_LEDGER_STRIPE_SUCCESS_URL")])
+        # the local provider lives in this process: a fresh secret shared with it will do
+        own = webhook_secrets or (secrets.token_hex(32),)
+        return LocalProvider(secrets=own[:1], host=config.host, port=settings.checkout_port,
+                             public_url=settings.checkout_url,
+                             duplicate_rate=settings.local_duplicate_rate,
+                             reorder_rate=settings.local_reorder_rate)
+    key = settings.stripe_secret_key or settings.stripe_secret_key_file
+    problems = [(var, f"is required with TALLY_LEDGER_PAYMENT_PROVIDER=stripe; expected {what}")
+                for var, missing, what in (
+                    ("TALLY_LEDGER_STRIPE_SECRET_KEY", not key,
+                     "a Stripe secret key (or TALLY_LEDGER_STRIPE_SECRET_KEY_FILE)"),
+                    ("TALLY_LEDGER_WEBHOOK_SECRETS", not webhook_secrets,
+                     "the webhook endpoint's signing secret, whsec_... (or "
+                     "TALLY_LEDGER_WEBHOOK_SECRETS_FILE)"),
+                    ("TALLY_LEDGER_STRIPE_SUCCESS_URL", not settings.stripe_success_url,
+                     "where Stripe sends customers after paying"))
+                if missing]
+    if problems:
+        raise ConfigError(problems)
+    if settings.environment == "production" and key.startswith(("sk_test_", "rk_test_")):
+        raise ConfigError([("TALLY_LEDGER_STRIPE_SECRET_KEY",
+                            "is a test-mode key while TALLY_ENVIRONMENT=production")])
+    return StripeProvider(key, success_url=settings.stripe_success_url,
+                          cancel_url=settings.stripe_cancel_url,
+                          api_base=settings.stripe_api_base)
 
 
 def main() -> None:

@@ -40,6 +40,7 @@ class _Setting:
     parse: Callable[[str], Any]
     expects: str
     required: bool
+    secret: bool = False
 
 
 _NO_DEFAULT: Final = object()
@@ -50,13 +51,17 @@ def setting(
     parse: Callable[[str], T],
     expects: str,
     default: T | object = _NO_DEFAULT,
+    *,
+    secret: bool = False,
 ) -> Any:
     """Declares a dataclass field read from environment variable `env`.
 
     `parse` turns the raw string into the value and raises ValueError on bad input;
-    `expects` says in words what a good value looks like, for the error line.
+    `expects` says in words what a good value looks like, for the error line. A `secret`
+    setting's value never appears in an error line (only its length does).
     """
-    meta = {_META_KEY: _Setting(env, parse, expects, required=default is _NO_DEFAULT)}
+    meta = {_META_KEY: _Setting(env, parse, expects, required=default is _NO_DEFAULT,
+                                secret=secret)}
     if default is _NO_DEFAULT:
         return field(metadata=meta)
     return field(default=default, metadata=meta)
@@ -80,7 +85,8 @@ def load(cls: type[C], environ: Mapping[str, str] | None = None) -> C:
             values[f.name] = spec.parse(raw)
         except ValueError as exc:
             detail = f" ({exc})" if str(exc) else ""
-            problems.append((spec.env, f"expected {spec.expects}, got {raw!r}{detail}"))
+            got = f"a secret of {len(raw)} characters" if spec.secret else repr(raw)
+            problems.append((spec.env, f"expected {spec.expects}, got {got}{detail}"))
     if problems:
         raise ConfigError(problems)
     return cls(**values)
@@ -189,6 +195,18 @@ def parse_address(raw: str) -> str:
         raise ValueError("missing host or port")
     parse_port(port)
     return raw
+
+
+def parse_secret_file(raw: str) -> str:
+    """The contents of the file at path `raw` (a mounted Secret), surrounding whitespace
+    removed; the error names the path, never the contents."""
+    try:
+        value = Path(raw).expanduser().read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read it: {type(exc).__name__}") from None
+    if not value:
+        raise ValueError("the file is empty")
+    return value
 
 
 def parse_path(raw: str) -> Path:

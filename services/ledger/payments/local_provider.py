@@ -433,6 +433,11 @@ class LocalProvider:
         })
         return refund
 
+    def verify_webhook(self, payload: bytes, signature_header: str, secrets: Sequence[str],
+                       now: int) -> None:
+        """The kit's check of Stripe's format (t=..,v1=..), which this provider signs with."""
+        signing.verify(signature_header, payload, secrets, now)
+
     def parse_event(self, payload: bytes) -> ProviderEvent:
         """Reads a (verified) webhook body into the ledger's terms; ValueError if it is not a
         well-formed event of this provider."""

@@ -29,6 +29,7 @@ The shapes follow Stripe's, so a Stripe adapter is a thin translation:
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -109,6 +110,17 @@ class ProviderRefund:
 class ProviderError(Exception):
     """The provider refused or could not be reached; the message says which."""
 
+    def __init__(self, message: str, *, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        """The provider's reason for a refusal (card_declined, insufficient_funds, ...)."""
+
+
+class ProviderUnavailable(ProviderError):
+    """The provider could not be reached or asked us to come back (rate limit, 5xx, no
+    answer): nothing happened that the same idempotency key would not replay, so retrying
+    is safe."""
+
 
 class PaymentProvider(Protocol):
     """A payment provider as the ledger uses it. Every call is idempotent on its key, so a
@@ -131,6 +143,12 @@ class PaymentProvider(Protocol):
     async def refund(self, session_id: str, amount_minor: int, idempotency_key: str
                      ) -> ProviderRefund:
         """Refunds part or all of a paid session or charge (raises ProviderError)."""
+        ...
+
+    def verify_webhook(self, payload: bytes, signature_header: str, secrets: Sequence[str],
+                       now: int) -> None:
+        """Checks a webhook's signature header against `secrets` (any of them, for a
+        rotation) and its timestamp against `now`; raises tally.kit.signing.SignatureError."""
         ...
 
     def parse_event(self, payload: bytes) -> ProviderEvent:

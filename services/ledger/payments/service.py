@@ -20,6 +20,7 @@ from services.ledger.payments.provider import (
     CheckoutRequest,
     PaymentProvider,
     ProviderError,
+    ProviderUnavailable,
 )
 from services.ledger.payments.store import MANUAL_PROVIDER, PaymentStore
 from tally.kit import metrics, signing
@@ -98,7 +99,8 @@ class Payments:
         if len(payload) > MAX_WEBHOOK_BYTES:
             raise invalid("payload", f"larger than {MAX_WEBHOOK_BYTES} bytes")
         try:
-            signing.verify(signature_header, payload, self.webhook_secrets, int(self.clock()))
+            self.provider.verify_webhook(payload, signature_header, self.webhook_secrets,
+                                         int(self.clock()))
         except signing.SignatureError as exc:
             log.warning("webhook_refused", provider=provider, why=str(exc),
                         payload_bytes=len(payload))
@@ -204,10 +206,16 @@ class Payments:
             payment_id = await self.provider.charge(ChargeRequest(
                 order.payment_order_id, order.org_id, order.amount_minor, order.currency,
                 payment_method_id, f"automatic top-up: {p.describe(_offer_of(order))}"))
+        except ProviderUnavailable as exc:
+            # nothing was charged that the same key would not replay: resume_top_ups asks
+            # again later, and the order stays PENDING (credit comes only by webhook)
+            log.warning("top_up_charge_unavailable", org_id=order.org_id,
+                        payment_order_id=order.payment_order_id, why=str(exc))
+            return
         except ProviderError as exc:
             log.warning("top_up_charge_refused", org_id=order.org_id,
                         payment_order_id=order.payment_order_id, why=str(exc))
-            await self.store.fail_order(order.payment_order_id, str(exc), caller)
+            await self.store.fail_order(order.payment_order_id, exc.code or str(exc), caller)
             return
         await self.store.attach_session(order.payment_order_id, payment_id, "")
 
