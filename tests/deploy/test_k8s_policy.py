@@ -25,7 +25,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from services.ledger.server import LedgerConfig
+from services.ledger.payments.stripe_provider import StripeProvider
+from services.ledger.server import LedgerConfig, payment_provider
 from services.metering.server import MeteringConfig
 from services.pricing.server import PricingConfig
 from tally.cli.main import app as cli
@@ -40,6 +41,7 @@ SECRET_STAND_INS = {
     ("tally-database", "url"): "postgresql://tally@postgres.invalid:5432/tally",
     ("tally-redis", "url"): "redis://redis.invalid:6379/0",
     ("tally-payments", "webhook-secrets"): "whsec_stand_in_current,whsec_stand_in_previous",
+    ("tally-payments", "stripe-secret-key"): "sk_live_stand_in_0000000000000000",
 }
 CLIENT_LABEL = {"tally.dev/client": "true"}
 
@@ -304,6 +306,7 @@ def test_settings_parse_and_migrations_are_left_to_the_job(
         assert config.database_url == SECRET_STAND_INS[("tally-database", "url")]
         load(MeteringConfig, env)
         load(PricingConfig, env)
+        load(LedgerConfig, env)
     (job,) = of_kind(docs, "Job")
     assert deployment_container(job)["args"] == ["tally.cli.main", "migrate"]
     commands = {c.name or (c.callback.__name__ if c.callback else "")
@@ -474,6 +477,35 @@ def test_metering_shares_quota_counters_whenever_it_can_scale(
         assert settings.limiter == "redis", f"{overlay}: {most} replicas, in-process quotas"
         (redis,) = [v for v in container["env"] if v["name"] == "TALLY_REDIS_URL"]
         assert redis["valueFrom"]["secretKeyRef"].get("optional") is not True
+
+
+def test_prod_takes_payments_through_stripe_with_its_keys_from_a_secret(
+        rendered: dict[str, list[Document]]) -> None:
+    docs = rendered["prod"]
+    ledger = tally_deployments(docs)["ledger"]
+    container = deployment_container(ledger)
+    env = environment(container, docs)
+    settings = load(LedgerConfig, env)
+    assert (settings.environment, settings.payment_provider) == ("production", "stripe")
+    # what the ledger builds at start-up from these settings: Stripe, not a refusal
+    provider = payment_provider(load_kit_config(env), settings, settings.webhook_secrets)
+    assert isinstance(provider, StripeProvider)
+    by_name = {var["name"]: var for var in container["env"]}
+    for var, key in (("TALLY_LEDGER_STRIPE_SECRET_KEY", "stripe-secret-key"),
+                     ("TALLY_LEDGER_WEBHOOK_SECRETS", "webhook-secrets")):
+        ref = by_name[var]["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"], ref.get("optional")) == ("tally-payments", key, False)
+    for config_map in of_kind(docs, "ConfigMap"):
+        data = config_map.get("data", {})
+        assert not {"TALLY_LEDGER_STRIPE_SECRET_KEY", "TALLY_LEDGER_WEBHOOK_SECRETS"} & set(
+            data), "payment secrets belong in a Secret"
+
+
+def test_dev_may_run_the_local_payment_provider(rendered: dict[str, list[Document]]) -> None:
+    docs = rendered["dev"]
+    env = environment(deployment_container(tally_deployments(docs)["ledger"]), docs)
+    settings = load(LedgerConfig, env)
+    assert (settings.environment, settings.payment_provider) == ("development", "local")
 
 
 def test_prod_is_meshed_and_never_runs_a_single_replica(
