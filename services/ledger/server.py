@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from services.ledger import domain as d
 from services.ledger.payments.catalog import PricingCatalog
 from services.ledger.payments.local_provider import LocalProvider
+from services.ledger.payments.local_store import PostgresPayments
 from services.ledger.payments.provider import PaymentProvider
 from services.ledger.payments.service import Payments
 from services.ledger.payments.store import PaymentStore
@@ -157,6 +158,7 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
     `provider`, that provider is used (and started/stopped if it is a LocalProvider)."""
     settings = ledger or load(LedgerConfig)
     webhook_secrets = settings.webhook_secrets or settings.webhook_secrets_file
+    shares_state = provider is None
     if provider is None:  # checked before anything starts: a bad setting stops the process
         provider = payment_provider(config, settings, webhook_secrets)
     if webhook_secrets is None:
@@ -170,6 +172,10 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
         await db.migrate_async("ledger", url)
     pool = await db.create_pool(url, max_size=config.db_pool_size)
     store = LedgerStore(pool)
+    if shares_state and isinstance(provider, LocalProvider):
+        # every replica of this ledger sees the same checkouts (one opened through one
+        # replica is paid on another's page)
+        provider.keep_state_in(PostgresPayments(pool))
     pricing_channel = peer_channel(config.address_of("pricing"))
     payment_store = PaymentStore(store,
                                  failures_to_throttle=settings.top_up_failures_to_throttle)
@@ -239,8 +245,8 @@ def payment_provider(config: KitConfig, settings: LedgerConfig,
         if settings.environment == "production":
             raise ConfigError([(
                 "TALLY_LEDGER_PAYMENT_PROVIDER",
-                "is local (the development provider: simulated checkout, no real money, "
-                "one replica) while TALLY_ENVIRONMENT=production; set it to stripe with "
+                "is local (the development provider: simulated checkout, no real money) "
+                "while TALLY_ENVIRONMENT=production; set it to stripe with "
                 "TALLY_LEDGER_STRIPE_SECRET_KEY, TALLY_LEDGER_WEBHOOK_SECRETS and "
                 "TALLY_LEDGER_STRIPE_SUCCESS_URL")])
         # the local provider lives in this process: a fresh secret shared with it will do

@@ -106,7 +106,7 @@ async def test_a_burst_of_1000_debits_crossing_the_threshold_opens_exactly_one_o
         (pb.PAYMENT_ORDER_STATE_PENDING, pb.PAYMENT_ORDER_KIND_AUTO_TOP_UP)]
     assert len(await shop.outbox("acme", "LOW_BALANCE")) == 1
 
-    shop.provider.complete_pending(orders[0].provider_session_id, succeed=True)
+    await shop.provider.complete_pending(orders[0].provider_session_id, succeed=True)
     await shop.provider.settled()
     paid = await shop.order(orders[0].payment_order_id)
     assert paid.state == pb.PAYMENT_ORDER_STATE_SUCCEEDED

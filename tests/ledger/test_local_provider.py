@@ -524,8 +524,8 @@ async def test_a_pending_charge_waits_for_complete_pending(
     await provider.settled()
     assert receiver.requests == []
 
-    provider.complete_pending(succeeds, succeed=True)
-    provider.complete_pending(fails, succeed=False)
+    await provider.complete_pending(succeeds, succeed=True)
+    await provider.complete_pending(fails, succeed=False)
     await provider.settled()
 
     outcomes = {provider.parse_event(body).session_id: provider.parse_event(body)
@@ -534,10 +534,10 @@ async def test_a_pending_charge_waits_for_complete_pending(
     assert (outcomes[fails].type, outcomes[fails].failure_reason) == (
         ProviderEventType.PAYMENT_FAILED, "card_declined")
     with pytest.raises(ProviderError, match="no longer processing"):
-        provider.complete_pending(succeeds, succeed=True)
+        await provider.complete_pending(succeeds, succeed=True)
     visa = await provider.charge(charge_request("po_visa"))
     with pytest.raises(ProviderError, match="no pending charge"):
-        provider.complete_pending(visa, succeed=True)
+        await provider.complete_pending(visa, succeed=True)
 
 
 # ---- refunds ------------------------------------------------------------------------------

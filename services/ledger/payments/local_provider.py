@@ -8,8 +8,11 @@ backoff and jitter on any non-2xx answer, each attempt freshly timestamped and s
 current secret, and, when asked for chaos, duplicated and reordered. So the ledger's webhook
 path is exercised exactly as it will be against Stripe, without a network or an account.
 
-Everything is held in memory: sessions, charges, refunds and queued webhooks are lost when the
-process stops. Never use it to take real money; nothing here moves any.
+Sessions, charges and refunds are held in memory, or, as the ledger runs it, in PostgreSQL
+(local_store.PostgresPayments), so that several ledger replicas share them: a checkout opened
+through one replica can be paid on another's page. Webhooks are sent by the replica that made
+the event, and their queue is in memory. Never use it to take real money; nothing here moves
+any (the ledger refuses to start it with TALLY_ENVIRONMENT=production).
 
 Test cards (hosted checkout):      Payment methods (charge):
   4242 4242 4242 4242 succeeds       pm_card_visa                            succeeds
@@ -27,7 +30,8 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, NoReturn
@@ -39,6 +43,7 @@ from tally.kit import signing
 from tally.kit.log import get_logger
 from tally.kit.money import format_money
 
+from .local_store import LocalPayment, LocalPayments, LocalRefund, MemoryPayments
 from .provider import (
     ChargeRequest,
     CheckoutRequest,
@@ -134,43 +139,8 @@ class WebhookDelivery:
     """A chaos duplicate or a `resend`, not the event's first delivery."""
 
 
-@dataclass(slots=True)
-class _Payment:
-    """A checkout session or an off-session charge, and what happened to its money."""
-
-    session_id: str
-    """The id the order knows: cs_ for a checkout, pi_ for a charge."""
-    payment_intent_id: str
-    payment_order_id: str
-    org_id: str
-    amount_minor: int
-    currency: str  # upper case, as the ledger speaks it
-    description: str
-    created_at: float
-    payment_method: str = ""
-    success_url: str = ""
-    cancel_url: str = ""
-    outcome: str = ""  # a charge's planned outcome (PAYMENT_METHODS value)
-    charge_id: str = ""
-    amount_refunded: int = 0
-    is_paid: bool = False
-    is_closed: bool = False
-    """Expired or canceled (checkout), failed (charge): it can no longer be paid."""
-    awaits_authentication: bool = False
-
-    @property
-    def is_checkout(self) -> bool:
-        return self.session_id.startswith("cs_")
-
-    @property
-    def is_open(self) -> bool:
-        return not self.is_paid and not self.is_closed
-
-
-@dataclass(frozen=True, slots=True)
-class _RefundRecord:
-    session_id: str
-    refund: ProviderRefund
+_Payment = LocalPayment
+_RefundRecord = LocalRefund
 
 
 def _new_id(prefix: str) -> str:
@@ -195,7 +165,8 @@ class LocalProvider:
                  retry_max_s: float = 30.0, max_attempts: int = 12, duplicate_rate: float = 0.0,
                  reorder_rate: float = 0.0, seed: int | None = None,
                  session_ttl_s: float = 86400, delivery_timeout_s: float = 10.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 state: LocalPayments | None = None) -> None:
         if not secrets or not all(secrets):
             raise ValueError("LocalProvider needs at least one non-empty signing secret")
         if max_attempts < 1:
@@ -218,10 +189,7 @@ class LocalProvider:
         self._clock = clock
         self._timeout = aiohttp.ClientTimeout(total=delivery_timeout_s)
 
-        self._payments: dict[str, _Payment] = {}  # by cs_ and pi_ (a checkout is under both)
-        self._checkouts_by_order: dict[str, _Payment] = {}
-        self._charges_by_order: dict[str, _Payment] = {}
-        self._refunds: dict[str, _RefundRecord] = {}  # by idempotency key
+        self._state: LocalPayments = state or MemoryPayments()
         self._events: list[Event] = []
         self._events_by_id: dict[str, Event] = {}
         self._unsent: list[Event] = []  # created while no webhook_url was set
@@ -278,6 +246,13 @@ class LocalProvider:
             raise RuntimeError("LocalProvider is not started and has no public_url")
         return self._bound_url
 
+    def keep_state_in(self, state: LocalPayments) -> None:
+        """Moves the provider's sessions, charges and refunds to `state` (the ledger's
+        PostgreSQL, shared by its replicas); only before the first of them exists."""
+        if isinstance(self._state, MemoryPayments) and not self._state.is_empty:
+            raise RuntimeError("the local provider already holds payments in memory")
+        self._state = state
+
     @property
     def webhook_url(self) -> str:
         """Where webhooks are POSTed ("" = not yet known; events wait for it)."""
@@ -330,31 +305,28 @@ class LocalProvider:
         task = self._spawn(self._deliver(event, is_redelivery=True))
         return await task
 
-    def complete_pending(self, payment_id: str, succeed: bool) -> None:
+    async def complete_pending(self, payment_id: str, succeed: bool) -> None:
         """Settles a `pm_card_pending` charge still processing: payment_intent.succeeded, or
         payment_intent.payment_failed with card_declined."""
-        payment = self._payments.get(payment_id)
-        if payment is None or payment.is_checkout or payment.outcome != PENDING:
-            raise ProviderError(f"no pending charge {payment_id!r}")
-        if not payment.is_open:
-            raise ProviderError(f"charge {payment_id!r} is no longer processing")
-        if succeed:
-            self._mark_paid(payment)
-        else:
-            self._fail(payment, "card_declined")
+        async with self._state.locked(payment_id) as payment:
+            if payment is None or payment.is_checkout or payment.outcome != PENDING:
+                raise ProviderError(f"no pending charge {payment_id!r}")
+            if not payment.is_open:
+                raise ProviderError(f"charge {payment_id!r} is no longer processing")
+            if succeed:
+                self._mark_paid(payment)
+            else:
+                self._fail(payment, "card_declined")
 
     # ---- PaymentProvider -------------------------------------------------------------------
 
     async def create_checkout(self, request: CheckoutRequest) -> CheckoutSession:
         """Opens a hosted checkout session; the same payment_order_id returns the same one."""
-        existing = self._checkouts_by_order.get(request.payment_order_id)
+        existing = await self._state.find_by_order(request.payment_order_id, checkout=True)
         if existing is not None:
-            self._check_same_order(existing, request.org_id, request.amount_minor,
-                                   request.currency)
-            self._expire_if_due(existing)
-            return self._session_of(existing)
-        self._check_new_order(request.payment_order_id, request.org_id, request.amount_minor,
-                              request.currency)
+            return await self._existing_checkout(existing, request)
+        await self._check_new_order(request.payment_order_id, request.org_id,
+                                    request.amount_minor, request.currency)
         payment = _Payment(
             session_id=_new_id("cs"), payment_intent_id=_new_id("pi"),
             payment_order_id=request.payment_order_id, org_id=request.org_id,
@@ -362,15 +334,23 @@ class LocalProvider:
             description=request.description, created_at=self._clock(),
             success_url=request.success_url, cancel_url=request.cancel_url)
         session = self._session_of(payment)  # raises before storing when there is no url
-        self._payments[payment.session_id] = payment
-        self._payments[payment.payment_intent_id] = payment
-        self._checkouts_by_order[request.payment_order_id] = payment
+        stored = await self._state.add(payment, checkout=True)
+        if stored is not payment and stored.session_id != payment.session_id:
+            return await self._existing_checkout(stored, request)  # another replica's, first
         return session
+
+    async def _existing_checkout(self, existing: _Payment, request: CheckoutRequest
+                                 ) -> CheckoutSession:
+        self._check_same_order(existing, request.org_id, request.amount_minor, request.currency)
+        async with self._state.locked(existing.session_id) as payment:
+            assert payment is not None
+            self._expire_if_due(payment)
+        return self._session_of(existing)
 
     async def charge(self, request: ChargeRequest) -> str:
         """Charges a saved test payment method off-session; idempotent on payment_order_id.
         The outcome is only ever a webhook, sent after this returns."""
-        existing = self._charges_by_order.get(request.payment_order_id)
+        existing = await self._state.find_by_order(request.payment_order_id, checkout=False)
         if existing is not None:
             self._check_same_order(existing, request.org_id, request.amount_minor,
                                    request.currency, request.payment_method_id)
@@ -379,8 +359,8 @@ class LocalProvider:
         if outcome is None:
             raise ProviderError(f"no such payment method {request.payment_method_id!r} "
                                 f"(test methods: {', '.join(PAYMENT_METHODS)})")
-        self._check_new_order(request.payment_order_id, request.org_id, request.amount_minor,
-                              request.currency)
+        await self._check_new_order(request.payment_order_id, request.org_id,
+                                    request.amount_minor, request.currency)
         payment_id = _new_id("pi")
         payment = _Payment(
             session_id=payment_id, payment_intent_id=payment_id,
@@ -388,12 +368,17 @@ class LocalProvider:
             amount_minor=request.amount_minor, currency=request.currency.upper(),
             description=request.description, created_at=self._clock(),
             payment_method=request.payment_method_id, outcome=outcome)
-        self._payments[payment_id] = payment
-        self._charges_by_order[request.payment_order_id] = payment
-        if outcome == SUCCEEDS:
-            self._mark_paid(payment)
-        elif outcome != PENDING:
-            self._fail(payment, outcome)
+        stored = await self._state.add(payment, checkout=False)
+        if stored.session_id != payment_id:  # another replica charged this order first
+            self._check_same_order(stored, request.org_id, request.amount_minor,
+                                   request.currency, request.payment_method_id)
+            return stored.session_id
+        async with self._state.locked(payment_id) as locked:
+            assert locked is not None
+            if outcome == SUCCEEDS:
+                self._mark_paid(locked)
+            elif outcome != PENDING:
+                self._fail(locked, outcome)
         return payment_id
 
     async def refund(self, session_id: str, amount_minor: int, idempotency_key: str
@@ -402,13 +387,17 @@ class LocalProvider:
         idempotency_key returns the same refund. Emits charge.refunded."""
         if not idempotency_key:
             raise ProviderError("refund needs an idempotency key")
-        done = self._refunds.get(idempotency_key)
+        async with self._state.locked(session_id) as payment:
+            return await self._refund(payment, session_id, amount_minor, idempotency_key)
+
+    async def _refund(self, payment: _Payment | None, session_id: str, amount_minor: int,
+                      idempotency_key: str) -> ProviderRefund:
+        done = await self._state.refund_of(idempotency_key)
         if done is not None:
             if (done.session_id, done.refund.amount_minor) != (session_id, amount_minor):
                 raise ProviderError(f"idempotency key {idempotency_key!r} was used for a "
                                     f"different refund")
             return done.refund
-        payment = self._payments.get(session_id)
         if payment is None:
             raise ProviderError(f"no such payment {session_id!r}")
         if not payment.is_paid:
@@ -420,9 +409,9 @@ class LocalProvider:
             raise ProviderError(
                 f"refund of {format_money(amount_minor, payment.currency)} exceeds what is "
                 f"left to refund ({format_money(refundable, payment.currency)})")
-        payment.amount_refunded += amount_minor
         refund = ProviderRefund(refund_id=_new_id("re"), amount_minor=amount_minor)
-        self._refunds[idempotency_key] = _RefundRecord(session_id, refund)
+        await self._state.add_refund(idempotency_key, _RefundRecord(session_id, refund))
+        payment.amount_refunded += amount_minor
         self._emit("charge.refunded", {
             "id": payment.charge_id, "object": "charge",
             "amount": payment.amount_minor, "amount_refunded": payment.amount_refunded,
@@ -488,8 +477,8 @@ class LocalProvider:
 
     # ---- payments --------------------------------------------------------------------------
 
-    def _check_new_order(self, payment_order_id: str, org_id: str, amount_minor: int,
-                         currency: str) -> None:
+    async def _check_new_order(self, payment_order_id: str, org_id: str, amount_minor: int,
+                               currency: str) -> None:
         if not payment_order_id:
             raise ProviderError("payment_order_id is empty")
         if not org_id:
@@ -498,7 +487,7 @@ class LocalProvider:
             raise ProviderError(f"amount must be positive, got {amount_minor}")
         if len(currency) != 3 or not currency.isalpha():
             raise ProviderError(f"currency {currency!r} is not an ISO 4217 code")
-        if len(self._checkouts_by_order) + len(self._charges_by_order) >= self.MAX_SESSIONS:
+        if await self._state.count() >= self.MAX_SESSIONS:
             raise ProviderError(f"the local provider holds {self.MAX_SESSIONS} sessions already")
 
     @staticmethod
@@ -541,14 +530,19 @@ class LocalProvider:
             payment.is_closed = True
         self._emit("payment_intent.payment_failed", self._intent_object(payment, code))
 
-    def _expire_due(self) -> None:
-        for payment in list(self._checkouts_by_order.values()):
-            self._expire_if_due(payment)
+    async def _expire_due(self) -> None:
+        for session_id in await self._state.open_checkouts(self._clock() - self.session_ttl_s):
+            async with self._state.locked(session_id) as payment:
+                if payment is not None:
+                    self._expire_if_due(payment)
 
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(min(self.SWEEP_INTERVAL_S, max(self.session_ttl_s, 0.1)))
-            self._expire_due()
+            try:
+                await self._expire_due()
+            except Exception:  # the database may be away for a while: try again next round
+                log.exception("local_provider_sweep_failed")
 
     # ---- event objects (Stripe-shaped) -----------------------------------------------------
 
@@ -669,58 +663,64 @@ class LocalProvider:
 
     # ---- hosted checkout pages -------------------------------------------------------------
 
-    def _checkout_for(self, request: web.Request) -> _Payment | None:
-        payment = self._payments.get(request.match_info["session_id"])
-        if payment is None or not payment.is_checkout:
-            return None
-        self._expire_if_due(payment)
-        return payment
+    @asynccontextmanager
+    async def _checkout_for(self, request: web.Request) -> AsyncIterator[_Payment | None]:
+        """The checkout a page is for (None if there is none), held until the page is
+        answered: pages of two replicas acting on one checkout take turns."""
+        async with self._state.locked(request.match_info["session_id"]) as payment:
+            if payment is None or not payment.is_checkout:
+                yield None
+                return
+            self._expire_if_due(payment)
+            yield payment
 
     def _complete_path(self, payment: _Payment) -> str:
         return f"/checkout/{payment.session_id}/complete"
 
     async def _page_checkout(self, request: web.Request) -> web.StreamResponse:
-        payment = self._checkout_for(request)
-        if payment is None:
-            return _not_found()
-        if payment.is_paid:
-            return _paid_page(payment)
-        if payment.is_closed:
-            return _expired_page()
-        return _checkout_page(payment)
+        async with self._checkout_for(request) as payment:
+            if payment is None:
+                return _not_found()
+            if payment.is_paid:
+                return _paid_page(payment)
+            if payment.is_closed:
+                return _expired_page()
+            return _checkout_page(payment)
 
     async def _page_pay(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
-        payment = self._checkout_for(request)
-        if payment is None:
-            return _not_found()
-        if payment.is_paid:  # a second submit never charges twice
-            raise web.HTTPSeeOther(self._complete_path(payment))
-        if payment.is_closed:
-            return _expired_page()
-        fields = {key: str(form.get(key, "")) for key in ("card_number", "expiry", "cvc", "name")}
-        problem = self._form_problem(fields)
-        if problem:
-            kept = {key: fields[key] for key in ("card_number", "expiry", "name")}  # never the CVC
-            return _checkout_page(payment, error=problem, fields=kept, status=422)
-        number = "".join(fields["card_number"].split())
-        outcome = next((card.outcome for card in TEST_CARDS if card.number == number),
-                       "not_a_test_card")
-        payment.payment_method = f"card_{number[-4:]}"
-        if outcome == SUCCEEDS:
-            self._paid_redirect(payment)
-        if outcome == AUTHENTICATION_REQUIRED:
-            payment.awaits_authentication = True
-            raise web.HTTPSeeOther(f"/checkout/{payment.session_id}/authenticate")
-        code = "card_declined" if outcome == "not_a_test_card" else outcome
-        self._fail(payment, code)
-        why = f"{_DECLINE_MESSAGES[outcome]} ({code})"
-        return _checkout_page(payment, error=why, fields={"name": fields["name"]}, status=402)
+        async with self._checkout_for(request) as payment:
+            if payment is None:
+                return _not_found()
+            if payment.is_paid:  # a second submit never charges twice
+                raise web.HTTPSeeOther(self._complete_path(payment))
+            if payment.is_closed:
+                return _expired_page()
+            fields = {key: str(form.get(key, ""))
+                      for key in ("card_number", "expiry", "cvc", "name")}
+            problem = self._form_problem(fields)
+            if problem:
+                # never the CVC
+                kept = {key: fields[key] for key in ("card_number", "expiry", "name")}
+                return _checkout_page(payment, error=problem, fields=kept, status=422)
+            number = "".join(fields["card_number"].split())
+            outcome = next((card.outcome for card in TEST_CARDS if card.number == number),
+                           "not_a_test_card")
+            payment.payment_method = f"card_{number[-4:]}"
+            if outcome == SUCCEEDS:
+                self._paid_redirect(payment)
+            if outcome == AUTHENTICATION_REQUIRED:
+                payment.awaits_authentication = True
+                raise web.HTTPSeeOther(f"/checkout/{payment.session_id}/authenticate")
+            code = "card_declined" if outcome == "not_a_test_card" else outcome
+            self._fail(payment, code)
+            why = f"{_DECLINE_MESSAGES[outcome]} ({code})"
+            return _checkout_page(payment, error=why, fields={"name": fields["name"]},
+                                  status=402)
 
-    def _authenticating(self, request: web.Request) -> _Payment | web.StreamResponse:
+    def _authenticating(self, payment: _Payment | None) -> _Payment | web.StreamResponse:
         """The payment an authentication page is for, or the answer when there is none: not
         found, or a redirect to where the payment stands."""
-        payment = self._checkout_for(request)
         if payment is None:
             return _not_found()
         if payment.is_paid:
@@ -730,42 +730,44 @@ class LocalProvider:
         return payment
 
     async def _page_authenticate(self, request: web.Request) -> web.StreamResponse:
-        payment = self._authenticating(request)
-        if isinstance(payment, web.StreamResponse):
-            return payment
-        return _authenticate_page(payment)
+        async with self._checkout_for(request) as found:
+            payment = self._authenticating(found)
+            if isinstance(payment, web.StreamResponse):
+                return payment
+            return _authenticate_page(payment)
 
     async def _page_authenticate_answer(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
-        payment = self._authenticating(request)
-        if isinstance(payment, web.StreamResponse):
-            return payment
-        action = form.get("action")
-        if action == "approve":
-            self._paid_redirect(payment)
-        if action == "fail":
-            self._fail(payment, "authentication_failed")
-            why = f"{_DECLINE_MESSAGES['authentication_failed']} (authentication_failed)"
-            return _checkout_page(payment, error=why, status=402)
-        return _authenticate_page(payment, status=400)
+        async with self._checkout_for(request) as found:
+            payment = self._authenticating(found)
+            if isinstance(payment, web.StreamResponse):
+                return payment
+            action = form.get("action")
+            if action == "approve":
+                self._paid_redirect(payment)
+            if action == "fail":
+                self._fail(payment, "authentication_failed")
+                why = f"{_DECLINE_MESSAGES['authentication_failed']} (authentication_failed)"
+                return _checkout_page(payment, error=why, status=402)
+            return _authenticate_page(payment, status=400)
 
     async def _page_cancel(self, request: web.Request) -> web.StreamResponse:
-        payment = self._checkout_for(request)
-        if payment is None:
-            return _not_found()
-        if payment.is_paid:
-            raise web.HTTPSeeOther(self._complete_path(payment))
-        if payment.is_open:
-            self._expire(payment)
-        raise web.HTTPSeeOther(payment.cancel_url or f"/checkout/{payment.session_id}")
+        async with self._checkout_for(request) as payment:
+            if payment is None:
+                return _not_found()
+            if payment.is_paid:
+                raise web.HTTPSeeOther(self._complete_path(payment))
+            if payment.is_open:
+                self._expire(payment)
+            raise web.HTTPSeeOther(payment.cancel_url or f"/checkout/{payment.session_id}")
 
     async def _page_complete(self, request: web.Request) -> web.StreamResponse:
-        payment = self._checkout_for(request)
-        if payment is None:
-            return _not_found()
-        if not payment.is_paid:
-            raise web.HTTPSeeOther(f"/checkout/{payment.session_id}")
-        return _paid_page(payment)
+        async with self._checkout_for(request) as payment:
+            if payment is None:
+                return _not_found()
+            if not payment.is_paid:
+                raise web.HTTPSeeOther(f"/checkout/{payment.session_id}")
+            return _paid_page(payment)
 
     def _paid_redirect(self, payment: _Payment) -> NoReturn:
         self._mark_paid(payment)
