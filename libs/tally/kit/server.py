@@ -40,6 +40,7 @@ from tally.kit import errors, metrics
 from tally.kit.config import ConfigError, KitConfig, exit_on_config_error, load_kit_config
 from tally.kit.log import configure_logging, get_logger
 from tally.kit.readiness import Probe, Readiness, is_outage
+from tally.kit.requests import Refused, checked_decoder, unstorable
 from tally.kit.telemetry import setup_telemetry, shutdown_telemetry
 
 log = get_logger("tally.kit.server")
@@ -108,6 +109,7 @@ _SERVER_ERROR_CODES = frozenset({
 _NO_PARENT = otel_context.Context()  # an RPC without trace headers starts a new trace
 _OUTAGE_MESSAGE = "a dependency of this service is unreachable; retry"
 _OUTAGE_RETRY_AFTER = timedelta(seconds=1)
+_UNSTORABLE_MESSAGE = "a value of the request is too long or out of range"
 
 
 class KitInterceptor(grpc.aio.ServerInterceptor):
@@ -160,6 +162,7 @@ class KitInterceptor(grpc.aio.ServerInterceptor):
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: errors.TallyError) -> None:
+    error = errors.bounded(error)  # a message echoing a 1 MB id would exceed header limits
     status = errors.to_status_proto(error)
     await context.abort(
         error.code,
@@ -258,6 +261,14 @@ class _Call:
             self.end()
             await _abort(self.context, errors.TallyError(
                 errors.Reason.UNAVAILABLE, _OUTAGE_MESSAGE, retry_after=_OUTAGE_RETRY_AFTER))
+        if unstorable(exc):
+            # the handler let a value through that the database or arithmetic cannot hold
+            self.code, self.details = grpc.StatusCode.INVALID_ARGUMENT, _UNSTORABLE_MESSAGE
+            method.log.warning("rpc_unstorable_value", method=method.name,
+                               duration_ms=elapsed_ms, error=repr(exc))
+            self.end()
+            await _abort(self.context, errors.TallyError(errors.Reason.INVALID_ARGUMENT,
+                                                         _UNSTORABLE_MESSAGE))
         self.code, self.details = grpc.StatusCode.INTERNAL, "internal error"
         if self.span.is_recording():
             self.span.record_exception(exc)
@@ -319,6 +330,8 @@ def _describe_peer(span: trace.Span, peer: str, metadata: Mapping[str, str]) -> 
 def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: _Method
           ) -> grpc.RpcMethodHandler[Any, Any]:
     h: Any = handler
+    decoder = (checked_decoder(h.request_deserializer) if h.request_deserializer is not None
+               else None)
     if h.unary_unary or h.stream_unary:
         inner = h.unary_unary or h.stream_unary
 
@@ -326,6 +339,10 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: _Method
             call = _Call(method, context)
             try:
                 await call.enter()
+                if request.__class__ is Refused:
+                    raise request.error
+                if h.stream_unary:
+                    request = _checked_stream(request)
                 return await inner(request, context)
             except grpc.aio.AbortError:
                 if call.code is None:
@@ -342,7 +359,7 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: _Method
 
         make = (grpc.unary_unary_rpc_method_handler if h.unary_unary
                 else grpc.stream_unary_rpc_method_handler)
-        return make(unary_response, h.request_deserializer, h.response_serializer)
+        return make(unary_response, decoder, h.response_serializer)
 
     inner = h.unary_stream or h.stream_stream
 
@@ -350,6 +367,10 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: _Method
         call = _Call(method, context)
         try:
             await call.enter()
+            if request.__class__ is Refused:
+                raise request.error
+            if h.stream_stream:
+                request = _checked_stream(request)
             produced = inner(request, context)
             if inspect.isasyncgen(produced):
                 async for item in produced:
@@ -370,7 +391,16 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: _Method
 
     make = (grpc.unary_stream_rpc_method_handler if h.unary_stream
             else grpc.stream_stream_rpc_method_handler)
-    return make(streaming_response, h.request_deserializer, h.response_serializer)
+    return make(streaming_response, decoder, h.response_serializer)
+
+
+async def _checked_stream(requests: AsyncIterable[Any]) -> AsyncIterator[Any]:
+    """A client stream's requests; one the kit refused (undecodable, a NUL) ends the call
+    with its INVALID_ARGUMENT."""
+    async for request in requests:
+        if request.__class__ is Refused:
+            raise request.error
+        yield request
 
 
 # --- the app and its server ---------------------------------------------------------------
