@@ -1,5 +1,5 @@
 # Thin wrappers: ./dev is the entry point a fresh machine needs (no make required).
-.PHONY: demo test test-deep up down lock protos check-protos lint types buf bench trace-demo
+.PHONY: demo test test-deep up down lock protos check-protos lint types buf bench trace-demo fuzz
 
 demo:
 	./dev demo
@@ -28,3 +28,10 @@ bench:
 
 trace-demo:
 	./dev setup && .venv/bin/tally trace-demo
+
+# Fuzz every RPC from the proto descriptors: a random seed (printed for replay) for a time
+# budget; CI runs the same test with a fixed seed and a bounded count.
+FUZZ_SECONDS ?= 300
+fuzz:
+	TALLY_FUZZ_SEED=$${TALLY_FUZZ_SEED:-random} TALLY_FUZZ_SECONDS=$(FUZZ_SECONDS) \
+	  .venv/bin/python -m pytest tests/fuzz -q -s -p no:cacheprovider

@@ -41,6 +41,7 @@ from tally.kit.config import (
 )
 from tally.kit.group_commit import GroupCommit
 from tally.kit.log import get_logger
+from tally.kit.readiness import postgres_probe
 from tally.kit.server import ServiceApp, run_service
 from tally.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from tally.pricing.v1 import pricing_pb2_grpc
@@ -234,6 +235,7 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
         on_start=[start_background],
         on_stop=[close],
         shutting_down=shutting_down,
+        readiness_probes=[postgres_probe(pool)],
     )
 
 

@@ -6,7 +6,7 @@ from datetime import UTC
 
 from services.metering import ingestion as ing
 from tally.common.v1 import common_pb2
-from tally.kit.protoconv import from_timestamp, to_timestamp
+from tally.kit.protoconv import timestamp_clamped, to_timestamp
 from tally.metering.v1 import metering_pb2 as pb
 from tally.rating import Meter, UsageMode
 from tally.sdk.pricebook import meter_from_proto, meter_to_proto
@@ -33,7 +33,7 @@ def event(message: pb.UsageEvent) -> ing.UsageEvent:
     mode = UsageMode.BATCH if message.mode == common_pb2.USAGE_MODE_BATCH else UsageMode.ONLINE
     return ing.UsageEvent(
         event_id=message.event_id, org_id=ctx.org_id,
-        occurred_at=from_timestamp(message, "occurred_at"),
+        occurred_at=timestamp_clamped(message, "occurred_at"),
         quantities=tuple((meter_or_none(q.meter), q.quantity) for q in message.quantities),
         model=message.model, provider=message.provider,
         operation=operation_name(message.operation), mode=mode, region=message.region,

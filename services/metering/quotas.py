@@ -90,7 +90,7 @@ class LimiterGate:
         names = ", ".join(f"{q.kind.value} {q.limit} on {q.scope.value}"
                           f"{':' + q.scope_value if q.scope_value else ''} ({q.quota_id})"
                           for q in (counted[i][0] for i in verdict.denied_by))
-        why = "quota limiter unavailable, failing closed" if verdict.degraded else "exhausted"
+        why = "limiter unavailable, failing closed" if verdict.degraded else "exhausted"
         return az.deny(Reason.QUOTA_EXCEEDED, f"quota {why}: {names}",
                        retry_after_ms=_retry_ms(verdict.retry_after_us),
                        headroom=headroom), headroom

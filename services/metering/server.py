@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import asyncpg
 import grpc
 
 from services.metering.adapters import GrpcLedger, GrpcReservingLedger, WatchedPriceBooks
@@ -32,6 +33,7 @@ from tally.kit.config import (
     parse_positive_int,
     setting,
 )
+from tally.kit.readiness import Probe, postgres_probe
 from tally.kit.server import ServiceApp, run_service
 from tally.ledger.v1 import ledger_pb2_grpc
 from tally.limits import InProcessLimiter, Limiter, OutagePolicy, RedisLimiter
@@ -93,6 +95,15 @@ def make_limiter(config: KitConfig, settings: MeteringConfig) -> Limiter:
     if not config.redis_url:
         raise RuntimeError("TALLY_METERING_LIMITER=redis needs TALLY_REDIS_URL")
     return RedisLimiter(config.redis_url, on_outage=OutagePolicy(settings.limiter_on_outage))
+
+
+def readiness_probes(pool: asyncpg.Pool, limiter: Limiter) -> list[Probe]:
+    """NOT_SERVING while the database is unreachable, or Redis when hard quotas fail closed
+    without it (with the local policy a replica still decides alone)."""
+    probes = [postgres_probe(pool)]
+    if isinstance(limiter, RedisLimiter) and limiter.on_outage is OutagePolicy.DENY:
+        probes.append(limiter.ping)
+    return probes
 
 
 async def build(config: KitConfig, metering: MeteringConfig | None = None,
@@ -167,7 +178,8 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
         await engine.dispose()
 
     return ServiceApp(name=NAME, service_names=[SERVICE_NAME], register=register,
-                      on_start=[committer.start], on_stop=[close], shutting_down=shutting_down)
+                      on_start=[committer.start], on_stop=[close], shutting_down=shutting_down,
+                      readiness_probes=readiness_probes(pool, limiter))
 
 
 async def build_for(database_url: str, config: KitConfig | None = None,

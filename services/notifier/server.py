@@ -24,6 +24,7 @@ from tally.kit.config import (
     parse_positive_int,
     setting,
 )
+from tally.kit.readiness import postgres_probe
 from tally.kit.server import ServiceApp, run_service
 from tally.ledger.v1 import ledger_pb2_grpc
 from tally.metering.v1 import metering_pb2_grpc
@@ -113,7 +114,8 @@ async def build(config: KitConfig, notifier: NotifierConfig | None = None) -> Se
         await engine.dispose()
 
     return ServiceApp(name=NAME, service_names=[SERVICE_NAME], register=register,
-                      on_start=[start], on_stop=[close], shutting_down=shutting_down)
+                      on_start=[start], on_stop=[close], shutting_down=shutting_down,
+                      readiness_probes=[postgres_probe(pool)])
 
 
 async def build_for(database_url: str, config: KitConfig | None = None,

@@ -354,7 +354,9 @@ def draft_from_proto(message: pb.PriceBook, effective_from: datetime | None = No
 def publish_command(request: pb.PublishPriceBookRequest, actor: str) -> PublishCommand:
     """The domain form of a publish; the fingerprint covers the draft and effective_from."""
     effective_from = from_timestamp(request, "effective_from")
-    canonical = pb.PublishPriceBookRequest(draft=request.draft)
+    canonical = pb.PublishPriceBookRequest(draft=request.draft,
+                                           removed_models=sorted(request.removed_models),
+                                           removed_meters=sorted(request.removed_meters))
     if request.HasField("effective_from"):
         canonical.effective_from.CopyFrom(request.effective_from)
     return PublishCommand(
@@ -362,4 +364,7 @@ def publish_command(request: pb.PublishPriceBookRequest, actor: str) -> PublishC
         request_hash=request_fingerprint(canonical.SerializeToString(deterministic=True)),
         draft=draft_from_proto(request.draft, effective_from),
         effective_from=effective_from,
-        published_by=request.context.actor or actor)
+        published_by=request.context.actor or actor,
+        removed_models=frozenset(request.removed_models),
+        removed_meters=frozenset(m for m in (or_none(meter_from_proto, n)
+                                             for n in request.removed_meters) if m is not None))

@@ -141,6 +141,10 @@ class PublishCommand:
     draft: Draft
     effective_from: datetime | None
     published_by: str
+    removed_models: frozenset[str] = frozenset()
+    """Models the draft drops on purpose (see `removal_problems`)."""
+    removed_meters: frozenset[Meter] = frozenset()
+    """Meters the draft stops pricing on purpose."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +175,39 @@ def check_effective_from(
     if latest is not None and effective_from <= latest:
         raise invalid("effective_from", f"must be later than {latest.isoformat()}, when the "
                       "latest published book takes effect")
+
+
+def removal_problems(newest: PublishedBook | None, command: PublishCommand
+                     ) -> list[FieldViolation]:
+    """An empty draft, or one that drops a model or a meter of the newest published book
+    without listing it in removed_models / removed_meters.
+
+    Anything the newest book prices may still be in use — usage arriving late within the
+    event window, open reservations, budgets, aliases in callers' configuration — and a book
+    without it rejects all of that (UNKNOWN_MODEL / PRICE_NOT_FOUND), so a drop must be said
+    out loud rather than be the accident of an incomplete draft."""
+    book = command.draft.book
+    if not book.models and not book.lines:
+        return [FieldViolation("draft", "is empty: a book without models or lines would "
+                                        "reject every usage event")]
+    if newest is None:
+        return []
+    found = []
+    kept_models = {entry.model for entry in book.models}
+    dropped = sorted({entry.model for entry in newest.book.models} - kept_models
+                     - command.removed_models)
+    if dropped:
+        found.append(FieldViolation("draft.models", f"drops {', '.join(dropped)} of version "
+                                    f"{newest.version}; list them in removed_models to "
+                                    "remove them"))
+    kept_meters = {line.meter for line in book.lines}
+    unpriced = sorted(str(m) for m in {line.meter for line in newest.book.lines}
+                      - kept_meters - command.removed_meters)
+    if unpriced:
+        found.append(FieldViolation("draft.lines", f"no longer prices {', '.join(unpriced)} "
+                                    f"of version {newest.version}; list them in "
+                                    "removed_meters to remove them"))
+    return found
 
 
 def draft_problems(draft: Draft) -> list[FieldViolation]:
@@ -302,6 +339,11 @@ class BookCache:
     def latest_version(self) -> int:
         """Highest version held (0 when none)."""
         return self._ordered[-1].version if self._ordered else 0
+
+    @property
+    def newest(self) -> PublishedBook | None:
+        """The book published last (the one taking effect last), or None."""
+        return self._ordered[-1] if self._ordered else None
 
     @property
     def history(self) -> PriceBookHistory:
@@ -503,6 +545,7 @@ class Pricing:
             problems.append(FieldViolation("request_id",
                                            f"at most {MAX_REQUEST_ID_CHARS} characters"))
         problems.extend(draft_problems(command.draft))
+        problems.extend(removal_problems(self.cache.newest, command))
         if problems:
             raise invalid_fields(problems)
         published, is_replay = await self.store.publish(command, self.clock())

@@ -28,6 +28,7 @@ from tally.kit.config import (
     setting,
 )
 from tally.kit.log import get_logger
+from tally.kit.readiness import postgres_probe
 from tally.kit.server import ServiceApp, run_service
 from tally.metering.v1 import metering_pb2_grpc
 from tally.pricing.v1 import pricing_pb2, pricing_pb2_grpc
@@ -116,7 +117,8 @@ async def build(config: KitConfig, settings: PricingConfig | None = None) -> Ser
         pricing_pb2_grpc.add_PricingServiceServicer_to_server(servicer, server)
 
     return ServiceApp(name=NAME, service_names=[SERVICE_NAME], register=register,
-                      on_start=[start_loops], on_stop=[close], shutting_down=shutting_down)
+                      on_start=[start_loops], on_stop=[close], shutting_down=shutting_down,
+                      readiness_probes=[postgres_probe(pool)])
 
 
 async def build_for(database_url: str, config: KitConfig | None = None,

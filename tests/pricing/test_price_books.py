@@ -4,6 +4,7 @@ validation, effective dating and ListCreditPackages."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -238,3 +239,65 @@ async def test_credit_packages_come_from_the_book_in_force(pricing: Stub) -> Non
     assert second.price_book_version == 2
     (package,) = second.packages
     assert package.effective_credits_micros == package.credits_micros + 7_000_000
+
+
+async def test_an_empty_draft_is_refused_and_the_current_book_stays(pricing: Stub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await pricing.PublishPriceBook(pb.PublishPriceBookRequest(
+            request_id="p-empty", draft=pb.PriceBook(), effective_from=ts(soon(60))))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in tally_error(caught.value).violations] == ["draft"]
+    assert await versions(pricing) == [1]
+
+
+def _drop_model(name: str) -> Callable[[pb.PriceBook], None]:
+    def edit(draft: pb.PriceBook) -> None:
+        kept = [m for m in draft.models if m.model != name]
+        del draft.models[:]
+        draft.models.extend(kept)
+        lines = [x for x in draft.lines if x.model != name]
+        del draft.lines[:]
+        draft.lines.extend(lines)
+        costs = [x for x in draft.costs if x.model != name]
+        del draft.costs[:]
+        draft.costs.extend(costs)
+        for entry in draft.models:  # nothing of the draft may name it any more
+            if entry.downgrade_to == name:
+                entry.downgrade_to = ""
+            fallbacks = [m for m in entry.fallback_models if m != name]
+            del entry.fallback_models[:]
+            entry.fallback_models.extend(fallbacks)
+    return edit
+
+
+async def test_dropping_a_model_is_refused_unless_the_request_lists_it(pricing: Stub) -> None:
+    draft = catalog_draft(_drop_model("gpt-4.1-nano"))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await publish(pricing, "p-drop", draft, soon(60))
+    violations = tally_error(caught.value).violations
+    assert [v.field for v in violations] == ["draft.models"]
+    assert "gpt-4.1-nano" in violations[0].description
+    assert await versions(pricing) == [1]
+
+    reply = await pricing.PublishPriceBook(pb.PublishPriceBookRequest(
+        request_id="p-drop-listed", draft=draft, effective_from=ts(soon(60)),
+        removed_models=["gpt-4.1-nano"]))
+    assert reply.book.version == 2
+    assert all(m.model != "gpt-4.1-nano" for m in reply.book.models)
+
+
+async def test_a_meter_no_longer_priced_is_refused_unless_the_request_lists_it(
+        pricing: Stub) -> None:
+    def drop_gpu(draft: pb.PriceBook) -> None:
+        lines = [x for x in draft.lines if x.meter != common_pb2.METER_GPU_MINUTES]
+        del draft.lines[:]
+        draft.lines.extend(lines)
+
+    draft = catalog_draft(drop_gpu)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await publish(pricing, "p-gpu", draft, soon(60))
+    assert [v.field for v in tally_error(caught.value).violations] == ["draft.lines"]
+    reply = await pricing.PublishPriceBook(pb.PublishPriceBookRequest(
+        request_id="p-gpu-listed", draft=draft, effective_from=ts(soon(60)),
+        removed_meters=[common_pb2.METER_GPU_MINUTES]))
+    assert reply.book.version == 2

@@ -108,6 +108,8 @@ async def verify(config: KitConfig, org: str) -> bool:
     if report.ok:
         typer.echo(f"ledger ok: {report.entries_checked} entries verified")
         return True
-    typer.echo(f"ledger NOT ok after {report.entries_checked} entries: {report.detail} "
+    # entries_checked counts the entries that verified, the ones before the bad one
+    typer.echo(f"ledger NOT ok: {report.entries_checked} entries verified before the first "
+               f"bad one: {report.detail} "
                f"(first bad transfer: {report.first_bad_transfer_id or '-'})", err=True)
     return False

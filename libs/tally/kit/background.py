@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tally.kit.log import get_logger
+from tally.kit.readiness import is_outage
 
 log = get_logger("tally.kit.background")
 
@@ -17,8 +18,12 @@ async def run_periodically(name: str, interval_s: float,
     while not stop.is_set():
         try:
             await task()
-        except Exception:
-            log.exception("background_task_failed", task=name)
+        except Exception as exc:
+            if is_outage(exc):
+                # expected while a dependency is down: one line, not a traceback a second
+                log.warning("background_task_unavailable", task=name, error=repr(exc))
+            else:
+                log.exception("background_task_failed", task=name)
         try:
             await asyncio.wait_for(stop.wait(), timeout=interval_s)
         except TimeoutError:

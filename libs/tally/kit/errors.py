@@ -163,6 +163,28 @@ def invalid_fields(violations: Iterable[FieldViolation]) -> TallyError:
     return TallyError(Reason.INVALID_ARGUMENT, summary, violations=found)
 
 
+MAX_TEXT: Final = 512
+"""Characters of a message, description or metadata value sent back: error texts quote the
+request, and gRPC refuses trailers past 16 KiB (the caller would see RESOURCE_EXHAUSTED)."""
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_TEXT else f"{text[:MAX_TEXT]}… ({len(text)} characters)"
+
+
+def bounded(error: TallyError) -> TallyError:
+    """`error` with every text clipped to MAX_TEXT characters (itself when none is longer)."""
+    texts = [error.message, *error.metadata.values(),
+             *(t for v in error.violations for t in (v.field, v.description))]
+    if all(len(t) <= MAX_TEXT for t in texts) and len(error.violations) <= 50:
+        return error
+    return TallyError(error.reason, _clip(error.message),
+                      metadata={k[:MAX_TEXT]: _clip(v) for k, v in error.metadata.items()},
+                      retry_after=error.retry_after,
+                      violations=[FieldViolation(_clip(v.field), _clip(v.description))
+                                  for v in error.violations[:50]])
+
+
 def to_status_proto(error: TallyError) -> status_pb2.Status:
     """The google.rpc.Status for `error`: ErrorInfo always, BadRequest/RetryInfo when they apply."""
     details: list[any_pb2.Any] = []

@@ -18,6 +18,10 @@ from tally.kit.errors import invalid
 
 E = TypeVar("E", bound=enum.Enum)
 
+# google.protobuf.Timestamp's range: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999999999Z
+TIMESTAMP_MIN_SECONDS = -62_135_596_800
+TIMESTAMP_MAX_SECONDS = 253_402_300_799
+
 
 def to_timestamp(value: datetime | None) -> Timestamp | None:
     """A protobuf Timestamp, or None (leave the field unset)."""
@@ -33,6 +37,26 @@ def from_timestamp(message: Any, field: str) -> datetime | None:
     if not message.HasField(field):
         return None
     stamp: Timestamp = getattr(message, field)
+    if not TIMESTAMP_MIN_SECONDS <= stamp.seconds <= TIMESTAMP_MAX_SECONDS:
+        raise invalid(field, "is outside 0001-01-01T00:00:00Z..9999-12-31T23:59:59Z")
+    if not 0 <= stamp.nanos < 1_000_000_000:
+        raise invalid(field, "nanos must be 0..999999999")
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+def timestamp_clamped(message: Any, field: str) -> datetime | None:
+    """Like `from_timestamp`, but a time past either end of the representable range is that
+    end (datetime.min or .max, UTC): for per-item checks (usage events) that then reject the
+    item as too old or in the future instead of failing the whole call. Bad nanos: None."""
+    if not message.HasField(field):
+        return None
+    stamp: Timestamp = getattr(message, field)
+    if stamp.seconds < TIMESTAMP_MIN_SECONDS:
+        return datetime.min.replace(tzinfo=UTC)
+    if stamp.seconds > TIMESTAMP_MAX_SECONDS:
+        return datetime.max.replace(tzinfo=UTC)
+    if not 0 <= stamp.nanos < 1_000_000_000:
+        return None
     return stamp.ToDatetime(tzinfo=UTC)
 
 

@@ -23,6 +23,7 @@ import signal
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Protocol, TypeVar
 from urllib.parse import unquote
 
@@ -38,6 +39,8 @@ from opentelemetry.trace import Status, StatusCode
 from tally.kit import errors, metrics
 from tally.kit.config import ConfigError, KitConfig, exit_on_config_error, load_kit_config
 from tally.kit.log import configure_logging, get_logger
+from tally.kit.readiness import Probe, Readiness, is_outage
+from tally.kit.requests import Refused, checked_decoder, unstorable
 from tally.kit.telemetry import setup_telemetry, shutdown_telemetry
 
 log = get_logger("tally.kit.server")
@@ -104,6 +107,9 @@ _SERVER_ERROR_CODES = frozenset({
     grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS,
 })
 _NO_PARENT = otel_context.Context()  # an RPC without trace headers starts a new trace
+_OUTAGE_MESSAGE = "a dependency of this service is unreachable; retry"
+_OUTAGE_RETRY_AFTER = timedelta(seconds=1)
+_UNSTORABLE_MESSAGE = "a value of the request is too long or out of range"
 
 
 class KitInterceptor(grpc.aio.ServerInterceptor):
@@ -131,6 +137,8 @@ class KitInterceptor(grpc.aio.ServerInterceptor):
         is_enabled_for = getattr(self._log, "is_enabled_for", None)
         self._logs_ok = is_enabled_for(logging.DEBUG) if is_enabled_for else True
         self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
+        self.readiness: Readiness | None = None
+        """Told of every dependency outage a call meets (start_server sets it)."""
 
     async def intercept_service(
         self,
@@ -154,6 +162,7 @@ class KitInterceptor(grpc.aio.ServerInterceptor):
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: errors.TallyError) -> None:
+    error = errors.bounded(error)  # a message echoing a 1 MB id would exceed header limits
     status = errors.to_status_proto(error)
     await context.abort(
         error.code,
@@ -171,8 +180,8 @@ class _Method:
     """What every call of one method shares: names, span attributes, tracer, logger, and its
     metric series (looked up once, not per call)."""
 
-    __slots__ = ("attributes", "authenticator", "counted", "duration", "log", "logs_ok", "name",
-                 "propagated", "service", "short", "tracer")
+    __slots__ = ("attributes", "authenticator", "counted", "duration", "interceptor", "log",
+                 "logs_ok", "name", "propagated", "service", "short", "tracer")
 
     def __init__(self, name: str, interceptor: KitInterceptor) -> None:
         self.name = name
@@ -186,6 +195,7 @@ class _Method:
         self.propagated = interceptor._propagated
         self.log = interceptor._log
         self.logs_ok = interceptor._logs_ok
+        self.interceptor = interceptor
 
 
 class _Call:
@@ -237,6 +247,28 @@ class _Call:
                             code=exc.code.name, duration_ms=elapsed_ms)
             self.end()
             await _abort(self.context, exc)
+        if is_outage(exc):
+            # A dependency (PostgreSQL, Redis) is unreachable: retryable, and not this
+            # replica's bug. Readiness turns NOT_SERVING until its probes pass again.
+            readiness = method.interceptor.readiness
+            if readiness is not None:
+                readiness.outage_seen(exc)
+            self.code, self.details = grpc.StatusCode.UNAVAILABLE, _OUTAGE_MESSAGE
+            if self.span.is_recording():
+                self.span.record_exception(exc)
+            method.log.warning("rpc_unavailable", method=method.name, duration_ms=elapsed_ms,
+                               error=repr(exc))
+            self.end()
+            await _abort(self.context, errors.TallyError(
+                errors.Reason.UNAVAILABLE, _OUTAGE_MESSAGE, retry_after=_OUTAGE_RETRY_AFTER))
+        if unstorable(exc):
+            # the handler let a value through that the database or arithmetic cannot hold
+            self.code, self.details = grpc.StatusCode.INVALID_ARGUMENT, _UNSTORABLE_MESSAGE
+            method.log.warning("rpc_unstorable_value", method=method.name,
+                               duration_ms=elapsed_ms, error=repr(exc))
+            self.end()
+            await _abort(self.context, errors.TallyError(errors.Reason.INVALID_ARGUMENT,
+                                                         _UNSTORABLE_MESSAGE))
         self.code, self.details = grpc.StatusCode.INTERNAL, "internal error"
         if self.span.is_recording():
             self.span.record_exception(exc)
@@ -298,6 +330,8 @@ def _describe_peer(span: trace.Span, peer: str, metadata: Mapping[str, str]) -> 
 def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: _Method
           ) -> grpc.RpcMethodHandler[Any, Any]:
     h: Any = handler
+    decoder = (checked_decoder(h.request_deserializer) if h.request_deserializer is not None
+               else None)
     if h.unary_unary or h.stream_unary:
         inner = h.unary_unary or h.stream_unary
 
@@ -305,6 +339,10 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: _Method
             call = _Call(method, context)
             try:
                 await call.enter()
+                if request.__class__ is Refused:
+                    raise request.error
+                if h.stream_unary:
+                    request = _checked_stream(request)
                 return await inner(request, context)
             except grpc.aio.AbortError:
                 if call.code is None:
@@ -321,7 +359,7 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: _Method
 
         make = (grpc.unary_unary_rpc_method_handler if h.unary_unary
                 else grpc.stream_unary_rpc_method_handler)
-        return make(unary_response, h.request_deserializer, h.response_serializer)
+        return make(unary_response, decoder, h.response_serializer)
 
     inner = h.unary_stream or h.stream_stream
 
@@ -329,6 +367,10 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: _Method
         call = _Call(method, context)
         try:
             await call.enter()
+            if request.__class__ is Refused:
+                raise request.error
+            if h.stream_stream:
+                request = _checked_stream(request)
             produced = inner(request, context)
             if inspect.isasyncgen(produced):
                 async for item in produced:
@@ -349,7 +391,16 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: _Method
 
     make = (grpc.unary_stream_rpc_method_handler if h.unary_stream
             else grpc.stream_stream_rpc_method_handler)
-    return make(streaming_response, h.request_deserializer, h.response_serializer)
+    return make(streaming_response, decoder, h.response_serializer)
+
+
+async def _checked_stream(requests: AsyncIterable[Any]) -> AsyncIterator[Any]:
+    """A client stream's requests; one the kit refused (undecodable, a NUL) ends the call
+    with its INVALID_ARGUMENT."""
+    async for request in requests:
+        if request.__class__ is Refused:
+            raise request.error
+        yield request
 
 
 # --- the app and its server ---------------------------------------------------------------
@@ -374,6 +425,9 @@ class ServiceApp:
     shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when shutdown begins (before the drain delay). Long-lived streams end on it through
     `until_shutdown`; the composition root hands the same event to its servicer."""
+    readiness_probes: list[Probe] = field(default_factory=list)
+    """Cheap checks of the dependencies the service cannot work without (its database; Redis
+    where hard quotas need it): NOT_SERVING while one fails (see tally.kit.readiness)."""
 
 
 async def until_shutdown(items: AsyncIterable[_T], shutting_down: asyncio.Event
@@ -452,6 +506,7 @@ class RunningServer:
     health: health_aio.HealthServicer
     grace_seconds: float
     drain_delay_seconds: float
+    readiness: Readiness | None = None
     _stopped: bool = False
 
     async def stop(self) -> None:
@@ -460,6 +515,8 @@ class RunningServer:
         if self._stopped:
             return
         self._stopped = True
+        if self.readiness is not None:
+            await self.readiness.close()
         await self.health.enter_graceful_shutdown()
         self.app.shutting_down.set()  # long-lived streams end now, not at the grace deadline
         log.info("shutdown_begin", service=self.app.name, grace_s=self.grace_seconds)
@@ -481,15 +538,16 @@ async def start_server(
     authenticator: Authenticator | None = None,
 ) -> RunningServer:
     """Builds, binds and starts `app`; returns once every service reports SERVING."""
+    interceptor = KitInterceptor(authenticator or TrustInternalCallers())
     server = grpc.aio.server(
-        interceptors=[KitInterceptor(authenticator or TrustInternalCallers())],
+        interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", 32 * 1024 * 1024),
             ("grpc.so_reuseport", 0),
         ],
     )
     app.register(server)
-    health = health_aio.HealthServicer()
+    health = _ReadinessHealth()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         [*app.service_names, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server
@@ -500,10 +558,31 @@ async def start_server(
     await server.start()
     for hook in app.on_start:
         await hook()
-    for name in ["", *app.service_names]:
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def set_serving(serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ["", *app.service_names]:
+            await health.set(name, status)  # ignored once shutdown has begun
+
+    readiness = Readiness(app.name, app.readiness_probes, set_serving)
+    interceptor.readiness = health.readiness = readiness
+    await set_serving(True)
     log.info("serving", service=app.name, address=f"{host}:{bound}")
-    return RunningServer(app, server, bound, health, grace_seconds, drain_delay_seconds)
+    return RunningServer(app, server, bound, health, grace_seconds, drain_delay_seconds,
+                         readiness)
+
+
+class _ReadinessHealth(health_aio.HealthServicer):  # type: ignore[misc]
+    """The standard health service; a Check first lets readiness probe the dependencies
+    (rate-limited), so a probe sees an outage even when no call has met it."""
+
+    readiness: Readiness | None = None
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> Any:
+        if self.readiness is not None:
+            await self.readiness.on_health_check()
+        return await super().Check(request, context)
 
 
 def run_service(

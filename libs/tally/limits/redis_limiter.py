@@ -105,6 +105,10 @@ class RedisLimiter:
         self._queue: list[tuple[Sequence[Limit], asyncio.Future[Verdict]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
+    async def ping(self) -> None:
+        """Raises while Redis is unreachable (a readiness probe)."""
+        await self.client.ping()
+
     @property
     def degraded(self) -> bool:
         """True while Redis is considered down (the outage policy answers)."""

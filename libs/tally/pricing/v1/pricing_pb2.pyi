@@ -800,6 +800,8 @@ class PublishPriceBookRequest(_message.Message):
     DRAFT_FIELD_NUMBER: _builtins.int
     EFFECTIVE_FROM_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
+    REMOVED_MODELS_FIELD_NUMBER: _builtins.int
+    REMOVED_METERS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Client-chosen idempotency id for this publish; replay returns the original result."""
     @_builtins.property
@@ -818,6 +820,19 @@ class PublishPriceBookRequest(_message.Message):
     def context(self) -> _common_pb2.RequestContext:
         """Publisher (actor is recorded as published_by). Requires the admin role."""
 
+    @_builtins.property
+    def removed_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Models the draft drops on purpose. A draft that leaves out a model of the newest published
+        book is INVALID_ARGUMENT naming `draft.models` unless the model is listed here: late usage,
+        open reservations, budgets and aliases may still name it, so a drop must be deliberate.
+        """
+
+    @_builtins.property
+    def removed_meters(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Meter.ValueType]:
+        """Meters the draft stops pricing on purpose (priced by a line of the newest published book,
+        by no line of the draft); unlisted, INVALID_ARGUMENT naming `draft.lines`.
+        """
+
     def __init__(
         self,
         *,
@@ -825,10 +840,12 @@ class PublishPriceBookRequest(_message.Message):
         draft: Global___PriceBook | None = ...,
         effective_from: _timestamp_pb2.Timestamp | None = ...,
         context: _common_pb2.RequestContext | None = ...,
+        removed_models: _abc.Iterable[_builtins.str] | None = ...,
+        removed_meters: _abc.Iterable[_common_pb2.Meter.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "draft", b"draft", "effective_from", b"effective_from"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "draft", b"draft", "effective_from", b"effective_from", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "draft", b"draft", "effective_from", b"effective_from", "removed_meters", b"removed_meters", "removed_models", b"removed_models", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
