@@ -26,7 +26,8 @@ from tally.kit.log import configure_logging
 from tally.kit.server import ServiceApp, start_server
 from tally.kit.telemetry import setup_telemetry, shutdown_telemetry
 
-__all__ = ["bench_database", "database_label", "database_server_url", "serve_in_child"]
+__all__ = ["CpuMeter", "bench_database", "database_label", "database_server_url",
+           "postgres_backends", "serve_in_child"]
 
 
 # ---------------------------------------------------------------------------- database
@@ -71,6 +72,60 @@ def bench_database(server_url: str, prefix: str, services: Sequence[str]) -> Ite
         yield url
     finally:
         run_in_loop(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+# ---------------------------------------------------------------------------- CPU per process
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far (0 if it is gone), from /proc/<pid>/stat."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+async def postgres_backends(database_url: str) -> list[int]:
+    """The pids of the PostgreSQL backends connected to the database of `database_url` now
+    (a pooled service keeps its connections, so the same backends serve the whole run)."""
+    conn = await asyncpg.connect(db.asyncpg_url(database_url))
+    try:
+        return [r["pid"] for r in await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid()")]
+    finally:
+        await conn.close()
+
+
+class CpuMeter:
+    """CPU seconds used by named groups of processes between `start` and `stop`."""
+
+    def __init__(self, groups: dict[str, Sequence[int]]) -> None:
+        self.groups = {name: list(pids) for name, pids in groups.items()}
+        self._started: dict[str, float] = {}
+        self.used: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        return {name: sum(cpu_seconds(pid) for pid in pids)
+                for name, pids in self.groups.items()}
+
+    def start(self) -> None:
+        self._started = self._now()
+
+    def stop(self) -> dict[str, float]:
+        now = self._now()
+        self.used = {name: now[name] - self._started.get(name, 0.0) for name in now}
+        return self.used
+
+    def micros_per(self, count: int) -> dict[str, float]:
+        """CPU microseconds per item of `count`, per group and in total."""
+        per = {name: round(used * 1e6 / count, 1) for name, used in self.used.items()}
+        per["total"] = round(sum(self.used.values()) * 1e6 / count, 1)
+        return per
 
 
 # ---------------------------------------------------------------------------- child server

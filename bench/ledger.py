@@ -5,6 +5,10 @@ What it measures (``python -m bench.ledger [--quick]`` prints one JSON object):
 - ``post_usage_batch_hot_account``: batches of 1,000 usage items all for ONE org (the hot
   account), sequentially and from 4 concurrent callers; items/s and batch latency.
 - ``post_usage_batch_1000_accounts``: batches of 1,000 items spread over 1,000 orgs.
+- ``post_org_debits_1000_orgs``: batches of 1,000 org debits (``org_debits``, what metering
+  sends: one debit per org per batch), sequentially and from 4 concurrent callers, with the
+  CPU microseconds per debit of each process (``cpu_us_per_item``: this client, the ledger
+  server, its PostgreSQL backends) read from /proc.
 - ``transfer_1_caller`` / ``transfer_64_callers``: single ``Transfer`` calls (USAGE debits of
   1 micro-credit); 64 callers each on its own org, and 64 callers all on one hot org.
 - ``baseline``: the raw gRPC figures of :mod:`bench.baseline`, measured in the same run, and
@@ -30,6 +34,8 @@ import contextvars
 import dataclasses
 import itertools
 import json
+import multiprocessing
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
@@ -45,7 +51,14 @@ from bench.baseline import (
     run_baseline,
     run_in_loop,
 )
-from bench.harness import bench_database, database_label, database_server_url, serve_in_child
+from bench.harness import (
+    CpuMeter,
+    bench_database,
+    database_label,
+    database_server_url,
+    postgres_backends,
+    serve_in_child,
+)
 from services.ledger.server import build
 from tally.common.v1 import common_pb2
 from tally.kit.config import load_kit_config
@@ -82,6 +95,8 @@ FULL_COUNTS: Final[dict[str, int]] = {
     "hot_batches_concurrent": 200,
     "spread_batches": 30,
     "spread_batches_concurrent": 60,
+    "org_batches": 50,
+    "org_batches_concurrent": 100,
     "transfer_1": 2000,
     "transfer_64": 4000,
 }
@@ -144,6 +159,16 @@ def _usage_batch(batch_id: str, orgs: Sequence[str]) -> pb.PostUsageBatchRequest
     return request
 
 
+def _org_debit_batch(batch_id: str, orgs: Sequence[str]) -> pb.PostUsageBatchRequest:
+    """One batch of org debits, one per org (each as if 3 events of ITEM_COST_MICROS)."""
+    request = pb.PostUsageBatchRequest(batch_id=batch_id, context=_METERING)
+    add = request.org_debits.add
+    for org in orgs:
+        add(org_id=org, amount_micros=3 * ITEM_COST_MICROS, event_count=3,
+            events_digest="0" * 32)
+    return request
+
+
 def _grant(transfer_id: str, org: str) -> pb.TransferRequest:
     return pb.TransferRequest(transfer_id=transfer_id, org_id=org,
                               kind=pb.TRANSFER_KIND_PROMOTIONAL_GRANT,
@@ -195,6 +220,31 @@ async def _usage_figure(tally: TallyClient, tag: str, orgs: Sequence[str], batch
             "p50_ms": stats["p50_ms"], "p99_ms": stats["p99_ms"]}
 
 
+async def _org_debit_figure(tally: TallyClient, tag: str, orgs: Sequence[str], batches: int,
+                            concurrency: int, database_url: str) -> dict[str, Any]:
+    """``batches`` PostUsageBatch calls of org debits by ``concurrency``, with the CPU each
+    process spent per org debit."""
+    requests = iter([_org_debit_batch(f"{tag}:{n}", orgs) for n in range(batches)])
+
+    async def post_one() -> None:
+        reply = await tally.ledger.PostUsageBatch(next(requests), timeout=_CALL_DEADLINE_S)
+        if len(reply.org_results) != len(orgs) or any(
+                r.debited_micros != 3 * ITEM_COST_MICROS for r in reply.org_results):
+            raise RuntimeError(f"unexpected org results, e.g. {reply.org_results[:1]}")
+
+    servers = [p.pid for p in multiprocessing.active_children() if p.pid is not None]
+    meter = CpuMeter({"client": [os.getpid()], "ledger": servers,
+                      "postgres": await postgres_backends(database_url)})
+    meter.start()
+    stats, seconds = await _timed(post_one, batches, concurrency)
+    meter.stop()
+    items = batches * len(orgs)
+    return {"batches": batches, "items": items, "concurrency": concurrency,
+            "seconds": seconds, "items_per_s": round(items / seconds, 1),
+            "p50_ms": stats["p50_ms"], "p99_ms": stats["p99_ms"],
+            "cpu_us_per_item": meter.micros_per(items)}
+
+
 async def _check_first_batch(tally: TallyClient, tag: str, orgs: Sequence[str]) -> None:
     """A broken server must fail loudly, not benchmark fast: one checked, untimed batch."""
     reply = await tally.ledger.PostUsageBatch(_usage_batch(tag, orgs), timeout=_CALL_DEADLINE_S)
@@ -237,7 +287,8 @@ async def _transfer_figure(tally: TallyClient, tag: str, orgs: Sequence[str], ca
             "p99_ms": stats["p99_ms"]}
 
 
-async def measure_ledger(target: str, quick: bool = False) -> dict[str, Any]:
+async def measure_ledger(target: str, database_url: str, quick: bool = False
+                         ) -> dict[str, Any]:
     """Fund the orgs, then measure every ledger figure against a running ledger server."""
     scale = 10 if quick else 1
     counts = {key: max(value // scale, 1) for key, value in FULL_COUNTS.items()}
@@ -274,6 +325,15 @@ async def measure_ledger(target: str, quick: bool = False) -> dict[str, Any]:
         spread_conc = await _usage_figure(tally, "usage-spread:conc", spread,
                                           counts["spread_batches_concurrent"], USAGE_CALLERS)
 
+        # -- PostUsageBatch of org debits, 1000 orgs per batch
+        await _org_debit_figure(tally, "orgs:warmup", spread, max(5 // scale, 2), 1,
+                                database_url)
+        org_seq = await _org_debit_figure(tally, "orgs:seq", spread, counts["org_batches"], 1,
+                                          database_url)
+        org_conc = await _org_debit_figure(tally, "orgs:conc", spread,
+                                           counts["org_batches_concurrent"], USAGE_CALLERS,
+                                           database_url)
+
         # -- Transfer
         transfer_1 = await _transfer_figure(tally, "xfer-1", callers[:1], counts["transfer_1"], 1)
         transfer_64 = await _transfer_figure(tally, "xfer-64", callers, counts["transfer_64"],
@@ -293,6 +353,9 @@ async def measure_ledger(target: str, quick: bool = False) -> dict[str, Any]:
         "post_usage_batch_1000_accounts": {
             "items_per_batch": BATCH_ITEMS, "orgs": ACCOUNTS,
             "sequential": spread_seq, "concurrent_4": spread_conc,
+        },
+        "post_org_debits_1000_orgs": {
+            "orgs_per_batch": ACCOUNTS, "sequential": org_seq, "concurrent_4": org_conc,
         },
         "transfer_1_caller": transfer_1,
         "transfer_64_callers": {"distinct_orgs": transfer_64, "hot_org": transfer_64_hot},
@@ -339,6 +402,9 @@ def targets(ledger: dict[str, Any]) -> dict[str, Any]:
         "1000_accounts_4_callers": spread["concurrent_4"]["items_per_s"],
     }
     debits = {key: value for key, value in usage.items() if key.startswith("hot_account")}
+    orgs = ledger["post_org_debits_1000_orgs"]
+    org_debits = {"sequential": orgs["sequential"]["items_per_s"],
+                  "4_callers": orgs["concurrent_4"]["items_per_s"]}
 
     def verdict(target: int, measured: dict[str, float], what: str) -> dict[str, Any]:
         return {"what": what, "target": target, "measured": measured,
@@ -348,6 +414,9 @@ def targets(ledger: dict[str, Any]) -> dict[str, Any]:
     return {
         "usage_items_per_s": verdict(
             TARGET_USAGE_ITEMS_PER_S, usage, "usage items/s through PostUsageBatch"),
+        "org_debits_per_s": verdict(
+            TARGET_USAGE_ITEMS_PER_S, org_debits,
+            "org debits/s through PostUsageBatch, 1,000 orgs per batch"),
         "hot_account_debits_per_s": verdict(
             TARGET_HOT_DEBITS_PER_S, debits,
             "debits/s on one hot account (PostUsageBatch items for one org)"),
@@ -370,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     profile = str(Path(args.profile_server).resolve()) if args.profile_server else None
     with (bench_database(server_url, "tally_bench", ["ledger"]) as database_url,
           ledger_server(database_url, profile) as target):
-        ledger = run_in_loop(measure_ledger(target, quick=args.quick))
+        ledger = run_in_loop(measure_ledger(target, database_url, quick=args.quick))
 
     result: dict[str, Any] = {
         **ledger,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 from services.ledger import domain as d
 from tally.common.v1 import common_pb2
+from tally.kit.errors import invalid
 from tally.kit.protoconv import enum_in, enum_out, from_timestamp, to_timestamp
 from tally.kit.telemetry import current_trace_id
 from tally.ledger.v1 import ledger_pb2 as pb
@@ -115,14 +115,34 @@ def usage_item(item: pb.UsageItem) -> d.UsageItem:
     return d.UsageItem(item.event_id, item.org_id, item.cost_micros, item.reservation_id)
 
 
-def add_usage_results(into: Any, results: Iterable[d.UsageResult]) -> None:
-    """Appends `results` to a repeated UsageItemResult field (a batch's reply): add() builds
-    each message in place, without an intermediate message copied into the list."""
-    add = into.add
+def usage_batch(request: pb.PostUsageBatchRequest, caller: d.Caller) -> d.UsageBatch:
+    """A PostUsageBatch request: per-event items or per-org debits (not both)."""
+    if request.items and request.org_debits:
+        raise invalid("org_debits", "a batch carries items or org_debits, not both")
+    debits = [d.OrgUsageDebit(
+        o.org_id, o.amount_micros, o.event_count, o.events_digest,
+        [d.UsageCapture(c.reservation_id, c.cost_micros, c.cost_before_micros)
+         for c in o.captures] if o.captures else ()) for o in request.org_debits]
+    return d.UsageBatch(request.batch_id, [usage_item(i) for i in request.items], caller,
+                        debits)
+
+
+def add_usage_results(into: pb.PostUsageBatchResponse, results: d.UsageResults) -> None:
+    """Appends `results` to a batch's reply (results or org_results): add() builds each
+    message in place, without an intermediate message copied into the list."""
     for r in results:
-        add(event_id=r.event_id, transfer_id=r.transfer_id, debited_micros=r.debited_micros,
-            arrears_micros=r.arrears_micros, balance_after_micros=r.balance_after_micros,
-            is_duplicate=r.is_duplicate)
+        if isinstance(r, d.OrgUsageResult):
+            into.org_results.add(
+                org_id=r.org_id, transfer_id=r.transfer_id,
+                arrears_transfer_id=r.arrears_transfer_id, debited_micros=r.debited_micros,
+                arrears_micros=r.arrears_micros,
+                available_before_micros=r.available_before_micros,
+                balance_after_micros=r.balance_after_micros, is_duplicate=r.is_duplicate)
+        else:
+            into.results.add(
+                event_id=r.event_id, transfer_id=r.transfer_id,
+                debited_micros=r.debited_micros, arrears_micros=r.arrears_micros,
+                balance_after_micros=r.balance_after_micros, is_duplicate=r.is_duplicate)
 
 
 def outbox_event(e: d.OutboxEvent) -> pb.OutboxEvent:

@@ -478,17 +478,77 @@ class UsageItem:
 
 
 @dataclass(frozen=True, slots=True)
+class UsageCapture:
+    """A reservation settled by one event of an org's usage debit."""
+
+    reservation_id: str
+    cost_micros: int
+    cost_before_micros: int = 0  # the org's cost before this event in the batch
+
+
+@dataclass(frozen=True, slots=True)
+class OrgUsageDebit:
+    """One org's usage in a batch: the sum of its rated events, debited as one transfer."""
+
+    org_id: str
+    amount_micros: int
+    event_count: int
+    events_digest: str = ""
+    captures: Sequence[UsageCapture] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class OrgUsageResult:
+    """What one org's usage debit did: the transfers and the org's available credit around
+    it (before: after freeing the captured holds), from which each event's receipt splits."""
+
+    org_id: str
+    transfer_id: str
+    arrears_transfer_id: str
+    debited_micros: int
+    arrears_micros: int
+    available_before_micros: int
+    balance_after_micros: int
+    is_duplicate: bool = False
+
+
+UsageResults = list[UsageResult] | list[OrgUsageResult]
+"""A PostUsageBatch's answer: per item, or per org debit."""
+
+
+def usage_transfer_id(batch_id: str, org_id: str) -> str:
+    """The USAGE transfer of an org's debit in a batch (known to metering before it posts)."""
+    return f"usage:{batch_id}:{org_id}"
+
+
+def usage_arrears_transfer_id(batch_id: str, org_id: str) -> str:
+    """The USAGE transfer recording the part of an org's debit credit did not cover."""
+    return f"usage:{batch_id}:{org_id}:arrears"
+
+
+@dataclass(frozen=True, slots=True)
 class UsageBatch:
-    """One PostUsageBatch request: its items, applied once under its id."""
+    """One PostUsageBatch request, applied once under its id: per-event `items` (the older
+    form) or one `org_debits` entry per org."""
 
     batch_id: str
     items: Sequence[UsageItem]
     caller: Caller
+    org_debits: Sequence[OrgUsageDebit] = ()
 
     def fingerprint(self) -> str:
         """What a replay of the id must match (labels are annotations, not meaning)."""
+        if self.org_debits:
+            return fingerprint([(o.org_id, o.amount_micros, o.event_count, o.events_digest,
+                                 [(c.reservation_id, c.cost_micros, c.cost_before_micros)
+                                  for c in o.captures]) for o in self.org_debits])
         return fingerprint([(i.event_id, i.org_id, i.cost_micros, i.reservation_id)
                             for i in self.items])
+
+    @property
+    def size(self) -> int:
+        """Its weight in a group commit: events or org debits."""
+        return len(self.org_debits) or len(self.items)
 
     def audited_as(self) -> tuple[str, str, tuple[tuple[str, str], ...]]:
         """The audit fields its entries carry (actor, user, labels): only batches that agree
@@ -594,6 +654,47 @@ def validate_usage_batch(batch_id: str, items: Sequence[UsageItem]) -> None:
         if key in seen:
             problems.append(FieldViolation(f"items[{i}].event_id", "appears twice in the batch"))
         seen.add(key)
+    raise_if(problems)
+
+
+MAX_DIGEST_LENGTH: Final = 128
+
+
+def validate_org_debits(batch_id: str, debits: Sequence[OrgUsageDebit]) -> None:
+    """Batch bounds and every org debit's fields; an org twice in one batch is refused."""
+    if len(debits) > MAX_USAGE_BATCH:
+        raise TallyError(
+            Reason.BATCH_TOO_LARGE,
+            f"org_debits: {len(debits)} orgs; at most {MAX_USAGE_BATCH} per batch",
+            field="org_debits",
+        )
+    problems: list[FieldViolation | None] = [check_id("batch_id", batch_id)]
+    seen: set[str] = set()
+    for i, debit in enumerate(debits):
+        at = f"org_debits[{i}]"
+        org, amount = debit.org_id, debit.amount_micros
+        if not (org and len(org) <= MAX_ID_LENGTH and org.isprintable()):
+            problems.append(check_id(f"{at}.org_id", org))
+        if not 0 <= amount <= INT64_MAX:
+            problems.append(check_amount(f"{at}.amount_micros", amount, allow_zero=True))
+        if debit.event_count < 1:
+            problems.append(FieldViolation(f"{at}.event_count", "must be >= 1"))
+        if len(debit.events_digest) > MAX_DIGEST_LENGTH:
+            problems.append(FieldViolation(f"{at}.events_digest",
+                                           f"at most {MAX_DIGEST_LENGTH} characters"))
+        for j, capture in enumerate(debit.captures):
+            problems.append(check_id(f"{at}.captures[{j}].reservation_id",
+                                     capture.reservation_id))
+            cost, before = capture.cost_micros, capture.cost_before_micros
+            if cost < 0 or before < 0 or cost + before > amount:
+                problems.append(FieldViolation(
+                    f"{at}.captures[{j}].cost_micros",
+                    "cost and cost_before must be >= 0 and within the org's amount"))
+        if org in seen:
+            problems.append(FieldViolation(f"{at}.org_id", "appears twice in the batch"))
+        seen.add(org)
+    if not debits:
+        problems.append(FieldViolation("org_debits", "must not be empty"))
     raise_if(problems)
 
 

@@ -8,12 +8,14 @@ checkout pages (TALLY_LEDGER_CHECKOUT_PORT).
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from services.ledger import domain as d
+from services.ledger import usage_work
 from services.ledger.payments.catalog import PricingCatalog
 from services.ledger.payments.local_provider import LocalProvider
 from services.ledger.payments.local_store import PostgresPayments
@@ -141,15 +143,15 @@ class LedgerConfig:
 
 
 PostUsageBatches = Callable[[Sequence[d.UsageBatch]],
-                            Awaitable[Sequence[list[d.UsageResult] | Exception]]]
+                            Awaitable[Sequence[d.UsageResults | Exception]]]
 
 
 def usage_group_commit(post_batches: PostUsageBatches, *, max_items: int = 20_000,
-                       committers: int = 1) -> GroupCommit[d.UsageBatch, list[d.UsageResult]]:
+                       committers: int = 1) -> GroupCommit[d.UsageBatch, d.UsageResults]:
     """PostUsageBatch calls that arrive while a usage transaction runs share the next one
     (LedgerStore.post_usage_batches), if their entries' audit fields agree (the lanes)."""
     return GroupCommit("ledger.usage", post_batches, max_size=max_items,
-                       size=lambda batch: len(batch.items), key=d.UsageBatch.audited_as,
+                       size=lambda batch: batch.size, key=d.UsageBatch.audited_as,
                        concurrency=committers)
 
 
@@ -187,7 +189,7 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
     top_up = TopUpWorker(payments, payment_store, store,
                          poll_s=settings.top_up_poll_ms / 1000)
     shutting_down = asyncio.Event()
-    usage = usage_group_commit(store.post_usage_batches,
+    usage = usage_group_commit(functools.partial(usage_work.post_usage_batches, store),
                                max_items=settings.usage_group_max_items,
                                committers=settings.usage_committers)
     holds = GroupCommit("ledger.reserve", store.reserve_many, max_size=RESERVE_GROUP_MAX,

@@ -34,7 +34,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     """Translates LedgerService calls to LedgerStore operations."""
 
     def __init__(self, store: LedgerStore, payments: Payments, *,
-                 usage: GroupCommit[d.UsageBatch, list[d.UsageResult]],
+                 usage: GroupCommit[d.UsageBatch, d.UsageResults],
                  holds: GroupCommit[d.ReserveCommand, tuple[d.Reservation, int, d.BillingState]],
                  outbox_poll_s: float = 0.2, stream_lifetime_s: float = 300.0,
                  shutting_down: asyncio.Event | None = None) -> None:
@@ -107,13 +107,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
     async def PostUsageBatch(self, request: pb.PostUsageBatchRequest, context: Context
                              ) -> pb.PostUsageBatchResponse:
-        results = await self.usage.submit(d.UsageBatch(
-            request.batch_id, [convert.usage_item(i) for i in request.items],
-            convert.caller(request.context, _actor())))
+        batch = convert.usage_batch(request, convert.caller(request.context, _actor()))
+        results = await self.usage.submit(batch)
         annotate(item_count=len(results),
                  debited_micros=sum(r.debited_micros for r in results))
         response = pb.PostUsageBatchResponse()
-        convert.add_usage_results(response.results, results)
+        convert.add_usage_results(response, results)
         return response
 
     async def GetBalance(self, request: pb.GetBalanceRequest, context: Context

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 
-from services.metering.events_store import LedgerItem, LedgerOutcome
+from services.metering import ingestion as ing
 from services.metering.ingestion import MAX_EVENT_AGE
 from tally.common.v1 import common_pb2
 from tally.kit.errors import Reason, TallyError, from_rpc_error
@@ -33,20 +33,25 @@ class GrpcLedger:
         self.stub = stub
         self.timeout_s = timeout_s
 
-    async def post_usage_batch(self, batch_id: str, items: Sequence[LedgerItem]
-                               ) -> list[LedgerOutcome]:
-        """Posts one batch; an unreachable ledger is TallyError(UNAVAILABLE)."""
-        request = ledger_pb2.PostUsageBatchRequest(batch_id=batch_id, items=[
-            ledger_pb2.UsageItem(event_id=i.event_id, org_id=i.org_id, cost_micros=i.cost_micros,
-                                 reservation_id=i.reservation_id) for i in items])
+    async def post_org_debits(self, batch_id: str, debits: Sequence[ing.OrgDebit]
+                              ) -> list[ing.OrgOutcome]:
+        """Posts one batch of org debits; an unreachable ledger is TallyError(UNAVAILABLE)."""
+        request = ledger_pb2.PostUsageBatchRequest(batch_id=batch_id)
+        add = request.org_debits.add
+        for o in debits:
+            debit = add(org_id=o.org_id, amount_micros=o.amount_micros,
+                        event_count=o.event_count, events_digest=o.events_digest)
+            for c in o.captures:
+                debit.captures.add(reservation_id=c.reservation_id, cost_micros=c.cost_micros,
+                                   cost_before_micros=c.cost_before_micros)
         try:
             reply = await self.stub.PostUsageBatch(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _UNAVAILABLE_CODES:
                 raise TallyError(Reason.UNAVAILABLE, f"ledger: {exc.details()}") from exc
             raise
-        return [LedgerOutcome(i.org_id, r.event_id, r.transfer_id, r.balance_after_micros,
-                              r.arrears_micros) for i, r in zip(items, reply.results, strict=True)]
+        return [ing.OrgOutcome(r.org_id, r.transfer_id, r.arrears_transfer_id,
+                               r.available_before_micros) for r in reply.org_results]
 
 
 class GrpcReservingLedger:

@@ -4,8 +4,9 @@ Callers `submit` events and wait. A single flusher collects what is waiting — 
 `max_batch_events` or `flush_interval_ms` — into a group commit, and runs up to
 `max_inflight_commits` of them at once (so the database, the ledger and this process's CPU
 overlap). A group commit records its events in one transaction (events, roll-ups, the pending
-ledger batch), posts the batch to the ledger (idempotent on the batch id, retried while the
-ledger is unavailable), fills the receipts and only then answers. So throughput does not depend
+ledger batch: one debit per org), posts the batch to the ledger (idempotent on the batch id,
+retried while the ledger is unavailable), stores its per-org answer on the batch row (each
+event's receipt follows from it) and only then answers. So throughput does not depend
 on how clients batch, nothing is acknowledged before its debit is durable, and a crash between
 the two commits is repaired at start-up by `replay_pending`.
 
@@ -31,7 +32,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext
 
 from services.metering import ingestion as ing
-from services.metering.events_store import LedgerItem, LedgerOutcome, UsageEventStore, with_ledger
+from services.metering.events_store import UsageEventStore
 from tally.kit import metrics
 from tally.kit.errors import Reason, TallyError
 from tally.kit.log import get_logger
@@ -44,9 +45,10 @@ log = get_logger("metering.committer")
 class UsageLedger(Protocol):
     """The ledger as ingestion needs it (the gRPC client implements it)."""
 
-    async def post_usage_batch(self, batch_id: str, items: Sequence[LedgerItem]
-                               ) -> list[LedgerOutcome]:
-        """Debits the items once (idempotent on batch_id); raises TallyError(UNAVAILABLE)."""
+    async def post_org_debits(self, batch_id: str, debits: Sequence[ing.OrgDebit]
+                              ) -> list[ing.OrgOutcome]:
+        """Debits each org once (idempotent on batch_id); one outcome per debit, in order;
+        raises TallyError(UNAVAILABLE) while the ledger cannot be reached."""
         ...
 
 
@@ -118,10 +120,10 @@ class GroupCommitter:
     async def replay_pending(self) -> int:
         """Posts every recorded-but-unposted batch again; the ledger applies each once."""
         pending = await self.store.pending_batches()
-        for pending_id, items in pending:
-            outcomes = await self._post(pending_id, items)
+        for pending_id, debits in pending:
+            outcomes = await self._post(pending_id, debits)
             await self.store.mark_posted(pending_id, outcomes, datetime.now(UTC))
-            log.info("replayed_ledger_batch", batch_id=pending_id, items=len(items))
+            log.info("replayed_ledger_batch", batch_id=pending_id, orgs=len(debits))
         return len(pending)
 
     async def submit(self, events: Sequence[ing.UsageEvent]) -> list[ing.EventResult]:
@@ -231,20 +233,20 @@ class GroupCommitter:
         unique = [events[i] for i in sorted(set(first.values()))]
         this_batch = batch_id()
         recorded = await self.store.record(this_batch, unique, self.books.history)
-        outcomes: dict[tuple[str, str], LedgerOutcome] = {}
+        outcomes: dict[str, ing.OrgOutcome] = {}
         now = datetime.now(UTC)
-        if recorded.ledger_items:
-            for outcome in await self._post(this_batch, recorded.ledger_items):
-                outcomes[(outcome.org_id, outcome.event_id)] = outcome
-            await self.store.mark_posted(this_batch, list(outcomes.values()), now)
+        if recorded.debits:
+            posted = await self._post(this_batch, recorded.debits)
+            outcomes = {o.org_id: o for o in posted}
+            await self.store.mark_posted(this_batch, posted, now)
         settled = await self._settle(recorded.unposted, unique, recorded.results)
         by_key: dict[tuple[str, str], ing.EventResult] = {}
-        rated = iter(recorded.new_events)
+        rated = iter(zip(recorded.new_events, recorded.cost_before, strict=True))
         for event, result in zip(unique, recorded.results, strict=True):
             key = (event.org_id, event.event_id)
             if result is None:
-                item = next(rated)
-                receipt = with_ledger(item.receipt, outcomes[key], now)
+                item, cost_before = next(rated)
+                receipt = ing.settled(item.receipt, outcomes[event.org_id], cost_before, now)
                 result = ing.EventResult(event.event_id, ing.EventStatus.ACCEPTED, receipt)
             elif key in settled:
                 result = replace(result, receipt=settled[key])
@@ -271,18 +273,18 @@ class GroupCommitter:
         if not unposted:
             return {}
         for batch in sorted(unposted):
-            outcomes = await self._post(batch, await self.store.batch_items(batch))
+            outcomes = await self._post(batch, await self.store.batch_debits(batch))
             await self.store.mark_posted(batch, outcomes, datetime.now(UTC))
         duplicates = [(e.org_id, e.event_id) for e, r in zip(events, results, strict=True)
                       if r is not None and r.status is ing.EventStatus.DUPLICATE]
         return await self.store.receipts(duplicates)
 
-    async def _post(self, batch: str, items: Sequence[LedgerItem]) -> list[LedgerOutcome]:
+    async def _post(self, batch: str, debits: Sequence[ing.OrgDebit]) -> list[ing.OrgOutcome]:
         """Posts until the ledger confirms; nothing is acknowledged meanwhile (back-pressure)."""
         delay = 0.05
         while True:
             try:
-                return await self.ledger.post_usage_batch(batch, items)
+                return await self.ledger.post_org_debits(batch, debits)
             except TallyError as exc:
                 if exc.reason is not Reason.UNAVAILABLE:
                     raise

@@ -4,16 +4,18 @@ One `record` transaction per group commit: lock the orgs (advisory, sorted: repl
 the same org take turns, so carries and period usage are read and written consistently), find
 events already recorded (dedup forever, by primary key), rate the new ones with the persisted
 carry and month-to-date usage, insert them, upsert the roll-ups and the carries, and write the
-ledger batch that will carry their debit — all or nothing. `mark_posted` fills the receipts once
-the ledger confirms; `pending_batches` lists batches a crash left unposted.
+ledger batch that will carry their debit (one debit per org) — all or nothing. `mark_posted`
+stores the ledger's per-org answer on the batch row (each event's receipt is derived from it and
+the event's place in its org's debit, so no event row is updated); `pending_batches` lists
+batches a crash left unposted.
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -31,29 +33,8 @@ _EVENT_COLUMNS = (
     "org_id", "event_id", "occurred_at", "project_id", "environment", "user_id", "api_key_id",
     "labels", "provider", "model", "resolved_model", "operation", "mode", "region",
     "quantities", "reservation_id", "evidence", "request_hash", "cost_micros", "lines",
-    "price_book_version", "ledger_batch_id",
+    "price_book_version", "ledger_batch_id", "batch_cost_before_micros",
 )
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerItem:
-    """One debit to post: what metering asks the ledger to charge for an event."""
-
-    event_id: str
-    org_id: str
-    cost_micros: int
-    reservation_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerOutcome:
-    """What the ledger answered for one item."""
-
-    org_id: str
-    event_id: str
-    transfer_id: str
-    balance_after_micros: int
-    arrears_micros: int
 
 
 @dataclass(slots=True)
@@ -62,10 +43,27 @@ class Recorded:
 
     results: list[ing.EventResult | None]
     new_events: list[ing.RatedEvent]
-    ledger_items: list[LedgerItem]
+    debits: list[ing.OrgDebit]
+    cost_before: list[int]  # per new event: its org's cost before it in the batch
     # Ledger batches of DUPLICATE originals whose debit is not confirmed yet (another commit,
     # or another replica, has them in flight): their receipts are incomplete until posted.
     unposted: set[str] = field(default_factory=set)
+
+
+# batch id -> (when the ledger confirmed it, org -> its outcome); None if not yet
+Outcomes = dict[str, tuple[datetime, dict[str, ing.OrgOutcome]] | None]
+
+
+def _debits_json(debits: Sequence[ing.OrgDebit]) -> str:
+    return json.dumps([[o.org_id, o.amount_micros, o.event_count, o.events_digest,
+                        [[c.reservation_id, c.cost_micros, c.cost_before_micros]
+                         for c in o.captures]] for o in debits])
+
+
+def _debits_of(text: str) -> list[ing.OrgDebit]:
+    return [ing.OrgDebit(org, amount, count, digest,
+                         tuple(ing.Capture(*c) for c in captures))
+            for org, amount, count, digest, captures in json.loads(text)]
 
 
 _ALL_MODELS = "*"  # period-usage key of lines that price a meter for every model
@@ -75,14 +73,45 @@ def _month(ts: datetime) -> date:
     return ts.astimezone(UTC).date().replace(day=1)
 
 
-def receipt_from_row(r: Row) -> ing.Receipt:
-    """The receipt stored with an event."""
+def receipt_from_row(r: Row, outcomes: Outcomes) -> ing.Receipt:
+    """The receipt of a recorded event: its price, and its share of its org's debit in its
+    batch once the ledger confirmed it (`outcomes` holds its batch's; rows recorded before
+    debits were per org carry their receipt columns)."""
     lines = tuple(ing.ReceiptLine(Meter(m), q, rate, per, cost)
                   for m, q, rate, per, cost in json.loads(r["lines"]))
-    return ing.Receipt(
+    receipt = ing.Receipt(
         r["event_id"], r["cost_micros"], r["price_book_version"], r["resolved_model"], lines,
         r["ledger_transfer_id"] or "", r["balance_after_micros"] or 0, r["arrears_micros"] or 0,
         r["recorded_at"])
+    cost_before = r["batch_cost_before_micros"]
+    if cost_before is None:
+        return receipt
+    posted = outcomes.get(r["ledger_batch_id"])
+    if posted is None:
+        return receipt
+    posted_at, by_org = posted
+    return ing.settled(receipt, by_org[r["org_id"]], cost_before, posted_at)
+
+
+def _is_posted(r: Row, outcomes: Outcomes) -> bool:
+    if r["batch_cost_before_micros"] is None:
+        return r["recorded_at"] is not None
+    return outcomes.get(r["ledger_batch_id"]) is not None
+
+
+async def _outcomes(conn: Any, rows: Iterable[Row]) -> Outcomes:
+    """The ledger's answers for the batches of `rows` (one read per batch, not per row)."""
+    batches = sorted({r["ledger_batch_id"] for r in rows
+                      if r["batch_cost_before_micros"] is not None})
+    found: Outcomes = dict.fromkeys(batches)
+    if batches:
+        for b in await conn.fetch(
+                "SELECT batch_id, posted_at, org_results FROM metering.ledger_batches "
+                "WHERE batch_id = ANY($1::text[]) AND posted_at IS NOT NULL", batches):
+            found[b["batch_id"]] = (b["posted_at"], {
+                org: ing.OrgOutcome(org, *result)
+                for org, result in json.loads(b["org_results"]).items()})
+    return found
 
 
 def event_from_row(r: Row) -> ing.UsageEvent:
@@ -116,6 +145,7 @@ class UsageEventStore:
                 "SELECT pg_advisory_xact_lock(hashtextextended('metering:' || o, 0)) "
                 "FROM unnest($1::text[]) AS o ORDER BY o", orgs)
             existing = await self._rows_of(conn, [(e.org_id, e.event_id) for e in events])
+            outcomes = await _outcomes(conn, existing.values()) if existing else {}
             carries: dict[str, int] = {r["org_id"]: int(r["carry_attos"]) for r in await conn.fetch(
                 "SELECT org_id, carry_attos FROM metering.rating_carry "
                 "WHERE org_id = ANY($1::text[])", orgs)}
@@ -127,8 +157,8 @@ class UsageEventStore:
             for event in events:
                 prior_row = existing.get((event.org_id, event.event_id))
                 if prior_row is not None:
-                    results.append(self._duplicate(event, prior_row))
-                    if prior_row["recorded_at"] is None:
+                    results.append(self._duplicate(event, prior_row, outcomes))
+                    if not _is_posted(prior_row, outcomes):
                         unposted.add(prior_row["ledger_batch_id"])
                     continue
                 outcome, carry = self._rate(history, event, carries.get(event.org_id, 0),
@@ -139,8 +169,11 @@ class UsageEventStore:
                 carries[event.org_id] = carry
                 rated.append(outcome)
                 results.append(None)
+            debits, cost_before = ing.org_debits([
+                (r.event.org_id, r.event.event_id, r.receipt.cost_micros, r.event.reservation_id)
+                for r in rated])
             if rated:
-                await self._insert(conn, batch_id, rated)
+                await self._insert(conn, batch_id, rated, cost_before)
                 await self._roll_up(conn, rated)
                 await charge_budgets(conn, [
                     Charge(r.event.org_id, r.event.project_id, r.event.labels,
@@ -158,21 +191,19 @@ class UsageEventStore:
                     "$5::bigint[]) ON CONFLICT (org_id, month, model, meter) "
                     "DO UPDATE SET quantity = EXCLUDED.quantity",
                     *[[k[i] for k in moved] for i in range(4)], [periods[k] for k in moved])
-            items = [LedgerItem(r.event.event_id, r.event.org_id, r.receipt.cost_micros,
-                                r.event.reservation_id) for r in rated]
-            if items:
+            if debits:
                 await conn.execute(
-                    "INSERT INTO metering.ledger_batches (batch_id, items) VALUES ($1, $2)",
-                    batch_id, json.dumps([[i.event_id, i.org_id, i.cost_micros, i.reservation_id]
-                                          for i in items]))
-            return Recorded(results, rated, items, unposted)
+                    "INSERT INTO metering.ledger_batches (batch_id, org_debits) "
+                    "VALUES ($1, $2)", batch_id, _debits_json(debits))
+            return Recorded(results, rated, debits, cost_before, unposted)
 
     @staticmethod
-    def _duplicate(event: ing.UsageEvent, row: Row) -> ing.EventResult:
+    def _duplicate(event: ing.UsageEvent, row: Row, outcomes: Outcomes) -> ing.EventResult:
         if row["request_hash"] != event.fingerprint():
             return ing.rejected(event.event_id, Reason.IDEMPOTENCY_KEY_REUSED, "event_id",
                                 "was already recorded with a different payload")
-        return ing.EventResult(event.event_id, ing.EventStatus.DUPLICATE, receipt_from_row(row))
+        return ing.EventResult(event.event_id, ing.EventStatus.DUPLICATE,
+                               receipt_from_row(row, outcomes))
 
     @staticmethod
     def _rate(history: PriceBookHistory, event: ing.UsageEvent, carry: int,
@@ -235,9 +266,10 @@ class UsageEventStore:
                 for r in rows}
 
     @staticmethod
-    async def _insert(conn: Any, batch_id: str, rated: Sequence[ing.RatedEvent]) -> None:
+    async def _insert(conn: Any, batch_id: str, rated: Sequence[ing.RatedEvent],
+                      cost_before: Sequence[int]) -> None:
         records = []
-        for item in rated:
+        for item, before in zip(rated, cost_before, strict=True):
             e, receipt = item.event, item.receipt
             assert e.occurred_at is not None
             records.append((
@@ -253,7 +285,7 @@ class UsageEventStore:
                 item.fingerprint, receipt.cost_micros,
                 json.dumps([[ln.meter.value, ln.quantity, ln.rate, ln.per_units, ln.cost_micros]
                             for ln in receipt.lines]),
-                receipt.price_book_version, batch_id,
+                receipt.price_book_version, batch_id, before,
             ))
         await conn.copy_records_to_table("usage_events", schema_name="metering",
                                          columns=_EVENT_COLUMNS, records=records)
@@ -327,56 +359,60 @@ class UsageEventStore:
                 *[[k[i] for k in keys] for i in range(6)], [labels[k][0] for k in keys],
                 [labels[k][1] for k in keys], [labels[k][2] for k in keys])
 
-    async def mark_posted(self, batch_id: str, outcomes: Sequence[LedgerOutcome],
+    async def mark_posted(self, batch_id: str, outcomes: Sequence[ing.OrgOutcome],
                           now: datetime) -> None:
-        """Fills the receipts from the ledger's answer and closes the batch."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "UPDATE metering.usage_events e SET ledger_transfer_id = u.transfer_id, "
-                "balance_after_micros = u.balance, arrears_micros = u.arrears, recorded_at = $6 "
-                "FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[]) "
-                "AS u(org_id, event_id, transfer_id, balance, arrears) "
-                "WHERE e.org_id = u.org_id AND e.event_id = u.event_id",
-                [o.org_id for o in outcomes], [o.event_id for o in outcomes],
-                [o.transfer_id for o in outcomes], [o.balance_after_micros for o in outcomes],
-                [o.arrears_micros for o in outcomes], now)
-            await conn.execute("UPDATE metering.ledger_batches SET posted_at = $2 "
-                               "WHERE batch_id = $1", batch_id, now)
+        """Closes the batch with the ledger's answer per org (the receipts follow from it)."""
+        await self.pool.execute(
+            "UPDATE metering.ledger_batches SET posted_at = $2, org_results = $3 "
+            "WHERE batch_id = $1", batch_id, now, json.dumps({
+                o.org_id: [o.transfer_id, o.arrears_transfer_id, o.available_before_micros]
+                for o in outcomes}))
 
-    async def batch_items(self, batch_id: str) -> list[LedgerItem]:
+    async def batch_debits(self, batch_id: str) -> list[ing.OrgDebit]:
         """The debits a recorded ledger batch carries."""
-        items = await self.pool.fetchval(
-            "SELECT items FROM metering.ledger_batches WHERE batch_id = $1", batch_id)
-        return [LedgerItem(*item) for item in json.loads(items)]
+        return _debits_of(await self.pool.fetchval(
+            "SELECT org_debits FROM metering.ledger_batches WHERE batch_id = $1", batch_id))
 
     async def receipts(self, keys: Sequence[tuple[str, str]]
                        ) -> dict[tuple[str, str], ing.Receipt]:
         """Stored receipts of (org, event id) pairs."""
         async with self.pool.acquire() as conn:
             rows = await self._rows_of(conn, keys)
-        return {key: receipt_from_row(r) for key, r in rows.items()}
+            outcomes = await _outcomes(conn, rows.values())
+        return {key: receipt_from_row(r, outcomes) for key, r in rows.items()}
 
-    async def pending_batches(self) -> list[tuple[str, list[LedgerItem]]]:
+    async def pending_batches(self) -> list[tuple[str, list[ing.OrgDebit]]]:
         """Batches whose events are durable but whose ledger debit was never confirmed."""
-        rows = await self.pool.fetch("SELECT batch_id, items FROM metering.ledger_batches "
-                                     "WHERE posted_at IS NULL ORDER BY created_at")
-        return [(r["batch_id"], [LedgerItem(*item) for item in json.loads(r["items"])])
-                for r in rows]
+        # (batches of per-event items, left by a version before per-org debits, are not here)
+        rows = await self.pool.fetch("SELECT batch_id, org_debits FROM metering.ledger_batches "
+                                     "WHERE posted_at IS NULL AND org_debits IS NOT NULL "
+                                     "ORDER BY created_at")
+        return [(r["batch_id"], _debits_of(r["org_debits"])) for r in rows]
 
     async def event(self, org_id: str, event_id: str
                     ) -> tuple[ing.UsageEvent, ing.Receipt] | None:
         """One recorded event with its receipt."""
-        row = await self.pool.fetchrow(
-            "SELECT * FROM metering.usage_events WHERE org_id = $1 AND event_id = $2",
-            org_id, event_id)
-        return None if row is None else (event_from_row(row), receipt_from_row(row))
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT * FROM metering.usage_events WHERE org_id = $1 AND event_id = $2",
+                org_id, event_id)
+            if row is None:
+                return None
+            return event_from_row(row), receipt_from_row(row, await _outcomes(conn, [row]))
 
     async def export(self, org_id: str, start: datetime | None, end: datetime | None,
                      after: tuple[datetime, str, str] | None, limit: int
                      ) -> list[tuple[ing.UsageEvent, ing.Receipt]]:
         """Recorded events of an org ("" = every org) in [start, end), in (occurred_at, org,
         event id) order."""
-        rows = await self.pool.fetch(
+        async with self.pool.acquire() as conn:
+            return await self._export(conn, org_id, start, end, after, limit)
+
+    @staticmethod
+    async def _export(conn: Any, org_id: str, start: datetime | None, end: datetime | None,
+                      after: tuple[datetime, str, str] | None, limit: int
+                      ) -> list[tuple[ing.UsageEvent, ing.Receipt]]:
+        rows = await conn.fetch(
             "SELECT * FROM metering.usage_events WHERE ($1 = '' OR org_id = $1) "
             "AND ($2::timestamptz IS NULL OR occurred_at >= $2) "
             "AND ($3::timestamptz IS NULL OR occurred_at < $3) "
@@ -384,11 +420,5 @@ class UsageEventStore:
             "ORDER BY occurred_at, org_id, event_id LIMIT $7",
             org_id, start, end, after[0] if after else None, after[1] if after else "",
             after[2] if after else "", limit)
-        return [(event_from_row(r), receipt_from_row(r)) for r in rows]
-
-
-def with_ledger(receipt: ing.Receipt, outcome: LedgerOutcome, now: datetime) -> ing.Receipt:
-    """A receipt completed with what the ledger answered."""
-    return replace(receipt, ledger_transfer_id=outcome.transfer_id,
-                   balance_after_micros=outcome.balance_after_micros,
-                   arrears_micros=outcome.arrears_micros, recorded_at=now)
+        outcomes = await _outcomes(conn, rows)
+        return [(event_from_row(r), receipt_from_row(r, outcomes)) for r in rows]

@@ -196,6 +196,82 @@ def rate_event(history: PriceBookHistory, event: UsageEvent, carry_attos: int,
     return RatedEvent(event, event.fingerprint(), receipt), carry
 
 
+@dataclass(frozen=True, slots=True)
+class Capture:
+    """A reservation an event settles, placed in its org's debit."""
+
+    reservation_id: str
+    cost_micros: int
+    cost_before_micros: int  # the org's cost before this event in the batch
+
+
+@dataclass(frozen=True, slots=True)
+class OrgDebit:
+    """One org's usage in a ledger batch: what metering asks the ledger to charge (the
+    contract with the ledger's PostUsageBatch org_debits)."""
+
+    org_id: str
+    amount_micros: int
+    event_count: int
+    events_digest: str
+    captures: tuple[Capture, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class OrgOutcome:
+    """What the ledger answered for one org's debit: its transfers and the org's available
+    credit before it, from which each event's receipt is split (`receipt_share`)."""
+
+    org_id: str
+    transfer_id: str
+    arrears_transfer_id: str
+    available_before_micros: int
+
+
+def org_debits(events: Sequence[tuple[str, str, int, str]]
+               ) -> tuple[list[OrgDebit], list[int]]:
+    """The per-org debits of a batch's (org, event id, cost, reservation id) in order, and
+    each event's cost_before: what its org's events before it in the batch cost."""
+    totals: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    ids: dict[str, list[str]] = {}
+    captures: dict[str, list[Capture]] = {}
+    before: list[int] = []
+    for org, event_id, cost, reservation_id in events:
+        so_far = totals.get(org, 0)
+        before.append(so_far)
+        totals[org] = so_far + cost
+        counts[org] = counts.get(org, 0) + 1
+        ids.setdefault(org, []).append(event_id)
+        if reservation_id:
+            captures.setdefault(org, []).append(Capture(reservation_id, cost, so_far))
+    debits = [OrgDebit(org, totals[org], counts[org],
+                       hashlib.sha256("\n".join(ids[org]).encode()).hexdigest(),
+                       tuple(captures.get(org, ()))) for org in totals]
+    return debits, before
+
+
+def receipt_share(outcome: OrgOutcome, cost_before: int, cost: int) -> tuple[str, int, int]:
+    """One event's part of its org's debit, as the ledger splits it in order: (the transfer
+    carrying it, the org's available credit after it, its arrears)."""
+    available = outcome.available_before_micros
+    covered = max(available, 0)
+    paid_before = min(covered, cost_before)
+    paid = min(covered - paid_before, cost)
+    owed = cost - paid
+    transfer = outcome.transfer_id if paid else outcome.arrears_transfer_id if owed else ""
+    return transfer, available - paid_before - paid, owed
+
+
+def settled(receipt: Receipt, outcome: OrgOutcome, cost_before: int,
+            recorded_at: datetime | None) -> Receipt:
+    """A receipt completed with its share of the org's debit."""
+    transfer, balance_after, arrears = receipt_share(outcome, cost_before, receipt.cost_micros)
+    return Receipt(receipt.event_id, receipt.cost_micros, receipt.price_book_version,
+                   receipt.resolved_model, receipt.lines, transfer, balance_after, arrears,
+                   recorded_at)
+
+
 def first_of_each(events: Sequence[UsageEvent]) -> dict[tuple[str, str], int]:
     """Index of the first occurrence of each (org, event id) in a batch."""
     first: dict[tuple[str, str], int] = {}

@@ -132,8 +132,11 @@ async def test_sigterm_under_load_drains_without_losing_an_acknowledged_event(
         try:
             recorded = {r["event_id"] for r in await conn.fetch(
                 "SELECT event_id FROM metering.usage_events WHERE org_id = 'acme'")}
+            # an event is debited once the ledger has its batch's transfer for the org
             debited = {r["event_id"] for r in await conn.fetch(
-                "SELECT event_id FROM ledger.usage_receipts WHERE org_id = 'acme'")}
+                "SELECT e.event_id FROM metering.usage_events e WHERE e.org_id = 'acme' "
+                "AND EXISTS (SELECT 1 FROM ledger.transfers t "
+                "WHERE t.transfer_id = 'usage:' || e.ledger_batch_id || ':acme')")}
         finally:
             await conn.close()
         assert acknowledged <= recorded, "an acknowledged event was lost"

@@ -1144,6 +1144,7 @@ class PostUsageBatchRequest(_message.Message):
     BATCH_ID_FIELD_NUMBER: _builtins.int
     ITEMS_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
+    ORG_DEBITS_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     """Client-chosen idempotency id of the batch; a replay returns the original results."""
     @_builtins.property
@@ -1154,20 +1155,151 @@ class PostUsageBatchRequest(_message.Message):
     def context(self) -> _common_pb2.RequestContext:
         """Caller (normally the metering service identity)."""
 
+    @_builtins.property
+    def org_debits(self) -> _containers.RepeatedCompositeFieldContainer[Global___OrgUsageDebit]:
+        """The batch as one debit per org (what metering sends): 1..5000 orgs, each at most once.
+        A batch carries either `items` (one per event, the older form) or `org_debits`, not both.
+        """
+
     def __init__(
         self,
         *,
         batch_id: _builtins.str = ...,
         items: _abc.Iterable[Global___UsageItem] | None = ...,
         context: _common_pb2.RequestContext | None = ...,
+        org_debits: _abc.Iterable[Global___OrgUsageDebit] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "context", b"context", "items", b"items"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "context", b"context", "items", b"items", "org_debits", b"org_debits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PostUsageBatchRequest: _TypeAlias = PostUsageBatchRequest  # noqa: Y015
+
+@_typing.final
+class UsageCapture(_message.Message):
+    """A reservation settled by an event of an org's usage debit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    COST_MICROS_FIELD_NUMBER: _builtins.int
+    COST_BEFORE_MICROS_FIELD_NUMBER: _builtins.int
+    reservation_id: _builtins.str
+    """Reservation to capture; an expired, released or other org's one is ignored."""
+    cost_micros: _builtins.int
+    """Rated cost of the event that settles it, micro-credits; >= 0."""
+    cost_before_micros: _builtins.int
+    """Cost of the org's events before this one in the batch, micro-credits: places the
+    event in the org's debit, so its part of any arrears is the same as on its receipt.
+    """
+    def __init__(
+        self,
+        *,
+        reservation_id: _builtins.str = ...,
+        cost_micros: _builtins.int = ...,
+        cost_before_micros: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_before_micros", b"cost_before_micros", "cost_micros", b"cost_micros", "reservation_id", b"reservation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageCapture: _TypeAlias = UsageCapture  # noqa: Y015
+
+@_typing.final
+class OrgUsageDebit(_message.Message):
+    """One org's usage in a batch: the sum of its rated events, debited as one transfer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
+    EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    EVENTS_DIGEST_FIELD_NUMBER: _builtins.int
+    CAPTURES_FIELD_NUMBER: _builtins.int
+    org_id: _builtins.str
+    """Org to debit."""
+    amount_micros: _builtins.int
+    """Rated cost of the org's events in the batch, micro-credits; >= 0."""
+    event_count: _builtins.int
+    """How many events the amount covers; >= 1."""
+    events_digest: _builtins.str
+    """Metering's digest of those events (lowercase hex): ties the transfer to its events."""
+    @_builtins.property
+    def captures(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageCapture]:
+        """Reservations the events settle: their holds are freed before the debit."""
+
+    def __init__(
+        self,
+        *,
+        org_id: _builtins.str = ...,
+        amount_micros: _builtins.int = ...,
+        event_count: _builtins.int = ...,
+        events_digest: _builtins.str = ...,
+        captures: _abc.Iterable[Global___UsageCapture] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "captures", b"captures", "event_count", b"event_count", "events_digest", b"events_digest", "org_id", b"org_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OrgUsageDebit: _TypeAlias = OrgUsageDebit  # noqa: Y015
+
+@_typing.final
+class OrgUsageResult(_message.Message):
+    """Outcome of one org's usage debit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    ARREARS_TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    DEBITED_MICROS_FIELD_NUMBER: _builtins.int
+    ARREARS_MICROS_FIELD_NUMBER: _builtins.int
+    AVAILABLE_BEFORE_MICROS_FIELD_NUMBER: _builtins.int
+    BALANCE_AFTER_MICROS_FIELD_NUMBER: _builtins.int
+    IS_DUPLICATE_FIELD_NUMBER: _builtins.int
+    org_id: _builtins.str
+    """Org the result is for."""
+    transfer_id: _builtins.str
+    """USAGE transfer of the part credit covered; empty if none was."""
+    arrears_transfer_id: _builtins.str
+    """USAGE transfer of the part recorded as arrears; empty if none was."""
+    debited_micros: _builtins.int
+    """Part of the amount debited from credit, micro-credits."""
+    arrears_micros: _builtins.int
+    """Part of the amount not covered by available credit, recorded as arrears, micro-credits."""
+    available_before_micros: _builtins.int
+    """Org's available credit (posted - held) before the debit, after freeing the captured
+    holds, micro-credits: with it each event's receipt is split exactly like the debit.
+    """
+    balance_after_micros: _builtins.int
+    """Org's available credit (posted - held) after the debit, micro-credits."""
+    is_duplicate: _builtins.bool
+    """True if the batch was applied earlier (this is the original result)."""
+    def __init__(
+        self,
+        *,
+        org_id: _builtins.str = ...,
+        transfer_id: _builtins.str = ...,
+        arrears_transfer_id: _builtins.str = ...,
+        debited_micros: _builtins.int = ...,
+        arrears_micros: _builtins.int = ...,
+        available_before_micros: _builtins.int = ...,
+        balance_after_micros: _builtins.int = ...,
+        is_duplicate: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrears_micros", b"arrears_micros", "arrears_transfer_id", b"arrears_transfer_id", "available_before_micros", b"available_before_micros", "balance_after_micros", b"balance_after_micros", "debited_micros", b"debited_micros", "is_duplicate", b"is_duplicate", "org_id", b"org_id", "transfer_id", b"transfer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OrgUsageResult: _TypeAlias = OrgUsageResult  # noqa: Y015
 
 @_typing.final
 class UsageItemResult(_message.Message):
@@ -1220,18 +1352,24 @@ class PostUsageBatchResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
+    ORG_RESULTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageItemResult]:
         """One result per item, same order as the request."""
+
+    @_builtins.property
+    def org_results(self) -> _containers.RepeatedCompositeFieldContainer[Global___OrgUsageResult]:
+        """One result per org debit, same order as the request's org_debits."""
 
     def __init__(
         self,
         *,
         results: _abc.Iterable[Global___UsageItemResult] | None = ...,
+        org_results: _abc.Iterable[Global___OrgUsageResult] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["org_results", b"org_results", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

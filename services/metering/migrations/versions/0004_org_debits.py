@@ -1,0 +1,38 @@
+"""Usage debits per org per batch: the receipts are known before the ledger answers.
+
+A group commit's ledger batch is one debit per org (`ledger_batches.org_debits`), and the
+ledger answers one result per org (`org_results`: the transfers and the org's available credit
+before the debit). An event stores where it sits in its org's debit
+(`batch_cost_before_micros`: what the org's events before it in the batch cost), so its
+receipt (transfer, balance after, arrears) is derived from its batch's org result, and no event
+row is updated after the ledger answers. Rows written before this keep their receipt columns.
+
+Revision ID: 0004_ingest
+Revises: 0003
+"""
+
+from alembic import op
+
+from tally.kit.db import run_script
+
+revision = "0004_ingest"
+down_revision = "0003"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    run_script(
+        """
+        ALTER TABLE metering.usage_events ADD COLUMN batch_cost_before_micros bigint;
+        ALTER TABLE metering.ledger_batches ALTER COLUMN items SET DEFAULT '[]';
+        ALTER TABLE metering.ledger_batches ADD COLUMN org_debits jsonb;
+        ALTER TABLE metering.ledger_batches ADD COLUMN org_results jsonb;
+        """
+    )
+
+
+def downgrade() -> None:
+    op.execute("ALTER TABLE metering.ledger_batches DROP COLUMN org_results, "
+               "DROP COLUMN org_debits, ALTER COLUMN items DROP DEFAULT")
+    op.execute("ALTER TABLE metering.usage_events DROP COLUMN batch_cost_before_micros")
