@@ -14,6 +14,7 @@ reservation metering holds for the org) is consumed there.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ TRANSFER_COLUMNS: Final = (
     "transfer_id", "kind", "debit_account_id", "credit_account_id", "org_id", "amount_micros",
     "actor", "reason", "trace_id", "user_id", "labels", "grant_id", "reservation_id",
     "reverses_transfer_id", "payment_order_id", "created_at", "prev_hash", "entry_hash",
-    "org_posted_after", "org_held_after", "org_arrears_after",
+    "org_posted_after", "org_held_after", "org_arrears_after", "hash_version",
 )
 """A transfer row as the store writes it (then `org_billing_state_after`)."""
 
@@ -71,11 +72,15 @@ class Stamp:
     actor: str
     trace_id: str = ""
     user_id: str = ""
-    labels_json: str = "{}"
+    labels: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def now_iso(self) -> str:
         return self.now.isoformat()
+
+    @property
+    def labels_json(self) -> str:
+        return json.dumps(dict(self.labels)) if self.labels else "{}"
 
 
 @dataclass(slots=True)
@@ -191,12 +196,16 @@ def _entry(position: OrgPosition, transfer_id: str, debit: str, credit: str, amo
     org = position.org_id
     prev = position.last_hash
     entry_hash = d.chain_hash(prev, d.canonical_entry(
-        transfer_id, "USAGE", debit, credit, org, amount, stamp.actor, reason, stamp.now_iso))
+        transfer_id, "USAGE", debit, credit, org, amount, stamp.actor, reason, stamp.now_iso,
+        trace_id=stamp.trace_id, user_id=stamp.user_id, labels=stamp.labels, grant_id="",
+        reservation_id="", reverses_transfer_id="", payment_order_id="",
+        org_posted_after=position.posted_micros, org_held_after=position.held_micros,
+        org_arrears_after=position.owed_micros))
     position.last_hash = entry_hash
     return (transfer_id, "USAGE", debit, credit, org, amount, stamp.actor, reason,
             stamp.trace_id, stamp.user_id, stamp.labels_json, "", "", "", "", stamp.now,
             prev, entry_hash, position.posted_micros, position.held_micros,
-            position.owed_micros)
+            position.owed_micros, d.HASH_VERSION)
 
 
 def follow_the_money(position: OrgPosition, plan: UsagePlan) -> None:

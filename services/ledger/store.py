@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import asyncpg
 
 from services.ledger import domain as d
+from services.ledger.postings import TRANSFER_COLUMNS
 from tally.kit import metrics, outbox
 from tally.kit.errors import FieldViolation, Reason, TallyError, invalid
 from tally.kit.log import get_logger
@@ -36,12 +37,7 @@ from tally.kit.paging import encode_token, page_request
 log = get_logger("ledger.store")
 T = TypeVar("T")
 
-_TRANSFER_COLUMNS: Final = (
-    "transfer_id", "kind", "debit_account_id", "credit_account_id", "org_id", "amount_micros",
-    "actor", "reason", "trace_id", "user_id", "labels", "grant_id", "reservation_id",
-    "reverses_transfer_id", "payment_order_id", "created_at", "prev_hash", "entry_hash",
-    "org_posted_after", "org_held_after", "org_arrears_after", "hash_version",
-)
+_TRANSFER_COLUMNS: Final = TRANSFER_COLUMNS  # one row shape for every writer
 _ENTRY_ORG: Final = _TRANSFER_COLUMNS.index("org_id")
 
 

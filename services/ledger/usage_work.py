@@ -13,7 +13,6 @@ One transaction per group of PostUsageBatch calls (tally.kit.group_commit):
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 
@@ -105,8 +104,7 @@ async def _apply(work: Work, batches: Sequence[d.UsageBatch]) -> p.UsagePlan:
     for org in funded:
         positions[org].grants = work.grants[org]
     caller = work.caller
-    stamp = p.Stamp(work.now, caller.actor, caller.trace_id, caller.user_id,
-                    json.dumps(dict(caller.labels)) if caller.labels else "{}")
+    stamp = p.Stamp(work.now, caller.actor, caller.trace_id, caller.user_id, caller.labels)
     plan = p.plan_usage(positions, holds, [(b.batch_id, b.org_debits) for b in batches], stamp)
     await _write(work, positions, plan, batches)
     return plan

@@ -78,7 +78,10 @@ def test_the_chain_is_hashed_once_per_transfer_and_continues_across_batches() ->
     assert first[16] == "" and second[16] == first[17]  # prev_hash, entry_hash
     assert second[17] == d.chain_hash(first[17], d.canonical_entry(
         "usage:b2:acme", "USAGE", "org:acme", d.system_account(d.AccountKind.REVENUE, "acme"),
-        "acme", 20, "svc:metering", "", NOW))
+        "acme", 20, "svc:metering", "", NOW, trace_id="", user_id="", labels={}, grant_id="",
+        reservation_id="", reverses_transfer_id="", payment_order_id="",
+        org_posted_after=second[18], org_held_after=second[19], org_arrears_after=second[20]))
+    assert second[21] == d.HASH_VERSION
     assert acme.last_hash == second[17]
 
 

@@ -12,8 +12,8 @@ from alembic import op
 
 from tally.kit.db import run_script
 
-revision = "0006"
-down_revision = "0005"
+revision = "0008"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
