@@ -151,8 +151,9 @@ class RollupWorker:
             self._woken = 0
             try:
                 await self.catch_up(wait_for_others=False)
-            except (OSError, asyncpg.PostgresError):
-                # the batches stay pending: the next wake (or a read) rolls them up
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                # its transaction rolled back, so the batches stay pending: the next wake (or
+                # a read) rolls them up
                 log.exception("rollup_failed")
 
     async def roll_up_once(self, *, wait_for_others: bool = True) -> int:
