@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import cProfile
 import os
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -104,7 +104,7 @@ async def postgres_backends(database_url: str) -> list[int]:
 class CpuMeter:
     """CPU seconds used by named groups of processes between `start` and `stop`."""
 
-    def __init__(self, groups: dict[str, Sequence[int]]) -> None:
+    def __init__(self, groups: Mapping[str, Sequence[int]]) -> None:
         self.groups = {name: list(pids) for name, pids in groups.items()}
         self._started: dict[str, float] = {}
         self.used: dict[str, float] = {}

@@ -3,12 +3,12 @@
 Callers `submit` events and wait. A single flusher collects what is waiting — until
 `max_batch_events` or `flush_interval_ms` — into a group commit, and runs up to
 `max_inflight_commits` of them at once (so the database, the ledger and this process's CPU
-overlap). A group commit records its events in one transaction (events, roll-ups, the pending
-ledger batch: one debit per org), posts the batch to the ledger (idempotent on the batch id,
-retried while the ledger is unavailable), stores its per-org answer on the batch row (each
-event's receipt follows from it) and only then answers. So throughput does not depend
-on how clients batch, nothing is acknowledged before its debit is durable, and a crash between
-the two commits is repaired at start-up by `replay_pending`.
+overlap). A group commit records its events in one transaction (events, the pending ledger
+batch: one debit per org; the roll-ups follow off this path), posts the batch to the ledger
+(idempotent on the batch id, retried while the ledger is unavailable), stores its per-org answer
+on the batch row (each event's receipt follows from it) and only then answers. So throughput
+does not depend on how clients batch, nothing is acknowledged before its debit is durable, and a
+crash between the two commits is repaired at start-up by `replay_pending`.
 
 A DUPLICATE is acknowledged with the original's receipt, so it too waits for the original's
 debit: when the original's batch is still unposted (another commit or another replica has it in
@@ -23,7 +23,7 @@ import collections
 import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Protocol
@@ -95,6 +95,8 @@ class GroupCommitter:
     ledger: UsageLedger
     books: PriceBooks
     settings: CommitSettings = CommitSettings()
+    # told after each commit that recorded events (the roll-up worker's wake)
+    on_commit: Callable[[], None] | None = None
     _queue: asyncio.Queue[_Pending] = field(default_factory=asyncio.Queue)
     _buffered: int = 0
     _room: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -233,6 +235,8 @@ class GroupCommitter:
         unique = [events[i] for i in sorted(set(first.values()))]
         this_batch = batch_id()
         recorded = await self.store.record(this_batch, unique, self.books.history)
+        if recorded.debits and self.on_commit is not None:
+            self.on_commit()
         outcomes: dict[str, ing.OrgOutcome] = {}
         now = datetime.now(UTC)
         if recorded.debits:

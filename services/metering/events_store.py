@@ -3,17 +3,17 @@
 One `record` transaction per group commit: lock the orgs (advisory, sorted: replicas rating
 the same org take turns, so carries and period usage are read and written consistently), find
 events already recorded (dedup forever, by primary key), rate the new ones with the persisted
-carry and month-to-date usage, insert them, upsert the roll-ups and the carries, and write the
+carry and month-to-date usage, insert them, upsert the carries, and write the
 ledger batch that will carry their debit (one debit per org) — all or nothing. `mark_posted`
 stores the ledger's per-org answer on the batch row (each event's receipt is derived from it and
 the event's place in its org's debit, so no event row is updated); `pending_batches` lists
-batches a crash left unposted.
+batches a crash left unposted. The roll-ups follow committed batches off this path
+(services.metering.rollup).
 """
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -174,7 +174,6 @@ class UsageEventStore:
                 for r in rated])
             if rated:
                 await self._insert(conn, batch_id, rated, cost_before)
-                await self._roll_up(conn, rated)
                 await charge_budgets(conn, [
                     Charge(r.event.org_id, r.event.project_id, r.event.labels,
                            r.event.occurred_at, r.receipt.cost_micros, r.event.reservation_id)
@@ -289,75 +288,6 @@ class UsageEventStore:
             ))
         await conn.copy_records_to_table("usage_events", schema_name="metering",
                                          columns=_EVENT_COLUMNS, records=records)
-
-    @staticmethod
-    async def _roll_up(conn: Any, rated: Sequence[ing.RatedEvent]) -> None:
-        """Adds the events to the hourly, daily, daily-event and daily-label roll-ups."""
-        hourly: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0, 0])
-        daily: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0, 0])
-        daily_events: dict[tuple[Any, ...], int] = defaultdict(int)
-        labels: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0, 0])
-        for item in rated:
-            e, receipt = item.event, item.receipt
-            assert e.occurred_at is not None
-            at = e.occurred_at.astimezone(UTC)
-            hour = at.replace(minute=0, second=0, microsecond=0)
-            dims = (e.project_id, e.environment, e.user_id, receipt.resolved_model, e.operation)
-            daily_events[(e.org_id, at.date(), *dims)] += 1
-            cost_of = {ln.meter: ln.cost_micros for ln in receipt.lines}
-            for meter, quantity in e.quantities:
-                if meter is None:
-                    continue
-                credits = cost_of.get(meter, 0)
-                for sums_by_key, key in ((hourly, (e.org_id, hour, *dims, meter.value)),
-                                         (daily, (e.org_id, at.date(), *dims, meter.value))):
-                    sums_by_key[key][0] += quantity
-                    sums_by_key[key][1] += credits
-                    sums_by_key[key][2] += 1
-                for label_key, label_value in e.labels.items():
-                    sums = labels[(e.org_id, at.date(), label_key, label_value,
-                                   receipt.resolved_model, meter.value)]
-                    sums[0] += quantity
-                    sums[1] += credits
-                    sums[2] += 1
-        dim_cols = "project_id, environment, user_id, model, operation"
-        for table, time_col, rows in (("usage_hourly", "hour", hourly),
-                                      ("usage_daily", "day", daily)):
-            keys = list(rows)
-            await conn.execute(
-                f"INSERT INTO metering.{table} (org_id, {time_col}, {dim_cols}, meter, quantity, "
-                "credits_micros, event_count) SELECT * FROM unnest($1::text[], "
-                f"$2::{'timestamptz' if time_col == 'hour' else 'date'}[], $3::text[], "
-                "$4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::bigint[], "
-                "$10::bigint[], $11::bigint[]) "
-                f"ON CONFLICT (org_id, {time_col}, {dim_cols}, meter) DO UPDATE SET "
-                f"quantity = {table}.quantity + EXCLUDED.quantity, "
-                f"credits_micros = {table}.credits_micros + EXCLUDED.credits_micros, "
-                f"event_count = {table}.event_count + EXCLUDED.event_count",
-                *[[k[i] for k in keys] for i in range(8)],
-                [rows[k][0] for k in keys], [rows[k][1] for k in keys],
-                [rows[k][2] for k in keys])
-        keys = list(daily_events)
-        await conn.execute(
-            f"INSERT INTO metering.usage_daily_events (org_id, day, {dim_cols}, event_count) "
-            "SELECT * FROM unnest($1::text[], $2::date[], $3::text[], $4::text[], $5::text[], "
-            "$6::text[], $7::text[], $8::bigint[]) "
-            f"ON CONFLICT (org_id, day, {dim_cols}) DO UPDATE SET "
-            "event_count = usage_daily_events.event_count + EXCLUDED.event_count",
-            *[[k[i] for k in keys] for i in range(7)], [daily_events[k] for k in keys])
-        if labels:
-            keys = list(labels)
-            await conn.execute(
-                "INSERT INTO metering.usage_daily_labels (org_id, day, label_key, label_value, "
-                "model, meter, quantity, credits_micros, event_count) SELECT * FROM unnest("
-                "$1::text[], $2::date[], $3::text[], $4::text[], $5::text[], $6::text[], "
-                "$7::bigint[], $8::bigint[], $9::bigint[]) ON CONFLICT (org_id, day, label_key, "
-                "label_value, model, meter) DO UPDATE SET "
-                "quantity = usage_daily_labels.quantity + EXCLUDED.quantity, "
-                "credits_micros = usage_daily_labels.credits_micros + EXCLUDED.credits_micros, "
-                "event_count = usage_daily_labels.event_count + EXCLUDED.event_count",
-                *[[k[i] for k in keys] for i in range(6)], [labels[k][0] for k in keys],
-                [labels[k][1] for k in keys], [labels[k][2] for k in keys])
 
     async def mark_posted(self, batch_id: str, outcomes: Sequence[ing.OrgOutcome],
                           now: datetime) -> None:

@@ -20,6 +20,7 @@ from services.metering.authorizer import Authorizer
 from services.metering.committer import CommitSettings, GroupCommitter
 from services.metering.events_store import UsageEventStore
 from services.metering.policy_store import PolicyStore
+from services.metering.rollup import CaughtUpRollups, RollupWorker
 from services.metering.spend_store import SpendStore
 from tally.kit import db, infra
 from tally.kit.background import run_periodically
@@ -133,20 +134,23 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
         raise RuntimeError(f"no price book from pricing at {config.address_of('pricing')} "
                            f"within {settings.price_book_wait_s}s; refusing to serve") from None
     events = UsageEventStore(pool)
+    rollup = RollupWorker(pool)
     committer = GroupCommitter(
         events, GrpcLedger(ledger_pb2_grpc.LedgerServiceStub(ledger_channel)), books,
         CommitSettings(max_batch_events=settings.max_batch_events,
                        flush_interval_ms=settings.flush_interval_ms,
                        max_buffered_events=settings.max_buffered_events,
                        buffer_wait_ms=settings.buffer_wait_ms,
-                       max_inflight_commits=settings.max_inflight_commits))
+                       max_inflight_commits=settings.max_inflight_commits),
+        on_commit=rollup.wake)
     spend = SpendStore(pool)
     policies = PolicyCache(spend, settings.policy_cache_ms / 1000)
     authorizer = Authorizer(spend, policies, books, GrpcReservingLedger(
         ledger_pb2_grpc.LedgerServiceStub(ledger_channel)), LimiterGate(limiter))
     shutting_down = asyncio.Event()
     servicer = MeteringServicer(
-        UsageReports(UsageStore(engine)), committer, events, authorizer, spend,
+        UsageReports(CaughtUpRollups(UsageStore(engine), rollup)), committer, events,
+        authorizer, spend,
         policies=PolicyStore(pool, on_change=policies.forget),
         max_inflight_batches=settings.max_inflight_batches,
         stream_lifetime_s=settings.stream_lifetime_s, shutting_down=shutting_down)
@@ -163,6 +167,7 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
 
     async def close() -> None:
         await committer.stop()
+        await rollup.stop()
         await authorizer.drain()
         stop.set()
         for task in (sweeper, sealer):
@@ -178,7 +183,8 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
         await engine.dispose()
 
     return ServiceApp(name=NAME, service_names=[SERVICE_NAME], register=register,
-                      on_start=[committer.start], on_stop=[close], shutting_down=shutting_down,
+                      on_start=[committer.start, rollup.start], on_stop=[close],
+                      shutting_down=shutting_down,
                       readiness_probes=readiness_probes(pool, limiter))
 
 

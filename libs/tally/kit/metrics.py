@@ -40,6 +40,12 @@ LIMITER_DEGRADED_DECISIONS: Final = Counter(
 GROUP_COMMIT_SIZE: Final = Histogram(
     "tally_group_commit_size", "Requests applied together in one transaction, by group commit "
     "(tally.kit.group_commit)", ["group"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128))
+USAGE_ROLLUP_LAG: Final = Gauge(
+    "tally_metering_rollup_lag_seconds", "Age of the oldest committed usage batch not yet in "
+    "the roll-ups (0 when they are caught up)")
+USAGE_ROLLUP_BATCHES: Final = Histogram(
+    "tally_metering_rollup_batches", "Committed usage batches rolled up per transaction",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 # -- ledger -----------------------------------------------------------------------------------
 CREDITS_DEBITED: Final = Counter(
     "tally_ledger_credits_debited_micros", "Usage debited from org credit, micro-credits")
