@@ -21,10 +21,10 @@ import grpc
 
 from services.metering.adapters import GrpcLedger, GrpcReservingLedger, WatchedPriceBooks
 from services.metering.authorizer import Authorizer
-from services.metering.committer import CommitSettings, GroupCommitter
-from services.metering.events_store import UsageEventStore
+from services.metering.ingestion.committer import CommitSettings, GroupCommitter
+from services.metering.ingestion.rollup import CaughtUpRollups, RollupWorker
+from services.metering.ingestion.store import UsageEventStore
 from services.metering.policy_store import PolicyStore
-from services.metering.rollup import CaughtUpRollups, RollupWorker
 from services.metering.spend_store import SpendStore
 from tally.kit import db, infra
 from tally.kit.background import run_periodically
@@ -46,11 +46,11 @@ from tally.limits import InProcessLimiter, Limiter, OutagePolicy, RedisLimiter
 from tally.metering.v1 import metering_pb2, metering_pb2_grpc
 from tally.pricing.v1 import pricing_pb2_grpc
 
-from .domain import UsageReports
 from .policy_cache import PolicyCache
 from .quotas import LimiterGate
+from .reports.domain import UsageReports
+from .reports.store import UsageStore
 from .servicer import MeteringServicer
-from .store import UsageStore
 
 NAME = "metering"
 OUTBOX_SEAL_INTERVAL_S = 0.1  # how late a budget alarm may become visible to consumers

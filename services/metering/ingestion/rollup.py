@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from services.metering.domain import (
+from services.metering.reports.domain import (
     RollupExportQuery,
     RollupRead,
     SummaryQuery,
