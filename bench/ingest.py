@@ -237,13 +237,19 @@ async def measure_shape(address: str, streams: int, batch: int, events: int, *,
     if pids is not None:
         meter = CpuMeter(process_groups(pids, await postgres_backends(database_url)))
         meter.start()
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = metering_pb2_grpc.MeteringServiceStub(channel)
+    # a channel (a connection) per stream, as separate clients have: the kernel spreads
+    # connections over metering's worker processes
+    channels = [grpc.aio.insecure_channel(address) for _ in range(streams)]
+    try:
         started = time.perf_counter()
         acked = await asyncio.gather(*(
-            _one_stream(stub, [mine[i:i + batch] for i in range(0, len(mine), batch)], latencies)
-            for mine in per_stream))
+            _one_stream(metering_pb2_grpc.MeteringServiceStub(channel),
+                        [mine[i:i + batch] for i in range(0, len(mine), batch)], latencies)
+            for channel, mine in zip(channels, per_stream, strict=True)))
         seconds = time.perf_counter() - started
+    finally:
+        for channel in channels:
+            await channel.close()
     latencies.sort()
     total = sum(acked)
     rate = total / seconds
