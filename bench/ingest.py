@@ -239,7 +239,9 @@ async def measure_shape(address: str, streams: int, batch: int, events: int, *,
         meter.start()
     # a channel (a connection) per stream, as separate clients have: the kernel spreads
     # connections over metering's worker processes
-    channels = [grpc.aio.insecure_channel(address) for _ in range(streams)]
+    # (a local subchannel pool each: channels to one address otherwise share one connection)
+    channels = [grpc.aio.insecure_channel(address, options=[
+        ("grpc.use_local_subchannel_pool", 1)]) for _ in range(streams)]
     try:
         started = time.perf_counter()
         acked = await asyncio.gather(*(
