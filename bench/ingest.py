@@ -12,8 +12,8 @@ What it measures (``python -m bench.ingest [--quick]`` prints one JSON object):
   microseconds (utime + stime from /proc) per acknowledged event of this client, each
   metering process, the ledger, pricing and the PostgreSQL backends of the run's database,
   and their ``total``.
-- ``metering_rss_mb``: the metering process's resident set after the runs (``VmRSS``) and its
-  peak (``VmHWM``).
+- ``metering_rss_mb``: each metering worker's resident set after the runs (``VmRSS``) and its
+  peak (``VmHWM``); ``--metering-workers N`` (default 2) processes share metering's port.
 - ``baseline``: the raw gRPC client-stream figure of :mod:`bench.baseline` (1,000-event
   messages) measured in the same run, and ``ratio`` of the best end-to-end figure to it.
 - ``targets``: >= 50,000 events/s end to end on 8 streams x 1,000 events x 1,000 orgs, <= 40 us
@@ -45,6 +45,7 @@ from typing import Any, Final
 
 import grpc
 
+from bench.authorize import redis_server
 from bench.baseline import _machine, nearest_rank, run_baseline, run_in_loop
 from bench.harness import (
     CpuMeter,
@@ -90,11 +91,16 @@ _STOP_TIMEOUT_S: Final = 30.0
 
 
 @contextlib.contextmanager
-def running_suite(database_url: str, profile_path: str | None) -> Iterator[dict[str, Any]]:
-    """pricing, ledger and metering as processes on free ports; yields addresses and pids."""
+def running_suite(database_url: str, profile_path: str | None, metering_workers: int = 1,
+                  redis_url: str = "") -> Iterator[dict[str, Any]]:
+    """pricing, ledger and metering as processes on free ports; yields addresses and pids
+    (metering's: each of its `metering_workers` processes, which share quotas in Redis)."""
     ports = {name: infra.free_port() for name in SERVICES}
+    workers = {"TALLY_METERING_WORKERS": str(metering_workers)}
+    if metering_workers > 1:
+        workers |= {"TALLY_METERING_LIMITER": "redis", "TALLY_REDIS_URL": redis_url}
     env = dict(os.environ, TALLY_DATABASE_URL=database_url, TALLY_MIGRATE_ON_START="false",
-               TALLY_LOG_LEVEL="warning",
+               TALLY_LOG_LEVEL="warning", **workers,
                **{f"TALLY_{name.upper()}_PORT": str(port) for name, port in ports.items()})
     processes: dict[str, subprocess.Popen[bytes]] = {}
     try:
@@ -231,13 +237,21 @@ async def measure_shape(address: str, streams: int, batch: int, events: int, *,
     if pids is not None:
         meter = CpuMeter(process_groups(pids, await postgres_backends(database_url)))
         meter.start()
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = metering_pb2_grpc.MeteringServiceStub(channel)
+    # a channel (a connection) per stream, as separate clients have: the kernel spreads
+    # connections over metering's worker processes
+    # (a local subchannel pool each: channels to one address otherwise share one connection)
+    channels = [grpc.aio.insecure_channel(address, options=[
+        ("grpc.use_local_subchannel_pool", 1)]) for _ in range(streams)]
+    try:
         started = time.perf_counter()
         acked = await asyncio.gather(*(
-            _one_stream(stub, [mine[i:i + batch] for i in range(0, len(mine), batch)], latencies)
-            for mine in per_stream))
+            _one_stream(metering_pb2_grpc.MeteringServiceStub(channel),
+                        [mine[i:i + batch] for i in range(0, len(mine), batch)], latencies)
+            for channel, mine in zip(channels, per_stream, strict=True)))
         seconds = time.perf_counter() - started
+    finally:
+        for channel in channels:
+            await channel.close()
     latencies.sort()
     total = sum(acked)
     rate = total / seconds
@@ -302,24 +316,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="4,000 events per shape")
     parser.add_argument("--profile-metering", metavar="FILE",
                         help="run metering under cProfile and write the pstats to FILE")
+    parser.add_argument("--metering-workers", type=int, default=2, metavar="N",
+                        help="metering processes on its port (TALLY_METERING_WORKERS; "
+                             "default 2, one per core of the target machine)")
     args = parser.parse_args(argv)
     configure_logging("bench", "warning")
     server_url = database_server_url(BENCH_DATA_DIR)
     baseline = run_baseline(quick=args.quick)
     profile = str(Path(args.profile_metering).resolve()) if args.profile_metering else None
-    with (bench_database(server_url, "tally_bench_ingest", SERVICES) as url,
-          running_suite(url, profile) as suite):
+    with (redis_server() as (redis_url, _),
+          bench_database(server_url, "tally_bench_ingest", SERVICES) as url,
+          running_suite(url, profile, args.metering_workers, redis_url) as suite):
         ingest = run_in_loop(measure_ingest(suite["addresses"], args.quick,
                                             suite["pids"], url))
-        rss = _rss_mb(suite["pids"]["metering"][0])
+        rss = {f"worker_{i}": _rss_mb(pid) for i, pid in enumerate(suite["pids"]["metering"])}
     raw = baseline["client_stream_1000"]["events_per_s"]
     best = max(v["events_per_s"] for v in ingest.values())
     result = {
         **ingest,
         "metering_rss_mb": rss,
+        "metering_workers": args.metering_workers,
         "baseline": {"client_stream_1000_events_per_s": raw},
         "ratio": round(best / raw, 4) if raw else None,
-        "targets": targets(ingest, raw, rss["peak"]),
+        "targets": targets(ingest, raw, max(r["peak"] for r in rss.values())),
         "quick": args.quick,
         "database": database_label(BENCH_DATA_DIR),
         "machine": _machine(),

@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 
-from services.metering import ingestion as ing
-from services.metering.ingestion import MAX_EVENT_AGE
+from services.metering.ingestion import domain as ing
+from services.metering.ingestion.domain import MAX_EVENT_AGE
 from tally.common.v1 import common_pb2
 from tally.kit.errors import Reason, TallyError, from_rpc_error
 from tally.kit.log import get_logger

@@ -23,7 +23,7 @@ from tally.kit.log import get_logger
 from tally.rating import PriceBook, RatingError
 
 from . import authorize as az
-from .committer import PriceBooks
+from .ingestion.committer import PriceBooks
 from .policies import Budget, Quota, SpendPolicy
 from .spend_store import Decide, Replayed, SpendStore
 

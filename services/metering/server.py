@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
+import os
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -17,16 +22,18 @@ import grpc
 
 from services.metering.adapters import GrpcLedger, GrpcReservingLedger, WatchedPriceBooks
 from services.metering.authorizer import Authorizer
-from services.metering.committer import CommitSettings, GroupCommitter
-from services.metering.events_store import UsageEventStore
+from services.metering.ingestion.committer import CommitSettings, GroupCommitter
+from services.metering.ingestion.rollup import CaughtUpRollups, RollupWorker
+from services.metering.ingestion.store import UsageEventStore
 from services.metering.policy_store import PolicyStore
-from services.metering.rollup import CaughtUpRollups, RollupWorker
 from services.metering.spend_store import SpendStore
 from tally.kit import db, infra
 from tally.kit.background import run_periodically
 from tally.kit.channels import peer_channel
 from tally.kit.config import (
+    ConfigError,
     KitConfig,
+    exit_on_config_error,
     load,
     load_kit_config,
     parse_choice,
@@ -41,11 +48,11 @@ from tally.limits import InProcessLimiter, Limiter, OutagePolicy, RedisLimiter
 from tally.metering.v1 import metering_pb2, metering_pb2_grpc
 from tally.pricing.v1 import pricing_pb2_grpc
 
-from .domain import UsageReports
 from .policy_cache import PolicyCache
 from .quotas import LimiterGate
+from .reports.domain import UsageReports
+from .reports.store import UsageStore
 from .servicer import MeteringServicer
-from .store import UsageStore
 
 NAME = "metering"
 OUTBOX_SEAL_INTERVAL_S = 0.1  # how late a budget alarm may become visible to consumers
@@ -83,6 +90,10 @@ class MeteringConfig:
         "TALLY_METERING_LIMITER", parse_choice("in-process", "redis"),
         "in-process (one replica) or redis (replicas share quotas; needs TALLY_REDIS_URL)",
         default="in-process")
+    workers: int = setting(
+        "TALLY_METERING_WORKERS", parse_positive_int,
+        "metering processes > 0 serving the one port (SO_REUSEPORT); more than 1 needs "
+        "TALLY_METERING_LIMITER=redis (quotas are shared between processes)", default=1)
     limiter_on_outage: str = setting(
         "TALLY_METERING_LIMITER_ON_OUTAGE", parse_choice("deny", "local"),
         "deny (hard quotas fail closed) or local (each replica enforces them alone)",
@@ -197,6 +208,42 @@ async def build_for(database_url: str, config: KitConfig | None = None,
                                            migrate_on_start=False), metering, limiter)
 
 
+def _die_with_parent() -> None:
+    """In a worker process, before exec: the kernel kills it when the first process dies
+    (SIGKILL included), so a killed service never leaves a worker serving its port."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+_PR_SET_PDEATHSIG = 1
+_WORKER_OF = "TALLY_METERING_WORKER_OF"  # set in the worker processes the first one starts
+
+
 def main() -> None:
-    """Runs the metering service until SIGTERM/SIGINT."""
-    run_service(NAME, build)
+    """Runs the metering service until SIGTERM/SIGINT: TALLY_METERING_WORKERS processes on
+    one port, each a whole metering (its own pools, committer and roll-up worker; per-org
+    state is guarded in the database by per-org advisory locks, as between replicas)."""
+    try:
+        settings = load(MeteringConfig)
+    except ConfigError as exc:
+        exit_on_config_error(exc)
+        return
+    if settings.workers > 1 and settings.limiter != "redis":
+        exit_on_config_error(ConfigError([(
+            "TALLY_METERING_WORKERS", "more than 1 needs TALLY_METERING_LIMITER=redis (each "
+            "process would otherwise count quotas alone)")]))
+        return
+    # the other workers: the same service, one process each (no /metrics of their own)
+    is_worker = bool(os.environ.get(_WORKER_OF))
+    env = dict(os.environ, TALLY_METRICS_PORT="0", **{_WORKER_OF: str(os.getpid())})
+    workers = [] if is_worker else [
+        subprocess.Popen([sys.executable, "-m", "services.metering"], env=env,
+                         preexec_fn=_die_with_parent)
+        for _ in range(settings.workers - 1)]
+    try:
+        run_service(NAME, build, reuse_port=settings.workers > 1)
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        for worker in workers:
+            worker.wait()

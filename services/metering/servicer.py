@@ -14,11 +14,12 @@ from typing import Any
 
 import grpc
 
-from services.metering import convert_authorize, convert_policies, convert_usage
+from services.metering import convert_authorize, convert_policies
 from services.metering.authorizer import Authorizer
-from services.metering.committer import GroupCommitter
-from services.metering.events_store import UsageEventStore
-from services.metering.ingestion import MAX_RECORD_EVENTS, MAX_STREAM_BATCH_EVENTS
+from services.metering.ingestion import convert as convert_usage
+from services.metering.ingestion.committer import GroupCommitter
+from services.metering.ingestion.domain import MAX_RECORD_EVENTS, MAX_STREAM_BATCH_EVENTS
+from services.metering.ingestion.store import UsageEventStore
 from services.metering.policy_store import PolicyStore
 from services.metering.spend_store import SpendStore
 from tally.kit import metrics
@@ -28,8 +29,8 @@ from tally.kit.protoconv import from_timestamp
 from tally.kit.telemetry import annotate
 from tally.metering.v1 import metering_pb2, metering_pb2_grpc
 
-from . import convert
-from .domain import UsageReports
+from .reports import convert
+from .reports.domain import UsageReports
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

@@ -14,10 +14,10 @@ import asyncpg
 import grpc
 import pytest
 
-from services.metering import convert_usage
 from services.metering.adapters import GrpcLedger, WatchedPriceBooks
-from services.metering.committer import CommitSettings, GroupCommitter
-from services.metering.events_store import UsageEventStore
+from services.metering.ingestion import convert as convert_usage
+from services.metering.ingestion.committer import CommitSettings, GroupCommitter
+from services.metering.ingestion.store import UsageEventStore
 from services.metering.server import MeteringConfig
 from tally.cli.suite import health_state
 from tally.kit import db

@@ -10,7 +10,7 @@ import asyncpg
 import grpc
 import pytest
 
-from services.metering.rollup import RollupWorker
+from services.metering.ingestion.rollup import RollupWorker
 from services.metering.server import MeteringConfig
 from tally.common.v1 import common_pb2
 from tally.kit import db, errors

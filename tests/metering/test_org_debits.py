@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 
-from services.metering import ingestion as ing
+from services.metering.ingestion import domain as ing
 
 
 def test_a_batch_is_one_debit_per_org_with_each_events_place_in_it() -> None:

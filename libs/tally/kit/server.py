@@ -536,14 +536,17 @@ async def start_server(
     grace_seconds: float = 10.0,
     drain_delay_seconds: float = 0.0,
     authenticator: Authenticator | None = None,
+    reuse_port: bool = False,
 ) -> RunningServer:
-    """Builds, binds and starts `app`; returns once every service reports SERVING."""
+    """Builds, binds and starts `app`; returns once every service reports SERVING. With
+    `reuse_port`, several processes may serve one port (SO_REUSEPORT: the kernel spreads
+    connections over them); without, a port already taken is an error."""
     interceptor = KitInterceptor(authenticator or TrustInternalCallers())
     server = grpc.aio.server(
         interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", 32 * 1024 * 1024),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
     )
     app.register(server)
@@ -586,12 +589,14 @@ class _ReadinessHealth(health_aio.HealthServicer):  # type: ignore[misc]
 
 
 def run_service(
-    name: str, build: Callable[[KitConfig], Awaitable[ServiceApp]], *, port: int | None = None
+    name: str, build: Callable[[KitConfig], Awaitable[ServiceApp]], *, port: int | None = None,
+    reuse_port: bool = False,
 ) -> None:
     """A service's `main`: read config, set up logs, traces and /metrics (TALLY_METRICS_PORT),
     serve until SIGTERM/SIGINT.
 
-    The port is the configured `TALLY_<NAME>_PORT` unless `port` is given.
+    The port is the configured `TALLY_<NAME>_PORT` unless `port` is given; `reuse_port` lets
+    worker processes of one service share it (start_server).
     """
     try:
         config = load_kit_config()
@@ -606,7 +611,7 @@ def run_service(
     try:
         # uvloop: the same asyncio, with a faster event loop for gRPC and asyncpg.
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(_serve_until_signalled(name, config, build, port))
+            runner.run(_serve_until_signalled(name, config, build, port, reuse_port))
     except ConfigError as exc:  # a service's own settings, checked as it is built
         exit_on_config_error(exc)
     finally:
@@ -618,6 +623,7 @@ async def _serve_until_signalled(
     config: KitConfig,
     build: Callable[[KitConfig], Awaitable[ServiceApp]],
     port: int | None,
+    reuse_port: bool = False,
 ) -> None:
     app = await build(config)
     running = await start_server(
@@ -626,6 +632,7 @@ async def _serve_until_signalled(
         port=config.port_of(name) if port is None else port,
         grace_seconds=config.shutdown_grace_seconds,
         drain_delay_seconds=config.shutdown_drain_delay_ms / 1000,
+        reuse_port=reuse_port,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

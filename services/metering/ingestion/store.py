@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from services.metering import ingestion as ing
+from services.metering.ingestion import domain as ing
 from services.metering.spend_store import Charge, charge_budgets
 from tally.kit.errors import Reason
 from tally.rating import Meter, PriceBookHistory, RatingError, UsageMode
@@ -183,13 +183,24 @@ class UsageEventStore:
                     "SELECT * FROM unnest($1::text[], $2::numeric[]) "
                     "ON CONFLICT (org_id) DO UPDATE SET carry_attos = EXCLUDED.carry_attos",
                     list(carries), [carries[o] for o in carries])
-                moved = [k for k, v in periods.items() if before.get(k) != v]
-                await conn.execute(
-                    "INSERT INTO metering.period_usage (org_id, month, model, meter, quantity) "
-                    "SELECT * FROM unnest($1::text[], $2::date[], $3::text[], $4::text[], "
-                    "$5::bigint[]) ON CONFLICT (org_id, month, model, meter) "
-                    "DO UPDATE SET quantity = EXCLUDED.quantity",
-                    *[[k[i] for k in moved] for i in range(4)], [periods[k] for k in moved])
+                # rows read above (under the orgs' locks) are updated in place, the others
+                # inserted: an upsert would first try, and fail, to insert every one of them
+                moved = [k for k, v in periods.items() if k in before and before[k] != v]
+                if moved:
+                    await conn.execute(
+                        "UPDATE metering.period_usage p SET quantity = u.quantity "
+                        "FROM unnest($1::text[], $2::date[], $3::text[], $4::text[], "
+                        "$5::bigint[]) AS u(org_id, month, model, meter, quantity) "
+                        "WHERE p.org_id = u.org_id AND p.month = u.month "
+                        "AND p.model = u.model AND p.meter = u.meter",
+                        *[[k[i] for k in moved] for i in range(4)], [periods[k] for k in moved])
+                new = [k for k in periods if k not in before]
+                if new:
+                    await conn.execute(
+                        "INSERT INTO metering.period_usage (org_id, month, model, meter, "
+                        "quantity) SELECT * FROM unnest($1::text[], $2::date[], $3::text[], "
+                        "$4::text[], $5::bigint[])",
+                        *[[k[i] for k in new] for i in range(4)], [periods[k] for k in new])
             if debits:
                 await conn.execute(
                     "INSERT INTO metering.ledger_batches (batch_id, org_debits) "

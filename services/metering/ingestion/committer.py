@@ -31,8 +31,8 @@ from typing import Protocol
 from opentelemetry import trace
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext
 
-from services.metering import ingestion as ing
-from services.metering.events_store import UsageEventStore
+from services.metering.ingestion import domain as ing
+from services.metering.ingestion.store import UsageEventStore
 from tally.kit import metrics
 from tally.kit.errors import Reason, TallyError
 from tally.kit.log import get_logger

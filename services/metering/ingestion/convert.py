@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC
 
-from services.metering import ingestion as ing
+from services.metering.ingestion import domain as ing
 from tally.common.v1 import common_pb2
 from tally.kit.protoconv import timestamp_clamped, to_timestamp
 from tally.metering.v1 import metering_pb2 as pb

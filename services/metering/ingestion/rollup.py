@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from services.metering.domain import (
+from services.metering.reports.domain import (
     RollupExportQuery,
     RollupRead,
     SummaryQuery,
@@ -45,18 +45,15 @@ WITH picked AS MATERIALIZED (
     SELECT batch_id, created_at FROM metering.ledger_batches
     WHERE rolled_up_at IS NULL ORDER BY created_at LIMIT $1 FOR UPDATE {lock}
 ),
-events AS MATERIALIZED (
-    SELECT e.org_id, e.occurred_at, e.project_id, e.environment, e.user_id,
-           e.resolved_model AS model, e.operation, e.labels, e.quantities, e.lines
-    FROM picked p JOIN metering.usage_events e ON e.ledger_batch_id = p.batch_id
-),
+-- one row per metered quantity: an accepted event has exactly one receipt line per meter it
+-- reports ([meter, quantity, rate, per_units, cost]; rating refuses a meter without a price)
 metered AS MATERIALIZED (
-    SELECT e.org_id, e.occurred_at, e.project_id, e.environment, e.user_id, e.model,
-           e.operation, e.labels, q->>0 AS meter, (q->>1)::bigint AS quantity,
-           coalesce(c.cost, 0) AS credits
-    FROM events e CROSS JOIN LATERAL jsonb_array_elements(e.quantities) q
-    LEFT JOIN LATERAL (SELECT (l->>4)::bigint AS cost FROM jsonb_array_elements(e.lines) l
-                       WHERE l->>0 = q->>0 LIMIT 1) c ON true
+    SELECT e.org_id, e.occurred_at, e.project_id, e.environment, e.user_id,
+           e.resolved_model AS model, e.operation, e.labels, l->>0 AS meter,
+           (l->>1)::bigint AS quantity, (l->>4)::bigint AS credits, l->>0 = first AS first
+    FROM picked p JOIN metering.usage_events e ON e.ledger_batch_id = p.batch_id
+    CROSS JOIN LATERAL (SELECT e.lines->0->>0 AS first) f
+    CROSS JOIN LATERAL jsonb_array_elements(e.lines) l
 ),
 hourly AS MATERIALIZED (
     SELECT org_id, date_trunc('hour', occurred_at, 'UTC') AS hour, project_id, environment,
@@ -87,7 +84,7 @@ d AS (
 de AS (
     INSERT INTO metering.usage_daily_events AS t (org_id, day, {dims}, event_count)
     SELECT org_id, (occurred_at AT TIME ZONE 'UTC')::date, {dims}, count(*)
-    FROM events GROUP BY 1, 2, 3, 4, 5, 6, 7
+    FROM metered WHERE first GROUP BY 1, 2, 3, 4, 5, 6, 7
     ON CONFLICT (org_id, day, {dims}) DO UPDATE SET
         event_count = t.event_count + EXCLUDED.event_count
 ),
@@ -97,6 +94,7 @@ dl AS (
     SELECT m.org_id, (m.occurred_at AT TIME ZONE 'UTC')::date, l.key, l.value, m.model,
            m.meter, sum(m.quantity), sum(m.credits), count(*)
     FROM metered m CROSS JOIN LATERAL jsonb_each_text(m.labels) l
+    WHERE m.labels <> '{{}}'::jsonb
     GROUP BY 1, 2, 3, 4, 5, 6
     ON CONFLICT (org_id, day, label_key, label_value, model, meter) DO UPDATE SET
         quantity = t.quantity + EXCLUDED.quantity,
