@@ -19,6 +19,10 @@ _LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 
 RPC_REQUESTS: Final = Counter(
     "tally_rpc_requests", "RPCs served, by method and final gRPC status code",
     ["service", "method", "code"])
+RPC_REFUSED_SHUTTING_DOWN: Final = Counter(
+    "tally_rpc_refused_shutting_down", "Calls refused UNAVAILABLE because the server was "
+    "stopping (after the drain delay; each would otherwise have been cut CANCELLED)",
+    ["service", "method"])
 RPC_DURATION: Final = Histogram(
     "tally_rpc_duration_seconds", "Time to serve an RPC (streams: their whole life)",
     ["service", "method"], buckets=_LATENCY_BUCKETS)
