@@ -642,7 +642,7 @@ def run_service(
     configure_logging(name, config.log_level)
     setup_telemetry(name)
     if config.metrics_port:
-        metrics.serve(config.metrics_port, config.host)
+        metrics.serve(config.metrics_port, config.host, name)
         log.info("metrics_serving", service=name, port=config.metrics_port)
     try:
         # uvloop: the same asyncio, with a faster event loop for gRPC and asyncpg.
