@@ -77,10 +77,42 @@ def current_trace_id() -> str:
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""
 
 
+def current_traceparent() -> str:
+    """The W3C traceparent of the current span ("00-<trace>-<span>-<flags>"), or "" outside
+    any trace: stored with an outbox event, so what the event causes later is a child of the
+    span that wrote it."""
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return ""
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+
+
+def _is_traceparent(reference: str) -> bool:
+    return len(reference) == 55 and reference[2] == "-" and reference[35] == "-"
+
+
+def trace_id_of(reference: str) -> str:
+    """The trace id (32 hex digits) in a stored trace reference: a traceparent or a bare
+    trace id (events stored before traceparents were)."""
+    return reference[3:35] if _is_traceparent(reference) else reference
+
+
 def continue_trace(trace_id: str) -> Context | None:
-    """A context inside the trace `trace_id` (32 hex digits, as stored with outbox events),
-    for work an event causes later: its span joins the trace that caused the event, under a
-    remote placeholder parent (the event's own span is not stored). None for no trace."""
+    """A context inside the trace of a stored reference, for work an event causes later.
+
+    A W3C traceparent (what outbox events store): its span is the parent, so the new span
+    hangs under the span that wrote the event. A bare trace id (older events): the span
+    joins the trace under a remote placeholder parent. None for no trace."""
+    if _is_traceparent(trace_id):
+        try:
+            trace_value, span_value = int(trace_id[3:35], 16), int(trace_id[36:52], 16)
+            flags = int(trace_id[53:55], 16)
+        except ValueError:
+            return None
+        if not trace_value or not span_value:
+            return None
+        return trace.set_span_in_context(NonRecordingSpan(SpanContext(
+            trace_value, span_value, is_remote=True, trace_flags=TraceFlags(flags))))
     try:
         value = int(trace_id, 16)
     except ValueError:
