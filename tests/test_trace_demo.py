@@ -45,6 +45,9 @@ async def test_one_request_is_one_trace_from_authorize_to_the_notifier(
     assert int(batch.attributes["tally.debited_micros"]) > 0
     notified = [s for s in spans if s.name == "notifier.notification"]
     assert [s.service for s in notified] == ["tally-notifier"]
+    # not an orphan: its parent is the ledger span that wrote the outbox event
+    by_id = {s.span_id: s for s in spans}
+    assert by_id[notified[0].parent_id].service == "tally-ledger"
     assert any(s.database == "postgresql" for s in spans)
     rendered = tracedemo.render(spans)
     assert rendered.splitlines()[0] == f"tally-demo: {tracedemo.ROOT}"

@@ -8,7 +8,7 @@ from services.ledger import domain as d
 from tally.common.v1 import common_pb2
 from tally.kit.errors import invalid
 from tally.kit.protoconv import enum_in, enum_out, from_timestamp, to_timestamp
-from tally.kit.telemetry import current_trace_id
+from tally.kit.telemetry import current_trace_id, trace_id_of
 from tally.ledger.v1 import ledger_pb2 as pb
 
 
@@ -149,7 +149,8 @@ def outbox_event(e: d.OutboxEvent) -> pb.OutboxEvent:
     return pb.OutboxEvent(
         event_id=e.event_id, sequence=e.sequence, org_id=e.org_id,
         type=enum_out(pb.OutboxEventType, "OUTBOX_EVENT_TYPE_", e.type),
-        occurred_at=to_timestamp(e.occurred_at), trace_id=e.trace_id,
+        occurred_at=to_timestamp(e.occurred_at), trace_id=trace_id_of(e.trace_id),
+        traceparent=e.trace_id if e.trace_id != trace_id_of(e.trace_id) else "",
         available_micros_after=e.available_micros_after, arrears_micros=e.arrears_micros,
         billing_state=billing_state(e.billing_state),
         attributes=dict(e.attributes))

@@ -33,6 +33,7 @@ from tally.kit.errors import FieldViolation, Reason, TallyError, invalid
 from tally.kit.log import get_logger
 from tally.kit.money import INT64_MAX
 from tally.kit.paging import encode_token, page_request
+from tally.kit.telemetry import current_traceparent
 
 log = get_logger("ledger.store")
 T = TypeVar("T")
@@ -358,7 +359,8 @@ class Work:
         credit = self.accounts[d.credit_account(org_id)]
         self.outbox.append((
             self.event_ids.pop() if self.event_ids else str(uuid.uuid4()), org_id, kind.value,
-            self.now, self.caller.trace_id, credit.balance - credit.held,
+            # the full traceparent: the notifier's span becomes a child of this one
+            self.now, current_traceparent() or self.caller.trace_id, credit.balance - credit.held,
             -self.accounts[d.arrears_account(org_id)].balance, credit.billing_state.value,
             json.dumps(attributes) if attributes else "{}",
         ))

@@ -154,7 +154,8 @@ class Authorizer:
         try:
             return az.estimate(book, request, model)
         except RatingError as exc:
-            raise invalid(exc.field or "model", exc.message) from exc
+            # the rating reason (UNKNOWN_MODEL, UNKNOWN_METER, PRICE_NOT_FOUND) is the kit's
+            raise invalid(exc.field or "model", exc.message, Reason(exc.reason.value)) from exc
 
     async def _budgets_in_force(self, request: az.AuthorizeRequest, now: datetime
                                 ) -> list[tuple[Budget, datetime]]:

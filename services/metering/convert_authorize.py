@@ -26,7 +26,10 @@ def request(message: pb.AuthorizeRequest) -> az.AuthorizeRequest:
         estimated_input_tokens=message.estimated_input_tokens,
         max_output_tokens=message.max_output_tokens, upload_bytes=message.upload_bytes,
         context_tokens=message.context_tokens,
-        ttl=(timedelta(seconds=message.reservation_ttl_seconds)
+        # clamped into what timedelta holds (int64 seconds overflow it); check_request still
+        # refuses anything past MAX_TTL, naming reservation_ttl_seconds
+        ttl=(timedelta(seconds=max(-1, min(message.reservation_ttl_seconds,
+                                           int(az.MAX_TTL.total_seconds()) + 1)))
              if message.reservation_ttl_seconds else az.DEFAULT_TTL),
         region=message.region,
         estimated_quantities=tuple((meter_or_none(q.meter), q.quantity)

@@ -13,6 +13,7 @@ import aiohttp
 import aiosmtplib
 
 from tally.kit import signing
+from tally.kit.telemetry import trace_id_of
 
 from .alerting import Notification
 from .delivery_store import Delivery
@@ -52,7 +53,7 @@ def payload(notification: Notification) -> bytes:
         "title": notification.title,
         "attributes": dict(notification.attributes),
         "source_event_id": notification.source_event_id,
-        "trace_id": notification.trace_id,
+        "trace_id": trace_id_of(notification.trace_id),
     }, sort_keys=True).encode()
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from tally.kit.errors import invalid
 from tally.kit.protoconv import to_timestamp
+from tally.kit.telemetry import trace_id_of
 from tally.notifier.v1 import notifier_pb2 as pb
 
 from .alerting import Notification
@@ -25,7 +26,8 @@ def notification(n: Notification) -> pb.Notification:
     """The wire notification."""
     return pb.Notification(
         notification_id=n.notification_id, source_event_id=n.source_event_id, org_id=n.org_id,
-        type=_type(n.type), occurred_at=to_timestamp(n.occurred_at), trace_id=n.trace_id,
+        type=_type(n.type), occurred_at=to_timestamp(n.occurred_at),
+        trace_id=trace_id_of(n.trace_id),
         title=n.title, attributes=dict(n.attributes))
 
 

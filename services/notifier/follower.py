@@ -61,7 +61,8 @@ class LedgerSource:
             yield [SourceEvent(
                 "ledger", e.event_id, e.sequence, e.org_id,
                 _enum_name(ledger_pb2.OutboxEventType, e.type, "OUTBOX_EVENT_TYPE_"),
-                from_timestamp(e, "occurred_at") or datetime.now(UTC), e.trace_id,
+                from_timestamp(e, "occurred_at") or datetime.now(UTC),
+                e.traceparent or e.trace_id,  # continue_trace puts the alert under its span
                 e.available_micros_after,
                 {**dict(e.attributes), "arrears_micros": str(e.arrears_micros),
                  "billing_state": _enum_name(common_pb2.BillingState, e.billing_state,

@@ -18,11 +18,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.ledger.server import build
+from services.metering.server import MeteringConfig
 from tally.kit.config import load_kit_config
 from tally.kit.errors import Reason, from_rpc_error
 from tally.kit.readiness import is_outage
 from tally.kit.server import RunningServer, start_server
 from tally.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from tally.limits import OutagePolicy, RedisLimiter
+from tests.metering.conftest import start_suite, stop_suite
 from tests.support.fault_proxy import FaultProxy
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -140,3 +143,28 @@ async def test_connection_errors_of_every_kind_count_as_an_outage(db_url: str) -
     for exc in (ValueError("bad"), asyncpg.UniqueViolationError("dup"),
                 asyncpg.InterfaceError("another operation is in progress")):
         assert not is_outage(exc), exc
+
+
+async def test_metering_is_not_serving_while_redis_is_unreachable_with_hard_quotas(
+        db_url: str, redis_url: str) -> None:
+    redis_proxy = await FaultProxy.for_url(redis_url)
+    limiter = RedisLimiter(redis_proxy.rewrite(redis_url), on_outage=OutagePolicy.DENY)
+    suite = await start_suite(db_url, MeteringConfig(policy_cache_ms=0), limiter)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{suite.metering.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            def is_(status: int) -> Callable[[], Awaitable[bool]]:
+                async def check() -> bool:
+                    reply = await health.Check(health_pb2.HealthCheckRequest())
+                    return reply.status == status
+                return check
+
+            await _until(is_(SERVING))
+            redis_proxy.cut()  # a health check's probe (Redis PING) sees it
+            await _until(is_(NOT_SERVING))
+            redis_proxy.restore()
+            await _until(is_(SERVING))
+    finally:
+        await stop_suite(suite)
+        await redis_proxy.close()

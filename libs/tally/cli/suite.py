@@ -94,6 +94,12 @@ def migrate_all(url: str) -> None:
         db.migrate(service, url)
 
 
+def metrics_port_of(base_port: int, service: str) -> int:
+    """With TALLY_METRICS_PORT=<base> set, `tally up` gives each service its own /metrics
+    port: base, base+1, ... in SERVICES order (one port for four processes: three crashed)."""
+    return base_port + SERVICES.index(service) if base_port else 0
+
+
 def up(config: KitConfig) -> list[ServiceStatus]:
     """Starts every service that is not running and waits until each reports SERVING."""
     url = database_url_for_suite(config)
@@ -107,7 +113,8 @@ def up(config: KitConfig) -> list[ServiceStatus]:
         log_file = (_log_dir(config) / f"{service}.log").open("ab")
         process = subprocess.Popen(
             [sys.executable, "-m", f"services.{service}"],
-            env=env,
+            env={**env, "TALLY_METRICS_PORT": str(metrics_port_of(config.metrics_port,
+                                                                  service))},
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # survives this command; `tally down` stops it

@@ -8,9 +8,10 @@ Served over HTTP at /metrics on TALLY_METRICS_PORT when it is set (`serve`); in 
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Iterator
+from typing import Any, Final
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Metric, start_http_server
 
 _LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                            1.0, 2.5, 5.0, 10.0)
@@ -19,6 +20,10 @@ _LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 
 RPC_REQUESTS: Final = Counter(
     "tally_rpc_requests", "RPCs served, by method and final gRPC status code",
     ["service", "method", "code"])
+RPC_REFUSED_SHUTTING_DOWN: Final = Counter(
+    "tally_rpc_refused_shutting_down", "Calls refused UNAVAILABLE because the server was "
+    "stopping (after the drain delay; each would otherwise have been cut CANCELLED)",
+    ["service", "method"])
 RPC_DURATION: Final = Histogram(
     "tally_rpc_duration_seconds", "Time to serve an RPC (streams: their whole life)",
     ["service", "method"], buckets=_LATENCY_BUCKETS)
@@ -82,10 +87,44 @@ OUTBOX_SEAL_LAG: Final = Gauge(
     "late consumers see events", ["table"])
 
 
-def serve(port: int, host: str) -> None:
+_SHARED: Final = (RPC_REQUESTS, RPC_REFUSED_SHUTTING_DOWN, RPC_DURATION)
+_OUTBOX: Final = (OUTBOX_SEALED, OUTBOX_SEAL_LAG)
+FAMILIES_OF: Final[dict[str, tuple[Counter | Gauge | Histogram, ...]]] = {
+    "pricing": _SHARED,
+    "metering": (*_SHARED, *_OUTBOX, USAGE_EVENTS, AUTHORIZE_DECISIONS, LIMITER_BACKEND_ERRORS,
+                 LIMITER_DEGRADED_DECISIONS, GROUP_COMMIT_SIZE),
+    "ledger": (*_SHARED, *_OUTBOX, GROUP_COMMIT_SIZE, CREDITS_DEBITED, ARREARS_RECORDED,
+               LEDGER_BATCH_ITEMS, LEDGER_COMMIT_SECONDS, PAYMENT_WEBHOOKS, TOP_UPS),
+    "notifier": (*_SHARED, WEBHOOK_DELIVERIES, NOTIFICATIONS),
+}
+"""The Tally metric families each service records; its /metrics exports only these (every
+family is declared in this one module, so every process would otherwise export every
+service's families, most of them forever zero)."""
+
+
+class _ServiceView:
+    """The process registry as one service exports it: its own Tally families, and every
+    family that is not Tally's (process_*, python_*)."""
+
+    def __init__(self, service: str) -> None:
+        # the family name: a counter's samples add _total, the family does not
+        self._tally = {metric._name for metric in FAMILIES_OF[service]}
+
+    def collect(self) -> Iterator[Metric]:
+        for family in REGISTRY.collect():
+            if not family.name.startswith("tally_") or family.name in self._tally:
+                yield family
+
+
+def registry_of(service: str) -> Any:
+    """What /metrics exports for `service` (the whole registry for a service not listed)."""
+    return _ServiceView(service) if service in FAMILIES_OF else REGISTRY
+
+
+def serve(port: int, host: str, service: str = "") -> None:
     """Serves /metrics over HTTP on a daemon thread for the life of the process (on the
-    interface gRPC binds, TALLY_HOST)."""
-    start_http_server(port, addr=host, registry=REGISTRY)
+    interface gRPC binds, TALLY_HOST): `service`'s own families only."""
+    start_http_server(port, addr=host, registry=registry_of(service))
 
 
 def sample(name: str, labels: dict[str, str] | None = None) -> float:

@@ -109,6 +109,9 @@ _SERVER_ERROR_CODES = frozenset({
 _NO_PARENT = otel_context.Context()  # an RPC without trace headers starts a new trace
 _OUTAGE_MESSAGE = "a dependency of this service is unreachable; retry"
 _OUTAGE_RETRY_AFTER = timedelta(seconds=1)
+_STOPPING_MESSAGE = "this replica is shutting down; retry"
+_QUIET_S = 0.05  # no call refused for this long: gRPC holds no call a stop would cut
+_MAX_REFUSING_S = 2.0  # clients retrying at once never let it go quiet: stop anyway
 _UNSTORABLE_MESSAGE = "a value of the request is too long or out of range"
 
 
@@ -139,6 +142,10 @@ class KitInterceptor(grpc.aio.ServerInterceptor):
         self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
         self.readiness: Readiness | None = None
         """Told of every dependency outage a call meets (start_server sets it)."""
+        self.refusing = False
+        """Set by RunningServer.stop after the drain delay: new calls get UNAVAILABLE."""
+        self.last_refused = 0.0
+        """When (time.monotonic) the last call was refused for the shutdown."""
 
     async def intercept_service(
         self,
@@ -222,6 +229,16 @@ class _Call:
         self.metadata = metadata
 
     async def enter(self) -> None:
+        interceptor = self.method.interceptor
+        if interceptor.refusing:
+            # Stopping: a call taken now would be cut (CANCELLED) when the server stops, so
+            # it is refused with a status clients retry, on another replica.
+            interceptor.last_refused = time.monotonic()
+            metrics.RPC_REFUSED_SHUTTING_DOWN.labels(self.method.service,
+                                                     self.method.short).inc()
+            self.method.log.info("rpc_refused_shutting_down", method=self.method.name)
+            raise errors.TallyError(errors.Reason.UNAVAILABLE, _STOPPING_MESSAGE,
+                                    retry_after=timedelta(0))
         principal = await self.method.authenticator.authenticate(self.method.name,
                                                                  self.metadata)
         current_principal.set(principal)
@@ -507,11 +524,31 @@ class RunningServer:
     grace_seconds: float
     drain_delay_seconds: float
     readiness: Readiness | None = None
+    interceptor: KitInterceptor | None = None
     _stopped: bool = False
 
+    async def _refuse_until_quiet(self, limit_s: float) -> float:
+        """New calls get UNAVAILABLE until none has come for _QUIET_S, for at most
+        min(limit_s, _MAX_REFUSING_S); returns the seconds it took.
+
+        gRPC drops the calls it has accepted but not yet handed to a handler when the server
+        stops: the caller sees CANCELLED, which it does not retry, and nothing logs or counts
+        them. Refusing first, until calls stop coming, leaves none in that state."""
+        interceptor = self.interceptor
+        if interceptor is None:
+            return 0.0
+        interceptor.refusing = True
+        interceptor.last_refused = started = time.monotonic()
+        limit_s = min(limit_s, _MAX_REFUSING_S)
+        while True:
+            now = time.monotonic()
+            if now - interceptor.last_refused >= _QUIET_S or now - started >= limit_s:
+                return now - started
+            await asyncio.sleep(_QUIET_S)
+
     async def stop(self) -> None:
-        """NOT_SERVING and end long-lived streams, drain delay, stop accepting, finish
-        in-flight calls, run on_stop."""
+        """NOT_SERVING and end long-lived streams, drain delay, refuse new calls until they
+        stop coming, stop accepting, finish in-flight calls, run on_stop."""
         if self._stopped:
             return
         self._stopped = True
@@ -522,7 +559,11 @@ class RunningServer:
         log.info("shutdown_begin", service=self.app.name, grace_s=self.grace_seconds)
         if self.drain_delay_seconds:
             await asyncio.sleep(self.drain_delay_seconds)
-        await self.server.stop(self.grace_seconds)
+        # in-flight calls keep running while new ones are refused: that time is grace spent
+        refused_for_s = await self._refuse_until_quiet(self.grace_seconds / 2)
+        log.info("shutdown_stopping", service=self.app.name,
+                 refused_for_s=round(refused_for_s, 3))
+        await self.server.stop(max(self.grace_seconds - refused_for_s, 0.0))
         for hook in reversed(self.app.on_stop):
             await hook()
         log.info("shutdown_done", service=self.app.name)
@@ -573,7 +614,7 @@ async def start_server(
     await set_serving(True)
     log.info("serving", service=app.name, address=f"{host}:{bound}")
     return RunningServer(app, server, bound, health, grace_seconds, drain_delay_seconds,
-                         readiness)
+                         readiness, interceptor)
 
 
 class _ReadinessHealth(health_aio.HealthServicer):  # type: ignore[misc]
@@ -606,7 +647,7 @@ def run_service(
     configure_logging(name, config.log_level)
     setup_telemetry(name)
     if config.metrics_port:
-        metrics.serve(config.metrics_port, config.host)
+        metrics.serve(config.metrics_port, config.host, name)
         log.info("metrics_serving", service=name, port=config.metrics_port)
     try:
         # uvloop: the same asyncio, with a faster event loop for gRPC and asyncpg.

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Final
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
@@ -43,11 +44,55 @@ def setup_telemetry(service: str, exporter: SpanExporter | None = None) -> Trace
     provider = TracerProvider(resource=Resource.create({"service.name": f"tally-{service}"}),
                               sampler=sampler)
     if exporter is not None:
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+        provider.add_span_processor(WorkOnly(BatchSpanProcessor(exporter)))
     trace.set_tracer_provider(provider)
     _instrument_clients(provider)
     _provider = provider
     return provider
+
+
+BACKGROUND: Final = "tally.background"
+"""Attribute naming the loop on a background tick's span (kit.background)."""
+WORK_ITEMS: Final = "tally.work_items"
+"""Attribute on a background tick's span: what it did; 0 = nothing, and nothing is exported."""
+_MAX_HELD_SPANS: Final = 10_000
+
+
+class WorkOnly(SpanProcessor):
+    """Exports a background tick's trace (its span and the queries under it) only when the
+    tick did work: an idle loop polling every 100 ms made hundreds of root traces of bare
+    SELECT/UPDATE/BEGIN spans a second. Everything else passes straight through."""
+
+    def __init__(self, inner: SpanProcessor) -> None:
+        self.inner = inner
+        self._held: dict[int, list[ReadableSpan]] = {}
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        if span.parent is None and span.attributes and BACKGROUND in span.attributes:
+            self._held[span.context.trace_id] = []
+        self.inner.on_start(span, parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        context = span.context
+        held = self._held.get(context.trace_id) if context is not None else None
+        if held is None:
+            self.inner.on_end(span)
+            return
+        if span.parent is not None:
+            if len(held) < _MAX_HELD_SPANS:
+                held.append(span)
+            return
+        del self._held[context.trace_id]
+        if (span.attributes or {}).get(WORK_ITEMS, 1):
+            for child in held:
+                self.inner.on_end(child)
+            self.inner.on_end(span)
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
 
 
 def _instrument_clients(provider: TracerProvider) -> None:
@@ -77,10 +122,42 @@ def current_trace_id() -> str:
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""
 
 
+def current_traceparent() -> str:
+    """The W3C traceparent of the current span ("00-<trace>-<span>-<flags>"), or "" outside
+    any trace: stored with an outbox event, so what the event causes later is a child of the
+    span that wrote it."""
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return ""
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+
+
+def _is_traceparent(reference: str) -> bool:
+    return len(reference) == 55 and reference[2] == "-" and reference[35] == "-"
+
+
+def trace_id_of(reference: str) -> str:
+    """The trace id (32 hex digits) in a stored trace reference: a traceparent or a bare
+    trace id (events stored before traceparents were)."""
+    return reference[3:35] if _is_traceparent(reference) else reference
+
+
 def continue_trace(trace_id: str) -> Context | None:
-    """A context inside the trace `trace_id` (32 hex digits, as stored with outbox events),
-    for work an event causes later: its span joins the trace that caused the event, under a
-    remote placeholder parent (the event's own span is not stored). None for no trace."""
+    """A context inside the trace of a stored reference, for work an event causes later.
+
+    A W3C traceparent (what outbox events store): its span is the parent, so the new span
+    hangs under the span that wrote the event. A bare trace id (older events): the span
+    joins the trace under a remote placeholder parent. None for no trace."""
+    if _is_traceparent(trace_id):
+        try:
+            trace_value, span_value = int(trace_id[3:35], 16), int(trace_id[36:52], 16)
+            flags = int(trace_id[53:55], 16)
+        except ValueError:
+            return None
+        if not trace_value or not span_value:
+            return None
+        return trace.set_span_in_context(NonRecordingSpan(SpanContext(
+            trace_value, span_value, is_remote=True, trace_flags=TraceFlags(flags))))
     try:
         value = int(trace_id, 16)
     except ValueError:

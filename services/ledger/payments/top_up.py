@@ -20,7 +20,9 @@ from services.ledger import domain as d
 from services.ledger.payments.service import Payments
 from services.ledger.payments.store import TOP_UP_CURSOR, PaymentStore
 from services.ledger.store import LedgerStore
+from tally.kit.background import background_run
 from tally.kit.log import get_logger
+from tally.kit.telemetry import WORK_ITEMS
 
 log = get_logger("ledger.top_up")
 
@@ -65,8 +67,10 @@ class TopUpWorker:
         while not stop.is_set():
             read = 0
             try:
-                await self.payments.resume_top_ups(CALLER, RESUME_AFTER)
-                read = await self.step()
+                with background_run("top_up") as span:  # exported only when it read events
+                    await self.payments.resume_top_ups(CALLER, RESUME_AFTER)
+                    read = await self.step()
+                    span.set_attribute(WORK_ITEMS, read)
             except Exception:
                 log.exception("top_up_step_failed")
             if read < self.page:

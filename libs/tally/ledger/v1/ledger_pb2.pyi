@@ -2651,6 +2651,7 @@ class OutboxEvent(_message.Message):
     ARREARS_MICROS_FIELD_NUMBER: _builtins.int
     BILLING_STATE_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique, stable id; consumers dedupe on it."""
     sequence: _builtins.int
@@ -2667,6 +2668,11 @@ class OutboxEvent(_message.Message):
     """Org's arrears after the change, micro-credits."""
     billing_state: _common_pb2.BillingState.ValueType
     """Org's billing state after the change."""
+    traceparent: _builtins.str
+    """W3C traceparent of the span that wrote the event (version-trace_id-span_id-flags), so
+    work the event causes later (the notifier's alert) continues the trace under its real
+    parent; empty for events written outside a trace or before this field existed.
+    """
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp:
         """When it happened."""
@@ -2688,10 +2694,11 @@ class OutboxEvent(_message.Message):
         arrears_micros: _builtins.int = ...,
         billing_state: _common_pb2.BillingState.ValueType = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrears_micros", b"arrears_micros", "attributes", b"attributes", "available_micros_after", b"available_micros_after", "billing_state", b"billing_state", "event_id", b"event_id", "occurred_at", b"occurred_at", "org_id", b"org_id", "sequence", b"sequence", "trace_id", b"trace_id", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrears_micros", b"arrears_micros", "attributes", b"attributes", "available_micros_after", b"available_micros_after", "billing_state", b"billing_state", "event_id", b"event_id", "occurred_at", b"occurred_at", "org_id", b"org_id", "sequence", b"sequence", "trace_id", b"trace_id", "traceparent", b"traceparent", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
