@@ -155,7 +155,8 @@ def usage_group_commit(post_batches: PostUsageBatches, *, max_items: int = 20_00
 async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
                 provider: PaymentProvider | None = None) -> ServiceApp:
     """Wires the ledger for `config` (an embedded database when none is configured). With
-    `provider`, that provider is used (and started/stopped if it is a LocalProvider)."""
+    `provider`, that provider is used as it is (a LocalProvider keeps its own state); else the
+    one the settings ask for (payment_provider), a local one keeping its state in PostgreSQL."""
     settings = ledger or load(LedgerConfig)
     webhook_secrets = settings.webhook_secrets or settings.webhook_secrets_file
     shares_state = provider is None
