@@ -31,6 +31,7 @@ from tally.kit.channels import peer_channel
 from tally.kit.config import (
     ConfigError,
     KitConfig,
+    exit_on_config_error,
     load,
     parse_choice,
     parse_fraction,
@@ -278,5 +279,14 @@ def payment_provider(config: KitConfig, settings: LedgerConfig,
 
 
 def main() -> None:
-    """`python -m services.ledger`."""
-    run_service("ledger", build)
+    """`python -m services.ledger`. Settings of its own that cannot work (the local provider
+    in production, Stripe without its keys) stop it like bad kit settings: exit status 2, one
+    line per setting."""
+    async def build_or_exit(config: KitConfig) -> ServiceApp:
+        try:
+            return await build(config)
+        except ConfigError as exc:
+            exit_on_config_error(exc)
+            raise
+
+    run_service("ledger", build_or_exit)
