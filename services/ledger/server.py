@@ -33,6 +33,7 @@ from tally.kit.channels import peer_channel
 from tally.kit.config import (
     ConfigError,
     KitConfig,
+    exit_on_config_error,
     load,
     parse_choice,
     parse_fraction,
@@ -158,7 +159,8 @@ def usage_group_commit(post_batches: PostUsageBatches, *, max_items: int = 20_00
 async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
                 provider: PaymentProvider | None = None) -> ServiceApp:
     """Wires the ledger for `config` (an embedded database when none is configured). With
-    `provider`, that provider is used (and started/stopped if it is a LocalProvider)."""
+    `provider`, that provider is used as it is (a LocalProvider keeps its own state); else the
+    one the settings ask for (payment_provider), a local one keeping its state in PostgreSQL."""
     settings = ledger or load(LedgerConfig)
     webhook_secrets = settings.webhook_secrets or settings.webhook_secrets_file
     shares_state = provider is None
@@ -281,5 +283,14 @@ def payment_provider(config: KitConfig, settings: LedgerConfig,
 
 
 def main() -> None:
-    """`python -m services.ledger`."""
-    run_service("ledger", build)
+    """`python -m services.ledger`. Settings of its own that cannot work (the local provider
+    in production, Stripe without its keys) stop it like bad kit settings: exit status 2, one
+    line per setting."""
+    async def build_or_exit(config: KitConfig) -> ServiceApp:
+        try:
+            return await build(config)
+        except ConfigError as exc:
+            exit_on_config_error(exc)
+            raise
+
+    run_service("ledger", build_or_exit)

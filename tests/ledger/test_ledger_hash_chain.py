@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -127,8 +128,8 @@ async def ledger_at_0005(server_url: str) -> AsyncIterator[str]:
     conn = await asyncpg.connect(db.asyncpg_url(server_url))
     await conn.execute(f'CREATE DATABASE "{name}"')
     await conn.close()
-    base, _, _ = server_url.rpartition("/")
-    url = f"{base}/{name}"
+    parts = urlsplit(server_url)
+    url = urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
     await _migrate(url, "0005")
     yield url
     conn = await asyncpg.connect(db.asyncpg_url(server_url))

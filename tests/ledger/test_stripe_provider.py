@@ -5,6 +5,7 @@ payments go through StripeProvider and stripe-python to a local fake of Stripe's
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,13 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from services.ledger.payments.provider import (
+    ChargeRequest,
+    CheckoutRequest,
+    ProviderError,
+    ProviderEventType,
+    ProviderUnavailable,
+)
 from services.ledger.payments.stripe_provider import StripeProvider
 from services.ledger.server import LedgerConfig, build, payment_provider
 from services.pricing.server import build_for as build_pricing
@@ -400,3 +408,92 @@ def test_stripe_settings_build_a_stripe_provider() -> None:
         payment_provider(load_kit_config({}), dataclasses.replace(
             settings, payment_provider="local", environment="production"), None)
     assert [var for var, _ in caught.value.problems] == ["TALLY_LEDGER_PAYMENT_PROVIDER"]
+
+
+# ---- the adapter alone, against the fake ------------------------------------------------------
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeStripe]:
+    server = FakeStripe()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def _checkout(order_id: str = "po-1") -> CheckoutRequest:
+    return CheckoutRequest(order_id, "acme", 2000, "USD", "2,000 credits + 100 bonus")
+
+
+async def test_stripe_pythons_own_retry_of_a_5xx_reuses_the_idempotency_key(
+    fake: FakeStripe,
+) -> None:
+    provider = StripeProvider(SECRET_KEY, success_url="https://tally.test/paid",
+                              api_base=fake.url, max_network_retries=1)
+    try:
+        fake.fail_next("/v1/checkout/sessions", 503, SERVER_ERROR)
+        session = await provider.create_checkout(_checkout())
+        again = await provider.create_checkout(_checkout())  # a ledger retry: replayed
+    finally:
+        await provider.stop()
+    assert again == session and list(fake.sessions) == [session.session_id]
+    assert [r.idempotency_key for r in fake.writes("/v1/checkout/sessions")] == [
+        "checkout:po-1"] * 3
+
+
+async def test_a_refused_request_is_a_refusal_with_stripes_code_not_unavailable(
+    fake: FakeStripe,
+) -> None:
+    provider = StripeProvider(SECRET_KEY, success_url="https://tally.test/paid",
+                              api_base=fake.url, max_network_retries=0)
+    wrong_key = StripeProvider("sk_test_not_the_fakes_key_00000",
+                               success_url="https://tally.test/paid", api_base=fake.url,
+                               max_network_retries=0)
+    try:
+        with pytest.raises(ProviderError) as caught:
+            await provider.charge(ChargeRequest("po-1", "acme", 2000, "USD", "pm_unknown",
+                                                "top-up"))
+        assert not isinstance(caught.value, ProviderUnavailable)
+        assert str(caught.value).startswith("resource_missing:")
+        with pytest.raises(ProviderError) as caught:
+            await wrong_key.create_checkout(_checkout())
+        assert not isinstance(caught.value, ProviderUnavailable)
+        assert "sk_test_not_the_fakes_key" not in str(caught.value)
+    finally:
+        await provider.stop()
+        await wrong_key.stop()
+    assert not fake.sessions and not fake.intents
+
+
+def test_stripe_events_are_read_in_the_ledgers_terms() -> None:
+    provider = StripeProvider(SECRET_KEY, success_url="https://tally.test/paid")
+    session = {"id": "cs_test_1", "object": "checkout.session", "amount_total": 2000,
+               "currency": "usd", "client_reference_id": "po-1", "payment_status": "unpaid",
+               "metadata": {"payment_order_id": "po-1"}}
+
+    def event(event_type: str, obj: dict[str, object]) -> bytes:
+        return json.dumps({"id": "evt_1", "object": "event", "type": event_type,
+                           "created": 1_700_000_000, "data": {"object": obj}}).encode()
+
+    unpaid = provider.parse_event(event("checkout.session.completed", session))
+    assert unpaid.type is ProviderEventType.OTHER  # a bank debit still settling
+    settled = provider.parse_event(event("checkout.session.async_payment_succeeded",
+                                         {**session, "payment_status": "paid"}))
+    assert (settled.type, settled.payment_order_id, settled.amount_minor, settled.currency,
+            settled.session_id) == (ProviderEventType.PAYMENT_SUCCEEDED, "po-1", 2000, "USD",
+                                    "cs_test_1")
+    failed = provider.parse_event(event("payment_intent.payment_failed", {
+        "id": "pi_1", "object": "payment_intent", "amount": 2000, "currency": "usd",
+        "metadata": {"payment_order_id": "po-2"},
+        "last_payment_error": {"code": "card_declined", "decline_code": "insufficient_funds"}}))
+    assert (failed.type, failed.failure_reason) == (ProviderEventType.PAYMENT_FAILED,
+                                                    "insufficient_funds")
+    foreign = provider.parse_event(event("payment_intent.succeeded", {
+        "id": "pi_2", "object": "payment_intent", "amount": 5, "currency": "usd",
+        "metadata": {}}))  # another integration's payment on the same account
+    assert foreign.type is ProviderEventType.OTHER
+    assert provider.parse_event(event("customer.created", {"id": "cus_1"})).type is \
+        ProviderEventType.OTHER
+    for bad in (b"not json", b"[]", json.dumps({"object": "event"}).encode()):
+        with pytest.raises(ValueError):
+            provider.parse_event(bad)

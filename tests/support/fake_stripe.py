@@ -279,12 +279,12 @@ class FakeStripe:
             intent.update(status="requires_payment_method", last_payment_error=error,
                           payment_method=None)
             self._emit("payment_intent.payment_failed", intent)
-            body = {"error": {**error, "charge": _id("ch"), "payment_intent": intent}}
+            body = {"error": {**error, "charge": _id("ch"), "payment_intent": _public(intent)}}
             return self._remember(key, request.path, params, 402, body)
         intent.update(status="succeeded", amount_received=intent["amount"],
                       latest_charge=_id("ch"))
         self._emit("payment_intent.succeeded", intent)
-        return self._remember(key, request.path, params, 200, intent)
+        return self._remember(key, request.path, params, 200, _public(intent))
 
     async def _create_refund(self, request: web.Request) -> web.Response:
         admitted = await self._admit(request)

@@ -653,8 +653,6 @@ def run_service(
         # uvloop: the same asyncio, with a faster event loop for gRPC and asyncpg.
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(_serve_until_signalled(name, config, build, port, reuse_port))
-    except ConfigError as exc:  # a service's own settings, checked as it is built
-        exit_on_config_error(exc)
     finally:
         shutdown_telemetry()
 
