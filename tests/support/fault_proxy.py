@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 
 class FaultProxy:
-    """Forwards 127.0.0.1:<port> to an upstream host:port, with faults on demand."""
+    """Forwards 127.0.0.1:<port> to an upstream host:port (or a Unix socket, as the embedded
+    PostgreSQL listens on), with faults on demand."""
 
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+    def __init__(self, upstream_host: str, upstream_port: int,
+                 upstream_socket: str | None = None) -> None:
         self.upstream_host = upstream_host
         self.upstream_port = upstream_port
+        self.upstream_socket = upstream_socket
         self.latency_s = 0.0
         self.refusing = False
         self.accepted = 0
@@ -34,25 +37,31 @@ class FaultProxy:
         self.port = 0
 
     @classmethod
-    async def start(cls, upstream_host: str, upstream_port: int) -> FaultProxy:
+    async def start(cls, upstream_host: str, upstream_port: int,
+                    upstream_socket: str | None = None) -> FaultProxy:
         """A proxy listening on an ephemeral port of 127.0.0.1."""
-        proxy = cls(upstream_host, upstream_port)
+        proxy = cls(upstream_host, upstream_port, upstream_socket)
         proxy._server = await asyncio.start_server(proxy._accept, "127.0.0.1", 0)
         proxy.port = proxy._server.sockets[0].getsockname()[1]
         return proxy
 
     @classmethod
     async def for_url(cls, url: str) -> FaultProxy:
-        """A proxy to the host and port of `url` (postgresql://, redis://)."""
+        """A proxy to the host and port of `url` (postgresql://, redis://); a PostgreSQL URL
+        whose `host` parameter is a directory names a Unix socket there."""
         parts = urlsplit(url)
-        return await cls.start(parts.hostname or "127.0.0.1", parts.port or 5432)
+        port = parts.port or 5432
+        directory = dict(parse_qsl(parts.query)).get("host", "")
+        socket_path = f"{directory}/.s.PGSQL.{port}" if directory.startswith("/") else None
+        return await cls.start(parts.hostname or "127.0.0.1", port, socket_path)
 
     def rewrite(self, url: str) -> str:
         """`url` with its host and port replaced by this proxy's."""
         parts = urlsplit(url)
         auth = parts.netloc.rpartition("@")[0]
         netloc = f"{auth}@127.0.0.1:{self.port}" if auth else f"127.0.0.1:{self.port}"
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "host"])
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
     def cut(self) -> None:
         """Kills every open connection (a reset, as when the server dies) and refuses new ones
@@ -90,8 +99,11 @@ class FaultProxy:
             writer.transport.abort()
             return
         try:
-            up_reader, up_writer = await asyncio.open_connection(self.upstream_host,
-                                                                 self.upstream_port)
+            if self.upstream_socket is not None:
+                up_reader, up_writer = await asyncio.open_unix_connection(self.upstream_socket)
+            else:
+                up_reader, up_writer = await asyncio.open_connection(self.upstream_host,
+                                                                     self.upstream_port)
         except OSError:
             writer.transport.abort()
             return
