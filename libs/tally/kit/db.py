@@ -22,7 +22,7 @@ from tally.kit.log import get_logger
 
 log = get_logger("tally.kit.db")
 
-SERVICES: Final = ("pricing", "metering", "ledger", "notifier")
+SERVICES: Final = ("pricing", "metering", "ledger", "notifier", "accounts")
 """Every service that owns a schema, in migration order."""
 
 # Serializes migrations of one schema across replicas starting at once (any 64-bit key works,
