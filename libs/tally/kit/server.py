@@ -52,10 +52,46 @@ _T = TypeVar("_T")
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: a user, an API key or another service."""
+    """Who is calling: a user, an API key or another service (see tally.kit.auth)."""
 
     identity: str
     roles: frozenset[str] = frozenset()
+    """Roles that hold in every org (a service's), or in `bound_orgs` when that is set."""
+    verified_by: str = "trusted"
+    """api_key, oidc, mtls, or trusted (development mode: nothing was verified)."""
+    org_roles: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    """Roles held in one org each (a person's memberships, an API key's org)."""
+    bound_orgs: frozenset[str] | None = None
+    """The orgs a service's `roles` are limited to; None = every org."""
+    project_id: str = ""
+    """The project an API key is limited to; empty = its whole org."""
+    environment_id: str = ""
+    """The environment an API key is limited to; empty = its whole project."""
+
+    @property
+    def is_verified(self) -> bool:
+        """Whether the identity was proven (not merely claimed in development mode)."""
+        return self.verified_by != "trusted"
+
+    def roles_in(self, org_id: str) -> frozenset[str]:
+        """Every role the principal holds in `org_id`."""
+        held = self.org_roles.get(org_id, frozenset())
+        if self.roles and (self.bound_orgs is None or org_id in self.bound_orgs):
+            return held | self.roles
+        return held
+
+    def all_roles(self) -> frozenset[str]:
+        """Every role held anywhere."""
+        return self.roles.union(*self.org_roles.values())
+
+
+def acting_identity(claimed: str) -> str:
+    """Who a change is recorded as: the verified principal, whatever the request claims; in
+    development mode the claimed actor (else the trusted principal's name)."""
+    principal = current_principal.get()
+    if principal is not None and principal.is_verified:
+        return principal.identity
+    return claimed or (principal.identity if principal else "service:anonymous")
 
 
 class Authenticator(Protocol):
@@ -211,10 +247,30 @@ class _Call:
             _describe_peer(self.span, context.peer(), metadata)
         self.metadata = metadata
 
-    async def enter(self) -> None:
-        principal = await self.method.authenticator.authenticate(self.method.name,
-                                                                 self.metadata)
+    async def enter(self, request: Any = None) -> Any:
+        """Authenticates (and, with a guard, authorizes) the call before its handler runs;
+        returns the principal. `request` is None at a client stream's open."""
+        authenticator = self.method.authenticator
+        admit = getattr(authenticator, "admit", None)
+        if admit is not None:
+            principal = await admit(self.method.name, self.metadata, self.context, request)
+        else:
+            principal = await authenticator.authenticate(self.method.name, self.metadata)
         current_principal.set(principal)
+        return principal
+
+    def checked(self, requests: AsyncIterable[Any], principal: Any) -> AsyncIterable[Any]:
+        """A client stream's messages, each checked for the orgs it names."""
+        check = getattr(self.method.authenticator, "check_message", None)
+        if check is None:
+            return requests
+
+        async def each() -> AsyncIterator[Any]:
+            async for message in requests:
+                check(principal, self.method.name, message)
+                yield message
+
+        return each()
 
     def aborted(self) -> None:
         """The handler aborted the call itself: its status is on the context."""
@@ -301,10 +357,15 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: _Method
     if h.unary_unary or h.stream_unary:
         inner = h.unary_unary or h.stream_unary
 
+        streamed = bool(h.stream_unary)
+
         async def unary_response(request: Any, context: Any) -> Any:
             call = _Call(method, context)
             try:
-                await call.enter()
+                if streamed:
+                    request = call.checked(request, await call.enter())
+                else:
+                    await call.enter(request)
                 return await inner(request, context)
             except grpc.aio.AbortError:
                 if call.code is None:
@@ -324,11 +385,15 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: _Method
         return make(unary_response, h.request_deserializer, h.response_serializer)
 
     inner = h.unary_stream or h.stream_stream
+    streamed_in = bool(h.stream_stream)
 
     async def streaming_response(request: Any, context: Any) -> AsyncIterator[Any]:
         call = _Call(method, context)
         try:
-            await call.enter()
+            if streamed_in:
+                request = call.checked(request, await call.enter())
+            else:
+                await call.enter(request)
             produced = inner(request, context)
             if inspect.isasyncgen(produced):
                 async for item in produced:
@@ -480,9 +545,17 @@ async def start_server(
     drain_delay_seconds: float = 0.0,
     authenticator: Authenticator | None = None,
 ) -> RunningServer:
-    """Builds, binds and starts `app`; returns once every service reports SERVING."""
+    """Builds, binds and starts `app`; returns once every service reports SERVING.
+
+    Without an `authenticator`, the one TALLY_AUTH_MODE configures (tally.kit.auth): the
+    guard, following accounts' credentials feed at TALLY_ACCOUNTS_ADDRESS, unless
+    development mode (trust) is asked for."""
+    if authenticator is None:
+        from tally.kit.auth import build_authenticator
+
+        authenticator = build_authenticator(load_kit_config().address_of("accounts"))
     server = grpc.aio.server(
-        interceptors=[KitInterceptor(authenticator or TrustInternalCallers())],
+        interceptors=[KitInterceptor(authenticator)],
         options=[
             ("grpc.max_receive_message_length", 32 * 1024 * 1024),
             ("grpc.so_reuseport", 0),
@@ -498,6 +571,11 @@ async def start_server(
     if bound == 0:
         raise OSError(f"{app.name}: could not bind {host}:{port}")
     await server.start()
+    start_auth = getattr(authenticator, "start", None)
+    if start_auth is not None:
+        await start_auth()
+        stop_auth = getattr(authenticator, "stop")  # noqa: B009 - optional hook
+        app.on_stop.insert(0, stop_auth)  # runs last: on_stop hooks run in reverse
     for hook in app.on_start:
         await hook()
     for name in ["", *app.service_names]:
