@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from tally.accounts.v1 import accounts_pb2 as pb
 from tally.kit.protoconv import enum_or_none, enum_out, to_timestamp
 
+from .audit import AuditEntry, Verdict
 from .domain import (
     ApiKey,
     CredentialsUpdate,
@@ -84,3 +87,24 @@ def update_to_proto(update: CredentialsUpdate) -> pb.WatchCredentialsResponse:
               for k in update.keys],
         members=[pb.MemberCredential(member=member_to_proto(m.member), removed=m.is_removed)
                  for m in update.members])
+
+
+def audit_in(record: pb.AuditRecord, service_default: str = "") -> AuditEntry:
+    """A shipped audit record (chain fields are ignored: accounts sets them)."""
+    return AuditEntry(record_id=record.record_id, org_id=record.org_id,
+                      at=record.time.ToDatetime(tzinfo=UTC) if record.HasField("time")
+                      else datetime.now(UTC),
+                      principal=record.principal, verified_by=record.verified_by,
+                      service=record.service or service_default, rpc=record.rpc,
+                      target_ids=tuple(record.target_ids),
+                      request_sha256=record.request_sha256, peer=record.peer,
+                      outcome=record.outcome)
+
+
+def verdict_to_proto(verdict: Verdict) -> pb.VerifyAuditResponse:
+    """VerifyAudit's answer."""
+    return pb.VerifyAuditResponse(is_intact=verdict.is_intact,
+                                  records_checked=verdict.records_checked,
+                                  first_altered_sequence=verdict.first_altered_sequence,
+                                  first_altered_record_id=verdict.first_altered_record_id,
+                                  problem=verdict.problem)

@@ -23,7 +23,7 @@ from tally.kit.server import ServiceApp, run_service
 
 from .domain import Accounts, CredentialHub
 from .servicer import AccountsServicer
-from .store import AccountsPgStore
+from .store import AccountsPgStore, AuditPgStore
 
 NAME = "accounts"
 SERVICE_NAME = accounts_pb2.DESCRIPTOR.services_by_name["AccountsService"].full_name
@@ -66,6 +66,7 @@ async def build(config: KitConfig, settings: AccountsConfig | None = None) -> Se
     hub.revision = (await store.credentials_snapshot()).revision
     shutting_down = asyncio.Event()
     servicer = AccountsServicer(Accounts(store, settings.regions), store, hub,
+                                AuditPgStore(pool),
                                 watch_lifetime_s=settings.watch_lifetime_s,
                                 shutting_down=shutting_down)
     stop = asyncio.Event()

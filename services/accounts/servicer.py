@@ -14,9 +14,9 @@ from tally.kit.paging import next_offset_token
 from tally.kit.protoconv import from_timestamp
 from tally.kit.server import current_principal, until_shutdown
 
-from . import convert
+from . import audit, convert
 from .domain import Accounts, CredentialHub, key_request, list_page, now_utc
-from .store import AccountsPgStore
+from .store import AccountsPgStore, AuditPgStore
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -29,9 +29,11 @@ def _actor() -> str:
 class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
     """Translates AccountsService calls to the Accounts domain."""
 
-    def __init__(self, accounts: Accounts, store: AccountsPgStore, hub: CredentialHub, *,
-                 watch_lifetime_s: float, shutting_down: asyncio.Event | None = None) -> None:
+    def __init__(self, accounts: Accounts, store: AccountsPgStore, hub: CredentialHub,
+                 audit_store: AuditPgStore, *, watch_lifetime_s: float,
+                 shutting_down: asyncio.Event | None = None) -> None:
         self.accounts = accounts
+        self.audit = audit_store
         self.store = store
         self.hub = hub
         self.watch_lifetime_s = watch_lifetime_s
@@ -163,3 +165,28 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
         updates = self.hub.watch(request.known_revision, self.watch_lifetime_s)
         async for update in until_shutdown(updates, self.shutting_down):
             yield convert.update_to_proto(update)
+
+    async def AppendAudit(self, request: pb.AppendAuditRequest, context: Context
+                          ) -> pb.AppendAuditResponse:
+        """Chains shipped records into their orgs' logs."""
+        appended = await self.audit.append(audit.checked_batch(
+            [convert.audit_in(r) for r in request.records]))
+        return pb.AppendAuditResponse(appended=appended)
+
+    async def VerifyAudit(self, request: pb.VerifyAuditRequest, context: Context
+                          ) -> pb.VerifyAuditResponse:
+        """Recomputes an org's chain."""
+        entries = [e async for e in self.audit.chain_of(request.org_id)]
+        return convert.verdict_to_proto(audit.verify(entries))
+
+    async def ExportAudit(self, request: pb.ExportAuditRequest, context: Context
+                          ) -> AsyncIterator[pb.ExportAuditResponse]:
+        """CSV or JSON Lines, in chunks."""
+        fmt = "csv" if request.format == pb.AUDIT_EXPORT_FORMAT_CSV else "jsonl"
+        header = audit.export_header(fmt)
+        if header:
+            yield pb.ExportAuditResponse(chunk=header)
+        async for page in self.audit.pages_between(
+                request.org_id, from_timestamp(request, "start_time"),
+                from_timestamp(request, "end_time"), audit.EXPORT_CHUNK_RECORDS):
+            yield pb.ExportAuditResponse(chunk=audit.export_page(page, fmt))

@@ -13,7 +13,7 @@ for the last paid seat cannot both win.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeAlias
 
@@ -23,6 +23,7 @@ from tally.kit.errors import Reason, TallyError
 from tally.kit.log import get_logger
 from tally.kit.paging import PageRequest
 
+from .audit import GENESIS, AuditEntry, chain
 from .domain import (
     PAID_ROLES,
     ApiKey,
@@ -444,3 +445,91 @@ def _no_key(org_id: str, key_id: str) -> TallyError:
 
 def _setter(event: asyncio.Event) -> Callable[[Any], None]:
     return lambda _conn: event.set()
+
+
+# --- the audit log ------------------------------------------------------------------------
+
+_AUDIT_COLUMNS: Final = ("record_id, org_id, at, principal, verified_by, service, rpc, "
+                         "target_ids, request_sha256, peer, outcome, sequence, prev_hash, hash")
+
+
+def _audit(row: asyncpg.Record) -> AuditEntry:
+    return AuditEntry(row["record_id"], row["org_id"], row["at"], row["principal"],
+                      row["verified_by"], row["service"], row["rpc"], tuple(row["target_ids"]),
+                      row["request_sha256"], row["peer"], row["outcome"], row["sequence"],
+                      row["prev_hash"], row["hash"])
+
+
+class AuditPgStore:
+    """accounts.audit_log: appends under each org's chain lock; reads in chain order."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def append(self, entries: Sequence[AuditEntry]) -> int:
+        """Chains and inserts `entries` (records already present are skipped); one
+        transaction, each org's chain locked (ordered by org, so two appends never deadlock)."""
+        if not entries:
+            return 0
+        by_org: dict[str, list[AuditEntry]] = {}
+        for entry in entries:
+            by_org.setdefault(entry.org_id, []).append(entry)
+        appended = 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            present = {r["record_id"] for r in await conn.fetch(
+                "SELECT record_id FROM accounts.audit_log WHERE record_id = ANY($1::text[])",
+                [e.record_id for e in entries])}
+            for org_id in sorted(by_org):
+                fresh = [e for e in by_org[org_id] if e.record_id not in present]
+                if not fresh:
+                    continue
+                await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                                   _AUDIT_LOCK_SPACE, org_id)
+                last = await conn.fetchrow(
+                    "SELECT sequence, hash FROM accounts.audit_log WHERE org_id = $1 "
+                    "ORDER BY sequence DESC LIMIT 1", org_id)
+                sealed = chain(fresh, last["sequence"] if last else 0,
+                               last["hash"] if last else GENESIS)
+                await conn.copy_records_to_table(
+                    "audit_log", schema_name="accounts",
+                    columns=["record_id", "org_id", "at", "principal", "verified_by",
+                             "service", "rpc", "target_ids", "request_sha256", "peer",
+                             "outcome", "sequence", "prev_hash", "hash"],
+                    records=[(e.record_id, e.org_id, e.at, e.principal, e.verified_by,
+                              e.service, e.rpc, list(e.target_ids), e.request_sha256,
+                              e.peer, e.outcome, e.sequence, e.prev_hash, e.hash)
+                             for e in sealed])
+                appended += len(sealed)
+        return appended
+
+    async def chain_of(self, org_id: str, batch: int = 2000) -> AsyncIterator[AuditEntry]:
+        """An org's records in sequence order, read in batches."""
+        after = 0
+        while True:
+            rows = await self.pool.fetch(
+                f"SELECT {_AUDIT_COLUMNS} FROM accounts.audit_log WHERE org_id = $1 "
+                "AND sequence > $2 ORDER BY sequence LIMIT $3", org_id, after, batch)
+            for row in rows:
+                yield _audit(row)
+            if len(rows) < batch:
+                return
+            after = rows[-1]["sequence"]
+
+    async def pages_between(self, org_id: str, start: datetime | None, end: datetime | None,
+                            page_size: int) -> AsyncIterator[list[AuditEntry]]:
+        """An org's records with start <= at < end, in sequence order, page by page."""
+        after = 0
+        while True:
+            rows = await self.pool.fetch(
+                f"SELECT {_AUDIT_COLUMNS} FROM accounts.audit_log WHERE org_id = $1 "
+                "AND sequence > $2 AND ($3::timestamptz IS NULL OR at >= $3) "
+                "AND ($4::timestamptz IS NULL OR at < $4) ORDER BY sequence LIMIT $5",
+                org_id, after, start, end, page_size)
+            if rows:
+                yield [_audit(r) for r in rows]
+            if len(rows) < page_size:
+                return
+            after = rows[-1]["sequence"]
+
+
+_AUDIT_LOCK_SPACE: Final = 0x7A11_0A01

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
@@ -40,6 +40,7 @@ from typing import Any, Final
 import grpc
 
 from tally.kit import policy
+from tally.kit.audit import DENIED, Auditor, grpc_sink, is_audited
 from tally.kit.config import (
     load,
     parse_bool,
@@ -119,6 +120,12 @@ class AuthConfig:
     oidc_min_refresh_s: int = setting("TALLY_OIDC_MIN_REFRESH_S", parse_non_negative_int,
                                       "seconds between JWKS refreshes on an unknown kid",
                                       default=30)
+    audit: bool = setting("TALLY_AUDIT", parse_bool, "true or false", default=True)
+    audit_flush_ms: int = setting("TALLY_AUDIT_FLUSH_MS", parse_positive_int,
+                                  "milliseconds between shipments to accounts", default=50)
+    audit_max_queue: int = setting("TALLY_AUDIT_MAX_QUEUE", parse_positive_int,
+                                   "records held while accounts is unreachable",
+                                   default=100_000)
     credentials_retry_ms: int = setting("TALLY_AUTH_CREDENTIALS_RETRY_MS", parse_positive_int,
                                         "milliseconds between reconnects to accounts",
                                         default=500)
@@ -382,21 +389,41 @@ class Guard:
     rules: Mapping[str, policy.Rule] = field(default_factory=lambda: policy.POLICY)
     follow: Callable[[asyncio.Event], Any] | None = None
     """Started with the server: keeps `cache` current (None: someone else does)."""
+    auditor: Auditor | None = None
+    """Where audited calls are recorded (None: not audited)."""
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
-    _task: asyncio.Task[None] | None = None
+    _tasks: list[asyncio.Future[Any]] = field(default_factory=list)
+    _audited: dict[str, bool] = field(default_factory=dict)
 
     async def start(self) -> None:
-        """Starts following the credentials feed."""
-        if self.follow is not None and self._task is None:
-            self._task = asyncio.ensure_future(self.follow(self._stop))
+        """Starts following the credentials feed and shipping the audit trail."""
+        if self._tasks:
+            return
+        if self.follow is not None:
+            self._tasks.append(asyncio.ensure_future(self.follow(self._stop)))
+        if self.auditor is not None:
+            self._tasks.append(asyncio.ensure_future(self.auditor.run(self._stop)))
 
     async def stop(self) -> None:
-        """Stops following the feed and closes the OIDC session."""
+        """Stops following the feed, ships what is left of the audit trail, closes OIDC."""
         self._stop.set()
-        if self._task is not None:
-            await self._task
+        await asyncio.gather(*self._tasks)
         if self.oidc is not None:
             await self.oidc.close()
+
+    def record(self, method: str, principal: Principal | None, context: Any, request: Any,
+               code: grpc.StatusCode) -> None:
+        """The kit's hook at the end of every call: audits the ones that must be."""
+        if self.auditor is None:
+            return
+        audited = self._audited.get(method)
+        if audited is None:
+            audited = self._audited[method] = is_audited(method)
+        outcome = code.name
+        if audited or outcome in DENIED:
+            peer = context.peer() if context is not None else ""
+            self.auditor.record(method, self.rules.get(method), principal, peer, request,
+                                outcome)
 
     async def authenticate(self, method: str, metadata: Mapping[str, str]) -> Principal:
         """The verified caller (no policy check: `admit` does both)."""
@@ -520,21 +547,24 @@ class TrustCallers(TrustInternalCallers):
                     "policy is enforced. Never run a deployment reachable by others this way.")
 
 
-def build_authenticator(accounts_address: str, config: AuthConfig | None = None,
-                        channel_options: Iterable[tuple[str, Any]] = ()) -> Any:
-    """The authenticator a server runs: a Guard following accounts at `accounts_address`,
-    or TrustCallers when development mode is configured."""
+def build_authenticator(accounts_address: str, service: str,
+                        config: AuthConfig | None = None) -> Any:
+    """The authenticator a server runs: a Guard following accounts at `accounts_address`
+    and shipping `service`'s audit trail there, or TrustCallers in development mode."""
     config = config or load_auth_config()
     if config.mode == "trust":
         return TrustCallers()
+    from tally.kit.channels import peer_channel
+
     cache = CredentialCache()
+    auditor = (Auditor(service, grpc_sink(peer_channel(accounts_address)),
+                       max_queue=config.audit_max_queue, flush_ms=config.audit_flush_ms)
+               if config.audit else None)
     oidc = (OidcVerifier(config.oidc_issuer, config.oidc_audience, config.oidc_algorithms,
                          config.oidc_leeway_s, config.oidc_min_refresh_s)
             if config.oidc_issuer else None)
 
     async def follow(stop: asyncio.Event) -> None:
-        from tally.kit.channels import peer_channel
-
         channel = peer_channel(accounts_address)
         try:
             await cache.follow(channel, stop, config.credentials_retry_ms / 1000)
@@ -543,4 +573,5 @@ def build_authenticator(accounts_address: str, config: AuthConfig | None = None,
 
     log.info("auth_enforced", accounts=accounts_address, oidc_issuer=config.oidc_issuer or None,
              services=sorted(config.services or ()), mesh_identity=config.mesh_identity)
-    return Guard(cache, oidc, config.services or {}, config.mesh_identity, follow=follow)
+    return Guard(cache, oidc, config.services or {}, config.mesh_identity, follow=follow,
+                 auditor=auditor)

@@ -174,6 +174,9 @@ POLICY: Final[Mapping[str, Rule]] = {
     _ACCOUNTS + "GetSeatUsage": _rule(frozenset({OWNER, ADMIN, BILLING, OPERATOR, FINANCE}),
                                       _ORG),
     _ACCOUNTS + "WatchCredentials": _rule(frozenset({INTERNAL})),
+    _ACCOUNTS + "AppendAudit": _rule(frozenset({INTERNAL}), "records[].org_id"),
+    _ACCOUNTS + "VerifyAudit": _rule(frozenset({OWNER, ADMIN, OPERATOR, FINANCE}), _ORG),
+    _ACCOUNTS + "ExportAudit": _rule(frozenset({OWNER, ADMIN, OPERATOR, FINANCE}), _ORG),
 }
 """Every RPC of every Tally service. Health and reflection are infrastructure, not here."""
 

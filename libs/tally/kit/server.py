@@ -208,7 +208,7 @@ class _Method:
     metric series (looked up once, not per call)."""
 
     __slots__ = ("attributes", "authenticator", "counted", "duration", "log", "logs_ok", "name",
-                 "propagated", "service", "short", "tracer")
+                 "propagated", "record", "service", "short", "tracer")
 
     def __init__(self, name: str, interceptor: KitInterceptor) -> None:
         self.name = name
@@ -218,6 +218,8 @@ class _Method:
         self.duration = metrics.RPC_DURATION.labels(service, short)
         self.counted: dict[grpc.StatusCode, Any] = {}
         self.authenticator = interceptor._authenticator
+        # the audit hook of a guard (tally.kit.auth): told how every call ended
+        self.record = getattr(self.authenticator, "record", None)
         self.tracer = interceptor._tracer
         self.propagated = interceptor._propagated
         self.log = interceptor._log
@@ -227,8 +229,8 @@ class _Method:
 class _Call:
     """Traces, authenticates, maps errors and logs one call; shared by the four shapes."""
 
-    __slots__ = ("code", "context", "details", "ended", "metadata", "method", "span", "started",
-                 "token")
+    __slots__ = ("code", "context", "details", "ended", "metadata", "method", "principal",
+                 "request", "span", "started", "token")
 
     def __init__(self, method: _Method, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self.started = time.perf_counter()
@@ -237,6 +239,8 @@ class _Call:
         self.code: grpc.StatusCode | None = None
         self.details = ""
         self.ended = False
+        self.principal: Any = None
+        self.request: Any = None
         metadata = _metadata(context)
         parent = (propagate.extract(metadata) if not method.propagated.isdisjoint(metadata)
                   else _NO_PARENT)
@@ -250,12 +254,15 @@ class _Call:
     async def enter(self, request: Any = None) -> Any:
         """Authenticates (and, with a guard, authorizes) the call before its handler runs;
         returns the principal. `request` is None at a client stream's open."""
-        authenticator = self.method.authenticator
-        admit = getattr(authenticator, "admit", None)
-        if admit is not None:
-            principal = await admit(self.method.name, self.metadata, self.context, request)
+        authenticator: Any = self.method.authenticator
+        self.request = request
+        if hasattr(authenticator, "check"):  # a guard: verify, then the policy
+            principal = await authenticator.verify(self.metadata, self.context)
+            self.principal = principal  # known to the audit record even when refused
+            authenticator.check(principal, self.method.name, request)
         else:
             principal = await authenticator.authenticate(self.method.name, self.metadata)
+            self.principal = principal
         current_principal.set(principal)
         return principal
 
@@ -328,6 +335,8 @@ class _Call:
                 span.set_status(Status(StatusCode.ERROR, f"{code}:{details}"))
         span.end()
         otel_context.detach(self.token)
+        if method.record is not None:
+            method.record(method.name, self.principal, self.context, self.request, code)
         if self.code is None and self.method.logs_ok:
             self.method.log.debug("rpc_ok", method=self.method.name, duration_ms=round(
                 (time.perf_counter() - self.started) * 1000, 3))
@@ -553,7 +562,7 @@ async def start_server(
     if authenticator is None:
         from tally.kit.auth import build_authenticator
 
-        authenticator = build_authenticator(load_kit_config().address_of("accounts"))
+        authenticator = build_authenticator(load_kit_config().address_of("accounts"), app.name)
     server = grpc.aio.server(
         interceptors=[KitInterceptor(authenticator)],
         options=[

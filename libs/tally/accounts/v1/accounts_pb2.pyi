@@ -68,6 +68,30 @@ ROLE_GATEWAY: Role.ValueType  # 6
 """A gateway in front of model calls: authorize, record usage, read balances. Keys only."""
 Global___Role: _TypeAlias = Role  # noqa: Y015
 
+class _AuditExportFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AuditExportFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditExportFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AUDIT_EXPORT_FORMAT_UNSPECIFIED: _AuditExportFormat.ValueType  # 0
+    """Not set; JSON Lines."""
+    AUDIT_EXPORT_FORMAT_JSON_LINES: _AuditExportFormat.ValueType  # 1
+    """One JSON object per line."""
+    AUDIT_EXPORT_FORMAT_CSV: _AuditExportFormat.ValueType  # 2
+    """RFC 4180 CSV with a header row."""
+
+class AuditExportFormat(_AuditExportFormat, metaclass=_AuditExportFormatEnumTypeWrapper):
+    """Formats of ExportAudit."""
+
+AUDIT_EXPORT_FORMAT_UNSPECIFIED: AuditExportFormat.ValueType  # 0
+"""Not set; JSON Lines."""
+AUDIT_EXPORT_FORMAT_JSON_LINES: AuditExportFormat.ValueType  # 1
+"""One JSON object per line."""
+AUDIT_EXPORT_FORMAT_CSV: AuditExportFormat.ValueType  # 2
+"""RFC 4180 CSV with a header row."""
+Global___AuditExportFormat: _TypeAlias = AuditExportFormat  # noqa: Y015
+
 @_typing.final
 class Org(_message.Message):
     """A tenant."""
@@ -1335,3 +1359,243 @@ class WatchCredentialsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchCredentialsResponse: _TypeAlias = WatchCredentialsResponse  # noqa: Y015
+
+@_typing.final
+class AuditRecord(_message.Message):
+    """One audited call: who, what, when, from where, and how it ended."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORD_ID_FIELD_NUMBER: _builtins.int
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    VERIFIED_BY_FIELD_NUMBER: _builtins.int
+    RPC_FIELD_NUMBER: _builtins.int
+    TARGET_IDS_FIELD_NUMBER: _builtins.int
+    REQUEST_SHA256_FIELD_NUMBER: _builtins.int
+    PEER_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
+    record_id: _builtins.str
+    """Client-chosen unique id (the idempotency key of AppendAudit)."""
+    org_id: _builtins.str
+    """The org the call acted on; empty for platform-wide calls (price books, new orgs)."""
+    sequence: _builtins.int
+    """Position in the org's chain, from 1 (set by accounts)."""
+    principal: _builtins.str
+    """The verified principal ("key:<id>", "user:<sub>", "svc:<name>"), or "anonymous"."""
+    verified_by: _builtins.str
+    """How it was verified: api_key, oidc, mtls, trusted (development mode) or none."""
+    rpc: _builtins.str
+    """The full gRPC method called."""
+    request_sha256: _builtins.str
+    """Hex SHA-256 of the request message (deterministic serialization); empty for streams."""
+    peer: _builtins.str
+    """The caller's address as the server saw it."""
+    outcome: _builtins.str
+    """The gRPC status name the call ended with (OK, PERMISSION_DENIED, ...)."""
+    service: _builtins.str
+    """The service that served the call."""
+    hash: _builtins.str
+    """Hex SHA-256 chaining this record to the previous one of its org (set by accounts)."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the call ended."""
+
+    @_builtins.property
+    def target_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ids the request named (org, key, payment order, transfer, ...), as "field=value"."""
+
+    def __init__(
+        self,
+        *,
+        record_id: _builtins.str = ...,
+        org_id: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        principal: _builtins.str = ...,
+        verified_by: _builtins.str = ...,
+        rpc: _builtins.str = ...,
+        target_ids: _abc.Iterable[_builtins.str] | None = ...,
+        request_sha256: _builtins.str = ...,
+        peer: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+        service: _builtins.str = ...,
+        hash: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hash", b"hash", "org_id", b"org_id", "outcome", b"outcome", "peer", b"peer", "principal", b"principal", "record_id", b"record_id", "request_sha256", b"request_sha256", "rpc", b"rpc", "sequence", b"sequence", "service", b"service", "target_ids", b"target_ids", "time", b"time", "verified_by", b"verified_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditRecord: _TypeAlias = AuditRecord  # noqa: Y015
+
+@_typing.final
+class AppendAuditRequest(_message.Message):
+    """Request for AppendAudit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditRecord]:
+        """Records to append, at most 5,000."""
+
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[Global___AuditRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppendAuditRequest: _TypeAlias = AppendAuditRequest  # noqa: Y015
+
+@_typing.final
+class AppendAuditResponse(_message.Message):
+    """Response of AppendAudit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPENDED_FIELD_NUMBER: _builtins.int
+    appended: _builtins.int
+    """Records newly appended (replays of record ids already present are not counted)."""
+    def __init__(
+        self,
+        *,
+        appended: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appended", b"appended"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppendAuditResponse: _TypeAlias = AppendAuditResponse  # noqa: Y015
+
+@_typing.final
+class VerifyAuditRequest(_message.Message):
+    """Request for VerifyAudit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    org_id: _builtins.str
+    """The org whose chain to check; empty = the platform chain."""
+    def __init__(
+        self,
+        *,
+        org_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["org_id", b"org_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyAuditRequest: _TypeAlias = VerifyAuditRequest  # noqa: Y015
+
+@_typing.final
+class VerifyAuditResponse(_message.Message):
+    """Response of VerifyAudit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IS_INTACT_FIELD_NUMBER: _builtins.int
+    RECORDS_CHECKED_FIELD_NUMBER: _builtins.int
+    FIRST_ALTERED_SEQUENCE_FIELD_NUMBER: _builtins.int
+    FIRST_ALTERED_RECORD_ID_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
+    is_intact: _builtins.bool
+    """Whether every record matches its hash and links to the one before."""
+    records_checked: _builtins.int
+    """Records checked."""
+    first_altered_sequence: _builtins.int
+    """The first record that does not verify (0 when intact)."""
+    first_altered_record_id: _builtins.str
+    """Its record id ("" when intact)."""
+    problem: _builtins.str
+    """What does not match, in words."""
+    def __init__(
+        self,
+        *,
+        is_intact: _builtins.bool = ...,
+        records_checked: _builtins.int = ...,
+        first_altered_sequence: _builtins.int = ...,
+        first_altered_record_id: _builtins.str = ...,
+        problem: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_altered_record_id", b"first_altered_record_id", "first_altered_sequence", b"first_altered_sequence", "is_intact", b"is_intact", "problem", b"problem", "records_checked", b"records_checked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyAuditResponse: _TypeAlias = VerifyAuditResponse  # noqa: Y015
+
+@_typing.final
+class ExportAuditRequest(_message.Message):
+    """Request for ExportAudit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    org_id: _builtins.str
+    """The org; empty = the platform chain."""
+    format: Global___AuditExportFormat.ValueType
+    """Output format."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Start of the range (inclusive); unset = the beginning."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """End of the range (exclusive); unset = now."""
+
+    def __init__(
+        self,
+        *,
+        org_id: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        format: Global___AuditExportFormat.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "format", b"format", "org_id", b"org_id", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportAuditRequest: _TypeAlias = ExportAuditRequest  # noqa: Y015
+
+@_typing.final
+class ExportAuditResponse(_message.Message):
+    """One chunk of an export."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNK_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    """The next bytes of the file (UTF-8)."""
+    def __init__(
+        self,
+        *,
+        chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportAuditResponse: _TypeAlias = ExportAuditResponse  # noqa: Y015

@@ -115,6 +115,21 @@ class AccountsServiceStub:
                 request_serializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.WatchCredentialsRequest.SerializeToString,
                 response_deserializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.WatchCredentialsResponse.FromString,
                 _registered_method=True)
+        self.AppendAudit = channel.unary_unary(
+                '/tally.accounts.v1.AccountsService/AppendAudit',
+                request_serializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.AppendAuditRequest.SerializeToString,
+                response_deserializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.AppendAuditResponse.FromString,
+                _registered_method=True)
+        self.VerifyAudit = channel.unary_unary(
+                '/tally.accounts.v1.AccountsService/VerifyAudit',
+                request_serializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.VerifyAuditRequest.SerializeToString,
+                response_deserializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.VerifyAuditResponse.FromString,
+                _registered_method=True)
+        self.ExportAudit = channel.unary_stream(
+                '/tally.accounts.v1.AccountsService/ExportAudit',
+                request_serializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.ExportAuditRequest.SerializeToString,
+                response_deserializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.ExportAuditResponse.FromString,
+                _registered_method=True)
 
 
 class AccountsServiceServicer:
@@ -238,6 +253,29 @@ class AccountsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AppendAudit(self, request, context):
+        """Appends audit records (the kit of every service ships its calls here in batches). Each
+        record joins its org's hash chain once, whatever the retries (idempotent on record_id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyAudit(self, request, context):
+        """Recomputes an org's audit hash chain; names the first record that was altered, removed
+        or reordered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportAudit(self, request, context):
+        """An org's audit records in a time range as CSV or JSON Lines, in chunks, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccountsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -320,6 +358,21 @@ def add_AccountsServiceServicer_to_server(servicer, server):
                     servicer.WatchCredentials,
                     request_deserializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.WatchCredentialsRequest.FromString,
                     response_serializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.WatchCredentialsResponse.SerializeToString,
+            ),
+            'AppendAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppendAudit,
+                    request_deserializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.AppendAuditRequest.FromString,
+                    response_serializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.AppendAuditResponse.SerializeToString,
+            ),
+            'VerifyAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyAudit,
+                    request_deserializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.VerifyAuditRequest.FromString,
+                    response_serializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.VerifyAuditResponse.SerializeToString,
+            ),
+            'ExportAudit': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportAudit,
+                    request_deserializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.ExportAuditRequest.FromString,
+                    response_serializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.ExportAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -755,6 +808,87 @@ class AccountsService:
             '/tally.accounts.v1.AccountsService/WatchCredentials',
             tally_dot_accounts_dot_v1_dot_accounts__pb2.WatchCredentialsRequest.SerializeToString,
             tally_dot_accounts_dot_v1_dot_accounts__pb2.WatchCredentialsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.accounts.v1.AccountsService/AppendAudit',
+            tally_dot_accounts_dot_v1_dot_accounts__pb2.AppendAuditRequest.SerializeToString,
+            tally_dot_accounts_dot_v1_dot_accounts__pb2.AppendAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.accounts.v1.AccountsService/VerifyAudit',
+            tally_dot_accounts_dot_v1_dot_accounts__pb2.VerifyAuditRequest.SerializeToString,
+            tally_dot_accounts_dot_v1_dot_accounts__pb2.VerifyAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tally.accounts.v1.AccountsService/ExportAudit',
+            tally_dot_accounts_dot_v1_dot_accounts__pb2.ExportAuditRequest.SerializeToString,
+            tally_dot_accounts_dot_v1_dot_accounts__pb2.ExportAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -81,6 +81,16 @@ class AccountsServiceStub:
     membership, then each change as it commits. Services keep a local cache from it, so no
     call pays a hop to accounts. Ends with OK at the stream lifetime cap; clients reconnect.
     """
+    AppendAudit: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.AppendAuditRequest, _accounts_pb2.AppendAuditResponse]
+    """Appends audit records (the kit of every service ships its calls here in batches). Each
+    record joins its org's hash chain once, whatever the retries (idempotent on record_id).
+    """
+    VerifyAudit: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.VerifyAuditRequest, _accounts_pb2.VerifyAuditResponse]
+    """Recomputes an org's audit hash chain; names the first record that was altered, removed
+    or reordered.
+    """
+    ExportAudit: _grpc.UnaryStreamMultiCallable[_accounts_pb2.ExportAuditRequest, _accounts_pb2.ExportAuditResponse]
+    """An org's audit records in a time range as CSV or JSON Lines, in chunks, oldest first."""
 
 @_typing.type_check_only
 class AccountsServiceAsyncStub(AccountsServiceStub):
@@ -128,6 +138,16 @@ class AccountsServiceAsyncStub(AccountsServiceStub):
     membership, then each change as it commits. Services keep a local cache from it, so no
     call pays a hop to accounts. Ends with OK at the stream lifetime cap; clients reconnect.
     """
+    AppendAudit: _aio.UnaryUnaryMultiCallable[_accounts_pb2.AppendAuditRequest, _accounts_pb2.AppendAuditResponse]  # type: ignore[assignment]
+    """Appends audit records (the kit of every service ships its calls here in batches). Each
+    record joins its org's hash chain once, whatever the retries (idempotent on record_id).
+    """
+    VerifyAudit: _aio.UnaryUnaryMultiCallable[_accounts_pb2.VerifyAuditRequest, _accounts_pb2.VerifyAuditResponse]  # type: ignore[assignment]
+    """Recomputes an org's audit hash chain; names the first record that was altered, removed
+    or reordered.
+    """
+    ExportAudit: _aio.UnaryStreamMultiCallable[_accounts_pb2.ExportAuditRequest, _accounts_pb2.ExportAuditResponse]  # type: ignore[assignment]
+    """An org's audit records in a time range as CSV or JSON Lines, in chunks, oldest first."""
 
 class AccountsServiceServicer(metaclass=_abc_1.ABCMeta):
     """Orgs, projects, environments, members, API keys and the credentials feed."""
@@ -268,5 +288,33 @@ class AccountsServiceServicer(metaclass=_abc_1.ABCMeta):
         membership, then each change as it commits. Services keep a local cache from it, so no
         call pays a hop to accounts. Ends with OK at the stream lifetime cap; clients reconnect.
         """
+
+    @_abc_1.abstractmethod
+    def AppendAudit(
+        self,
+        request: _accounts_pb2.AppendAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_pb2.AppendAuditResponse, _abc.Awaitable[_accounts_pb2.AppendAuditResponse]]:
+        """Appends audit records (the kit of every service ships its calls here in batches). Each
+        record joins its org's hash chain once, whatever the retries (idempotent on record_id).
+        """
+
+    @_abc_1.abstractmethod
+    def VerifyAudit(
+        self,
+        request: _accounts_pb2.VerifyAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_pb2.VerifyAuditResponse, _abc.Awaitable[_accounts_pb2.VerifyAuditResponse]]:
+        """Recomputes an org's audit hash chain; names the first record that was altered, removed
+        or reordered.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportAudit(
+        self,
+        request: _accounts_pb2.ExportAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_accounts_pb2.ExportAuditResponse], _abc.AsyncIterator[_accounts_pb2.ExportAuditResponse]]:
+        """An org's audit records in a time range as CSV or JSON Lines, in chunks, oldest first."""
 
 def add_AccountsServiceServicer_to_server(servicer: AccountsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
