@@ -391,6 +391,8 @@ class Guard:
     """Started with the server: keeps `cache` current (None: someone else does)."""
     auditor: Auditor | None = None
     """Where audited calls are recorded (None: not audited)."""
+    ready_timeout_s: float = 10.0
+    """How long `start` waits for the first credentials snapshot."""
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Future[Any]] = field(default_factory=list)
     _audited: dict[str, bool] = field(default_factory=dict)
@@ -401,6 +403,12 @@ class Guard:
             return
         if self.follow is not None:
             self._tasks.append(asyncio.ensure_future(self.follow(self._stop)))
+            # Serving before the first snapshot would refuse every valid key: wait for it
+            # (bounded; a server whose accounts is down still starts, refusing keys).
+            try:
+                await asyncio.wait_for(self.cache.ready.wait(), self.ready_timeout_s)
+            except TimeoutError:
+                log.error("credentials_not_loaded", waited_s=self.ready_timeout_s)
         if self.auditor is not None:
             self._tasks.append(asyncio.ensure_future(self.auditor.run(self._stop)))
 
