@@ -553,12 +553,14 @@ async def start_server(
     grace_seconds: float = 10.0,
     drain_delay_seconds: float = 0.0,
     authenticator: Authenticator | None = None,
+    tls: Any = None,
 ) -> RunningServer:
     """Builds, binds and starts `app`; returns once every service reports SERVING.
 
     Without an `authenticator`, the one TALLY_AUTH_MODE configures (tally.kit.auth): the
     guard, following accounts' credentials feed at TALLY_ACCOUNTS_ADDRESS, unless
-    development mode (trust) is asked for."""
+    development mode (trust) is asked for. With `tls` (a tally.kit.tls.TlsFiles; else
+    TALLY_TLS_CERT / _KEY / _CLIENT_CA) the port serves mutual TLS only."""
     if authenticator is None:
         from tally.kit.auth import build_authenticator
 
@@ -576,7 +578,13 @@ async def start_server(
     reflection.enable_server_reflection(
         [*app.service_names, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    from tally.kit import tls as kit_tls
+
+    files = tls if tls is not None else kit_tls.server_files()
+    if files is not None:  # mTLS only: no plaintext port beside it
+        bound = server.add_secure_port(f"{host}:{port}", kit_tls.server_credentials(files))
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"{app.name}: could not bind {host}:{port}")
     await server.start()
