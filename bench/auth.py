@@ -154,7 +154,7 @@ async def guard_cpu(secret: str, calls: int) -> float:
             secret_sha256=sha256(secret.encode()).hexdigest())])
     cache.apply(update)
 
-    async def discard(batch: Sequence[Any]) -> None:
+    async def discard(batch: Sequence[Any], uses: Any) -> None:
         return None
 
     guard = Guard(cache, auditor=Auditor("metering", discard, max_queue=calls + 1,

@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from tally.accounts.v1 import accounts_pb2 as pb
+from tally.kit.errors import invalid
 from tally.kit.protoconv import enum_or_none, enum_out, to_timestamp
 
-from .audit import AuditEntry, Verdict
+from .audit import MAX_APPEND, AuditEntry, Verdict
 from .domain import (
     ApiKey,
     CredentialsUpdate,
@@ -64,7 +65,8 @@ def key_to_proto(key: ApiKey) -> pb.ApiKey:
                      prefix=key.prefix, create_time=to_timestamp(key.created_at),
                      expire_time=to_timestamp(key.expires_at),
                      revoke_time=to_timestamp(key.revoked_at),
-                     replaced_by_key_id=key.replaced_by, created_by=key.created_by)
+                     replaced_by_key_id=key.replaced_by, created_by=key.created_by,
+                     last_use_time=to_timestamp(key.last_used_at))
 
 
 def issued_to_create(issued: IssuedKey) -> pb.CreateApiKeyResponse:
@@ -86,7 +88,8 @@ def update_to_proto(update: CredentialsUpdate) -> pb.WatchCredentialsResponse:
         keys=[pb.KeyCredential(key=key_to_proto(k), secret_sha256=k.secret_sha256)
               for k in update.keys],
         members=[pb.MemberCredential(member=member_to_proto(m.member), removed=m.is_removed)
-                 for m in update.members])
+                 for m in update.members],
+        orgs=[org_to_proto(o) for o in update.orgs])
 
 
 def audit_in(record: pb.AuditRecord, service_default: str = "") -> AuditEntry:
@@ -108,3 +111,11 @@ def verdict_to_proto(verdict: Verdict) -> pb.VerifyAuditResponse:
                                   first_altered_sequence=verdict.first_altered_sequence,
                                   first_altered_record_id=verdict.first_altered_record_id,
                                   problem=verdict.problem)
+
+
+def key_uses_in(request: pb.AppendAuditRequest) -> list[tuple[str, datetime]]:
+    """Reported key uses, bounded."""
+    if len(request.key_uses) > MAX_APPEND:
+        raise invalid("key_uses", f"at most {MAX_APPEND} per call")
+    return [(u.key_id, u.last_use_time.ToDatetime(tzinfo=UTC)) for u in request.key_uses
+            if u.key_id and u.HasField("last_use_time")]

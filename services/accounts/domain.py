@@ -124,6 +124,7 @@ class ApiKey:
     expires_at: datetime | None = None
     revoked_at: datetime | None = None
     replaced_by: str = ""
+    last_used_at: datetime | None = None
 
     def is_active(self, now: datetime) -> bool:
         """Neither revoked nor expired at `now`."""
@@ -165,6 +166,7 @@ class CredentialsUpdate:
     is_snapshot: bool
     keys: Sequence[ApiKey] = ()
     members: Sequence[MemberChange] = ()
+    orgs: Sequence[Org] = ()
 
 
 # --- validation ---------------------------------------------------------------------------

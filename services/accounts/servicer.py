@@ -171,6 +171,7 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
         """Chains shipped records into their orgs' logs."""
         appended = await self.audit.append(audit.checked_batch(
             [convert.audit_in(r) for r in request.records]))
+        await self.store.record_key_uses(convert.key_uses_in(request))
         return pb.AppendAuditResponse(appended=appended)
 
     async def VerifyAudit(self, request: pb.VerifyAuditRequest, context: Context

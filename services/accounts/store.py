@@ -45,7 +45,7 @@ CHANNEL: Final = "accounts_credentials"
 _CREDENTIALS_LOCK_KEY: Final = 0x7A11_0A00
 _KEY_COLUMNS: Final = ("key_id, org_id, project_id, environment_id, role, name, prefix, "
                        "secret_sha256, created_at, created_by, expires_at, revoked_at, "
-                       "replaced_by")
+                       "replaced_by, last_used_at")
 _PAID: Final = [r.value for r in PAID_ROLES]
 Conn: TypeAlias = (
     "asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]")
@@ -65,7 +65,7 @@ def _key(row: asyncpg.Record) -> ApiKey:
                   name=row["name"], prefix=row["prefix"], secret_sha256=row["secret_sha256"],
                   created_at=row["created_at"], created_by=row["created_by"],
                   expires_at=row["expires_at"], revoked_at=row["revoked_at"],
-                  replaced_by=row["replaced_by"])
+                  replaced_by=row["replaced_by"], last_used_at=row["last_used_at"])
 
 
 async def _changed(conn: Conn, kind: str, org_id: str, ref: str) -> None:
@@ -109,6 +109,7 @@ class AccountsPgStore:
                 "VALUES ($1, $2, $3, $4)", owner.org_id, owner.subject, owner.role.value,
                 owner.created_at)
             await _changed(conn, "member", owner.org_id, owner.subject)
+            await _changed(conn, "org", org.org_id, org.org_id)
         return _org(row), owner, True
 
     async def get_org(self, org_id: str) -> Org | None:
@@ -375,8 +376,10 @@ class AccountsPgStore:
                 f"SELECT {_KEY_COLUMNS} FROM accounts.api_keys WHERE revoked_at IS NULL "
                 "AND (expires_at IS NULL OR expires_at > now())")
             members = await conn.fetch("SELECT * FROM accounts.members")
+            orgs = await conn.fetch("SELECT * FROM accounts.orgs")
         return CredentialsUpdate(revision, True, [_key(r) for r in keys],
-                                 [MemberChange(_member(r)) for r in members])
+                                 [MemberChange(_member(r)) for r in members],
+                                 [_org(r) for r in orgs])
 
     async def credentials_after(self, revision: int) -> CredentialsUpdate:
         """Keys and memberships changed after `revision`, as they now stand."""
@@ -391,6 +394,9 @@ class AccountsPgStore:
                                   if c["kind"] == "member"})
             keys = await conn.fetch(f"SELECT {_KEY_COLUMNS} FROM accounts.api_keys "
                                     "WHERE key_id = ANY($1::text[])", key_ids)
+            orgs = await conn.fetch(
+                "SELECT * FROM accounts.orgs WHERE org_id = ANY($1::text[])",
+                sorted({c["ref"] for c in changes if c["kind"] == "org"}))
             rows = await conn.fetch(
                 "SELECT m.* FROM accounts.members m JOIN unnest($1::text[], $2::text[]) "
                 "AS c(org_id, subject) USING (org_id, subject)",
@@ -400,7 +406,15 @@ class AccountsPgStore:
                    MemberChange(Member(ref[0], ref[1], Role.VIEWER, _EPOCH), is_removed=True)
                    for ref in member_refs]
         return CredentialsUpdate(changes[-1]["revision"], False, [_key(r) for r in keys],
-                                 members)
+                                 members, [_org(r) for r in orgs])
+
+    async def record_key_uses(self, uses: Sequence[tuple[str, datetime]]) -> None:
+        """Moves each key's last use forward (never back; not a credential change)."""
+        if uses:
+            await self.pool.execute(
+                "UPDATE accounts.api_keys k SET last_used_at = greatest(k.last_used_at, u.at) "
+                "FROM unnest($1::text[], $2::timestamptz[]) AS u(key_id, at) "
+                "WHERE k.key_id = u.key_id", [k for k, _ in uses], [t for _, t in uses])
 
     async def follow(self, wake: Callable[[], None], stop: asyncio.Event,
                      retry_s: float = 1.0) -> None:

@@ -20,7 +20,7 @@ import hashlib
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -57,7 +57,8 @@ def is_audited(method: str) -> bool:
 
 # (record_id, org_id, at, principal, verified_by, service, rpc, targets, digest, peer, outcome)
 Record = tuple[str, str, float, str, str, str, str, tuple[str, ...], str, str, str]
-Sink = Callable[[Sequence[Record]], Awaitable[None]]
+Sink = Callable[[Sequence[Record], Mapping[str, float]], Awaitable[None]]
+"""Ships records, and the API keys used since the last shipment (key_id -> when)."""
 
 
 @dataclass
@@ -70,7 +71,10 @@ class Auditor:
     batch_size: int = 1000
     flush_ms: int = 50
     retry_ms: int = 500
+    key_uses: Callable[[], dict[str, float]] | None = None
+    """Takes the key uses to report with the next shipment (the guard's cache)."""
     _queue: deque[Record] = field(default_factory=deque)
+    _uses: dict[str, float] = field(default_factory=dict)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _id_fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
@@ -113,9 +117,13 @@ class Auditor:
 
     async def flush(self) -> None:
         """Ships everything queued now (raises if the sink fails; nothing is lost then)."""
-        while self._queue:
+        if self.key_uses is not None:
+            for key_id, at in self.key_uses().items():
+                self._uses[key_id] = max(at, self._uses.get(key_id, at))
+        while self._queue or self._uses:
             batch = [self._queue[i] for i in range(min(self.batch_size, len(self._queue)))]
-            await self.sink(batch)
+            await self.sink(batch, self._uses)
+            self._uses = {}
             for _ in batch:
                 self._queue.popleft()
 
@@ -149,7 +157,7 @@ def grpc_sink(channel: Any, timeout_s: float = 5.0) -> Sink:
 
     stub = accounts_pb2_grpc.AccountsServiceStub(channel)
 
-    async def ship(batch: Sequence[Record]) -> None:
+    async def ship(batch: Sequence[Record], uses: Mapping[str, float]) -> None:
         records = []
         for (record_id, org, at, who, how, service, rpc, targets, digest, peer,
              outcome) in batch:
@@ -159,7 +167,13 @@ def grpc_sink(channel: Any, timeout_s: float = 5.0) -> Sink:
                 peer=peer, outcome=outcome)
             message.time.FromNanoseconds(int(at * 1e9))
             records.append(message)
-        await stub.AppendAudit(accounts_pb2.AppendAuditRequest(records=records),
+        key_uses = []
+        for key_id, at in uses.items():
+            use = accounts_pb2.KeyUse(key_id=key_id)
+            use.last_use_time.FromNanoseconds(int(at * 1e9))
+            key_uses.append(use)
+        await stub.AppendAudit(accounts_pb2.AppendAuditRequest(records=records,
+                                                               key_uses=key_uses),
                                timeout=timeout_s)
 
     return ship

@@ -120,6 +120,9 @@ class AuthConfig:
     oidc_min_refresh_s: int = setting("TALLY_OIDC_MIN_REFRESH_S", parse_non_negative_int,
                                       "seconds between JWKS refreshes on an unknown kid",
                                       default=30)
+    regions: frozenset[str] | None = setting(
+        "TALLY_REGIONS", lambda raw: frozenset(r.strip() for r in raw.split(",") if r.strip()),
+        "comma-separated regions this deployment serves", default=None)
     audit: bool = setting("TALLY_AUDIT", parse_bool, "true or false", default=True)
     audit_flush_ms: int = setting("TALLY_AUDIT_FLUSH_MS", parse_positive_int,
                                   "milliseconds between shipments to accounts", default=50)
@@ -168,7 +171,14 @@ class CredentialCache:
     revision: int = 0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     last_used: dict[str, float] = field(default_factory=dict)
-    """key_id -> when this replica last accepted it."""
+    """key_id -> when this replica last accepted it (since the last report to accounts)."""
+    regions: dict[str, str] = field(default_factory=dict)
+    """org_id -> the region its data lives in."""
+
+    def take_key_uses(self) -> dict[str, float]:
+        """The key uses since the last call (handed to accounts by the auditor)."""
+        uses, self.last_used = self.last_used, {}
+        return uses
 
     def apply(self, update: Any) -> None:
         """Merges (or, for a snapshot, replaces with) one WatchCredentialsResponse."""
@@ -189,8 +199,12 @@ class CredentialCache:
                 orgs.pop(member.org_id, None)
             else:
                 orgs[member.org_id] = _role_name(member.role)
+        regions = {} if update.is_snapshot else dict(self.regions)
+        for org in update.orgs:
+            regions[org.org_id] = org.region
         # Swapped whole: a call verifying meanwhile sees the old state or the new, never half.
         self.keys, self.members, self.revision = keys, members, update.revision
+        self.regions = regions
         self.ready.set()
 
     def key(self, secret: str) -> KeyEntry:
@@ -393,6 +407,8 @@ class Guard:
     """Where audited calls are recorded (None: not audited)."""
     ready_timeout_s: float = 10.0
     """How long `start` waits for the first credentials snapshot."""
+    regions: frozenset[str] | None = None
+    """The data-residency regions this server serves (None: every region)."""
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Future[Any]] = field(default_factory=list)
     _audited: dict[str, bool] = field(default_factory=dict)
@@ -502,6 +518,7 @@ class Guard:
             for org in sorted(orgs):
                 if not rule.roles & principal.roles_in(org):
                     raise _denied(rule, method, principal, org)
+                self._check_region(org)
             _check_scope(principal, request)
             return
         if request is not None and rule.org_fields and rule.org_required:
@@ -510,6 +527,17 @@ class Guard:
             return
         if not rule.roles & principal.all_roles():
             raise _denied(rule, method, principal, None)
+
+    def _check_region(self, org: str) -> None:
+        """An org whose data lives in a region this server does not serve is sent there."""
+        if self.regions is None:
+            return
+        region = self.cache.regions.get(org)
+        if region is not None and region not in self.regions:
+            raise TallyError(Reason.WRONG_REGION,
+                             f"org {org!r} lives in region {region!r}; this service serves "
+                             f"{', '.join(sorted(self.regions))}: call region {region!r}",
+                             metadata={"org_id": org, "region": region})
 
     def check_message(self, principal: Principal, method: str, message: Any) -> None:
         """A client stream's message: the orgs it names, as for a unary request."""
@@ -566,7 +594,8 @@ def build_authenticator(accounts_address: str, service: str,
 
     cache = CredentialCache()
     auditor = (Auditor(service, grpc_sink(peer_channel(accounts_address)),
-                       max_queue=config.audit_max_queue, flush_ms=config.audit_flush_ms)
+                       max_queue=config.audit_max_queue, flush_ms=config.audit_flush_ms,
+                       key_uses=cache.take_key_uses)
                if config.audit else None)
     oidc = (OidcVerifier(config.oidc_issuer, config.oidc_audience, config.oidc_algorithms,
                          config.oidc_leeway_s, config.oidc_min_refresh_s)
@@ -582,4 +611,4 @@ def build_authenticator(accounts_address: str, service: str,
     log.info("auth_enforced", accounts=accounts_address, oidc_issuer=config.oidc_issuer or None,
              services=sorted(config.services or ()), mesh_identity=config.mesh_identity)
     return Guard(cache, oidc, config.services or {}, config.mesh_identity, follow=follow,
-                 auditor=auditor)
+                 auditor=auditor, regions=config.regions)

@@ -268,6 +268,7 @@ class ApiKey(_message.Message):
     REVOKE_TIME_FIELD_NUMBER: _builtins.int
     REPLACED_BY_KEY_ID_FIELD_NUMBER: _builtins.int
     CREATED_BY_FIELD_NUMBER: _builtins.int
+    LAST_USE_TIME_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """Stable id ("key_<hex>"), used to rotate or revoke."""
     org_id: _builtins.str
@@ -298,6 +299,12 @@ class ApiKey(_message.Message):
     def revoke_time(self) -> _timestamp_pb2.Timestamp:
         """When it was revoked; unset = not revoked."""
 
+    @_builtins.property
+    def last_use_time(self) -> _timestamp_pb2.Timestamp:
+        """When a service last accepted it (reported by the services' guards within about a
+        minute); unset = never used.
+        """
+
     def __init__(
         self,
         *,
@@ -313,10 +320,11 @@ class ApiKey(_message.Message):
         revoke_time: _timestamp_pb2.Timestamp | None = ...,
         replaced_by_key_id: _builtins.str = ...,
         created_by: _builtins.str = ...,
+        last_use_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "revoke_time", b"revoke_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "last_use_time", b"last_use_time", "revoke_time", b"revoke_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "environment_id", b"environment_id", "expire_time", b"expire_time", "key_id", b"key_id", "name", b"name", "org_id", b"org_id", "prefix", b"prefix", "project_id", b"project_id", "replaced_by_key_id", b"replaced_by_key_id", "revoke_time", b"revoke_time", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "environment_id", b"environment_id", "expire_time", b"expire_time", "key_id", b"key_id", "last_use_time", b"last_use_time", "name", b"name", "org_id", b"org_id", "prefix", b"prefix", "project_id", b"project_id", "replaced_by_key_id", b"replaced_by_key_id", "revoke_time", b"revoke_time", "role", b"role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1332,6 +1340,7 @@ class WatchCredentialsResponse(_message.Message):
     IS_SNAPSHOT_FIELD_NUMBER: _builtins.int
     KEYS_FIELD_NUMBER: _builtins.int
     MEMBERS_FIELD_NUMBER: _builtins.int
+    ORGS_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """The revision this message brings the caller to."""
     is_snapshot: _builtins.bool
@@ -1344,6 +1353,10 @@ class WatchCredentialsResponse(_message.Message):
     def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemberCredential]:
         """Memberships added, changed or removed."""
 
+    @_builtins.property
+    def orgs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Org]:
+        """Orgs created, with their regions (a service refuses orgs of regions it does not serve)."""
+
     def __init__(
         self,
         *,
@@ -1351,10 +1364,11 @@ class WatchCredentialsResponse(_message.Message):
         is_snapshot: _builtins.bool = ...,
         keys: _abc.Iterable[Global___KeyCredential] | None = ...,
         members: _abc.Iterable[Global___MemberCredential] | None = ...,
+        orgs: _abc.Iterable[Global___Org] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_snapshot", b"is_snapshot", "keys", b"keys", "members", b"members", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_snapshot", b"is_snapshot", "keys", b"keys", "members", b"members", "orgs", b"orgs", "revision", b"revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1435,24 +1449,58 @@ class AuditRecord(_message.Message):
 Global___AuditRecord: _TypeAlias = AuditRecord  # noqa: Y015
 
 @_typing.final
+class KeyUse(_message.Message):
+    """When a service last accepted one API key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    LAST_USE_TIME_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """The key."""
+    @_builtins.property
+    def last_use_time(self) -> _timestamp_pb2.Timestamp:
+        """The last time it was accepted (only moves a key's last_use_time forward)."""
+
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        last_use_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_use_time", b"last_use_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "last_use_time", b"last_use_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyUse: _TypeAlias = KeyUse  # noqa: Y015
+
+@_typing.final
 class AppendAuditRequest(_message.Message):
     """Request for AppendAudit."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     RECORDS_FIELD_NUMBER: _builtins.int
+    KEY_USES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditRecord]:
         """Records to append, at most 5,000."""
+
+    @_builtins.property
+    def key_uses(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyUse]:
+        """Keys accepted since the last report, at most 5,000."""
 
     def __init__(
         self,
         *,
         records: _abc.Iterable[Global___AuditRecord] | None = ...,
+        key_uses: _abc.Iterable[Global___KeyUse] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_uses", b"key_uses", "records", b"records"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
