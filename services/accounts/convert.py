@@ -35,7 +35,8 @@ def role_out(role: Role) -> pb.Role.ValueType:
 def org_to_proto(org: Org) -> pb.Org:
     """An org as the wire message."""
     return pb.Org(org_id=org.org_id, name=org.name, region=org.region,
-                  seat_limit=org.seat_limit, create_time=to_timestamp(org.created_at))
+                  seat_limit=org.seat_limit, create_time=to_timestamp(org.created_at),
+                  is_sso_required=org.is_sso_required)
 
 
 def project_to_proto(project: Project) -> pb.Project:

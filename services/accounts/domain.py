@@ -69,6 +69,7 @@ class Org:
     region: str
     seat_limit: int
     created_at: datetime
+    is_sso_required: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,6 +424,10 @@ class AccountsStore(CredentialSource, Protocol):
         """The org, if it exists."""
         ...
 
+    async def set_sso_required(self, org_id: str, is_sso_required: bool) -> Org:
+        """Sets the flag (a credential change: every guard learns it)."""
+        ...
+
     async def create_project(self, project: Project) -> tuple[Project, bool]:
         """Inserts, or returns the existing project (and False)."""
         ...
@@ -544,6 +549,11 @@ class Accounts:
                              f"environment_id: {environment_id!r} already exists with another "
                              "name", field="environment_id")
         return stored
+
+    async def set_sso_required(self, *, org_id: str, is_sso_required: bool) -> Org:
+        """Requires (or not) single sign-on for the org's people."""
+        raise_if([check_slug("org_id", org_id, 64)])
+        return await self.store.set_sso_required(org_id, is_sso_required)
 
     async def invite_member(self, *, org_id: str, subject: str, role: Role | None) -> Member:
         """Adds a member (a paid role needs a free paid seat)."""

@@ -53,6 +53,13 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
         return pb.GetOrgResponse(org=convert.org_to_proto(
             await self.accounts.get_org(request.org_id)))
 
+    async def SetSsoRequired(self, request: pb.SetSsoRequiredRequest, context: Context
+                             ) -> pb.SetSsoRequiredResponse:
+        """Requires (or not) single sign-on for the org's people."""
+        org = await self.accounts.set_sso_required(org_id=request.org_id,
+                                                   is_sso_required=request.is_sso_required)
+        return pb.SetSsoRequiredResponse(org=convert.org_to_proto(org))
+
     async def CreateProject(self, request: pb.CreateProjectRequest, context: Context
                             ) -> pb.CreateProjectResponse:
         """A project of an org."""

@@ -52,7 +52,8 @@ Conn: TypeAlias = (
 
 
 def _org(row: asyncpg.Record) -> Org:
-    return Org(row["org_id"], row["name"], row["region"], row["seat_limit"], row["created_at"])
+    return Org(row["org_id"], row["name"], row["region"], row["seat_limit"], row["created_at"],
+               row["sso_required"])
 
 
 def _member(row: asyncpg.Record) -> Member:
@@ -116,6 +117,18 @@ class AccountsPgStore:
         """The org, if it exists."""
         row = await self.pool.fetchrow("SELECT * FROM accounts.orgs WHERE org_id = $1", org_id)
         return _org(row) if row else None
+
+    async def set_sso_required(self, org_id: str, is_sso_required: bool) -> Org:
+        """Sets the flag; every guard learns it through the feed."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await _lock_credentials(conn)
+            row = await conn.fetchrow("UPDATE accounts.orgs SET sso_required = $2 "
+                                      "WHERE org_id = $1 RETURNING *", org_id, is_sso_required)
+            if row is None:
+                raise TallyError(Reason.NOT_FOUND, f"org_id: no org {org_id!r}",
+                                 field="org_id")
+            await _changed(conn, "org", org_id, org_id)
+        return _org(row)
 
     async def create_project(self, project: Project) -> tuple[Project, bool]:
         """Inserts, or returns the existing project (and False)."""

@@ -69,3 +69,29 @@ async def test_a_keys_last_use_reaches_accounts(ids: Identities, db_url: str) ->
             assert shown.last_use_time.ToNanoseconds() / 1e9 >= before - 1
     finally:
         await channel.close()
+
+
+async def test_an_org_that_requires_sso_refuses_its_peoples_keys_but_not_its_gateways(
+        ids: Identities) -> None:
+    from tally.kit.errors import TallyError
+
+    guard = await ids.started(ids.guard())
+    person_key = await ids.key("acme", apb.ROLE_DEVELOPER)
+    gateway_key = await ids.key("acme", apb.ROLE_GATEWAY)
+    other_org_key = await ids.key("beta", apb.ROLE_DEVELOPER)
+    changed = await ids.accounts.SetSsoRequired(apb.SetSsoRequiredRequest(
+        org_id="acme", is_sso_required=True))
+    assert changed.org.is_sso_required
+    await ids.synced(guard)
+    with pytest.raises(TallyError) as refused:
+        await guard.verify(bearer(person_key.secret), None)
+    assert refused.value.reason is Reason.UNAUTHENTICATED
+    assert "single sign-on" in refused.value.message
+    assert (await guard.verify(bearer(gateway_key.secret), None)).roles_in("acme") == {
+        "gateway"}
+    assert (await guard.verify(bearer(ids.provider.token("owner@acme.test")), None)
+            ).roles_in("acme") == {"owner"}
+    await guard.verify(bearer(other_org_key.secret), None)  # beta does not require it
+    await ids.accounts.SetSsoRequired(apb.SetSsoRequiredRequest(org_id="acme"))
+    await ids.synced(guard)
+    await guard.verify(bearer(person_key.secret), None)

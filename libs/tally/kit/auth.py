@@ -61,6 +61,9 @@ MAX_TOKEN_BYTES: Final = 8192
 """Longest bearer token read: larger is refused before any parsing (a JWT with a handful of
 claims is well under 2 KiB)."""
 MESH_IDENTITY_HEADER: Final = "l5d-client-id"
+_PERSON_ROLES: Final = frozenset({policy.OWNER, policy.ADMIN, policy.BILLING, policy.DEVELOPER,
+                                  policy.VIEWER})
+"""Interactive roles: refused on API keys of an org that requires single sign-on."""
 
 
 def unauthenticated(why: str) -> TallyError:
@@ -174,6 +177,8 @@ class CredentialCache:
     """key_id -> when this replica last accepted it (since the last report to accounts)."""
     regions: dict[str, str] = field(default_factory=dict)
     """org_id -> the region its data lives in."""
+    sso_required: frozenset[str] = frozenset()
+    """Orgs whose people must sign in with OIDC (their keys with a person's role refused)."""
 
     def take_key_uses(self) -> dict[str, float]:
         """The key uses since the last call (handed to accounts by the auditor)."""
@@ -200,11 +205,13 @@ class CredentialCache:
             else:
                 orgs[member.org_id] = _role_name(member.role)
         regions = {} if update.is_snapshot else dict(self.regions)
+        sso = set() if update.is_snapshot else set(self.sso_required)
         for org in update.orgs:
             regions[org.org_id] = org.region
+            (sso.add if org.is_sso_required else sso.discard)(org.org_id)
         # Swapped whole: a call verifying meanwhile sees the old state or the new, never half.
         self.keys, self.members, self.revision = keys, members, update.revision
-        self.regions = regions
+        self.regions, self.sso_required = regions, frozenset(sso)
         self.ready.set()
 
     def key(self, secret: str) -> KeyEntry:
@@ -476,6 +483,10 @@ class Guard:
                               "token>' or call over mTLS")
 
     def _key_principal(self, key: KeyEntry) -> Principal:
+        if key.org_id in self.cache.sso_required and key.role in _PERSON_ROLES:
+            raise unauthenticated(f"org {key.org_id!r} requires single sign-on: its people "
+                                  f"sign in with OIDC; API key {key.key_id} with role "
+                                  f"{key.role!r} is refused (gateway keys still work)")
         return Principal(identity=f"key:{key.key_id}", verified_by="api_key",
                          org_roles={key.org_id: frozenset({key.role})},
                          project_id=key.project_id, environment_id=key.environment_id)

@@ -103,6 +103,7 @@ class Org(_message.Message):
     REGION_FIELD_NUMBER: _builtins.int
     SEAT_LIMIT_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    IS_SSO_REQUIRED_FIELD_NUMBER: _builtins.int
     org_id: _builtins.str
     """Client-chosen id: 1..64 of [a-z0-9-]."""
     name: _builtins.str
@@ -111,6 +112,10 @@ class Org(_message.Message):
     """Data-residency region the org's data lives in (e.g. "eu-west"); fixed at creation."""
     seat_limit: _builtins.int
     """Paid seats (owner, admin, developer members) the org's plan allows."""
+    is_sso_required: _builtins.bool
+    """Whether people must sign in through the org's OIDC provider: API keys with a person's
+    role (admin, billing, developer, viewer) are then refused; gateway keys still work.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the org was created."""
@@ -123,10 +128,11 @@ class Org(_message.Message):
         region: _builtins.str = ...,
         seat_limit: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        is_sso_required: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "name", b"name", "org_id", b"org_id", "region", b"region", "seat_limit", b"seat_limit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "is_sso_required", b"is_sso_required", "name", b"name", "org_id", b"org_id", "region", b"region", "seat_limit", b"seat_limit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1647,3 +1653,59 @@ class ExportAuditResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExportAuditResponse: _TypeAlias = ExportAuditResponse  # noqa: Y015
+
+@_typing.final
+class SetSsoRequiredRequest(_message.Message):
+    """Request for SetSsoRequired."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    IS_SSO_REQUIRED_FIELD_NUMBER: _builtins.int
+    org_id: _builtins.str
+    """The org."""
+    is_sso_required: _builtins.bool
+    """Whether people must sign in with OIDC."""
+    @_builtins.property
+    def context(self) -> _common_pb2.RequestContext:
+        """Audit context (actor)."""
+
+    def __init__(
+        self,
+        *,
+        context: _common_pb2.RequestContext | None = ...,
+        org_id: _builtins.str = ...,
+        is_sso_required: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "is_sso_required", b"is_sso_required", "org_id", b"org_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetSsoRequiredRequest: _TypeAlias = SetSsoRequiredRequest  # noqa: Y015
+
+@_typing.final
+class SetSsoRequiredResponse(_message.Message):
+    """Response of SetSsoRequired."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORG_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def org(self) -> Global___Org:
+        """The org after the change."""
+
+    def __init__(
+        self,
+        *,
+        org: Global___Org | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["org", b"org"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["org", b"org"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetSsoRequiredResponse: _TypeAlias = SetSsoRequiredResponse  # noqa: Y015

@@ -110,6 +110,11 @@ class AccountsServiceStub:
                 request_serializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.GetSeatUsageRequest.SerializeToString,
                 response_deserializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.GetSeatUsageResponse.FromString,
                 _registered_method=True)
+        self.SetSsoRequired = channel.unary_unary(
+                '/tally.accounts.v1.AccountsService/SetSsoRequired',
+                request_serializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.SetSsoRequiredRequest.SerializeToString,
+                response_deserializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.SetSsoRequiredResponse.FromString,
+                _registered_method=True)
         self.WatchCredentials = channel.unary_stream(
                 '/tally.accounts.v1.AccountsService/WatchCredentials',
                 request_serializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.WatchCredentialsRequest.SerializeToString,
@@ -244,6 +249,13 @@ class AccountsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetSsoRequired(self, request, context):
+        """Requires (or stops requiring) single sign-on for the org's people.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchCredentials(self, request, context):
         """The credentials every service verifies callers against: a snapshot of every API key and
         membership, then each change as it commits. Services keep a local cache from it, so no
@@ -353,6 +365,11 @@ def add_AccountsServiceServicer_to_server(servicer, server):
                     servicer.GetSeatUsage,
                     request_deserializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.GetSeatUsageRequest.FromString,
                     response_serializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.GetSeatUsageResponse.SerializeToString,
+            ),
+            'SetSsoRequired': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSsoRequired,
+                    request_deserializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.SetSsoRequiredRequest.FromString,
+                    response_serializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.SetSsoRequiredResponse.SerializeToString,
             ),
             'WatchCredentials': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchCredentials,
@@ -781,6 +798,33 @@ class AccountsService:
             '/tally.accounts.v1.AccountsService/GetSeatUsage',
             tally_dot_accounts_dot_v1_dot_accounts__pb2.GetSeatUsageRequest.SerializeToString,
             tally_dot_accounts_dot_v1_dot_accounts__pb2.GetSeatUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSsoRequired(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.accounts.v1.AccountsService/SetSsoRequired',
+            tally_dot_accounts_dot_v1_dot_accounts__pb2.SetSsoRequiredRequest.SerializeToString,
+            tally_dot_accounts_dot_v1_dot_accounts__pb2.SetSsoRequiredResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -76,6 +76,8 @@ class AccountsServiceStub:
     """Lists an org's API keys (prefixes and metadata, never secrets)."""
     GetSeatUsage: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.GetSeatUsageRequest, _accounts_pb2.GetSeatUsageResponse]
     """Seats an org uses against its limit."""
+    SetSsoRequired: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.SetSsoRequiredRequest, _accounts_pb2.SetSsoRequiredResponse]
+    """Requires (or stops requiring) single sign-on for the org's people."""
     WatchCredentials: _grpc.UnaryStreamMultiCallable[_accounts_pb2.WatchCredentialsRequest, _accounts_pb2.WatchCredentialsResponse]
     """The credentials every service verifies callers against: a snapshot of every API key and
     membership, then each change as it commits. Services keep a local cache from it, so no
@@ -133,6 +135,8 @@ class AccountsServiceAsyncStub(AccountsServiceStub):
     """Lists an org's API keys (prefixes and metadata, never secrets)."""
     GetSeatUsage: _aio.UnaryUnaryMultiCallable[_accounts_pb2.GetSeatUsageRequest, _accounts_pb2.GetSeatUsageResponse]  # type: ignore[assignment]
     """Seats an org uses against its limit."""
+    SetSsoRequired: _aio.UnaryUnaryMultiCallable[_accounts_pb2.SetSsoRequiredRequest, _accounts_pb2.SetSsoRequiredResponse]  # type: ignore[assignment]
+    """Requires (or stops requiring) single sign-on for the org's people."""
     WatchCredentials: _aio.UnaryStreamMultiCallable[_accounts_pb2.WatchCredentialsRequest, _accounts_pb2.WatchCredentialsResponse]  # type: ignore[assignment]
     """The credentials every service verifies callers against: a snapshot of every API key and
     membership, then each change as it commits. Services keep a local cache from it, so no
@@ -277,6 +281,14 @@ class AccountsServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_accounts_pb2.GetSeatUsageResponse, _abc.Awaitable[_accounts_pb2.GetSeatUsageResponse]]:
         """Seats an org uses against its limit."""
+
+    @_abc_1.abstractmethod
+    def SetSsoRequired(
+        self,
+        request: _accounts_pb2.SetSsoRequiredRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_pb2.SetSsoRequiredResponse, _abc.Awaitable[_accounts_pb2.SetSsoRequiredResponse]]:
+        """Requires (or stops requiring) single sign-on for the org's people."""
 
     @_abc_1.abstractmethod
     def WatchCredentials(
