@@ -24,27 +24,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import itertools
 import json
-import os
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from multiprocessing.connection import Connection
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from bench.authorize import ORG, prepare
-from bench.baseline import _machine, child_server, measure_unary, run_baseline, run_in_loop
-from bench.harness import bench_database, database_label, database_server_url, serve_in_child
+from bench.authorize import ORG, _port, prepare, serving
+from bench.baseline import _machine, measure_unary, run_baseline, run_in_loop
+from bench.harness import bench_database, database_label, database_server_url
 from tally.accounts.v1 import accounts_pb2
 from tally.common.v1 import common_pb2
 from tally.kit.audit import Auditor
 from tally.kit.auth import CredentialCache, Guard
-from tally.kit.config import KitConfig, load_kit_config
+from tally.kit.config import load_kit_config
 from tally.kit.log import configure_logging
-from tally.kit.server import ServiceApp
 from tally.metering.v1 import metering_pb2
 from tally.sdk.client import TallyClient
 
@@ -52,34 +48,6 @@ BENCH_DATA_DIR: Final = Path(".tally") / "bench-auth"
 TARGET_ADDED_P50_MS: Final = 0.1
 _START_TIMEOUT_S: Final = 60.0
 AUTHORIZE: Final = "/tally.metering.v1.MeteringService/Authorize"
-
-
-def _serve(conn: Connection, service: str, config: KitConfig,
-           environ: dict[str, str]) -> None:
-    """Child-process entry point: one Tally service until the parent says stop."""
-    os.environ.update(environ)
-    build: Callable[[KitConfig], Awaitable[ServiceApp]]
-    if service == "pricing":
-        from services.pricing.server import build
-    elif service == "ledger":
-        from services.ledger.server import build
-    elif service == "accounts":
-        from services.accounts.server import build
-    else:
-        from services.metering.server import build
-    serve_in_child(conn, service, build, config, grace_seconds=2.0)
-
-
-@contextlib.contextmanager
-def serving(service: str, config: KitConfig, environ: dict[str, str] | None = None
-            ) -> Iterator[str]:
-    with child_server(service, _serve, (service, config, environ or {}),
-                      start_timeout_s=_START_TIMEOUT_S) as target:
-        yield target
-
-
-def _port(target: str) -> int:
-    return int(target.rsplit(":", 1)[1])
 
 
 async def make_key(accounts: str) -> str:

@@ -17,6 +17,7 @@ import grpc
 
 from tally.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 from tally.kit import db, infra
+from tally.kit.background import refresh_on_wake
 from tally.kit.config import KitConfig, load, load_kit_config, parse_positive_int, setting
 from tally.kit.log import get_logger
 from tally.kit.server import ServiceApp, run_service
@@ -73,22 +74,11 @@ async def build(config: KitConfig, settings: AccountsConfig | None = None) -> Se
     wake = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
 
-    async def refresher() -> None:
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(wake.wait(), settings.refresh_interval_ms / 1000)
-            except TimeoutError:
-                pass
-            wake.clear()
-            if stop.is_set():
-                return
-            try:
-                await hub.refresh()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("credentials_refresh_failed", error=str(exc))
-
     async def start_loops() -> None:
-        tasks.append(asyncio.create_task(refresher(), name="credentials-refresher"))
+        tasks.append(asyncio.create_task(refresh_on_wake(
+            "credentials", hub.refresh, wake, stop, settings.refresh_interval_ms / 1000,
+            (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)),
+            name="credentials-refresher"))
         tasks.append(asyncio.create_task(store.follow(wake.set, stop),
                                          name="credentials-listener"))
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, TypeAlias
+from typing import Final, TypeAlias
 
 import asyncpg
 
+from tally.kit import db
 from tally.kit.errors import Reason, TallyError
 from tally.kit.log import get_logger
 from tally.kit.paging import PageRequest
@@ -432,29 +433,7 @@ class AccountsPgStore:
     async def follow(self, wake: Callable[[], None], stop: asyncio.Event,
                      retry_s: float = 1.0) -> None:
         """Calls `wake` on every credential change (by any replica) until `stop`."""
-        while not stop.is_set():
-            conn: Any = None
-            try:
-                conn = await asyncpg.connect(self.database_url)
-                lost = asyncio.Event()
-                conn.add_termination_listener(_setter(lost))
-                await conn.add_listener(CHANNEL, lambda *_args: wake())
-                wake()  # catch up on anything committed while we were not listening
-                stopping = asyncio.create_task(stop.wait())
-                losing = asyncio.create_task(lost.wait())
-                await asyncio.wait({stopping, losing}, return_when=asyncio.FIRST_COMPLETED)
-                stopping.cancel()
-                losing.cancel()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("credentials_listener_lost", error=str(exc), retry_in_s=retry_s)
-            finally:
-                if conn is not None and not conn.is_closed():
-                    await conn.close()
-            if not stop.is_set():
-                try:
-                    await asyncio.wait_for(stop.wait(), retry_s)
-                except TimeoutError:
-                    pass
+        await db.listen(self.database_url, CHANNEL, wake, stop, retry_s)
 
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -468,10 +447,6 @@ def _environment(row: asyncpg.Record) -> Environment:
 def _no_key(org_id: str, key_id: str) -> TallyError:
     return TallyError(Reason.NOT_FOUND, f"key_id: no key {key_id!r} in org {org_id!r}",
                       field="key_id")
-
-
-def _setter(event: asyncio.Event) -> Callable[[Any], None]:
-    return lambda _conn: event.set()
 
 
 # --- the audit log ------------------------------------------------------------------------
