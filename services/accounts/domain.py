@@ -152,6 +152,67 @@ class SeatUsage:
 
 
 @dataclass(frozen=True, slots=True)
+class MemberEvent:
+    """A membership began, changed role, or ended (role None) at an instant."""
+
+    subject: str
+    role: Role | None
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SeatReport:
+    """An org's paid seats over one calendar month."""
+
+    org_id: str
+    year: int
+    month: int
+    peak_paid_seats: int
+    paid_seat_seconds: int
+    paid_seats_at_end: int
+
+
+def month_bounds(year: int, month: int) -> tuple[datetime, datetime]:
+    """[start, end) of a calendar month in UTC; INVALID_ARGUMENT naming the bad field."""
+    problems: list[FieldViolation | None] = []
+    if not 1 <= month <= 12:
+        problems.append(FieldViolation("month", "must be 1..12"))
+    if not 2000 <= year <= 9998:
+        problems.append(FieldViolation("year", "must be 2000..9998"))
+    raise_if(problems)
+    start = datetime(year, month, 1, tzinfo=UTC)
+    end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
+    return start, end
+
+
+def seat_report(org_id: str, year: int, month: int, events: Sequence[MemberEvent],
+                now: datetime) -> SeatReport:
+    """Replays the membership history (in time order, from the beginning) over the month:
+    the peak of paid seats held at once, and the paid seat-time."""
+    start, end = month_bounds(year, month)
+    end = min(end, max(now, start))
+    paid: set[str] = set()
+    peak = seconds = 0
+    cursor = start
+    in_month = False
+    for event in events:
+        if event.at >= end:
+            break
+        if event.at >= start and not in_month:
+            in_month, peak = True, len(paid)  # the seats held as the month began
+        if event.at > cursor:
+            seconds += len(paid) * int((event.at - cursor).total_seconds())
+            cursor = event.at
+        (paid.add if event.role in PAID_ROLES else paid.discard)(event.subject)
+        if in_month:
+            peak = max(peak, len(paid))
+    if not in_month:
+        peak = len(paid)
+    seconds += len(paid) * int((end - cursor).total_seconds())
+    return SeatReport(org_id, year, month, peak, seconds, len(paid))
+
+
+@dataclass(frozen=True, slots=True)
 class MemberChange:
     """A membership as it now stands, or its removal."""
 
@@ -462,6 +523,10 @@ class AccountsStore(CredentialSource, Protocol):
         """Seats the org uses."""
         ...
 
+    async def member_history(self, org_id: str, before: datetime) -> list[MemberEvent]:
+        """The org's membership events before `before`, in time order."""
+        ...
+
     async def create_key(self, request: KeyRequest, key: ApiKey) -> tuple[ApiKey, bool]:
         """Inserts `key` claiming request_id, or returns the key it created (and False)."""
         ...
@@ -610,6 +675,13 @@ class Accounts:
                                                        window, now)
         secret = secrets_issued[-1] if is_new and secrets_issued else ""
         return IssuedKey(new, secret, old)
+
+    async def seat_report(self, *, org_id: str, year: int, month: int) -> SeatReport:
+        """Paid seats over a calendar month."""
+        _, end = month_bounds(year, month)
+        await self.get_org(org_id)
+        history = await self.store.member_history(org_id, end)
+        return seat_report(org_id, year, month, history, now_utc())
 
     async def revoke_key(self, *, org_id: str, key_id: str) -> ApiKey:
         """Revokes a key (idempotent)."""

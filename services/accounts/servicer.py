@@ -166,6 +166,16 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
                                        paid_seats=usage.paid_seats,
                                        free_seats=usage.free_seats)
 
+    async def GetSeatReport(self, request: pb.GetSeatReportRequest, context: Context
+                            ) -> pb.GetSeatReportResponse:
+        """Paid seats over a calendar month."""
+        report = await self.accounts.seat_report(org_id=request.org_id, year=request.year,
+                                                 month=request.month)
+        return pb.GetSeatReportResponse(
+            org_id=report.org_id, year=report.year, month=report.month,
+            peak_paid_seats=report.peak_paid_seats, paid_seat_seconds=report.paid_seat_seconds,
+            paid_seats_at_end=report.paid_seats_at_end)
+
     async def WatchCredentials(self, request: pb.WatchCredentialsRequest, context: Context
                                ) -> AsyncIterator[pb.WatchCredentialsResponse]:
         """A snapshot, then every change, until the lifetime cap or shutdown."""

@@ -33,6 +33,7 @@ from .domain import (
     KeyRequest,
     Member,
     MemberChange,
+    MemberEvent,
     Org,
     Project,
     Role,
@@ -77,6 +78,13 @@ async def _changed(conn: Conn, kind: str, org_id: str, ref: str) -> None:
     await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
 
 
+async def _member_event(conn: Conn, org_id: str, subject: str, role: str | None) -> None:
+    """Records a membership change for the seat report (in the change's transaction; the
+    database clock, so events order as they commit under the org's lock)."""
+    await conn.execute("INSERT INTO accounts.member_events (org_id, subject, role, at) "
+                       "VALUES ($1, $2, $3, clock_timestamp())", org_id, subject, role)
+
+
 async def _lock_credentials(conn: Conn) -> None:
     await conn.execute("SELECT pg_advisory_xact_lock($1)", _CREDENTIALS_LOCK_KEY)
 
@@ -110,6 +118,7 @@ class AccountsPgStore:
                 "INSERT INTO accounts.members (org_id, subject, role, created_at) "
                 "VALUES ($1, $2, $3, $4)", owner.org_id, owner.subject, owner.role.value,
                 owner.created_at)
+            await _member_event(conn, owner.org_id, owner.subject, owner.role.value)
             await _changed(conn, "member", owner.org_id, owner.subject)
             await _changed(conn, "org", org.org_id, org.org_id)
         return _org(row), owner, True
@@ -221,6 +230,7 @@ class AccountsPgStore:
                 "VALUES ($1, $2, $3, $4) ON CONFLICT (org_id, subject) "
                 "DO UPDATE SET role = EXCLUDED.role RETURNING *",
                 org_id, subject, role.value, now)
+            await _member_event(conn, org_id, subject, role.value)
             await _changed(conn, "member", org_id, subject)
         assert row is not None
         return _member(row)
@@ -246,8 +256,17 @@ class AccountsPgStore:
                 await self._keep_an_owner(conn, org_id)
             await conn.execute("DELETE FROM accounts.members WHERE org_id = $1 "
                                "AND subject = $2", org_id, subject)
+            await _member_event(conn, org_id, subject, None)
             await _changed(conn, "member", org_id, subject)
         return True
+
+    async def member_history(self, org_id: str, before: datetime) -> list[MemberEvent]:
+        """The org's membership events before `before`, in time order."""
+        rows = await self.pool.fetch(
+            "SELECT subject, role, at FROM accounts.member_events WHERE org_id = $1 "
+            "AND at < $2 ORDER BY at, id", org_id, before)
+        return [MemberEvent(r["subject"], Role(r["role"]) if r["role"] else None, r["at"])
+                for r in rows]
 
     async def list_members(self, org_id: str, page: PageRequest) -> tuple[list[Member], int]:
         """One page of members and the total."""

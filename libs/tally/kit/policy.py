@@ -173,6 +173,8 @@ POLICY: Final[Mapping[str, Rule]] = {
     _ACCOUNTS + "ListApiKeys": _rule(MANAGE, _ORG),
     _ACCOUNTS + "GetSeatUsage": _rule(frozenset({OWNER, ADMIN, BILLING, OPERATOR, FINANCE}),
                                       _ORG),
+    _ACCOUNTS + "GetSeatReport": _rule(frozenset({OWNER, ADMIN, BILLING, OPERATOR, FINANCE}),
+                                       _ORG),
     _ACCOUNTS + "SetSsoRequired": _rule(frozenset({OWNER, OPERATOR}), _ORG, _CTX),
     _ACCOUNTS + "WatchCredentials": _rule(frozenset({INTERNAL})),
     _ACCOUNTS + "AppendAudit": _rule(frozenset({INTERNAL}), "records[].org_id"),

@@ -1709,3 +1709,77 @@ class SetSsoRequiredResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetSsoRequiredResponse: _TypeAlias = SetSsoRequiredResponse  # noqa: Y015
+
+@_typing.final
+class GetSeatReportRequest(_message.Message):
+    """Request for GetSeatReport."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    YEAR_FIELD_NUMBER: _builtins.int
+    MONTH_FIELD_NUMBER: _builtins.int
+    org_id: _builtins.str
+    """The org."""
+    year: _builtins.int
+    """Calendar year, e.g. 2026."""
+    month: _builtins.int
+    """Month 1..12."""
+    def __init__(
+        self,
+        *,
+        org_id: _builtins.str = ...,
+        year: _builtins.int = ...,
+        month: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["month", b"month", "org_id", b"org_id", "year", b"year"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSeatReportRequest: _TypeAlias = GetSeatReportRequest  # noqa: Y015
+
+@_typing.final
+class GetSeatReportResponse(_message.Message):
+    """Response of GetSeatReport."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    YEAR_FIELD_NUMBER: _builtins.int
+    MONTH_FIELD_NUMBER: _builtins.int
+    PEAK_PAID_SEATS_FIELD_NUMBER: _builtins.int
+    PAID_SEAT_SECONDS_FIELD_NUMBER: _builtins.int
+    PAID_SEATS_AT_END_FIELD_NUMBER: _builtins.int
+    org_id: _builtins.str
+    """The org."""
+    year: _builtins.int
+    """The month reported."""
+    month: _builtins.int
+    """The month reported."""
+    peak_paid_seats: _builtins.int
+    """The most paid seats held at one time during the month."""
+    paid_seat_seconds: _builtins.int
+    """Paid seat-time in the month: the sum over paid memberships of the seconds each held a
+    paid role (a seat held all of a 30-day month is 2,592,000).
+    """
+    paid_seats_at_end: _builtins.int
+    """Paid seats held at the end of the month (or now, for the current month)."""
+    def __init__(
+        self,
+        *,
+        org_id: _builtins.str = ...,
+        year: _builtins.int = ...,
+        month: _builtins.int = ...,
+        peak_paid_seats: _builtins.int = ...,
+        paid_seat_seconds: _builtins.int = ...,
+        paid_seats_at_end: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["month", b"month", "org_id", b"org_id", "paid_seat_seconds", b"paid_seat_seconds", "paid_seats_at_end", b"paid_seats_at_end", "peak_paid_seats", b"peak_paid_seats", "year", b"year"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSeatReportResponse: _TypeAlias = GetSeatReportResponse  # noqa: Y015

@@ -110,6 +110,11 @@ class AccountsServiceStub:
                 request_serializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.GetSeatUsageRequest.SerializeToString,
                 response_deserializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.GetSeatUsageResponse.FromString,
                 _registered_method=True)
+        self.GetSeatReport = channel.unary_unary(
+                '/tally.accounts.v1.AccountsService/GetSeatReport',
+                request_serializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.GetSeatReportRequest.SerializeToString,
+                response_deserializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.GetSeatReportResponse.FromString,
+                _registered_method=True)
         self.SetSsoRequired = channel.unary_unary(
                 '/tally.accounts.v1.AccountsService/SetSsoRequired',
                 request_serializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.SetSsoRequiredRequest.SerializeToString,
@@ -249,6 +254,14 @@ class AccountsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSeatReport(self, request, context):
+        """An org's paid seats over one calendar month (UTC), from the membership history: the
+        peak held at once and the seat-time, for billing seats.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetSsoRequired(self, request, context):
         """Requires (or stops requiring) single sign-on for the org's people.
         """
@@ -365,6 +378,11 @@ def add_AccountsServiceServicer_to_server(servicer, server):
                     servicer.GetSeatUsage,
                     request_deserializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.GetSeatUsageRequest.FromString,
                     response_serializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.GetSeatUsageResponse.SerializeToString,
+            ),
+            'GetSeatReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSeatReport,
+                    request_deserializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.GetSeatReportRequest.FromString,
+                    response_serializer=tally_dot_accounts_dot_v1_dot_accounts__pb2.GetSeatReportResponse.SerializeToString,
             ),
             'SetSsoRequired': grpc.unary_unary_rpc_method_handler(
                     servicer.SetSsoRequired,
@@ -798,6 +816,33 @@ class AccountsService:
             '/tally.accounts.v1.AccountsService/GetSeatUsage',
             tally_dot_accounts_dot_v1_dot_accounts__pb2.GetSeatUsageRequest.SerializeToString,
             tally_dot_accounts_dot_v1_dot_accounts__pb2.GetSeatUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSeatReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.accounts.v1.AccountsService/GetSeatReport',
+            tally_dot_accounts_dot_v1_dot_accounts__pb2.GetSeatReportRequest.SerializeToString,
+            tally_dot_accounts_dot_v1_dot_accounts__pb2.GetSeatReportResponse.FromString,
             options,
             channel_credentials,
             insecure,

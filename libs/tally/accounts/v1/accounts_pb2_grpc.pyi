@@ -76,6 +76,10 @@ class AccountsServiceStub:
     """Lists an org's API keys (prefixes and metadata, never secrets)."""
     GetSeatUsage: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.GetSeatUsageRequest, _accounts_pb2.GetSeatUsageResponse]
     """Seats an org uses against its limit."""
+    GetSeatReport: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.GetSeatReportRequest, _accounts_pb2.GetSeatReportResponse]
+    """An org's paid seats over one calendar month (UTC), from the membership history: the
+    peak held at once and the seat-time, for billing seats.
+    """
     SetSsoRequired: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.SetSsoRequiredRequest, _accounts_pb2.SetSsoRequiredResponse]
     """Requires (or stops requiring) single sign-on for the org's people."""
     WatchCredentials: _grpc.UnaryStreamMultiCallable[_accounts_pb2.WatchCredentialsRequest, _accounts_pb2.WatchCredentialsResponse]
@@ -135,6 +139,10 @@ class AccountsServiceAsyncStub(AccountsServiceStub):
     """Lists an org's API keys (prefixes and metadata, never secrets)."""
     GetSeatUsage: _aio.UnaryUnaryMultiCallable[_accounts_pb2.GetSeatUsageRequest, _accounts_pb2.GetSeatUsageResponse]  # type: ignore[assignment]
     """Seats an org uses against its limit."""
+    GetSeatReport: _aio.UnaryUnaryMultiCallable[_accounts_pb2.GetSeatReportRequest, _accounts_pb2.GetSeatReportResponse]  # type: ignore[assignment]
+    """An org's paid seats over one calendar month (UTC), from the membership history: the
+    peak held at once and the seat-time, for billing seats.
+    """
     SetSsoRequired: _aio.UnaryUnaryMultiCallable[_accounts_pb2.SetSsoRequiredRequest, _accounts_pb2.SetSsoRequiredResponse]  # type: ignore[assignment]
     """Requires (or stops requiring) single sign-on for the org's people."""
     WatchCredentials: _aio.UnaryStreamMultiCallable[_accounts_pb2.WatchCredentialsRequest, _accounts_pb2.WatchCredentialsResponse]  # type: ignore[assignment]
@@ -281,6 +289,16 @@ class AccountsServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_accounts_pb2.GetSeatUsageResponse, _abc.Awaitable[_accounts_pb2.GetSeatUsageResponse]]:
         """Seats an org uses against its limit."""
+
+    @_abc_1.abstractmethod
+    def GetSeatReport(
+        self,
+        request: _accounts_pb2.GetSeatReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_pb2.GetSeatReportResponse, _abc.Awaitable[_accounts_pb2.GetSeatReportResponse]]:
+        """An org's paid seats over one calendar month (UTC), from the membership history: the
+        peak held at once and the seat-time, for billing seats.
+        """
 
     @_abc_1.abstractmethod
     def SetSsoRequired(
