@@ -185,6 +185,33 @@ def register(parent: typer.Typer, get_config: Callable[[], KitConfig]) -> None:
         for key in reply.keys:
             typer.echo(key_line(key))
 
+    @keys.command("rotate-kek")
+    def keys_rotate_kek() -> None:
+        """Re-wrap every stored secret's data key under the current KEK (the first in
+        TALLY_KEK / TALLY_KEK_FILE; keep the old one after it until this has run), sealing
+        any secret still stored unencrypted. Safe beside running services."""
+        import asyncpg
+
+        from tally.cli import suite
+        from tally.kit import db, secrets
+
+        sealer = secrets.sealer_from_env()
+        if sealer is None:
+            typer.echo("set TALLY_KEK or TALLY_KEK_FILE (new key first, old after it)",
+                       err=True)
+            raise typer.Exit(2)
+        url = suite.database_url_for_suite(get_config())
+
+        async def rotate() -> int:
+            conn = await asyncpg.connect(db.asyncpg_url(url))
+            try:
+                return await secrets.rewrap_all(conn, sealer)
+            finally:
+                await conn.close()
+
+        changed = asyncio.run(rotate())
+        typer.echo(f"re-wrapped {changed} secrets under KEK {sealer.current!r}")
+
     @parent.command("seats")
     def seats(org: Org) -> None:
         """Print the paid and free seats an org uses."""
