@@ -117,6 +117,8 @@ def _serve(conn: Connection, service: str, config: KitConfig,
         from services.pricing.server import build
     elif service == "ledger":
         from services.ledger.server import build
+    elif service == "accounts":
+        from services.accounts.server import build
     else:
         from services.metering.server import build
     serve_in_child(conn, service, build, config, grace_seconds=2.0)

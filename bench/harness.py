@@ -26,6 +26,10 @@ from tally.kit.log import configure_logging
 from tally.kit.server import ServiceApp, start_server
 from tally.kit.telemetry import setup_telemetry, shutdown_telemetry
 
+# Benchmarks measure the services, not credential checks: their servers run in development
+# mode unless a benchmark passes its own authenticator (bench/authorize.py --auth does).
+os.environ.setdefault("TALLY_AUTH_MODE", "trust")
+
 __all__ = ["CpuMeter", "bench_database", "database_label", "database_server_url",
            "postgres_backends", "serve_in_child"]
 

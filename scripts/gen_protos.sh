@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PYTHON="${PYTHON:-.venv/bin/python}"
-PACKAGES=(common pricing metering ledger notifier)
+PACKAGES=(common pricing metering ledger notifier accounts)
 
 # protoc finds protoc-gen-mypy / protoc-gen-mypy_grpc (from mypy-protobuf) on PATH.
 PATH="$(dirname "${PYTHON}"):${PATH}"

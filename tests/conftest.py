@@ -28,6 +28,10 @@ TEST_DATA_DIR = REPO / ".tally" / "test"
 # ports two of them (or a `tally up` on this machine) would collide.
 os.environ.setdefault("TALLY_LEDGER_WEBHOOK_PORT", "0")
 os.environ.setdefault("TALLY_LEDGER_CHECKOUT_PORT", "0")
+# The suites written before identity landed call without credentials: they run the servers in
+# development mode, explicitly. The identity tests (tests/auth) pass a real guard and real
+# credentials to the servers they start.
+os.environ.setdefault("TALLY_AUTH_MODE", "trust")
 
 
 def _with_database(url: str, name: str) -> str:

@@ -8,13 +8,17 @@ from services.ledger import domain as d
 from tally.common.v1 import common_pb2
 from tally.kit.errors import invalid
 from tally.kit.protoconv import enum_in, enum_out, from_timestamp, to_timestamp
+from tally.kit.server import acting_identity
 from tally.kit.telemetry import current_trace_id, trace_id_of
 from tally.ledger.v1 import ledger_pb2 as pb
 
 
 def caller(context: common_pb2.RequestContext, actor: str) -> d.Caller:
-    """Audit identity of a request: the context's actor, else the authenticated principal."""
-    return d.Caller(actor=context.actor or actor, trace_id=current_trace_id(),
+    """Audit identity of a request: the verified principal whatever the context claims (so
+    manual settlement's four-eyes check compares proven identities); in development mode the
+    context's actor, else the principal's name."""
+    return d.Caller(actor=acting_identity(context.actor) if context.actor else actor,
+                    trace_id=current_trace_id(),
                     user_id=context.user_id,
                     labels=dict(context.labels))
 

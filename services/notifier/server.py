@@ -24,7 +24,9 @@ from tally.kit.config import (
     parse_positive_int,
     setting,
 )
+from tally.kit.log import get_logger
 from tally.kit.readiness import postgres_probe
+from tally.kit.secrets import sealer_from_env
 from tally.kit.server import ServiceApp, run_service
 from tally.ledger.v1 import ledger_pb2_grpc
 from tally.metering.v1 import metering_pb2_grpc
@@ -40,6 +42,7 @@ from .hub import NotificationHub
 from .servicer import NotifierServicer
 from .store import AlertRuleRepository, WebhookSecrets
 
+log = get_logger("notifier.server")
 NAME = "notifier"
 SERVICE_NAME = notifier_pb2.DESCRIPTOR.services_by_name["NotifierService"].full_name
 
@@ -70,7 +73,11 @@ async def build(config: KitConfig, notifier: NotifierConfig | None = None) -> Se
     ledger_channel = peer_channel(config.address_of("ledger"))
     metering_channel = peer_channel(config.address_of("metering"))
     deliveries = DeliveryStore(pool)
-    secrets = WebhookSecrets(engine)
+    sealer = sealer_from_env()
+    if sealer is None:
+        log.warning("secrets_not_encrypted", detail="no TALLY_KEK / TALLY_KEK_FILE: webhook "
+                    "signing secrets are stored unencrypted")
+    secrets = WebhookSecrets(engine, sealer)
     webhooks = WebhookSender(secrets)
     worker = DeliveryWorker(
         deliveries, {Channel.WEBHOOK: webhooks,

@@ -23,6 +23,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from tally.kit.secrets import Sealer
+
 from .domain import (
     AlertRule,
     Channel,
@@ -261,18 +263,27 @@ async def _lock_secrets(conn: AsyncConnection, org_id: str) -> datetime:
     return now
 
 
-async def _insert_secret(conn: AsyncConnection, org_id: str, new: NewSecret, at: datetime
-                         ) -> None:
+async def _insert_secret(conn: AsyncConnection, org_id: str, new: NewSecret, at: datetime,
+                         stored: str) -> None:
     await conn.execute(sa.insert(webhook_secrets).values(
-        org_id=org_id, secret_id=new.secret_id, secret=new.secret, created_at=at))
+        org_id=org_id, secret_id=new.secret_id, secret=stored, created_at=at))
 
 
 class WebhookSecrets:
     """Webhook signing secrets in Postgres; implements `domain.WebhookSecretStore` and gives the
     delivery engine the secrets to sign with. Built on the service's SQLAlchemy AsyncEngine."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, sealer: Sealer | None = None) -> None:
         self.engine = engine
+        # Envelope encryption of the stored secrets (tally.kit.secrets); None: stored as
+        # they are (no KEK configured; the server warns at start-up).
+        self.sealer = sealer
+
+    def _seal(self, secret: str) -> str:
+        return self.sealer.seal(secret) if self.sealer else secret
+
+    def _open(self, stored: str) -> str:
+        return self.sealer.open(stored) if self.sealer else stored
 
     async def rotate(self, write: IdempotentWrite, overlap: timedelta, new: NewSecret
                      ) -> Rotation:
@@ -282,7 +293,7 @@ class WebhookSecrets:
             stored = await _claim(conn, write)
             if stored is not None:
                 until = stored["previous_valid_until"]
-                return Rotation(stored["secret_id"], stored["secret"],
+                return Rotation(stored["secret_id"], self._open(stored["secret"]),
                                 None if until is None else datetime.fromisoformat(until))
             now = await _lock_secrets(conn, write.org_id)
             retired = (await conn.execute(
@@ -291,10 +302,10 @@ class WebhookSecrets:
                        webhook_secrets.c.retired_at.is_(None))
                 .values(retired_at=now + overlap)
                 .returning(webhook_secrets.c.retired_at))).scalars().all()
-            await _insert_secret(conn, write.org_id, new, now)
+            await _insert_secret(conn, write.org_id, new, now, self._seal(new.secret))
             rotation = Rotation(new.secret_id, new.secret, max(retired) if retired else None)
             await _record(conn, write, {
-                "secret_id": rotation.secret_id, "secret": rotation.secret,
+                "secret_id": rotation.secret_id, "secret": self._seal(rotation.secret),
                 "previous_valid_until": None if rotation.previous_valid_until is None
                 else rotation.previous_valid_until.isoformat()})
             return rotation
@@ -304,15 +315,15 @@ class WebhookSecrets:
         async with self.engine.connect() as conn:
             found: str | None = await conn.scalar(_current_secret(org_id))
         if found is not None:
-            return found
+            return self._open(found)
         async with self.engine.begin() as conn:
             now = await _lock_secrets(conn, org_id)
             found = await conn.scalar(_current_secret(org_id))
             if found is None:
                 new = new_signing_secret()
-                await _insert_secret(conn, org_id, new, now)
-                found = new.secret
-            return found
+                await _insert_secret(conn, org_id, new, now, self._seal(new.secret))
+                return new.secret
+            return self._open(found)
 
     async def valid_secrets(self, org_id: str, at: datetime) -> list[str]:
         """The org's secrets not retired at `at`, newest first: the current one, then any still
@@ -325,4 +336,4 @@ class WebhookSecrets:
                               webhook_secrets.c.retired_at > at))
                 .order_by(webhook_secrets.c.created_at.desc(),
                           webhook_secrets.c.secret_id.desc()))).scalars().all()
-        return list(found)
+        return [self._open(stored) for stored in found]

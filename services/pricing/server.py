@@ -18,6 +18,7 @@ import asyncpg
 import grpc
 
 from tally.kit import db, infra
+from tally.kit.background import refresh_on_wake
 from tally.kit.channels import peer_channel
 from tally.kit.config import (
     KitConfig,
@@ -86,22 +87,11 @@ async def build(config: KitConfig, settings: PricingConfig | None = None) -> Ser
     wake = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
 
-    async def refresher() -> None:
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(wake.wait(), settings.refresh_interval_ms / 1000)
-            except TimeoutError:
-                pass
-            wake.clear()
-            if stop.is_set():
-                return
-            try:
-                await pricing.refresh()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("price_book_refresh_failed", error=str(exc))
-
     async def start_loops() -> None:
-        tasks.append(asyncio.create_task(refresher(), name="price-book-refresher"))
+        tasks.append(asyncio.create_task(refresh_on_wake(
+            "price-book", pricing.refresh, wake, stop, settings.refresh_interval_ms / 1000,
+            (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)),
+            name="price-book-refresher"))
         tasks.append(asyncio.create_task(store.follow(wake.set, stop),
                                          name="price-book-listener"))
 

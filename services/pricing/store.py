@@ -18,10 +18,11 @@ import json
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Final
+from typing import Final
 
 import asyncpg
 
+from tally.kit import db
 from tally.kit.errors import Reason, TallyError
 from tally.kit.log import get_logger
 from tally.rating import PriceBook, dump_price_book, parse_price_book
@@ -133,36 +134,10 @@ class PriceBookPgStore:
     async def follow(self, wake: Callable[[], None], stop: asyncio.Event,
                      retry_s: float = 1.0) -> None:
         """Calls `wake` on every publish (by any replica) until `stop`; reconnects on loss."""
-        while not stop.is_set():
-            conn: Any = None
-            try:
-                conn = await asyncpg.connect(self.database_url)
-                lost = asyncio.Event()
-                conn.add_termination_listener(_setter(lost))
-                await conn.add_listener(CHANNEL, lambda *_args: wake())
-                wake()  # catch up on anything published while we were not listening
-                stopping = asyncio.create_task(stop.wait())
-                losing = asyncio.create_task(lost.wait())
-                await asyncio.wait({stopping, losing}, return_when=asyncio.FIRST_COMPLETED)
-                stopping.cancel()
-                losing.cancel()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("price_book_listener_lost", error=str(exc), retry_in_s=retry_s)
-            finally:
-                if conn is not None and not conn.is_closed():
-                    await conn.close()
-            if not stop.is_set():
-                try:
-                    await asyncio.wait_for(stop.wait(), retry_s)
-                except TimeoutError:
-                    pass
+        await db.listen(self.database_url, CHANNEL, wake, stop, retry_s)
 
 
 def _renumbered(book: PriceBook, version: int, effective_from: datetime) -> PriceBook:
     return PriceBook(version=str(version), effective_from=effective_from, lines=book.lines,
                      models=book.models, costs=book.costs, packages=book.packages,
                      note=book.note)
-
-
-def _setter(event: asyncio.Event) -> Callable[[Any], None]:
-    return lambda _conn: event.set()

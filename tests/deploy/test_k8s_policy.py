@@ -25,11 +25,13 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from services.accounts.server import AccountsConfig
 from services.ledger.payments.stripe_provider import StripeProvider
 from services.ledger.server import LedgerConfig, payment_provider
 from services.metering.server import MeteringConfig
 from services.pricing.server import PricingConfig
 from tally.cli.main import app as cli
+from tally.kit.auth import AuthConfig
 from tally.kit.config import DEFAULT_PORTS, KitConfig, load, load_kit_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -190,9 +192,12 @@ def health_service_name(service: str) -> str:
 
 
 def callees(service: str) -> set[str]:
-    """The services `service` opens channels to, read from its composition root."""
+    """The services `service` opens channels to, read from its composition root, plus
+    accounts: the kit's guard in every other server follows its credentials feed and ships
+    its audit trail there."""
     source = (ROOT / "services" / service / "server.py").read_text()
-    return set(re.findall(r"address_of\(\s*[\"'](\w+)[\"']\s*\)", source))
+    found = set(re.findall(r"address_of\(\s*[\"'](\w+)[\"']\s*\)", source))
+    return found | ({"accounts"} if service != "accounts" else set())
 
 
 def callers(service: str) -> set[str]:
@@ -295,7 +300,8 @@ def test_shutdown_drains_within_the_termination_grace_period(
 def test_settings_parse_and_migrations_are_left_to_the_job(
         rendered: dict[str, list[Document]], overlay: str) -> None:
     docs = rendered[overlay]
-    known = setting_names(KitConfig, MeteringConfig, PricingConfig, LedgerConfig)
+    known = setting_names(KitConfig, MeteringConfig, PricingConfig, LedgerConfig, AuthConfig,
+                          AccountsConfig)
     for service, deployment in tally_deployments(docs).items():
         env = environment(deployment_container(deployment), docs)
         unknown = {name for name in env if name.startswith("TALLY_")} - known
@@ -307,6 +313,7 @@ def test_settings_parse_and_migrations_are_left_to_the_job(
         load(MeteringConfig, env)
         load(PricingConfig, env)
         load(LedgerConfig, env)
+        load(AuthConfig, env)
     (job,) = of_kind(docs, "Job")
     assert deployment_container(job)["args"] == ["tally.cli.main", "migrate"]
     commands = {c.name or (c.callback.__name__ if c.callback else "")
@@ -560,3 +567,15 @@ def test_the_image_runs_as_the_pods_user_and_picks_the_service_by_argument() -> 
     assert "[dev]" not in dockerfile
     stages = [line for line in instructions if line.startswith("FROM ")]
     assert len(stages) >= 2, "multi-stage: build tools stay out of the runtime image"
+
+
+@per_overlay
+def test_no_overlay_trusts_callers_and_the_mesh_identity_is_trusted_only_when_meshed(
+        rendered: dict[str, list[Document]], overlay: str) -> None:
+    docs = rendered[overlay]
+    for service, deployment in tally_deployments(docs).items():
+        env = environment(deployment_container(deployment), docs)
+        assert env.get("TALLY_AUTH_MODE", "enforce") == "enforce", service
+        meshed = pod_labels(deployment) and deployment["spec"]["template"]["metadata"].get(
+            "annotations", {}).get("linkerd.io/inject") == "enabled"
+        assert (env.get("TALLY_AUTH_MESH_IDENTITY") == "true") == bool(meshed), service

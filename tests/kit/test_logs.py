@@ -65,3 +65,18 @@ def test_library_lines_below_warning_are_dropped() -> None:
     logging.getLogger("grpc").info("noise")
     logging.getLogger("grpc").warning("kept")
     assert [line["event"] for line in lines(out)] == ["kept"]
+
+
+def test_api_keys_bearer_tokens_and_webhook_secrets_are_redacted_wherever_they_appear() -> None:
+    out = io.StringIO()
+    configure_logging("test", "debug", stream=out)
+    key = "tly_prod_AbCdEfGhIjKlMnOpQrStUvWxYz012345"
+    token = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
+    get_logger("test.logs").warning("refused", detail=f"unknown API key {key}",
+                                    headers=f"authorization: Bearer {token}",
+                                    url="https://hooks.example/x?s=whsec_topsecretvalue")
+    text = out.getvalue()
+    assert key not in text and token not in text and "whsec_topsecretvalue" not in text
+    (line,) = lines(out)
+    assert line["detail"] == "unknown API key tly_prod_[redacted]"
+    assert line["headers"] == "authorization: Bearer [redacted]"

@@ -23,7 +23,7 @@ from tally.common.v1 import common_pb2
 from tally.kit import db, signing
 from tally.kit.config import load_kit_config
 from tally.kit.infra import free_port
-from tally.kit.server import RunningServer, start_server
+from tally.kit.server import Authenticator, RunningServer, start_server
 from tally.ledger.v1 import ledger_pb2 as pb
 from tally.pricing.v1 import pricing_pb2 as ppb
 from tally.rating import load_catalog
@@ -136,6 +136,7 @@ async def eventually(check: Callable[[], Awaitable[T | None]], what: str,
 
 @asynccontextmanager
 async def open_shop(db_url: str, settings: LedgerConfig | None = None,
+                    authenticator: Authenticator | None = None,
                     **provider_options: Any) -> AsyncIterator[Shop]:
     """Pricing (with the catalog published) and a ledger whose payments go through a
     LocalProvider; the ledger accepts webhooks signed with SECRET or OLD_SECRET."""
@@ -149,7 +150,8 @@ async def open_shop(db_url: str, settings: LedgerConfig | None = None,
     settings = settings or LedgerConfig(webhook_port=0, checkout_port=0,
                                         webhook_secrets=(SECRET, OLD_SECRET),
                                         top_up_poll_ms=20)
-    ledger = await start_server(await build(config, settings, provider=provider), port=0)
+    ledger = await start_server(await build(config, settings, provider=provider), port=0,
+                                authenticator=authenticator)
     tally = TallyClient({"ledger": f"127.0.0.1:{ledger.port}",
                          "pricing": f"127.0.0.1:{pricing.port}"}, actor="user:test-operator")
     await tally.pricing.PublishPriceBook(ppb.PublishPriceBookRequest(

@@ -15,7 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from services.pricing.server import PricingConfig, build_for
 from tally.common.v1 import common_pb2
 from tally.kit.errors import TallyError, from_rpc_error
-from tally.kit.server import RunningServer, start_server
+from tally.kit.server import Authenticator, RunningServer, start_server
 from tally.pricing.v1 import pricing_pb2 as pb
 from tally.pricing.v1 import pricing_pb2_grpc
 from tally.rating import load_catalog
@@ -27,10 +27,12 @@ SETTINGS = PricingConfig(watch_lifetime_s=30)
 
 
 @asynccontextmanager
-async def pricing_server(db_url: str, settings: PricingConfig = SETTINGS
+async def pricing_server(db_url: str, settings: PricingConfig = SETTINGS,
+                         authenticator: Authenticator | None = None,
                          ) -> AsyncIterator[tuple[RunningServer, Stub]]:
     """A pricing server on `db_url` and a stub to it."""
-    running = await start_server(await build_for(db_url, settings=settings), port=0)
+    running = await start_server(await build_for(db_url, settings=settings), port=0,
+                                 authenticator=authenticator)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             yield running, pricing_pb2_grpc.PricingServiceStub(channel)

@@ -2,10 +2,12 @@
 reason (and each bad field) and exit status 1, request ids made up when not given.
 
 Calls carry an actor for the audit trail: `user:cli` unless a command takes `--actor`
-(or TALLY_ACTOR), as the four-eyes payment commands do."""
+(or TALLY_ACTOR), as the four-eyes payment commands do; and the credential in TALLY_API_KEY
+(an API key or OIDC token), which is who the services verify."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
@@ -27,7 +29,8 @@ async def call(config: KitConfig, service: str, rpc: Callable[[Any], Awaitable[T
                actor: str = DEFAULT_ACTOR) -> T:
     """Runs `rpc` on `service`'s stub as `actor`; a refusal prints its reason and message,
     exit 1."""
-    async with TallyClient({service: config.address_of(service)}, actor=actor) as tally:
+    async with TallyClient({service: config.address_of(service)}, actor=actor,
+                           credential=os.environ.get("TALLY_API_KEY") or None) as tally:
         try:
             return await rpc(getattr(tally, service))
         except TallyError as exc:

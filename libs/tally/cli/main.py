@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from tally.cli import accounts as accounts_cli
 from tally.cli import alerts as alerts_cli
 from tally.cli import authorize as authorize_cli
 from tally.cli import demo as demo_module
@@ -146,6 +147,7 @@ pricing_cli.register(app, _config)
 policies_cli.register(app, _config)
 alerts_cli.register(app, _config)
 payments_cli.register(app, _config)
+accounts_cli.register(app, _config)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,11 @@ def up(config: KitConfig) -> list[ServiceStatus]:
     """Starts every service that is not running and waits until each reports SERVING."""
     url = database_url_for_suite(config)
     migrate_all(url)
-    env = dict(os.environ, TALLY_DATABASE_URL=url, TALLY_MIGRATE_ON_START="false")
+    # `tally up` is the local development suite: unless TALLY_AUTH_MODE says otherwise its
+    # services trust their callers (each says so loudly in its log); a deployment sets
+    # nothing and so enforces credentials.
+    env = dict(os.environ, TALLY_DATABASE_URL=url, TALLY_MIGRATE_ON_START="false",
+               TALLY_AUTH_MODE=os.environ.get("TALLY_AUTH_MODE", "trust"))
     started: dict[str, subprocess.Popen[bytes]] = {}
     for service in SERVICES:
         pid_file = _run_dir(config) / f"{service}.pid"

@@ -237,7 +237,8 @@ async def run(base: KitConfig, data_dir: Path) -> tuple[str, list[Span]]:
     port = {s: int(ports[f"TALLY_{s.upper()}_PORT"]) for s in suite.SERVICES}
     config = dataclasses.replace(
         base, data_dir=data_dir, pricing_port=port["pricing"], metering_port=port["metering"],
-        ledger_port=port["ledger"], notifier_port=port["notifier"])
+        ledger_port=port["ledger"], notifier_port=port["notifier"],
+        accounts_port=port["accounts"])
     provider = TracerProvider(resource=Resource.create({"service.name": "tally-demo"}))
     provider.add_span_processor(SimpleSpanProcessor(_ToReceiver(receiver)))
     try:

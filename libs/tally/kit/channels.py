@@ -22,6 +22,13 @@ OPTIONS: Final = [
 
 
 def peer_channel(address: str) -> grpc.aio.Channel:
-    """A traced channel to the service at `address` (host:port)."""
+    """A traced channel to the service at `address` (host:port); mutual TLS with this
+    process's certificate when TALLY_TLS_CERT / _KEY / _CA are set (tally.kit.tls)."""
+    from tally.kit import tls
+
     interceptors: list[Any] = list(aio_client_interceptors())  # type: ignore[no-untyped-call]
+    files = tls.client_files()
+    if files is not None:
+        return grpc.aio.secure_channel(address, tls.channel_credentials(files), options=OPTIONS,
+                                       interceptors=interceptors)
     return grpc.aio.insecure_channel(address, options=OPTIONS, interceptors=interceptors)

@@ -221,6 +221,7 @@ DEFAULT_PORTS: Final[Mapping[str, int]] = {
     "metering": 50052,
     "ledger": 50053,
     "notifier": 50054,
+    "accounts": 50055,
 }
 """Where each service listens unless TALLY_<SERVICE>_PORT says otherwise."""
 
@@ -276,6 +277,9 @@ class KitConfig:
     notifier_port: int = setting(
         "TALLY_NOTIFIER_PORT", parse_port, "a port 0-65535", default=DEFAULT_PORTS["notifier"]
     )
+    accounts_port: int = setting(
+        "TALLY_ACCOUNTS_PORT", parse_port, "a port 0-65535", default=DEFAULT_PORTS["accounts"]
+    )
     # Where a peer is reached when that is not TALLY_HOST:<its port> (in Kubernetes a service
     # binds 0.0.0.0 and reaches its peers through their Services' DNS names).
     pricing_address: str | None = setting(
@@ -286,6 +290,8 @@ class KitConfig:
         "TALLY_LEDGER_ADDRESS", parse_address, "host:port", default=None)
     notifier_address: str | None = setting(
         "TALLY_NOTIFIER_ADDRESS", parse_address, "host:port", default=None)
+    accounts_address: str | None = setting(
+        "TALLY_ACCOUNTS_ADDRESS", parse_address, "host:port", default=None)
 
     def port_of(self, service: str) -> int:
         """The configured port of `service` (pricing, metering, ledger or notifier)."""

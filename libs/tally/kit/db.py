@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -22,7 +23,7 @@ from tally.kit.log import get_logger
 
 log = get_logger("tally.kit.db")
 
-SERVICES: Final = ("pricing", "metering", "ledger", "notifier")
+SERVICES: Final = ("pricing", "metering", "ledger", "notifier", "accounts")
 """Every service that owns a schema, in migration order."""
 
 # Serializes migrations of one schema across replicas starting at once (any 64-bit key works,
@@ -155,3 +156,33 @@ def run_script(sql: str) -> None:
     driver = op.get_bind().connection.driver_connection
     assert driver is not None
     await_only(driver.execute(sql))
+
+
+async def listen(database_url: str, channel: str, wake: Callable[[], None], stop: asyncio.Event,
+                 retry_s: float = 1.0) -> None:
+    """Calls `wake` on every NOTIFY on `channel` (by any replica), and once on each
+    (re)connection to catch up on what was missed, until `stop`. Listens on a dedicated
+    connection; reconnects after a loss."""
+    while not stop.is_set():
+        conn: Any = None
+        try:
+            conn = await asyncpg.connect(asyncpg_url(database_url))
+            lost = asyncio.Event()
+            conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
+            await conn.add_listener(channel, lambda *_args: wake())
+            wake()
+            stopping = asyncio.create_task(stop.wait())
+            losing = asyncio.create_task(lost.wait())
+            await asyncio.wait({stopping, losing}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            losing.cancel()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("listener_lost", channel=channel, error=str(exc), retry_in_s=retry_s)
+        finally:
+            if conn is not None and not conn.is_closed():
+                await conn.close()
+        if not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), retry_s)
+            except TimeoutError:
+                pass

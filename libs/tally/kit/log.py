@@ -17,8 +17,13 @@ import structlog
 from opentelemetry import trace
 
 _SECRET_KEYS: Final = frozenset(
-    {"api_key", "secret", "password", "token", "authorization", "signature", "webhook_secret"}
+    {"api_key", "secret", "password", "token", "authorization", "signature", "webhook_secret",
+     "kek", "client_secret", "private_key"}
 )
+# Secrets recognised by their shape wherever they appear in a value (an API key in an error
+# message, a bearer token in a header dump, a webhook secret in a URL).
+_SECRET_VALUES: Final = re.compile(
+    r"\b(tly_[a-z0-9-]+_|whsec_)[A-Za-z0-9_-]{8,}|(\bBearer\s+)[A-Za-z0-9._~+/=-]{8,}")
 
 
 def _add_trace_ids(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -39,8 +44,12 @@ def _redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutable
     for key, value in event.items():
         if key.lower() in _SECRET_KEYS:
             event[key] = "[redacted]"
-        elif isinstance(value, str) and "://" in value:
-            event[key] = _URL_PASSWORD.sub(r"\1[redacted]@", value)
+        elif isinstance(value, str):
+            if "://" in value:
+                value = event[key] = _URL_PASSWORD.sub(r"\1[redacted]@", value)
+            if "tly_" in value or "whsec_" in value or "Bearer" in value:
+                event[key] = _SECRET_VALUES.sub(
+                    lambda m: (m.group(1) or m.group(2)) + "[redacted]", value)
     return event
 
 

@@ -55,10 +55,46 @@ _T = TypeVar("_T")
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: a user, an API key or another service."""
+    """Who is calling: a user, an API key or another service (see tally.kit.auth)."""
 
     identity: str
     roles: frozenset[str] = frozenset()
+    """Roles that hold in every org (a service's), or in `bound_orgs` when that is set."""
+    verified_by: str = "trusted"
+    """api_key, oidc, mtls, or trusted (development mode: nothing was verified)."""
+    org_roles: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    """Roles held in one org each (a person's memberships, an API key's org)."""
+    bound_orgs: frozenset[str] | None = None
+    """The orgs a service's `roles` are limited to; None = every org."""
+    project_id: str = ""
+    """The project an API key is limited to; empty = its whole org."""
+    environment_id: str = ""
+    """The environment an API key is limited to; empty = its whole project."""
+
+    @property
+    def is_verified(self) -> bool:
+        """Whether the identity was proven (not merely claimed in development mode)."""
+        return self.verified_by != "trusted"
+
+    def roles_in(self, org_id: str) -> frozenset[str]:
+        """Every role the principal holds in `org_id`."""
+        held = self.org_roles.get(org_id, frozenset())
+        if self.roles and (self.bound_orgs is None or org_id in self.bound_orgs):
+            return held | self.roles
+        return held
+
+    def all_roles(self) -> frozenset[str]:
+        """Every role held anywhere."""
+        return self.roles.union(*self.org_roles.values())
+
+
+def acting_identity(claimed: str) -> str:
+    """Who a change is recorded as: the verified principal, whatever the request claims; in
+    development mode the claimed actor (else the trusted principal's name)."""
+    principal = current_principal.get()
+    if principal is not None and principal.is_verified:
+        return principal.identity
+    return claimed or (principal.identity if principal else "service:anonymous")
 
 
 class Authenticator(Protocol):
@@ -188,7 +224,7 @@ class _Method:
     metric series (looked up once, not per call)."""
 
     __slots__ = ("attributes", "authenticator", "counted", "duration", "interceptor", "log",
-                 "logs_ok", "name", "propagated", "service", "short", "tracer")
+                 "logs_ok", "name", "propagated", "record", "service", "short", "tracer")
 
     def __init__(self, name: str, interceptor: KitInterceptor) -> None:
         self.name = name
@@ -198,6 +234,8 @@ class _Method:
         self.duration = metrics.RPC_DURATION.labels(service, short)
         self.counted: dict[grpc.StatusCode, Any] = {}
         self.authenticator = interceptor._authenticator
+        # the audit hook of a guard (tally.kit.auth): told how every call ended
+        self.record = getattr(self.authenticator, "record", None)
         self.tracer = interceptor._tracer
         self.propagated = interceptor._propagated
         self.log = interceptor._log
@@ -208,8 +246,8 @@ class _Method:
 class _Call:
     """Traces, authenticates, maps errors and logs one call; shared by the four shapes."""
 
-    __slots__ = ("code", "context", "details", "ended", "metadata", "method", "span", "started",
-                 "token")
+    __slots__ = ("code", "context", "details", "ended", "metadata", "method", "principal",
+                 "request", "span", "started", "token")
 
     def __init__(self, method: _Method, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self.started = time.perf_counter()
@@ -218,6 +256,8 @@ class _Call:
         self.code: grpc.StatusCode | None = None
         self.details = ""
         self.ended = False
+        self.principal: Any = None
+        self.request: Any = None
         metadata = _metadata(context)
         parent = (propagate.extract(metadata) if not method.propagated.isdisjoint(metadata)
                   else _NO_PARENT)
@@ -228,7 +268,9 @@ class _Call:
             _describe_peer(self.span, context.peer(), metadata)
         self.metadata = metadata
 
-    async def enter(self) -> None:
+    async def enter(self, request: Any = None) -> Any:
+        """Authenticates (and, with a guard, authorizes) the call before its handler runs;
+        returns the principal. `request` is None at a client stream's open."""
         interceptor = self.method.interceptor
         if interceptor.refusing:
             # Stopping: a call taken now would be cut (CANCELLED) when the server stops, so
@@ -239,9 +281,30 @@ class _Call:
             self.method.log.info("rpc_refused_shutting_down", method=self.method.name)
             raise errors.TallyError(errors.Reason.UNAVAILABLE, _STOPPING_MESSAGE,
                                     retry_after=timedelta(0))
-        principal = await self.method.authenticator.authenticate(self.method.name,
-                                                                 self.metadata)
+        authenticator: Any = self.method.authenticator
+        self.request = request
+        if hasattr(authenticator, "check"):  # a guard: verify, then the policy
+            principal = await authenticator.verify(self.metadata, self.context)
+            self.principal = principal  # known to the audit record even when refused
+            authenticator.check(principal, self.method.name, request)
+        else:
+            principal = await authenticator.authenticate(self.method.name, self.metadata)
+            self.principal = principal
         current_principal.set(principal)
+        return principal
+
+    def checked(self, requests: AsyncIterable[Any], principal: Any) -> AsyncIterable[Any]:
+        """A client stream's messages, each checked for the orgs it names."""
+        check = getattr(self.method.authenticator, "check_message", None)
+        if check is None:
+            return requests
+
+        async def each() -> AsyncIterator[Any]:
+            async for message in requests:
+                check(principal, self.method.name, message)
+                yield message
+
+        return each()
 
     def aborted(self) -> None:
         """The handler aborted the call itself: its status is on the context."""
@@ -321,6 +384,8 @@ class _Call:
                 span.set_status(Status(StatusCode.ERROR, f"{code}:{details}"))
         span.end()
         otel_context.detach(self.token)
+        if method.record is not None:
+            method.record(method.name, self.principal, self.context, self.request, code)
         if self.code is None and self.method.logs_ok:
             self.method.log.debug("rpc_ok", method=self.method.name, duration_ms=round(
                 (time.perf_counter() - self.started) * 1000, 3))
@@ -352,14 +417,19 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: _Method
     if h.unary_unary or h.stream_unary:
         inner = h.unary_unary or h.stream_unary
 
+        streamed = bool(h.stream_unary)
+
         async def unary_response(request: Any, context: Any) -> Any:
             call = _Call(method, context)
             try:
-                await call.enter()
-                if request.__class__ is Refused:
+                if streamed:
+                    request = call.checked(_checked_stream(request), await call.enter())
+                elif request.__class__ is Refused:
+                    # undecodable bytes: the caller is still verified first, then refused
+                    await call.enter()
                     raise request.error
-                if h.stream_unary:
-                    request = _checked_stream(request)
+                else:
+                    await call.enter(request)
                 return await inner(request, context)
             except grpc.aio.AbortError:
                 if call.code is None:
@@ -379,15 +449,18 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: _Method
         return make(unary_response, decoder, h.response_serializer)
 
     inner = h.unary_stream or h.stream_stream
+    streamed_in = bool(h.stream_stream)
 
     async def streaming_response(request: Any, context: Any) -> AsyncIterator[Any]:
         call = _Call(method, context)
         try:
-            await call.enter()
-            if request.__class__ is Refused:
+            if streamed_in:
+                request = call.checked(_checked_stream(request), await call.enter())
+            elif request.__class__ is Refused:
+                await call.enter()
                 raise request.error
-            if h.stream_stream:
-                request = _checked_stream(request)
+            else:
+                await call.enter(request)
             produced = inner(request, context)
             if inspect.isasyncgen(produced):
                 async for item in produced:
@@ -578,11 +651,21 @@ async def start_server(
     drain_delay_seconds: float = 0.0,
     authenticator: Authenticator | None = None,
     reuse_port: bool = False,
+    tls: Any = None,
 ) -> RunningServer:
     """Builds, binds and starts `app`; returns once every service reports SERVING. With
     `reuse_port`, several processes may serve one port (SO_REUSEPORT: the kernel spreads
-    connections over them); without, a port already taken is an error."""
-    interceptor = KitInterceptor(authenticator or TrustInternalCallers())
+    connections over them); without, a port already taken is an error.
+
+    Without an `authenticator`, the one TALLY_AUTH_MODE configures (tally.kit.auth): the
+    guard, following accounts' credentials feed at TALLY_ACCOUNTS_ADDRESS, unless
+    development mode (trust) is asked for. With `tls` (a tally.kit.tls.TlsFiles; else
+    TALLY_TLS_CERT / _KEY / _CLIENT_CA) the port serves mutual TLS only."""
+    if authenticator is None:
+        from tally.kit.auth import build_authenticator
+
+        authenticator = build_authenticator(load_kit_config().address_of("accounts"), app.name)
+    interceptor = KitInterceptor(authenticator)
     server = grpc.aio.server(
         interceptors=[interceptor],
         options=[
@@ -596,10 +679,21 @@ async def start_server(
     reflection.enable_server_reflection(
         [*app.service_names, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    from tally.kit import tls as kit_tls
+
+    files = tls if tls is not None else kit_tls.server_files()
+    if files is not None:  # mTLS only: no plaintext port beside it
+        bound = server.add_secure_port(f"{host}:{port}", kit_tls.server_credentials(files))
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"{app.name}: could not bind {host}:{port}")
     await server.start()
+    start_auth = getattr(authenticator, "start", None)
+    if start_auth is not None:
+        await start_auth()
+        stop_auth = getattr(authenticator, "stop")  # noqa: B009 - optional hook
+        app.on_stop.insert(0, stop_auth)  # runs last: on_stop hooks run in reverse
     for hook in app.on_start:
         await hook()
 

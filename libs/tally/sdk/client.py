@@ -10,6 +10,7 @@ Reason.INSUFFICIENT_CREDITS`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
 from types import TracebackType
 from typing import Any, Self
@@ -17,6 +18,7 @@ from typing import Any, Self
 import grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
+from tally.accounts.v1 import accounts_pb2_grpc
 from tally.kit import errors
 from tally.kit.config import KitConfig
 from tally.ledger.v1 import ledger_pb2_grpc
@@ -30,9 +32,12 @@ _CHANNEL_OPTIONS = [
 ]
 
 
-def _with_actor(details: grpc.aio.ClientCallDetails, actor: str) -> grpc.aio.ClientCallDetails:
+def _with_actor(details: grpc.aio.ClientCallDetails, actor: str,
+                credential: str | None = None) -> grpc.aio.ClientCallDetails:
     metadata = grpc.aio.Metadata(*(details.metadata or ()))
     metadata.add("x-tally-actor", actor)
+    if credential:
+        metadata.add("authorization", f"Bearer {credential}")
     return grpc.aio.ClientCallDetails(
         details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
     )
@@ -41,8 +46,9 @@ def _with_actor(details: grpc.aio.ClientCallDetails, actor: str) -> grpc.aio.Cli
 class _TallyErrors(grpc.aio.UnaryUnaryClientInterceptor):
     """Adds the actor to every unary call and turns a Tally status into `TallyError`."""
 
-    def __init__(self, actor: str) -> None:
+    def __init__(self, actor: str, credential: str | None = None) -> None:
         self._actor = actor
+        self._credential = credential
 
     async def intercept_unary_unary(
         self,
@@ -50,7 +56,8 @@ class _TallyErrors(grpc.aio.UnaryUnaryClientInterceptor):
         client_call_details: grpc.aio.ClientCallDetails,
         request: Any,
     ) -> Any:
-        call = await continuation(_with_actor(client_call_details, self._actor), request)
+        call = await continuation(_with_actor(
+            client_call_details, self._actor, self._credential), request)
         try:
             await call
         except grpc.aio.AioRpcError as exc:
@@ -166,25 +173,29 @@ class _Streams(
     """Adds the actor to streaming calls, and raises their failures as `TallyError` (where
     they surface: while reading, writing or awaiting the response)."""
 
-    def __init__(self, actor: str) -> None:
+    def __init__(self, actor: str, credential: str | None = None) -> None:
         self._actor = actor
+        self._credential = credential
 
     async def intercept_unary_stream(
         self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
     ) -> Any:
-        return _UnaryStream(await continuation(_with_actor(client_call_details, self._actor),
+        return _UnaryStream(await continuation(_with_actor(
+            client_call_details, self._actor, self._credential),
                                                request))
 
     async def intercept_stream_unary(
         self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, requests: Any
     ) -> Any:
-        return _StreamUnary(await continuation(_with_actor(client_call_details, self._actor),
+        return _StreamUnary(await continuation(_with_actor(
+            client_call_details, self._actor, self._credential),
                                                requests))
 
     async def intercept_stream_stream(
         self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, requests: Any
     ) -> Any:
-        return _StreamStream(await continuation(_with_actor(client_call_details, self._actor),
+        return _StreamStream(await continuation(_with_actor(
+            client_call_details, self._actor, self._credential),
                                                 requests))
 
 
@@ -195,11 +206,13 @@ class TallyClient:
     `await tally.ledger.GetBalance(...)`.
     """
 
-    def __init__(self, addresses: Mapping[str, str], *, actor: str = "service:sdk") -> None:
+    def __init__(self, addresses: Mapping[str, str], *, actor: str = "service:sdk",
+                 credential: str | None = None) -> None:
+        # `credential`: an API key (tly_...) or an OIDC token, sent as `authorization: Bearer`.
         interceptors: list[Any] = [
             *aio_client_interceptors(),  # type: ignore[no-untyped-call]
-            _TallyErrors(actor),
-            _Streams(actor),
+            _TallyErrors(actor, credential),
+            _Streams(actor, credential),
         ]
         self._channels = {
             service: grpc.aio.insecure_channel(
@@ -211,12 +224,16 @@ class TallyClient:
         self.metering = metering_pb2_grpc.MeteringServiceStub(self._channel("metering"))
         self.ledger = ledger_pb2_grpc.LedgerServiceStub(self._channel("ledger"))
         self.notifier = notifier_pb2_grpc.NotifierServiceStub(self._channel("notifier"))
+        self.accounts = accounts_pb2_grpc.AccountsServiceStub(self._channel("accounts"))
 
     @classmethod
-    def from_config(cls, config: KitConfig, *, actor: str = "service:sdk") -> Self:
-        """A client for the services at their configured addresses."""
-        services = ("pricing", "metering", "ledger", "notifier")
-        return cls({s: config.address_of(s) for s in services}, actor=actor)
+    def from_config(cls, config: KitConfig, *, actor: str = "service:sdk",
+                    credential: str | None = None) -> Self:
+        """A client for the services at their configured addresses; the credential is
+        `credential`, else TALLY_API_KEY from the environment (if set)."""
+        services = ("pricing", "metering", "ledger", "notifier", "accounts")
+        return cls({s: config.address_of(s) for s in services}, actor=actor,
+                   credential=credential or os.environ.get("TALLY_API_KEY") or None)
 
     def _channel(self, service: str) -> grpc.aio.Channel:
         # A client built for a subset of services still type-checks the others; calling them

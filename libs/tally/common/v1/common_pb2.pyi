@@ -228,6 +228,18 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_INTERNAL: _ErrorReason.ValueType  # 27
     """An unexpected server fault; nothing was half-written. INTERNAL."""
+    ERROR_REASON_SEAT_LIMIT_REACHED: _ErrorReason.ValueType  # 40
+    """(28..39 left to other contracts in flight.) Adding a member or giving one a paid role
+    (owner, admin, developer) would pass the org's paid seat limit. FAILED_PRECONDITION.
+    """
+    ERROR_REASON_LAST_OWNER: _ErrorReason.ValueType  # 41
+    """The change would leave an org without an owner. FAILED_PRECONDITION."""
+    ERROR_REASON_KEY_NOT_ACTIVE: _ErrorReason.ValueType  # 42
+    """The API key is revoked, expired or already rotated. FAILED_PRECONDITION."""
+    ERROR_REASON_WRONG_REGION: _ErrorReason.ValueType  # 43
+    """The org's data lives in another region than this service serves; ErrorInfo metadata
+    "region" names it, so a router or the caller can go there. FAILED_PRECONDITION.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Stable reasons for domain errors. On the wire google.rpc.ErrorInfo.reason carries the bare
@@ -297,6 +309,18 @@ UNAVAILABLE.
 """
 ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 27
 """An unexpected server fault; nothing was half-written. INTERNAL."""
+ERROR_REASON_SEAT_LIMIT_REACHED: ErrorReason.ValueType  # 40
+"""(28..39 left to other contracts in flight.) Adding a member or giving one a paid role
+(owner, admin, developer) would pass the org's paid seat limit. FAILED_PRECONDITION.
+"""
+ERROR_REASON_LAST_OWNER: ErrorReason.ValueType  # 41
+"""The change would leave an org without an owner. FAILED_PRECONDITION."""
+ERROR_REASON_KEY_NOT_ACTIVE: ErrorReason.ValueType  # 42
+"""The API key is revoked, expired or already rotated. FAILED_PRECONDITION."""
+ERROR_REASON_WRONG_REGION: ErrorReason.ValueType  # 43
+"""The org's data lives in another region than this service serves; ErrorInfo metadata
+"region" names it, so a router or the caller can go there. FAILED_PRECONDITION.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final

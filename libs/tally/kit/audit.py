@@ -1,0 +1,179 @@
+"""The audit trail of every service, recorded by the kit and kept by accounts.
+
+The guard hands each finished call it must audit (every mutating call, every sensitive read,
+every refused attempt) to an `Auditor`. Recording is a tuple appended to a bounded in-memory
+queue: no I/O on the call's path. A background loop ships the queue to accounts' AppendAudit
+in batches; accounts chains each record into its org's hash chain, idempotently on the
+record's id, so a batch retried after a lost answer is not recorded twice.
+
+What is not durable: records still queued when a process dies are lost (at most one flush
+interval's worth, `TALLY_AUDIT_FLUSH_MS`), and a queue full because accounts is unreachable
+for long drops the newest records, counting them in `tally_audit_dropped_total` and logging
+each drop loudly. A deployment that must never lose one needs the record written in the
+call's own transaction; that is a per-service change this design leaves open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from prometheus_client import Counter
+
+from tally.kit import policy
+from tally.kit.log import get_logger
+
+log = get_logger("tally.kit.audit")
+
+DROPPED = Counter("tally_audit_dropped_total", "Audit records dropped because the queue to "
+                  "accounts was full.")
+
+_READ_PREFIXES: Final = ("Get", "List", "Watch", "Subscribe", "Export", "Quote", "Verify",
+                         "Simulate")
+_READS: Final = frozenset({"MarginReport", "StreamEvents"})
+SENSITIVE_READS: Final = frozenset({"ListMembers", "ListApiKeys", "GetPaymentOrder",
+                                    "ListPaymentOrders", "GetAutoTopUp", "ExportUsage",
+                                    "ExportAudit", "VerifyAudit"})
+"""Reads of payment details, member lists, keys and bulk exports: audited like changes."""
+NEVER: Final = frozenset({"/tally.accounts.v1.AccountsService/AppendAudit"})
+"""The audit's own transport (auditing it would record every shipment forever)."""
+DENIED: Final = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
+
+
+def is_audited(method: str) -> bool:
+    """Whether successful calls of `method` are audited (refused ones always are)."""
+    if method in NEVER:
+        return False
+    short = method.rsplit("/", 1)[1]
+    return short in SENSITIVE_READS or not (short.startswith(_READ_PREFIXES)
+                                            or short in _READS)
+
+
+# (record_id, org_id, at, principal, verified_by, service, rpc, targets, digest, peer, outcome)
+Record = tuple[str, str, float, str, str, str, str, tuple[str, ...], str, str, str]
+Sink = Callable[[Sequence[Record], Mapping[str, float]], Awaitable[None]]
+"""Ships records, and the API keys used since the last shipment (key_id -> when)."""
+
+
+@dataclass
+class Auditor:
+    """Queues audit records and ships them in batches to a sink (accounts' AppendAudit)."""
+
+    service: str
+    sink: Sink
+    max_queue: int = 100_000
+    batch_size: int = 1000
+    flush_ms: int = 50
+    retry_ms: int = 500
+    key_uses: Callable[[], dict[str, float]] | None = None
+    """Takes the key uses to report with the next shipment (the guard's cache)."""
+    _queue: deque[Record] = field(default_factory=deque)
+    _uses: dict[str, float] = field(default_factory=dict)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _id_fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def record(self, method: str, rule: policy.Rule | None, principal: Any, peer: str,
+               request: Any, outcome: str) -> None:
+        """Queues one call's record (one per org it named; the platform chain if none)."""
+        digest = (hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
+                  if request is not None else "")
+        orgs = sorted(policy.orgs_named(rule, request)) if rule and request is not None else []
+        targets = tuple(f"org_id={o}" for o in orgs) + self._targets(method, request)
+        who = principal.identity if principal is not None else "anonymous"
+        how = principal.verified_by if principal is not None else "none"
+        now = time.time()
+        for org in orgs or [""]:
+            if len(self._queue) >= self.max_queue:
+                DROPPED.inc()
+                log.error("audit_record_dropped", method=method, org_id=org,
+                          queued=len(self._queue))
+                continue
+            self._queue.append((os.urandom(16).hex(), org, now, who, how, self.service,
+                                method, targets, digest, peer, outcome))
+        if len(self._queue) >= self.batch_size:
+            self._wake.set()
+
+    def _targets(self, method: str, request: Any) -> tuple[str, ...]:
+        if request is None:
+            return ()
+        names = self._id_fields.get(method)
+        if names is None:
+            names = self._id_fields[method] = tuple(
+                f.name for f in request.DESCRIPTOR.fields
+                if f.name.endswith("_id") and f.name != "org_id" and f.type == f.TYPE_STRING
+                and not f.is_repeated)
+        return tuple(f"{name}={value}" for name in names if (value := getattr(request, name)))
+
+    @property
+    def queued(self) -> int:
+        """Records waiting to be shipped."""
+        return len(self._queue)
+
+    async def flush(self) -> None:
+        """Ships everything queued now (raises if the sink fails; nothing is lost then)."""
+        if self.key_uses is not None:
+            for key_id, at in self.key_uses().items():
+                self._uses[key_id] = max(at, self._uses.get(key_id, at))
+        while self._queue or self._uses:
+            batch = [self._queue[i] for i in range(min(self.batch_size, len(self._queue)))]
+            await self.sink(batch, self._uses)
+            self._uses = {}
+            for _ in batch:
+                self._queue.popleft()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Ships batches until `stop`, then a last flush."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.flush_ms / 1000)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception as exc:
+                log.warning("audit_ship_failed", error=str(exc), queued=len(self._queue),
+                            retry_in_ms=self.retry_ms)
+                try:
+                    await asyncio.wait_for(stop.wait(), self.retry_ms / 1000)
+                except TimeoutError:
+                    pass
+        try:
+            await self.flush()
+        except Exception as exc:
+            log.error("audit_records_lost_at_shutdown", error=str(exc),
+                      queued=len(self._queue))
+
+
+def grpc_sink(channel: Any, timeout_s: float = 5.0) -> Sink:
+    """A sink shipping to accounts' AppendAudit over `channel`."""
+    from tally.accounts.v1 import accounts_pb2, accounts_pb2_grpc
+
+    stub = accounts_pb2_grpc.AccountsServiceStub(channel)
+
+    async def ship(batch: Sequence[Record], uses: Mapping[str, float]) -> None:
+        records = []
+        for (record_id, org, at, who, how, service, rpc, targets, digest, peer,
+             outcome) in batch:
+            message = accounts_pb2.AuditRecord(
+                record_id=record_id, org_id=org, principal=who, verified_by=how,
+                service=service, rpc=rpc, target_ids=targets, request_sha256=digest,
+                peer=peer, outcome=outcome)
+            message.time.FromNanoseconds(int(at * 1e9))
+            records.append(message)
+        key_uses = []
+        for key_id, at in uses.items():
+            use = accounts_pb2.KeyUse(key_id=key_id)
+            use.last_use_time.FromNanoseconds(int(at * 1e9))
+            key_uses.append(use)
+        await stub.AppendAudit(accounts_pb2.AppendAuditRequest(records=records,
+                                                               key_uses=key_uses),
+                               timeout=timeout_s)
+
+    return ship

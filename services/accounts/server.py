@@ -1,0 +1,109 @@
+"""Composition root of the accounts service.
+
+config -> pool -> store -> Accounts + CredentialHub -> servicer -> ServiceApp, plus two
+background loops: the change feed (LISTEN accounts_credentials) and the refresher that turns
+its wake-ups (or a periodic poll, should a notification be lost) into one read of the new
+changes, fanned out to every WatchCredentials stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass
+
+import asyncpg
+import grpc
+
+from tally.accounts.v1 import accounts_pb2, accounts_pb2_grpc
+from tally.kit import db, infra
+from tally.kit.background import refresh_on_wake
+from tally.kit.config import KitConfig, load, load_kit_config, parse_positive_int, setting
+from tally.kit.log import get_logger
+from tally.kit.server import ServiceApp, run_service
+
+from .domain import Accounts, CredentialHub
+from .servicer import AccountsServicer
+from .store import AccountsPgStore, AuditPgStore
+
+NAME = "accounts"
+SERVICE_NAME = accounts_pb2.DESCRIPTOR.services_by_name["AccountsService"].full_name
+log = get_logger("accounts.server")
+
+
+def parse_regions(raw: str) -> frozenset[str]:
+    """A comma-separated list of region names."""
+    regions = frozenset(part.strip() for part in raw.split(",") if part.strip())
+    if not regions:
+        raise ValueError("no region")
+    return regions
+
+
+@dataclass(frozen=True, slots=True)
+class AccountsConfig:
+    """Accounts' own settings (TALLY_ACCOUNTS_*)."""
+
+    regions: frozenset[str] = setting(
+        "TALLY_ACCOUNTS_REGIONS", parse_regions, "comma-separated region names",
+        default=frozenset({"local"}))
+    watch_lifetime_s: int = setting(
+        "TALLY_ACCOUNTS_WATCH_LIFETIME_S", parse_positive_int, "seconds > 0", default=300)
+    max_watchers: int = setting(
+        "TALLY_ACCOUNTS_MAX_WATCHERS", parse_positive_int, "an integer > 0", default=1000)
+    refresh_interval_ms: int = setting(
+        "TALLY_ACCOUNTS_REFRESH_INTERVAL_MS", parse_positive_int, "milliseconds > 0",
+        default=1000)
+
+
+async def build(config: KitConfig, settings: AccountsConfig | None = None) -> ServiceApp:
+    """Wires accounts."""
+    settings = settings or load(AccountsConfig)
+    url = config.database_url or infra.start_embedded_postgres(config.data_dir, keep_running=False)
+    if config.migrate_on_start:
+        await db.migrate_async(NAME, url)
+    pool = await db.create_pool(url, max_size=config.db_pool_size)
+    store = AccountsPgStore(pool, db.asyncpg_url(url))
+    hub = CredentialHub(store, max_watchers=settings.max_watchers)
+    hub.revision = (await store.credentials_snapshot()).revision
+    shutting_down = asyncio.Event()
+    servicer = AccountsServicer(Accounts(store, settings.regions), store, hub,
+                                AuditPgStore(pool),
+                                watch_lifetime_s=settings.watch_lifetime_s,
+                                shutting_down=shutting_down)
+    stop = asyncio.Event()
+    wake = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+
+    async def start_loops() -> None:
+        tasks.append(asyncio.create_task(refresh_on_wake(
+            "credentials", hub.refresh, wake, stop, settings.refresh_interval_ms / 1000,
+            (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)),
+            name="credentials-refresher"))
+        tasks.append(asyncio.create_task(store.follow(wake.set, stop),
+                                         name="credentials-listener"))
+
+    async def close() -> None:
+        stop.set()
+        wake.set()
+        hub.close()
+        await asyncio.gather(*tasks)
+        await pool.close()
+
+    def register(server: grpc.aio.Server) -> None:
+        accounts_pb2_grpc.add_AccountsServiceServicer_to_server(servicer, server)
+
+    return ServiceApp(name=NAME, service_names=[SERVICE_NAME], register=register,
+                      on_start=[start_loops], on_stop=[close], shutting_down=shutting_down)
+
+
+async def build_for(database_url: str, config: KitConfig | None = None,
+                    settings: AccountsConfig | None = None) -> ServiceApp:
+    """`build` against an already migrated database, other settings from `config` or defaults."""
+    base = config or load_kit_config({})
+    return await build(dataclasses.replace(base, database_url=database_url,
+                                           migrate_on_start=False), settings)
+
+
+def main() -> None:
+    """Runs the accounts service until SIGTERM/SIGINT."""
+    run_service(NAME, build)
