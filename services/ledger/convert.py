@@ -20,7 +20,7 @@ def caller(context: common_pb2.RequestContext, actor: str) -> d.Caller:
     return d.Caller(actor=acting_identity(context.actor) if context.actor else actor,
                     trace_id=current_trace_id(),
                     user_id=context.user_id,
-                    labels=dict(context.labels))
+                    labels=dict(context.labels.items()))
 
 
 def grant_spec(message: pb.GrantSpec, field: str) -> d.GrantSpec | None:
@@ -126,7 +126,7 @@ def usage_batch(request: pb.PostUsageBatchRequest, caller: d.Caller) -> d.UsageB
     debits = [d.OrgUsageDebit(
         o.org_id, o.amount_micros, o.event_count, o.events_digest,
         [d.UsageCapture(c.reservation_id, c.cost_micros, c.cost_before_micros)
-         for c in o.captures] if o.captures else ()) for o in request.org_debits]
+         for c in o.captures] if o.captures else (), o.lease_id) for o in request.org_debits]
     return d.UsageBatch(request.batch_id, [usage_item(i) for i in request.items], caller,
                         debits)
 

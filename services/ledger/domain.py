@@ -495,6 +495,7 @@ class OrgUsageDebit:
     event_count: int
     events_digest: str = ""
     captures: Sequence[UsageCapture] = ()
+    lease_id: str = ""  # the org's credit lease that pays first (issue 17: postings hook)
 
 
 @dataclass(frozen=True, slots=True)
@@ -541,7 +542,7 @@ class UsageBatch:
         if self.org_debits:
             return fingerprint([(o.org_id, o.amount_micros, o.event_count, o.events_digest,
                                  [(c.reservation_id, c.cost_micros, c.cost_before_micros)
-                                  for c in o.captures]) for o in self.org_debits])
+                                  for c in o.captures], o.lease_id) for o in self.org_debits])
         return fingerprint([(i.event_id, i.org_id, i.cost_micros, i.reservation_id)
                             for i in self.items])
 

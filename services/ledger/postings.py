@@ -132,6 +132,9 @@ def debit_org_usage(position: OrgPosition, debit: d.OrgUsageDebit, batch_id: str
     available credit covers (burning grants in burn order) and records the rest as arrears.
     Usage already happened, so it is never refused. Adds its entries and the rest to `plan`."""
     org = debit.org_id
+    # issue 17: a credit lease (debit.lease_id) pays here first, before the split below:
+    # its hold lowers position.held_micros by what it pays (the authz branch's
+    # leases.UsageLeases.pay), so available = posted - held stays exact
     captured: list[tuple[Hold, d.UsageCapture]] = []
     for capture in debit.captures:
         hold = holds.pop(capture.reservation_id, None)

@@ -40,7 +40,8 @@ class GrpcLedger:
         add = request.org_debits.add
         for o in debits:
             debit = add(org_id=o.org_id, amount_micros=o.amount_micros,
-                        event_count=o.event_count, events_digest=o.events_digest)
+                        event_count=o.event_count, events_digest=o.events_digest,
+                        lease_id=o.lease_id)
             for c in o.captures:
                 debit.captures.add(reservation_id=c.reservation_id, cost_micros=c.cost_micros,
                                    cost_before_micros=c.cost_before_micros)

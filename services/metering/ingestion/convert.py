@@ -39,7 +39,7 @@ def event(message: pb.UsageEvent) -> ing.UsageEvent:
         operation=operation_name(message.operation), mode=mode, region=message.region,
         reservation_id=message.reservation_id, project_id=ctx.project_id,
         environment=ctx.environment, user_id=ctx.user_id, api_key_id=ctx.api_key_id,
-        labels=dict(ctx.labels),
+        labels=dict(ctx.labels.items()),  # dict(map) goes through abc checks: 2-3x dearer
         evidence=ing.Evidence(message.evidence.request_id, message.evidence.upstream_request_id,
                               message.evidence.trace_id, tuple(message.evidence.content_hashes)))
 

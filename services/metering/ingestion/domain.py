@@ -215,6 +215,7 @@ class OrgDebit:
     event_count: int
     events_digest: str
     captures: tuple[Capture, ...] = ()
+    lease_id: str = ""  # the org's credit lease that pays first (issue 17)
 
 
 @dataclass(frozen=True, slots=True)

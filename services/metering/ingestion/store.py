@@ -57,13 +57,13 @@ Outcomes = dict[str, tuple[datetime, dict[str, ing.OrgOutcome]] | None]
 def _debits_json(debits: Sequence[ing.OrgDebit]) -> str:
     return json.dumps([[o.org_id, o.amount_micros, o.event_count, o.events_digest,
                         [[c.reservation_id, c.cost_micros, c.cost_before_micros]
-                         for c in o.captures]] for o in debits])
+                         for c in o.captures], o.lease_id] for o in debits])
 
 
 def _debits_of(text: str) -> list[ing.OrgDebit]:
     return [ing.OrgDebit(org, amount, count, digest,
-                         tuple(ing.Capture(*c) for c in captures))
-            for org, amount, count, digest, captures in json.loads(text)]
+                         tuple(ing.Capture(*c) for c in captures), lease[0] if lease else "")
+            for org, amount, count, digest, captures, *lease in json.loads(text)]
 
 
 _ALL_MODELS = "*"  # period-usage key of lines that price a meter for every model

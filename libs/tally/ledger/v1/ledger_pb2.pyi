@@ -1220,6 +1220,7 @@ class OrgUsageDebit(_message.Message):
     EVENT_COUNT_FIELD_NUMBER: _builtins.int
     EVENTS_DIGEST_FIELD_NUMBER: _builtins.int
     CAPTURES_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
     org_id: _builtins.str
     """Org to debit."""
     amount_micros: _builtins.int
@@ -1228,6 +1229,8 @@ class OrgUsageDebit(_message.Message):
     """How many events the amount covers; >= 1."""
     events_digest: _builtins.str
     """Metering's digest of those events (lowercase hex): ties the transfer to its events."""
+    lease_id: _builtins.str
+    """The org's credit lease whose hold pays the amount first (issue 17); empty = none."""
     @_builtins.property
     def captures(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageCapture]:
         """Reservations the events settle: their holds are freed before the debit."""
@@ -1240,10 +1243,11 @@ class OrgUsageDebit(_message.Message):
         event_count: _builtins.int = ...,
         events_digest: _builtins.str = ...,
         captures: _abc.Iterable[Global___UsageCapture] | None = ...,
+        lease_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "captures", b"captures", "event_count", b"event_count", "events_digest", b"events_digest", "org_id", b"org_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "captures", b"captures", "event_count", b"event_count", "events_digest", b"events_digest", "lease_id", b"lease_id", "org_id", b"org_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
