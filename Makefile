@@ -1,5 +1,5 @@
 # Thin wrappers: ./dev is the entry point a fresh machine needs (no make required).
-.PHONY: demo test test-deep up down lock protos check-protos lint types buf bench trace-demo fuzz
+.PHONY: demo test test-deep up down lock protos check-protos lint types buf bench trace-demo fuzz chaos
 
 demo:
 	./dev demo
@@ -35,3 +35,9 @@ FUZZ_SECONDS ?= 300
 fuzz:
 	TALLY_FUZZ_SEED=$${TALLY_FUZZ_SEED:-random} TALLY_FUZZ_SECONDS=$(FUZZ_SECONDS) \
 	  .venv/bin/python -m pytest tests/fuzz -q -s -p no:cacheprovider
+
+# Faults under load with invariants checked after each (tests/chaos); CI runs the short form.
+CHAOS_FAULT_SECONDS ?= 10
+chaos:
+	TALLY_CHAOS_FAULT_SECONDS=$(CHAOS_FAULT_SECONDS) \
+	  .venv/bin/python -m pytest tests/chaos -q -s -p no:cacheprovider

@@ -65,11 +65,20 @@ class GrpcReservingLedger:
 
     async def reserve(self, reservation_id: str, org_id: str, amount_micros: int,
                       ttl: timedelta) -> tuple[int, str]:
-        """Holds credit; the ledger's refusal arrives as its TallyError (via from_rpc_error)."""
-        async with _translated():
-            reply = await self.stub.Reserve(ledger_pb2.ReserveRequest(
-                reservation_id=reservation_id, org_id=org_id, amount_micros=amount_micros,
-                ttl_seconds=int(ttl.total_seconds())), timeout=self.timeout_s)
+        """Holds credit; the ledger's refusal arrives as its TallyError (via from_rpc_error).
+        An org the ledger has no account for has no credit: INSUFFICIENT_CREDITS, which
+        Authorize answers as a DENY (it was an INVALID_ARGUMENT error naming org_id)."""
+        try:
+            async with _translated():
+                reply = await self.stub.Reserve(ledger_pb2.ReserveRequest(
+                    reservation_id=reservation_id, org_id=org_id, amount_micros=amount_micros,
+                    ttl_seconds=int(ttl.total_seconds())), timeout=self.timeout_s)
+        except TallyError as exc:
+            if exc.reason is Reason.INVALID_ARGUMENT and exc.field == "org_id":
+                raise TallyError(Reason.INSUFFICIENT_CREDITS,
+                                 f"org {org_id!r} has no credit account in the ledger",
+                                 metadata={"org_id": org_id}) from exc
+            raise
         state = common_pb2.BillingState.Name(reply.billing_state).removeprefix("BILLING_STATE_")
         return int(reply.available_micros), "ACTIVE" if state == "UNSPECIFIED" else state
 

@@ -10,9 +10,8 @@ adding it here. CI runs a fixed seed and a bounded count (TALLY_FUZZ_CALLS per R
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
+import json
 import os
 import random
 import socket
@@ -137,7 +136,6 @@ class RowCounts:
             parts = [f"'{t['relname']}', (SELECT count(*) FROM \"{schema}\".\"{t['relname']}\")"
                      for t in tables]
             query = self.queries[schema] = f"SELECT json_build_object({', '.join(parts)})"
-        import json
         counts: dict[str, int] = json.loads(await self.conn.fetchval(query))
         return counts
 
@@ -230,7 +228,7 @@ async def test_every_rpc_survives_random_and_boundary_requests(
         rows = RowCounts(conn)
         round_ = 0
         while True:
-            for index, rpc in enumerate(rpcs):
+            for rpc in rpcs:
                 rng = random.Random(f"{seed}:{round_}:{rpc.path}")
                 share = STREAM_CALL_SHARE if rpc.method.server_streaming else 1.0
                 began = time.monotonic()
@@ -238,7 +236,6 @@ async def test_every_rpc_survives_random_and_boundary_requests(
                     await _fuzz_one(rpc, channels[rpc.service], rows, rng, case, tally)
                 tally.seconds[rpc.path] += time.monotonic() - began
                 await _assert_serving(channels, rpc, tally)
-                del index
             round_ += 1
             if not budget_s or time.monotonic() - started > budget_s:
                 break
@@ -254,11 +251,10 @@ async def test_every_rpc_survives_random_and_boundary_requests(
 
 async def _assert_serving(channels: dict[str, grpc.aio.Channel], rpc: Rpc, tally: Tally) -> None:
     for name, channel in channels.items():
-        with contextlib.suppress(asyncio.CancelledError):
-            reply = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=5)
-            if reply.status != health_pb2.HealthCheckResponse.SERVING:
-                tally.findings.append(Finding(rpc.path, -1, f"{name} is not SERVING after it"))
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5)
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            tally.findings.append(Finding(rpc.path, -1, f"{name} is not SERVING after it"))
 
 
 def _print_table(tally: Tally) -> None:

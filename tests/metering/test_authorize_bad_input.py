@@ -6,7 +6,7 @@ import pytest
 
 from tally.kit.errors import Reason, TallyError
 from tests.metering.conftest import Suite
-from tests.metering.test_authorize import ask
+from tests.metering.test_authorize import DENY, ask
 
 
 async def test_an_unknown_model_answers_reason_unknown_model(suite: Suite) -> None:
@@ -23,3 +23,10 @@ async def test_a_huge_reservation_ttl_is_refused_naming_the_field(suite: Suite,
         await suite.client.metering.Authorize(ask("x", reservation_ttl_seconds=ttl_seconds))
     assert caught.value.reason is Reason.INVALID_ARGUMENT
     assert caught.value.field == "reservation_ttl_seconds"
+
+
+async def test_an_org_without_a_ledger_account_is_denied_with_a_reason(suite: Suite) -> None:
+    reply = await suite.client.metering.Authorize(ask("no-account", org="never-funded"))
+    assert (reply.decision, reply.deny_reason) == (DENY, "INSUFFICIENT_CREDITS")
+    assert "no credit account" in reply.message
+    assert not reply.reservation_id
