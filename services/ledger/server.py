@@ -161,6 +161,8 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
         tasks.append(asyncio.create_task(run_periodically(
             "expire_grants", SWEEP_INTERVAL_S, store.expire_grants, stop)))
         tasks.append(asyncio.create_task(run_periodically(
+            "expire_leases", SWEEP_INTERVAL_S, store.leases.expire, stop)))
+        tasks.append(asyncio.create_task(run_periodically(
             "seal_outbox", OUTBOX_SEAL_INTERVAL_S, store.seal_outbox, stop)))
         tasks.append(asyncio.create_task(top_up.run(stop)))
         tasks.append(asyncio.create_task(run_periodically(

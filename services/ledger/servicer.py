@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from datetime import timedelta
 from typing import Any
 
 import grpc
 
-from services.ledger import convert
+from services.ledger import convert, leases
 from services.ledger import domain as d
 from services.ledger.payments import convert as pay_convert
 from services.ledger.payments.domain import PaymentOrderKind, PaymentOrderState
@@ -99,6 +100,18 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             request.reservation_id, request.org_id, convert.caller(request.context, _actor()))
         return pb.ReleaseResponse(reservation=convert.reservation(released),
                                   available_micros=available)
+
+    async def ExtendLease(self, request: pb.ExtendLeaseRequest, context: Context
+                          ) -> pb.ExtendLeaseResponse:
+        annotate(org_id=request.org_id, lease_id=request.lease_id)
+        extended = await self.store.leases.extend(leases.ExtendLease(
+            request.request_id, request.lease_id, request.org_id, request.holder,
+            request.add_micros, request.return_micros, timedelta(seconds=request.ttl_seconds),
+            request.in_flight_micros, convert.caller(request.context, _actor())))
+        return pb.ExtendLeaseResponse(
+            lease=convert.lease(extended.lease), available_micros=extended.available_micros,
+            billing_state=convert.billing_state(extended.billing_state),
+            added_micros=extended.added_micros)
 
     async def GetReservation(self, request: pb.GetReservationRequest, context: Context
                              ) -> pb.GetReservationResponse:
