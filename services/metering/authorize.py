@@ -26,6 +26,7 @@ from datetime import datetime, timedelta
 from typing import Final
 
 from tally.kit.errors import FieldViolation, Reason, invalid_fields
+from tally.kit.money import INT64_MAX
 from tally.rating import Meter, PriceBook, UsageMode, rate_total
 
 from .policies import Budget, BudgetEnforcement, SpendPolicy
@@ -220,6 +221,19 @@ def judge_budgets(states: Sequence[BudgetState], cost_micros: int) -> BudgetVerd
                 and after * 100 >= budget.limit_micros * budget.downgrade_at_percent):
             downgrade = True
     return BudgetVerdict(True, downgrade)
+
+
+def allow_cap(budget: Budget) -> int:
+    """The most a budget may have spent plus held after a request that it answers with a plain
+    ALLOW (judge_budgets' rule as one bound: Authorize's single statement checks it, and a
+    request past it is decided by judge_budgets under the budget's lock)."""
+    if budget.enforcement is BudgetEnforcement.ALERT_ONLY:
+        return INT64_MAX
+    if budget.enforcement is BudgetEnforcement.SOFT_DOWNGRADE:
+        # after * 100 < limit * percent, in integers
+        below_threshold = -(-budget.limit_micros * budget.downgrade_at_percent // 100) - 1
+        return min(budget.limit_micros, below_threshold)
+    return budget.limit_micros
 
 
 def budget_headroom(states: Sequence[BudgetState], cost_micros: int) -> list[Headroom]:

@@ -43,6 +43,7 @@ class LedgerItem:
     org_id: str
     cost_micros: int
     reservation_id: str
+    lease_id: str = ""  # issue 17: the org's credit lease that pays it first (ledger side)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,10 +140,13 @@ class UsageEventStore:
                 carries[event.org_id] = carry
                 rated.append(outcome)
                 results.append(None)
+            lease_of: dict[str, str] = {}
+            charged: set[str] = set()
             if rated:
                 await self._insert(conn, batch_id, rated)
                 await self._roll_up(conn, rated)
-                await charge_budgets(conn, [
+                # issue 17: the orgs' credit leases (their ledger items name them)
+                lease_of = await charge_budgets(conn, [
                     Charge(r.event.org_id, r.event.project_id, r.event.labels,
                            r.event.occurred_at, r.receipt.cost_micros, r.event.reservation_id)
                     for r in rated if r.event.occurred_at is not None], datetime.now(UTC))
@@ -158,13 +162,16 @@ class UsageEventStore:
                     "$5::bigint[]) ON CONFLICT (org_id, month, model, meter) "
                     "DO UPDATE SET quantity = EXCLUDED.quantity",
                     *[[k[i] for k in moved] for i in range(4)], [periods[k] for k in moved])
+                charged = {r.event.event_id for r in rated if r.event.occurred_at is not None}
             items = [LedgerItem(r.event.event_id, r.event.org_id, r.receipt.cost_micros,
-                                r.event.reservation_id) for r in rated]
+                                r.event.reservation_id,
+                                lease_of.get(r.event.org_id, "")
+                                if r.event.event_id in charged else "") for r in rated]
             if items:
                 await conn.execute(
                     "INSERT INTO metering.ledger_batches (batch_id, items) VALUES ($1, $2)",
-                    batch_id, json.dumps([[i.event_id, i.org_id, i.cost_micros, i.reservation_id]
-                                          for i in items]))
+                    batch_id, json.dumps([[i.event_id, i.org_id, i.cost_micros, i.reservation_id,
+                                           i.lease_id] for i in items]))
             return Recorded(results, rated, items, unposted)
 
     @staticmethod

@@ -14,11 +14,14 @@ from datetime import UTC, datetime
 
 import grpc
 
-from services.metering.adapters import GrpcLedger, GrpcReservingLedger, WatchedPriceBooks
+from services.metering.adapters import GrpcLeasingLedger, GrpcLedger, WatchedPriceBooks
 from services.metering.authorizer import Authorizer
 from services.metering.committer import CommitSettings, GroupCommitter
 from services.metering.events_store import UsageEventStore
 from services.metering.policy_store import PolicyStore
+from services.metering.spend.lease import LeaseSettings
+from services.metering.spend.lease_manager import LeaseManager
+from services.metering.spend.lease_store import LeaseStore
 from services.metering.spend_store import SpendStore
 from tally.kit import db, infra
 from tally.kit.background import run_periodically
@@ -131,8 +134,9 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
                        max_inflight_commits=settings.max_inflight_commits))
     spend = SpendStore(pool)
     policies = PolicyCache(spend, settings.policy_cache_ms / 1000)
-    authorizer = Authorizer(spend, policies, books, GrpcReservingLedger(
-        ledger_pb2_grpc.LedgerServiceStub(ledger_channel)), LimiterGate(limiter))
+    leases = LeaseManager(LeaseStore(pool), GrpcLeasingLedger(
+        ledger_pb2_grpc.LedgerServiceStub(ledger_channel)), LeaseSettings())
+    authorizer = Authorizer(spend, policies, books, leases, LimiterGate(limiter))
     shutting_down = asyncio.Event()
     servicer = MeteringServicer(
         UsageReports(UsageStore(engine)), committer, events, authorizer, spend,
@@ -149,12 +153,15 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
 
     sealer = asyncio.create_task(run_periodically(
         "seal-outbox", OUTBOX_SEAL_INTERVAL_S, spend.seal_outbox, stop), name="seal-outbox")
+    # credit leases: top-ups and renewals (queue and timers), the ledger's changes (its stream)
+    lease_tasks = [asyncio.create_task(leases.run(stop), name="lease-renewals"),
+                   asyncio.create_task(leases.follow(stop), name="lease-follower")]
 
     async def close() -> None:
         await committer.stop()
-        await authorizer.drain()
         stop.set()
-        for task in (sweeper, sealer):
+        lease_tasks[1].cancel()  # it may be parked inside the ledger's StreamEvents
+        for task in (sweeper, sealer, *lease_tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         watcher.cancel()  # it may be parked inside a long-lived WatchPriceBook stream
