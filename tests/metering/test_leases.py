@@ -5,10 +5,20 @@ through its outbox, and what is admitted meanwhile is bounded by the lease."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import random
+import signal
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
 
+import grpc
+
+from tally.cli.suite import health_state
 from tally.common.v1 import common_pb2
 from tally.kit.errors import Reason, TallyError
+from tally.kit.infra import free_port
 from tally.ledger.v1 import ledger_pb2 as lpb
 from tally.metering.v1 import metering_pb2 as mpb
 from tally.sdk.client import TallyClient
@@ -17,11 +27,13 @@ from tests.metering.test_authorize import (
     ALLOW,
     DENY,
     _captured,
+    add_budget,
     ask,
     in_flight,
     lease_sees,
     sql,
 )
+from tests.metering.test_durability import REPO
 from tests.metering.test_ingestion import ACCEPTED, balance
 
 
@@ -184,3 +196,73 @@ async def test_a_replay_of_an_admitted_request_is_the_same_answer_and_holds_once
         assert reused.reason is Reason.IDEMPOTENCY_KEY_REUSED
     else:
         raise AssertionError("a different request under the same id was answered")
+
+
+async def test_sigkill_of_metering_mid_burst_leaves_no_overshoot_and_no_orphaned_hold(
+        suite: Suite) -> None:
+    await suite.fund("acme", 50)
+    await add_budget(suite, "b-hard", 3)
+    await suite.metering.stop()  # metering runs as a real process from here on
+    port = free_port()
+    env = dict(os.environ, TALLY_DATABASE_URL=suite.db_url, TALLY_MIGRATE_ON_START="false",
+               TALLY_PRICING_PORT=str(suite.config.pricing_port),
+               TALLY_LEDGER_PORT=str(suite.config.ledger_port), TALLY_METERING_PORT=str(port),
+               TALLY_METERING_SWEEP_INTERVAL_S="1", TALLY_METERING_POLICY_CACHE_MS="0")
+    admitted: dict[str, int] = {}
+    for life in range(2):
+        process = subprocess.Popen(  # noqa: ASYNC220 - one per life, then awaited
+            [sys.executable, "-m", "services.metering"], cwd=REPO, env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            await _serving(f"127.0.0.1:{port}")
+            async with TallyClient({"metering": f"127.0.0.1:{port}"},
+                                   actor="service:test") as client:
+
+                async def burst(worker: int, client: TallyClient = client, life: int = life,
+                                process: subprocess.Popen[bytes] = process) -> None:
+                    for attempt in range(10_000):
+                        request_id = f"l{life}-w{worker}-{attempt}"
+                        answer = await client.metering.Authorize(
+                            ask(request_id, reservation_ttl_seconds=3))
+                        if answer.decision == DENY:
+                            assert answer.deny_reason == "BUDGET_EXCEEDED", answer
+                            return
+                        admitted[request_id] = answer.reserved_micros
+                        if life == 0 and len(admitted) >= 5:
+                            process.send_signal(signal.SIGKILL)  # mid-burst
+
+                with contextlib.suppress(TallyError, grpc.aio.AioRpcError):
+                    await asyncio.gather(*(burst(w) for w in range(16)))
+            if life == 1:
+                # holds nobody captured lapse at their ttl: the budget and the lease free them
+                async def freed() -> bool:
+                    rows = await sql(suite, "SELECT reserved_micros FROM metering.budget_usage")
+                    return await in_flight(suite) == 0 and sum(
+                        r["reserved_micros"] for r in rows) == 0
+
+                await _until(freed, "the lapsed holds were freed")
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL if life == 0 else signal.SIGTERM)
+            process.wait(timeout=30)
+    assert sum(admitted.values()) <= 3 * CREDIT, "the hard budget held across the crash"
+    final = await balance(suite)
+    assert final.arrears_micros == 0 and final.held_micros == final.leased_micros
+    verified = await suite.client.ledger.VerifyLedger(lpb.VerifyLedgerRequest())
+    assert verified.ok, "the ledger sums to zero and its chains hold"
+
+
+async def _serving(address: str) -> None:
+    async def up() -> bool:
+        return await health_state(address, 0.5) == "SERVING"
+
+    await _until(up, f"metering at {address} came up")
+
+
+async def _until(condition: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Waits for a condition another process brings about (bounded); fails naming it."""
+    for _ in range(600):
+        if await condition():
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError(f"never happened: {what}")
