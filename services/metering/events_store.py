@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from services.metering import ingestion as ing
-from services.metering.spend_store import Charge, charge_budgets
+from services.metering.spend.store import Charge, charge_budgets
 from tally.kit.errors import Reason
 from tally.rating import Meter, PriceBookHistory, RatingError, UsageMode
 

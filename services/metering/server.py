@@ -15,14 +15,14 @@ from datetime import UTC, datetime
 import grpc
 
 from services.metering.adapters import GrpcLeasingLedger, GrpcLedger, WatchedPriceBooks
-from services.metering.authorizer import Authorizer
 from services.metering.committer import CommitSettings, GroupCommitter
 from services.metering.events_store import UsageEventStore
 from services.metering.policy_store import PolicyStore
+from services.metering.spend.authorizer import Authorizer
 from services.metering.spend.lease import LeaseSettings
 from services.metering.spend.lease_manager import LeaseManager
 from services.metering.spend.lease_store import LeaseStore
-from services.metering.spend_store import SpendStore
+from services.metering.spend.store import SpendStore
 from tally.kit import db, infra
 from tally.kit.background import run_periodically
 from tally.kit.channels import peer_channel
@@ -43,8 +43,8 @@ from tally.pricing.v1 import pricing_pb2_grpc
 
 from .domain import UsageReports
 from .policy_cache import PolicyCache
-from .quotas import LimiterGate
 from .servicer import MeteringServicer
+from .spend.quotas import LimiterGate
 from .store import UsageStore
 
 NAME = "metering"

@@ -14,13 +14,14 @@ from typing import Any
 
 import grpc
 
-from services.metering import convert_authorize, convert_policies, convert_usage
-from services.metering.authorizer import Authorizer
+from services.metering import convert_policies, convert_usage
 from services.metering.committer import GroupCommitter
 from services.metering.events_store import UsageEventStore
 from services.metering.ingestion import MAX_RECORD_EVENTS, MAX_STREAM_BATCH_EVENTS
 from services.metering.policy_store import PolicyStore
-from services.metering.spend_store import SpendStore
+from services.metering.spend import convert as convert_authorize
+from services.metering.spend.authorizer import Authorizer
+from services.metering.spend.store import SpendStore
 from tally.kit import metrics
 from tally.kit.errors import Reason, TallyError, invalid
 from tally.kit.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, decode_cursor, encode_cursor

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from services.metering.spend_store import SpendStore
+from services.metering.spend.store import SpendStore
 from tally.cli import authorize as authorize_cli
 from tally.common.v1 import common_pb2
 from tally.kit import db, metrics

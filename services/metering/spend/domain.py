@@ -29,7 +29,7 @@ from tally.kit.errors import FieldViolation, Reason, invalid_fields
 from tally.kit.money import INT64_MAX
 from tally.rating import Meter, PriceBook, UsageMode, rate_total
 
-from .policies import Budget, BudgetEnforcement, SpendPolicy
+from ..policies import Budget, BudgetEnforcement, SpendPolicy
 
 DEFAULT_TTL: Final = timedelta(seconds=300)
 MAX_TTL: Final = timedelta(seconds=3600)

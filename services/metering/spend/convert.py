@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from services.metering import authorize as az
 from services.metering.convert_usage import meter_or_none, operation_name
-from services.metering.spend_store import OutboxEvent
+from services.metering.spend import domain as az
+from services.metering.spend.store import OutboxEvent
 from tally.common.v1 import common_pb2
 from tally.kit.protoconv import to_timestamp
 from tally.metering.v1 import metering_pb2 as pb

@@ -1,4 +1,4 @@
-"""Authorizer: runs the checks of `authorize.py` against the store, the price books, the
+"""Authorizer: runs the checks of `domain.py` against the store, the price books, the
 quota limiter and the org's credit lease, in the order documented there.
 
 The common case is one statement in metering's database (SpendStore.hold: replay check,
@@ -27,11 +27,11 @@ from tally.kit.errors import Reason, TallyError, invalid
 from tally.kit.log import get_logger
 from tally.rating import PriceBook, RatingError
 
-from . import authorize as az
-from .committer import PriceBooks
-from .policies import Budget, Quota, SpendPolicy
-from .spend.lease import LeaseFigures
-from .spend_store import Decide, Decided, Hold, NeedsCredit, Outcome, Replayed, SpendStore
+from ..committer import PriceBooks
+from ..policies import Budget, Quota, SpendPolicy
+from . import domain as az
+from .lease import LeaseFigures
+from .store import Decide, Decided, Hold, NeedsCredit, Outcome, Replayed, SpendStore
 
 log = get_logger("metering.authorizer")
 _tracer = trace.get_tracer("tally.metering.authorizer")

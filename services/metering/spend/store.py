@@ -23,15 +23,7 @@ import asyncpg
 from tally.kit import outbox
 from tally.kit.group_commit import GroupCommit
 
-from .authorize import (
-    Answer,
-    AuthorizeRequest,
-    BudgetState,
-    Decision,
-    Headroom,
-    crossed_thresholds,
-)
-from .policies import (
+from ..policies import (
     Budget,
     BudgetEnforcement,
     BudgetPeriod,
@@ -42,7 +34,15 @@ from .policies import (
     QuotaScope,
     SpendPolicy,
 )
-from .spend.lease_store import move_leases
+from .domain import (
+    Answer,
+    AuthorizeRequest,
+    BudgetState,
+    Decision,
+    Headroom,
+    crossed_thresholds,
+)
+from .lease_store import move_leases
 
 Decide = Callable[[list[BudgetState]], Answer]
 
