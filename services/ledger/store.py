@@ -53,6 +53,12 @@ if TYPE_CHECKING:
     Row = asyncpg.Record | Mapping[str, Any]
 
 
+# Sealing announces itself here (every replica's event streams wake on it); every outbox
+# insert NOTIFYs OUTBOX_CHANNEL (a trigger, migration 0006), which the sealer waits on.
+SEALED_CHANNEL: Final = "ledger_outbox_sealed"
+OUTBOX_CHANNEL: Final = "ledger_outbox"
+
+
 def utcnow() -> datetime:
     """The store's clock (tests pass their own)."""
     return datetime.now(UTC)
@@ -1413,7 +1419,7 @@ class LedgerStore:
 
     async def seal_outbox(self, limit: int = 5000) -> int:
         """Gives sequences to the outbox rows that can be delivered (kit.outbox.seal)."""
-        return await outbox.seal(self.pool, "ledger.outbox", limit)
+        return await outbox.seal(self.pool, "ledger.outbox", limit, announce=SEALED_CHANNEL)
 
     async def orgs_changed_after(self, sequence: int, types: Sequence[d.OutboxEventType],
                                  limit: int = 1000) -> tuple[list[str], int, int]:

@@ -24,7 +24,7 @@ from services.metering.spend.lease_manager import LeaseManager
 from services.metering.spend.lease_store import LeaseStore
 from services.metering.spend.store import SpendStore
 from tally.kit import db, infra
-from tally.kit.background import run_periodically
+from tally.kit.background import run_periodically, run_when_notified
 from tally.kit.channels import peer_channel
 from tally.kit.config import (
     KitConfig,
@@ -48,7 +48,6 @@ from .spend.quotas import LimiterGate
 from .store import UsageStore
 
 NAME = "metering"
-OUTBOX_SEAL_INTERVAL_S = 0.1  # how late a budget alarm may become visible to consumers
 SERVICE_NAME = metering_pb2.DESCRIPTOR.services_by_name["MeteringService"].full_name
 
 
@@ -151,8 +150,9 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
         "expire-authorizations", settings.sweep_interval_s,
         lambda: spend.expire_holds(datetime.now(UTC)), stop), name="expire-authorizations")
 
-    sealer = asyncio.create_task(run_periodically(
-        "seal-outbox", OUTBOX_SEAL_INTERVAL_S, spend.seal_outbox, stop), name="seal-outbox")
+    # budget alarms are rare: the sealer waits for the outbox's NOTIFY instead of polling
+    sealer = asyncio.create_task(run_when_notified(
+        "seal-outbox", url, "metering_outbox", spend.seal_outbox, stop), name="seal-outbox")
     # credit leases: top-ups and renewals (queue and timers), the ledger's changes (its stream)
     lease_tasks = [asyncio.create_task(leases.run(stop), name="lease-renewals"),
                    asyncio.create_task(leases.follow(stop), name="lease-follower")]

@@ -2,7 +2,8 @@
 
 A lease's hold is granted - consumed - returned, and it is part of the org account's
 held_micros, so available = posted - held stays exact. All four counters only grow: the
-holder compares them with its own (see services/ledger/leases.py).
+holder compares them with its own (see services/ledger/leases.py). Also: inserts into the
+outbox NOTIFY `ledger_outbox`, so its sealer waits instead of polling.
 
 Revision ID: 0006
 Revises: 0005
@@ -38,9 +39,21 @@ def upgrade() -> None:
         );
         CREATE INDEX leases_open_by_org ON ledger.leases (org_id) WHERE state = 'OPEN';
         CREATE INDEX leases_open_expiry ON ledger.leases (expires_at) WHERE state = 'OPEN';
+
+        -- The outbox sealer waits for this instead of polling (kit.background.run_when_notified).
+        CREATE FUNCTION ledger.outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $fn$
+        BEGIN
+            PERFORM pg_notify('ledger_outbox', '');
+            RETURN NULL;
+        END
+        $fn$;
+        CREATE TRIGGER outbox_notify AFTER INSERT ON ledger.outbox
+            FOR EACH STATEMENT EXECUTE FUNCTION ledger.outbox_notify();
         """
     )
 
 
 def downgrade() -> None:
+    op.execute("DROP TRIGGER outbox_notify ON ledger.outbox")
+    op.execute("DROP FUNCTION ledger.outbox_notify")
     op.execute("DROP TABLE ledger.leases")

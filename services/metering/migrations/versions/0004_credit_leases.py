@@ -63,6 +63,16 @@ def upgrade() -> None:
             ADD COLUMN headroom_remaining bigint[],
             ALTER COLUMN response DROP NOT NULL;
 
+        -- The outbox sealer waits for this instead of polling (kit.background.run_when_notified).
+        CREATE FUNCTION metering.outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $fn$
+        BEGIN
+            PERFORM pg_notify('metering_outbox', '');
+            RETURN NULL;
+        END
+        $fn$;
+        CREATE TRIGGER outbox_notify AFTER INSERT ON metering.outbox
+            FOR EACH STATEMENT EXECUTE FUNCTION metering.outbox_notify();
+
         -- One call per Authorize group. Calls are 1..n; b_* and h_* are flattened per call
         -- (b_call / h_call say whose). Returns one row per call: HELD (with the lease's free
         -- credit, the org's billing state and each budget's remaining room after), REPLAY
@@ -201,6 +211,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute("DROP FUNCTION metering.authorize_holds")
+    op.execute("DROP TRIGGER outbox_notify ON metering.outbox")
+    op.execute("DROP FUNCTION metering.outbox_notify")
     op.execute("ALTER TABLE metering.authorizations DROP COLUMN lease_held_micros, "
                "DROP COLUMN model, DROP COLUMN price_book_version, DROP COLUMN headroom_scopes, "
                "DROP COLUMN headroom_units, DROP COLUMN headroom_limits, "
