@@ -22,7 +22,7 @@ from services.metering.spend.authorizer import Authorizer
 from services.metering.spend.lease import LeaseSettings
 from services.metering.spend.lease_manager import LeaseManager
 from services.metering.spend.lease_store import LeaseStore
-from services.metering.spend.store import SpendStore
+from services.metering.spend.store import OUTBOX_CHANNEL, SEALED_CHANNEL, SpendStore
 from tally.kit import db, infra
 from tally.kit.background import run_periodically, run_when_notified
 from tally.kit.channels import peer_channel
@@ -152,7 +152,14 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
 
     # budget alarms are rare: the sealer waits for the outbox's NOTIFY instead of polling
     sealer = asyncio.create_task(run_when_notified(
-        "seal-outbox", url, "metering_outbox", spend.seal_outbox, stop), name="seal-outbox")
+        "seal-outbox", url, OUTBOX_CHANNEL, spend.seal_outbox, stop), name="seal-outbox")
+
+    async def fire_sealed() -> None:
+        servicer.sealed.fire()
+
+    servicer.outbox_poll_s = 5.0  # a backstop: streams wake on the sealer's NOTIFY
+    announcer = asyncio.create_task(run_when_notified(
+        "outbox-sealed", url, SEALED_CHANNEL, fire_sealed, stop), name="outbox-sealed")
     # credit leases: top-ups and renewals (queue and timers), the ledger's changes (its stream)
     lease_tasks = [asyncio.create_task(leases.run(stop), name="lease-renewals"),
                    asyncio.create_task(leases.follow(stop), name="lease-follower")]
@@ -161,7 +168,7 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
         await committer.stop()
         stop.set()
         lease_tasks[1].cancel()  # it may be parked inside the ledger's StreamEvents
-        for task in (sweeper, sealer, *lease_tasks):
+        for task in (sweeper, sealer, announcer, *lease_tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         watcher.cancel()  # it may be parked inside a long-lived WatchPriceBook stream

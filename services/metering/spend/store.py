@@ -45,6 +45,10 @@ from .domain import (
 from .lease_store import move_leases
 
 Decide = Callable[[list[BudgetState]], Answer]
+# Inserts into the outbox NOTIFY OUTBOX_CHANNEL (a trigger, migration 0004); sealing them
+# NOTIFYs SEALED_CHANNEL (every replica's StreamEvents wake on it).
+OUTBOX_CHANNEL = "metering_outbox"
+SEALED_CHANNEL = "metering_outbox_sealed"
 
 
 class Replayed(Exception):
@@ -431,7 +435,7 @@ class SpendStore:
 
     async def seal_outbox(self) -> int:
         """Gives sequences to the outbox rows that can be delivered (kit.outbox.seal)."""
-        return await outbox.seal(self.pool, "metering.outbox")
+        return await outbox.seal(self.pool, "metering.outbox", announce=SEALED_CHANNEL)
 
     async def outbox_after(self, sequence: int, types: Sequence[str], limit: int = 1000
                            ) -> list[OutboxEvent]:
