@@ -150,7 +150,7 @@ async def prepare(database_url: str, ledger_target: str) -> None:
             "limit_value, enforcement) VALUES "
             "('bench-org-qps', $1, 'ORG', '', 'REQUESTS_PER_SECOND', 1000000000, 'HARD'), "
             "('bench-project-qps', $1, 'PROJECT', 'p1', 'REQUESTS_PER_SECOND', 1000000000, "
-            "'HARD'), ('bench-tpm', $1, 'ORG', '', 'TOKENS_PER_MINUTE', 1000000000000, 'HARD')",
+            "'HARD'), ('bench-tpm', $1, 'ORG', '', 'TOKENS_PER_MINUTE', 100000000, 'HARD')",
             ORG)
         await conn.execute(
             "INSERT INTO metering.budgets (budget_id, org_id, name, scope, period, "
