@@ -201,7 +201,7 @@ class Authorizer:
         earlier = await self.store.authorization(request.org_id, request.request_id)
         assert earlier is not None  # recorded, and nothing deletes authorizations
         stored_hash, _, answer = earlier
-        if stored_hash != fingerprint:
+        if stored_hash != fingerprint and stored_hash != request.legacy_fingerprint():
             raise TallyError(Reason.IDEMPOTENCY_KEY_REUSED,
                              f"request_id: {request.request_id!r} was used for another request",
                              field="request_id")

@@ -68,7 +68,17 @@ class AuthorizeRequest:
     estimated_quantities: tuple[tuple[Meter | None, int], ...] = ()
 
     def fingerprint(self) -> str:
-        """Hash of the request's meaning: the same id with another one is key reuse."""
+        """Hash of the request's meaning: the same id with another one is key reuse. (A
+        repr of plain values, not JSON: this runs on every Authorize.)"""
+        body = (self.org_id, self.model, self.project_id, self.environment, self.user_id,
+                self.api_key_id, sorted(self.labels.items()), self.operation, self.mode.value,
+                self.estimated_input_tokens, self.max_output_tokens, self.upload_bytes,
+                self.context_tokens, self.ttl.total_seconds(), self.region,
+                sorted((m.value if m else "", q) for m, q in self.estimated_quantities))
+        return "v2:" + hashlib.sha256(repr(body).encode()).hexdigest()[:61]
+
+    def legacy_fingerprint(self) -> str:
+        """The fingerprint authorizations were recorded with before v2 (their replays)."""
         body = [self.org_id, self.model, self.project_id, self.environment, self.user_id,
                 self.api_key_id, sorted(self.labels.items()), self.operation, self.mode.value,
                 self.estimated_input_tokens, self.max_output_tokens, self.upload_bytes,
