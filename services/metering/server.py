@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import grpc
 
@@ -82,6 +82,19 @@ class MeteringConfig:
         "TALLY_METERING_LIMITER", parse_choice("in-process", "redis"),
         "in-process (one replica) or redis (replicas share quotas; needs TALLY_REDIS_URL)",
         default="in-process")
+    lease_window_s: int = setting(
+        "TALLY_METERING_LEASE_WINDOW_S", parse_positive_int,
+        "seconds > 0 (of an org's recent spend its credit lease holds)", default=20)
+    lease_floor_micros: int = setting(
+        "TALLY_METERING_LEASE_FLOOR_MICROS", parse_positive_int,
+        "micro-credits > 0 (the smallest lease asked for)", default=10_000_000)
+    lease_cap_micros: int = setting(
+        "TALLY_METERING_LEASE_CAP_MICROS", parse_positive_int,
+        "micro-credits > 0 (the largest lease: what the ledger taking credit back may be "
+        "overshot by before metering sees it)", default=1_000_000_000)
+    lease_ttl_s: int = setting(
+        "TALLY_METERING_LEASE_TTL_S", parse_positive_int,
+        "seconds > 0 (an unrenewed lease returns its credit then)", default=120)
     limiter_on_outage: str = setting(
         "TALLY_METERING_LIMITER_ON_OUTAGE", parse_choice("deny", "local"),
         "deny (hard quotas fail closed) or local (each replica enforces them alone)",
@@ -134,7 +147,11 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
     spend = SpendStore(pool)
     policies = PolicyCache(spend, settings.policy_cache_ms / 1000)
     leases = LeaseManager(LeaseStore(pool), GrpcLeasingLedger(
-        ledger_pb2_grpc.LedgerServiceStub(ledger_channel)), LeaseSettings())
+        ledger_pb2_grpc.LedgerServiceStub(ledger_channel)), LeaseSettings(
+            window=timedelta(seconds=settings.lease_window_s),
+            floor_micros=settings.lease_floor_micros, cap_micros=settings.lease_cap_micros,
+            ttl=timedelta(seconds=settings.lease_ttl_s),
+            renew_before=timedelta(seconds=settings.lease_ttl_s / 3)))
     authorizer = Authorizer(spend, policies, books, leases, LimiterGate(limiter))
     shutting_down = asyncio.Event()
     servicer = MeteringServicer(

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from services.metering.server import MeteringConfig
 from tally.cli.suite import health_state
 from tally.common.v1 import common_pb2
 from tally.kit.errors import Reason, TallyError
@@ -22,7 +23,7 @@ from tally.kit.infra import free_port
 from tally.ledger.v1 import ledger_pb2 as lpb
 from tally.metering.v1 import metering_pb2 as mpb
 from tally.sdk.client import TallyClient
-from tests.metering.conftest import CREDIT, Suite
+from tests.metering.conftest import CREDIT, Suite, start_suite
 from tests.metering.test_authorize import (
     ALLOW,
     DENY,
@@ -266,3 +267,81 @@ async def _until(condition: Callable[[], Awaitable[bool]], what: str) -> None:
             return
         await asyncio.sleep(0.025)
     raise AssertionError(f"never happened: {what}")
+
+
+async def test_sigkill_of_the_ledger_mid_burst_keeps_leases_exact_and_authorize_going(
+        db_url: str) -> None:
+    # small leases, so the burst extends them again and again
+    suite = await start_suite(db_url, MeteringConfig(
+        policy_cache_ms=0, lease_floor_micros=CREDIT, lease_window_s=1))
+    ledger: subprocess.Popen[bytes] | None = None
+    try:
+        await suite.fund("acme", 100)
+        await add_budget(suite, "b-hard", 20)
+        await suite.ledger.stop()  # the ledger runs as a real process from here on
+        env = dict(os.environ, TALLY_DATABASE_URL=suite.db_url, TALLY_MIGRATE_ON_START="false",
+                   TALLY_PRICING_PORT=str(suite.config.pricing_port),
+                   TALLY_LEDGER_PORT=str(suite.config.ledger_port),
+                   TALLY_LEDGER_WEBHOOK_PORT="0", TALLY_LEDGER_CHECKOUT_PORT="0")
+        address = suite.config.address_of("ledger")
+        admitted: dict[str, int] = {}
+        during_outage = {"allowed": 0, "unavailable": 0}
+        outage = asyncio.Event()
+        for life in range(2):
+            ledger = subprocess.Popen(  # noqa: ASYNC220 - one per life, then awaited
+                [sys.executable, "-m", "services.ledger"], cwd=REPO, env=env,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            await _serving(address)
+            outage.clear()
+
+            async def burst(worker: int, life: int = life,
+                            ledger: subprocess.Popen[bytes] = ledger) -> None:
+                attempt = 0
+                while attempt < 10_000:
+                    try:
+                        answer = await suite.client.metering.Authorize(
+                            ask(f"l{life}-w{worker}-{attempt}", reservation_ttl_seconds=3))
+                    except TallyError as exc:
+                        # the lease ran short while the ledger is down (or its channel is
+                        # reconnecting): a client retries the same request id
+                        assert exc.reason is Reason.UNAVAILABLE, exc
+                        if outage.is_set():
+                            during_outage["unavailable"] += 1
+                            if during_outage["unavailable"] > 20:
+                                return
+                        await asyncio.sleep(0.05)
+                        continue
+                    attempt += 1
+                    if answer.decision == DENY:
+                        assert answer.deny_reason == "BUDGET_EXCEEDED", answer
+                        return
+                    admitted[answer.reservation_id] = answer.reserved_micros
+                    if outage.is_set():
+                        during_outage["allowed"] += 1
+                    if life == 0 and len(admitted) >= 30 and not outage.is_set():
+                        outage.set()
+                        ledger.send_signal(signal.SIGKILL)  # leases being extended meanwhile
+
+            await asyncio.gather(*(burst(w) for w in range(16)))
+            if life == 0:
+                ledger.wait(timeout=30)
+        assert during_outage["allowed"] > 0, "Authorize kept going on its leases"
+
+        async def lapsed() -> bool:
+            rows = await sql(suite, "SELECT coalesce(sum(reserved_micros), 0)::bigint AS r "
+                             "FROM metering.budget_usage")
+            return await in_flight(suite) == 0 and rows[0]["r"] == 0
+
+        await _until(lapsed, "the holds nobody captured lapsed")
+        assert sum(admitted.values()) <= 20 * CREDIT, "the hard budget held"
+        final = await balance(suite)
+        assert final.arrears_micros == 0 and final.posted_micros == 100 * CREDIT
+        assert final.held_micros == final.leased_micros, "the ledger holds exactly the leases"
+        assert (await suite.client.ledger.VerifyLedger(lpb.VerifyLedgerRequest())).ok
+    finally:
+        if ledger is not None and ledger.poll() is None:
+            ledger.send_signal(signal.SIGTERM)
+            ledger.wait(timeout=30)
+        await suite.client.close()
+        for server in (suite.metering, suite.pricing):
+            await server.stop()
