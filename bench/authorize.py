@@ -115,7 +115,7 @@ async def measure_limiter(redis_url: str, seconds: float) -> dict[str, int]:
 
 
 def _serve(conn: Connection, service: str, config: KitConfig,
-           environ: dict[str, str]) -> None:
+           environ: dict[str, str], profile_path: str | None = None) -> None:
     """Child-process entry point: one Tally service until the parent says stop."""
     os.environ.update(environ)
     build: Callable[[KitConfig], Awaitable[ServiceApp]]
@@ -125,13 +125,13 @@ def _serve(conn: Connection, service: str, config: KitConfig,
         from services.ledger.server import build
     else:
         from services.metering.server import build
-    serve_in_child(conn, service, build, config, grace_seconds=2.0)
+    serve_in_child(conn, service, build, config, grace_seconds=2.0, profile_path=profile_path)
 
 
 @contextlib.contextmanager
-def serving(service: str, config: KitConfig, environ: dict[str, str] | None = None
-            ) -> Iterator[str]:
-    with child_server(service, _serve, (service, config, environ or {}),
+def serving(service: str, config: KitConfig, environ: dict[str, str] | None = None,
+            profile_path: str | None = None) -> Iterator[str]:
+    with child_server(service, _serve, (service, config, environ or {}, profile_path),
                       start_timeout_s=_START_TIMEOUT_S) as target:
         yield target
 
@@ -294,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.authorize", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="counts / 10, for CI smoke")
+    parser.add_argument("--profile-metering", metavar="FILE",
+                        help="write a cProfile of the metering server (in-process limiter run)")
     args = parser.parse_args(argv)
     configure_logging("bench", "warning")
     baseline = run_baseline(quick=args.quick)
@@ -311,8 +313,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             run_in_loop(prepare(database_url, ledger))
             reserve = run_in_loop(measure_reserve(ledger, args.quick))
             for backend in ("in-process", "redis"):
-                with serving("metering", config,
-                             {"TALLY_METERING_LIMITER": backend}) as metering:
+                profile = args.profile_metering if backend == "in-process" else None
+                with serving("metering", config, {"TALLY_METERING_LIMITER": backend},
+                             profile) as metering:
                     authorize[backend] = run_in_loop(
                         measure_authorize(metering, backend, args.quick, database_url))
 
