@@ -19,7 +19,7 @@ def request(message: pb.AuthorizeRequest) -> az.AuthorizeRequest:
     return az.AuthorizeRequest(
         request_id=message.request_id, org_id=ctx.org_id, model=message.model,
         project_id=ctx.project_id, environment=ctx.environment, user_id=ctx.user_id,
-        api_key_id=ctx.api_key_id, labels=dict(ctx.labels),
+        api_key_id=ctx.api_key_id, labels=dict(ctx.labels.items()),  # dict(map): ~20x slower
         operation=operation_name(message.operation),
         mode=UsageMode.BATCH if message.mode == common_pb2.USAGE_MODE_BATCH
         else UsageMode.ONLINE,
