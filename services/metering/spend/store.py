@@ -1,11 +1,14 @@
-"""SpendStore: authorizations and the budget holds they place, in Postgres.
+"""SpendStore: authorizations and the holds they place on budgets and on the org's credit
+lease, in Postgres.
 
-An authorization is written PENDING together with its budget holds, in the transaction that
-locked the budgets' usage rows (so spent + reserved + estimate is decided under the lock and
-parallel requests cannot overshoot); it becomes HELD once the ledger holds the credit, or
-DENIED (holds given back) when the ledger refuses. A replay of a PENDING one finishes it
-(the ledger hold is idempotent on its id). Holds leave the budget when the usage event
-captures the reservation (`events_store`) or when the sweeper finds them past their ttl.
+The common case is one statement (`hold`, metering.authorize_holds): replay check, every
+budget up to its plain-ALLOW cap, the lease's free credit, and the authorization inserted
+HELD with its holds, group-committed per org. A budget past its cap is decided under its
+row lock (`decide`: judge_budgets, DOWNGRADE or DENY), the lease locked after it; an answer
+the lease cannot cover is NeedsCredit (nothing recorded). Holds leave the budgets and the
+lease when the usage event captures the reservation (`charge_budgets`, in the ingestion
+transaction) or when the sweeper finds them past their ttl. Authorizations recorded PENDING
+by the previous version are treated like HELD.
 """
 
 from __future__ import annotations
@@ -406,18 +409,6 @@ class SpendStore:
         if not inserted:
             raise Replayed(request.request_id)
         return answer
-
-    async def confirm(self, org_id: str, request_id: str, answer: Answer) -> None:
-        """The ledger holds the credit: PENDING becomes HELD with the final answer."""
-        await self.confirm_many([(org_id, request_id, answer)])
-
-    async def confirm_many(self, held: Sequence[tuple[str, str, Answer]]) -> None:
-        """`confirm` for many authorizations in one statement."""
-        await self.pool.execute(
-            "UPDATE metering.authorizations a SET state = 'HELD', response = k.response::jsonb "
-            "FROM unnest($1::text[], $2::text[], $3::text[]) AS k(org_id, request_id, response) "
-            "WHERE a.org_id = k.org_id AND a.request_id = k.request_id AND a.state = 'PENDING'",
-            [h[0] for h in held], [h[1] for h in held], [answer_to_json(h[2]) for h in held])
 
     async def refuse(self, org_id: str, request_id: str, answer: Answer) -> None:
         """A held authorization turned out refused (a THROTTLED org past its rate): its holds
