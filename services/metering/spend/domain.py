@@ -8,11 +8,14 @@ Order of checks (each later one is only reached if every earlier one passes):
 3. the price of the worst case: estimated input plus max output tokens, and any other
    estimated meters, under the book in force now (UNKNOWN_MODEL, PRICE_NOT_FOUND);
 4. quotas, all counters at once (QUOTA_EXCEEDED with a retry-after);
-5. budgets, counting spent plus reserved plus this estimate under a row lock
-   (BUDGET_EXCEEDED, or DOWNGRADE past a SOFT_DOWNGRADE budget's threshold);
-6. the ledger hold for the estimate (INSUFFICIENT_CREDITS, ACCOUNT_READ_ONLY), and for a
-   THROTTLED org its spend policy's reduced rate (ACCOUNT_THROTTLED; the hold is released).
-   A request that costs nothing makes no hold and so meets no billing state.
+5. budgets, counting spent plus reserved plus this estimate (BUDGET_EXCEEDED, or DOWNGRADE
+   past a SOFT_DOWNGRADE budget's threshold): in one statement while every budget stays
+   within `allow_cap`, else under the budgets' row locks with `judge_budgets`;
+6. the hold for the estimate on the org's credit lease (spend/lease.py), extended from the
+   ledger when it cannot cover it (INSUFFICIENT_CREDITS, ACCOUNT_READ_ONLY on the ledger's
+   answer), and for a THROTTLED org its spend policy's reduced rate (ACCOUNT_THROTTLED; the
+   holds are given back). A request that costs nothing makes no hold and so meets no
+   billing state.
 """
 
 from __future__ import annotations
