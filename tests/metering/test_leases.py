@@ -15,12 +15,18 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from services.metering.adapters import GrpcLeasingLedger
 from services.metering.server import MeteringConfig
+from services.metering.spend.lease import LeaseSettings
+from services.metering.spend.lease_manager import LeaseManager
+from services.metering.spend.lease_store import LeaseStore
 from tally.cli.suite import health_state
 from tally.common.v1 import common_pb2
+from tally.kit import db
 from tally.kit.errors import Reason, TallyError
 from tally.kit.infra import free_port
 from tally.ledger.v1 import ledger_pb2 as lpb
+from tally.ledger.v1 import ledger_pb2_grpc
 from tally.metering.v1 import metering_pb2 as mpb
 from tally.sdk.client import TallyClient
 from tests.metering.conftest import CREDIT, Suite, start_suite
@@ -345,3 +351,26 @@ async def test_sigkill_of_the_ledger_mid_burst_keeps_leases_exact_and_authorize_
         await suite.client.close()
         for server in (suite.metering, suite.pricing):
             await server.stop()
+
+
+async def test_an_idle_lease_gives_its_free_credit_back_to_the_org(suite: Suite) -> None:
+    await suite.fund("acme", 100)
+    pool = await db.create_pool(suite.db_url, max_size=2)
+    channel = grpc.aio.insecure_channel(suite.config.address_of("ledger"))
+    try:
+        manager = LeaseManager(LeaseStore(pool), GrpcLeasingLedger(
+            ledger_pb2_grpc.LedgerServiceStub(channel)), LeaseSettings())
+        lease, added = await manager.ensure("acme", CREDIT)
+        assert added > 0 and (await balance(suite)).leased_micros == added
+        answer = await suite.client.metering.Authorize(ask("one"))  # holds part of it
+        assert answer.decision == ALLOW
+        lease = await manager.store.lease_of("acme")
+        assert lease is not None and lease.held_micros == answer.reserved_micros
+        await manager.give_back(lease, lease.free_micros)
+        after = await balance(suite)
+        assert after.leased_micros == answer.reserved_micros, "only what requests hold stays"
+        assert after.available_micros == 100 * CREDIT - answer.reserved_micros
+        assert (await manager.store.lease_of("acme")).free_micros == 0  # type: ignore[union-attr]
+    finally:
+        await channel.close()
+        await pool.close()

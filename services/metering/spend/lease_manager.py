@@ -209,9 +209,26 @@ class LeaseManager:
         in_use = org_id in self._used or (lease is not None and lease.held_micros > 0)
         if not in_use and lease is not None and self.clock() >= (
                 lease.expires_at - self.settings.renew_before):
-            return  # idle: the ledger returns its hold at its ttl
+            # idle: its free credit goes back to the org now, the rest ends with the ttl
+            await self.give_back(lease, lease.free_micros)
+            return
         self._used.discard(org_id)
         await self._top_up(org_id, 0)
+
+    async def give_back(self, lease: LeaseFigures, amount: int) -> None:
+        """Returns `amount` of the lease's free credit to the org. Counted as returned here
+        first (so no request is admitted against it meanwhile); if the ledger is not told,
+        it stays unused until the lease ends."""
+        if amount <= 0 or lease.expires_at <= self.clock():
+            return
+        if not await self.store.set_aside(lease.org_id, lease.lease_id, amount):
+            return  # requests took it meanwhile
+        answer = await self.ledger.extend_lease(
+            str(uuid.uuid4()), lease.lease_id, lease.org_id, self.settings.holder, 0, amount,
+            self.settings.ttl, lease.held_micros)
+        await self.store.apply(lease.org_id, lease.lease_id, lease.epoch,
+                               answer.granted_for_metering, answer.returned_micros,
+                               answer.billing_state, answer.expires_at)
 
     async def _top_up(self, org_id: str, needed: int) -> tuple[LeaseFigures, int]:
         lease = await self.store.lease_of(org_id)

@@ -70,6 +70,15 @@ class LeaseStore:
             return found
         return await self.lease_of(org_id) or _figures(row)
 
+    async def set_aside(self, org_id: str, lease_id: str, amount: int) -> bool:
+        """Counts `amount` of lease `lease_id`'s free credit as returned, if it is still
+        free (before the ledger is asked to take it back)."""
+        return bool(await self.pool.fetchval(
+            "UPDATE metering.credit_leases SET returned_micros = returned_micros + $3, "
+            "updated_at = now() WHERE org_id = $1 AND lease_id = $2 AND granted_micros "
+            "- returned_micros - charged_micros - held_micros >= $3 RETURNING true",
+            org_id, lease_id, amount))
+
     async def changed_by_ledger(self, lease_id: str, granted: int, returned: int, ended: bool,
                                 now: datetime) -> None:
         """The ledger shrank, revoked or ended lease `lease_id` (its outbox said so)."""
