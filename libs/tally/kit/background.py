@@ -31,18 +31,22 @@ async def run_periodically(name: str, interval_s: float,
 
 async def run_when_notified(name: str, database_url: str, channel: str,
                             task: Callable[[], Awaitable[Any]], stop: asyncio.Event, *,
-                            safety_interval_s: float = 30.0, retry_s: float = 1.0) -> None:
+                            safety_interval_s: float = 30.0, min_interval_s: float = 0.05,
+                            retry_s: float = 1.0) -> None:
     """Runs `task` once at start, then whenever PostgreSQL channel `channel` is notified
     (notifications that arrive while it runs make one more run, not one each), and every
     `safety_interval_s` as a safety net, until `stop`. An idle service makes no queries: the
-    listener waits on its connection. A lost listener reconnects (and runs `task`, for what
-    was notified meanwhile)."""
+    listener waits on its connection. Under a stream of notifications runs start at most
+    every `min_interval_s` (each covers what came meanwhile). A lost listener reconnects (and
+    runs `task`, for what was notified meanwhile)."""
     wake = asyncio.Event()
     listening = asyncio.create_task(_listen(database_url, channel, wake, stop, retry_s),
                                     name=f"{name}-listen")
+    loop = asyncio.get_running_loop()
     try:
         while not stop.is_set():
             wake.clear()
+            started = loop.time()
             try:
                 await task()
             except Exception:
@@ -53,6 +57,10 @@ async def run_when_notified(name: str, database_url: str, channel: str,
                                return_when=asyncio.FIRST_COMPLETED)
             woken.cancel()
             stopping.cancel()
+            rest = min_interval_s - (loop.time() - started)
+            if rest > 0 and not stop.is_set():  # a busy channel: batch what comes meanwhile
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), rest)
     finally:
         listening.cancel()
         with contextlib.suppress(asyncio.CancelledError):
