@@ -5,7 +5,7 @@ held_micros, so available = posted - held stays exact. All four counters only gr
 holder compares them with its own (see services/ledger/leases.py). Also: inserts into the
 outbox NOTIFY `ledger_outbox`, so its sealer waits instead of polling.
 
-Revision ID: 0006
+Revision ID: 0006_leases
 Revises: 0005
 """
 
@@ -13,7 +13,7 @@ from alembic import op
 
 from tally.kit.db import run_script
 
-revision = "0006"
+revision = "0006_leases"
 down_revision = "0005"
 branch_labels = None
 depends_on = None

@@ -17,7 +17,7 @@ whose budget or lease does not fit is left undecided (its holds given back insid
 statement) and decided by the locking path in Python; the answer of a HELD call is stored as
 columns (no JSON on the hot path).
 
-Revision ID: 0004
+Revision ID: 0004_leases
 Revises: 0003
 """
 
@@ -25,7 +25,7 @@ from alembic import op
 
 from tally.kit.db import run_script
 
-revision = "0004"
+revision = "0004_leases"
 down_revision = "0003"
 branch_labels = None
 depends_on = None
