@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from services.ledger import domain as d
+from services.ledger.leases import Lease
 from tally.common.v1 import common_pb2
 from tally.kit.errors import invalid
 from tally.kit.protoconv import enum_in, enum_out, from_timestamp, to_timestamp
@@ -97,7 +98,19 @@ def balance(b: d.Balance) -> pb.Balance:
             for g in b.grants
         ],
         as_of=to_timestamp(b.as_of),
+        leased_micros=b.leased_micros,
+        in_flight_micros=b.in_flight_micros,
     )
+
+
+def lease(x: Lease) -> pb.Lease:
+    return pb.Lease(
+        lease_id=x.lease_id, org_id=x.org_id, holder=x.holder,
+        granted_micros=x.granted_micros, charged_micros=x.charged_micros,
+        consumed_micros=x.consumed_micros, returned_micros=x.returned_micros,
+        hold_micros=x.hold_micros, in_flight_micros=x.in_flight_micros,
+        state=pb.LEASE_STATE_OPEN if x.state == "OPEN" else pb.LEASE_STATE_ENDED,
+        expires_at=to_timestamp(x.expires_at))
 
 
 def reservation(r: d.Reservation) -> pb.Reservation:
@@ -116,7 +129,8 @@ def reservation(r: d.Reservation) -> pb.Reservation:
 
 
 def usage_item(item: pb.UsageItem) -> d.UsageItem:
-    return d.UsageItem(item.event_id, item.org_id, item.cost_micros, item.reservation_id)
+    return d.UsageItem(item.event_id, item.org_id, item.cost_micros, item.reservation_id,
+                       item.lease_id)
 
 
 def usage_batch(request: pb.PostUsageBatchRequest, caller: d.Caller) -> d.UsageBatch:

@@ -102,6 +102,7 @@ class OutboxEventType(enum.StrEnum):
     BILLING_STATE_CHANGED = "BILLING_STATE_CHANGED"
     RESERVATION_EXPIRED = "RESERVATION_EXPIRED"
     ARREARS_RECORDED = "ARREARS_RECORDED"
+    LEASE_CHANGED = "LEASE_CHANGED"
     LOW_BALANCE = "LOW_BALANCE"
     PAYMENT_SUCCEEDED = "PAYMENT_SUCCEEDED"
     PAYMENT_FAILED = "PAYMENT_FAILED"
@@ -357,6 +358,8 @@ class Balance:
     billing_state: BillingState
     grants: Sequence[Grant] = ()
     as_of: datetime | None = None
+    leased_micros: int = 0  # part of held_micros kept by open credit leases
+    in_flight_micros: int = 0  # what the leases' holders last reported their requests hold
 
     @property
     def available_micros(self) -> int:
@@ -475,6 +478,7 @@ class UsageItem:
     org_id: str
     cost_micros: int
     reservation_id: str = ""  # its cost-allocation labels are metering's, not the ledger's
+    lease_id: str = ""  # the credit lease whose hold pays the cost first (leases.py)
 
 
 @dataclass(frozen=True, slots=True)

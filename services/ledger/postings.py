@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from services.ledger import domain as d
 from tally.kit.errors import Reason, TallyError, invalid
@@ -103,19 +103,35 @@ class UsagePlan:
     arrears_micros: int = 0
 
 
+class LeasePayer(Protocol):
+    """The credit leases a usage transaction locked (the ledger's leases module)."""
+
+    def take(self, org_id: str, lease_id: str, cost: int) -> int:
+        """Charges `cost` to the org's lease `lease_id`; returns what its hold pays."""
+        ...
+
+
+class NoLeases:
+    """No lease pays anything (a transaction whose debits name none)."""
+
+    def take(self, org_id: str, lease_id: str, cost: int) -> int:
+        return 0
+
+
 def plan_usage(positions: Mapping[str, OrgPosition], holds: Mapping[str, Hold],
-               batches: Sequence[tuple[str, Sequence[d.OrgUsageDebit]]], stamp: Stamp
-               ) -> UsagePlan:
+               batches: Sequence[tuple[str, Sequence[d.OrgUsageDebit]]], stamp: Stamp,
+               leases: LeasePayer | None = None) -> UsagePlan:
     """The plan of usage batches (batch id, its org debits) applied in order to `positions`
     (every org of every debit, locked). Raises TallyError if an org's arrears would pass
     int64 (nothing is written then)."""
     plan = UsagePlan()
     free = dict(holds)  # a reservation is captured once, by the first event naming it
+    payer = leases or NoLeases()
     for batch_id, debits in batches:
         results = []
         for debit in debits:
             results.append(debit_org_usage(positions[debit.org_id], debit, batch_id, free,
-                                           stamp, plan))
+                                           stamp, plan, payer))
         plan.results.append(results)
     touched = sorted({e[4] for e in plan.entries} | {c[1] for c in plan.captures})
     for org in touched:
@@ -127,14 +143,20 @@ def plan_usage(positions: Mapping[str, OrgPosition], holds: Mapping[str, Hold],
 
 
 def debit_org_usage(position: OrgPosition, debit: d.OrgUsageDebit, batch_id: str,
-                    holds: dict[str, Hold], stamp: Stamp, plan: UsagePlan) -> d.OrgUsageResult:
-    """One org's usage in one batch: frees the holds its events settle, debits what the
-    available credit covers (burning grants in burn order) and records the rest as arrears.
-    Usage already happened, so it is never refused. Adds its entries and the rest to `plan`."""
+                    holds: dict[str, Hold], stamp: Stamp, plan: UsagePlan,
+                    leases: LeasePayer | None = None) -> d.OrgUsageResult:
+    """One org's usage in one batch: its credit lease pays first, then frees the holds its
+    events settle, debits what the available credit covers (burning grants in burn order)
+    and records the rest as arrears. Usage already happened, so it is never refused. Adds
+    its entries and the rest to `plan`."""
     org = debit.org_id
-    # issue 17: a credit lease (debit.lease_id) pays here first, before the split below:
-    # its hold lowers position.held_micros by what it pays (the authz branch's
-    # leases.UsageLeases.pay), so available = posted - held stays exact
+    if debit.lease_id and leases is not None:
+        # what the lease's hold pays is no longer held: available = posted - held stays
+        # exact when the debit below takes it from posted
+        paid = leases.take(org, debit.lease_id, debit.amount_micros)
+        if paid:
+            position.held_micros -= paid
+            position.moved = True
     captured: list[tuple[Hold, d.UsageCapture]] = []
     for capture in debit.captures:
         hold = holds.pop(capture.reservation_id, None)

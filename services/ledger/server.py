@@ -26,9 +26,9 @@ from services.ledger.payments.stripe_provider import StripeProvider
 from services.ledger.payments.top_up import TopUpWorker
 from services.ledger.payments.webhook_endpoint import WebhookEndpoint
 from services.ledger.servicer import LedgerServicer
-from services.ledger.store import LedgerStore
+from services.ledger.store import OUTBOX_CHANNEL, SEALED_CHANNEL, LedgerStore
 from tally.kit import db, infra
-from tally.kit.background import run_periodically
+from tally.kit.background import Signal, run_periodically, run_when_notified
 from tally.kit.channels import peer_channel
 from tally.kit.config import (
     ConfigError,
@@ -51,7 +51,8 @@ from tally.pricing.v1 import pricing_pb2_grpc
 
 SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
 SWEEP_INTERVAL_S = 1.0  # how late an expired hold or grant may be noticed
-OUTBOX_SEAL_INTERVAL_S = 0.1  # how late an outbox event may become visible to consumers
+STREAM_SAFETY_POLL_S = 5.0  # outbox sealing and streams wait on NOTIFY; this is the backstop
+LEASE_SWEEP_INTERVAL_S = 5.0  # how late a lease past its ttl may be ended (its hold returned)
 REFUND_RETRY_INTERVAL_S = 30.0  # how often the money of an unconfirmed refund is asked again
 RESERVE_GROUP_MAX = 256  # Reserve calls of one org that may share one transaction
 
@@ -213,7 +214,15 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
         tasks.append(asyncio.create_task(run_periodically(
             "expire_grants", SWEEP_INTERVAL_S, store.expire_grants, stop)))
         tasks.append(asyncio.create_task(run_periodically(
-            "seal_outbox", OUTBOX_SEAL_INTERVAL_S, store.seal_outbox, stop)))
+            "expire_leases", LEASE_SWEEP_INTERVAL_S, store.leases.expire, stop)))
+        # the sealer waits for the outbox's NOTIFY, the event streams for the sealer's
+        tasks.append(asyncio.create_task(run_when_notified(
+            "seal_outbox", url, OUTBOX_CHANNEL, store.seal_outbox, stop,
+            safety_interval_s=STREAM_SAFETY_POLL_S)))
+        tasks.append(asyncio.create_task(run_when_notified(
+            "outbox_sealed", url, SEALED_CHANNEL, _fire(servicer.sealed), stop,
+            safety_interval_s=STREAM_SAFETY_POLL_S)))
+        servicer.sealed_by_others = STREAM_SAFETY_POLL_S
         tasks.append(asyncio.create_task(top_up.run(stop)))
         tasks.append(asyncio.create_task(run_periodically(
             "retry_provider_refunds", REFUND_RETRY_INTERVAL_S, payments.retry_refunds, stop)))
@@ -280,6 +289,13 @@ def payment_provider(config: KitConfig, settings: LedgerConfig,
     return StripeProvider(key, success_url=settings.stripe_success_url,
                           cancel_url=settings.stripe_cancel_url,
                           api_base=settings.stripe_api_base)
+
+
+def _fire(signal: Signal) -> Callable[[], Awaitable[None]]:
+    async def fire() -> None:
+        signal.fire()
+
+    return fire
 
 
 def main() -> None:

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+from datetime import timedelta
 from typing import Any
 
 import grpc
 
-from services.ledger import convert
+from services.ledger import convert, leases
 from services.ledger import domain as d
 from services.ledger.payments import convert as pay_convert
 from services.ledger.payments.domain import PaymentOrderKind, PaymentOrderState
 from services.ledger.payments.service import Payments
 from services.ledger.store import LedgerStore
 from tally.common.v1 import common_pb2
+from tally.kit.background import Signal
 from tally.kit.group_commit import GroupCommit
 from tally.kit.protoconv import enum_in, enums_in, from_timestamp
 from tally.kit.server import current_principal
@@ -47,6 +48,10 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self.stream_lifetime_s = stream_lifetime_s
         # the server's ServiceApp.shutting_down: event streams end when it is set
         self.shutting_down = shutting_down or asyncio.Event()
+        # fired when the outbox is sealed (by any replica; the server wires it to the NOTIFY);
+        # sealed_by_others, when set, is then the streams' safety-net poll in seconds
+        self.sealed = Signal()
+        self.sealed_by_others: float | None = None
 
     async def Transfer(self, request: pb.TransferRequest, context: Context
                        ) -> pb.TransferResponse:
@@ -99,6 +104,18 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             request.reservation_id, request.org_id, convert.caller(request.context, _actor()))
         return pb.ReleaseResponse(reservation=convert.reservation(released),
                                   available_micros=available)
+
+    async def ExtendLease(self, request: pb.ExtendLeaseRequest, context: Context
+                          ) -> pb.ExtendLeaseResponse:
+        annotate(org_id=request.org_id, lease_id=request.lease_id)
+        extended = await self.store.leases.extend(leases.ExtendLease(
+            request.request_id, request.lease_id, request.org_id, request.holder,
+            request.add_micros, request.return_micros, timedelta(seconds=request.ttl_seconds),
+            request.in_flight_micros, convert.caller(request.context, _actor())))
+        return pb.ExtendLeaseResponse(
+            lease=convert.lease(extended.lease), available_micros=extended.available_micros,
+            billing_state=convert.billing_state(extended.billing_state),
+            added_micros=extended.added_micros)
 
     async def GetReservation(self, request: pb.GetReservationRequest, context: Context
                              ) -> pb.GetReservationResponse:
@@ -231,11 +248,18 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         # Bounded lifetime so a mesh can rebalance; the client resumes from its last sequence.
         while (not self.shutting_down.is_set()
                and asyncio.get_running_loop().time() < deadline):
-            await self.store.seal_outbox()
+            sealed = self.sealed.ticket()
+            if self.sealed_by_others is None:  # nothing announces sealing: seal here
+                await self.store.seal_outbox()
             events = await self.store.outbox_after(after, types)
             if events:
                 after = events[-1].sequence
                 yield pb.StreamEventsResponse(events=[convert.outbox_event(e) for e in events])
                 continue
-            with contextlib.suppress(TimeoutError):  # poll, or leave at shutdown
-                await asyncio.wait_for(self.shutting_down.wait(), self.outbox_poll_s)
+            # wait for the next sealing (any replica's), or poll as a safety net
+            waits = [asyncio.ensure_future(sealed.wait()),
+                     asyncio.ensure_future(self.shutting_down.wait())]
+            await asyncio.wait(waits, timeout=self.sealed_by_others or self.outbox_poll_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+            for waiting in waits:
+                waiting.cancel()

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import asyncpg
 
 from services.ledger import domain as d
+from services.ledger import leases
 from services.ledger.postings import TRANSFER_COLUMNS
 from tally.kit import metrics, outbox
 from tally.kit.errors import FieldViolation, Reason, TallyError, invalid
@@ -47,6 +48,12 @@ if TYPE_CHECKING:
         asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
     )
     Row = asyncpg.Record | Mapping[str, Any]
+
+
+# Sealing announces itself here (every replica's event streams wake on it); every outbox
+# insert NOTIFYs OUTBOX_CHANNEL (a trigger, migration 0006), which the sealer waits on.
+SEALED_CHANNEL: Final = "ledger_outbox_sealed"
+OUTBOX_CHANNEL: Final = "ledger_outbox"
 
 
 def utcnow() -> datetime:
@@ -344,6 +351,7 @@ class Work:
     async def debit_org(self, kind: d.TransferKind, org_id: str, amount: int, transfer_id: str,
                         reason: str, field: str = "amount_micros") -> d.Transfer:
         """Removes credit that is available now, or refuses (no overdraft, ever)."""
+        await leases.reclaim(self, org_id, amount)  # leased credit is the org's to take back
         available = self.available(org_id)
         if amount > available:
             raise d.insufficient(available, amount, field)
@@ -410,6 +418,12 @@ class Work:
         statement sent earlier (`meanwhile`), the server runs it while this is done."""
         if follow_the_money:
             self.follow_the_money()
+        short = leases.short_of_credit(self)
+        if short:  # a lease never holds credit the org no longer has (rare: a query)
+            if after is not None:
+                await after
+                after = None
+            await leases.fit(self, short)
         writes = self._writes()
         if after is not None:
             await after
@@ -599,6 +613,7 @@ class LedgerStore:
     def __init__(self, pool: asyncpg.Pool, clock: Callable[[], datetime] = utcnow) -> None:
         self.pool = pool
         self.clock = clock
+        self.leases = leases.LeaseStore(self)  # credit leases: their own module
 
     # -- transfers -------------------------------------------------------------------------
 
@@ -702,7 +717,9 @@ class LedgerStore:
         await work.lock([original.debit_account_id, original.credit_account_id])
         credit_id = d.credit_account(org)
         if original.credit_account_id == credit_id:
-            # Taking back credit that was granted: only what is still unspent and unheld.
+            # Taking back credit that was granted: only what is still unspent and unheld
+            # (a credit lease's hold is given back first).
+            await leases.reclaim(work, org, amount)
             available = work.available(org)
             grant = next((g for g in await work.grants_of(org)
                           if g.grant_id == original.grant_id), None)
@@ -1000,6 +1017,7 @@ class LedgerStore:
             for r in rows:
                 org = r["org_id"]
                 grant = next(g for g in await work.grants_of(org) if g.grant_id == r["grant_id"])
+                await leases.reclaim(work, org, grant.remaining_micros)
                 amount = min(grant.remaining_micros, work.available(org))
                 if amount <= 0:
                     continue
@@ -1102,6 +1120,7 @@ class LedgerStore:
         await work.lock_orgs(orgs, system=[d.AccountKind.REVENUE], open_missing=True)
         earlier = await self._receipts_of(conn, items) if seen_before else {}
         holds = await self._capturable_holds(work, items)
+        leased = await leases.UsageLeases.lock(work, items)  # issue 17: credit leases
         credit_of = {org: work.org(org) for org in orgs}
         # The open grants of the orgs that have credit (all the items can debit) load while
         # the items are priced.
@@ -1138,6 +1157,8 @@ class LedgerStore:
                 if hold is not None:
                     account.held -= hold.amount_micros
                     account.dirty = True
+                if item.lease_id:  # issue 17: the lease's hold pays first
+                    leased.pay(org, item.lease_id, item.cost_micros)
                 debited_before = debited_by_org[org]
                 available = account.balance - debited_before - account.held
                 debited, arrears = split_debit(available, item.cost_micros)
@@ -1208,6 +1229,7 @@ class LedgerStore:
                 [work.balance(c[1])[2] for c in captures],
                 work.now)
             work.settled.extend((c[0], c[1]) for c in captures)
+        await leased.write()
         # The burned grants are written while the rest of the writes are made ready.
         grants_written = await work.meanwhile(work.write_grants())
         work.emit_balance_changes()
@@ -1312,9 +1334,11 @@ class LedgerStore:
         grants = sorted((_grant(r) for r in await conn.fetch(
             "SELECT * FROM ledger.grants WHERE org_id = $1 AND is_open", org_id)),
             key=d.burn_order)
+        leased, in_flight = await leases.totals_of(conn, org_id)
         return d.Balance(org_id, credit["balance_micros"], credit["held_micros"],
                          -by_id[d.arrears_account(org_id)]["balance_micros"],
-                         d.BillingState(credit["billing_state"]), grants, self.clock())
+                         d.BillingState(credit["billing_state"]), grants, self.clock(),
+                         leased, in_flight)
 
     async def get_transfer(self, org_id: str, transfer_id: str) -> d.Transfer:
         """One transfer of an org."""
@@ -1410,7 +1434,7 @@ class LedgerStore:
 
     async def seal_outbox(self, limit: int = 5000) -> int:
         """Gives sequences to the outbox rows that can be delivered (kit.outbox.seal)."""
-        return await outbox.seal(self.pool, "ledger.outbox", limit)
+        return await outbox.seal(self.pool, "ledger.outbox", limit, announce=SEALED_CHANNEL)
 
     async def orgs_changed_after(self, sequence: int, types: Sequence[d.OutboxEventType],
                                  limit: int = 1000) -> tuple[list[str], int, int]:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 
 from services.ledger import domain as d
+from services.ledger import leases
 from services.ledger import postings as p
 from services.ledger.store import LedgerStore, Work, _sort_claims, time_ordered_uuids
 from tally.kit import metrics
@@ -105,8 +106,12 @@ async def _apply(work: Work, batches: Sequence[d.UsageBatch]) -> p.UsagePlan:
         positions[org].grants = work.grants[org]
     caller = work.caller
     stamp = p.Stamp(work.now, caller.actor, caller.trace_id, caller.user_id, caller.labels)
-    plan = p.plan_usage(positions, holds, [(b.batch_id, b.org_debits) for b in batches], stamp)
+    leased = await leases.UsageLeases.lock_ids(
+        work, (o.lease_id for b in batches for o in b.org_debits))
+    plan = p.plan_usage(positions, holds, [(b.batch_id, b.org_debits) for b in batches], stamp,
+                        leased)
     await _write(work, positions, plan, batches)
+    await leased.write()
     return plan
 
 

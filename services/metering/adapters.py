@@ -11,6 +11,7 @@ import grpc
 
 from services.metering.ingestion import domain as ing
 from services.metering.ingestion.domain import MAX_EVENT_AGE
+from services.metering.spend.lease_manager import LedgerChange, LedgerLease
 from tally.common.v1 import common_pb2
 from tally.kit.errors import Reason, TallyError, from_rpc_error
 from tally.kit.log import get_logger
@@ -88,6 +89,56 @@ class GrpcReservingLedger:
             await self.stub.Release(ledger_pb2.ReleaseRequest(
                 reservation_id=reservation_id, org_id=org_id, reason=reason),
                 timeout=self.timeout_s)
+
+
+class GrpcLeasingLedger:
+    """LeasingLedger over LedgerService.ExtendLease and StreamEvents."""
+
+    def __init__(self, stub: ledger_pb2_grpc.LedgerServiceAsyncStub,
+                 timeout_s: float = 5.0) -> None:
+        self.stub = stub
+        self.timeout_s = timeout_s
+
+    async def extend_lease(self, request_id: str, lease_id: str, org_id: str, holder: str,
+                           add_micros: int, return_micros: int, ttl: timedelta,
+                           in_flight_micros: int) -> LedgerLease:
+        """ExtendLease; the ledger's refusal arrives as its TallyError."""
+        async with _translated():
+            reply = await self.stub.ExtendLease(ledger_pb2.ExtendLeaseRequest(
+                request_id=request_id, lease_id=lease_id, org_id=org_id, holder=holder,
+                add_micros=add_micros, return_micros=return_micros,
+                ttl_seconds=int(ttl.total_seconds()), in_flight_micros=in_flight_micros),
+                timeout=self.timeout_s)
+        return _lease(reply.lease, reply.added_micros, reply.available_micros,
+                      _state(reply.billing_state))
+
+    async def changes(self, after_sequence: int) -> AsyncIterator[LedgerChange]:
+        """The ledger's LEASE_CHANGED and BILLING_STATE_CHANGED events after the sequence."""
+        stream = self.stub.StreamEvents(ledger_pb2.StreamEventsRequest(
+            after_event_sequence=after_sequence,
+            types=[ledger_pb2.OUTBOX_EVENT_TYPE_LEASE_CHANGED,
+                   ledger_pb2.OUTBOX_EVENT_TYPE_BILLING_STATE_CHANGED]))
+        async for reply in stream:
+            for e in reply.events:
+                lease = None
+                if e.type == ledger_pb2.OUTBOX_EVENT_TYPE_LEASE_CHANGED:
+                    a = e.attributes
+                    lease = LedgerLease(
+                        a["lease_id"], int(a["granted_micros"]), int(a["charged_micros"]),
+                        int(a["consumed_micros"]), int(a["returned_micros"]),
+                        a["state"] != "OPEN", e.occurred_at.ToDatetime(UTC))
+                yield LedgerChange(e.sequence, e.org_id, lease, _state(e.billing_state))
+
+
+def _state(state: int) -> str:
+    name = common_pb2.BillingState.Name(state).removeprefix("BILLING_STATE_")  # type: ignore[arg-type]
+    return "ACTIVE" if name == "UNSPECIFIED" else name
+
+
+def _lease(x: ledger_pb2.Lease, added: int, available: int, state: str) -> LedgerLease:
+    return LedgerLease(x.lease_id, x.granted_micros, x.charged_micros, x.consumed_micros,
+                       x.returned_micros, x.state == ledger_pb2.LEASE_STATE_ENDED,
+                       x.expires_at.ToDatetime(UTC), added, available, state)
 
 
 @contextlib.asynccontextmanager

@@ -1,6 +1,6 @@
 """Spend-control policies, in plain Python: budgets, quotas and an org's spend policy.
 
-What they are and which requests they apply to. Authorize (`authorize.py`) enforces them; the
+What they are and which requests they apply to. Authorize (`spend/domain.py`) enforces them; the
 management RPCs create and change them: a client's `BudgetSpec` / `QuotaSpec` (the writable
 fields, enums possibly missing) becomes a `Budget` / `Quota` only through `validate_budget` /
 `validate_quota`, which name every bad field by its proto path. No grpc, no SQL.

@@ -11,8 +11,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from .authorizer import PolicySource
 from .policies import Budget, Quota, SpendPolicy
+from .spend.authorizer import PolicySource
 
 T = TypeVar("T")
 

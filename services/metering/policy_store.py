@@ -40,7 +40,7 @@ from .policies import (
     validate_quota,
     validate_spend_policy,
 )
-from .spend_store import budget_from_row, policy_from_row, quota_from_row
+from .spend.store import budget_from_row, policy_from_row, quota_from_row
 
 _BUDGET_TIMES: Final = ("period_start", "period_end", "created_at", "updated_at")
 _QUOTA_TIMES: Final = ("created_at", "updated_at")

@@ -10,25 +10,29 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import gc
 import os
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import grpc
 
-from services.metering.adapters import GrpcLedger, GrpcReservingLedger, WatchedPriceBooks
-from services.metering.authorizer import Authorizer
+from services.metering.adapters import GrpcLeasingLedger, GrpcLedger, WatchedPriceBooks
 from services.metering.ingestion.committer import CommitSettings, GroupCommitter
 from services.metering.ingestion.rollup import CaughtUpRollups, RollupWorker
 from services.metering.ingestion.store import UsageEventStore
 from services.metering.policy_store import PolicyStore
-from services.metering.spend_store import SpendStore
+from services.metering.spend.authorizer import Authorizer
+from services.metering.spend.lease import LeaseSettings
+from services.metering.spend.lease_manager import LeaseManager
+from services.metering.spend.lease_store import LeaseStore
+from services.metering.spend.store import OUTBOX_CHANNEL, SEALED_CHANNEL, SpendStore
 from tally.kit import db, infra
-from tally.kit.background import run_periodically
+from tally.kit.background import run_periodically, run_when_notified
 from tally.kit.channels import peer_channel
 from tally.kit.config import (
     ConfigError,
@@ -49,13 +53,12 @@ from tally.metering.v1 import metering_pb2, metering_pb2_grpc
 from tally.pricing.v1 import pricing_pb2_grpc
 
 from .policy_cache import PolicyCache
-from .quotas import LimiterGate
 from .reports.domain import UsageReports
 from .reports.store import UsageStore
 from .servicer import MeteringServicer
+from .spend.quotas import LimiterGate
 
 NAME = "metering"
-OUTBOX_SEAL_INTERVAL_S = 0.1  # how late a budget alarm may become visible to consumers
 SERVICE_NAME = metering_pb2.DESCRIPTOR.services_by_name["MeteringService"].full_name
 
 
@@ -94,6 +97,19 @@ class MeteringConfig:
         "TALLY_METERING_WORKERS", parse_positive_int,
         "metering processes > 0 serving the one port (SO_REUSEPORT); more than 1 needs "
         "TALLY_METERING_LIMITER=redis (quotas are shared between processes)", default=1)
+    lease_window_s: int = setting(
+        "TALLY_METERING_LEASE_WINDOW_S", parse_positive_int,
+        "seconds > 0 (of an org's recent spend its credit lease holds)", default=20)
+    lease_floor_micros: int = setting(
+        "TALLY_METERING_LEASE_FLOOR_MICROS", parse_positive_int,
+        "micro-credits > 0 (the smallest lease asked for)", default=10_000_000)
+    lease_cap_micros: int = setting(
+        "TALLY_METERING_LEASE_CAP_MICROS", parse_positive_int,
+        "micro-credits > 0 (the largest lease: what the ledger taking credit back may be "
+        "overshot by before metering sees it)", default=1_000_000_000)
+    lease_ttl_s: int = setting(
+        "TALLY_METERING_LEASE_TTL_S", parse_positive_int,
+        "seconds > 0 (an unrenewed lease returns its credit then)", default=120)
     limiter_on_outage: str = setting(
         "TALLY_METERING_LIMITER_ON_OUTAGE", parse_choice("deny", "local"),
         "deny (hard quotas fail closed) or local (each replica enforces them alone)",
@@ -156,8 +172,13 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
         on_commit=rollup.wake)
     spend = SpendStore(pool)
     policies = PolicyCache(spend, settings.policy_cache_ms / 1000)
-    authorizer = Authorizer(spend, policies, books, GrpcReservingLedger(
-        ledger_pb2_grpc.LedgerServiceStub(ledger_channel)), LimiterGate(limiter))
+    leases = LeaseManager(LeaseStore(pool), GrpcLeasingLedger(
+        ledger_pb2_grpc.LedgerServiceStub(ledger_channel)), LeaseSettings(
+            window=timedelta(seconds=settings.lease_window_s),
+            floor_micros=settings.lease_floor_micros, cap_micros=settings.lease_cap_micros,
+            ttl=timedelta(seconds=settings.lease_ttl_s),
+            renew_before=timedelta(seconds=settings.lease_ttl_s / 3)))
+    authorizer = Authorizer(spend, policies, books, leases, LimiterGate(limiter))
     shutting_down = asyncio.Event()
     servicer = MeteringServicer(
         UsageReports(CaughtUpRollups(UsageStore(engine), rollup)), committer, events,
@@ -173,15 +194,26 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
         "expire-authorizations", settings.sweep_interval_s,
         lambda: spend.expire_holds(datetime.now(UTC)), stop), name="expire-authorizations")
 
-    sealer = asyncio.create_task(run_periodically(
-        "seal-outbox", OUTBOX_SEAL_INTERVAL_S, spend.seal_outbox, stop), name="seal-outbox")
+    # budget alarms are rare: the sealer waits for the outbox's NOTIFY instead of polling
+    sealer = asyncio.create_task(run_when_notified(
+        "seal-outbox", url, OUTBOX_CHANNEL, spend.seal_outbox, stop), name="seal-outbox")
+
+    async def fire_sealed() -> None:
+        servicer.sealed.fire()
+
+    servicer.outbox_poll_s = 5.0  # a backstop: streams wake on the sealer's NOTIFY
+    announcer = asyncio.create_task(run_when_notified(
+        "outbox-sealed", url, SEALED_CHANNEL, fire_sealed, stop), name="outbox-sealed")
+    # credit leases: top-ups and renewals (queue and timers), the ledger's changes (its stream)
+    lease_tasks = [asyncio.create_task(leases.run(stop), name="lease-renewals"),
+                   asyncio.create_task(leases.follow(stop), name="lease-follower")]
 
     async def close() -> None:
         await committer.stop()
         await rollup.stop()
-        await authorizer.drain()
         stop.set()
-        for task in (sweeper, sealer):
+        lease_tasks[1].cancel()  # it may be parked inside the ledger's StreamEvents
+        for task in (sweeper, sealer, announcer, *lease_tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         watcher.cancel()  # it may be parked inside a long-lived WatchPriceBook stream
@@ -193,6 +225,9 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
         await pool.close()
         await engine.dispose()
 
+    # What exists now lives as long as the process: keep it out of the collector's full
+    # passes (as the ledger does), which the hot paths would otherwise trigger over the heap.
+    gc.freeze()
     return ServiceApp(name=NAME, service_names=[SERVICE_NAME], register=register,
                       on_start=[committer.start, rollup.start], on_stop=[close],
                       shutting_down=shutting_down,

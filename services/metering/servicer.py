@@ -7,22 +7,23 @@ StreamEvents, and the management of budgets, quotas and spend policies.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 
-from services.metering import convert_authorize, convert_policies
-from services.metering.authorizer import Authorizer
+from services.metering import convert_policies
 from services.metering.ingestion import convert as convert_usage
 from services.metering.ingestion.committer import GroupCommitter
 from services.metering.ingestion.domain import MAX_RECORD_EVENTS, MAX_STREAM_BATCH_EVENTS
 from services.metering.ingestion.store import UsageEventStore
 from services.metering.policy_store import PolicyStore
-from services.metering.spend_store import SpendStore
+from services.metering.spend import convert as convert_authorize
+from services.metering.spend.authorizer import Authorizer
+from services.metering.spend.store import SpendStore
 from tally.kit import metrics
+from tally.kit.background import Signal
 from tally.kit.errors import Reason, TallyError, invalid
 from tally.kit.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, decode_cursor, encode_cursor
 from tally.kit.protoconv import from_timestamp
@@ -71,7 +72,8 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         self.spend = spend
         # budgets, quotas and spend policies live in the same database as Authorize's state
         self.policies = policies or PolicyStore(spend.pool)
-        self.outbox_poll_s = 0.2
+        self.outbox_poll_s = 0.2  # the safety net when nothing fires `sealed`
+        self.sealed = Signal()
         self.max_inflight_batches = max_inflight_batches
         self.stream_lifetime_s = stream_lifetime_s
         # the server's ServiceApp.shutting_down: open streams wind down like at their lifetime
@@ -97,14 +99,20 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         after = request.after_sequence
         ends = asyncio.get_running_loop().time() + self.stream_lifetime_s
         while not self.shutting_down.is_set() and asyncio.get_running_loop().time() < ends:
+            sealed = self.sealed.ticket()
             events = await self.spend.outbox_after(after, [t for t in types if t])
             if events:
                 after = events[-1].sequence
                 yield metering_pb2.StreamEventsResponse(
                     events=[convert_authorize.outbox_event(e) for e in events])
                 continue
-            with contextlib.suppress(TimeoutError):  # poll, or leave at shutdown
-                await asyncio.wait_for(self.shutting_down.wait(), self.outbox_poll_s)
+            # the next sealing (the server fires `sealed` on its NOTIFY), or leave at shutdown
+            waits = [asyncio.ensure_future(sealed.wait()),
+                     asyncio.ensure_future(self.shutting_down.wait())]
+            await asyncio.wait(waits, timeout=self.outbox_poll_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+            for waiting in waits:
+                waiting.cancel()
 
     async def GetUsageSummary(
         self, request: metering_pb2.GetUsageSummaryRequest, context: Context

@@ -191,3 +191,34 @@ def test_database_and_redis_calls_get_client_spans_under_the_rpc(
     done = subprocess.run([sys.executable, "-c", _CLIENT_SPANS_PROCESS], env=env,
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+_INSTRUMENTED_PROCESS = f"""
+import os
+import asyncpg
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from tally.kit.telemetry import setup_telemetry
+
+exported = os.environ["EXPORTED"] == "1"
+setup_telemetry("probe", exporter=InMemorySpanExporter() if exported else None)
+assert hasattr(asyncpg.Connection.fetch, "__wrapped__") == exported
+tracer = trace.get_tracer("probe")
+with tracer.start_as_current_span("root") as root:
+    assert not root.is_recording(), "ratio 0: a trace started here is not recorded"
+sampled = propagate.extract({{"traceparent": "{TRACEPARENT}"}})
+with tracer.start_as_current_span("child", context=sampled) as child:
+    assert child.is_recording(), "the parent's decision stands"
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("exported", [True, False])
+def test_clients_are_instrumented_only_with_an_exporter_and_sampled_by_the_parent(
+        exported: bool) -> None:
+    env = {**{k: v for k, v in os.environ.items()
+              if k not in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_TRACES_SAMPLER")},
+           "EXPORTED": "1" if exported else "0", "OTEL_TRACES_SAMPLER_ARG": "0"}
+    done = subprocess.run([sys.executable, "-c", _INSTRUMENTED_PROCESS], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

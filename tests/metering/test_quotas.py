@@ -20,8 +20,7 @@ from tally.limits import SECOND_US, InProcessLimiter, RedisLimiter
 from tally.metering.v1 import metering_pb2 as mpb
 from tests.limits.test_contract import Clock
 from tests.metering.conftest import Suite, start_suite, stop_suite
-from tests.metering.test_authorize import ALLOW, DENY, ask, sql
-from tests.metering.test_ingestion import balance
+from tests.metering.test_authorize import ALLOW, DENY, ask, in_flight, lease_sees, sql
 
 _ids = itertools.count()
 
@@ -79,8 +78,8 @@ async def test_a_project_denial_consumes_neither_the_org_nor_the_key_counter(
         assert project in reply.message and org not in reply.message
         assert reply.retry_after_ms == 500  # one request of 2/s
         assert not reply.reservation_id
-    # the refusals hold nothing in the ledger
-    assert (await balance(suite)).held_micros == sum(r.reserved_micros for r in admitted)
+    # the refusals hold nothing (of the org's credit lease)
+    assert await in_flight(suite) == sum(r.reserved_micros for r in admitted)
     headroom = {h.scope: h.remaining for h in refused[0].headroom}
     assert headroom == {f"quota:{org}": 3, f"quota:{project}": 0, f"quota:{key}": 3}
     # another project on the same key: the org and key counters still have 3 each
@@ -149,11 +148,12 @@ async def test_a_throttled_org_runs_at_its_policys_reduced_rate(suite: Suite) ->
     replies = await decisions(suite, 4)
     assert [r.decision for r in replies] == [ALLOW, ALLOW, DENY, DENY]
     assert replies[2].deny_reason == "ACCOUNT_THROTTLED" and replies[2].retry_after_ms > 0
-    # the refused requests hold nothing in the ledger
-    assert (await balance(suite)).held_micros == sum(r.reserved_micros for r in replies[:2])
+    # the refused requests hold nothing (of the org's credit lease)
+    assert await in_flight(suite) == sum(r.reserved_micros for r in replies[:2])
     await suite.client.ledger.SetBillingState(lpb.SetBillingStateRequest(
         request_id="paid", org_id="acme", state=common_pb2.BILLING_STATE_ACTIVE,
         cause="invoice paid"))
+    await lease_sees(suite, "ACTIVE")  # the ledger's outbox reaches metering's lease
     assert allowed(await decisions(suite, 4)) == 4
 
 
@@ -163,7 +163,7 @@ async def test_a_throttled_org_whose_policy_allows_nothing_is_denied(suite: Suit
         cause="fraud review"))
     reply = await suite.client.metering.Authorize(request())
     assert (reply.decision, reply.deny_reason) == (DENY, "ACCOUNT_THROTTLED")
-    assert (await balance(suite)).held_micros == 0
+    assert await in_flight(suite) == 0
 
 
 async def test_three_replicas_sharing_redis_admit_the_limit_once_not_three_times(

@@ -2,8 +2,9 @@
 
 It starts an OTLP receiver in this process (the official opentelemetry-proto service), brings
 the four services up on their own ports and data directory with OTLP export pointed at it,
-runs one request inside a root span — Authorize (price book, ledger Reserve) -> StreamUsage
-(group commit -> ledger PostUsageBatch -> outbox) -> notifier (the alert the debit causes) —
+runs one request inside a root span — Authorize (price book, the new org's first credit
+lease: ledger ExtendLease) -> StreamUsage (group commit -> ledger PostUsageBatch -> outbox) ->
+notifier (the alert the debit causes) —
 then prints the span tree of that trace and stops the services.
 """
 
@@ -205,7 +206,7 @@ async def _request(config: KitConfig, provider: TracerProvider) -> str:
 
 
 _EXPECTED = {("tally-demo", ROOT), ("tally-metering", "metering.group_commit"),
-             ("tally-ledger", "/tally.ledger.v1.LedgerService/Reserve"),
+             ("tally-ledger", "/tally.ledger.v1.LedgerService/ExtendLease"),
              ("tally-ledger", "/tally.ledger.v1.LedgerService/PostUsageBatch"),
              ("tally-notifier", "notifier.notification")}
 

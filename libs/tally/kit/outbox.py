@@ -22,8 +22,9 @@ import asyncpg
 from tally.kit import metrics
 
 
-async def seal(pool: asyncpg.Pool, table: str, limit: int = 5000) -> int:
-    """Seals what can be sealed in `table` (e.g. "ledger.outbox"); returns how many rows."""
+async def seal(pool: asyncpg.Pool, table: str, limit: int = 5000, *, announce: str = "") -> int:
+    """Seals what can be sealed in `table` (e.g. "ledger.outbox"); returns how many rows.
+    With `announce`, sealing rows NOTIFYs that channel at commit (streams wait for it)."""
     lock_key = zlib.crc32(f"outbox-sealer:{table}".encode())
     async with pool.acquire() as conn, conn.transaction():
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", lock_key):
@@ -43,4 +44,6 @@ async def seal(pool: asyncpg.Pool, table: str, limit: int = 5000) -> int:
             f"UPDATE {table} o SET sequence = u.sequence "
             "FROM unnest($1::bigint[], $2::bigint[]) AS u(id, sequence) WHERE o.id = u.id",
             ids, list(range(last + 1, last + 1 + len(ids))))
+        if announce:
+            await conn.execute("SELECT pg_notify($1, '')", announce)
         return len(ids)

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 from services.ledger import domain as d
+from services.ledger import leases
 from services.ledger.payments import domain as p
 from services.ledger.payments.provider import ProviderEvent, ProviderEventType
 from services.ledger.store import LedgerStore, Work
@@ -397,6 +398,7 @@ class PaymentStore:
             p.check_refundable(order)
             org = order.org_id
             await work.lock_orgs([org])
+            await leases.reclaim(work, org, amount_micros)  # a credit lease gives its hold back
             grants = {g.grant_id: g for g in await work.grants_of(org)}
             purchased = grants.get(f"grant:{p.purchase_transfer_id(order_id)}")
             bonus = grants.get(f"grant:{p.bonus_transfer_id(order_id)}")

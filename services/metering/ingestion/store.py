@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from services.metering.ingestion import domain as ing
-from services.metering.spend_store import Charge, charge_budgets
+from services.metering.spend.store import Charge, charge_budgets
 from tally.kit.errors import Reason
 from tally.rating import Meter, PriceBookHistory, RatingError, UsageMode
 
@@ -169,12 +169,15 @@ class UsageEventStore:
                 carries[event.org_id] = carry
                 rated.append(outcome)
                 results.append(None)
+            lease_of: dict[str, str] = {}
             debits, cost_before = ing.org_debits([
                 (r.event.org_id, r.event.event_id, r.receipt.cost_micros, r.event.reservation_id)
                 for r in rated])
             if rated:
                 await self._insert(conn, batch_id, rated, cost_before)
-                await charge_budgets(conn, [
+                # issue 17: each org's credit lease pays its debit first (the ledger's side of
+                # what charge_budgets just charged to the lease in this transaction)
+                lease_of = await charge_budgets(conn, [
                     Charge(r.event.org_id, r.event.project_id, r.event.labels,
                            r.event.occurred_at, r.receipt.cost_micros, r.event.reservation_id)
                     for r in rated if r.event.occurred_at is not None], datetime.now(UTC))
@@ -201,6 +204,8 @@ class UsageEventStore:
                         "quantity) SELECT * FROM unnest($1::text[], $2::date[], $3::text[], "
                         "$4::text[], $5::bigint[])",
                         *[[k[i] for k in new] for i in range(4)], [periods[k] for k in new])
+            debits = [replace(d, lease_id=lease_of[d.org_id]) if d.org_id in lease_of else d
+                      for d in debits]
             if debits:
                 await conn.execute(
                     "INSERT INTO metering.ledger_batches (batch_id, org_debits) "

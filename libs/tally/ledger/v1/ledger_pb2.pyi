@@ -321,6 +321,10 @@ class _OutboxEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Outbo
     """A reservation lapsed (attributes: reservation_id, amount_micros)."""
     OUTBOX_EVENT_TYPE_ARREARS_RECORDED: _OutboxEventType.ValueType  # 9
     """Usage exceeded available credit and arrears were recorded."""
+    OUTBOX_EVENT_TYPE_LEASE_CHANGED: _OutboxEventType.ValueType  # 10
+    """The ledger shrank or revoked a credit lease (attributes: lease_id, granted_micros,
+    charged_micros, consumed_micros, returned_micros, state).
+    """
 
 class OutboxEventType(_OutboxEventType, metaclass=_OutboxEventTypeEnumTypeWrapper):
     """Kinds of events the ledger publishes to its outbox."""
@@ -347,7 +351,35 @@ OUTBOX_EVENT_TYPE_RESERVATION_EXPIRED: OutboxEventType.ValueType  # 8
 """A reservation lapsed (attributes: reservation_id, amount_micros)."""
 OUTBOX_EVENT_TYPE_ARREARS_RECORDED: OutboxEventType.ValueType  # 9
 """Usage exceeded available credit and arrears were recorded."""
+OUTBOX_EVENT_TYPE_LEASE_CHANGED: OutboxEventType.ValueType  # 10
+"""The ledger shrank or revoked a credit lease (attributes: lease_id, granted_micros,
+charged_micros, consumed_micros, returned_micros, state).
+"""
 Global___OutboxEventType: _TypeAlias = OutboxEventType  # noqa: Y015
+
+class _LeaseState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LeaseStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LeaseState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LEASE_STATE_UNSPECIFIED: _LeaseState.ValueType  # 0
+    """Not set; never stored."""
+    LEASE_STATE_OPEN: _LeaseState.ValueType  # 1
+    """Holds credit and can be extended."""
+    LEASE_STATE_ENDED: _LeaseState.ValueType  # 2
+    """Ended by its ttl or revoked for good; holds nothing."""
+
+class LeaseState(_LeaseState, metaclass=_LeaseStateEnumTypeWrapper):
+    """State of a credit lease."""
+
+LEASE_STATE_UNSPECIFIED: LeaseState.ValueType  # 0
+"""Not set; never stored."""
+LEASE_STATE_OPEN: LeaseState.ValueType  # 1
+"""Holds credit and can be extended."""
+LEASE_STATE_ENDED: LeaseState.ValueType  # 2
+"""Ended by its ttl or revoked for good; holds nothing."""
+Global___LeaseState: _TypeAlias = LeaseState  # noqa: Y015
 
 @_typing.final
 class Transfer(_message.Message):
@@ -1096,6 +1128,7 @@ class UsageItem(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     OCCURRED_AT_FIELD_NUMBER: _builtins.int
     PRICE_BOOK_VERSION_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Metering's event id (idempotency key of the item)."""
     org_id: _builtins.str
@@ -1108,6 +1141,10 @@ class UsageItem(_message.Message):
     """Rated cost, micro-credits; >= 0."""
     price_book_version: _builtins.int
     """Price book version the cost was rated with."""
+    lease_id: _builtins.str
+    """Credit lease of the org whose hold pays this cost first (see ExtendLease); empty = none.
+    An ended lease, or another org's, is ignored.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Cost-allocation labels of the event."""
@@ -1126,10 +1163,11 @@ class UsageItem(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         occurred_at: _timestamp_pb2.Timestamp | None = ...,
         price_book_version: _builtins.int = ...,
+        lease_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_micros", b"cost_micros", "event_id", b"event_id", "labels", b"labels", "occurred_at", b"occurred_at", "org_id", b"org_id", "price_book_version", b"price_book_version", "reservation_id", b"reservation_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_micros", b"cost_micros", "event_id", b"event_id", "labels", b"labels", "lease_id", b"lease_id", "occurred_at", b"occurred_at", "org_id", b"org_id", "price_book_version", b"price_book_version", "reservation_id", b"reservation_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1441,6 +1479,8 @@ class Balance(_message.Message):
     BILLING_STATE_FIELD_NUMBER: _builtins.int
     GRANTS_FIELD_NUMBER: _builtins.int
     AS_OF_FIELD_NUMBER: _builtins.int
+    LEASED_MICROS_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_MICROS_FIELD_NUMBER: _builtins.int
     org_id: _builtins.str
     """Org."""
     posted_micros: _builtins.int
@@ -1453,6 +1493,12 @@ class Balance(_message.Message):
     """Usage owed that credit did not cover, micro-credits; settled from the next credit."""
     billing_state: _common_pb2.BillingState.ValueType
     """Spend-control state."""
+    leased_micros: _builtins.int
+    """Part of held_micros kept by open credit leases (metering's slices of the org's credit)."""
+    in_flight_micros: _builtins.int
+    """What requests admitted against those leases hold now, as their holders last reported it
+    (with each ExtendLease): leased_micros - in_flight_micros is leased but unused.
+    """
     @_builtins.property
     def grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___GrantBalance]:
         """Grants with remaining credit, in burn order."""
@@ -1472,10 +1518,12 @@ class Balance(_message.Message):
         billing_state: _common_pb2.BillingState.ValueType = ...,
         grants: _abc.Iterable[Global___GrantBalance] | None = ...,
         as_of: _timestamp_pb2.Timestamp | None = ...,
+        leased_micros: _builtins.int = ...,
+        in_flight_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrears_micros", b"arrears_micros", "as_of", b"as_of", "available_micros", b"available_micros", "billing_state", b"billing_state", "grants", b"grants", "held_micros", b"held_micros", "org_id", b"org_id", "posted_micros", b"posted_micros"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrears_micros", b"arrears_micros", "as_of", b"as_of", "available_micros", b"available_micros", "billing_state", b"billing_state", "grants", b"grants", "held_micros", b"held_micros", "in_flight_micros", b"in_flight_micros", "leased_micros", b"leased_micros", "org_id", b"org_id", "posted_micros", b"posted_micros"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2759,3 +2807,161 @@ class StreamEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamEventsResponse: _TypeAlias = StreamEventsResponse  # noqa: Y015
+
+@_typing.final
+class Lease(_message.Message):
+    """A credit lease. Its hold is granted - consumed - returned; all four only grow."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
+    GRANTED_MICROS_FIELD_NUMBER: _builtins.int
+    CHARGED_MICROS_FIELD_NUMBER: _builtins.int
+    CONSUMED_MICROS_FIELD_NUMBER: _builtins.int
+    RETURNED_MICROS_FIELD_NUMBER: _builtins.int
+    HOLD_MICROS_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_MICROS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    """Holder-chosen id."""
+    org_id: _builtins.str
+    """Org whose credit is held."""
+    holder: _builtins.str
+    """Who keeps the lease (e.g. "metering")."""
+    granted_micros: _builtins.int
+    """Credit put into the hold so far, micro-credits."""
+    charged_micros: _builtins.int
+    """Cost of the usage items that named the lease so far, micro-credits."""
+    consumed_micros: _builtins.int
+    """Part of charged_micros the hold paid (the rest was debited plainly), micro-credits."""
+    returned_micros: _builtins.int
+    """Credit given back from the hold (by the holder, the ledger or the ttl), micro-credits."""
+    hold_micros: _builtins.int
+    """Credit held now: granted - consumed - returned, micro-credits."""
+    in_flight_micros: _builtins.int
+    """What the holder last reported its admitted requests hold, micro-credits."""
+    state: Global___LeaseState.ValueType
+    """Open or ended."""
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When the hold is returned unless extended."""
+
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        org_id: _builtins.str = ...,
+        holder: _builtins.str = ...,
+        granted_micros: _builtins.int = ...,
+        charged_micros: _builtins.int = ...,
+        consumed_micros: _builtins.int = ...,
+        returned_micros: _builtins.int = ...,
+        hold_micros: _builtins.int = ...,
+        in_flight_micros: _builtins.int = ...,
+        state: Global___LeaseState.ValueType = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["charged_micros", b"charged_micros", "consumed_micros", b"consumed_micros", "expires_at", b"expires_at", "granted_micros", b"granted_micros", "hold_micros", b"hold_micros", "holder", b"holder", "in_flight_micros", b"in_flight_micros", "lease_id", b"lease_id", "org_id", b"org_id", "returned_micros", b"returned_micros", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Lease: _TypeAlias = Lease  # noqa: Y015
+
+@_typing.final
+class ExtendLeaseRequest(_message.Message):
+    """Request of ExtendLease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
+    ADD_MICROS_FIELD_NUMBER: _builtins.int
+    RETURN_MICROS_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_MICROS_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency id of this change."""
+    lease_id: _builtins.str
+    """The lease; an unknown id opens a new lease."""
+    org_id: _builtins.str
+    """Org whose credit is leased."""
+    holder: _builtins.str
+    """Who keeps the lease; required."""
+    add_micros: _builtins.int
+    """Credit to add to the hold, micro-credits; >= 0. Granted up to the org's available credit
+    (possibly less, possibly nothing).
+    """
+    return_micros: _builtins.int
+    """Credit to give back from the hold, micro-credits; >= 0 (at most the hold is returned)."""
+    ttl_seconds: _builtins.int
+    """Seconds from now until the lease ends unless extended again; 1..86400."""
+    in_flight_micros: _builtins.int
+    """What requests admitted against the lease hold now (shown by GetBalance), micro-credits."""
+    @_builtins.property
+    def context(self) -> _common_pb2.RequestContext:
+        """Caller."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        lease_id: _builtins.str = ...,
+        org_id: _builtins.str = ...,
+        holder: _builtins.str = ...,
+        add_micros: _builtins.int = ...,
+        return_micros: _builtins.int = ...,
+        ttl_seconds: _builtins.int = ...,
+        in_flight_micros: _builtins.int = ...,
+        context: _common_pb2.RequestContext | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_micros", b"add_micros", "context", b"context", "holder", b"holder", "in_flight_micros", b"in_flight_micros", "lease_id", b"lease_id", "org_id", b"org_id", "request_id", b"request_id", "return_micros", b"return_micros", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExtendLeaseRequest: _TypeAlias = ExtendLeaseRequest  # noqa: Y015
+
+@_typing.final
+class ExtendLeaseResponse(_message.Message):
+    """Response of ExtendLease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_FIELD_NUMBER: _builtins.int
+    AVAILABLE_MICROS_FIELD_NUMBER: _builtins.int
+    BILLING_STATE_FIELD_NUMBER: _builtins.int
+    ADDED_MICROS_FIELD_NUMBER: _builtins.int
+    available_micros: _builtins.int
+    """Org's available credit after the change, micro-credits."""
+    billing_state: _common_pb2.BillingState.ValueType
+    """Org's billing state."""
+    added_micros: _builtins.int
+    """Credit added to the hold by this request, micro-credits."""
+    @_builtins.property
+    def lease(self) -> Global___Lease:
+        """The lease after the change."""
+
+    def __init__(
+        self,
+        *,
+        lease: Global___Lease | None = ...,
+        available_micros: _builtins.int = ...,
+        billing_state: _common_pb2.BillingState.ValueType = ...,
+        added_micros: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added_micros", b"added_micros", "available_micros", b"available_micros", "billing_state", b"billing_state", "lease", b"lease"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExtendLeaseResponse: _TypeAlias = ExtendLeaseResponse  # noqa: Y015

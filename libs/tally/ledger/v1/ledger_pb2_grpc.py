@@ -150,6 +150,11 @@ class LedgerServiceStub:
                 request_serializer=tally_dot_ledger_dot_v1_dot_ledger__pb2.StreamEventsRequest.SerializeToString,
                 response_deserializer=tally_dot_ledger_dot_v1_dot_ledger__pb2.StreamEventsResponse.FromString,
                 _registered_method=True)
+        self.ExtendLease = channel.unary_unary(
+                '/tally.ledger.v1.LedgerService/ExtendLease',
+                request_serializer=tally_dot_ledger_dot_v1_dot_ledger__pb2.ExtendLeaseRequest.SerializeToString,
+                response_deserializer=tally_dot_ledger_dot_v1_dot_ledger__pb2.ExtendLeaseResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -347,6 +352,20 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExtendLease(self, request, context):
+        """Grows, shrinks and renews a credit lease: a hold on a slice of an org's available credit
+        kept by a holder (metering) that admits requests against it locally. A new lease_id opens
+        a lease. Usage items naming the lease consume its hold first. The ledger shrinks or
+        revokes a lease itself (LEASE_CHANGED in the outbox) when the org turns READ_ONLY or its
+        available credit goes below zero (refund, grant expiry, adjustment). Idempotent on
+        request_id (a replay answers the lease as it is now).
+        Errors: ACCOUNT_READ_ONLY (when asked to grow), RESERVATION_EXPIRED (the lease ended, by
+        its ttl or revoked: open a new one), INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -464,6 +483,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.StreamEvents,
                     request_deserializer=tally_dot_ledger_dot_v1_dot_ledger__pb2.StreamEventsRequest.FromString,
                     response_serializer=tally_dot_ledger_dot_v1_dot_ledger__pb2.StreamEventsResponse.SerializeToString,
+            ),
+            'ExtendLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExtendLease,
+                    request_deserializer=tally_dot_ledger_dot_v1_dot_ledger__pb2.ExtendLeaseRequest.FromString,
+                    response_serializer=tally_dot_ledger_dot_v1_dot_ledger__pb2.ExtendLeaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1088,6 +1112,33 @@ class LedgerService:
             '/tally.ledger.v1.LedgerService/StreamEvents',
             tally_dot_ledger_dot_v1_dot_ledger__pb2.StreamEventsRequest.SerializeToString,
             tally_dot_ledger_dot_v1_dot_ledger__pb2.StreamEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExtendLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.ledger.v1.LedgerService/ExtendLease',
+            tally_dot_ledger_dot_v1_dot_ledger__pb2.ExtendLeaseRequest.SerializeToString,
+            tally_dot_ledger_dot_v1_dot_ledger__pb2.ExtendLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

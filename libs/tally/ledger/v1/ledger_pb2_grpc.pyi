@@ -141,6 +141,16 @@ class LedgerServiceStub:
     dedupe on event_id. Ends with OK at the stream lifetime cap; reconnect with the last
     sequence processed.
     """
+    ExtendLease: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ExtendLeaseRequest, _ledger_pb2.ExtendLeaseResponse]
+    """Grows, shrinks and renews a credit lease: a hold on a slice of an org's available credit
+    kept by a holder (metering) that admits requests against it locally. A new lease_id opens
+    a lease. Usage items naming the lease consume its hold first. The ledger shrinks or
+    revokes a lease itself (LEASE_CHANGED in the outbox) when the org turns READ_ONLY or its
+    available credit goes below zero (refund, grant expiry, adjustment). Idempotent on
+    request_id (a replay answers the lease as it is now).
+    Errors: ACCOUNT_READ_ONLY (when asked to grow), RESERVATION_EXPIRED (the lease ended, by
+    its ttl or revoked: open a new one), INVALID_ARGUMENT.
+    """
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -236,6 +246,16 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     sequence > after_event_sequence, then new events as they commit. At-least-once; consumers
     dedupe on event_id. Ends with OK at the stream lifetime cap; reconnect with the last
     sequence processed.
+    """
+    ExtendLease: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ExtendLeaseRequest, _ledger_pb2.ExtendLeaseResponse]  # type: ignore[assignment]
+    """Grows, shrinks and renews a credit lease: a hold on a slice of an org's available credit
+    kept by a holder (metering) that admits requests against it locally. A new lease_id opens
+    a lease. Usage items naming the lease consume its hold first. The ledger shrinks or
+    revokes a lease itself (LEASE_CHANGED in the outbox) when the org turns READ_ONLY or its
+    available credit goes below zero (refund, grant expiry, adjustment). Idempotent on
+    request_id (a replay answers the lease as it is now).
+    Errors: ACCOUNT_READ_ONLY (when asked to grow), RESERVATION_EXPIRED (the lease ended, by
+    its ttl or revoked: open a new one), INVALID_ARGUMENT.
     """
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -467,6 +487,22 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         sequence > after_event_sequence, then new events as they commit. At-least-once; consumers
         dedupe on event_id. Ends with OK at the stream lifetime cap; reconnect with the last
         sequence processed.
+        """
+
+    @_abc_1.abstractmethod
+    def ExtendLease(
+        self,
+        request: _ledger_pb2.ExtendLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.ExtendLeaseResponse, _abc.Awaitable[_ledger_pb2.ExtendLeaseResponse]]:
+        """Grows, shrinks and renews a credit lease: a hold on a slice of an org's available credit
+        kept by a holder (metering) that admits requests against it locally. A new lease_id opens
+        a lease. Usage items naming the lease consume its hold first. The ledger shrinks or
+        revokes a lease itself (LEASE_CHANGED in the outbox) when the org turns READ_ONLY or its
+        available credit goes below zero (refund, grant expiry, adjustment). Idempotent on
+        request_id (a replay answers the lease as it is now).
+        Errors: ACCOUNT_READ_ONLY (when asked to grow), RESERVATION_EXPIRED (the lease ended, by
+        its ttl or revoked: open a new one), INVALID_ARGUMENT.
         """
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

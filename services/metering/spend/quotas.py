@@ -15,8 +15,8 @@ from typing import Final
 from tally.kit.errors import Reason
 from tally.limits import DAY_US, MINUTE_US, SECOND_US, Limit, Limiter, Window
 
-from . import authorize as az
-from .policies import Quota, QuotaEnforcement, QuotaKind, SpendPolicy
+from ..policies import Quota, QuotaEnforcement, QuotaKind, SpendPolicy
+from . import domain as az
 
 _SHAPE: Final = {  # kind -> (period, window, unit)
     QuotaKind.REQUESTS_PER_SECOND: (SECOND_US, Window.ROLLING, "requests"),

@@ -8,11 +8,14 @@ Order of checks (each later one is only reached if every earlier one passes):
 3. the price of the worst case: estimated input plus max output tokens, and any other
    estimated meters, under the book in force now (UNKNOWN_MODEL, PRICE_NOT_FOUND);
 4. quotas, all counters at once (QUOTA_EXCEEDED with a retry-after);
-5. budgets, counting spent plus reserved plus this estimate under a row lock
-   (BUDGET_EXCEEDED, or DOWNGRADE past a SOFT_DOWNGRADE budget's threshold);
-6. the ledger hold for the estimate (INSUFFICIENT_CREDITS, ACCOUNT_READ_ONLY), and for a
-   THROTTLED org its spend policy's reduced rate (ACCOUNT_THROTTLED; the hold is released).
-   A request that costs nothing makes no hold and so meets no billing state.
+5. budgets, counting spent plus reserved plus this estimate (BUDGET_EXCEEDED, or DOWNGRADE
+   past a SOFT_DOWNGRADE budget's threshold): in one statement while every budget stays
+   within `allow_cap`, else under the budgets' row locks with `judge_budgets`;
+6. the hold for the estimate on the org's credit lease (spend/lease.py), extended from the
+   ledger when it cannot cover it (INSUFFICIENT_CREDITS, ACCOUNT_READ_ONLY on the ledger's
+   answer), and for a THROTTLED org its spend policy's reduced rate (ACCOUNT_THROTTLED; the
+   holds are given back). A request that costs nothing makes no hold and so meets no
+   billing state.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ from datetime import datetime, timedelta
 from typing import Final
 
 from tally.kit.errors import FieldViolation, Reason, invalid_fields
+from tally.kit.money import INT64_MAX
 from tally.rating import Meter, PriceBook, UsageMode, rate_total
 
-from .policies import Budget, BudgetEnforcement, SpendPolicy
+from ..policies import Budget, BudgetEnforcement, SpendPolicy
 
 DEFAULT_TTL: Final = timedelta(seconds=300)
 MAX_TTL: Final = timedelta(seconds=3600)
@@ -67,7 +71,17 @@ class AuthorizeRequest:
     estimated_quantities: tuple[tuple[Meter | None, int], ...] = ()
 
     def fingerprint(self) -> str:
-        """Hash of the request's meaning: the same id with another one is key reuse."""
+        """Hash of the request's meaning: the same id with another one is key reuse. (A
+        repr of plain values, not JSON: this runs on every Authorize.)"""
+        body = (self.org_id, self.model, self.project_id, self.environment, self.user_id,
+                self.api_key_id, sorted(self.labels.items()), self.operation, self.mode.value,
+                self.estimated_input_tokens, self.max_output_tokens, self.upload_bytes,
+                self.context_tokens, self.ttl.total_seconds(), self.region,
+                sorted((m.value if m else "", q) for m, q in self.estimated_quantities))
+        return "v2:" + hashlib.sha256(repr(body).encode()).hexdigest()[:61]
+
+    def legacy_fingerprint(self) -> str:
+        """The fingerprint authorizations were recorded with before v2 (their replays)."""
         body = [self.org_id, self.model, self.project_id, self.environment, self.user_id,
                 self.api_key_id, sorted(self.labels.items()), self.operation, self.mode.value,
                 self.estimated_input_tokens, self.max_output_tokens, self.upload_bytes,
@@ -220,6 +234,19 @@ def judge_budgets(states: Sequence[BudgetState], cost_micros: int) -> BudgetVerd
                 and after * 100 >= budget.limit_micros * budget.downgrade_at_percent):
             downgrade = True
     return BudgetVerdict(True, downgrade)
+
+
+def allow_cap(budget: Budget) -> int:
+    """The most a budget may have spent plus held after a request that it answers with a plain
+    ALLOW (judge_budgets' rule as one bound: Authorize's single statement checks it, and a
+    request past it is decided by judge_budgets under the budget's lock)."""
+    if budget.enforcement is BudgetEnforcement.ALERT_ONLY:
+        return INT64_MAX
+    if budget.enforcement is BudgetEnforcement.SOFT_DOWNGRADE:
+        # after * 100 < limit * percent, in integers
+        below_threshold = -(-budget.limit_micros * budget.downgrade_at_percent // 100) - 1
+        return min(budget.limit_micros, below_threshold)
+    return budget.limit_micros
 
 
 def budget_headroom(states: Sequence[BudgetState], cost_micros: int) -> list[Headroom]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from services.metering import authorize as az
 from services.metering.ingestion.convert import meter_or_none, operation_name
-from services.metering.spend_store import OutboxEvent
+from services.metering.spend import domain as az
+from services.metering.spend.store import OutboxEvent
 from tally.common.v1 import common_pb2
 from tally.kit.protoconv import to_timestamp
 from tally.metering.v1 import metering_pb2 as pb
@@ -19,7 +19,7 @@ def request(message: pb.AuthorizeRequest) -> az.AuthorizeRequest:
     return az.AuthorizeRequest(
         request_id=message.request_id, org_id=ctx.org_id, model=message.model,
         project_id=ctx.project_id, environment=ctx.environment, user_id=ctx.user_id,
-        api_key_id=ctx.api_key_id, labels=dict(ctx.labels),
+        api_key_id=ctx.api_key_id, labels=dict(ctx.labels.items()),  # dict(map): ~20x slower
         operation=operation_name(message.operation),
         mode=UsageMode.BATCH if message.mode == common_pb2.USAGE_MODE_BATCH
         else UsageMode.ONLINE,

@@ -1,20 +1,24 @@
-"""SpendStore: authorizations and the budget holds they place, in Postgres.
+"""SpendStore: authorizations and the holds they place on budgets and on the org's credit
+lease, in Postgres.
 
-An authorization is written PENDING together with its budget holds, in the transaction that
-locked the budgets' usage rows (so spent + reserved + estimate is decided under the lock and
-parallel requests cannot overshoot); it becomes HELD once the ledger holds the credit, or
-DENIED (holds given back) when the ledger refuses. A replay of a PENDING one finishes it
-(the ledger hold is idempotent on its id). Holds leave the budget when the usage event
-captures the reservation (`events_store`) or when the sweeper finds them past their ttl.
+The common case is one statement (`hold`, metering.authorize_holds): replay check, every
+budget up to its plain-ALLOW cap, the lease's free credit, and the authorization inserted
+HELD with its holds, group-committed per org. A budget past its cap is decided under its
+row lock (`decide`: judge_budgets, DOWNGRADE or DENY), the lease locked after it; an answer
+the lease cannot cover is NeedsCredit (nothing recorded). Holds leave the budgets and the
+lease when the usage event captures the reservation (`charge_budgets`, in the ingestion
+transaction) or when the sweeper finds them past their ttl. Authorizations recorded PENDING
+by the previous version are treated like HELD.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from datetime import datetime
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -22,15 +26,7 @@ import asyncpg
 from tally.kit import outbox
 from tally.kit.group_commit import GroupCommit
 
-from .authorize import (
-    Answer,
-    AuthorizeRequest,
-    BudgetState,
-    Decision,
-    Headroom,
-    crossed_thresholds,
-)
-from .policies import (
+from ..policies import (
     Budget,
     BudgetEnforcement,
     BudgetPeriod,
@@ -41,12 +37,69 @@ from .policies import (
     QuotaScope,
     SpendPolicy,
 )
+from .domain import (
+    Answer,
+    AuthorizeRequest,
+    BudgetState,
+    Decision,
+    Headroom,
+    crossed_thresholds,
+)
+from .lease_store import move_leases
 
 Decide = Callable[[list[BudgetState]], Answer]
+# Inserts into the outbox NOTIFY OUTBOX_CHANNEL (a trigger, migration 0004); sealing them
+# NOTIFYs SEALED_CHANNEL (every replica's StreamEvents wake on it).
+OUTBOX_CHANNEL = "metering_outbox"
+SEALED_CHANNEL = "metering_outbox_sealed"
 
 
 class Replayed(Exception):
     """Another call with the same request id got there first."""
+
+
+class NeedsCredit(Exception):
+    """The org's credit lease cannot cover this request now: the ledger must be asked."""
+
+    def __init__(self, needed_micros: int) -> None:
+        super().__init__(f"the credit lease cannot cover {needed_micros} micro-credits")
+        self.needed_micros = needed_micros
+
+
+@dataclass(frozen=True, slots=True)
+class Decided:
+    """A recorded answer and the org's billing state as its lease knew it."""
+
+    answer: Answer
+    billing_state: str = "ACTIVE"
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """One Authorize for the single statement: the plain ALLOW it gets if every budget and
+    the lease take it (its headroom so far: the quotas')."""
+
+    request: AuthorizeRequest
+    request_hash: str
+    answer: Answer
+    budgets: Sequence[tuple[Budget, datetime, int]]  # budget, period start, allow_cap
+
+
+class Outcome(enum.Enum):
+    """What the single statement did with a Hold."""
+
+    HELD = "HELD"  # recorded with its holds: the answer is final
+    REPLAY = "REPLAY"  # the request id is recorded already
+    BUDGET = "BUDGET"  # a budget would not give a plain ALLOW: decide under its lock
+    LEASE = "LEASE"  # the lease cannot cover it: ask the ledger
+
+
+@dataclass(frozen=True, slots=True)
+class HoldResult:
+    """The single statement's answer to one Hold."""
+
+    outcome: Outcome
+    decided: Decided | None = None
 
 
 def answer_to_json(answer: Answer) -> str:
@@ -65,6 +118,19 @@ def answer_from_json(raw: str) -> Answer:
         message=body["message"], price_book_version=body["price_book_version"],
         expires_at=datetime.fromisoformat(body["expires_at"]) if body["expires_at"] else None,
         headroom=tuple(Headroom(**h) for h in body["headroom"]))
+
+
+def answer_of_row(row: Any) -> Answer:
+    """The recorded answer: JSON, or (held by the single statement) its columns."""
+    if row["response"] is not None:
+        return answer_from_json(row["response"])
+    return Answer(
+        Decision(row["decision"]), model=row["model"], reservation_id=row["reservation_id"],
+        reserved_micros=row["reserved_micros"], price_book_version=row["price_book_version"],
+        expires_at=row["expires_at"], headroom=tuple(
+            Headroom(*h) for h in zip(row["headroom_scopes"], row["headroom_units"],
+                                      row["headroom_limits"], row["headroom_remaining"],
+                                      strict=True)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +196,51 @@ class SpendStore:
         self._decisions = GroupCommit("metering.authorize", self._decide_many,
                                       max_size=decisions_per_group,
                                       key=lambda decision: decision.request.org_id)
+        # The common case: concurrent calls of an org decided by one statement (one commit).
+        self._holds = GroupCommit("metering.authorize_hold", self._hold_many,
+                                  max_size=decisions_per_group,
+                                  key=lambda hold: hold.request.org_id)
+
+    async def hold(self, hold: Hold) -> HoldResult:
+        """Records `hold` as a plain ALLOW with its budget and lease holds if they all take
+        it, in one statement shared with the calls of its org queued meanwhile."""
+        return await self._holds.submit(hold)
+
+    async def _hold_many(self, holds: Sequence[Hold]) -> list[HoldResult | Exception]:
+        calls: list[tuple[Any, ...]] = []
+        budgets: list[tuple[Any, ...]] = []
+        quotas: list[tuple[Any, ...]] = []
+        for n, h in enumerate(holds, 1):
+            a = h.answer
+            calls.append((h.request.org_id, h.request.request_id, h.request_hash, a.model,
+                          a.reservation_id, a.reserved_micros, a.price_book_version,
+                          a.expires_at))
+            budgets.extend((n, b.budget_id, start, cap, b.limit_micros)
+                           for b, start, cap in h.budgets)
+            quotas.extend((n, q.scope, q.unit, q.limit, q.remaining) for q in a.headroom)
+        rows = await self.pool.fetch(
+            "SELECT idx, outcome, lease_free, billing_state, budget_left FROM "
+            "metering.authorize_holds($1::text[], $2::text[], $3::text[], $4::text[], "
+            "$5::text[], $6::bigint[], $7::bigint[], $8::timestamptz[], $9::int[], "
+            "$10::text[], $11::timestamptz[], $12::bigint[], $13::bigint[], $14::int[], "
+            "$15::text[], $16::text[], $17::bigint[], $18::bigint[], $19)",
+            *_columns(calls, 8), *_columns(budgets, 5), *_columns(quotas, 5), datetime.now(UTC))
+        results: list[HoldResult | Exception] = []
+        for h, row in zip(holds, rows, strict=True):
+            outcome = Outcome(row["outcome"])
+            if outcome is not Outcome.HELD:
+                results.append(HoldResult(outcome))
+                continue
+            a = h.answer
+            room = list(a.headroom)
+            room.extend(Headroom(f"budget:{b.budget_id}", "micros", b.limit_micros, left)
+                        for (b, _, _), left in zip(h.budgets, row["budget_left"], strict=True))
+            if a.reserved_micros > 0:
+                free = row["lease_free"]
+                room.append(Headroom("balance", "micros", free + a.reserved_micros, free))
+            results.append(HoldResult(outcome, Decided(replace(a, headroom=tuple(room)),
+                                                       row["billing_state"])))
+        return results
 
     async def budgets_of(self, org_id: str) -> list[Budget]:
         """The org's live budgets."""
@@ -154,31 +265,40 @@ class SpendStore:
                             ) -> tuple[str, str, Answer] | None:
         """(request hash, state, answer) of an earlier Authorize with this id, if any."""
         row = await self.pool.fetchrow(
-            "SELECT request_hash, state, response FROM metering.authorizations "
+            "SELECT request_hash, state, response, decision, model, reservation_id, "
+            "reserved_micros, price_book_version, expires_at, headroom_scopes, headroom_units, "
+            "headroom_limits, headroom_remaining FROM metering.authorizations "
             "WHERE org_id = $1 AND request_id = $2", org_id, request_id)
         if row is None:
             return None
-        return row["request_hash"], row["state"], answer_from_json(row["response"])
+        return row["request_hash"], row["state"], answer_of_row(row)
 
     async def decide(self, request: AuthorizeRequest, request_hash: str,
-                     budgets: Sequence[tuple[Budget, datetime]], decide: Decide) -> Answer:
-        """Locks the budgets' usage rows for their periods, lets `decide` answer, and records
-        the answer with its holds (PENDING) or as DENIED — one transaction, shared with the
-        calls that queued up meanwhile (each decided on the holds of the ones before it).
+                     budgets: Sequence[tuple[Budget, datetime]], decide: Decide) -> Decided:
+        """Locks the budgets' usage rows for their periods and the org's credit lease, lets
+        `decide` answer, and records the answer with its holds on both (HELD) or as DENIED —
+        one transaction, shared with the calls that queued up meanwhile (each decided on the
+        holds of the ones before it).
 
-        Raises Replayed if the same request id was recorded meanwhile.
+        Raises Replayed if the same request id was recorded meanwhile, NeedsCredit (nothing
+        recorded) if the answer holds more than the lease has free.
         """
-        if not budgets:  # nothing to lock: one statement
-            return await self._record_without_budgets(request, request_hash, decide([]))
+        if not budgets and decide([]).decision is Decision.DENY:  # nothing to lock
+            return Decided(await self._record_without_budgets(request, request_hash,
+                                                              decide([])))
         return await self._decisions.submit(_Decision(request, request_hash, budgets, decide))
 
-    async def _decide_many(self, decisions: Sequence[_Decision]) -> list[Answer | Exception]:
+    async def _decide_many(self, decisions: Sequence[_Decision]) -> list[Decided | Exception]:
         keys = sorted({(b.budget_id, start) for x in decisions for b, start in x.budgets})
         for _ in range(2):
             async with self.pool.acquire() as conn, conn.transaction():
                 locked = await lock_existing_usage(conn, keys)
                 if len(locked) == len(keys):
-                    return await self._record_many(conn, decisions, locked)
+                    lease = await conn.fetchrow(
+                        "SELECT granted_micros - returned_micros - charged_micros - held_micros "
+                        "AS free, billing_state, expires_at FROM metering.credit_leases "
+                        "WHERE org_id = $1 FOR UPDATE", decisions[0].request.org_id)
+                    return await self._record_many(conn, decisions, locked, lease)
             # A period's first request: create its usage rows outside any lock, then retry
             # (creating them while holding others' locks could deadlock with another creator).
             await create_usage_rows(self.pool, keys)
@@ -186,8 +306,8 @@ class SpendStore:
 
     @staticmethod
     async def _record_many(conn: Any, decisions: Sequence[_Decision],
-                           locked: dict[UsageKey, tuple[int, int]]
-                           ) -> list[Answer | Exception]:
+                           locked: dict[UsageKey, tuple[int, int]], lease: Any
+                           ) -> list[Decided | Exception]:
         """Decides each in order, on the locked usage plus the holds of the ones before it,
         and records them. One whose id is recorded already (before the locks, or earlier in
         the group) is Replayed, undecided. A copy's transaction holds the same budget locks,
@@ -196,7 +316,14 @@ class SpendStore:
         kept; counted for the ones after it, they may have refused one for nothing, never
         admitted one too many."""
         usage = dict(locked)
-        answers: list[Answer | Exception] = []
+        # the org's credit lease (all of a group are one org's): what is free, if usable
+        now = datetime.now(UTC)
+        usable = (lease is not None and lease["billing_state"] != "READ_ONLY"
+                  and lease["expires_at"] > now)
+        free = lease["free"] if usable else 0
+        billing_state = lease["billing_state"] if lease is not None else "ACTIVE"
+        leased = 0
+        answers: list[Decided | Exception] = []
         rows: list[tuple[Any, ...]] = []
         holds: list[list[tuple[UsageKey, int]]] = []
         # copies of a call recorded before these locks were granted: their holds are in the
@@ -221,6 +348,15 @@ class SpendStore:
             except Exception as refused:  # this call's answer, not the group's
                 answers.append(refused)
                 continue
+            cost = answer.reserved_micros if answer.decision is not Decision.DENY else 0
+            if cost > 0:
+                if cost > free:
+                    answers.append(NeedsCredit(cost))
+                    continue
+                free -= cost
+                leased += cost
+                answer = replace(answer, headroom=(
+                    *answer.headroom, Headroom("balance", "micros", free + cost, free)))
             seen.add(ident)
             held = _holds(answer, states)
             for key, amount in held:
@@ -228,17 +364,24 @@ class SpendStore:
                 usage[key] = (spent, reserved + amount)
             holds.append(held)
             rows.append(_authorization_row(request, x.request_hash, answer, held))
-            answers.append(answer)
+            answers.append(Decided(answer, billing_state))
         if not rows:
             return answers
         inserted = {(r[0], r[1]) for r in await conn.fetch(
             "INSERT INTO metering.authorizations (org_id, request_id, request_hash, decision, "
-            "reservation_id, reserved_micros, budget_holds, state, expires_at, response) "
-            "SELECT o, q, h, d, r, m, b::jsonb, s, e, a::jsonb FROM unnest($1::text[], "
+            "reservation_id, reserved_micros, budget_holds, state, expires_at, response, "
+            "lease_held_micros) SELECT o, q, h, d, r, m, b::jsonb, s, e, a::jsonb, "
+            "CASE WHEN s = 'HELD' THEN m ELSE 0 END FROM unnest($1::text[], "
             "$2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[], "
             "$8::text[], $9::timestamptz[], $10::text[]) AS k(o, q, h, d, r, m, b, s, e, a) "
             "ON CONFLICT DO NOTHING RETURNING org_id, request_id",
             *(list(column) for column in zip(*rows, strict=True)))}
+        # the lease holds what was inserted (a copy recorded meanwhile holds its own)
+        leased -= sum(row[5] for row in rows if row[7] == "HELD" and (row[0], row[1])
+                      not in inserted)
+        if leased:
+            await conn.execute("UPDATE metering.credit_leases SET held_micros = held_micros + $2 "
+                               "WHERE org_id = $1", decisions[0].request.org_id, leased)
         added: dict[UsageKey, int] = {}
         for row, held in zip(rows, holds, strict=True):
             if (row[0], row[1]) in inserted:
@@ -252,7 +395,7 @@ class SpendStore:
                 "WHERE u.budget_id = k.id AND u.period_start = k.start",
                 [k[0] for k in ordered], [k[1] for k in ordered], [added[k] for k in ordered])
         return [Replayed(x.request.request_id)
-                if isinstance(a, Answer) and (x.request.org_id, x.request.request_id)
+                if isinstance(a, Decided) and (x.request.org_id, x.request.request_id)
                 not in inserted else a for a, x in zip(answers, decisions, strict=True)]
 
     async def _record_without_budgets(self, request: AuthorizeRequest, request_hash: str,
@@ -267,31 +410,23 @@ class SpendStore:
             raise Replayed(request.request_id)
         return answer
 
-    async def confirm(self, org_id: str, request_id: str, answer: Answer) -> None:
-        """The ledger holds the credit: PENDING becomes HELD with the final answer."""
-        await self.confirm_many([(org_id, request_id, answer)])
-
-    async def confirm_many(self, held: Sequence[tuple[str, str, Answer]]) -> None:
-        """`confirm` for many authorizations in one statement."""
-        await self.pool.execute(
-            "UPDATE metering.authorizations a SET state = 'HELD', response = k.response::jsonb "
-            "FROM unnest($1::text[], $2::text[], $3::text[]) AS k(org_id, request_id, response) "
-            "WHERE a.org_id = k.org_id AND a.request_id = k.request_id AND a.state = 'PENDING'",
-            [h[0] for h in held], [h[1] for h in held], [answer_to_json(h[2]) for h in held])
-
     async def refuse(self, org_id: str, request_id: str, answer: Answer) -> None:
-        """The ledger refused: the budget holds are given back and the DENY is recorded."""
+        """A held authorization turned out refused (a THROTTLED org past its rate): its holds
+        on budgets and on the lease are given back and the DENY is recorded."""
         async with self.pool.acquire() as conn, conn.transaction():
-            holds = await conn.fetchval(
+            rows = await conn.fetch(
                 "UPDATE metering.authorizations SET state = 'DENIED', decision = 'DENY', "
-                "response = $3 WHERE org_id = $1 AND request_id = $2 AND state = 'PENDING' "
-                "RETURNING budget_holds", org_id, request_id, answer_to_json(answer))
-            if holds:
-                await give_back(conn, [json.loads(holds)])
+                "response = $3 WHERE org_id = $1 AND request_id = $2 "
+                "AND state IN ('PENDING', 'HELD') "
+                "RETURNING org_id, budget_holds, lease_held_micros", org_id, request_id,
+                answer_to_json(answer))
+            if rows:
+                await give_back(conn, [json.loads(r["budget_holds"]) for r in rows])
+                await move_leases(conn, {}, _lease_holds(rows))
 
     async def seal_outbox(self) -> int:
         """Gives sequences to the outbox rows that can be delivered (kit.outbox.seal)."""
-        return await outbox.seal(self.pool, "metering.outbox")
+        return await outbox.seal(self.pool, "metering.outbox", announce=SEALED_CHANNEL)
 
     async def outbox_after(self, sequence: int, types: Sequence[str], limit: int = 1000
                            ) -> list[OutboxEvent]:
@@ -311,12 +446,19 @@ class SpendStore:
                 "UPDATE metering.authorizations SET state = 'RELEASED' WHERE (org_id, request_id) "
                 "IN (SELECT org_id, request_id FROM metering.authorizations WHERE state IN "
                 "('HELD', 'PENDING') AND expires_at < $1 ORDER BY expires_at LIMIT $2 "
-                "FOR UPDATE SKIP LOCKED) RETURNING budget_holds", now, limit)
+                "FOR UPDATE SKIP LOCKED) RETURNING org_id, budget_holds, lease_held_micros",
+                now, limit)
             await give_back(conn, [json.loads(r["budget_holds"]) for r in rows])
+            await move_leases(conn, {}, _lease_holds(rows))
             return len(rows)
 
 
 UsageKey = tuple[str, datetime]
+
+
+def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows as `width` column lists (unnest's arguments)."""
+    return [[r[i] for r in rows] for i in range(width)]
 
 
 def _holds(answer: Answer, states: Sequence[BudgetState]) -> list[tuple[UsageKey, int]]:
@@ -328,13 +470,12 @@ def _holds(answer: Answer, states: Sequence[BudgetState]) -> list[tuple[UsageKey
 
 def _authorization_row(request: AuthorizeRequest, request_hash: str, answer: Answer,
                        held: Sequence[tuple[UsageKey, int]]) -> tuple[Any, ...]:
-    """The metering.authorizations values of an answer holding `held` on budgets: PENDING
-    until the ledger holds its credit too."""
-    holding = answer.decision is not Decision.DENY and answer.reserved_micros > 0
+    """The metering.authorizations values of an answer holding `held` on budgets (and, if it
+    holds anything, as much on the org's credit lease)."""
     return (request.org_id, request.request_id, request_hash, answer.decision.value,
             answer.reservation_id, answer.reserved_micros,
             json.dumps([[key[0], key[1].isoformat(), amount] for key, amount in held]),
-            "PENDING" if holding else "DENIED" if answer.decision is Decision.DENY else "HELD",
+            "DENIED" if answer.decision is Decision.DENY else "HELD",
             answer.expires_at, answer_to_json(answer))
 
 
@@ -416,18 +557,42 @@ class Charge:
     reservation_id: str = ""
 
 
-async def charge_budgets(conn: Any, charges: Sequence[Charge], now: datetime) -> int:
-    """Inside the ingestion transaction: captured authorizations give their holds back, the
-    usage is added to every budget it counts against, and each alarm threshold crossed is
-    recorded once per budget and period (and put in the outbox). Returns alarms fired."""
+async def charge_budgets(conn: Any, charges: Sequence[Charge], now: datetime) -> dict[str, str]:
+    """Inside the ingestion transaction: captured authorizations give their holds back (on
+    budgets and on the org's credit lease), the usage is added to every budget it counts
+    against and charged to the org's lease, and each alarm threshold crossed is recorded once
+    per budget and period (and put in the outbox). Returns the lease id of each org that has
+    one: its ledger items name it (the ledger pays them from the lease's hold)."""
     captured = sorted({c.reservation_id for c in charges if c.reservation_id})
     freed: dict[UsageKey, int] = {}
+    lease_freed: dict[str, int] = {}
     if captured:
         rows = await conn.fetch(
             "UPDATE metering.authorizations SET state = 'CAPTURED' "
             "WHERE reservation_id = ANY($1::text[]) AND state IN ('HELD', 'PENDING') "
-            "RETURNING budget_holds", captured)
+            "RETURNING org_id, budget_holds, lease_held_micros", captured)
         freed = holds_by_key([json.loads(r["budget_holds"]) for r in rows])
+        lease_freed = _lease_holds(rows)
+    lease_charged: dict[str, int] = {}
+    for c in charges:
+        lease_charged[c.org_id] = lease_charged.get(c.org_id, 0) + c.cost_micros
+    await _charge_budgets(conn, charges, freed, now)
+    # after the budgets' rows: the one lock order (budgets, then leases)
+    return await move_leases(conn, lease_charged, lease_freed)
+
+
+def _lease_holds(rows: Sequence[Any]) -> dict[str, int]:
+    """Sums authorizations' lease holds per org."""
+    freed: dict[str, int] = {}
+    for r in rows:
+        if r["lease_held_micros"]:
+            freed[r["org_id"]] = freed.get(r["org_id"], 0) + r["lease_held_micros"]
+    return freed
+
+
+async def _charge_budgets(conn: Any, charges: Sequence[Charge], freed: dict[UsageKey, int],
+                          now: datetime) -> int:
+    """charge_budgets' budget half. Returns alarms fired."""
     orgs = sorted({c.org_id for c in charges})
     budgets = [budget_from_row(r) for r in await conn.fetch(
         "SELECT * FROM metering.budgets WHERE org_id = ANY($1::text[]) AND deleted_at IS NULL",

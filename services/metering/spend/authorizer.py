@@ -1,5 +1,11 @@
-"""Authorizer: runs the checks of `authorize.py` against the store, the price books, the
-quota limiter and the ledger, in the order documented there.
+"""Authorizer: runs the checks of `domain.py` against the store, the price books, the
+quota limiter and the org's credit lease, in the order documented there.
+
+The common case is one statement in metering's database (SpendStore.hold: replay check,
+budgets, lease, the authorization with its holds; group-committed per org). A budget that
+asks for more than a plain ALLOW (downgrade, deny) is decided under its lock
+(SpendStore.decide), and only a request the lease cannot cover waits for the ledger (the
+lease manager extends the lease, or the ledger's answer is the DENY).
 
 Every answer is recorded under the request id, so a replay gets the same decision and the
 same reservation, whatever happened in between; a different payload under the same id is
@@ -9,11 +15,10 @@ budget or the ledger then refuses still counted against its rate limits (like an
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Protocol
 
 from opentelemetry import trace
@@ -22,30 +27,16 @@ from tally.kit.errors import Reason, TallyError, invalid
 from tally.kit.log import get_logger
 from tally.rating import PriceBook, RatingError
 
-from . import authorize as az
-from .ingestion.committer import PriceBooks
-from .policies import Budget, Quota, SpendPolicy
-from .spend_store import Decide, Replayed, SpendStore
+from ..ingestion.committer import PriceBooks
+from ..policies import Budget, Quota, SpendPolicy
+from . import domain as az
+from .lease import LeaseFigures
+from .store import Decide, Decided, Hold, NeedsCredit, Outcome, Replayed, SpendStore
 
 log = get_logger("metering.authorizer")
 _tracer = trace.get_tracer("tally.metering.authorizer")
 
 _LEDGER_REFUSALS = {Reason.INSUFFICIENT_CREDITS, Reason.ACCOUNT_READ_ONLY}
-
-
-class ReservingLedger(Protocol):
-    """The ledger as Authorize needs it (the gRPC client implements it)."""
-
-    async def reserve(self, reservation_id: str, org_id: str, amount_micros: int,
-                      ttl: timedelta) -> tuple[int, str]:
-        """Holds credit (idempotent on reservation_id); returns available after the hold and
-        the org's billing state (ACTIVE, THROTTLED).
-        Raises TallyError: INSUFFICIENT_CREDITS, ACCOUNT_READ_ONLY, UNAVAILABLE, ..."""
-        ...
-
-    async def release(self, reservation_id: str, org_id: str, reason: str) -> None:
-        """Frees a hold (idempotent)."""
-        ...
 
 
 class PolicySource(Protocol):
@@ -84,33 +75,44 @@ def reservation_id_for(org_id: str, request_id: str) -> str:
     return f"authz-{digest}"
 
 
+class Credit(Protocol):
+    """The org's credit lease as Authorize needs it (spend.lease_manager.LeaseManager)."""
+
+    async def ensure(self, org_id: str, needed_micros: int) -> tuple[LeaseFigures, int]:
+        """Extends the lease in the ledger so `needed_micros` fits; (the lease after, what the
+        ledger added). Raises TallyError: ACCOUNT_READ_ONLY, UNAVAILABLE..."""
+        ...
+
+    def held(self, org_id: str, micros: int, free_micros: int) -> None:
+        """A request now holds `micros` of the lease, which has `free_micros` left."""
+        ...
+
+
+_MAX_EXTENSIONS = 4  # a request waits for at most this many lease extensions
+
+
 class Authorizer:
     """May this request run, on which model, at what worst-case cost?"""
 
     def __init__(self, store: SpendStore, policies: PolicySource, books: PriceBooks,
-                 ledger: ReservingLedger, quotas: QuotaGate,
+                 credit: Credit, quotas: QuotaGate,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.store = store
         self.policies = policies
         self.books = books
-        self.ledger = ledger
+        self.credit = credit
         self.quotas = quotas
         self.clock = clock
-        self._confirms: list[tuple[str, str, az.Answer]] = []
-        self._confirming: asyncio.Task[None] | None = None
 
     async def authorize(self, request: az.AuthorizeRequest) -> az.Answer:
         """The decision for `request`; the same one again for a replay of its id."""
         az.validate(request)
         fingerprint = request.fingerprint()
-        earlier = await self.store.authorization(request.org_id, request.request_id)
-        if earlier is not None:
-            return await self._replay(request, fingerprint, *earlier)
         now = self.clock()
         policy = await self.policies.policy_for(request.org_id)
         refused = az.check_policy(policy, request)
         if refused is not None:
-            return await self._record(request, fingerprint, [], lambda _: refused)
+            return await self._record(request, fingerprint, refused)
         with _tracer.start_as_current_span("metering.price_book") as span:
             book = self.books.history.book_at(now)  # the local copy pricing keeps current
             first = self._estimate(book, request, request.model)
@@ -118,36 +120,101 @@ class Authorizer:
         quotas = await self.policies.quotas_for(request.org_id)
         denied, headroom = await self.quotas.admit(request, quotas, policy)
         if denied is not None:
-            return await self._record(request, fingerprint, [], lambda _: denied)
+            return await self._record(request, fingerprint, denied)
         budgets = await self._budgets_in_force(request, now)
+        plain = az.Answer(
+            az.Decision.ALLOW, model=first.model,
+            reservation_id=(reservation_id_for(request.org_id, request.request_id)
+                            if first.cost_micros else ""),
+            reserved_micros=first.cost_micros, price_book_version=first.price_book_version,
+            expires_at=now + request.ttl, headroom=tuple(headroom))
+        hold = Hold(request, fingerprint, plain,
+                    [(b, start, az.allow_cap(b)) for b, start in budgets])
 
         def decide(states: list[az.BudgetState]) -> az.Answer:
             return self._decide(request, book, first, states, now, headroom)
 
-        return await self._record(request, fingerprint, budgets, decide, then_hold=policy)
+        for _ in range(_MAX_EXTENSIONS + 1):
+            try:
+                decided = await self._decide_once(hold, budgets, decide)
+            except Replayed:
+                return await self._replay(request, fingerprint)
+            except NeedsCredit as short:
+                refusal = await self._more_credit(request, short.needed_micros, plain)
+                if refusal is not None:
+                    return await self._record(request, fingerprint, refusal)
+                continue
+            return await self._settle(request, decided, policy)
+        raise TallyError(Reason.UNAVAILABLE, "the credit lease is contended: retry the request")
 
-    async def _replay(self, request: az.AuthorizeRequest, fingerprint: str, stored_hash: str,
-                      state: str, answer: az.Answer) -> az.Answer:
-        if stored_hash != fingerprint:
+    async def _decide_once(self, hold: Hold, budgets: Sequence[tuple[Budget, datetime]],
+                           decide: Decide) -> Decided:
+        """The single statement; the budgets' locking path when a budget asks for more than
+        a plain ALLOW. Raises Replayed, NeedsCredit."""
+        result = await self.store.hold(hold)
+        if result.outcome is Outcome.HELD:
+            assert result.decided is not None
+            return result.decided
+        if result.outcome is Outcome.REPLAY:
+            raise Replayed(hold.request.request_id)
+        if result.outcome is Outcome.LEASE:
+            raise NeedsCredit(hold.answer.reserved_micros)
+        return await self.store.decide(hold.request, hold.request_hash, budgets, decide)
+
+    async def _more_credit(self, request: az.AuthorizeRequest, needed: int,
+                           plain: az.Answer) -> az.Answer | None:
+        """Extends the org's lease for `needed`: None to try again, or the refusal when the
+        ledger cannot (INSUFFICIENT_CREDITS, ACCOUNT_READ_ONLY)."""
+        try:
+            lease, added = await self.credit.ensure(request.org_id, needed)
+        except TallyError as exc:
+            if exc.reason not in _LEDGER_REFUSALS:
+                raise  # UNAVAILABLE etc.: the client retries the same request id
+            return az.deny(exc.reason, exc.message, version=plain.price_book_version,
+                           headroom=plain.headroom)
+        if lease.free_micros >= needed or added > 0:
+            return None
+        return az.deny(Reason.INSUFFICIENT_CREDITS,
+                       f"amount_micros: {needed} micro-credits needed, "
+                       f"{max(lease.free_micros, 0)} available",
+                       version=plain.price_book_version, headroom=plain.headroom)
+
+    async def _settle(self, request: az.AuthorizeRequest, decided: Decided,
+                      policy: SpendPolicy) -> az.Answer:
+        """A recorded answer: a THROTTLED org past its reduced rate gives its holds back."""
+        answer = decided.answer
+        if answer.decision is az.Decision.DENY or not answer.reserved_micros:
+            return answer
+        if decided.billing_state == "THROTTLED":
+            throttled = await self.quotas.throttle(request.org_id, policy)
+            if throttled is not None:
+                refused = replace(throttled, price_book_version=answer.price_book_version,
+                                  headroom=answer.headroom)
+                await self.store.refuse(request.org_id, request.request_id, refused)
+                return refused
+        balance = next((h for h in reversed(answer.headroom) if h.scope == "balance"), None)
+        self.credit.held(request.org_id, answer.reserved_micros,
+                         balance.remaining if balance is not None else 0)
+        return answer
+
+    async def _replay(self, request: az.AuthorizeRequest, fingerprint: str) -> az.Answer:
+        earlier = await self.store.authorization(request.org_id, request.request_id)
+        assert earlier is not None  # recorded, and nothing deletes authorizations
+        stored_hash, _, answer = earlier
+        if stored_hash != fingerprint and stored_hash != request.legacy_fingerprint():
             raise TallyError(Reason.IDEMPOTENCY_KEY_REUSED,
                              f"request_id: {request.request_id!r} was used for another request",
                              field="request_id")
-        if state == "PENDING":  # the first call stopped between the budget and the ledger
-            return await self._hold(request, answer, None)
         return answer
 
     async def _record(self, request: az.AuthorizeRequest, fingerprint: str,
-                      budgets: Sequence[tuple[Budget, datetime]], decide: Decide, *,
-                      then_hold: SpendPolicy | None = None) -> az.Answer:
-        """Records the decision; with `then_hold`, makes its ledger hold. A call recorded
-        first by a concurrent copy answers as that copy's replay (which holds, if needed)."""
+                      refused: az.Answer) -> az.Answer:
+        """Records a DENY decided before any hold (or answers the earlier call's replay)."""
         try:
-            answer = await self.store.decide(request, fingerprint, budgets, decide)
+            decided = await self.store.decide(request, fingerprint, [], lambda _: refused)
         except Replayed:
-            earlier = await self.store.authorization(request.org_id, request.request_id)
-            assert earlier is not None
-            return await self._replay(request, fingerprint, *earlier)
-        return answer if then_hold is None else await self._hold(request, answer, then_hold)
+            return await self._replay(request, fingerprint)
+        return decided.answer
 
     @staticmethod
     def _estimate(book: PriceBook, request: az.AuthorizeRequest, model: str) -> az.Estimate:
@@ -195,57 +262,3 @@ class Authorizer:
             message=("budget past its downgrade threshold: use the cheaper model"
                      if decision is az.Decision.DOWNGRADE else ""),
             headroom=(*headroom, *az.budget_headroom(states, chosen.cost_micros)))
-
-    async def _hold(self, request: az.AuthorizeRequest, answer: az.Answer,
-                    policy: SpendPolicy | None) -> az.Answer:
-        """Makes the ledger hold of an ALLOW/DOWNGRADE; a refusal, or a THROTTLED org past its
-        reduced rate, turns it into a DENY (and gives the holds back)."""
-        if answer.decision is az.Decision.DENY or not answer.reservation_id:
-            return answer
-        try:
-            available, billing_state = await self.ledger.reserve(
-                answer.reservation_id, request.org_id, answer.reserved_micros, request.ttl)
-        except TallyError as exc:
-            if exc.reason not in _LEDGER_REFUSALS:
-                raise  # UNAVAILABLE etc.: the client retries the same request id
-            refused = az.deny(exc.reason, exc.message, version=answer.price_book_version,
-                              headroom=answer.headroom)
-            await self.store.refuse(request.org_id, request.request_id, refused)
-            return refused
-        if billing_state == "THROTTLED":
-            policy = policy or await self.policies.policy_for(request.org_id)
-            throttled = await self.quotas.throttle(request.org_id, policy)
-            if throttled is not None:
-                await self.ledger.release(answer.reservation_id, request.org_id,
-                                          "org throttled past its reduced rate")
-                refused = replace(throttled, price_book_version=answer.price_book_version,
-                                  headroom=answer.headroom)
-                await self.store.refuse(request.org_id, request.request_id, refused)
-                return refused
-        held = replace(answer, headroom=(
-            *answer.headroom,
-            az.Headroom("balance", "micros", available + answer.reserved_micros, available)))
-        self._confirm_later(request.org_id, request.request_id, held)
-        return held
-
-    def _confirm_later(self, org_id: str, request_id: str, held: az.Answer) -> None:
-        """Marks the authorization HELD off the request's path, many per statement. Losing
-        it is harmless: a PENDING authorization's replay makes the same (idempotent) ledger
-        hold again, and the sweeper and captures treat PENDING like HELD."""
-        self._confirms.append((org_id, request_id, held))
-        if self._confirming is None or self._confirming.done():
-            self._confirming = asyncio.create_task(self._flush_confirms(), name="confirm-holds")
-
-    async def _flush_confirms(self) -> None:
-        while self._confirms:
-            batch, self._confirms = self._confirms, []
-            try:
-                await self.store.confirm_many(batch)
-            except Exception as exc:  # see _confirm_later: they stay PENDING
-                log.warning("confirm_holds_failed", count=len(batch), error=repr(exc))
-
-    async def drain(self) -> None:
-        """Waits for the confirmations still queued (at shutdown)."""
-        if self._confirming is not None:
-            await self._confirming
-
