@@ -131,6 +131,8 @@ POLICY: Final[Mapping[str, Rule]] = {
     _LEDGER + "GetReservation": _rule(READ | {GATEWAY}, _ORG),
     _LEDGER + "PostUsageBatch": _rule(frozenset({INTERNAL}), "items[].org_id",
                                         "org_debits[].org_id", _CTX),
+    # credit leases are held by metering for the orgs it authorizes: services only
+    _LEDGER + "ExtendLease": _rule(frozenset({INTERNAL}), _CTX, _ORG),
     _LEDGER + "GetBalance": _rule(READ | {GATEWAY}, _ORG),
     _LEDGER + "SetBillingState": _rule(frozenset({FINANCE, OPERATOR, INTERNAL}), _CTX, _ORG),
     _LEDGER + "GetTransfer": _rule(READ, _ORG),
