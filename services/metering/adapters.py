@@ -102,13 +102,24 @@ class GrpcLeasingLedger:
     async def extend_lease(self, request_id: str, lease_id: str, org_id: str, holder: str,
                            add_micros: int, return_micros: int, ttl: timedelta,
                            in_flight_micros: int) -> LedgerLease:
-        """ExtendLease; the ledger's refusal arrives as its TallyError."""
-        async with _translated():
-            reply = await self.stub.ExtendLease(ledger_pb2.ExtendLeaseRequest(
-                request_id=request_id, lease_id=lease_id, org_id=org_id, holder=holder,
-                add_micros=add_micros, return_micros=return_micros,
-                ttl_seconds=int(ttl.total_seconds()), in_flight_micros=in_flight_micros),
-                timeout=self.timeout_s)
+        """ExtendLease; the ledger's refusal arrives as its TallyError. An org the ledger has
+        no account for has no credit: INSUFFICIENT_CREDITS, which Authorize answers as a DENY
+        (not an INVALID_ARGUMENT error naming org_id)."""
+        try:
+            async with _translated():
+                reply = await self.stub.ExtendLease(ledger_pb2.ExtendLeaseRequest(
+                    request_id=request_id, lease_id=lease_id, org_id=org_id, holder=holder,
+                    add_micros=add_micros, return_micros=return_micros,
+                    ttl_seconds=int(ttl.total_seconds()), in_flight_micros=in_flight_micros),
+                    # a ledger that is (re)starting is waited for, within the deadline, rather
+                    # than refused while the channel is between reconnect attempts
+                    timeout=self.timeout_s, wait_for_ready=True)
+        except TallyError as exc:
+            if exc.reason is Reason.INVALID_ARGUMENT and exc.field == "org_id":
+                raise TallyError(Reason.INSUFFICIENT_CREDITS,
+                                 f"org {org_id!r} has no credit account in the ledger",
+                                 metadata={"org_id": org_id}) from exc
+            raise
         return _lease(reply.lease, reply.added_micros, reply.available_micros,
                       _state(reply.billing_state))
 
