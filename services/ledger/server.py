@@ -14,8 +14,13 @@ import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+import grpc
+
 from services.ledger import domain as d
 from services.ledger import usage_work
+from services.ledger.billing.service import Billing
+from services.ledger.billing.servicer import BillingServicer
+from services.ledger.billing.store import BillingStore
 from services.ledger.payments.catalog import PricingCatalog
 from services.ledger.payments.local_provider import LocalProvider
 from services.ledger.payments.local_store import PostgresPayments
@@ -46,10 +51,11 @@ from tally.kit.group_commit import GroupCommit
 from tally.kit.log import get_logger
 from tally.kit.readiness import postgres_probe
 from tally.kit.server import ServiceApp, run_service
-from tally.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from tally.ledger.v1 import billing_pb2, billing_pb2_grpc, ledger_pb2, ledger_pb2_grpc
 from tally.pricing.v1 import pricing_pb2_grpc
 
 SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
+BILLING_SERVICE_NAME = billing_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name
 SWEEP_INTERVAL_S = 1.0  # how late an expired hold or grant may be noticed
 OUTBOX_SEAL_INTERVAL_S = 0.1  # how late an outbox event may become visible to consumers
 REFUND_RETRY_INTERVAL_S = 30.0  # how often the money of an unconfirmed refund is asked again
@@ -182,11 +188,12 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
         # replica is paid on another's page)
         provider.keep_state_in(PostgresPayments(pool))
     pricing_channel = peer_channel(config.address_of("pricing"))
+    billing_store = BillingStore(store)
     payment_store = PaymentStore(store,
                                  failures_to_throttle=settings.top_up_failures_to_throttle)
     payments = Payments(payment_store, provider,
                         PricingCatalog(pricing_pb2_grpc.PricingServiceStub(pricing_channel)),
-                        webhook_secrets)
+                        webhook_secrets, profiles=billing_store)
     endpoint = WebhookEndpoint(payments, config.host, settings.webhook_port)
     top_up = TopUpWorker(payments, payment_store, store,
                          poll_s=settings.top_up_poll_ms / 1000)
@@ -233,14 +240,18 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
     gc.freeze()
     return ServiceApp(
         name="ledger",
-        service_names=[SERVICE_NAME],
-        register=lambda server: ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
-            servicer, server),
+        service_names=[SERVICE_NAME, BILLING_SERVICE_NAME],
+        register=functools.partial(_register, servicer, BillingServicer(Billing(billing_store))),
         on_start=[start_background],
         on_stop=[close],
         shutting_down=shutting_down,
         readiness_probes=[postgres_probe(pool)],
     )
+
+
+def _register(ledger: LedgerServicer, billing: BillingServicer, server: grpc.aio.Server) -> None:
+    ledger_pb2_grpc.add_LedgerServiceServicer_to_server(ledger, server)
+    billing_pb2_grpc.add_BillingServiceServicer_to_server(billing, server)
 
 
 def payment_provider(config: KitConfig, settings: LedgerConfig,

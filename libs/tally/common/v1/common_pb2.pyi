@@ -228,6 +228,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_INTERNAL: _ErrorReason.ValueType  # 27
     """An unexpected server fault; nothing was half-written. INTERNAL."""
+    ERROR_REASON_BILLING_PROFILE_INCOMPLETE: _ErrorReason.ValueType  # 28
+    """The org requires a complete billing profile to buy, and its profile lacks the fields in
+    metadata missing_fields. FAILED_PRECONDITION.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Stable reasons for domain errors. On the wire google.rpc.ErrorInfo.reason carries the bare
@@ -297,6 +301,10 @@ UNAVAILABLE.
 """
 ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 27
 """An unexpected server fault; nothing was half-written. INTERNAL."""
+ERROR_REASON_BILLING_PROFILE_INCOMPLETE: ErrorReason.ValueType  # 28
+"""The org requires a complete billing profile to buy, and its profile lacks the fields in
+metadata missing_fields. FAILED_PRECONDITION.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final

@@ -1,0 +1,37 @@
+"""Billing protos <-> billing domain (the vocabulary of BillingServicer)."""
+
+from __future__ import annotations
+
+from services.ledger.billing import domain as b
+from tally.kit.protoconv import to_timestamp
+from tally.ledger.v1 import billing_pb2 as pb
+
+
+def profile_in(message: pb.BillingProfile) -> b.BillingProfile:
+    a = message.address
+    return b.normalized(b.BillingProfile(
+        message.org_id, message.legal_name,
+        b.Address(a.line1, a.line2, a.city, a.postal_code, a.region), message.country,
+        message.tax_id, message.invoice_email, message.currency))
+
+
+def profile_out(profile: b.BillingProfile) -> pb.BillingProfile:
+    a = profile.address
+    return pb.BillingProfile(
+        org_id=profile.org_id, legal_name=profile.legal_name,
+        address=pb.BillingAddress(line1=a.line1, line2=a.line2, city=a.city,
+                                  postal_code=a.postal_code, region=a.region),
+        country=profile.country, tax_id=profile.tax_id, invoice_email=profile.invoice_email,
+        currency=profile.currency, updated_at=to_timestamp(profile.updated_at),
+        updated_by=profile.updated_by, missing_fields=b.missing_fields(profile))
+
+
+def settings_in(message: pb.BillingSettings) -> b.BillingSettings:
+    return b.BillingSettings(message.org_id, message.profile_required)
+
+
+def settings_out(settings: b.BillingSettings) -> pb.BillingSettings:
+    return pb.BillingSettings(org_id=settings.org_id,
+                              profile_required=settings.profile_required,
+                              updated_at=to_timestamp(settings.updated_at),
+                              updated_by=settings.updated_by)

@@ -1,0 +1,53 @@
+"""BillingService over gRPC: proto in, domain call, proto out — nothing else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from services.ledger import convert
+from services.ledger.billing import convert as bill_convert
+from services.ledger.billing.service import Billing
+from services.ledger.servicer import _actor
+from tally.ledger.v1 import billing_pb2 as pb
+from tally.ledger.v1 import billing_pb2_grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
+    """Translates BillingService calls to Billing operations."""
+
+    def __init__(self, billing: Billing) -> None:
+        self.billing = billing
+
+    async def SetBillingProfile(self, request: pb.SetBillingProfileRequest, context: Context
+                                ) -> pb.SetBillingProfileResponse:
+        profile = await self.billing.set_profile(
+            request.request_id, bill_convert.profile_in(request.profile),
+            convert.caller(request.context, _actor()))
+        return pb.SetBillingProfileResponse(profile=bill_convert.profile_out(profile))
+
+    async def GetBillingProfile(self, request: pb.GetBillingProfileRequest, context: Context
+                                ) -> pb.GetBillingProfileResponse:
+        profile = await self.billing.store.get_profile(request.org_id)
+        return pb.GetBillingProfileResponse(profile=bill_convert.profile_out(profile))
+
+    async def DeleteBillingProfile(self, request: pb.DeleteBillingProfileRequest,
+                                   context: Context) -> pb.DeleteBillingProfileResponse:
+        await self.billing.delete_profile(request.request_id, request.org_id,
+                                          convert.caller(request.context, _actor()))
+        return pb.DeleteBillingProfileResponse()
+
+    async def SetBillingSettings(self, request: pb.SetBillingSettingsRequest, context: Context
+                                 ) -> pb.SetBillingSettingsResponse:
+        settings = await self.billing.set_settings(
+            request.request_id, bill_convert.settings_in(request.settings),
+            convert.caller(request.context, _actor()))
+        return pb.SetBillingSettingsResponse(settings=bill_convert.settings_out(settings))
+
+    async def GetBillingSettings(self, request: pb.GetBillingSettingsRequest, context: Context
+                                 ) -> pb.GetBillingSettingsResponse:
+        settings = await self.billing.store.get_settings(request.org_id)
+        return pb.GetBillingSettingsResponse(settings=bill_convert.settings_out(settings))
