@@ -18,9 +18,11 @@ import grpc
 
 from services.ledger import domain as d
 from services.ledger import usage_work
+from services.ledger.billing.domain import COUNTRIES
 from services.ledger.billing.service import Billing
 from services.ledger.billing.servicer import BillingServicer
-from services.ledger.billing.store import BillingStore
+from services.ledger.billing.store import DEFAULT_ISSUER, BillingStore
+from services.ledger.billing.tax import Issuer
 from services.ledger.payments.catalog import PricingCatalog
 from services.ledger.payments.local_provider import LocalProvider
 from services.ledger.payments.local_store import PostgresPayments
@@ -87,6 +89,14 @@ def parse_secrets(raw: str) -> tuple[str, ...]:
     return values
 
 
+def parse_country(raw: str) -> str:
+    """An ISO 3166-1 alpha-2 country code."""
+    code = raw.strip().upper()
+    if code not in COUNTRIES:
+        raise ValueError("not an ISO 3166-1 alpha-2 country code")
+    return code
+
+
 @dataclass(frozen=True, slots=True)
 class LedgerConfig:
     """Payments and top-up settings of the ledger (TALLY_LEDGER_*)."""
@@ -144,6 +154,18 @@ class LedgerConfig:
         "TALLY_LEDGER_USAGE_GROUP_MAX_ITEMS", parse_positive_int,
         "usage items > 0 that concurrent PostUsageBatch calls may share a transaction with",
         default=20_000)
+    issuer_name: str = setting("TALLY_LEDGER_ISSUER_NAME", str,
+                               "the legal name invoices are issued in",
+                               default=DEFAULT_ISSUER.legal_name)
+    issuer_country: str = setting("TALLY_LEDGER_ISSUER_COUNTRY", parse_country,
+                                  "the issuer's ISO 3166-1 alpha-2 country, e.g. DE",
+                                  default=DEFAULT_ISSUER.country)
+    issuer_tax_id: str = setting("TALLY_LEDGER_ISSUER_TAX_ID", str,
+                                 "the issuer's tax id (VAT number)",
+                                 default=DEFAULT_ISSUER.tax_id)
+    issuer_address: str = setting("TALLY_LEDGER_ISSUER_ADDRESS", str,
+                                  "the issuer's postal address, one line",
+                                  default=DEFAULT_ISSUER.address)
     usage_committers: int = setting(
         "TALLY_LEDGER_USAGE_COMMITTERS", parse_positive_int,
         "usage group commits > 0 in flight at once per caller identity", default=1)
@@ -188,12 +210,14 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
         # replica is paid on another's page)
         provider.keep_state_in(PostgresPayments(pool))
     pricing_channel = peer_channel(config.address_of("pricing"))
-    billing_store = BillingStore(store)
+    billing_store = BillingStore(store, Issuer(settings.issuer_name, settings.issuer_country,
+                                               settings.issuer_tax_id, settings.issuer_address))
     payment_store = PaymentStore(store,
                                  failures_to_throttle=settings.top_up_failures_to_throttle)
     payments = Payments(payment_store, provider,
                         PricingCatalog(pricing_pb2_grpc.PricingServiceStub(pricing_channel)),
                         webhook_secrets, profiles=billing_store)
+    payment_store.on_order_created = billing_store.record_tax
     endpoint = WebhookEndpoint(payments, config.host, settings.webhook_port)
     top_up = TopUpWorker(payments, payment_store, store,
                          poll_s=settings.top_up_poll_ms / 1000)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from services.ledger.billing import domain as b
-from tally.kit.protoconv import to_timestamp
+from services.ledger.billing import tax
+from tally.kit.protoconv import enum_out, from_timestamp, to_timestamp
 from tally.ledger.v1 import billing_pb2 as pb
 
 
@@ -35,3 +38,23 @@ def settings_out(settings: b.BillingSettings) -> pb.BillingSettings:
                               profile_required=settings.profile_required,
                               updated_at=to_timestamp(settings.updated_at),
                               updated_by=settings.updated_by)
+
+
+def tax_out(order_id: str, t: tax.TaxSnapshot) -> pb.TaxSnapshot:
+    return pb.TaxSnapshot(
+        payment_order_id=order_id, rule=enum_out(pb.TaxRule, "TAX_RULE_", t.rule),
+        jurisdiction=t.jurisdiction, rate_ppm=t.rate_ppm,
+        rate_table_version=t.rate_table_version, gross_minor=t.gross_minor,
+        tax_minor=t.tax_minor, net_minor=t.net_minor, currency=t.currency,
+        issuer_country=t.issuer_country, issuer_tax_id=t.issuer_tax_id,
+        customer_country=t.customer_country, customer_tax_id=t.customer_tax_id,
+        legal_text=t.legal_text)
+
+
+def table_out(table: tax.TaxRateTable) -> pb.TaxRateTable:
+    return pb.TaxRateTable(version=table.version, rates_ppm=table.rates_ppm,
+                           effective_from=to_timestamp(table.effective_from))
+
+
+def effective_from(message: pb.TaxRateTable) -> datetime | None:
+    return from_timestamp(message, "effective_from")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from services.ledger import domain as d
 from services.ledger.billing import domain as b
+from services.ledger.billing import tax
 from services.ledger.billing.store import BillingStore
 
 
@@ -32,3 +35,11 @@ class Billing:
         d.raise_if([d.check_id("request_id", request_id),
                     d.check_id("settings.org_id", settings.org_id)])
         return await self.store.set_settings(request_id, settings, caller)
+
+    async def publish_rates(self, request_id: str, rates_ppm: dict[str, int],
+                            effective_from: datetime | None, caller: d.Caller
+                            ) -> tax.TaxRateTable:
+        """Validates and publishes a new version of the tax rates."""
+        d.raise_if([d.check_id("request_id", request_id)])
+        tax.validate_rates(rates_ppm)
+        return await self.store.publish_rates(request_id, rates_ppm, effective_from, caller)

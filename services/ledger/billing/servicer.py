@@ -51,3 +51,21 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
                                  ) -> pb.GetBillingSettingsResponse:
         settings = await self.billing.store.get_settings(request.org_id)
         return pb.GetBillingSettingsResponse(settings=bill_convert.settings_out(settings))
+
+    async def GetTaxSnapshot(self, request: pb.GetTaxSnapshotRequest, context: Context
+                             ) -> pb.GetTaxSnapshotResponse:
+        taken = await self.billing.store.tax_of(request.org_id, request.payment_order_id)
+        return pb.GetTaxSnapshotResponse(
+            tax=bill_convert.tax_out(request.payment_order_id, taken))
+
+    async def PublishTaxRates(self, request: pb.PublishTaxRatesRequest, context: Context
+                              ) -> pb.PublishTaxRatesResponse:
+        table = await self.billing.publish_rates(
+            request.request_id, dict(request.table.rates_ppm),
+            bill_convert.effective_from(request.table), convert.caller(request.context, _actor()))
+        return pb.PublishTaxRatesResponse(table=bill_convert.table_out(table))
+
+    async def GetTaxRates(self, request: pb.GetTaxRatesRequest, context: Context
+                          ) -> pb.GetTaxRatesResponse:
+        table = await self.billing.store.rate_table(request.version)
+        return pb.GetTaxRatesResponse(table=bill_convert.table_out(table))

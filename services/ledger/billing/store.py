@@ -3,10 +3,14 @@ clock and idempotency keys (every write is idempotent on its request id)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Final
 
 from services.ledger import domain as d
 from services.ledger.billing import domain as b
+from services.ledger.billing import tax
+from services.ledger.payments import domain as p
 from services.ledger.store import LedgerStore, Work
 from tally.kit.errors import Reason, TallyError
 
@@ -28,12 +32,18 @@ def _no_profile(org_id: str) -> TallyError:
                       field="org_id")
 
 
+DEFAULT_ISSUER: Final = tax.Issuer("Tally (development)", "DE", "DE123456789",
+                                   "Invalidenstraße 1, 10115 Berlin, Germany")
+"""The issuer when the ledger's settings name none (development)."""
+
+
 class BillingStore:
     """Persistence of billing profiles and settings."""
 
-    def __init__(self, ledger: LedgerStore) -> None:
+    def __init__(self, ledger: LedgerStore, issuer: tax.Issuer | None = None) -> None:
         self.ledger = ledger
         self.pool = ledger.pool
+        self.issuer = issuer or DEFAULT_ISSUER
 
     async def set_profile(self, request_id: str, profile: b.BillingProfile, caller: d.Caller
                           ) -> b.BillingProfile:
@@ -125,3 +135,100 @@ class BillingStore:
             settings = await self.settings_in(conn, org_id)
             if settings.profile_required:
                 b.check_complete(settings, await self._profile(conn, org_id))
+
+    # -- tax -------------------------------------------------------------------------------
+
+    @staticmethod
+    async def rate_table_in(conn: Connection, at: datetime) -> tax.TaxRateTable:
+        """The rate table in force at `at` (the newest version effective by then)."""
+        row = await conn.fetchrow(
+            "SELECT version, rates_ppm, effective_from FROM ledger.tax_rate_tables "
+            "WHERE effective_from <= $1 ORDER BY version DESC LIMIT 1", at)
+        if row is None:
+            return tax.TaxRateTable(0, {})
+        return tax.TaxRateTable(row["version"], dict(json.loads(row["rates_ppm"])),
+                                row["effective_from"])
+
+    async def rate_table(self, version: int = 0) -> tax.TaxRateTable:
+        """One version of the rates (the one in force now when `version` is 0)."""
+        async with self.pool.acquire() as conn:
+            if version == 0:
+                return await self.rate_table_in(conn, self.ledger.clock())
+            row = await conn.fetchrow(
+                "SELECT version, rates_ppm, effective_from FROM ledger.tax_rate_tables "
+                "WHERE version = $1", version)
+        if row is None:
+            raise TallyError(Reason.NOT_FOUND, f"version: no tax rate table {version}",
+                             field="version")
+        return tax.TaxRateTable(row["version"], dict(json.loads(row["rates_ppm"])),
+                                row["effective_from"])
+
+    async def publish_rates(self, request_id: str, rates_ppm: dict[str, int],
+                            effective_from: datetime | None, caller: d.Caller
+                            ) -> tax.TaxRateTable:
+        """A new version of the rates, effective now or later (never in the past: orders
+        already made keep the rates they were made with). Idempotent on `request_id`."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            work = Work(conn, self.ledger.clock(), caller)
+            start = effective_from or work.now
+            if start < work.now - PUBLISH_SLACK:
+                raise TallyError(Reason.INVALID_ARGUMENT,
+                                 "effective_from: rates never change retroactively",
+                                 field="effective_from")
+            await conn.execute("LOCK TABLE ledger.tax_rate_tables IN EXCLUSIVE MODE")
+            if await work.claim(f"tax-rates:{request_id}",
+                                d.fingerprint(sorted(rates_ppm.items()), effective_from)):
+                version = await conn.fetchval(
+                    "INSERT INTO ledger.tax_rate_tables (version, effective_from, rates_ppm, "
+                    "created_at, created_by, request_id) SELECT coalesce(max(version), 0) + 1, "
+                    "$1, $2, $3, $4, $5 FROM ledger.tax_rate_tables RETURNING version",
+                    start, json.dumps(rates_ppm), work.now, caller.actor, request_id)
+            else:
+                version = await conn.fetchval(
+                    "SELECT version FROM ledger.tax_rate_tables WHERE request_id = $1",
+                    request_id)
+            row = await conn.fetchrow("SELECT * FROM ledger.tax_rate_tables WHERE version = $1",
+                                      version)
+            assert row is not None
+            return tax.TaxRateTable(row["version"], dict(json.loads(row["rates_ppm"])),
+                                    row["effective_from"])
+
+    async def record_tax(self, conn: Connection, order: p.PaymentOrder) -> None:
+        """Stores the tax snapshot of a new order, in the transaction that creates it: from
+        the org's profile and the rates in force as they are now, never recomputed."""
+        customer = await self._profile(conn, order.org_id)
+        table = await self.rate_table_in(conn, order.created_at)
+        taken = tax.snapshot(self.issuer, customer, table, order.amount_minor, order.currency)
+        await conn.execute(
+            "INSERT INTO ledger.payment_order_taxes (payment_order_id, org_id, rule, "
+            "jurisdiction, rate_ppm, rate_table_version, gross_minor, tax_minor, net_minor, "
+            "currency, issuer_country, issuer_tax_id, customer_country, customer_tax_id, "
+            "legal_text, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, "
+            "$12, $13, $14, $15, $16)",
+            order.payment_order_id, order.org_id, taken.rule.value, taken.jurisdiction,
+            taken.rate_ppm, taken.rate_table_version, taken.gross_minor, taken.tax_minor,
+            taken.net_minor, taken.currency, taken.issuer_country, taken.issuer_tax_id,
+            taken.customer_country, taken.customer_tax_id, taken.legal_text, order.created_at)
+
+    async def tax_of(self, org_id: str, order_id: str) -> tax.TaxSnapshot:
+        """The tax snapshot of an org's order (NOT_FOUND for another org's order)."""
+        d.raise_if([d.check_id("org_id", org_id), d.check_id("payment_order_id", order_id)])
+        row = await self.pool.fetchrow(
+            "SELECT * FROM ledger.payment_order_taxes WHERE payment_order_id = $1 "
+            "AND org_id = $2", order_id, org_id)
+        if row is None:
+            raise TallyError(Reason.NOT_FOUND,
+                             f"payment_order_id: no order {order_id!r} of org {org_id!r}",
+                             field="payment_order_id")
+        return _snapshot(row)
+
+
+PUBLISH_SLACK: Final = timedelta(minutes=5)
+"""How far in the past a new table's start may be (clock skew of the publisher)."""
+
+
+def _snapshot(r: Row) -> tax.TaxSnapshot:
+    return tax.TaxSnapshot(
+        tax.TaxRule(r["rule"]), r["jurisdiction"], r["rate_ppm"], r["rate_table_version"],
+        r["gross_minor"], r["tax_minor"], r["net_minor"], r["currency"], r["issuer_country"],
+        r["issuer_tax_id"], r["customer_country"], r["customer_tax_id"], r["legal_text"])

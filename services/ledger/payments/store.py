@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = get_logger("ledger.payments")
 
 MANUAL_PROVIDER: Final = "manual"
+OrderHook = Callable[["Connection", p.PaymentOrder], Awaitable[None]]
 TOP_UP_CURSOR: Final = "auto-top-up"
 
 _ORDER_COLUMNS: Final = (
@@ -86,6 +87,8 @@ class PaymentStore:
         self.ledger = ledger
         self.pool = ledger.pool
         self.failures_to_throttle = failures_to_throttle
+        # what else a new order writes in its own transaction (its tax snapshot)
+        self.on_order_created: OrderHook | None = None
 
     def _clock(self) -> datetime:
         return self.ledger.clock()
@@ -100,6 +103,8 @@ class PaymentStore:
             if not await work.claim(f"payment-order:{order.payment_order_id}", request_hash):
                 return await self._get(conn, order.payment_order_id)
             await self._insert(conn, order)
+            if self.on_order_created is not None:
+                await self.on_order_created(conn, order)
             await self._history(conn, order, order.created_by, "created", "")
             return order
 
@@ -598,6 +603,8 @@ class PaymentStore:
                 package_id=offer.package_id, price_book_version=offer.price_book_version,
                 billing_profile_id=config.billing_profile_id)
             await self._insert(conn, order)
+            if self.on_order_created is not None:
+                await self.on_order_created(conn, order)
             await self._history(conn, order, caller.actor,
                                 f"available {available} below threshold "
                                 f"{config.threshold_micros}", caller.trace_id)

@@ -26,39 +26,61 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tally.common.v1 import common_pb2 as tally_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtally/ledger/v1/billing.proto\x12\x0ftally.ledger.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ctally/common/v1/common.proto\"a\n\x0e\x42illingAddress\x12\r\n\x05line1\x18\x01 \x01(\t\x12\r\n\x05line2\x18\x02 \x01(\t\x12\x0c\n\x04\x63ity\x18\x03 \x01(\t\x12\x13\n\x0bpostal_code\x18\x04 \x01(\t\x12\x0e\n\x06region\x18\x05 \x01(\t\"\x8c\x02\n\x0e\x42illingProfile\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x12\n\nlegal_name\x18\x02 \x01(\t\x12\x30\n\x07\x61\x64\x64ress\x18\x03 \x01(\x0b\x32\x1f.tally.ledger.v1.BillingAddress\x12\x0f\n\x07\x63ountry\x18\x04 \x01(\t\x12\x0e\n\x06tax_id\x18\x05 \x01(\t\x12\x15\n\rinvoice_email\x18\x06 \x01(\t\x12\x10\n\x08\x63urrency\x18\x07 \x01(\t\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nupdated_by\x18\t \x01(\t\x12\x16\n\x0emissing_fields\x18\n \x03(\t\"\x7f\n\x0f\x42illingSettings\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x18\n\x10profile_required\x18\x02 \x01(\x08\x12.\n\nupdated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nupdated_by\x18\x04 \x01(\t\"\x92\x01\n\x18SetBillingProfileRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x1f.tally.common.v1.RequestContext\x12\x30\n\x07profile\x18\x03 \x01(\x0b\x32\x1f.tally.ledger.v1.BillingProfile\"M\n\x19SetBillingProfileResponse\x12\x30\n\x07profile\x18\x01 \x01(\x0b\x32\x1f.tally.ledger.v1.BillingProfile\"*\n\x18GetBillingProfileRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\"M\n\x19GetBillingProfileResponse\x12\x30\n\x07profile\x18\x01 \x01(\x0b\x32\x1f.tally.ledger.v1.BillingProfile\"s\n\x1b\x44\x65leteBillingProfileRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x1f.tally.common.v1.RequestContext\x12\x0e\n\x06org_id\x18\x03 \x01(\t\"\x1e\n\x1c\x44\x65leteBillingProfileResponse\"\x95\x01\n\x19SetBillingSettingsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x1f.tally.common.v1.RequestContext\x12\x32\n\x08settings\x18\x03 \x01(\x0b\x32 .tally.ledger.v1.BillingSettings\"P\n\x1aSetBillingSettingsResponse\x12\x32\n\x08settings\x18\x01 \x01(\x0b\x32 .tally.ledger.v1.BillingSettings\"+\n\x19GetBillingSettingsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\"P\n\x1aGetBillingSettingsResponse\x12\x32\n\x08settings\x18\x01 \x01(\x0b\x32 .tally.ledger.v1.BillingSettings2\xbb\x04\n\x0e\x42illingService\x12j\n\x11SetBillingProfile\x12).tally.ledger.v1.SetBillingProfileRequest\x1a*.tally.ledger.v1.SetBillingProfileResponse\x12j\n\x11GetBillingProfile\x12).tally.ledger.v1.GetBillingProfileRequest\x1a*.tally.ledger.v1.GetBillingProfileResponse\x12s\n\x14\x44\x65leteBillingProfile\x12,.tally.ledger.v1.DeleteBillingProfileRequest\x1a-.tally.ledger.v1.DeleteBillingProfileResponse\x12m\n\x12SetBillingSettings\x12*.tally.ledger.v1.SetBillingSettingsRequest\x1a+.tally.ledger.v1.SetBillingSettingsResponse\x12m\n\x12GetBillingSettings\x12*.tally.ledger.v1.GetBillingSettingsRequest\x1a+.tally.ledger.v1.GetBillingSettingsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtally/ledger/v1/billing.proto\x12\x0ftally.ledger.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ctally/common/v1/common.proto\"\xd6\x02\n\x0bTaxSnapshot\x12\x18\n\x10payment_order_id\x18\x01 \x01(\t\x12&\n\x04rule\x18\x02 \x01(\x0e\x32\x18.tally.ledger.v1.TaxRule\x12\x14\n\x0cjurisdiction\x18\x03 \x01(\t\x12\x10\n\x08rate_ppm\x18\x04 \x01(\x05\x12\x1a\n\x12rate_table_version\x18\x05 \x01(\x05\x12\x13\n\x0bgross_minor\x18\x06 \x01(\x03\x12\x11\n\ttax_minor\x18\x07 \x01(\x03\x12\x11\n\tnet_minor\x18\x08 \x01(\x03\x12\x10\n\x08\x63urrency\x18\t \x01(\t\x12\x16\n\x0eissuer_country\x18\n \x01(\t\x12\x15\n\rissuer_tax_id\x18\x0b \x01(\t\x12\x18\n\x10\x63ustomer_country\x18\x0c \x01(\t\x12\x17\n\x0f\x63ustomer_tax_id\x18\r \x01(\t\x12\x12\n\nlegal_text\x18\x0e \x01(\t\"\xc4\x01\n\x0cTaxRateTable\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12>\n\trates_ppm\x18\x02 \x03(\x0b\x32+.tally.ledger.v1.TaxRateTable.RatesPpmEntry\x12\x32\n\x0e\x65\x66\x66\x65\x63tive_from\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a/\n\rRatesPpmEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"A\n\x15GetTaxSnapshotRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x18\n\x10payment_order_id\x18\x02 \x01(\t\"C\n\x16GetTaxSnapshotResponse\x12)\n\x03tax\x18\x01 \x01(\x0b\x32\x1c.tally.ledger.v1.TaxSnapshot\"\x8c\x01\n\x16PublishTaxRatesRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x1f.tally.common.v1.RequestContext\x12,\n\x05table\x18\x03 \x01(\x0b\x32\x1d.tally.ledger.v1.TaxRateTable\"G\n\x17PublishTaxRatesResponse\x12,\n\x05table\x18\x01 \x01(\x0b\x32\x1d.tally.ledger.v1.TaxRateTable\"%\n\x12GetTaxRatesRequest\x12\x0f\n\x07version\x18\x01 \x01(\x05\"C\n\x13GetTaxRatesResponse\x12,\n\x05table\x18\x01 \x01(\x0b\x32\x1d.tally.ledger.v1.TaxRateTable\"a\n\x0e\x42illingAddress\x12\r\n\x05line1\x18\x01 \x01(\t\x12\r\n\x05line2\x18\x02 \x01(\t\x12\x0c\n\x04\x63ity\x18\x03 \x01(\t\x12\x13\n\x0bpostal_code\x18\x04 \x01(\t\x12\x0e\n\x06region\x18\x05 \x01(\t\"\x8c\x02\n\x0e\x42illingProfile\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x12\n\nlegal_name\x18\x02 \x01(\t\x12\x30\n\x07\x61\x64\x64ress\x18\x03 \x01(\x0b\x32\x1f.tally.ledger.v1.BillingAddress\x12\x0f\n\x07\x63ountry\x18\x04 \x01(\t\x12\x0e\n\x06tax_id\x18\x05 \x01(\t\x12\x15\n\rinvoice_email\x18\x06 \x01(\t\x12\x10\n\x08\x63urrency\x18\x07 \x01(\t\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nupdated_by\x18\t \x01(\t\x12\x16\n\x0emissing_fields\x18\n \x03(\t\"\x7f\n\x0f\x42illingSettings\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x18\n\x10profile_required\x18\x02 \x01(\x08\x12.\n\nupdated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nupdated_by\x18\x04 \x01(\t\"\x92\x01\n\x18SetBillingProfileRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x1f.tally.common.v1.RequestContext\x12\x30\n\x07profile\x18\x03 \x01(\x0b\x32\x1f.tally.ledger.v1.BillingProfile\"M\n\x19SetBillingProfileResponse\x12\x30\n\x07profile\x18\x01 \x01(\x0b\x32\x1f.tally.ledger.v1.BillingProfile\"*\n\x18GetBillingProfileRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\"M\n\x19GetBillingProfileResponse\x12\x30\n\x07profile\x18\x01 \x01(\x0b\x32\x1f.tally.ledger.v1.BillingProfile\"s\n\x1b\x44\x65leteBillingProfileRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x1f.tally.common.v1.RequestContext\x12\x0e\n\x06org_id\x18\x03 \x01(\t\"\x1e\n\x1c\x44\x65leteBillingProfileResponse\"\x95\x01\n\x19SetBillingSettingsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x1f.tally.common.v1.RequestContext\x12\x32\n\x08settings\x18\x03 \x01(\x0b\x32 .tally.ledger.v1.BillingSettings\"P\n\x1aSetBillingSettingsResponse\x12\x32\n\x08settings\x18\x01 \x01(\x0b\x32 .tally.ledger.v1.BillingSettings\"+\n\x19GetBillingSettingsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\"P\n\x1aGetBillingSettingsResponse\x12\x32\n\x08settings\x18\x01 \x01(\x0b\x32 .tally.ledger.v1.BillingSettings*\x9c\x01\n\x07TaxRule\x12\x18\n\x14TAX_RULE_UNSPECIFIED\x10\x00\x12\x15\n\x11TAX_RULE_DOMESTIC\x10\x01\x12\x1b\n\x17TAX_RULE_REVERSE_CHARGE\x10\x02\x12\x13\n\x0fTAX_RULE_EU_OSS\x10\x03\x12\x19\n\x15TAX_RULE_US_SALES_TAX\x10\x04\x12\x13\n\x0fTAX_RULE_EXPORT\x10\x05\x32\xde\x06\n\x0e\x42illingService\x12j\n\x11SetBillingProfile\x12).tally.ledger.v1.SetBillingProfileRequest\x1a*.tally.ledger.v1.SetBillingProfileResponse\x12j\n\x11GetBillingProfile\x12).tally.ledger.v1.GetBillingProfileRequest\x1a*.tally.ledger.v1.GetBillingProfileResponse\x12s\n\x14\x44\x65leteBillingProfile\x12,.tally.ledger.v1.DeleteBillingProfileRequest\x1a-.tally.ledger.v1.DeleteBillingProfileResponse\x12m\n\x12SetBillingSettings\x12*.tally.ledger.v1.SetBillingSettingsRequest\x1a+.tally.ledger.v1.SetBillingSettingsResponse\x12m\n\x12GetBillingSettings\x12*.tally.ledger.v1.GetBillingSettingsRequest\x1a+.tally.ledger.v1.GetBillingSettingsResponse\x12\x61\n\x0eGetTaxSnapshot\x12&.tally.ledger.v1.GetTaxSnapshotRequest\x1a\'.tally.ledger.v1.GetTaxSnapshotResponse\x12\x64\n\x0fPublishTaxRates\x12\'.tally.ledger.v1.PublishTaxRatesRequest\x1a(.tally.ledger.v1.PublishTaxRatesResponse\x12X\n\x0bGetTaxRates\x12#.tally.ledger.v1.GetTaxRatesRequest\x1a$.tally.ledger.v1.GetTaxRatesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tally.ledger.v1.billing_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BILLINGADDRESS']._serialized_start=113
-  _globals['_BILLINGADDRESS']._serialized_end=210
-  _globals['_BILLINGPROFILE']._serialized_start=213
-  _globals['_BILLINGPROFILE']._serialized_end=481
-  _globals['_BILLINGSETTINGS']._serialized_start=483
-  _globals['_BILLINGSETTINGS']._serialized_end=610
-  _globals['_SETBILLINGPROFILEREQUEST']._serialized_start=613
-  _globals['_SETBILLINGPROFILEREQUEST']._serialized_end=759
-  _globals['_SETBILLINGPROFILERESPONSE']._serialized_start=761
-  _globals['_SETBILLINGPROFILERESPONSE']._serialized_end=838
-  _globals['_GETBILLINGPROFILEREQUEST']._serialized_start=840
-  _globals['_GETBILLINGPROFILEREQUEST']._serialized_end=882
-  _globals['_GETBILLINGPROFILERESPONSE']._serialized_start=884
-  _globals['_GETBILLINGPROFILERESPONSE']._serialized_end=961
-  _globals['_DELETEBILLINGPROFILEREQUEST']._serialized_start=963
-  _globals['_DELETEBILLINGPROFILEREQUEST']._serialized_end=1078
-  _globals['_DELETEBILLINGPROFILERESPONSE']._serialized_start=1080
-  _globals['_DELETEBILLINGPROFILERESPONSE']._serialized_end=1110
-  _globals['_SETBILLINGSETTINGSREQUEST']._serialized_start=1113
-  _globals['_SETBILLINGSETTINGSREQUEST']._serialized_end=1262
-  _globals['_SETBILLINGSETTINGSRESPONSE']._serialized_start=1264
-  _globals['_SETBILLINGSETTINGSRESPONSE']._serialized_end=1344
-  _globals['_GETBILLINGSETTINGSREQUEST']._serialized_start=1346
-  _globals['_GETBILLINGSETTINGSREQUEST']._serialized_end=1389
-  _globals['_GETBILLINGSETTINGSRESPONSE']._serialized_start=1391
-  _globals['_GETBILLINGSETTINGSRESPONSE']._serialized_end=1471
-  _globals['_BILLINGSERVICE']._serialized_start=1474
-  _globals['_BILLINGSERVICE']._serialized_end=2045
+  _globals['_TAXRATETABLE_RATESPPMENTRY']._loaded_options = None
+  _globals['_TAXRATETABLE_RATESPPMENTRY']._serialized_options = b'8\001'
+  _globals['_TAXRULE']._serialized_start=2478
+  _globals['_TAXRULE']._serialized_end=2634
+  _globals['_TAXSNAPSHOT']._serialized_start=114
+  _globals['_TAXSNAPSHOT']._serialized_end=456
+  _globals['_TAXRATETABLE']._serialized_start=459
+  _globals['_TAXRATETABLE']._serialized_end=655
+  _globals['_TAXRATETABLE_RATESPPMENTRY']._serialized_start=608
+  _globals['_TAXRATETABLE_RATESPPMENTRY']._serialized_end=655
+  _globals['_GETTAXSNAPSHOTREQUEST']._serialized_start=657
+  _globals['_GETTAXSNAPSHOTREQUEST']._serialized_end=722
+  _globals['_GETTAXSNAPSHOTRESPONSE']._serialized_start=724
+  _globals['_GETTAXSNAPSHOTRESPONSE']._serialized_end=791
+  _globals['_PUBLISHTAXRATESREQUEST']._serialized_start=794
+  _globals['_PUBLISHTAXRATESREQUEST']._serialized_end=934
+  _globals['_PUBLISHTAXRATESRESPONSE']._serialized_start=936
+  _globals['_PUBLISHTAXRATESRESPONSE']._serialized_end=1007
+  _globals['_GETTAXRATESREQUEST']._serialized_start=1009
+  _globals['_GETTAXRATESREQUEST']._serialized_end=1046
+  _globals['_GETTAXRATESRESPONSE']._serialized_start=1048
+  _globals['_GETTAXRATESRESPONSE']._serialized_end=1115
+  _globals['_BILLINGADDRESS']._serialized_start=1117
+  _globals['_BILLINGADDRESS']._serialized_end=1214
+  _globals['_BILLINGPROFILE']._serialized_start=1217
+  _globals['_BILLINGPROFILE']._serialized_end=1485
+  _globals['_BILLINGSETTINGS']._serialized_start=1487
+  _globals['_BILLINGSETTINGS']._serialized_end=1614
+  _globals['_SETBILLINGPROFILEREQUEST']._serialized_start=1617
+  _globals['_SETBILLINGPROFILEREQUEST']._serialized_end=1763
+  _globals['_SETBILLINGPROFILERESPONSE']._serialized_start=1765
+  _globals['_SETBILLINGPROFILERESPONSE']._serialized_end=1842
+  _globals['_GETBILLINGPROFILEREQUEST']._serialized_start=1844
+  _globals['_GETBILLINGPROFILEREQUEST']._serialized_end=1886
+  _globals['_GETBILLINGPROFILERESPONSE']._serialized_start=1888
+  _globals['_GETBILLINGPROFILERESPONSE']._serialized_end=1965
+  _globals['_DELETEBILLINGPROFILEREQUEST']._serialized_start=1967
+  _globals['_DELETEBILLINGPROFILEREQUEST']._serialized_end=2082
+  _globals['_DELETEBILLINGPROFILERESPONSE']._serialized_start=2084
+  _globals['_DELETEBILLINGPROFILERESPONSE']._serialized_end=2114
+  _globals['_SETBILLINGSETTINGSREQUEST']._serialized_start=2117
+  _globals['_SETBILLINGSETTINGSREQUEST']._serialized_end=2266
+  _globals['_SETBILLINGSETTINGSRESPONSE']._serialized_start=2268
+  _globals['_SETBILLINGSETTINGSRESPONSE']._serialized_end=2348
+  _globals['_GETBILLINGSETTINGSREQUEST']._serialized_start=2350
+  _globals['_GETBILLINGSETTINGSREQUEST']._serialized_end=2393
+  _globals['_GETBILLINGSETTINGSRESPONSE']._serialized_start=2395
+  _globals['_GETBILLINGSETTINGSRESPONSE']._serialized_end=2475
+  _globals['_BILLINGSERVICE']._serialized_start=2637
+  _globals['_BILLINGSERVICE']._serialized_end=3499
 # @@protoc_insertion_point(module_scope)

@@ -10,6 +10,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from tally.common.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -21,6 +22,326 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _TaxRule:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TaxRuleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaxRule.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TAX_RULE_UNSPECIFIED: _TaxRule.ValueType  # 0
+    """Not set; never sent."""
+    TAX_RULE_DOMESTIC: _TaxRule.ValueType  # 1
+    """Customer in the issuer's country (or without a profile): the issuer's country rate."""
+    TAX_RULE_REVERSE_CHARGE: _TaxRule.ValueType  # 2
+    """EU business in another member state with a valid VAT number: 0 %, recipient owes VAT."""
+    TAX_RULE_EU_OSS: _TaxRule.ValueType  # 3
+    """EU consumer in another member state: the customer's country rate (one-stop shop)."""
+    TAX_RULE_US_SALES_TAX: _TaxRule.ValueType  # 4
+    """US customer whose state (profile region) is in the rate table: that state's rate."""
+    TAX_RULE_EXPORT: _TaxRule.ValueType  # 5
+    """Any other customer outside the issuer's tax area: 0 %."""
+
+class TaxRule(_TaxRule, metaclass=_TaxRuleEnumTypeWrapper):
+    """Which rule decided an order's tax (prices are tax-inclusive: tax is taken out of the gross)."""
+
+TAX_RULE_UNSPECIFIED: TaxRule.ValueType  # 0
+"""Not set; never sent."""
+TAX_RULE_DOMESTIC: TaxRule.ValueType  # 1
+"""Customer in the issuer's country (or without a profile): the issuer's country rate."""
+TAX_RULE_REVERSE_CHARGE: TaxRule.ValueType  # 2
+"""EU business in another member state with a valid VAT number: 0 %, recipient owes VAT."""
+TAX_RULE_EU_OSS: TaxRule.ValueType  # 3
+"""EU consumer in another member state: the customer's country rate (one-stop shop)."""
+TAX_RULE_US_SALES_TAX: TaxRule.ValueType  # 4
+"""US customer whose state (profile region) is in the rate table: that state's rate."""
+TAX_RULE_EXPORT: TaxRule.ValueType  # 5
+"""Any other customer outside the issuer's tax area: 0 %."""
+Global___TaxRule: _TypeAlias = TaxRule  # noqa: Y015
+
+@_typing.final
+class TaxSnapshot(_message.Message):
+    """An order's tax as decided when the order was made; never recomputed. Amounts in the
+    currency's minor units: tax = round_half_up(gross * rate / (1 + rate)), net = gross - tax.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYMENT_ORDER_ID_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    JURISDICTION_FIELD_NUMBER: _builtins.int
+    RATE_PPM_FIELD_NUMBER: _builtins.int
+    RATE_TABLE_VERSION_FIELD_NUMBER: _builtins.int
+    GROSS_MINOR_FIELD_NUMBER: _builtins.int
+    TAX_MINOR_FIELD_NUMBER: _builtins.int
+    NET_MINOR_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    ISSUER_COUNTRY_FIELD_NUMBER: _builtins.int
+    ISSUER_TAX_ID_FIELD_NUMBER: _builtins.int
+    CUSTOMER_COUNTRY_FIELD_NUMBER: _builtins.int
+    CUSTOMER_TAX_ID_FIELD_NUMBER: _builtins.int
+    LEGAL_TEXT_FIELD_NUMBER: _builtins.int
+    payment_order_id: _builtins.str
+    """The order."""
+    rule: Global___TaxRule.ValueType
+    """The rule applied."""
+    jurisdiction: _builtins.str
+    """Where the tax is due: a country code, or US-<state>."""
+    rate_ppm: _builtins.int
+    """Rate in parts per million (190000 = 19 %)."""
+    rate_table_version: _builtins.int
+    """Version of the rate table used."""
+    gross_minor: _builtins.int
+    """What the customer pays (the order's amount)."""
+    tax_minor: _builtins.int
+    """Tax included in gross."""
+    net_minor: _builtins.int
+    """gross - tax."""
+    currency: _builtins.str
+    """ISO 4217 currency."""
+    issuer_country: _builtins.str
+    """Issuer's country."""
+    issuer_tax_id: _builtins.str
+    """Issuer's tax id."""
+    customer_country: _builtins.str
+    """Customer's country (empty without a profile)."""
+    customer_tax_id: _builtins.str
+    """Customer's tax id (empty for a consumer)."""
+    legal_text: _builtins.str
+    """What the invoice must say under this rule (reverse charge, export); may be empty."""
+    def __init__(
+        self,
+        *,
+        payment_order_id: _builtins.str = ...,
+        rule: Global___TaxRule.ValueType = ...,
+        jurisdiction: _builtins.str = ...,
+        rate_ppm: _builtins.int = ...,
+        rate_table_version: _builtins.int = ...,
+        gross_minor: _builtins.int = ...,
+        tax_minor: _builtins.int = ...,
+        net_minor: _builtins.int = ...,
+        currency: _builtins.str = ...,
+        issuer_country: _builtins.str = ...,
+        issuer_tax_id: _builtins.str = ...,
+        customer_country: _builtins.str = ...,
+        customer_tax_id: _builtins.str = ...,
+        legal_text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "customer_country", b"customer_country", "customer_tax_id", b"customer_tax_id", "gross_minor", b"gross_minor", "issuer_country", b"issuer_country", "issuer_tax_id", b"issuer_tax_id", "jurisdiction", b"jurisdiction", "legal_text", b"legal_text", "net_minor", b"net_minor", "payment_order_id", b"payment_order_id", "rate_ppm", b"rate_ppm", "rate_table_version", b"rate_table_version", "rule", b"rule", "tax_minor", b"tax_minor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaxSnapshot: _TypeAlias = TaxSnapshot  # noqa: Y015
+
+@_typing.final
+class TaxRateTable(_message.Message):
+    """One version of the tax rates."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class RatesPpmEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    RATES_PPM_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_FROM_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """Version (1, 2, ...); output only."""
+    @_builtins.property
+    def rates_ppm(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Rate per jurisdiction (country code or US-<state>) in parts per million."""
+
+    @_builtins.property
+    def effective_from(self) -> _timestamp_pb2.Timestamp:
+        """When this version takes effect."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        rates_ppm: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        effective_from: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["effective_from", b"effective_from"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["effective_from", b"effective_from", "rates_ppm", b"rates_ppm", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaxRateTable: _TypeAlias = TaxRateTable  # noqa: Y015
+
+@_typing.final
+class GetTaxSnapshotRequest(_message.Message):
+    """Request of GetTaxSnapshot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    PAYMENT_ORDER_ID_FIELD_NUMBER: _builtins.int
+    org_id: _builtins.str
+    """Org owning the order."""
+    payment_order_id: _builtins.str
+    """The order."""
+    def __init__(
+        self,
+        *,
+        org_id: _builtins.str = ...,
+        payment_order_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["org_id", b"org_id", "payment_order_id", b"payment_order_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTaxSnapshotRequest: _TypeAlias = GetTaxSnapshotRequest  # noqa: Y015
+
+@_typing.final
+class GetTaxSnapshotResponse(_message.Message):
+    """Response of GetTaxSnapshot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAX_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tax(self) -> Global___TaxSnapshot:
+        """The stored snapshot."""
+
+    def __init__(
+        self,
+        *,
+        tax: Global___TaxSnapshot | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tax", b"tax"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tax", b"tax"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTaxSnapshotResponse: _TypeAlias = GetTaxSnapshotResponse  # noqa: Y015
+
+@_typing.final
+class PublishTaxRatesRequest(_message.Message):
+    """Request of PublishTaxRates."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    TABLE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency id."""
+    @_builtins.property
+    def context(self) -> _common_pb2.RequestContext:
+        """Caller; requires the admin role."""
+
+    @_builtins.property
+    def table(self) -> Global___TaxRateTable:
+        """The whole new table (a jurisdiction left out has no tax)."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        context: _common_pb2.RequestContext | None = ...,
+        table: Global___TaxRateTable | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "table", b"table"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "request_id", b"request_id", "table", b"table"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishTaxRatesRequest: _TypeAlias = PublishTaxRatesRequest  # noqa: Y015
+
+@_typing.final
+class PublishTaxRatesResponse(_message.Message):
+    """Response of PublishTaxRates."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TABLE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def table(self) -> Global___TaxRateTable:
+        """The stored version."""
+
+    def __init__(
+        self,
+        *,
+        table: Global___TaxRateTable | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["table", b"table"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["table", b"table"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishTaxRatesResponse: _TypeAlias = PublishTaxRatesResponse  # noqa: Y015
+
+@_typing.final
+class GetTaxRatesRequest(_message.Message):
+    """Request of GetTaxRates."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """Version; 0 = the one in force now."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTaxRatesRequest: _TypeAlias = GetTaxRatesRequest  # noqa: Y015
+
+@_typing.final
+class GetTaxRatesResponse(_message.Message):
+    """Response of GetTaxRates."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TABLE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def table(self) -> Global___TaxRateTable:
+        """The table."""
+
+    def __init__(
+        self,
+        *,
+        table: Global___TaxRateTable | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["table", b"table"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["table", b"table"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTaxRatesResponse: _TypeAlias = GetTaxRatesResponse  # noqa: Y015
 
 @_typing.final
 class BillingAddress(_message.Message):

@@ -60,6 +60,21 @@ class BillingServiceStub:
                 request_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.GetBillingSettingsRequest.SerializeToString,
                 response_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.GetBillingSettingsResponse.FromString,
                 _registered_method=True)
+        self.GetTaxSnapshot = channel.unary_unary(
+                '/tally.ledger.v1.BillingService/GetTaxSnapshot',
+                request_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.GetTaxSnapshotRequest.SerializeToString,
+                response_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.GetTaxSnapshotResponse.FromString,
+                _registered_method=True)
+        self.PublishTaxRates = channel.unary_unary(
+                '/tally.ledger.v1.BillingService/PublishTaxRates',
+                request_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.PublishTaxRatesRequest.SerializeToString,
+                response_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.PublishTaxRatesResponse.FromString,
+                _registered_method=True)
+        self.GetTaxRates = channel.unary_unary(
+                '/tally.ledger.v1.BillingService/GetTaxRates',
+                request_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.GetTaxRatesRequest.SerializeToString,
+                response_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.GetTaxRatesResponse.FromString,
+                _registered_method=True)
 
 
 class BillingServiceServicer:
@@ -105,6 +120,29 @@ class BillingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTaxSnapshot(self, request, context):
+        """Returns the tax snapshot stored with a payment order when it was made. Errors: NOT_FOUND
+        for an order of another org or none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishTaxRates(self, request, context):
+        """Publishes a new version of the tax rate table, effective now or later (never in the past;
+        orders already made keep their snapshots). Idempotent on request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTaxRates(self, request, context):
+        """Returns a version of the tax rate table (the one in force now when version is 0).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BillingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +170,21 @@ def add_BillingServiceServicer_to_server(servicer, server):
                     servicer.GetBillingSettings,
                     request_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.GetBillingSettingsRequest.FromString,
                     response_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.GetBillingSettingsResponse.SerializeToString,
+            ),
+            'GetTaxSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTaxSnapshot,
+                    request_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.GetTaxSnapshotRequest.FromString,
+                    response_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.GetTaxSnapshotResponse.SerializeToString,
+            ),
+            'PublishTaxRates': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishTaxRates,
+                    request_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.PublishTaxRatesRequest.FromString,
+                    response_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.PublishTaxRatesResponse.SerializeToString,
+            ),
+            'GetTaxRates': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTaxRates,
+                    request_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.GetTaxRatesRequest.FromString,
+                    response_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.GetTaxRatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +323,87 @@ class BillingService:
             '/tally.ledger.v1.BillingService/GetBillingSettings',
             tally_dot_ledger_dot_v1_dot_billing__pb2.GetBillingSettingsRequest.SerializeToString,
             tally_dot_ledger_dot_v1_dot_billing__pb2.GetBillingSettingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTaxSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.ledger.v1.BillingService/GetTaxSnapshot',
+            tally_dot_ledger_dot_v1_dot_billing__pb2.GetTaxSnapshotRequest.SerializeToString,
+            tally_dot_ledger_dot_v1_dot_billing__pb2.GetTaxSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishTaxRates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.ledger.v1.BillingService/PublishTaxRates',
+            tally_dot_ledger_dot_v1_dot_billing__pb2.PublishTaxRatesRequest.SerializeToString,
+            tally_dot_ledger_dot_v1_dot_billing__pb2.PublishTaxRatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTaxRates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.ledger.v1.BillingService/GetTaxRates',
+            tally_dot_ledger_dot_v1_dot_billing__pb2.GetTaxRatesRequest.SerializeToString,
+            tally_dot_ledger_dot_v1_dot_billing__pb2.GetTaxRatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

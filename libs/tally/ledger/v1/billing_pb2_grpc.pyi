@@ -51,6 +51,16 @@ class BillingServiceStub:
     """Replaces an org's billing settings. Idempotent on request_id."""
     GetBillingSettings: _grpc.UnaryUnaryMultiCallable[_billing_pb2.GetBillingSettingsRequest, _billing_pb2.GetBillingSettingsResponse]
     """Returns an org's billing settings (the defaults if never set)."""
+    GetTaxSnapshot: _grpc.UnaryUnaryMultiCallable[_billing_pb2.GetTaxSnapshotRequest, _billing_pb2.GetTaxSnapshotResponse]
+    """Returns the tax snapshot stored with a payment order when it was made. Errors: NOT_FOUND
+    for an order of another org or none.
+    """
+    PublishTaxRates: _grpc.UnaryUnaryMultiCallable[_billing_pb2.PublishTaxRatesRequest, _billing_pb2.PublishTaxRatesResponse]
+    """Publishes a new version of the tax rate table, effective now or later (never in the past;
+    orders already made keep their snapshots). Idempotent on request_id.
+    """
+    GetTaxRates: _grpc.UnaryUnaryMultiCallable[_billing_pb2.GetTaxRatesRequest, _billing_pb2.GetTaxRatesResponse]
+    """Returns a version of the tax rate table (the one in force now when version is 0)."""
 
 @_typing.type_check_only
 class BillingServiceAsyncStub(BillingServiceStub):
@@ -73,6 +83,16 @@ class BillingServiceAsyncStub(BillingServiceStub):
     """Replaces an org's billing settings. Idempotent on request_id."""
     GetBillingSettings: _aio.UnaryUnaryMultiCallable[_billing_pb2.GetBillingSettingsRequest, _billing_pb2.GetBillingSettingsResponse]  # type: ignore[assignment]
     """Returns an org's billing settings (the defaults if never set)."""
+    GetTaxSnapshot: _aio.UnaryUnaryMultiCallable[_billing_pb2.GetTaxSnapshotRequest, _billing_pb2.GetTaxSnapshotResponse]  # type: ignore[assignment]
+    """Returns the tax snapshot stored with a payment order when it was made. Errors: NOT_FOUND
+    for an order of another org or none.
+    """
+    PublishTaxRates: _aio.UnaryUnaryMultiCallable[_billing_pb2.PublishTaxRatesRequest, _billing_pb2.PublishTaxRatesResponse]  # type: ignore[assignment]
+    """Publishes a new version of the tax rate table, effective now or later (never in the past;
+    orders already made keep their snapshots). Idempotent on request_id.
+    """
+    GetTaxRates: _aio.UnaryUnaryMultiCallable[_billing_pb2.GetTaxRatesRequest, _billing_pb2.GetTaxRatesResponse]  # type: ignore[assignment]
+    """Returns a version of the tax rate table (the one in force now when version is 0)."""
 
 class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
     """Billing profiles and billing settings per org (served by the ledger)."""
@@ -122,5 +142,33 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_billing_pb2.GetBillingSettingsResponse, _abc.Awaitable[_billing_pb2.GetBillingSettingsResponse]]:
         """Returns an org's billing settings (the defaults if never set)."""
+
+    @_abc_1.abstractmethod
+    def GetTaxSnapshot(
+        self,
+        request: _billing_pb2.GetTaxSnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_pb2.GetTaxSnapshotResponse, _abc.Awaitable[_billing_pb2.GetTaxSnapshotResponse]]:
+        """Returns the tax snapshot stored with a payment order when it was made. Errors: NOT_FOUND
+        for an order of another org or none.
+        """
+
+    @_abc_1.abstractmethod
+    def PublishTaxRates(
+        self,
+        request: _billing_pb2.PublishTaxRatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_pb2.PublishTaxRatesResponse, _abc.Awaitable[_billing_pb2.PublishTaxRatesResponse]]:
+        """Publishes a new version of the tax rate table, effective now or later (never in the past;
+        orders already made keep their snapshots). Idempotent on request_id.
+        """
+
+    @_abc_1.abstractmethod
+    def GetTaxRates(
+        self,
+        request: _billing_pb2.GetTaxRatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_pb2.GetTaxRatesResponse, _abc.Awaitable[_billing_pb2.GetTaxRatesResponse]]:
+        """Returns a version of the tax rate table (the one in force now when version is 0)."""
 
 def add_BillingServiceServicer_to_server(servicer: BillingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
