@@ -218,6 +218,8 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
                         PricingCatalog(pricing_pb2_grpc.PricingServiceStub(pricing_channel)),
                         webhook_secrets, profiles=billing_store)
     payment_store.on_order_created = billing_store.record_tax
+    payment_store.on_order_paid = billing_store.issue_invoice
+    payment_store.on_refund = billing_store.issue_credit_note
     endpoint = WebhookEndpoint(payments, config.host, settings.webhook_port)
     top_up = TopUpWorker(payments, payment_store, store,
                          poll_s=settings.top_up_poll_ms / 1000)

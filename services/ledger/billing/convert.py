@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from services.ledger.billing import documents as docs
 from services.ledger.billing import domain as b
 from services.ledger.billing import tax
 from tally.kit.protoconv import enum_out, from_timestamp, to_timestamp
@@ -58,3 +59,24 @@ def table_out(table: tax.TaxRateTable) -> pb.TaxRateTable:
 
 def effective_from(message: pb.TaxRateTable) -> datetime | None:
     return from_timestamp(message, "effective_from")
+
+
+def _party(party: docs.Party) -> pb.BillingParty:
+    return pb.BillingParty(legal_name=party.legal_name, address=party.address,
+                           country=party.country, tax_id=party.tax_id, email=party.email)
+
+
+def document_out(doc: docs.Document) -> pb.BillingDocument:
+    return pb.BillingDocument(
+        invoice_id=doc.document_id,
+        kind=enum_out(pb.BillingDocumentKind, "BILLING_DOCUMENT_KIND_", doc.kind),
+        number=doc.number, year=doc.year, org_id=doc.org_id,
+        payment_order_id=doc.payment_order_id, issued_at=to_timestamp(doc.issued_at),
+        currency=doc.currency, issuer=_party(doc.issuer), customer=_party(doc.customer),
+        lines=[pb.BillingDocumentLine(description=x.description,
+                                      credits_micros=x.credits_micros, net_minor=x.net_minor)
+               for x in doc.lines],
+        tax=tax_out(doc.payment_order_id, doc.tax), net_minor=doc.net_minor,
+        tax_minor=doc.tax_minor, gross_minor=doc.gross_minor,
+        payment_reference=doc.payment_reference, refund_id=doc.refund_id,
+        corrects_invoice_id=doc.invoice_id, notes=doc.notes)

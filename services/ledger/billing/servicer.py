@@ -69,3 +69,15 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
                           ) -> pb.GetTaxRatesResponse:
         table = await self.billing.store.rate_table(request.version)
         return pb.GetTaxRatesResponse(table=bill_convert.table_out(table))
+
+    async def GetInvoice(self, request: pb.GetInvoiceRequest, context: Context
+                         ) -> pb.GetInvoiceResponse:
+        doc = await self.billing.store.get_document(request.org_id, request.invoice_id)
+        return pb.GetInvoiceResponse(invoice=bill_convert.document_out(doc))
+
+    async def ListInvoices(self, request: pb.ListInvoicesRequest, context: Context
+                           ) -> pb.ListInvoicesResponse:
+        found, token = await self.billing.store.list_documents(
+            request.org_id, size=request.page_size, token=request.page_token)
+        return pb.ListInvoicesResponse(invoices=[bill_convert.document_out(x) for x in found],
+                                       next_page_token=token)

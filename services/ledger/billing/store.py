@@ -4,15 +4,18 @@ clock and idempotency keys (every write is idempotent on its request id)."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Final
+from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Final
 
 from services.ledger import domain as d
+from services.ledger.billing import documents as docs
 from services.ledger.billing import domain as b
 from services.ledger.billing import tax
 from services.ledger.payments import domain as p
 from services.ledger.store import LedgerStore, Work
 from tally.kit.errors import Reason, TallyError
+from tally.kit.paging import encode_time_cursor, time_cursor_page
 
 if TYPE_CHECKING:
     from services.ledger.store import Connection, Row
@@ -221,6 +224,132 @@ class BillingStore:
                              f"payment_order_id: no order {order_id!r} of org {org_id!r}",
                              field="payment_order_id")
         return _snapshot(row)
+
+
+    # -- invoices and credit notes ---------------------------------------------------------
+
+    @property
+    def issuer_key(self) -> str:
+        """Whose number series a document is in: the issuer's tax id (or its name)."""
+        return self.issuer.tax_id or self.issuer.legal_name
+
+    async def allocate_number(self, conn: Connection, kind: docs.DocumentKind, year: int
+                              ) -> int:
+        """The next number of a series, taken in the caller's transaction: the counter row
+        stays locked until it commits, and a rollback (or a crash) takes the number back."""
+        number = await conn.fetchval(
+            "INSERT INTO ledger.document_counters (issuer, kind, year, last_number) "
+            "VALUES ($1, $2, $3, 1) ON CONFLICT (issuer, kind, year) DO UPDATE "
+            "SET last_number = ledger.document_counters.last_number + 1 RETURNING last_number",
+            self.issuer_key, kind.value, year)
+        return int(number)
+
+    async def _tax_for(self, conn: Connection, order: p.PaymentOrder) -> tax.TaxSnapshot:
+        row = await conn.fetchrow(
+            "SELECT * FROM ledger.payment_order_taxes WHERE payment_order_id = $1",
+            order.payment_order_id)
+        if row is not None:
+            return _snapshot(row)
+        # an order made before snapshots existed: its tax as the rates in force when it was made
+        customer = await self._profile(conn, order.org_id)
+        table = await self.rate_table_in(conn, order.created_at)
+        return tax.snapshot(self.issuer, customer, table, order.amount_minor, order.currency)
+
+    async def issue_invoice(self, conn: Connection, order: p.PaymentOrder, now: datetime
+                            ) -> docs.Document:
+        """Issues the invoice of an order that succeeded, in the transaction recording it."""
+        kind, year = docs.DocumentKind.INVOICE, now.astimezone(UTC).year
+        snapshot = await self._tax_for(conn, order)
+        profile = await self._profile(conn, order.org_id)
+        number = await self.allocate_number(conn, kind, year)
+        document = docs.invoice(docs.document_number(kind, year, number), number, year, order,
+                                snapshot, self.issuer, profile, now)
+        await self._insert_document(conn, document)
+        return document
+
+    async def issue_credit_note(self, conn: Connection, order_before: p.PaymentOrder,
+                                refund_id: str, plan: p.RefundPlan, now: datetime
+                                ) -> docs.Document | None:
+        """Issues the credit note of a refund that returns money, against the order's invoice,
+        in the transaction recording the refund."""
+        if plan.provider_refund_minor == 0:
+            return None
+        row = await conn.fetchrow(
+            "SELECT * FROM ledger.billing_documents WHERE payment_order_id = $1 "
+            "AND kind = 'INVOICE'", order_before.payment_order_id)
+        if row is None:
+            raise TallyError(Reason.INTERNAL, f"order {order_before.payment_order_id} was "
+                                              "paid without an invoice")
+        kind, year = docs.DocumentKind.CREDIT_NOTE, now.astimezone(UTC).year
+        number = await self.allocate_number(conn, kind, year)
+        document = docs.credit_note(docs.document_number(kind, year, number), number, year,
+                                    _document(row), order_before, refund_id,
+                                    plan.provider_refund_minor, plan.reversed_micros, now)
+        await self._insert_document(conn, document)
+        return document
+
+    @staticmethod
+    async def _insert_document(conn: Connection, doc: docs.Document) -> None:
+        body = {"issuer": asdict(doc.issuer), "customer": asdict(doc.customer),
+                "lines": [asdict(line) for line in doc.lines],
+                "tax": {**asdict(doc.tax), "rule": doc.tax.rule.value},
+                "payment_reference": doc.payment_reference, "notes": doc.notes}
+        await conn.execute(
+            "INSERT INTO ledger.billing_documents (document_id, kind, issuer, year, number, "
+            "org_id, payment_order_id, refund_id, invoice_id, issued_at, currency, net_minor, "
+            "tax_minor, gross_minor, body) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, "
+            "$11, $12, $13, $14, $15)",
+            doc.document_id, doc.kind.value, doc.issuer.tax_id or doc.issuer.legal_name,
+            doc.year, doc.number, doc.org_id, doc.payment_order_id, doc.refund_id,
+            doc.invoice_id, doc.issued_at, doc.currency, doc.net_minor, doc.tax_minor,
+            doc.gross_minor, json.dumps(body))
+
+    async def get_document(self, org_id: str, document_id: str) -> docs.Document:
+        """One document of an org (NOT_FOUND for a document of another org, or none)."""
+        d.raise_if([d.check_id("org_id", org_id), d.check_id("invoice_id", document_id)])
+        row = await self.pool.fetchrow(
+            "SELECT * FROM ledger.billing_documents WHERE document_id = $1 AND org_id = $2",
+            document_id, org_id)
+        if row is None:
+            raise TallyError(Reason.NOT_FOUND,
+                             f"invoice_id: no document {document_id!r} of org {org_id!r}",
+                             field="invoice_id")
+        return _document(row)
+
+    async def list_documents(self, org_id: str, *, size: int = 0, token: str = ""
+                             ) -> tuple[list[docs.Document], str]:
+        """An org's invoices and credit notes, newest first, keyset-paged."""
+        limit, after = time_cursor_page(size, token, "documents",
+                                        also=[d.check_id("org_id", org_id)])
+        before_at, before_id = after if after else (None, "")
+        rows = await self.pool.fetch(
+            "SELECT * FROM ledger.billing_documents WHERE org_id = $1 "
+            "AND ($2::timestamptz IS NULL OR (issued_at, document_id) < ($2, $3)) "
+            "ORDER BY issued_at DESC, document_id DESC LIMIT $4",
+            org_id, before_at, before_id, limit + 1)
+        found = [_document(r) for r in rows[:limit]]
+        last = found[-1] if found and len(rows) > limit else None
+        return found, (encode_time_cursor("documents", last.issued_at, last.document_id)
+                       if last else "")
+
+
+def _party(raw: dict[str, Any]) -> docs.Party:
+    return docs.Party(raw["legal_name"], list(raw["address"]), raw["country"], raw["tax_id"],
+                      raw.get("email", ""))
+
+
+def _document(r: Row) -> docs.Document:
+    body = json.loads(r["body"])
+    t = body["tax"]
+    return docs.Document(
+        r["document_id"], docs.DocumentKind(r["kind"]), r["number"], r["year"], r["org_id"],
+        r["payment_order_id"], r["issued_at"], r["currency"], _party(body["issuer"]),
+        _party(body["customer"]),
+        [docs.Line(x["description"], x["credits_micros"], x["net_minor"])
+         for x in body["lines"]],
+        tax.TaxSnapshot(**{**t, "rule": tax.TaxRule(t["rule"])}), r["net_minor"],
+        r["tax_minor"], r["gross_minor"], body["payment_reference"], r["refund_id"],
+        r["invoice_id"], list(body["notes"]))
 
 
 PUBLISH_SLACK: Final = timedelta(minutes=5)

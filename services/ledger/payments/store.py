@@ -31,6 +31,9 @@ log = get_logger("ledger.payments")
 
 MANUAL_PROVIDER: Final = "manual"
 OrderHook = Callable[["Connection", p.PaymentOrder], Awaitable[None]]
+PaidHook = Callable[["Connection", p.PaymentOrder, datetime], Awaitable[object]]
+RefundHook = Callable[["Connection", p.PaymentOrder, str, p.RefundPlan, datetime],
+                      Awaitable[object]]
 TOP_UP_CURSOR: Final = "auto-top-up"
 
 _ORDER_COLUMNS: Final = (
@@ -89,6 +92,10 @@ class PaymentStore:
         self.failures_to_throttle = failures_to_throttle
         # what else a new order writes in its own transaction (its tax snapshot)
         self.on_order_created: OrderHook | None = None
+        # what a payment's success and a refund also write in their transactions (the
+        # invoice, the credit note)
+        self.on_order_paid: PaidHook | None = None
+        self.on_refund: RefundHook | None = None
 
     def _clock(self) -> datetime:
         return self.ledger.clock()
@@ -229,6 +236,8 @@ class PaymentStore:
         await self._save(work.conn, paid)
         await self._history(work.conn, paid, work.caller.actor, cause, work.caller.trace_id,
                             work.now)
+        if self.on_order_paid is not None:
+            await self.on_order_paid(work.conn, paid, work.now)
         attributes = {"payment_order_id": order_id, "amount_minor": str(order.amount_minor),
                       "currency": order.currency, "order_kind": order.kind.value}
         work.emit(org, d.OutboxEventType.PAYMENT_SUCCEEDED, **attributes)
@@ -436,6 +445,8 @@ class PaymentStore:
             await self._save(conn, after)
             await self._history(conn, after, caller.actor, f"refund {refund_id}: {reason}",
                                 caller.trace_id, work.now)
+            if self.on_refund is not None:
+                await self.on_refund(conn, order, refund_id, plan, work.now)
             pending = order.provider != MANUAL_PROVIDER and plan.provider_refund_minor > 0
             await conn.execute(
                 "INSERT INTO ledger.refunds (refund_id, payment_order_id, org_id, "

@@ -23,6 +23,30 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _BillingDocumentKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BillingDocumentKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BillingDocumentKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BILLING_DOCUMENT_KIND_UNSPECIFIED: _BillingDocumentKind.ValueType  # 0
+    """Not set; never sent."""
+    BILLING_DOCUMENT_KIND_INVOICE: _BillingDocumentKind.ValueType  # 1
+    """Issued when a payment succeeds (or a manual payment is approved): INV-<year>-<number>."""
+    BILLING_DOCUMENT_KIND_CREDIT_NOTE: _BillingDocumentKind.ValueType  # 2
+    """Issued when a refund returns money: CN-<year>-<number>, referencing its invoice."""
+
+class BillingDocumentKind(_BillingDocumentKind, metaclass=_BillingDocumentKindEnumTypeWrapper):
+    """Invoice or credit note."""
+
+BILLING_DOCUMENT_KIND_UNSPECIFIED: BillingDocumentKind.ValueType  # 0
+"""Not set; never sent."""
+BILLING_DOCUMENT_KIND_INVOICE: BillingDocumentKind.ValueType  # 1
+"""Issued when a payment succeeds (or a manual payment is approved): INV-<year>-<number>."""
+BILLING_DOCUMENT_KIND_CREDIT_NOTE: BillingDocumentKind.ValueType  # 2
+"""Issued when a refund returns money: CN-<year>-<number>, referencing its invoice."""
+Global___BillingDocumentKind: _TypeAlias = BillingDocumentKind  # noqa: Y015
+
 class _TaxRule:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -58,6 +82,290 @@ TAX_RULE_US_SALES_TAX: TaxRule.ValueType  # 4
 TAX_RULE_EXPORT: TaxRule.ValueType  # 5
 """Any other customer outside the issuer's tax area: 0 %."""
 Global___TaxRule: _TypeAlias = TaxRule  # noqa: Y015
+
+@_typing.final
+class BillingParty(_message.Message):
+    """Issuer or customer as printed on a document (copied when issued)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEGAL_NAME_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    COUNTRY_FIELD_NUMBER: _builtins.int
+    TAX_ID_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    legal_name: _builtins.str
+    """Legal name."""
+    country: _builtins.str
+    """ISO 3166-1 alpha-2 country."""
+    tax_id: _builtins.str
+    """Tax id."""
+    email: _builtins.str
+    """E-mail (the customer's invoice e-mail)."""
+    @_builtins.property
+    def address(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Address lines."""
+
+    def __init__(
+        self,
+        *,
+        legal_name: _builtins.str = ...,
+        address: _abc.Iterable[_builtins.str] | None = ...,
+        country: _builtins.str = ...,
+        tax_id: _builtins.str = ...,
+        email: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "country", b"country", "email", b"email", "legal_name", b"legal_name", "tax_id", b"tax_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BillingParty: _TypeAlias = BillingParty  # noqa: Y015
+
+@_typing.final
+class BillingDocumentLine(_message.Message):
+    """One line of a document."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    CREDITS_MICROS_FIELD_NUMBER: _builtins.int
+    NET_MINOR_FIELD_NUMBER: _builtins.int
+    description: _builtins.str
+    """What was bought or credited."""
+    credits_micros: _builtins.int
+    """Credits of the line, micro-credits."""
+    net_minor: _builtins.int
+    """Net amount of the line, minor units."""
+    def __init__(
+        self,
+        *,
+        description: _builtins.str = ...,
+        credits_micros: _builtins.int = ...,
+        net_minor: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits_micros", b"credits_micros", "description", b"description", "net_minor", b"net_minor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BillingDocumentLine: _TypeAlias = BillingDocumentLine  # noqa: Y015
+
+@_typing.final
+class BillingDocument(_message.Message):
+    """An issued invoice or credit note; immutable. Numbers are gapless per issuer, kind and year."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVOICE_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    NUMBER_FIELD_NUMBER: _builtins.int
+    YEAR_FIELD_NUMBER: _builtins.int
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    PAYMENT_ORDER_ID_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    ISSUER_FIELD_NUMBER: _builtins.int
+    CUSTOMER_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
+    TAX_FIELD_NUMBER: _builtins.int
+    NET_MINOR_FIELD_NUMBER: _builtins.int
+    TAX_MINOR_FIELD_NUMBER: _builtins.int
+    GROSS_MINOR_FIELD_NUMBER: _builtins.int
+    PAYMENT_REFERENCE_FIELD_NUMBER: _builtins.int
+    REFUND_ID_FIELD_NUMBER: _builtins.int
+    CORRECTS_INVOICE_ID_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
+    invoice_id: _builtins.str
+    """The document's number, e.g. INV-2026-000123 or CN-2026-000045."""
+    kind: Global___BillingDocumentKind.ValueType
+    """Invoice or credit note."""
+    number: _builtins.int
+    """Sequence number within its issuer, kind and year (1, 2, ...)."""
+    year: _builtins.int
+    """Year of the series (UTC)."""
+    org_id: _builtins.str
+    """Org."""
+    payment_order_id: _builtins.str
+    """The payment order documented."""
+    currency: _builtins.str
+    """ISO 4217 currency."""
+    net_minor: _builtins.int
+    """Total net, minor units."""
+    tax_minor: _builtins.int
+    """Total tax, minor units."""
+    gross_minor: _builtins.int
+    """Total gross (net + tax), minor units."""
+    payment_reference: _builtins.str
+    """The payment's reference at the provider (or the manual payment's reference)."""
+    refund_id: _builtins.str
+    """For a credit note: the refund."""
+    corrects_invoice_id: _builtins.str
+    """For a credit note: the invoice it corrects."""
+    @_builtins.property
+    def issued_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was issued."""
+
+    @_builtins.property
+    def issuer(self) -> Global___BillingParty:
+        """Who issues it."""
+
+    @_builtins.property
+    def customer(self) -> Global___BillingParty:
+        """Who it is issued to."""
+
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___BillingDocumentLine]:
+        """Lines."""
+
+    @_builtins.property
+    def tax(self) -> Global___TaxSnapshot:
+        """Tax rule, rate and jurisdiction applied (the order's snapshot)."""
+
+    @_builtins.property
+    def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Legal notes (e.g. the reverse-charge statement)."""
+
+    def __init__(
+        self,
+        *,
+        invoice_id: _builtins.str = ...,
+        kind: Global___BillingDocumentKind.ValueType = ...,
+        number: _builtins.int = ...,
+        year: _builtins.int = ...,
+        org_id: _builtins.str = ...,
+        payment_order_id: _builtins.str = ...,
+        issued_at: _timestamp_pb2.Timestamp | None = ...,
+        currency: _builtins.str = ...,
+        issuer: Global___BillingParty | None = ...,
+        customer: Global___BillingParty | None = ...,
+        lines: _abc.Iterable[Global___BillingDocumentLine] | None = ...,
+        tax: Global___TaxSnapshot | None = ...,
+        net_minor: _builtins.int = ...,
+        tax_minor: _builtins.int = ...,
+        gross_minor: _builtins.int = ...,
+        payment_reference: _builtins.str = ...,
+        refund_id: _builtins.str = ...,
+        corrects_invoice_id: _builtins.str = ...,
+        notes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer", "issued_at", b"issued_at", "issuer", b"issuer", "tax", b"tax"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["corrects_invoice_id", b"corrects_invoice_id", "currency", b"currency", "customer", b"customer", "gross_minor", b"gross_minor", "invoice_id", b"invoice_id", "issued_at", b"issued_at", "issuer", b"issuer", "kind", b"kind", "lines", b"lines", "net_minor", b"net_minor", "notes", b"notes", "number", b"number", "org_id", b"org_id", "payment_order_id", b"payment_order_id", "payment_reference", b"payment_reference", "refund_id", b"refund_id", "tax", b"tax", "tax_minor", b"tax_minor", "year", b"year"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BillingDocument: _TypeAlias = BillingDocument  # noqa: Y015
+
+@_typing.final
+class GetInvoiceRequest(_message.Message):
+    """Request of GetInvoice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    INVOICE_ID_FIELD_NUMBER: _builtins.int
+    org_id: _builtins.str
+    """Org owning the document."""
+    invoice_id: _builtins.str
+    """The document's number (INV-... or CN-...)."""
+    def __init__(
+        self,
+        *,
+        org_id: _builtins.str = ...,
+        invoice_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoice_id", b"invoice_id", "org_id", b"org_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetInvoiceRequest: _TypeAlias = GetInvoiceRequest  # noqa: Y015
+
+@_typing.final
+class GetInvoiceResponse(_message.Message):
+    """Response of GetInvoice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVOICE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def invoice(self) -> Global___BillingDocument:
+        """The document."""
+
+    def __init__(
+        self,
+        *,
+        invoice: Global___BillingDocument | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["invoice", b"invoice"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoice", b"invoice"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetInvoiceResponse: _TypeAlias = GetInvoiceResponse  # noqa: Y015
+
+@_typing.final
+class ListInvoicesRequest(_message.Message):
+    """Request of ListInvoices."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    org_id: _builtins.str
+    """Org."""
+    page_size: _builtins.int
+    """Page size (default and maximum as for other lists)."""
+    page_token: _builtins.str
+    """Token from a previous response."""
+    def __init__(
+        self,
+        *,
+        org_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["org_id", b"org_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListInvoicesRequest: _TypeAlias = ListInvoicesRequest  # noqa: Y015
+
+@_typing.final
+class ListInvoicesResponse(_message.Message):
+    """Response of ListInvoices."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVOICES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token of the next page; empty at the end."""
+    @_builtins.property
+    def invoices(self) -> _containers.RepeatedCompositeFieldContainer[Global___BillingDocument]:
+        """Documents, newest first."""
+
+    def __init__(
+        self,
+        *,
+        invoices: _abc.Iterable[Global___BillingDocument] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoices", b"invoices", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListInvoicesResponse: _TypeAlias = ListInvoicesResponse  # noqa: Y015
 
 @_typing.final
 class TaxSnapshot(_message.Message):

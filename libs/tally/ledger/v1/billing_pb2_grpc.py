@@ -75,6 +75,16 @@ class BillingServiceStub:
                 request_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.GetTaxRatesRequest.SerializeToString,
                 response_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.GetTaxRatesResponse.FromString,
                 _registered_method=True)
+        self.GetInvoice = channel.unary_unary(
+                '/tally.ledger.v1.BillingService/GetInvoice',
+                request_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.GetInvoiceRequest.SerializeToString,
+                response_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.GetInvoiceResponse.FromString,
+                _registered_method=True)
+        self.ListInvoices = channel.unary_unary(
+                '/tally.ledger.v1.BillingService/ListInvoices',
+                request_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.ListInvoicesRequest.SerializeToString,
+                response_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.ListInvoicesResponse.FromString,
+                _registered_method=True)
 
 
 class BillingServiceServicer:
@@ -143,6 +153,21 @@ class BillingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetInvoice(self, request, context):
+        """Returns one invoice or credit note of an org. Errors: NOT_FOUND (invoice_id) for a
+        document of another org, or none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListInvoices(self, request, context):
+        """Lists an org's invoices and credit notes, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BillingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +210,16 @@ def add_BillingServiceServicer_to_server(servicer, server):
                     servicer.GetTaxRates,
                     request_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.GetTaxRatesRequest.FromString,
                     response_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.GetTaxRatesResponse.SerializeToString,
+            ),
+            'GetInvoice': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInvoice,
+                    request_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.GetInvoiceRequest.FromString,
+                    response_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.GetInvoiceResponse.SerializeToString,
+            ),
+            'ListInvoices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInvoices,
+                    request_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.ListInvoicesRequest.FromString,
+                    response_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.ListInvoicesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -404,6 +439,60 @@ class BillingService:
             '/tally.ledger.v1.BillingService/GetTaxRates',
             tally_dot_ledger_dot_v1_dot_billing__pb2.GetTaxRatesRequest.SerializeToString,
             tally_dot_ledger_dot_v1_dot_billing__pb2.GetTaxRatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInvoice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.ledger.v1.BillingService/GetInvoice',
+            tally_dot_ledger_dot_v1_dot_billing__pb2.GetInvoiceRequest.SerializeToString,
+            tally_dot_ledger_dot_v1_dot_billing__pb2.GetInvoiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInvoices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.ledger.v1.BillingService/ListInvoices',
+            tally_dot_ledger_dot_v1_dot_billing__pb2.ListInvoicesRequest.SerializeToString,
+            tally_dot_ledger_dot_v1_dot_billing__pb2.ListInvoicesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -61,6 +61,12 @@ class BillingServiceStub:
     """
     GetTaxRates: _grpc.UnaryUnaryMultiCallable[_billing_pb2.GetTaxRatesRequest, _billing_pb2.GetTaxRatesResponse]
     """Returns a version of the tax rate table (the one in force now when version is 0)."""
+    GetInvoice: _grpc.UnaryUnaryMultiCallable[_billing_pb2.GetInvoiceRequest, _billing_pb2.GetInvoiceResponse]
+    """Returns one invoice or credit note of an org. Errors: NOT_FOUND (invoice_id) for a
+    document of another org, or none.
+    """
+    ListInvoices: _grpc.UnaryUnaryMultiCallable[_billing_pb2.ListInvoicesRequest, _billing_pb2.ListInvoicesResponse]
+    """Lists an org's invoices and credit notes, newest first."""
 
 @_typing.type_check_only
 class BillingServiceAsyncStub(BillingServiceStub):
@@ -93,6 +99,12 @@ class BillingServiceAsyncStub(BillingServiceStub):
     """
     GetTaxRates: _aio.UnaryUnaryMultiCallable[_billing_pb2.GetTaxRatesRequest, _billing_pb2.GetTaxRatesResponse]  # type: ignore[assignment]
     """Returns a version of the tax rate table (the one in force now when version is 0)."""
+    GetInvoice: _aio.UnaryUnaryMultiCallable[_billing_pb2.GetInvoiceRequest, _billing_pb2.GetInvoiceResponse]  # type: ignore[assignment]
+    """Returns one invoice or credit note of an org. Errors: NOT_FOUND (invoice_id) for a
+    document of another org, or none.
+    """
+    ListInvoices: _aio.UnaryUnaryMultiCallable[_billing_pb2.ListInvoicesRequest, _billing_pb2.ListInvoicesResponse]  # type: ignore[assignment]
+    """Lists an org's invoices and credit notes, newest first."""
 
 class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
     """Billing profiles and billing settings per org (served by the ledger)."""
@@ -170,5 +182,23 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_billing_pb2.GetTaxRatesResponse, _abc.Awaitable[_billing_pb2.GetTaxRatesResponse]]:
         """Returns a version of the tax rate table (the one in force now when version is 0)."""
+
+    @_abc_1.abstractmethod
+    def GetInvoice(
+        self,
+        request: _billing_pb2.GetInvoiceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_pb2.GetInvoiceResponse, _abc.Awaitable[_billing_pb2.GetInvoiceResponse]]:
+        """Returns one invoice or credit note of an org. Errors: NOT_FOUND (invoice_id) for a
+        document of another org, or none.
+        """
+
+    @_abc_1.abstractmethod
+    def ListInvoices(
+        self,
+        request: _billing_pb2.ListInvoicesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_pb2.ListInvoicesResponse, _abc.Awaitable[_billing_pb2.ListInvoicesResponse]]:
+        """Lists an org's invoices and credit notes, newest first."""
 
 def add_BillingServiceServicer_to_server(servicer: BillingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -81,6 +81,50 @@ def upgrade() -> None:
             legal_text          text NOT NULL,
             created_at          timestamptz NOT NULL
         );
+        -- One row per issuer, kind and year: locked by the transaction that issues a document
+        -- (the one that records the payment or refund), so numbers are gapless: a rollback
+        -- takes its number back with it. Not a sequence (sequences skip on rollback).
+        CREATE TABLE ledger.document_counters (
+            issuer              text NOT NULL,
+            kind                text NOT NULL,
+            year                integer NOT NULL,
+            last_number         bigint NOT NULL,
+            PRIMARY KEY (issuer, kind, year)
+        );
+        CREATE TABLE ledger.billing_documents (
+            document_id         text PRIMARY KEY,
+            kind                text NOT NULL CHECK (kind IN ('INVOICE', 'CREDIT_NOTE')),
+            issuer              text NOT NULL,
+            year                integer NOT NULL,
+            number              bigint NOT NULL,
+            org_id              text NOT NULL,
+            payment_order_id    text NOT NULL
+                                REFERENCES ledger.payment_orders (payment_order_id),
+            refund_id           text NOT NULL DEFAULT '',
+            invoice_id          text NOT NULL DEFAULT '',
+            issued_at           timestamptz NOT NULL,
+            currency            text NOT NULL,
+            net_minor           bigint NOT NULL,
+            tax_minor           bigint NOT NULL,
+            gross_minor         bigint NOT NULL CHECK (net_minor + tax_minor = gross_minor),
+            body                jsonb NOT NULL,
+            UNIQUE (issuer, kind, year, number)
+        );
+        CREATE UNIQUE INDEX billing_documents_one_invoice_per_order
+            ON ledger.billing_documents (payment_order_id) WHERE kind = 'INVOICE';
+        CREATE UNIQUE INDEX billing_documents_one_note_per_refund
+            ON ledger.billing_documents (refund_id) WHERE kind = 'CREDIT_NOTE';
+        CREATE INDEX billing_documents_of_org
+            ON ledger.billing_documents (org_id, issued_at DESC, document_id DESC);
+        -- Issued documents are immutable.
+        CREATE FUNCTION ledger.billing_documents_immutable() RETURNS trigger
+            LANGUAGE plpgsql AS $$
+            BEGIN
+                RAISE EXCEPTION 'billing documents are immutable once issued';
+            END $$;
+        CREATE TRIGGER billing_documents_immutable
+            BEFORE UPDATE OR DELETE ON ledger.billing_documents
+            FOR EACH ROW EXECUTE FUNCTION ledger.billing_documents_immutable();
         """
     )
     op.execute(
@@ -90,6 +134,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.execute("DROP TABLE ledger.billing_documents")
+    op.execute("DROP FUNCTION ledger.billing_documents_immutable()")
+    op.execute("DROP TABLE ledger.document_counters")
     op.execute("DROP TABLE ledger.payment_order_taxes")
     op.execute("DROP TABLE ledger.tax_rate_tables")
     op.execute("DROP TABLE ledger.billing_settings")
