@@ -4,6 +4,8 @@ bad tax id refused with its reason and a non-zero exit."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +50,23 @@ async def test_a_bad_tax_id_prints_the_field_and_why_and_exits_non_zero(shop: Sh
     assert bad.err.startswith("INVALID_ARGUMENT: profile.tax_id: ")
     assert "mod 89" in bad.err
     assert await shop.db.fetchval("SELECT count(*) FROM ledger.billing_profiles") == 0
+
+
+async def test_invoices_list_get_and_pdf_show_what_a_payment_issued(
+        shop: Shop, tmp_path: Path) -> None:
+    order = await shop.purchase("po-1")
+    assert await shop.pay(order) == 303
+    number = f"INV-{datetime.now(UTC).year}-000001"
+    listed = await tally(shop, "invoices", "list", "acme")
+    assert listed.exit_code == 0 and number in listed.out and "USD 20.00" in listed.out
+    shown = await tally(shop, "invoices", "get", "acme", number)
+    assert shown.exit_code == 0
+    assert "total      USD 20.00" in shown.out and "DOMESTIC, DE" in shown.out
+    out = tmp_path / "invoice.pdf"
+    written = await tally(shop, "invoices", "pdf", "acme", number, "--out", str(out))
+    assert written.exit_code == 0 and written.out.strip() == str(out.resolve())
+    assert out.read_bytes().startswith(b"%PDF-")
+    missing = await tally(shop, "invoices", "pdf", "intruder", number, "--out",
+                          str(tmp_path / "x.pdf"))
+    assert missing.exit_code == 1 and missing.err.startswith("NOT_FOUND: invoice_id")
+    assert not (tmp_path / "x.pdf").exists()

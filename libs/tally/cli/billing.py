@@ -1,4 +1,5 @@
-"""Billing commands of the `tally` CLI: `tally profile show|set|delete|require`.
+"""Billing commands of the `tally` CLI: `tally profile show|set|delete|require` and
+`tally invoices list|get|pdf`.
 
 A profile may be set in parts (a draft): `show` lists what a purchase still needs. When an
 org requires a profile (`tally profile require ORG`), Purchase is refused until it is complete.
@@ -7,6 +8,7 @@ org requires a profile (`tally profile require ORG`), Purchase is refused until 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
@@ -15,6 +17,7 @@ from tally.cli import calls
 from tally.cli.payments import Actor, OrgArgument, RequestId
 from tally.kit.config import KitConfig
 from tally.kit.errors import TallyError
+from tally.kit.money import format_money
 from tally.ledger.v1 import billing_pb2 as pb
 from tally.sdk.client import TallyClient
 
@@ -23,6 +26,9 @@ if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
 
 T = TypeVar("T")
 
+InvoiceArgument = Annotated[str, typer.Argument(help="Invoice or credit note number.")]
+invoices_app = typer.Typer(help="Invoices and credit notes: list, show, download as PDF.",
+                           no_args_is_help=True)
 profile_app = typer.Typer(help="Billing profiles: who an org is on its invoices.",
                           no_args_is_help=True)
 
@@ -75,6 +81,68 @@ async def set_profile(config: KitConfig, profile: pb.BillingProfile, request_id:
         actor)
     show_profile(reply.profile)
     return reply.profile
+
+
+def show_document(doc: pb.BillingDocument) -> None:
+    kind = "invoice" if doc.kind == pb.BILLING_DOCUMENT_KIND_INVOICE else "credit note"
+    rows: list[tuple[str, Any]] = [
+        ("number", doc.invoice_id), ("kind", kind),
+        ("issued", doc.issued_at.ToDatetime().date().isoformat()),
+        ("order", doc.payment_order_id), ("customer", doc.customer.legal_name)]
+    if doc.corrects_invoice_id:
+        rows.append(("corrects", doc.corrects_invoice_id))
+    rows += [("net", format_money(doc.net_minor, doc.currency)),
+             ("tax", f"{format_money(doc.tax_minor, doc.currency)} "
+                     f"({pb.TaxRule.Name(doc.tax.rule).removeprefix('TAX_RULE_')}, "
+                     f"{doc.tax.jurisdiction})"),
+             ("total", format_money(doc.gross_minor, doc.currency)),
+             ("reference", doc.payment_reference)]
+    for label, value in rows:
+        typer.echo(f"  {label:<10} {value}")
+
+
+async def list_invoices(config: KitConfig, org: str) -> list[pb.BillingDocument]:
+    """Prints an org's invoices and credit notes, newest first, one a line."""
+    async def every_page(billing: BillingStub) -> list[pb.BillingDocument]:
+        pages: list[pb.BillingDocument] = []
+        token = ""
+        while True:
+            reply = await billing.ListInvoices(pb.ListInvoicesRequest(org_id=org,
+                                                                      page_token=token))
+            pages += reply.invoices
+            token = reply.next_page_token
+            if not token:
+                return pages
+    found = await _call(config, every_page)
+    for doc in found:
+        typer.echo(f"{doc.invoice_id:<18} {doc.issued_at.ToDatetime().date().isoformat()}  "
+                   f"{doc.payment_order_id:<24} {format_money(doc.gross_minor, doc.currency):>16}")
+    if not found:
+        typer.echo(f"  no invoices for {org}")
+    return found
+
+
+async def fetch_pdf(config: KitConfig, org: str, invoice_id: str) -> tuple[str, bytes]:
+    """A document's PDF (streamed in chunks) and its file name."""
+    async def fetch(billing: BillingStub) -> tuple[str, bytes]:
+        name, data = "", bytearray()
+        async for part in billing.DownloadInvoicePdf(pb.DownloadInvoicePdfRequest(
+                org_id=org, invoice_id=invoice_id)):
+            name = name or part.file_name
+            data += part.chunk
+        return name, bytes(data)
+    return await _call(config, fetch)
+
+
+def download_pdf(config: KitConfig, org: str, invoice_id: str, out: str) -> Path:
+    """Writes a document's PDF and prints its path."""
+    import asyncio
+
+    name, data = asyncio.run(fetch_pdf(config, org, invoice_id))
+    path = Path(out or name or f"{invoice_id}.pdf")
+    path.write_bytes(data)
+    typer.echo(str(path.resolve()))
+    return path
 
 
 def register(parent: typer.Typer, get_config: Callable[[], KitConfig]) -> None:
@@ -136,4 +204,24 @@ def register(parent: typer.Typer, get_config: Callable[[], KitConfig]) -> None:
                 settings=pb.BillingSettings(org_id=org, profile_required=not off))), actor))
         typer.echo(f"  profile required  {'yes' if reply.settings.profile_required else 'no'}")
 
+    @invoices_app.command("list")
+    def invoices_list(org: OrgArgument) -> None:
+        """List an org's invoices and credit notes, newest first."""
+        asyncio.run(list_invoices(get_config(), org))
+
+    @invoices_app.command("get")
+    def invoices_get(org: OrgArgument, invoice_id: InvoiceArgument) -> None:
+        """Print one invoice or credit note: totals, tax rule, reference."""
+        reply = asyncio.run(_call(get_config(), lambda billing: billing.GetInvoice(
+            pb.GetInvoiceRequest(org_id=org, invoice_id=invoice_id))))
+        show_document(reply.invoice)
+
+    @invoices_app.command("pdf")
+    def invoices_pdf(org: OrgArgument, invoice_id: InvoiceArgument,
+                     out: Annotated[str, typer.Option(
+                         help="Where to write it (default: ./<number>.pdf).")] = "") -> None:
+        """Download an invoice or credit note as PDF and print where it was written."""
+        download_pdf(get_config(), org, invoice_id, out)
+
     parent.add_typer(profile_app, name="profile")
+    parent.add_typer(invoices_app, name="invoices")

@@ -106,7 +106,8 @@ def invoice_lines(order: p.PaymentOrder, net_minor: int) -> list[Line]:
     lines = [Line(f"{what}: {format_credits(order.credits_micros)} credits",
                   order.credits_micros, net_minor)]
     if order.bonus_credits_micros:
-        lines.append(Line(f"Bonus credits: {format_credits(order.bonus_credits_micros)}",
+        lines.append(Line(f"Bonus: {format_credits(order.bonus_credits_micros)} credits "
+                          "(no charge)",
                           order.bonus_credits_micros, 0))
     return lines
 

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, Final
 
 import grpc
 
 from services.ledger import convert
 from services.ledger.billing import convert as bill_convert
+from services.ledger.billing import pdf
 from services.ledger.billing.service import Billing
 from services.ledger.servicer import _actor
 from tally.ledger.v1 import billing_pb2 as pb
 from tally.ledger.v1 import billing_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
+PDF_CHUNK_BYTES: Final = 64 * 1024
 
 
 class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
@@ -81,3 +85,12 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             request.org_id, size=request.page_size, token=request.page_token)
         return pb.ListInvoicesResponse(invoices=[bill_convert.document_out(x) for x in found],
                                        next_page_token=token)
+
+    async def DownloadInvoicePdf(self, request: pb.DownloadInvoicePdfRequest, context: Context
+                                 ) -> AsyncIterator[pb.DownloadInvoicePdfResponse]:
+        doc = await self.billing.store.get_document(request.org_id, request.invoice_id)
+        rendered = await asyncio.to_thread(pdf.render, doc)
+        for start in range(0, len(rendered), PDF_CHUNK_BYTES):
+            yield pb.DownloadInvoicePdfResponse(
+                chunk=rendered[start:start + PDF_CHUNK_BYTES],
+                file_name=f"{doc.document_id}.pdf" if start == 0 else "")

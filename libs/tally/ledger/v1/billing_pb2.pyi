@@ -1051,3 +1051,55 @@ class GetBillingSettingsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetBillingSettingsResponse: _TypeAlias = GetBillingSettingsResponse  # noqa: Y015
+
+@_typing.final
+class DownloadInvoicePdfRequest(_message.Message):
+    """Request of DownloadInvoicePdf."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    INVOICE_ID_FIELD_NUMBER: _builtins.int
+    org_id: _builtins.str
+    """Org owning the document."""
+    invoice_id: _builtins.str
+    """The document's number (INV-... or CN-...)."""
+    def __init__(
+        self,
+        *,
+        org_id: _builtins.str = ...,
+        invoice_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoice_id", b"invoice_id", "org_id", b"org_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadInvoicePdfRequest: _TypeAlias = DownloadInvoicePdfRequest  # noqa: Y015
+
+@_typing.final
+class DownloadInvoicePdfResponse(_message.Message):
+    """One chunk of a PDF."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNK_FIELD_NUMBER: _builtins.int
+    FILE_NAME_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    """The next bytes of the PDF."""
+    file_name: _builtins.str
+    """A file name for it, e.g. INV-2026-000123.pdf (in the first chunk only)."""
+    def __init__(
+        self,
+        *,
+        chunk: _builtins.bytes = ...,
+        file_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "file_name", b"file_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadInvoicePdfResponse: _TypeAlias = DownloadInvoicePdfResponse  # noqa: Y015

@@ -85,6 +85,11 @@ class BillingServiceStub:
                 request_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.ListInvoicesRequest.SerializeToString,
                 response_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.ListInvoicesResponse.FromString,
                 _registered_method=True)
+        self.DownloadInvoicePdf = channel.unary_stream(
+                '/tally.ledger.v1.BillingService/DownloadInvoicePdf',
+                request_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.DownloadInvoicePdfRequest.SerializeToString,
+                response_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.DownloadInvoicePdfResponse.FromString,
+                _registered_method=True)
 
 
 class BillingServiceServicer:
@@ -168,6 +173,15 @@ class BillingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DownloadInvoicePdf(self, request, context):
+        """Streams a document rendered as PDF in chunks of at most 64 KiB (concatenate them in
+        order). Errors: NOT_FOUND (invoice_id) for a document of another org, or none; nothing is
+        streamed then.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BillingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -220,6 +234,11 @@ def add_BillingServiceServicer_to_server(servicer, server):
                     servicer.ListInvoices,
                     request_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.ListInvoicesRequest.FromString,
                     response_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.ListInvoicesResponse.SerializeToString,
+            ),
+            'DownloadInvoicePdf': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadInvoicePdf,
+                    request_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.DownloadInvoicePdfRequest.FromString,
+                    response_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.DownloadInvoicePdfResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -493,6 +512,33 @@ class BillingService:
             '/tally.ledger.v1.BillingService/ListInvoices',
             tally_dot_ledger_dot_v1_dot_billing__pb2.ListInvoicesRequest.SerializeToString,
             tally_dot_ledger_dot_v1_dot_billing__pb2.ListInvoicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadInvoicePdf(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tally.ledger.v1.BillingService/DownloadInvoicePdf',
+            tally_dot_ledger_dot_v1_dot_billing__pb2.DownloadInvoicePdfRequest.SerializeToString,
+            tally_dot_ledger_dot_v1_dot_billing__pb2.DownloadInvoicePdfResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -67,6 +67,11 @@ class BillingServiceStub:
     """
     ListInvoices: _grpc.UnaryUnaryMultiCallable[_billing_pb2.ListInvoicesRequest, _billing_pb2.ListInvoicesResponse]
     """Lists an org's invoices and credit notes, newest first."""
+    DownloadInvoicePdf: _grpc.UnaryStreamMultiCallable[_billing_pb2.DownloadInvoicePdfRequest, _billing_pb2.DownloadInvoicePdfResponse]
+    """Streams a document rendered as PDF in chunks of at most 64 KiB (concatenate them in
+    order). Errors: NOT_FOUND (invoice_id) for a document of another org, or none; nothing is
+    streamed then.
+    """
 
 @_typing.type_check_only
 class BillingServiceAsyncStub(BillingServiceStub):
@@ -105,6 +110,11 @@ class BillingServiceAsyncStub(BillingServiceStub):
     """
     ListInvoices: _aio.UnaryUnaryMultiCallable[_billing_pb2.ListInvoicesRequest, _billing_pb2.ListInvoicesResponse]  # type: ignore[assignment]
     """Lists an org's invoices and credit notes, newest first."""
+    DownloadInvoicePdf: _aio.UnaryStreamMultiCallable[_billing_pb2.DownloadInvoicePdfRequest, _billing_pb2.DownloadInvoicePdfResponse]  # type: ignore[assignment]
+    """Streams a document rendered as PDF in chunks of at most 64 KiB (concatenate them in
+    order). Errors: NOT_FOUND (invoice_id) for a document of another org, or none; nothing is
+    streamed then.
+    """
 
 class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
     """Billing profiles and billing settings per org (served by the ledger)."""
@@ -200,5 +210,16 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_billing_pb2.ListInvoicesResponse, _abc.Awaitable[_billing_pb2.ListInvoicesResponse]]:
         """Lists an org's invoices and credit notes, newest first."""
+
+    @_abc_1.abstractmethod
+    def DownloadInvoicePdf(
+        self,
+        request: _billing_pb2.DownloadInvoicePdfRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_billing_pb2.DownloadInvoicePdfResponse], _abc.AsyncIterator[_billing_pb2.DownloadInvoicePdfResponse]]:
+        """Streams a document rendered as PDF in chunks of at most 64 KiB (concatenate them in
+        order). Errors: NOT_FOUND (invoice_id) for a document of another org, or none; nothing is
+        streamed then.
+        """
 
 def add_BillingServiceServicer_to_server(servicer: BillingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
