@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 
 from services.ledger.billing import documents as docs
+from services.ledger.billing import reconcile
 from services.ledger.billing.store import DEFAULT_ISSUER, BillingStore
 from services.ledger.store import LedgerStore
 from tally.common.v1 import common_pb2
@@ -164,3 +165,21 @@ async def test_64_concurrent_payments_and_a_crash_leave_numbers_1_to_n_without_g
                                                                  for o in orders)
     assert [r["document_id"] for r in rows] == [
         f"INV-{YEAR}-{n:06d}" for n in range(1, CONCURRENT_PAYMENTS + 1)]
+
+
+async def test_payments_invoices_credits_and_refunds_reconcile_and_a_gap_is_listed(
+        shop: Shop) -> None:
+    await paid(shop, "po-1")
+    await paid(shop, "po-2", "other")
+    await refund(shop, "r1", "po-1", PACKAGE_CREDITS // 4)
+    start, end = datetime(2000, 1, 1, tzinfo=UTC), datetime(3000, 1, 1, tzinfo=UTC)
+    async with shop.db.acquire() as conn:
+        assert await reconcile.mismatches(conn, start, end) == []
+        # a paid order whose invoice is missing (as if issued elsewhere) is named, both sides
+        await conn.execute("ALTER TABLE ledger.billing_documents "
+                           "DISABLE TRIGGER billing_documents_immutable")
+        await conn.execute("DELETE FROM ledger.billing_documents "
+                           "WHERE payment_order_id = 'po-2'")
+        assert await reconcile.mismatches(conn, start, end) == [reconcile.Mismatch(
+            "PAID_ORDER_WITHOUT_INVOICE", "po-2", str(PACKAGE_PRICE_MINOR), "no invoice")]
+        assert await reconcile.mismatches(conn, start, end, "acme") == []

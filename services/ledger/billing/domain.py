@@ -152,7 +152,7 @@ def tax_id_problem(country: str, tax_id: str) -> str | None:
         if match.group(1) in _EIN_INVALID_PREFIXES:
             return f"{match.group(1)} is not an EIN prefix the IRS assigns"
         return None
-    if country in ("CH", "LI"):
+    if country == "CH":
         match = _CH_UID.fullmatch(tax_id)
         if not match:
             return "a Swiss UID is CHE-NNN.NNN.NNN (optionally followed by MWST, TVA or IVA)"

@@ -236,8 +236,6 @@ class PaymentStore:
         await self._save(work.conn, paid)
         await self._history(work.conn, paid, work.caller.actor, cause, work.caller.trace_id,
                             work.now)
-        if self.on_order_paid is not None:
-            await self.on_order_paid(work.conn, paid, work.now)
         attributes = {"payment_order_id": order_id, "amount_minor": str(order.amount_minor),
                       "currency": order.currency, "order_kind": order.kind.value}
         work.emit(org, d.OutboxEventType.PAYMENT_SUCCEEDED, **attributes)
@@ -246,6 +244,8 @@ class PaymentStore:
         await self._lift_top_up_throttle(work, org)
         work.emit_balance_changes()
         await work.flush()
+        if self.on_order_paid is not None:  # last: its number's lock is held until commit
+            await self.on_order_paid(work.conn, paid, work.now)
         return paid
 
     async def _lift_top_up_throttle(self, work: Work, org: str) -> None:
@@ -445,8 +445,6 @@ class PaymentStore:
             await self._save(conn, after)
             await self._history(conn, after, caller.actor, f"refund {refund_id}: {reason}",
                                 caller.trace_id, work.now)
-            if self.on_refund is not None:
-                await self.on_refund(conn, order, refund_id, plan, work.now)
             pending = order.provider != MANUAL_PROVIDER and plan.provider_refund_minor > 0
             await conn.execute(
                 "INSERT INTO ledger.refunds (refund_id, payment_order_id, org_id, "
@@ -458,6 +456,8 @@ class PaymentStore:
                 transfer.transfer_id, reason, caller.actor, work.now)
             work.emit_balance_changes()
             await work.flush()
+            if self.on_refund is not None:  # last: its number's lock is held until commit
+                await self.on_refund(conn, order, refund_id, plan, work.now)
             return plan, transfer, after
 
     async def _replay_refund(self, conn: Connection, refund_id: str
