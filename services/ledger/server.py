@@ -14,8 +14,15 @@ import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+import grpc
+
 from services.ledger import domain as d
 from services.ledger import usage_work
+from services.ledger.billing.domain import COUNTRIES
+from services.ledger.billing.service import Billing
+from services.ledger.billing.servicer import BillingServicer
+from services.ledger.billing.store import DEFAULT_ISSUER, BillingStore
+from services.ledger.billing.tax import Issuer
 from services.ledger.payments.catalog import PricingCatalog
 from services.ledger.payments.local_provider import LocalProvider
 from services.ledger.payments.local_store import PostgresPayments
@@ -46,10 +53,11 @@ from tally.kit.group_commit import GroupCommit
 from tally.kit.log import get_logger
 from tally.kit.readiness import postgres_probe
 from tally.kit.server import ServiceApp, run_service
-from tally.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from tally.ledger.v1 import billing_pb2, billing_pb2_grpc, ledger_pb2, ledger_pb2_grpc
 from tally.pricing.v1 import pricing_pb2_grpc
 
 SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
+BILLING_SERVICE_NAME = billing_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name
 SWEEP_INTERVAL_S = 1.0  # how late an expired hold or grant may be noticed
 STREAM_SAFETY_POLL_S = 5.0  # outbox sealing and streams wait on NOTIFY; this is the backstop
 LEASE_SWEEP_INTERVAL_S = 5.0  # how late a lease past its ttl may be ended (its hold returned)
@@ -80,6 +88,14 @@ def parse_secrets(raw: str) -> tuple[str, ...]:
     if not values or any(len(s) < 16 for s in values):
         raise ValueError("each secret needs at least 16 characters")
     return values
+
+
+def parse_country(raw: str) -> str:
+    """An ISO 3166-1 alpha-2 country code."""
+    code = raw.strip().upper()
+    if code not in COUNTRIES:
+        raise ValueError("not an ISO 3166-1 alpha-2 country code")
+    return code
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +155,18 @@ class LedgerConfig:
         "TALLY_LEDGER_USAGE_GROUP_MAX_ITEMS", parse_positive_int,
         "usage items > 0 that concurrent PostUsageBatch calls may share a transaction with",
         default=20_000)
+    issuer_name: str = setting("TALLY_LEDGER_ISSUER_NAME", str,
+                               "the legal name invoices are issued in",
+                               default=DEFAULT_ISSUER.legal_name)
+    issuer_country: str = setting("TALLY_LEDGER_ISSUER_COUNTRY", parse_country,
+                                  "the issuer's ISO 3166-1 alpha-2 country, e.g. DE",
+                                  default=DEFAULT_ISSUER.country)
+    issuer_tax_id: str = setting("TALLY_LEDGER_ISSUER_TAX_ID", str,
+                                 "the issuer's tax id (VAT number)",
+                                 default=DEFAULT_ISSUER.tax_id)
+    issuer_address: str = setting("TALLY_LEDGER_ISSUER_ADDRESS", str,
+                                  "the issuer's postal address, one line",
+                                  default=DEFAULT_ISSUER.address)
     usage_committers: int = setting(
         "TALLY_LEDGER_USAGE_COMMITTERS", parse_positive_int,
         "usage group commits > 0 in flight at once per caller identity", default=1)
@@ -183,11 +211,16 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
         # replica is paid on another's page)
         provider.keep_state_in(PostgresPayments(pool))
     pricing_channel = peer_channel(config.address_of("pricing"))
+    billing_store = BillingStore(store, Issuer(settings.issuer_name, settings.issuer_country,
+                                               settings.issuer_tax_id, settings.issuer_address))
     payment_store = PaymentStore(store,
                                  failures_to_throttle=settings.top_up_failures_to_throttle)
     payments = Payments(payment_store, provider,
                         PricingCatalog(pricing_pb2_grpc.PricingServiceStub(pricing_channel)),
-                        webhook_secrets)
+                        webhook_secrets, profiles=billing_store)
+    payment_store.on_order_created = billing_store.record_tax
+    payment_store.on_order_paid = billing_store.issue_invoice
+    payment_store.on_refund = billing_store.issue_credit_note
     endpoint = WebhookEndpoint(payments, config.host, settings.webhook_port)
     top_up = TopUpWorker(payments, payment_store, store,
                          poll_s=settings.top_up_poll_ms / 1000)
@@ -242,14 +275,18 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
     gc.freeze()
     return ServiceApp(
         name="ledger",
-        service_names=[SERVICE_NAME],
-        register=lambda server: ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
-            servicer, server),
+        service_names=[SERVICE_NAME, BILLING_SERVICE_NAME],
+        register=functools.partial(_register, servicer, BillingServicer(Billing(billing_store))),
         on_start=[start_background],
         on_stop=[close],
         shutting_down=shutting_down,
         readiness_probes=[postgres_probe(pool)],
     )
+
+
+def _register(ledger: LedgerServicer, billing: BillingServicer, server: grpc.aio.Server) -> None:
+    ledger_pb2_grpc.add_LedgerServiceServicer_to_server(ledger, server)
+    billing_pb2_grpc.add_BillingServiceServicer_to_server(billing, server)
 
 
 def payment_provider(config: KitConfig, settings: LedgerConfig,

@@ -10,6 +10,7 @@ import typer
 from tally.cli import accounts as accounts_cli
 from tally.cli import alerts as alerts_cli
 from tally.cli import authorize as authorize_cli
+from tally.cli import billing as billing_cli
 from tally.cli import demo as demo_module
 from tally.cli import ledger as ledger_cli
 from tally.cli import payments as payments_cli
@@ -148,6 +149,7 @@ policies_cli.register(app, _config)
 alerts_cli.register(app, _config)
 payments_cli.register(app, _config)
 accounts_cli.register(app, _config)
+billing_cli.register(app, _config)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from tally.accounts.v1 import accounts_pb2_grpc
 from tally.kit import errors
 from tally.kit.config import KitConfig
-from tally.ledger.v1 import ledger_pb2_grpc
+from tally.ledger.v1 import billing_pb2_grpc, ledger_pb2_grpc
 from tally.metering.v1 import metering_pb2_grpc
 from tally.notifier.v1 import notifier_pb2_grpc
 from tally.pricing.v1 import pricing_pb2_grpc
@@ -223,6 +223,7 @@ class TallyClient:
         self.pricing = pricing_pb2_grpc.PricingServiceStub(self._channel("pricing"))
         self.metering = metering_pb2_grpc.MeteringServiceStub(self._channel("metering"))
         self.ledger = ledger_pb2_grpc.LedgerServiceStub(self._channel("ledger"))
+        self.billing = billing_pb2_grpc.BillingServiceStub(self._channel("ledger"))
         self.notifier = notifier_pb2_grpc.NotifierServiceStub(self._channel("notifier"))
         self.accounts = accounts_pb2_grpc.AccountsServiceStub(self._channel("accounts"))
 

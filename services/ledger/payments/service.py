@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import TypeVar
 
 from services.ledger import domain as d
+from services.ledger.billing.store import BillingStore
 from services.ledger.payments import domain as p
 from services.ledger.payments.catalog import Catalog
 from services.ledger.payments.provider import (
@@ -39,7 +40,8 @@ class Payments:
 
     def __init__(self, store: PaymentStore, provider: PaymentProvider, catalog: Catalog,
                  webhook_secrets: Sequence[str], *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 profiles: BillingStore | None = None) -> None:
         if not webhook_secrets:
             raise ValueError("at least one webhook secret is needed")
         self.store = store
@@ -47,6 +49,7 @@ class Payments:
         self.catalog = catalog
         self.webhook_secrets = list(webhook_secrets)
         self.clock = clock
+        self.profiles = profiles
 
     # -- purchase --------------------------------------------------------------------------
 
@@ -56,6 +59,8 @@ class Payments:
         request_hash = d.fingerprint(cmd)
         order = await self.store.claimed_order(cmd.payment_order_id, request_hash)
         if order is None:
+            if self.profiles is not None:
+                await self.profiles.check_can_buy(cmd.org_id)
             offer = await self._offer(cmd.package_id, cmd.custom, "", checkout=True)
             order = await self.store.create_order(p.PaymentOrder(
                 cmd.payment_order_id, cmd.org_id, p.PaymentOrderKind.CHECKOUT,

@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 log = get_logger("ledger.payments")
 
 MANUAL_PROVIDER: Final = "manual"
+OrderHook = Callable[["Connection", p.PaymentOrder], Awaitable[None]]
+PaidHook = Callable[["Connection", p.PaymentOrder, datetime], Awaitable[object]]
+RefundHook = Callable[["Connection", p.PaymentOrder, str, p.RefundPlan, datetime],
+                      Awaitable[object]]
 TOP_UP_CURSOR: Final = "auto-top-up"
 
 _ORDER_COLUMNS: Final = (
@@ -87,6 +91,12 @@ class PaymentStore:
         self.ledger = ledger
         self.pool = ledger.pool
         self.failures_to_throttle = failures_to_throttle
+        # what else a new order writes in its own transaction (its tax snapshot)
+        self.on_order_created: OrderHook | None = None
+        # what a payment's success and a refund also write in their transactions (the
+        # invoice, the credit note)
+        self.on_order_paid: PaidHook | None = None
+        self.on_refund: RefundHook | None = None
 
     def _clock(self) -> datetime:
         return self.ledger.clock()
@@ -101,6 +111,8 @@ class PaymentStore:
             if not await work.claim(f"payment-order:{order.payment_order_id}", request_hash):
                 return await self._get(conn, order.payment_order_id)
             await self._insert(conn, order)
+            if self.on_order_created is not None:
+                await self.on_order_created(conn, order)
             await self._history(conn, order, order.created_by, "created", "")
             return order
 
@@ -233,6 +245,8 @@ class PaymentStore:
         await self._lift_top_up_throttle(work, org)
         work.emit_balance_changes()
         await work.flush()
+        if self.on_order_paid is not None:  # last: its number's lock is held until commit
+            await self.on_order_paid(work.conn, paid, work.now)
         return paid
 
     async def _lift_top_up_throttle(self, work: Work, org: str) -> None:
@@ -444,6 +458,8 @@ class PaymentStore:
                 transfer.transfer_id, reason, caller.actor, work.now)
             work.emit_balance_changes()
             await work.flush()
+            if self.on_refund is not None:  # last: its number's lock is held until commit
+                await self.on_refund(conn, order, refund_id, plan, work.now)
             return plan, transfer, after
 
     async def _replay_refund(self, conn: Connection, refund_id: str
@@ -600,6 +616,8 @@ class PaymentStore:
                 package_id=offer.package_id, price_book_version=offer.price_book_version,
                 billing_profile_id=config.billing_profile_id)
             await self._insert(conn, order)
+            if self.on_order_created is not None:
+                await self.on_order_created(conn, order)
             await self._history(conn, order, caller.actor,
                                 f"available {available} below threshold "
                                 f"{config.threshold_micros}", caller.trace_id)

@@ -228,8 +228,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_INTERNAL: _ErrorReason.ValueType  # 27
     """An unexpected server fault; nothing was half-written. INTERNAL."""
+    ERROR_REASON_BILLING_PROFILE_INCOMPLETE: _ErrorReason.ValueType  # 28
+    """The org requires a complete billing profile to buy, and its profile lacks the fields in
+    metadata missing_fields. FAILED_PRECONDITION.
+    """
     ERROR_REASON_SEAT_LIMIT_REACHED: _ErrorReason.ValueType  # 40
-    """(28..39 left to other contracts in flight.) Adding a member or giving one a paid role
+    """(29..39 left to other contracts in flight.) Adding a member or giving one a paid role
     (owner, admin, developer) would pass the org's paid seat limit. FAILED_PRECONDITION.
     """
     ERROR_REASON_LAST_OWNER: _ErrorReason.ValueType  # 41
@@ -309,8 +313,12 @@ UNAVAILABLE.
 """
 ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 27
 """An unexpected server fault; nothing was half-written. INTERNAL."""
+ERROR_REASON_BILLING_PROFILE_INCOMPLETE: ErrorReason.ValueType  # 28
+"""The org requires a complete billing profile to buy, and its profile lacks the fields in
+metadata missing_fields. FAILED_PRECONDITION.
+"""
 ERROR_REASON_SEAT_LIMIT_REACHED: ErrorReason.ValueType  # 40
-"""(28..39 left to other contracts in flight.) Adding a member or giving one a paid role
+"""(29..39 left to other contracts in flight.) Adding a member or giving one a paid role
 (owner, admin, developer) would pass the org's paid seat limit. FAILED_PRECONDITION.
 """
 ERROR_REASON_LAST_OWNER: ErrorReason.ValueType  # 41
