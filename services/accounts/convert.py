@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 from tally.accounts.v1 import accounts_pb2 as pb
 from tally.kit.errors import invalid
-from tally.kit.protoconv import enum_or_none, enum_out, to_timestamp
+from tally.kit.protoconv import enum_or_none, enum_out, from_timestamp, to_timestamp
 
 from .audit import MAX_APPEND, AuditEntry, Verdict
 from .domain import (
@@ -96,8 +96,7 @@ def update_to_proto(update: CredentialsUpdate) -> pb.WatchCredentialsResponse:
 def audit_in(record: pb.AuditRecord, service_default: str = "") -> AuditEntry:
     """A shipped audit record (chain fields are ignored: accounts sets them)."""
     return AuditEntry(record_id=record.record_id, org_id=record.org_id,
-                      at=record.time.ToDatetime(tzinfo=UTC) if record.HasField("time")
-                      else datetime.now(UTC),
+                      at=from_timestamp(record, "time") or datetime.now(UTC),
                       principal=record.principal, verified_by=record.verified_by,
                       service=record.service or service_default, rpc=record.rpc,
                       target_ids=tuple(record.target_ids),
@@ -118,5 +117,9 @@ def key_uses_in(request: pb.AppendAuditRequest) -> list[tuple[str, datetime]]:
     """Reported key uses, bounded."""
     if len(request.key_uses) > MAX_APPEND:
         raise invalid("key_uses", f"at most {MAX_APPEND} per call")
-    return [(u.key_id, u.last_use_time.ToDatetime(tzinfo=UTC)) for u in request.key_uses
-            if u.key_id and u.HasField("last_use_time")]
+    uses = []
+    for use in request.key_uses:
+        at = from_timestamp(use, "last_use_time")
+        if use.key_id and at is not None:
+            uses.append((use.key_id, at))
+    return uses

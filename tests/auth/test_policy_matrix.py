@@ -3,6 +3,8 @@ server runs, on the policy table the guard uses; and the table against the contr
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,17 +12,23 @@ from google.protobuf.descriptor import Descriptor, MethodDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
+import tally
 from tally.accounts.v1 import accounts_pb2
 from tally.kit import policy
 from tally.kit.errors import Reason, TallyError
-from tally.ledger.v1 import ledger_pb2
-from tally.metering.v1 import metering_pb2
-from tally.notifier.v1 import notifier_pb2
-from tally.pricing.v1 import pricing_pb2
 
 from .conftest import SERVICE_OF_ROLE, Identities, bearer, mesh
 
-CONTRACTS = (pricing_pb2, metering_pb2, ledger_pb2, notifier_pb2, accounts_pb2)
+
+def _contracts() -> tuple[Any, ...]:
+    """Every generated contract module (libs/tally/<package>/v1/*_pb2.py): a new proto file's
+    services are walked without anyone listing them here."""
+    root = Path(tally.__file__).resolve().parent
+    return tuple(importlib.import_module(f"tally.{path.parent.parent.name}.v1.{path.stem}")
+                 for path in sorted(root.glob("*/v1/*_pb2.py")))
+
+
+CONTRACTS = _contracts()
 PEOPLE = ("owner", "admin", "billing", "developer", "viewer")
 ROLES = (*PEOPLE, policy.GATEWAY, policy.INTERNAL, policy.OPERATOR, policy.FINANCE)
 

@@ -28,20 +28,24 @@ from google.protobuf import message_factory
 from google.protobuf.message import EncodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.accounts.server import build as build_accounts
 from services.ledger.server import build as build_ledger
 from services.metering.server import build as build_metering
 from services.notifier.server import build as build_notifier
 from services.pricing.server import build as build_pricing
+from tally.accounts.v1 import accounts_pb2
 from tally.kit.config import load_kit_config
 from tally.kit.server import RunningServer, start_server
-from tally.ledger.v1 import ledger_pb2
+from tally.ledger.v1 import billing_pb2, ledger_pb2
 from tally.metering.v1 import metering_pb2
 from tally.notifier.v1 import notifier_pb2
 from tally.pricing.v1 import pricing_pb2
 from tests.fuzz.generate import Generator, spoiled
 
-SERVICE_MODULES = {"pricing": pricing_pb2, "metering": metering_pb2, "ledger": ledger_pb2,
-                   "notifier": notifier_pb2}
+SERVICE_MODULES = {"pricing": (pricing_pb2,), "metering": (metering_pb2,),
+                   "ledger": (ledger_pb2, billing_pb2), "notifier": (notifier_pb2,),
+                   "accounts": (accounts_pb2,)}
+"""Each service and the contract files it serves (the ledger serves BillingService too)."""
 FORBIDDEN = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 CI_SEED = 20261207
 UNARY_TIMEOUT_S = 20.0
@@ -87,9 +91,10 @@ class Tally:
 def every_rpc() -> list[Rpc]:
     """Each RPC of each service in the contracts, from the descriptors."""
     found = []
-    for service, module in SERVICE_MODULES.items():
-        for described in module.DESCRIPTOR.services_by_name.values():
-            found.extend(Rpc(service, m) for m in described.methods)
+    for service, modules in SERVICE_MODULES.items():
+        for module in modules:
+            for described in module.DESCRIPTOR.services_by_name.values():
+                found.extend(Rpc(service, m) for m in described.methods)
     return found
 
 
@@ -108,13 +113,14 @@ async def suite(db_url: str) -> AsyncIterator[dict[str, RunningServer]]:
         **{f"{name}_port": port for name, port in ports.items()})
     running: dict[str, RunningServer] = {}
     try:
-        for name, build in (("pricing", build_pricing), ("ledger", build_ledger),
-                            ("metering", build_metering), ("notifier", build_notifier)):
+        for name, build in (("accounts", build_accounts), ("pricing", build_pricing),
+                            ("ledger", build_ledger), ("metering", build_metering),
+                            ("notifier", build_notifier)):
             running[name] = await start_server(await build(config), port=ports[name],
                                                grace_seconds=0.5)
         yield running
     finally:
-        for name in ("notifier", "metering", "pricing", "ledger"):
+        for name in ("notifier", "metering", "pricing", "ledger", "accounts"):
             if name in running:
                 await running[name].stop()
 

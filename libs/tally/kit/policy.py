@@ -86,6 +86,7 @@ _ORG = "org_id"
 _PRICING = "/tally.pricing.v1.PricingService/"
 _METERING = "/tally.metering.v1.MeteringService/"
 _LEDGER = "/tally.ledger.v1.LedgerService/"
+_BILLING = "/tally.ledger.v1.BillingService/"
 _NOTIFIER = "/tally.notifier.v1.NotifierService/"
 _ACCOUNTS = "/tally.accounts.v1.AccountsService/"
 
@@ -183,6 +184,22 @@ POLICY: Final[Mapping[str, Rule]] = {
     _ACCOUNTS + "AppendAudit": _rule(frozenset({INTERNAL}), "records[].org_id"),
     _ACCOUNTS + "VerifyAudit": _rule(frozenset({OWNER, ADMIN, OPERATOR, FINANCE}), _ORG),
     _ACCOUNTS + "ExportAudit": _rule(frozenset({OWNER, ADMIN, OPERATOR, FINANCE}), _ORG),
+    # billing documents: profiles and invoices are payment details (not for developers and
+    # viewers); tax rates are the issuer's, published by finance
+    _BILLING + "SetBillingProfile": _rule(frozenset({OWNER, ADMIN, BILLING, OPERATOR}), _CTX,
+                                          "profile.org_id"),
+    _BILLING + "GetBillingProfile": _rule(MONEY_READ, _ORG),
+    _BILLING + "DeleteBillingProfile": _rule(frozenset({OWNER, ADMIN, BILLING, OPERATOR}),
+                                             _CTX, _ORG),
+    _BILLING + "SetBillingSettings": _rule(frozenset({OWNER, ADMIN, OPERATOR, FINANCE}), _CTX,
+                                           "settings.org_id"),
+    _BILLING + "GetBillingSettings": _rule(MONEY_READ, _ORG),
+    _BILLING + "GetTaxSnapshot": _rule(MONEY_READ, _ORG),
+    _BILLING + "PublishTaxRates": _rule(frozenset({FINANCE}), _CTX, required=False),
+    _BILLING + "GetTaxRates": _rule(CATALOG),
+    _BILLING + "GetInvoice": _rule(MONEY_READ, _ORG),
+    _BILLING + "ListInvoices": _rule(MONEY_READ, _ORG),
+    _BILLING + "DownloadInvoicePdf": _rule(MONEY_READ, _ORG),
 }
 """Every RPC of every Tally service. Health and reflection are infrastructure, not here."""
 
