@@ -363,6 +363,22 @@ class Work:
 
     # -- outbox --------------------------------------------------------------------------
 
+    async def mark_captured(self, rows: Sequence[tuple[str, int, int, str, int, int, int]]
+                            ) -> None:
+        """Closes reservations captured by usage: (reservation id, cost, its arrears, the
+        transfer carrying it, and the org's posted / held / arrears after), so a later Capture
+        replay answers with them."""
+        await self.conn.execute(
+            "UPDATE ledger.reservations r SET state = 'CAPTURED', "
+            "captured_micros = u.cost, arrears_micros = u.arrears, settled_at = $8, "
+            "capture_transfer_id = u.transfer_id, settled_posted_micros = u.posted, "
+            "settled_held_micros = u.held, settled_arrears_micros = u.owed "
+            "FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], "
+            "$5::bigint[], $6::bigint[], $7::bigint[]) "
+            "AS u(id, cost, arrears, transfer_id, posted, held, owed) "
+            "WHERE r.reservation_id = u.id",
+            *[[row[i] for row in rows] for i in range(7)], self.now)
+
     def emit(self, org_id: str, kind: d.OutboxEventType, **attributes: str) -> None:
         credit = self.accounts[d.credit_account(org_id)]
         self.outbox.append((
@@ -1214,20 +1230,8 @@ class LedgerStore:
             # A reservation captured by a batch answers a later Capture replay with the
             # balance after the whole batch.
             # (the batch's transfers are already posted to the locked accounts here)
-            await conn.execute(
-                "UPDATE ledger.reservations r SET state = 'CAPTURED', "
-                "captured_micros = u.cost, arrears_micros = u.arrears, settled_at = $8, "
-                "capture_transfer_id = u.transfer_id, settled_posted_micros = u.posted, "
-                "settled_held_micros = u.held, settled_arrears_micros = u.owed "
-                "FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], "
-                "$5::bigint[], $6::bigint[], $7::bigint[]) "
-                "AS u(id, cost, arrears, transfer_id, posted, held, owed) "
-                "WHERE r.reservation_id = u.id",
-                [c[0] for c in captures], [c[2] for c in captures], [c[3] for c in captures],
-                [c[4] for c in captures], [work.balance(c[1])[0] for c in captures],
-                [work.balance(c[1])[1] for c in captures],
-                [work.balance(c[1])[2] for c in captures],
-                work.now)
+            await work.mark_captured([(c[0], c[2], c[3], c[4], *work.balance(c[1]))
+                                      for c in captures])
             work.settled.extend((c[0], c[1]) for c in captures)
         await leased.write()
         # The burned grants are written while the rest of the writes are made ready.

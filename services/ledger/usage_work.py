@@ -154,21 +154,10 @@ async def _write(work: Work, positions: dict[str, p.OrgPosition], plan: p.UsageP
     for org, kind, attributes in plan.outbox:
         work.emit(org, kind, **attributes)
     if plan.captures:
-        captures = plan.captures
-        await conn.execute(
-            "UPDATE ledger.reservations r SET state = 'CAPTURED', "
-            "captured_micros = u.cost, arrears_micros = u.arrears, settled_at = $8, "
-            "capture_transfer_id = u.transfer_id, settled_posted_micros = u.posted, "
-            "settled_held_micros = u.held, settled_arrears_micros = u.owed "
-            "FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], "
-            "$5::bigint[], $6::bigint[], $7::bigint[]) "
-            "AS u(id, cost, arrears, transfer_id, posted, held, owed) "
-            "WHERE r.reservation_id = u.id",
-            [c[0] for c in captures], [c[2] for c in captures], [c[3] for c in captures],
-            [c[4] for c in captures], [positions[c[1]].posted_micros for c in captures],
-            [positions[c[1]].held_micros for c in captures],
-            [positions[c[1]].owed_micros for c in captures], now)
-        work.settled.extend((c[0], c[1]) for c in captures)
+        # the org's balances after the whole group (written to the accounts above)
+        await work.mark_captured([(c[0], c[2], c[3], c[4], *work.balance(c[1]))
+                                  for c in plan.captures])
+        work.settled.extend((c[0], c[1]) for c in plan.captures)
     await work.flush(follow_the_money=False)
     if plan.revenue_micros:
         sinks = sorted(plan.revenue_micros)
