@@ -293,6 +293,17 @@ class _Call:
         current_principal.set(principal)
         return principal
 
+    async def admit(self, request: Any, streamed_in: bool) -> Any:
+        """`enter` for the request as the handler will get it: a client stream's messages
+        each checked as they come, undecodable bytes refused once the caller is verified."""
+        if streamed_in:
+            return self.checked(_checked_stream(request), await self.enter())
+        if request.__class__ is Refused:
+            await self.enter()
+            raise request.error
+        await self.enter(request)
+        return request
+
     def checked(self, requests: AsyncIterable[Any], principal: Any) -> AsyncIterable[Any]:
         """A client stream's messages, each checked for the orgs it names."""
         check = getattr(self.method.authenticator, "check_message", None)
@@ -422,14 +433,7 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: _Method
         async def unary_response(request: Any, context: Any) -> Any:
             call = _Call(method, context)
             try:
-                if streamed:
-                    request = call.checked(_checked_stream(request), await call.enter())
-                elif request.__class__ is Refused:
-                    # undecodable bytes: the caller is still verified first, then refused
-                    await call.enter()
-                    raise request.error
-                else:
-                    await call.enter(request)
+                request = await call.admit(request, streamed)
                 return await inner(request, context)
             except grpc.aio.AbortError:
                 if call.code is None:
@@ -454,13 +458,7 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: _Method
     async def streaming_response(request: Any, context: Any) -> AsyncIterator[Any]:
         call = _Call(method, context)
         try:
-            if streamed_in:
-                request = call.checked(_checked_stream(request), await call.enter())
-            elif request.__class__ is Refused:
-                await call.enter()
-                raise request.error
-            else:
-                await call.enter(request)
+            request = await call.admit(request, streamed_in)
             produced = inner(request, context)
             if inspect.isasyncgen(produced):
                 async for item in produced:
