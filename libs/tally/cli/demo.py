@@ -195,7 +195,11 @@ async def _metered_request(tally: TallyClient, org: str, run_id: str) -> None:
     _say("metering.StreamUsage receipt", f"{format_credits(receipt.cost_micros)} ({lines}); "
          f"available after {format_credits(receipt.balance_after_micros)}")
     balance = (await tally.ledger.GetBalance(lpb.GetBalanceRequest(org_id=org))).balance
-    _say("hold captured", f"held {format_credits(balance.held_micros)}, available "
+    # Authorize held the estimate inside metering's credit lease (a ledger reservation for a
+    # slice of the org's credit) and the usage event settled it there, so the ledger holds
+    # the lease and nothing per request.
+    _say("ledger holds", f"{format_credits(balance.held_micros)} = metering's credit lease "
+         f"{format_credits(balance.leased_micros)}; available "
          f"{format_credits(balance.available_micros)}")
-    if balance.held_micros:
-        raise TallyError(Reason.INTERNAL, "the usage event did not capture its hold")
+    if balance.held_micros != balance.leased_micros:
+        raise TallyError(Reason.INTERNAL, "the ledger holds credit outside metering's lease")
