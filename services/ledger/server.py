@@ -62,6 +62,9 @@ SWEEP_INTERVAL_S = 1.0  # how late an expired hold or grant may be noticed
 STREAM_SAFETY_POLL_S = 5.0  # outbox sealing and streams wait on NOTIFY; this is the backstop
 LEASE_SWEEP_INTERVAL_S = 5.0  # how late a lease past its ttl may be ended (its hold returned)
 REFUND_RETRY_INTERVAL_S = 30.0  # how often the money of an unconfirmed refund is asked again
+# how often the daily-snapshot job looks for closed days to write (a day is written once it
+# is SETTLE_MARGIN old; a run writes a bounded number of rows, catching up over several)
+SNAPSHOT_INTERVAL_S = 300.0
 RESERVE_GROUP_MAX = 256  # Reserve calls of one org that may share one transaction
 
 log = get_logger("ledger.server")
@@ -232,6 +235,7 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
                         key=lambda hold: hold.org_id)
     servicer = LedgerServicer(store, payments, usage=usage, holds=holds,
                               shutting_down=shutting_down)
+    billing = Billing(billing_store)
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
 
@@ -259,6 +263,9 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
         tasks.append(asyncio.create_task(top_up.run(stop)))
         tasks.append(asyncio.create_task(run_periodically(
             "retry_provider_refunds", REFUND_RETRY_INTERVAL_S, payments.retry_refunds, stop)))
+        tasks.append(asyncio.create_task(run_periodically(
+            "daily_snapshots", SNAPSHOT_INTERVAL_S, billing.statements.write_daily_snapshots,
+            stop)))
 
     async def close() -> None:
         stop.set()
@@ -276,7 +283,7 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
     return ServiceApp(
         name="ledger",
         service_names=[SERVICE_NAME, BILLING_SERVICE_NAME],
-        register=functools.partial(_register, servicer, BillingServicer(Billing(billing_store))),
+        register=functools.partial(_register, servicer, BillingServicer(billing)),
         on_start=[start_background],
         on_stop=[close],
         shutting_down=shutting_down,

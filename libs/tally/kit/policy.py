@@ -200,6 +200,13 @@ POLICY: Final[Mapping[str, Rule]] = {
     _BILLING + "GetInvoice": _rule(MONEY_READ, _ORG),
     _BILLING + "ListInvoices": _rule(MONEY_READ, _ORG),
     _BILLING + "DownloadInvoicePdf": _rule(MONEY_READ, _ORG),
+    _BILLING + "GetStatement": _rule(MONEY_READ, _ORG),
+    _BILLING + "ListStatements": _rule(MONEY_READ, _ORG),
+    _BILLING + "DownloadStatementPdf": _rule(MONEY_READ, _ORG),
+    _BILLING + "ListDailySnapshots": _rule(MONEY_READ, _ORG),
+    # an org's own reconciliation is its payment details; every org's (no org_id) is the
+    # platform's, which only finance and operators hold
+    _BILLING + "Reconcile": _rule(MONEY_READ, _ORG),
 }
 """Every RPC of every Tally service. Health and reflection are infrastructure, not here."""
 

@@ -6,7 +6,8 @@ from datetime import datetime
 
 from services.ledger.billing import documents as docs
 from services.ledger.billing import domain as b
-from services.ledger.billing import tax
+from services.ledger.billing import reconcile, tax
+from services.ledger.billing import statements as st
 from tally.kit.protoconv import enum_out, from_timestamp, to_timestamp
 from tally.ledger.v1 import billing_pb2 as pb
 
@@ -80,3 +81,50 @@ def document_out(doc: docs.Document) -> pb.BillingDocument:
         tax_minor=doc.tax_minor, gross_minor=doc.gross_minor,
         payment_reference=doc.payment_reference, refund_id=doc.refund_id,
         corrects_invoice_id=doc.invoice_id, notes=doc.notes)
+
+
+def statement_out(s: st.Statement) -> pb.Statement:
+    m = s.movements
+    return pb.Statement(
+        org_id=s.org_id, month=st.month_text(s.month),
+        period_start=to_timestamp(s.period_start), period_end=to_timestamp(s.period_end),
+        is_final=s.is_final, generated_at=to_timestamp(s.generated_at),
+        opening_balance_micros=s.opening.posted_micros,
+        lines=[pb.StatementLine(category=x.category.value, description=x.description,
+                                amount_micros=x.amount_micros, entry_count=x.entry_count)
+               for x in m.lines],
+        closing_balance_micros=s.closing.posted_micros,
+        opening_arrears_micros=s.opening.arrears_micros,
+        usage_arrears_micros=m.usage_arrears_micros,
+        arrears_settled_micros=m.arrears_settled_micros,
+        closing_arrears_micros=s.closing.arrears_micros,
+        usage_total_micros=m.usage_total_micros, entry_count=m.entry_count)
+
+
+def snapshot_out(s: st.DailySnapshot) -> pb.DailySnapshot:
+    return pb.DailySnapshot(
+        org_id=s.org_id, day=s.day.isoformat(), posted_micros=s.posted_micros,
+        held_micros=s.held_micros, available_micros=s.available_micros,
+        arrears_micros=s.arrears_micros, billing_state=s.billing_state,
+        credits_bought_micros=s.credits_bought_micros, usage_micros=s.usage_micros,
+        net_change_micros=s.net_change_micros,
+        grants_by_expiry_micros=s.grants_by_expiry_micros,
+        written_at=to_timestamp(s.written_at))
+
+
+def reconciliation_out(month: str, r: reconcile.Reconciliation) -> pb.ReconcileResponse:
+    return pb.ReconcileResponse(
+        month=month,
+        mismatches=[pb.ReconciliationMismatch(kind=x.kind, subject=x.subject,
+                                              expected=x.expected, found=x.found)
+                    for x in r.mismatches],
+        money=[pb.ReconciliationMoney(currency=x.currency, paid_minor=x.paid_minor,
+                                      paid_tax_minor=x.paid_tax_minor,
+                                      refunded_minor=x.refunded_minor,
+                                      refunded_tax_minor=x.refunded_tax_minor)
+               for x in r.money],
+        credits_purchased_micros=r.credits_purchased_micros,
+        credits_refunded_micros=r.credits_refunded_micros,
+        usage_debited_micros=r.usage_debited_micros,
+        usage_arrears_micros=r.usage_arrears_micros,
+        usage_receipts_micros=r.usage_receipts_micros)

@@ -6,7 +6,9 @@ from datetime import datetime
 
 from services.ledger import domain as d
 from services.ledger.billing import domain as b
-from services.ledger.billing import tax
+from services.ledger.billing import reconcile, tax
+from services.ledger.billing import statements as st
+from services.ledger.billing.statement_store import StatementStore
 from services.ledger.billing.store import BillingStore
 
 
@@ -15,6 +17,7 @@ class Billing:
 
     def __init__(self, store: BillingStore) -> None:
         self.store = store
+        self.statements = StatementStore(store.pool, store.ledger.clock)
 
     async def set_profile(self, request_id: str, profile: b.BillingProfile, caller: d.Caller
                           ) -> b.BillingProfile:
@@ -43,3 +46,12 @@ class Billing:
         d.raise_if([d.check_id("request_id", request_id)])
         tax.validate_rates(rates_ppm)
         return await self.store.publish_rates(request_id, rates_ppm, effective_from, caller)
+
+    async def reconcile(self, org_id: str, month_text: str) -> reconcile.Reconciliation:
+        """One month reconciled (of one org, or every org when `org_id` is empty)."""
+        if org_id:
+            d.raise_if([d.check_id("org_id", org_id)])
+        month = st.parse_month(month_text, self.store.ledger.clock())
+        async with self.store.pool.acquire() as conn:
+            return await reconcile.reconcile(conn, st.start_of(month),
+                                             st.start_of(st.next_month(month)), org_id)

@@ -10,7 +10,7 @@ import grpc
 
 from services.ledger import convert
 from services.ledger.billing import convert as bill_convert
-from services.ledger.billing import pdf
+from services.ledger.billing import pdf, statement_pdf
 from services.ledger.billing.service import Billing
 from services.ledger.servicer import _actor
 from tally.ledger.v1 import billing_pb2 as pb
@@ -94,3 +94,38 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             yield pb.DownloadInvoicePdfResponse(
                 chunk=rendered[start:start + PDF_CHUNK_BYTES],
                 file_name=f"{doc.document_id}.pdf" if start == 0 else "")
+
+    async def GetStatement(self, request: pb.GetStatementRequest, context: Context
+                           ) -> pb.GetStatementResponse:
+        found = await self.billing.statements.statement(request.org_id, request.month)
+        return pb.GetStatementResponse(statement=bill_convert.statement_out(found))
+
+    async def ListStatements(self, request: pb.ListStatementsRequest, context: Context
+                             ) -> pb.ListStatementsResponse:
+        found, token = await self.billing.statements.list_statements(
+            request.org_id, request.page_size, request.page_token)
+        return pb.ListStatementsResponse(
+            statements=[bill_convert.statement_out(x) for x in found], next_page_token=token)
+
+    async def DownloadStatementPdf(self, request: pb.DownloadStatementPdfRequest,
+                                   context: Context
+                                   ) -> AsyncIterator[pb.DownloadStatementPdfResponse]:
+        found = await self.billing.statements.statement(request.org_id, request.month)
+        rendered = await asyncio.to_thread(statement_pdf.render, found,
+                                           self.billing.store.issuer)
+        for start in range(0, len(rendered), PDF_CHUNK_BYTES):
+            yield pb.DownloadStatementPdfResponse(
+                chunk=rendered[start:start + PDF_CHUNK_BYTES],
+                file_name=statement_pdf.file_name(found) if start == 0 else "")
+
+    async def ListDailySnapshots(self, request: pb.ListDailySnapshotsRequest,
+                                 context: Context) -> pb.ListDailySnapshotsResponse:
+        found = await self.billing.statements.snapshots(request.org_id, request.from_day,
+                                                        request.to_day)
+        return pb.ListDailySnapshotsResponse(
+            snapshots=[bill_convert.snapshot_out(x) for x in found])
+
+    async def Reconcile(self, request: pb.ReconcileRequest, context: Context
+                        ) -> pb.ReconcileResponse:
+        found = await self.billing.reconcile(request.org_id, request.month)
+        return bill_convert.reconciliation_out(request.month, found)

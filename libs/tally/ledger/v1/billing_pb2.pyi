@@ -1103,3 +1103,593 @@ class DownloadInvoicePdfResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DownloadInvoicePdfResponse: _TypeAlias = DownloadInvoicePdfResponse  # noqa: Y015
+
+@_typing.final
+class StatementLine(_message.Message):
+    """One category of movement of an org's credit in a statement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
+    ENTRY_COUNT_FIELD_NUMBER: _builtins.int
+    category: _builtins.str
+    """PURCHASES, BONUSES, GRANTS, USAGE, ARREARS_SETTLED, REFUNDS, ADJUSTMENTS, EXPIRATIONS,
+    REVERSALS.
+    """
+    description: _builtins.str
+    """What the category holds, in words."""
+    amount_micros: _builtins.int
+    """Signed change of the org's balance, micro-credits (credit added > 0, removed < 0)."""
+    entry_count: _builtins.int
+    """Entries in the category."""
+    def __init__(
+        self,
+        *,
+        category: _builtins.str = ...,
+        description: _builtins.str = ...,
+        amount_micros: _builtins.int = ...,
+        entry_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "category", b"category", "description", b"description", "entry_count", b"entry_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatementLine: _TypeAlias = StatementLine  # noqa: Y015
+
+@_typing.final
+class Statement(_message.Message):
+    """An org's statement of one calendar month (UTC), from the ledger's immutable entries.
+    opening_balance_micros + sum(lines.amount_micros) = closing_balance_micros, and
+    opening_arrears_micros + usage_arrears_micros - arrears_settled_micros =
+    closing_arrears_micros, exactly.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    MONTH_FIELD_NUMBER: _builtins.int
+    PERIOD_START_FIELD_NUMBER: _builtins.int
+    PERIOD_END_FIELD_NUMBER: _builtins.int
+    IS_FINAL_FIELD_NUMBER: _builtins.int
+    GENERATED_AT_FIELD_NUMBER: _builtins.int
+    OPENING_BALANCE_MICROS_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
+    CLOSING_BALANCE_MICROS_FIELD_NUMBER: _builtins.int
+    OPENING_ARREARS_MICROS_FIELD_NUMBER: _builtins.int
+    USAGE_ARREARS_MICROS_FIELD_NUMBER: _builtins.int
+    ARREARS_SETTLED_MICROS_FIELD_NUMBER: _builtins.int
+    CLOSING_ARREARS_MICROS_FIELD_NUMBER: _builtins.int
+    USAGE_TOTAL_MICROS_FIELD_NUMBER: _builtins.int
+    ENTRY_COUNT_FIELD_NUMBER: _builtins.int
+    org_id: _builtins.str
+    """Org."""
+    month: _builtins.str
+    """The month, YYYY-MM."""
+    is_final: _builtins.bool
+    """True for a closed month (stored once, never changes); false for the current month."""
+    opening_balance_micros: _builtins.int
+    """Posted credit at period_start, micro-credits."""
+    closing_balance_micros: _builtins.int
+    """Posted credit at period_end, micro-credits."""
+    opening_arrears_micros: _builtins.int
+    """What the org owed (arrears) at period_start, micro-credits."""
+    usage_arrears_micros: _builtins.int
+    """Usage the org's credit did not cover in the month (added to arrears), micro-credits."""
+    arrears_settled_micros: _builtins.int
+    """Arrears paid from new credit in the month, micro-credits."""
+    closing_arrears_micros: _builtins.int
+    """What the org owed at period_end, micro-credits."""
+    usage_total_micros: _builtins.int
+    """Total usage of the month (paid from credit + arrears), micro-credits."""
+    entry_count: _builtins.int
+    """Entries of the org in the month."""
+    @_builtins.property
+    def period_start(self) -> _timestamp_pb2.Timestamp:
+        """First instant of the month (inclusive)."""
+
+    @_builtins.property
+    def period_end(self) -> _timestamp_pb2.Timestamp:
+        """First instant of the next month (exclusive)."""
+
+    @_builtins.property
+    def generated_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was computed (for a final statement: when it was first stored)."""
+
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___StatementLine]:
+        """Movements by category (every category, zero or not)."""
+
+    def __init__(
+        self,
+        *,
+        org_id: _builtins.str = ...,
+        month: _builtins.str = ...,
+        period_start: _timestamp_pb2.Timestamp | None = ...,
+        period_end: _timestamp_pb2.Timestamp | None = ...,
+        is_final: _builtins.bool = ...,
+        generated_at: _timestamp_pb2.Timestamp | None = ...,
+        opening_balance_micros: _builtins.int = ...,
+        lines: _abc.Iterable[Global___StatementLine] | None = ...,
+        closing_balance_micros: _builtins.int = ...,
+        opening_arrears_micros: _builtins.int = ...,
+        usage_arrears_micros: _builtins.int = ...,
+        arrears_settled_micros: _builtins.int = ...,
+        closing_arrears_micros: _builtins.int = ...,
+        usage_total_micros: _builtins.int = ...,
+        entry_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["generated_at", b"generated_at", "period_end", b"period_end", "period_start", b"period_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrears_settled_micros", b"arrears_settled_micros", "closing_arrears_micros", b"closing_arrears_micros", "closing_balance_micros", b"closing_balance_micros", "entry_count", b"entry_count", "generated_at", b"generated_at", "is_final", b"is_final", "lines", b"lines", "month", b"month", "opening_arrears_micros", b"opening_arrears_micros", "opening_balance_micros", b"opening_balance_micros", "org_id", b"org_id", "period_end", b"period_end", "period_start", b"period_start", "usage_arrears_micros", b"usage_arrears_micros", "usage_total_micros", b"usage_total_micros"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Statement: _TypeAlias = Statement  # noqa: Y015
+
+@_typing.final
+class GetStatementRequest(_message.Message):
+    """Request of GetStatement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    MONTH_FIELD_NUMBER: _builtins.int
+    org_id: _builtins.str
+    """Org."""
+    month: _builtins.str
+    """The month, YYYY-MM (UTC)."""
+    def __init__(
+        self,
+        *,
+        org_id: _builtins.str = ...,
+        month: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["month", b"month", "org_id", b"org_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatementRequest: _TypeAlias = GetStatementRequest  # noqa: Y015
+
+@_typing.final
+class GetStatementResponse(_message.Message):
+    """Response of GetStatement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATEMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def statement(self) -> Global___Statement:
+        """The statement."""
+
+    def __init__(
+        self,
+        *,
+        statement: Global___Statement | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["statement", b"statement"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["statement", b"statement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatementResponse: _TypeAlias = GetStatementResponse  # noqa: Y015
+
+@_typing.final
+class ListStatementsRequest(_message.Message):
+    """Request of ListStatements."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    org_id: _builtins.str
+    """Org."""
+    page_size: _builtins.int
+    """Page size (default 12, at most 120 months)."""
+    page_token: _builtins.str
+    """Token from a previous response."""
+    def __init__(
+        self,
+        *,
+        org_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["org_id", b"org_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListStatementsRequest: _TypeAlias = ListStatementsRequest  # noqa: Y015
+
+@_typing.final
+class ListStatementsResponse(_message.Message):
+    """Response of ListStatements."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATEMENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token of the next page; empty at the end."""
+    @_builtins.property
+    def statements(self) -> _containers.RepeatedCompositeFieldContainer[Global___Statement]:
+        """Statements, newest month first."""
+
+    def __init__(
+        self,
+        *,
+        statements: _abc.Iterable[Global___Statement] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "statements", b"statements"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListStatementsResponse: _TypeAlias = ListStatementsResponse  # noqa: Y015
+
+@_typing.final
+class DownloadStatementPdfRequest(_message.Message):
+    """Request of DownloadStatementPdf."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    MONTH_FIELD_NUMBER: _builtins.int
+    org_id: _builtins.str
+    """Org."""
+    month: _builtins.str
+    """The month, YYYY-MM (UTC)."""
+    def __init__(
+        self,
+        *,
+        org_id: _builtins.str = ...,
+        month: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["month", b"month", "org_id", b"org_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadStatementPdfRequest: _TypeAlias = DownloadStatementPdfRequest  # noqa: Y015
+
+@_typing.final
+class DownloadStatementPdfResponse(_message.Message):
+    """One chunk of a statement's PDF."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNK_FIELD_NUMBER: _builtins.int
+    FILE_NAME_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    """The next bytes of the PDF."""
+    file_name: _builtins.str
+    """A file name for it, e.g. statement-acme-2026-11.pdf (in the first chunk only)."""
+    def __init__(
+        self,
+        *,
+        chunk: _builtins.bytes = ...,
+        file_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "file_name", b"file_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadStatementPdfResponse: _TypeAlias = DownloadStatementPdfResponse  # noqa: Y015
+
+@_typing.final
+class DailySnapshot(_message.Message):
+    """An org's position at the end of one UTC day; immutable once written."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class GrantsByExpiryMicrosEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    DAY_FIELD_NUMBER: _builtins.int
+    POSTED_MICROS_FIELD_NUMBER: _builtins.int
+    HELD_MICROS_FIELD_NUMBER: _builtins.int
+    AVAILABLE_MICROS_FIELD_NUMBER: _builtins.int
+    ARREARS_MICROS_FIELD_NUMBER: _builtins.int
+    BILLING_STATE_FIELD_NUMBER: _builtins.int
+    CREDITS_BOUGHT_MICROS_FIELD_NUMBER: _builtins.int
+    USAGE_MICROS_FIELD_NUMBER: _builtins.int
+    NET_CHANGE_MICROS_FIELD_NUMBER: _builtins.int
+    GRANTS_BY_EXPIRY_MICROS_FIELD_NUMBER: _builtins.int
+    WRITTEN_AT_FIELD_NUMBER: _builtins.int
+    org_id: _builtins.str
+    """Org."""
+    day: _builtins.str
+    """The day, YYYY-MM-DD (UTC); the position is the one at its end (the next midnight)."""
+    posted_micros: _builtins.int
+    """Posted credit at the end of the day, micro-credits."""
+    held_micros: _builtins.int
+    """Held credit as of the org's last entry before the end of the day, micro-credits."""
+    available_micros: _builtins.int
+    """posted - held, micro-credits."""
+    arrears_micros: _builtins.int
+    """What the org owed at the end of the day, micro-credits."""
+    billing_state: _builtins.str
+    """Billing state after the org's last entry before the end of the day."""
+    credits_bought_micros: _builtins.int
+    """Credit bought in the day (PURCHASE entries), micro-credits."""
+    usage_micros: _builtins.int
+    """Usage of the day (paid from credit + arrears), micro-credits."""
+    net_change_micros: _builtins.int
+    """Signed change of posted credit in the day, micro-credits."""
+    @_builtins.property
+    def grants_by_expiry_micros(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Credit of grants still open at the end of the day, by the date they expire (YYYY-MM-DD;
+        "never" for grants without expiry), micro-credits; as the snapshot job found them.
+        """
+
+    @_builtins.property
+    def written_at(self) -> _timestamp_pb2.Timestamp:
+        """When the row was written."""
+
+    def __init__(
+        self,
+        *,
+        org_id: _builtins.str = ...,
+        day: _builtins.str = ...,
+        posted_micros: _builtins.int = ...,
+        held_micros: _builtins.int = ...,
+        available_micros: _builtins.int = ...,
+        arrears_micros: _builtins.int = ...,
+        billing_state: _builtins.str = ...,
+        credits_bought_micros: _builtins.int = ...,
+        usage_micros: _builtins.int = ...,
+        net_change_micros: _builtins.int = ...,
+        grants_by_expiry_micros: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        written_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["written_at", b"written_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrears_micros", b"arrears_micros", "available_micros", b"available_micros", "billing_state", b"billing_state", "credits_bought_micros", b"credits_bought_micros", "day", b"day", "grants_by_expiry_micros", b"grants_by_expiry_micros", "held_micros", b"held_micros", "net_change_micros", b"net_change_micros", "org_id", b"org_id", "posted_micros", b"posted_micros", "usage_micros", b"usage_micros", "written_at", b"written_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DailySnapshot: _TypeAlias = DailySnapshot  # noqa: Y015
+
+@_typing.final
+class ListDailySnapshotsRequest(_message.Message):
+    """Request of ListDailySnapshots."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    FROM_DAY_FIELD_NUMBER: _builtins.int
+    TO_DAY_FIELD_NUMBER: _builtins.int
+    org_id: _builtins.str
+    """Org."""
+    from_day: _builtins.str
+    """First day, YYYY-MM-DD (inclusive)."""
+    to_day: _builtins.str
+    """Last day, YYYY-MM-DD (inclusive); at most 400 days after from_day."""
+    def __init__(
+        self,
+        *,
+        org_id: _builtins.str = ...,
+        from_day: _builtins.str = ...,
+        to_day: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_day", b"from_day", "org_id", b"org_id", "to_day", b"to_day"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDailySnapshotsRequest: _TypeAlias = ListDailySnapshotsRequest  # noqa: Y015
+
+@_typing.final
+class ListDailySnapshotsResponse(_message.Message):
+    """Response of ListDailySnapshots."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def snapshots(self) -> _containers.RepeatedCompositeFieldContainer[Global___DailySnapshot]:
+        """Snapshots, oldest first (days the job has not written yet are absent)."""
+
+    def __init__(
+        self,
+        *,
+        snapshots: _abc.Iterable[Global___DailySnapshot] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["snapshots", b"snapshots"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDailySnapshotsResponse: _TypeAlias = ListDailySnapshotsResponse  # noqa: Y015
+
+@_typing.final
+class ReconciliationMismatch(_message.Message):
+    """One disagreement found by Reconcile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    EXPECTED_FIELD_NUMBER: _builtins.int
+    FOUND_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """What disagrees, e.g. PAID_ORDER_WITHOUT_INVOICE, INVOICE_AMOUNT, INVOICE_WITHOUT_CREDIT,
+    REFUND_WITHOUT_CREDIT_NOTE, REFUND_CREDIT, USAGE_RESULT_WITHOUT_DEBIT, USAGE_RECEIPT.
+    """
+    subject: _builtins.str
+    """The record it is about (order, document, refund, usage batch or event)."""
+    expected: _builtins.str
+    """What one side says."""
+    found: _builtins.str
+    """What the other side says."""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        expected: _builtins.str = ...,
+        found: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected", b"expected", "found", b"found", "kind", b"kind", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReconciliationMismatch: _TypeAlias = ReconciliationMismatch  # noqa: Y015
+
+@_typing.final
+class ReconciliationMoney(_message.Message):
+    """Money of one currency in a reconciled month, minor units."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    PAID_MINOR_FIELD_NUMBER: _builtins.int
+    PAID_TAX_MINOR_FIELD_NUMBER: _builtins.int
+    REFUNDED_MINOR_FIELD_NUMBER: _builtins.int
+    REFUNDED_TAX_MINOR_FIELD_NUMBER: _builtins.int
+    currency: _builtins.str
+    """ISO 4217 currency."""
+    paid_minor: _builtins.int
+    """Paid (gross) by orders settled in the month."""
+    paid_tax_minor: _builtins.int
+    """Tax in paid_minor (the invoices')."""
+    refunded_minor: _builtins.int
+    """Returned by refunds in the month (gross)."""
+    refunded_tax_minor: _builtins.int
+    """Tax in refunded_minor (the credit notes')."""
+    def __init__(
+        self,
+        *,
+        currency: _builtins.str = ...,
+        paid_minor: _builtins.int = ...,
+        paid_tax_minor: _builtins.int = ...,
+        refunded_minor: _builtins.int = ...,
+        refunded_tax_minor: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "paid_minor", b"paid_minor", "paid_tax_minor", b"paid_tax_minor", "refunded_minor", b"refunded_minor", "refunded_tax_minor", b"refunded_tax_minor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReconciliationMoney: _TypeAlias = ReconciliationMoney  # noqa: Y015
+
+@_typing.final
+class ReconcileRequest(_message.Message):
+    """Request of Reconcile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    MONTH_FIELD_NUMBER: _builtins.int
+    org_id: _builtins.str
+    """Org; empty = every org."""
+    month: _builtins.str
+    """The month, YYYY-MM (UTC)."""
+    def __init__(
+        self,
+        *,
+        org_id: _builtins.str = ...,
+        month: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["month", b"month", "org_id", b"org_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReconcileRequest: _TypeAlias = ReconcileRequest  # noqa: Y015
+
+@_typing.final
+class ReconcileResponse(_message.Message):
+    """Response of Reconcile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MONTH_FIELD_NUMBER: _builtins.int
+    MISMATCHES_FIELD_NUMBER: _builtins.int
+    MONEY_FIELD_NUMBER: _builtins.int
+    CREDITS_PURCHASED_MICROS_FIELD_NUMBER: _builtins.int
+    CREDITS_REFUNDED_MICROS_FIELD_NUMBER: _builtins.int
+    USAGE_DEBITED_MICROS_FIELD_NUMBER: _builtins.int
+    USAGE_ARREARS_MICROS_FIELD_NUMBER: _builtins.int
+    USAGE_RECEIPTS_MICROS_FIELD_NUMBER: _builtins.int
+    month: _builtins.str
+    """The month reconciled."""
+    credits_purchased_micros: _builtins.int
+    """Credits bought (PURCHASE entries), micro-credits."""
+    credits_refunded_micros: _builtins.int
+    """Credits reversed by refunds (REFUND entries), micro-credits."""
+    usage_debited_micros: _builtins.int
+    """Usage debited from credit (USAGE entries on the org's credit, arrears settlements
+    excluded), micro-credits.
+    """
+    usage_arrears_micros: _builtins.int
+    """Usage recorded as arrears, micro-credits."""
+    usage_receipts_micros: _builtins.int
+    """Usage the ledger's usage receipts (per event, per org batch) say was charged,
+    micro-credits; equals usage_debited_micros + usage_arrears_micros of those entries.
+    """
+    @_builtins.property
+    def mismatches(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReconciliationMismatch]:
+        """Every mismatch, by kind and subject; empty when everything agrees."""
+
+    @_builtins.property
+    def money(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReconciliationMoney]:
+        """Money by currency."""
+
+    def __init__(
+        self,
+        *,
+        month: _builtins.str = ...,
+        mismatches: _abc.Iterable[Global___ReconciliationMismatch] | None = ...,
+        money: _abc.Iterable[Global___ReconciliationMoney] | None = ...,
+        credits_purchased_micros: _builtins.int = ...,
+        credits_refunded_micros: _builtins.int = ...,
+        usage_debited_micros: _builtins.int = ...,
+        usage_arrears_micros: _builtins.int = ...,
+        usage_receipts_micros: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits_purchased_micros", b"credits_purchased_micros", "credits_refunded_micros", b"credits_refunded_micros", "mismatches", b"mismatches", "money", b"money", "month", b"month", "usage_arrears_micros", b"usage_arrears_micros", "usage_debited_micros", b"usage_debited_micros", "usage_receipts_micros", b"usage_receipts_micros"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReconcileResponse: _TypeAlias = ReconcileResponse  # noqa: Y015

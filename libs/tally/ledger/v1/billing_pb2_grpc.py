@@ -90,6 +90,31 @@ class BillingServiceStub:
                 request_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.DownloadInvoicePdfRequest.SerializeToString,
                 response_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.DownloadInvoicePdfResponse.FromString,
                 _registered_method=True)
+        self.GetStatement = channel.unary_unary(
+                '/tally.ledger.v1.BillingService/GetStatement',
+                request_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.GetStatementRequest.SerializeToString,
+                response_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.GetStatementResponse.FromString,
+                _registered_method=True)
+        self.ListStatements = channel.unary_unary(
+                '/tally.ledger.v1.BillingService/ListStatements',
+                request_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.ListStatementsRequest.SerializeToString,
+                response_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.ListStatementsResponse.FromString,
+                _registered_method=True)
+        self.DownloadStatementPdf = channel.unary_stream(
+                '/tally.ledger.v1.BillingService/DownloadStatementPdf',
+                request_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.DownloadStatementPdfRequest.SerializeToString,
+                response_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.DownloadStatementPdfResponse.FromString,
+                _registered_method=True)
+        self.ListDailySnapshots = channel.unary_unary(
+                '/tally.ledger.v1.BillingService/ListDailySnapshots',
+                request_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.ListDailySnapshotsRequest.SerializeToString,
+                response_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.ListDailySnapshotsResponse.FromString,
+                _registered_method=True)
+        self.Reconcile = channel.unary_unary(
+                '/tally.ledger.v1.BillingService/Reconcile',
+                request_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.ReconcileRequest.SerializeToString,
+                response_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.ReconcileResponse.FromString,
+                _registered_method=True)
 
 
 class BillingServiceServicer:
@@ -182,6 +207,50 @@ class BillingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStatement(self, request, context):
+        """Returns an org's statement of one calendar month (UTC): opening balance, every movement
+        of its credit by category, closing balance and arrears, to the micro-credit, from the
+        ledger's entries (opening + movements = closing). A closed month's statement is stored
+        the first time it is asked for and never changes; the current month's is provisional.
+        Errors: INVALID_ARGUMENT (month) for a malformed month or one in the future.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListStatements(self, request, context):
+        """Lists an org's monthly statements, newest first, from its first entry's month to the
+        current one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadStatementPdf(self, request, context):
+        """Streams a monthly statement rendered as PDF in chunks of at most 64 KiB. Errors as
+        GetStatement.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDailySnapshots(self, request, context):
+        """Lists an org's daily balance snapshots (one immutable row per org and UTC day, written
+        by the ledger's snapshot job), oldest first. Errors: INVALID_ARGUMENT (from_day, to_day).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reconcile(self, request, context):
+        """Reconciles one month (of one org, or all): money (payments, refunds, tax) <-> documents
+        <-> ledger credits, and usage receipts <-> ledger usage debits. Lists every mismatch with
+        both sides; an empty list is the normal state. Errors: INVALID_ARGUMENT (month).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BillingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -239,6 +308,31 @@ def add_BillingServiceServicer_to_server(servicer, server):
                     servicer.DownloadInvoicePdf,
                     request_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.DownloadInvoicePdfRequest.FromString,
                     response_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.DownloadInvoicePdfResponse.SerializeToString,
+            ),
+            'GetStatement': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatement,
+                    request_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.GetStatementRequest.FromString,
+                    response_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.GetStatementResponse.SerializeToString,
+            ),
+            'ListStatements': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListStatements,
+                    request_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.ListStatementsRequest.FromString,
+                    response_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.ListStatementsResponse.SerializeToString,
+            ),
+            'DownloadStatementPdf': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadStatementPdf,
+                    request_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.DownloadStatementPdfRequest.FromString,
+                    response_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.DownloadStatementPdfResponse.SerializeToString,
+            ),
+            'ListDailySnapshots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDailySnapshots,
+                    request_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.ListDailySnapshotsRequest.FromString,
+                    response_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.ListDailySnapshotsResponse.SerializeToString,
+            ),
+            'Reconcile': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reconcile,
+                    request_deserializer=tally_dot_ledger_dot_v1_dot_billing__pb2.ReconcileRequest.FromString,
+                    response_serializer=tally_dot_ledger_dot_v1_dot_billing__pb2.ReconcileResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -539,6 +633,141 @@ class BillingService:
             '/tally.ledger.v1.BillingService/DownloadInvoicePdf',
             tally_dot_ledger_dot_v1_dot_billing__pb2.DownloadInvoicePdfRequest.SerializeToString,
             tally_dot_ledger_dot_v1_dot_billing__pb2.DownloadInvoicePdfResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.ledger.v1.BillingService/GetStatement',
+            tally_dot_ledger_dot_v1_dot_billing__pb2.GetStatementRequest.SerializeToString,
+            tally_dot_ledger_dot_v1_dot_billing__pb2.GetStatementResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListStatements(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.ledger.v1.BillingService/ListStatements',
+            tally_dot_ledger_dot_v1_dot_billing__pb2.ListStatementsRequest.SerializeToString,
+            tally_dot_ledger_dot_v1_dot_billing__pb2.ListStatementsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadStatementPdf(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tally.ledger.v1.BillingService/DownloadStatementPdf',
+            tally_dot_ledger_dot_v1_dot_billing__pb2.DownloadStatementPdfRequest.SerializeToString,
+            tally_dot_ledger_dot_v1_dot_billing__pb2.DownloadStatementPdfResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDailySnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.ledger.v1.BillingService/ListDailySnapshots',
+            tally_dot_ledger_dot_v1_dot_billing__pb2.ListDailySnapshotsRequest.SerializeToString,
+            tally_dot_ledger_dot_v1_dot_billing__pb2.ListDailySnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reconcile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.ledger.v1.BillingService/Reconcile',
+            tally_dot_ledger_dot_v1_dot_billing__pb2.ReconcileRequest.SerializeToString,
+            tally_dot_ledger_dot_v1_dot_billing__pb2.ReconcileResponse.FromString,
             options,
             channel_credentials,
             insecure,

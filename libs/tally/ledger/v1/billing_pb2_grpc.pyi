@@ -72,6 +72,30 @@ class BillingServiceStub:
     order). Errors: NOT_FOUND (invoice_id) for a document of another org, or none; nothing is
     streamed then.
     """
+    GetStatement: _grpc.UnaryUnaryMultiCallable[_billing_pb2.GetStatementRequest, _billing_pb2.GetStatementResponse]
+    """Returns an org's statement of one calendar month (UTC): opening balance, every movement
+    of its credit by category, closing balance and arrears, to the micro-credit, from the
+    ledger's entries (opening + movements = closing). A closed month's statement is stored
+    the first time it is asked for and never changes; the current month's is provisional.
+    Errors: INVALID_ARGUMENT (month) for a malformed month or one in the future.
+    """
+    ListStatements: _grpc.UnaryUnaryMultiCallable[_billing_pb2.ListStatementsRequest, _billing_pb2.ListStatementsResponse]
+    """Lists an org's monthly statements, newest first, from its first entry's month to the
+    current one.
+    """
+    DownloadStatementPdf: _grpc.UnaryStreamMultiCallable[_billing_pb2.DownloadStatementPdfRequest, _billing_pb2.DownloadStatementPdfResponse]
+    """Streams a monthly statement rendered as PDF in chunks of at most 64 KiB. Errors as
+    GetStatement.
+    """
+    ListDailySnapshots: _grpc.UnaryUnaryMultiCallable[_billing_pb2.ListDailySnapshotsRequest, _billing_pb2.ListDailySnapshotsResponse]
+    """Lists an org's daily balance snapshots (one immutable row per org and UTC day, written
+    by the ledger's snapshot job), oldest first. Errors: INVALID_ARGUMENT (from_day, to_day).
+    """
+    Reconcile: _grpc.UnaryUnaryMultiCallable[_billing_pb2.ReconcileRequest, _billing_pb2.ReconcileResponse]
+    """Reconciles one month (of one org, or all): money (payments, refunds, tax) <-> documents
+    <-> ledger credits, and usage receipts <-> ledger usage debits. Lists every mismatch with
+    both sides; an empty list is the normal state. Errors: INVALID_ARGUMENT (month).
+    """
 
 @_typing.type_check_only
 class BillingServiceAsyncStub(BillingServiceStub):
@@ -114,6 +138,30 @@ class BillingServiceAsyncStub(BillingServiceStub):
     """Streams a document rendered as PDF in chunks of at most 64 KiB (concatenate them in
     order). Errors: NOT_FOUND (invoice_id) for a document of another org, or none; nothing is
     streamed then.
+    """
+    GetStatement: _aio.UnaryUnaryMultiCallable[_billing_pb2.GetStatementRequest, _billing_pb2.GetStatementResponse]  # type: ignore[assignment]
+    """Returns an org's statement of one calendar month (UTC): opening balance, every movement
+    of its credit by category, closing balance and arrears, to the micro-credit, from the
+    ledger's entries (opening + movements = closing). A closed month's statement is stored
+    the first time it is asked for and never changes; the current month's is provisional.
+    Errors: INVALID_ARGUMENT (month) for a malformed month or one in the future.
+    """
+    ListStatements: _aio.UnaryUnaryMultiCallable[_billing_pb2.ListStatementsRequest, _billing_pb2.ListStatementsResponse]  # type: ignore[assignment]
+    """Lists an org's monthly statements, newest first, from its first entry's month to the
+    current one.
+    """
+    DownloadStatementPdf: _aio.UnaryStreamMultiCallable[_billing_pb2.DownloadStatementPdfRequest, _billing_pb2.DownloadStatementPdfResponse]  # type: ignore[assignment]
+    """Streams a monthly statement rendered as PDF in chunks of at most 64 KiB. Errors as
+    GetStatement.
+    """
+    ListDailySnapshots: _aio.UnaryUnaryMultiCallable[_billing_pb2.ListDailySnapshotsRequest, _billing_pb2.ListDailySnapshotsResponse]  # type: ignore[assignment]
+    """Lists an org's daily balance snapshots (one immutable row per org and UTC day, written
+    by the ledger's snapshot job), oldest first. Errors: INVALID_ARGUMENT (from_day, to_day).
+    """
+    Reconcile: _aio.UnaryUnaryMultiCallable[_billing_pb2.ReconcileRequest, _billing_pb2.ReconcileResponse]  # type: ignore[assignment]
+    """Reconciles one month (of one org, or all): money (payments, refunds, tax) <-> documents
+    <-> ledger credits, and usage receipts <-> ledger usage debits. Lists every mismatch with
+    both sides; an empty list is the normal state. Errors: INVALID_ARGUMENT (month).
     """
 
 class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -220,6 +268,60 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         """Streams a document rendered as PDF in chunks of at most 64 KiB (concatenate them in
         order). Errors: NOT_FOUND (invoice_id) for a document of another org, or none; nothing is
         streamed then.
+        """
+
+    @_abc_1.abstractmethod
+    def GetStatement(
+        self,
+        request: _billing_pb2.GetStatementRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_pb2.GetStatementResponse, _abc.Awaitable[_billing_pb2.GetStatementResponse]]:
+        """Returns an org's statement of one calendar month (UTC): opening balance, every movement
+        of its credit by category, closing balance and arrears, to the micro-credit, from the
+        ledger's entries (opening + movements = closing). A closed month's statement is stored
+        the first time it is asked for and never changes; the current month's is provisional.
+        Errors: INVALID_ARGUMENT (month) for a malformed month or one in the future.
+        """
+
+    @_abc_1.abstractmethod
+    def ListStatements(
+        self,
+        request: _billing_pb2.ListStatementsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_pb2.ListStatementsResponse, _abc.Awaitable[_billing_pb2.ListStatementsResponse]]:
+        """Lists an org's monthly statements, newest first, from its first entry's month to the
+        current one.
+        """
+
+    @_abc_1.abstractmethod
+    def DownloadStatementPdf(
+        self,
+        request: _billing_pb2.DownloadStatementPdfRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_billing_pb2.DownloadStatementPdfResponse], _abc.AsyncIterator[_billing_pb2.DownloadStatementPdfResponse]]:
+        """Streams a monthly statement rendered as PDF in chunks of at most 64 KiB. Errors as
+        GetStatement.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDailySnapshots(
+        self,
+        request: _billing_pb2.ListDailySnapshotsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_pb2.ListDailySnapshotsResponse, _abc.Awaitable[_billing_pb2.ListDailySnapshotsResponse]]:
+        """Lists an org's daily balance snapshots (one immutable row per org and UTC day, written
+        by the ledger's snapshot job), oldest first. Errors: INVALID_ARGUMENT (from_day, to_day).
+        """
+
+    @_abc_1.abstractmethod
+    def Reconcile(
+        self,
+        request: _billing_pb2.ReconcileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_pb2.ReconcileResponse, _abc.Awaitable[_billing_pb2.ReconcileResponse]]:
+        """Reconciles one month (of one org, or all): money (payments, refunds, tax) <-> documents
+        <-> ledger credits, and usage receipts <-> ledger usage debits. Lists every mismatch with
+        both sides; an empty list is the normal state. Errors: INVALID_ARGUMENT (month).
         """
 
 def add_BillingServiceServicer_to_server(servicer: BillingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
