@@ -4,7 +4,10 @@ and a webhook that never arrives ends the wait with an error that says so."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from pypdf import PdfReader
 
 from services.ledger.server import LedgerConfig
 from tally.cli import demo
@@ -26,6 +29,25 @@ async def test_the_demo_buys_the_starter_package_and_prints_the_balance_rise(
     assert "card 4242 accepted at http" in printed
     assert "order SUCCEEDED after " in printed and "(purchase:demo-purchase-run1)" in printed
     assert "available 0 -> 2100" in printed
+
+
+async def test_the_demo_writes_the_purchases_invoice_and_the_months_statement_as_pdf(
+        db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    async with open_shop(db_url) as shop:
+        await demo._purchase(shop.tally, "org-demo-3", "run3")
+        await demo._documents(shop.tally, "org-demo-3", "run3", tmp_path / "demo")
+    printed = capsys.readouterr().out
+    written = {}
+    for line in printed.splitlines():
+        label, _, value = line.strip().partition("  ")
+        if label in ("invoice PDF", "statement PDF"):
+            written[label] = Path(value.strip())
+    assert set(written) == {"invoice PDF", "statement PDF"}
+    invoice_text = PdfReader(written["invoice PDF"]).pages[0].extract_text()
+    assert "Invoice INV-" in invoice_text and "USD 20.00" in invoice_text
+    statement_text = PdfReader(written["statement PDF"]).pages[0].extract_text()
+    assert "Statement of account" in statement_text and "org-demo-3" in statement_text
+    assert "2100" in statement_text  # closing balance: 2000 credits + 100 bonus
 
 
 async def test_the_demo_stops_waiting_for_a_webhook_the_ledger_never_accepts(

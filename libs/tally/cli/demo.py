@@ -14,6 +14,8 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Final
 
 import typer
@@ -24,6 +26,7 @@ from tally.common.v1 import common_pb2 as cpb
 from tally.kit.config import KitConfig
 from tally.kit.errors import Reason, TallyError
 from tally.kit.money import format_credits, format_money, parse_credits
+from tally.ledger.v1 import billing_pb2 as bpb
 from tally.ledger.v1 import ledger_pb2 as lpb
 from tally.metering.v1 import metering_pb2 as mpb
 from tally.notifier.v1 import notifier_pb2 as npb
@@ -56,6 +59,7 @@ async def run(config: KitConfig, org: str) -> bool:
         try:
             await _one_call_each(tally, org)
             await _purchase(tally, f"{org}-{run_id}", run_id)
+            await _documents(tally, f"{org}-{run_id}", run_id, config.data_dir / "demo")
             await _ledger_story(tally, f"{org}-{run_id}", run_id)
             await _metered_request(tally, f"{org}-{run_id}", run_id)
         except TallyError as exc:
@@ -113,6 +117,42 @@ async def _purchase(tally: TallyClient, org: str, run_id: str) -> None:
          f"({order.credit_transfer_id})")
     after = await _available(tally, org)
     _say("balance", f"available {format_credits(before)} -> {format_credits(after)}")
+
+
+async def _documents(tally: TallyClient, org: str, run_id: str, folder: Path) -> None:
+    """The purchase's invoice (issued with the payment) and the month's statement, as PDFs
+    written under `folder`, their paths printed."""
+    typer.echo(f"billing documents for {org}:")
+    order_id = f"demo-purchase-{run_id}"
+    found = (await tally.billing.ListInvoices(bpb.ListInvoicesRequest(org_id=org))).invoices
+    invoice = next((x for x in found if x.payment_order_id == order_id), None)
+    if invoice is None:
+        raise TallyError(Reason.INTERNAL, f"order {order_id} was paid without an invoice")
+    total = format_money(invoice.gross_minor, invoice.currency)
+    tax = format_money(invoice.tax_minor, invoice.currency)
+    _say("billing.GetInvoice", f"{invoice.invoice_id}: {total} incl. tax {tax}")
+    invoice_pdf = b"".join([part.chunk async for part in tally.billing.DownloadInvoicePdf(
+        bpb.DownloadInvoicePdfRequest(org_id=org, invoice_id=invoice.invoice_id))])
+    path = await asyncio.to_thread(_save, folder, f"{invoice.invoice_id}.pdf", invoice_pdf)
+    _say("invoice PDF", str(path))
+    month = datetime.now(UTC).strftime("%Y-%m")
+    statement = (await tally.billing.GetStatement(bpb.GetStatementRequest(
+        org_id=org, month=month))).statement
+    _say("billing.GetStatement", f"{month}: opening "
+         f"{format_credits(statement.opening_balance_micros)} -> closing "
+         f"{format_credits(statement.closing_balance_micros)} credits")
+    statement_pdf = b"".join([part.chunk async for part in tally.billing.DownloadStatementPdf(
+        bpb.DownloadStatementPdfRequest(org_id=org, month=month))])
+    path = await asyncio.to_thread(_save, folder, f"statement-{org}-{month}.pdf",
+                                   statement_pdf)
+    _say("statement PDF", str(path))
+
+
+def _save(folder: Path, name: str, data: bytes) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_bytes(data)
+    return path.resolve()
 
 
 async def _settled_order(tally: TallyClient, org: str, order_id: str) -> lpb.PaymentOrder:

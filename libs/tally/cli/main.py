@@ -16,6 +16,7 @@ from tally.cli import ledger as ledger_cli
 from tally.cli import payments as payments_cli
 from tally.cli import policies as policies_cli
 from tally.cli import pricing as pricing_cli
+from tally.cli import statements as statements_cli
 from tally.cli import suite
 from tally.cli import usage as usage_cli
 from tally.kit.config import ConfigError, KitConfig, exit_on_config_error, load_kit_config
@@ -150,6 +151,7 @@ alerts_cli.register(app, _config)
 payments_cli.register(app, _config)
 accounts_cli.register(app, _config)
 billing_cli.register(app, _config)
+statements_cli.register(app, _config)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,217 @@
+"""Statement commands of the `tally` CLI: `tally statements list|get|pdf`, `tally snapshots
+export`, `tally reconcile`.
+
+CSV output opens in a spreadsheet: RFC 4180 quoting (the csv module's), UTF-8, a header row,
+ISO 8601 dates, and every amount twice: as credits with six decimals and as micro-credits.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from google.protobuf.json_format import MessageToDict
+
+from tally.cli import billing as billing_cli
+from tally.cli.payments import OrgArgument
+from tally.kit.config import KitConfig
+from tally.kit.money import MICROS_PER_CREDIT, format_money
+from tally.ledger.v1 import billing_pb2 as pb
+
+if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
+    from tally.ledger.v1.billing_pb2_grpc import BillingServiceAsyncStub as BillingStub
+
+MonthArgument = Annotated[str, typer.Argument(help="Month as YYYY-MM (UTC).")]
+statements_app = typer.Typer(help="Monthly statements: what was bought, spent and left.",
+                             no_args_is_help=True)
+snapshots_app = typer.Typer(help="Daily balance snapshots.", no_args_is_help=True)
+
+
+def credits6(micros: int) -> str:
+    """Micro-credits as credits with exactly six decimals: -1_500_000 -> "-1.500000"."""
+    sign = "-" if micros < 0 else ""
+    whole, frac = divmod(abs(micros), MICROS_PER_CREDIT)
+    return f"{sign}{whole}.{frac:06d}"
+
+
+def _amount(micros: int) -> list[str]:
+    return [credits6(micros), str(micros)]
+
+
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """RFC 4180 CSV (CRLF line ends, quoting where needed) with a header row."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def statement_csv(s: pb.Statement) -> str:
+    """A statement as CSV: one row per line between the opening and closing balances."""
+    rows: list[list[Any]] = [[s.month, "OPENING_BALANCE", "Opening balance",
+                              *_amount(s.opening_balance_micros), ""]]
+    rows += [[s.month, x.category, x.description, *_amount(x.amount_micros), x.entry_count]
+             for x in s.lines]
+    rows += [[s.month, "CLOSING_BALANCE", "Closing balance",
+              *_amount(s.closing_balance_micros), s.entry_count],
+             [s.month, "OPENING_ARREARS", "Owed at the start",
+              *_amount(s.opening_arrears_micros), ""],
+             [s.month, "USAGE_ARREARS", "Usage not covered by credit",
+              *_amount(s.usage_arrears_micros), ""],
+             [s.month, "ARREARS_SETTLED", "Arrears paid from new credit",
+              *_amount(-s.arrears_settled_micros), ""],
+             [s.month, "CLOSING_ARREARS", "Owed at the end",
+              *_amount(s.closing_arrears_micros), ""],
+             [s.month, "USAGE_TOTAL", "Usage of the month", *_amount(s.usage_total_micros),
+              ""]]
+    return csv_text(["month", "line", "description", "credits", "micros", "entries"], rows)
+
+
+def snapshots_csv(snapshots: Sequence[pb.DailySnapshot]) -> str:
+    header = ["day", "org_id", "posted_credits", "posted_micros", "held_credits",
+              "held_micros", "available_credits", "available_micros", "arrears_credits",
+              "arrears_micros", "billing_state", "credits_bought_credits",
+              "credits_bought_micros", "usage_credits", "usage_micros", "net_change_credits",
+              "net_change_micros", "written_at"]
+    return csv_text(header, ([
+        x.day, x.org_id, *_amount(x.posted_micros), *_amount(x.held_micros),
+        *_amount(x.available_micros), *_amount(x.arrears_micros), x.billing_state,
+        *_amount(x.credits_bought_micros), *_amount(x.usage_micros),
+        *_amount(x.net_change_micros),
+        x.written_at.ToDatetime().isoformat(timespec="seconds") + "Z"] for x in snapshots))
+
+
+def reconciliation_csv(r: pb.ReconcileResponse) -> str:
+    """Every mismatch with both sides (only the header when everything agrees)."""
+    return csv_text(["month", "kind", "subject", "expected", "found"],
+                    ([r.month, x.kind, x.subject, x.expected, x.found] for x in r.mismatches))
+
+
+def _write(text: str, out: str) -> None:
+    if out:
+        Path(out).write_text(text, encoding="utf-8", newline="")
+        typer.echo(str(Path(out).resolve()))
+    else:
+        sys.stdout.write(text)
+
+
+def show_statement(s: pb.Statement) -> None:
+    state = "final" if s.is_final else "provisional"
+    typer.echo(f"  statement {s.org_id} {s.month} ({state}, {s.entry_count} entries)")
+    typer.echo(f"  {'opening balance':<34} {credits6(s.opening_balance_micros):>20}")
+    for x in s.lines:
+        typer.echo(f"  {x.description:<34} {credits6(x.amount_micros):>20}")
+    typer.echo(f"  {'closing balance':<34} {credits6(s.closing_balance_micros):>20}")
+    typer.echo(f"  {'arrears: opening -> closing':<34} "
+               f"{credits6(s.opening_arrears_micros)} -> {credits6(s.closing_arrears_micros)}")
+    typer.echo(f"  {'usage of the month':<34} {credits6(s.usage_total_micros):>20}")
+
+
+async def fetch_statement_pdf(config: KitConfig, org: str, month: str) -> tuple[str, bytes]:
+    """A statement's PDF (streamed in chunks) and its file name."""
+    async def fetch(billing: BillingStub) -> tuple[str, bytes]:
+        name, data = "", bytearray()
+        async for part in billing.DownloadStatementPdf(pb.DownloadStatementPdfRequest(
+                org_id=org, month=month)):
+            name = name or part.file_name
+            data += part.chunk
+        return name, bytes(data)
+    return await billing_cli._call(config, fetch)
+
+
+def register(parent: typer.Typer, get_config: Callable[[], KitConfig]) -> None:
+    """Adds `tally statements`, `tally snapshots` and `tally reconcile`."""
+    import asyncio
+
+    @statements_app.command("list")
+    def statements_list(org: OrgArgument) -> None:
+        """An org's statements, newest month first: opening, closing, usage."""
+        reply = asyncio.run(billing_cli._call(get_config(), lambda billing: billing
+                                              .ListStatements(pb.ListStatementsRequest(
+                                                  org_id=org, page_size=24))))
+        for s in reply.statements:
+            typer.echo(f"{s.month}  {'final' if s.is_final else 'open '}  opening "
+                       f"{credits6(s.opening_balance_micros):>18}  closing "
+                       f"{credits6(s.closing_balance_micros):>18}  usage "
+                       f"{credits6(s.usage_total_micros):>18}")
+        if not reply.statements:
+            typer.echo(f"  no entries for {org}")
+
+    @statements_app.command("get")
+    def statements_get(
+        org: OrgArgument, month: MonthArgument,
+        as_csv: Annotated[bool, typer.Option("--csv", help="Print it as CSV.")] = False,
+        out: Annotated[str, typer.Option(help="Write the CSV to this file.")] = "",
+    ) -> None:
+        """One month's statement: opening balance, movements by category, closing balance."""
+        reply = asyncio.run(billing_cli._call(get_config(), lambda billing: billing
+                                              .GetStatement(pb.GetStatementRequest(
+                                                  org_id=org, month=month))))
+        if as_csv or out:
+            _write(statement_csv(reply.statement), out)
+        else:
+            show_statement(reply.statement)
+
+    @statements_app.command("pdf")
+    def statements_pdf(org: OrgArgument, month: MonthArgument,
+                       out: Annotated[str, typer.Option(
+                           help="Where to write it (default: ./statement-ORG-MONTH.pdf)."
+                       )] = "") -> None:
+        """Download a month's statement as PDF and print where it was written."""
+        name, data = asyncio.run(fetch_statement_pdf(get_config(), org, month))
+        path = Path(out or name)
+        path.write_bytes(data)
+        typer.echo(str(path.resolve()))
+
+    @snapshots_app.command("export")
+    def snapshots_export(
+        org: Annotated[str, typer.Option("--org", help="Org id.")],
+        first: Annotated[str, typer.Option("--from", help="First day, YYYY-MM-DD.")],
+        last: Annotated[str, typer.Option("--to", help="Last day, YYYY-MM-DD.")],
+        out: Annotated[str, typer.Option(help="CSV file to write (default: stdout).")] = "",
+    ) -> None:
+        """An org's daily snapshots of a range of days as CSV."""
+        reply = asyncio.run(billing_cli._call(get_config(), lambda billing: billing
+                                              .ListDailySnapshots(pb.ListDailySnapshotsRequest(
+                                                  org_id=org, from_day=first, to_day=last))))
+        _write(snapshots_csv(reply.snapshots), out)
+
+    @parent.command("reconcile")
+    def reconcile_command(
+        month: Annotated[str, typer.Option("--month", help="Month as YYYY-MM (UTC).")],
+        org: Annotated[str, typer.Option("--org", help="One org (default: every org).")] = "",
+        as_json: Annotated[bool, typer.Option("--json", help="JSON instead of CSV.")] = False,
+        out: Annotated[str, typer.Option(help="File to write (default: stdout).")] = "",
+    ) -> None:
+        """Reconcile a month: money <-> invoices <-> ledger credits, usage receipts <-> usage
+        debits. Prints every mismatch (CSV or JSON, with the totals); exit 1 if any."""
+        reply = asyncio.run(billing_cli._call(get_config(), lambda billing: billing
+                                              .Reconcile(pb.ReconcileRequest(
+                                                  org_id=org, month=month))))
+        if as_json:
+            _write(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True),
+                              indent=2) + "\n", out)
+        else:
+            _write(reconciliation_csv(reply), out)
+        for money in reply.money:
+            typer.echo(f"  paid {format_money(money.paid_minor, money.currency)} (tax "
+                       f"{format_money(money.paid_tax_minor, money.currency)}), refunded "
+                       f"{format_money(money.refunded_minor, money.currency)}", err=True)
+        typer.echo(f"  credits bought {credits6(reply.credits_purchased_micros)}, refunded "
+                   f"{credits6(reply.credits_refunded_micros)}; usage debited "
+                   f"{credits6(reply.usage_debited_micros)} + arrears "
+                   f"{credits6(reply.usage_arrears_micros)} = receipts "
+                   f"{credits6(reply.usage_receipts_micros)}; "
+                   f"{len(reply.mismatches)} mismatches", err=True)
+        if reply.mismatches:
+            raise typer.Exit(1)
+
+    parent.add_typer(statements_app, name="statements")
+    parent.add_typer(snapshots_app, name="snapshots")
