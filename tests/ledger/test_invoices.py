@@ -167,6 +167,7 @@ async def test_64_concurrent_payments_and_a_crash_leave_numbers_1_to_n_without_g
         f"INV-{YEAR}-{n:06d}" for n in range(1, CONCURRENT_PAYMENTS + 1)]
 
 
+@pytest.mark.ledger_tampered
 async def test_payments_invoices_credits_and_refunds_reconcile_and_a_gap_is_listed(
         shop: Shop) -> None:
     await paid(shop, "po-1")
