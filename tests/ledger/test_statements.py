@@ -7,8 +7,10 @@ snapshots written once per org and day, by many concurrent writers, catching up 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -219,3 +221,62 @@ async def test_a_bad_snapshot_range_is_refused_naming_the_field(
     with pytest.raises(TallyError) as caught:
         await statements.snapshots("acme", first, last)
     assert (caught.value.reason, caught.value.field) == (Reason.INVALID_ARGUMENT, field)
+
+
+async def test_a_generated_month_of_activity_matches_the_ledger_every_midnight(
+    ledger: LedgerStore, statements: StatementStore, clock: Clock, pool: asyncpg.Pool,
+) -> None:
+    """300 random operations over October to December (seeded): grants, bonuses, usage that
+    may run past the credit into arrears, expiries, adjustments both ways, reversals; every
+    snapshot and every monthly statement equals the ledger's own balance-after columns."""
+    rng = random.Random(20261207)
+    k = d.TransferKind
+    when = at("2026-10-03T00:00:00")
+    posted: list[tuple[str, int]] = []  # grants that may be reversed
+    await post(ledger, clock, at("2026-10-02T12:00:00"), "seed", k.PROMOTIONAL_GRANT, 10 * C)
+    for n in range(300):
+        when += timedelta(seconds=rng.randrange(1, 9 * 3600), microseconds=rng.randrange(10**6))
+        clock.now = when
+        choice = rng.random()
+        balance = await ledger.get_balance("acme")
+        amount = rng.randrange(1, 5 * C)
+        if choice < 0.25:
+            await post(ledger, clock, when, f"g{n}", rng.choice([k.PROMOTIONAL_GRANT, k.BONUS]),
+                       amount)
+        elif choice < 0.65:
+            await usage_work.post_usage_batches(ledger, [d.UsageBatch(f"b{n}", [], OPS, [
+                d.OrgUsageDebit("acme", amount, 1, "ab" * 32)])])
+        elif choice < 0.75 and balance.available_micros > 0:
+            await post(ledger, clock, when, f"e{n}", k.EXPIRY,
+                       min(amount, balance.available_micros), reason="lapsed")
+        elif choice < 0.85:
+            signed = amount if rng.random() < 0.5 or balance.available_micros < amount else -amount
+            await post(ledger, clock, when, f"a{n}", k.MANUAL_ADJUSTMENT, signed,
+                       reason="correction")
+        elif posted and balance.available_micros >= posted[-1][1]:
+            target, _ = posted.pop()
+            with contextlib.suppress(TallyError):  # its grant was partly spent: refused
+                await post(ledger, clock, when, f"r{n}", k.REVERSAL, 0, reason="undo",
+                           reverses_transfer_id=target)
+            continue
+        else:
+            continue
+        if choice < 0.25:
+            posted.append((f"g{n}", amount))
+    clock.now = when + timedelta(days=2)
+    assert await statements.write_daily_snapshots() > 45
+    rows = await statements.snapshots("acme", "2026-10-01", "2027-01-31")
+    kinds = {r["kind"] for r in await pool.fetch("SELECT DISTINCT kind FROM ledger.transfers")}
+    assert kinds == {x.value for x in k} - {"PURCHASE", "REFUND"}
+    assert any(r.arrears_micros for r in rows) and any(not r.arrears_micros for r in rows)
+    for r in rows:
+        assert (r.posted_micros, r.arrears_micros) == await ledger_position(
+            pool, st.start_of(r.day + timedelta(days=1))), r.day
+    month = date(2026, 10, 1)
+    while st.start_of(month) <= when:
+        s = await statements.statement("acme", st.month_text(month))
+        assert (s.opening.posted_micros, s.opening.arrears_micros) == await ledger_position(
+            pool, s.period_start)
+        assert (s.closing.posted_micros, s.closing.arrears_micros) == await ledger_position(
+            pool, s.period_end)
+        month = st.next_month(month)
