@@ -184,3 +184,21 @@ async def test_payments_invoices_credits_and_refunds_reconcile_and_a_gap_is_list
         assert await reconcile.mismatches(conn, start, end) == [reconcile.Mismatch(
             "PAID_ORDER_WITHOUT_INVOICE", "po-2", str(PACKAGE_PRICE_MINOR), "no invoice")]
         assert await reconcile.mismatches(conn, start, end, "acme") == []
+
+
+async def test_a_refund_beyond_what_was_paid_is_refused_and_issues_no_credit_note(
+        shop: Shop) -> None:
+    await paid(shop, "po-1")
+    for micros in (PACKAGE_CREDITS + 1, PACKAGE_CREDITS * 2):
+        with pytest.raises(TallyError) as caught:
+            await refund(shop, f"r-{micros}", "po-1", micros)
+        assert caught.value.reason is Reason.REFUND_EXCEEDS_UNSPENT  # FAILED_PRECONDITION
+        assert "amount_micros" in caught.value.message
+    assert await shop.db.fetchval("SELECT count(*) FROM ledger.refunds") == 0
+    assert await shop.db.fetchval(
+        "SELECT count(*) FROM ledger.billing_documents WHERE kind = 'CREDIT_NOTE'") == 0
+    assert await shop.db.fetchval(
+        "SELECT count(*) FROM ledger.document_counters WHERE kind = 'CREDIT_NOTE'") == 0
+    await refund(shop, "r-ok", "po-1", PACKAGE_CREDITS)  # the whole of it still can be
+    (note,) = [x for x in await invoices(shop) if x.invoice_id.startswith("CN-")]
+    assert note.invoice_id == f"CN-{YEAR}-000001"  # the refusals took no number
