@@ -226,6 +226,7 @@ async def test_a_batch_killed_half_way_leaves_nothing_and_retries_once(
     assert (await store.verify()).ok
 
 
+@pytest.mark.ledger_tampered
 async def test_tampering_with_an_entry_is_named_by_verify(
     tally: TallyClient, db_url: str,
 ) -> None:

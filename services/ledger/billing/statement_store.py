@@ -180,26 +180,28 @@ class StatementStore:
         last_day = st.last_final_day(now)
         written = 0
         orgs = await self.pool.fetch(
-            "SELECT a.org_id, s.day AS last_day, s.posted_micros, s.arrears_micros "
-            "FROM ledger.accounts a LEFT JOIN LATERAL (SELECT day, posted_micros, "
-            "arrears_micros FROM ledger.daily_snapshots x WHERE x.org_id = a.org_id "
-            "ORDER BY day DESC LIMIT 1) s ON true "
-            "WHERE a.kind = 'ORG_CREDIT' AND (s.day IS NULL OR s.day < $1) ORDER BY a.org_id",
-            last_day)
+            "SELECT a.org_id FROM ledger.accounts a WHERE a.kind = 'ORG_CREDIT' "
+            "AND NOT EXISTS (SELECT 1 FROM ledger.daily_snapshots s "
+            "WHERE s.org_id = a.org_id AND s.day >= $1) ORDER BY a.org_id", last_day)
         for org in orgs:
             if written >= SNAPSHOT_ROWS_PER_RUN:
                 break
-            written += await self._snapshot_org(org, last_day, now,
+            written += await self._snapshot_org(org["org_id"], last_day, now,
                                                 SNAPSHOT_ROWS_PER_RUN - written)
         return written
 
-    async def _snapshot_org(self, org: Row, last_day: date, now: datetime, budget: int) -> int:
-        org_id = org["org_id"]
+    async def _snapshot_org(self, org_id: str, last_day: date, now: datetime, budget: int
+                            ) -> int:
         async with self.pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext($1))",
                                        f"ledger.daily_snapshots:{org_id}"):
                 return 0  # another replica is writing this org's days
-            if org["last_day"] is None:
+            # read under the lock: a replica that held it before may have written days since
+            # this run listed the org
+            newest = await conn.fetchrow(
+                "SELECT day, posted_micros, arrears_micros FROM ledger.daily_snapshots "
+                "WHERE org_id = $1 ORDER BY day DESC LIMIT 1", org_id)
+            if newest is None:
                 first_at = await conn.fetchval(
                     "SELECT min(created_at) FROM ledger.transfers WHERE org_id = $1", org_id)
                 if first_at is None:
@@ -207,8 +209,8 @@ class StatementStore:
                 first = first_at.astimezone(UTC).date()
                 position = st.Position()
             else:
-                first = org["last_day"] + timedelta(days=1)
-                position = st.Position(org["posted_micros"], org["arrears_micros"])
+                first = newest["day"] + timedelta(days=1)
+                position = st.Position(newest["posted_micros"], newest["arrears_micros"])
             last = min(last_day, first + timedelta(days=budget - 1))
             if last < first:
                 return 0
@@ -216,12 +218,16 @@ class StatementStore:
                                   await self._days(conn, org_id, first, last),
                                   await self._grants(conn, org_id, last)
                                   if last == last_day else {})
-            await conn.executemany(
-                "INSERT INTO ledger.daily_snapshots (org_id, day, posted_micros, held_micros, "
-                "arrears_micros, billing_state, credits_bought_micros, usage_micros, "
-                "net_change_micros, grants_by_expiry, written_at) VALUES ($1, $2, $3, $4, $5, "
-                "$6, $7, $8, $9, $10, $11) ON CONFLICT (org_id, day) DO NOTHING", rows)
-            return len(rows)
+            inserted = await conn.fetchval(
+                "WITH put AS (INSERT INTO ledger.daily_snapshots (org_id, day, posted_micros, "
+                "held_micros, arrears_micros, billing_state, credits_bought_micros, "
+                "usage_micros, net_change_micros, grants_by_expiry, written_at) "
+                "SELECT * FROM unnest($1::text[], $2::date[], $3::bigint[], $4::bigint[], "
+                "$5::bigint[], $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], "
+                "$10::jsonb[], $11::timestamptz[]) "
+                "ON CONFLICT (org_id, day) DO NOTHING RETURNING 1) SELECT count(*) FROM put",
+                *(list(column) for column in zip(*rows, strict=True)))
+            return int(inserted)
 
     @staticmethod
     async def _days(conn: Connection, org_id: str, first: date, last: date
