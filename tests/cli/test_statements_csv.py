@@ -50,3 +50,16 @@ def test_snapshot_and_reconciliation_csvs_have_headers_and_iso_dates() -> None:
     assert table[1][-1].endswith("Z") and "T" in table[1][-1]
     empty = rows(reconciliation_csv(pb.ReconcileResponse(month="2026-11")))
     assert empty == [["month", "kind", "subject", "expected", "found"]]
+
+
+def test_metering_usage_by_model_and_meter_appends_to_the_statement_csv() -> None:
+    from tally.cli.statements import csv_text, usage_rows
+    from tally.common.v1 import common_pb2
+    from tally.metering.v1 import metering_pb2 as mpb
+
+    summary = mpb.GetUsageSummaryResponse(rows=[mpb.UsageSummaryRow(
+        key={"model": "claude-sonnet-4"}, meter=common_pb2.METER_INPUT_TOKENS,
+        quantity=1200, credits_micros=1_050_000, event_count=3)])
+    table = rows(csv_text([], usage_rows("2026-11", summary)))
+    assert table == [["2026-11", "USAGE_BY_MODEL_METER",
+                      "claude-sonnet-4 / input_tokens (1200 units)", "1.050000", "1050000", "3"]]

@@ -20,9 +20,12 @@ from google.protobuf.json_format import MessageToDict
 
 from tally.cli import billing as billing_cli
 from tally.cli.payments import OrgArgument
+from tally.common.v1 import common_pb2
 from tally.kit.config import KitConfig
 from tally.kit.money import MICROS_PER_CREDIT, format_money
 from tally.ledger.v1 import billing_pb2 as pb
+from tally.metering.v1 import metering_pb2 as mpb
+from tally.sdk.client import TallyClient
 
 if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
     from tally.ledger.v1.billing_pb2_grpc import BillingServiceAsyncStub as BillingStub
@@ -45,10 +48,12 @@ def _amount(micros: int) -> list[str]:
 
 
 def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """RFC 4180 CSV (CRLF line ends, quoting where needed) with a header row."""
+    """RFC 4180 CSV (CRLF line ends, quoting where needed) with a header row (none when
+    `header` is empty: rows appended to another table)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(header)
+    if header:
+        writer.writerow(header)
     writer.writerows(rows)
     return out.getvalue()
 
@@ -92,6 +97,26 @@ def reconciliation_csv(r: pb.ReconcileResponse) -> str:
     """Every mismatch with both sides (only the header when everything agrees)."""
     return csv_text(["month", "kind", "subject", "expected", "found"],
                     ([r.month, x.kind, x.subject, x.expected, x.found] for x in r.mismatches))
+
+
+def usage_rows(month: str, summary: mpb.GetUsageSummaryResponse) -> list[list[Any]]:
+    """Metering's usage of the month by model and meter, as statement CSV rows."""
+    return [[month, "USAGE_BY_MODEL_METER",
+             f"{row.key.get('model', '') or '-'} / "
+             f"{common_pb2.Meter.Name(row.meter).removeprefix('METER_').lower()} "
+             f"({row.quantity} units)", *_amount(row.credits_micros), row.event_count]
+            for row in summary.rows]
+
+
+async def usage_summary(config: KitConfig, org: str, month: str
+                        ) -> mpb.GetUsageSummaryResponse:
+    """Metering's roll-up of an org's month by model and meter (metering owns meters and
+    models; the ledger debits usage per org per batch)."""
+    year, _, number = month.partition("-")
+    async with TallyClient({"metering": config.address_of("metering")}) as tally:
+        return await tally.metering.GetUsageSummary(mpb.GetUsageSummaryRequest(
+            org_id=org, year=int(year), month=int(number),
+            group_by=[mpb.USAGE_GROUP_BY_MODEL, mpb.USAGE_GROUP_BY_METER]))
 
 
 def _write(text: str, out: str) -> None:
@@ -149,15 +174,22 @@ def register(parent: typer.Typer, get_config: Callable[[], KitConfig]) -> None:
         org: OrgArgument, month: MonthArgument,
         as_csv: Annotated[bool, typer.Option("--csv", help="Print it as CSV.")] = False,
         out: Annotated[str, typer.Option(help="Write the CSV to this file.")] = "",
+        usage: Annotated[bool, typer.Option(
+            "--usage", help="Add metering's usage of the month by model and meter.")] = False,
     ) -> None:
         """One month's statement: opening balance, movements by category, closing balance."""
         reply = asyncio.run(billing_cli._call(get_config(), lambda billing: billing
                                               .GetStatement(pb.GetStatementRequest(
                                                   org_id=org, month=month))))
+        extra = (usage_rows(month, asyncio.run(usage_summary(get_config(), org, month)))
+                 if usage else [])
         if as_csv or out:
-            _write(statement_csv(reply.statement), out)
-        else:
-            show_statement(reply.statement)
+            text = statement_csv(reply.statement)
+            _write(text + csv_text([], extra), out)
+            return
+        show_statement(reply.statement)
+        for row in extra:
+            typer.echo(f"  {row[2]:<34} {row[3]:>20}  ({row[5]} events)")
 
     @statements_app.command("pdf")
     def statements_pdf(org: OrgArgument, month: MonthArgument,
