@@ -280,3 +280,13 @@ async def test_a_generated_month_of_activity_matches_the_ledger_every_midnight(
         assert (s.closing.posted_micros, s.closing.arrears_micros) == await ledger_position(
             pool, s.period_end)
         month = st.next_month(month)
+
+
+async def test_a_month_before_an_orgs_first_entry_is_all_zero_and_not_stored(
+    statements: StatementStore, clock: Clock, pool: asyncpg.Pool,
+) -> None:
+    clock.now = at("2026-12-10T00:00:00")
+    s = await statements.statement("nobody", "2026-01")
+    assert s.is_final and s.closing == s.opening == st.Position()
+    assert {x.amount_micros for x in s.movements.lines} == {0}
+    assert await pool.fetchval("SELECT count(*) FROM ledger.statements") == 0

@@ -118,8 +118,10 @@ class StatementStore:
             computed = st.statement(org_id, month, await position_at(conn, org_id, start),
                                     await movements(conn, org_id, start, end), now)
             st.check_closing(computed, await position_at(conn, org_id, end))
-        if not computed.is_final:
-            return computed
+        is_empty = (computed.closing == computed.opening == st.Position()
+                    and not computed.movements.entry_count)
+        if not computed.is_final or is_empty:
+            return computed  # an empty month (before the org's first entry): nothing to keep
         await conn.execute(
             "INSERT INTO ledger.statements (org_id, month, body, generated_at) "
             "VALUES ($1, $2, $3, $4) ON CONFLICT (org_id, month) DO NOTHING",
