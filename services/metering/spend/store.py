@@ -68,10 +68,13 @@ class NeedsCredit(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Decided:
-    """A recorded answer and the org's billing state as its lease knew it."""
+    """A recorded answer, the org's billing state as its lease knew it and the lease's free
+    credit after it (what sizes the lease; the answer's balance headroom also counts what the
+    ledger could still lease)."""
 
     answer: Answer
     billing_state: str = "ACTIVE"
+    lease_free: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +222,7 @@ class SpendStore:
                            for b, start, cap in h.budgets)
             quotas.extend((n, q.scope, q.unit, q.limit, q.remaining) for q in a.headroom)
         rows = await self.pool.fetch(
-            "SELECT idx, outcome, lease_free, billing_state, budget_left FROM "
+            "SELECT idx, outcome, lease_free, billing_state, budget_left, ledger_available FROM "
             "metering.authorize_holds($1::text[], $2::text[], $3::text[], $4::text[], "
             "$5::text[], $6::bigint[], $7::bigint[], $8::timestamptz[], $9::int[], "
             "$10::text[], $11::timestamptz[], $12::bigint[], $13::bigint[], $14::int[], "
@@ -235,12 +238,29 @@ class SpendStore:
             room = list(a.headroom)
             room.extend(Headroom(f"budget:{b.budget_id}", "micros", b.limit_micros, left)
                         for (b, _, _), left in zip(h.budgets, row["budget_left"], strict=True))
+            free = 0
             if a.reserved_micros > 0:
                 free = row["lease_free"]
-                room.append(Headroom("balance", "micros", free + a.reserved_micros, free))
+                spendable = free + row["ledger_available"]
+                room.append(Headroom("balance", "micros", spendable + a.reserved_micros,
+                                     spendable))
             results.append(HoldResult(outcome, Decided(replace(a, headroom=tuple(room)),
-                                                       row["billing_state"])))
+                                                       row["billing_state"], free)))
         return results
+
+    async def budget_states(self, budgets: Sequence[tuple[Budget, datetime]]
+                            ) -> list[BudgetState]:
+        """What each budget has spent and holds in its period now (no lock: for the headroom
+        of an answer that holds nothing)."""
+        rows = await self.pool.fetch(
+            "SELECT u.budget_id, u.period_start, u.spent_micros, u.reserved_micros "
+            "FROM metering.budget_usage u JOIN unnest($1::text[], $2::timestamptz[]) "
+            "AS k(id, start) ON u.budget_id = k.id AND u.period_start = k.start",
+            [b.budget_id for b, _ in budgets], [start for _, start in budgets])
+        found = {(r["budget_id"], r["period_start"]): (r["spent_micros"], r["reserved_micros"])
+                 for r in rows}
+        return [BudgetState(b, start, *found.get((b.budget_id, start), (0, 0)))
+                for b, start in budgets]
 
     async def budgets_of(self, org_id: str) -> list[Budget]:
         """The org's live budgets."""
@@ -296,7 +316,8 @@ class SpendStore:
                 if len(locked) == len(keys):
                     lease = await conn.fetchrow(
                         "SELECT granted_micros - returned_micros - charged_micros - held_micros "
-                        "AS free, billing_state, expires_at FROM metering.credit_leases "
+                        "AS free, billing_state, expires_at, ledger_available_micros "
+                        "FROM metering.credit_leases "
                         "WHERE org_id = $1 FOR UPDATE", decisions[0].request.org_id)
                     return await self._record_many(conn, decisions, locked, lease)
             # A period's first request: create its usage rows outside any lock, then retry
@@ -322,6 +343,7 @@ class SpendStore:
                   and lease["expires_at"] > now)
         free = lease["free"] if usable else 0
         billing_state = lease["billing_state"] if lease is not None else "ACTIVE"
+        beyond = lease["ledger_available_micros"] if usable else 0
         leased = 0
         answers: list[Decided | Exception] = []
         rows: list[tuple[Any, ...]] = []
@@ -356,7 +378,8 @@ class SpendStore:
                 free -= cost
                 leased += cost
                 answer = replace(answer, headroom=(
-                    *answer.headroom, Headroom("balance", "micros", free + cost, free)))
+                    *answer.headroom,
+                    Headroom("balance", "micros", free + beyond + cost, free + beyond)))
             seen.add(ident)
             held = _holds(answer, states)
             for key, amount in held:
@@ -364,7 +387,7 @@ class SpendStore:
                 usage[key] = (spent, reserved + amount)
             holds.append(held)
             rows.append(_authorization_row(request, x.request_hash, answer, held))
-            answers.append(Decided(answer, billing_state))
+            answers.append(Decided(answer, billing_state, free))
         if not rows:
             return answers
         inserted = {(r[0], r[1]) for r in await conn.fetch(
