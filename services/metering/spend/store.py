@@ -24,6 +24,7 @@ from typing import Any
 import asyncpg
 
 from tally.kit import outbox
+from tally.kit.background import Deadline
 from tally.kit.group_commit import GroupCommit
 
 from ..policies import (
@@ -203,6 +204,14 @@ class SpendStore:
         self._holds = GroupCommit("metering.authorize_hold", self._hold_many,
                                   max_size=decisions_per_group,
                                   key=lambda hold: hold.request.org_id)
+        self.hold_expiry = Deadline()  # when the sweeper next has work (holds move it earlier)
+
+    async def next_hold_expiry(self) -> datetime | None:
+        """When the next open hold reaches its ttl."""
+        found: datetime | None = await self.pool.fetchval(
+            "SELECT min(expires_at) FROM metering.authorizations "
+            "WHERE state IN ('HELD', 'PENDING')")
+        return found
 
     async def hold(self, hold: Hold) -> HoldResult:
         """Records `hold` as a plain ALLOW with its budget and lease holds if they all take
@@ -235,6 +244,8 @@ class SpendStore:
                 results.append(HoldResult(outcome))
                 continue
             a = h.answer
+            if a.expires_at is not None:
+                self.hold_expiry.due(a.expires_at)
             room = list(a.headroom)
             room.extend(Headroom(f"budget:{b.budget_id}", "micros", b.limit_micros, left)
                         for (b, _, _), left in zip(h.budgets, row["budget_left"], strict=True))
@@ -325,8 +336,7 @@ class SpendStore:
             await create_usage_rows(self.pool, keys)
         raise RuntimeError("budget usage rows vanished")  # nothing deletes them
 
-    @staticmethod
-    async def _record_many(conn: Any, decisions: Sequence[_Decision],
+    async def _record_many(self, conn: Any, decisions: Sequence[_Decision],
                            locked: dict[UsageKey, tuple[int, int]], lease: Any
                            ) -> list[Decided | Exception]:
         """Decides each in order, on the locked usage plus the holds of the ones before it,
@@ -382,6 +392,8 @@ class SpendStore:
                     Headroom("balance", "micros", free + beyond + cost, free + beyond)))
             seen.add(ident)
             held = _holds(answer, states)
+            if held and answer.expires_at is not None:
+                self.hold_expiry.due(answer.expires_at)
             for key, amount in held:
                 spent, reserved = usage[key]
                 usage[key] = (spent, reserved + amount)
