@@ -434,11 +434,13 @@ async def _burst_through(suite: Suite, change: Callable[[], Awaitable[None]],
     return ordered, changed, seen_at
 
 
-async def _lease_spent(suite: Suite) -> bool:
-    """Metering's lease of acme has no free credit left (it applied the ledger's shrink)."""
-    lease = await _lease(suite)
-    return lease["granted_micros"] - lease["returned_micros"] - lease["charged_micros"] <= (
-        lease["held_micros"])
+async def _shrink_seen(suite: Suite) -> bool:
+    """Metering's lease of acme counts what the ledger took back from it."""
+    rows = await sql(suite, "SELECT m.returned_micros >= l.returned_micros AS seen "
+                     "FROM metering.credit_leases m JOIN ledger.leases l "
+                     "ON l.lease_id = m.lease_id WHERE m.org_id = 'acme' "
+                     "AND l.returned_micros > 0")
+    return bool(rows and rows[0]["seen"])
 
 
 async def _check_reclaim_bound(suite: Suite, ordered: list[mpb.AuthorizeResponse],
@@ -460,8 +462,8 @@ async def test_a_refund_during_a_burst_admits_nothing_once_metering_has_seen_it(
         suite: Suite) -> None:
     clerk, cfo = (common_pb2.RequestContext(actor=a) for a in ("user:clerk", "user:cfo"))
     await suite.client.ledger.RecordManualPayment(lpb.RecordManualPaymentRequest(
-        payment_order_id="wire-1", org_id="acme", amount_minor=2_000, currency="USD",
-        credits_micros=20 * CREDIT, reference="SEPA 2026-0042", context=clerk,
+        payment_order_id="wire-1", org_id="acme", amount_minor=100_000, currency="USD",
+        credits_micros=1_000 * CREDIT, reference="SEPA 2026-0042", context=clerk,
         method=lpb.MANUAL_PAYMENT_METHOD_BANK_TRANSFER))
     await suite.client.ledger.ApproveManualPayment(lpb.ApproveManualPaymentRequest(
         payment_order_id="wire-1", context=cfo))
@@ -472,7 +474,7 @@ async def test_a_refund_during_a_burst_admits_nothing_once_metering_has_seen_it(
             refund_id="r-1", payment_order_id="wire-1", reason="customer asked",
             context=common_pb2.RequestContext(actor="user:carol-support")))
 
-    ordered, changed, seen_at = await _burst_through(suite, refund, lambda: _lease_spent(suite),
+    ordered, changed, seen_at = await _burst_through(suite, refund, lambda: _shrink_seen(suite),
                                                      "INSUFFICIENT_CREDITS")
     await _check_reclaim_bound(suite, ordered, changed, seen_at)
 
@@ -482,14 +484,14 @@ async def test_grant_expiry_during_a_burst_admits_nothing_once_metering_has_seen
     expires = datetime.now(UTC) + timedelta(days=1)
     await suite.client.ledger.Transfer(lpb.TransferRequest(
         transfer_id="promo", org_id="acme", kind=lpb.TRANSFER_KIND_PROMOTIONAL_GRANT,
-        amount_micros=20 * CREDIT, reason="trial credit", grant=lpb.GrantSpec(
+        amount_micros=1_000 * CREDIT, reason="trial credit", grant=lpb.GrantSpec(
             grant_kind=lpb.GRANT_KIND_PROMOTIONAL, expires_at=stamp(expires))))
     assert (await suite.client.metering.Authorize(ask("warm"))).decision == ALLOW
 
     async def expire() -> None:  # the day passes: the ledger's expiry sweeper takes it
         await sql(suite, "UPDATE ledger.grants SET expires_at = now() WHERE org_id = 'acme'")
 
-    ordered, changed, seen_at = await _burst_through(suite, expire, lambda: _lease_spent(suite),
+    ordered, changed, seen_at = await _burst_through(suite, expire, lambda: _shrink_seen(suite),
                                                      "INSUFFICIENT_CREDITS")
     await _check_reclaim_bound(suite, ordered, changed, seen_at)
     expired = await sql(suite, "SELECT count(*) AS n FROM ledger.transfers "
