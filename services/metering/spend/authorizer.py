@@ -143,7 +143,7 @@ class Authorizer:
             span.set_attribute("tally.price_book_version", first.price_book_version)
         quotas = await self.policies.quotas_for(request.org_id)
         if quotas:  # a replay must not count against them
-            earlier = await self.store.authorization(request.org_id, request.request_id)
+            earlier = await self.store.recorded(request.org_id, request.request_id)
             if earlier is not None:
                 return self._replayed(request, fingerprint, earlier)
         denied, headroom = await self.quotas.admit(request, quotas, policy)

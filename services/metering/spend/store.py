@@ -205,6 +205,10 @@ class SpendStore:
                                   max_size=decisions_per_group,
                                   key=lambda hold: hold.request.org_id)
         self.hold_expiry = Deadline()  # when the sweeper next has work (holds move it earlier)
+        # replay lookups before the quota limiter: concurrent ones of an org share one query
+        self._lookups: GroupCommit[tuple[str, str], tuple[str, str, Answer] | None] = (
+            GroupCommit("metering.authorize_replay", self._authorizations_many,
+                        max_size=decisions_per_group, key=lambda ident: ident[0]))
 
     async def next_hold_expiry(self) -> datetime | None:
         """When the next open hold reaches its ttl."""
@@ -291,6 +295,22 @@ class SpendStore:
             "SELECT * FROM metering.quotas WHERE org_id = $1 AND deleted_at IS NULL "
             "ORDER BY quota_id", org_id)
         return [quota_from_row(r) for r in rows]
+
+    async def recorded(self, org_id: str, request_id: str) -> tuple[str, str, Answer] | None:
+        """`authorization`, in one query with the org's lookups queued meanwhile."""
+        return await self._lookups.submit((org_id, request_id))
+
+    async def _authorizations_many(self, idents: Sequence[tuple[str, str]]
+                                   ) -> list[tuple[str, str, Answer] | Exception | None]:
+        rows = await self.pool.fetch(
+            "SELECT a.org_id, a.request_id, request_hash, state, response, decision, model, "
+            "reservation_id, reserved_micros, price_book_version, expires_at, headroom_scopes, "
+            "headroom_units, headroom_limits, headroom_remaining FROM metering.authorizations a "
+            "JOIN unnest($1::text[], $2::text[]) AS k(o, q) ON a.org_id = k.o "
+            "AND a.request_id = k.q", [i[0] for i in idents], [i[1] for i in idents])
+        found = {(r["org_id"], r["request_id"]): (r["request_hash"], r["state"], answer_of_row(r))
+                 for r in rows}
+        return [found.get(ident) for ident in idents]
 
     async def authorization(self, org_id: str, request_id: str
                             ) -> tuple[str, str, Answer] | None:
