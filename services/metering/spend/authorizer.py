@@ -202,9 +202,11 @@ class Authorizer:
                 raise  # UNAVAILABLE etc.: the client retries the same request id
             return az.deny(exc.reason, exc.message, version=plain.price_book_version,
                            headroom=await self._refused_headroom(plain, budgets, None))
-        if lease.free_micros >= needed or added > 0:
-            return None
         spendable = lease.spendable_micros
+        if lease.free_micros >= needed or added > 0 or spendable >= needed:
+            # room now, or the ledger had credit this extension did not take (another
+            # request's, sized before concurrent holds took what it added): try again
+            return None
         return az.deny(Reason.INSUFFICIENT_CREDITS,
                        f"amount_micros: {needed} micro-credits needed, {spendable} available",
                        version=plain.price_book_version,
