@@ -12,19 +12,18 @@ import asyncio
 import dataclasses
 from dataclasses import dataclass
 
-import asyncpg
 import grpc
 
 from tally.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 from tally.kit import db, infra
-from tally.kit.background import refresh_on_wake
+from tally.kit.background import run_when_notified
 from tally.kit.config import KitConfig, load, load_kit_config, parse_positive_int, setting
 from tally.kit.log import get_logger
 from tally.kit.server import ServiceApp, run_service
 
 from .domain import Accounts, CredentialHub
 from .servicer import AccountsServicer
-from .store import AccountsPgStore, AuditPgStore
+from .store import CHANNEL, AccountsPgStore, AuditPgStore
 
 NAME = "accounts"
 SERVICE_NAME = accounts_pb2.DESCRIPTOR.services_by_name["AccountsService"].full_name
@@ -51,8 +50,9 @@ class AccountsConfig:
     max_watchers: int = setting(
         "TALLY_ACCOUNTS_MAX_WATCHERS", parse_positive_int, "an integer > 0", default=1000)
     refresh_interval_ms: int = setting(
-        "TALLY_ACCOUNTS_REFRESH_INTERVAL_MS", parse_positive_int, "milliseconds > 0",
-        default=1000)
+        "TALLY_ACCOUNTS_REFRESH_INTERVAL_MS", parse_positive_int,
+        "milliseconds > 0: how often to refresh when no notification came (a safety net)",
+        default=30_000)
 
 
 async def build(config: KitConfig, settings: AccountsConfig | None = None) -> ServiceApp:
@@ -71,20 +71,17 @@ async def build(config: KitConfig, settings: AccountsConfig | None = None) -> Se
                                 watch_lifetime_s=settings.watch_lifetime_s,
                                 shutting_down=shutting_down)
     stop = asyncio.Event()
-    wake = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
 
     async def start_loops() -> None:
-        tasks.append(asyncio.create_task(refresh_on_wake(
-            "credentials", hub.refresh, wake, stop, settings.refresh_interval_ms / 1000,
-            (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)),
+        # runs on the store's NOTIFY (by any replica); the interval is only a safety net
+        tasks.append(asyncio.create_task(run_when_notified(
+            "credentials", hub.refresh, stop, listen=(url, CHANNEL),
+            safety_interval_s=settings.refresh_interval_ms / 1000, min_interval_s=0.0),
             name="credentials-refresher"))
-        tasks.append(asyncio.create_task(store.follow(wake.set, stop),
-                                         name="credentials-listener"))
 
     async def close() -> None:
         stop.set()
-        wake.set()
         hub.close()
         await asyncio.gather(*tasks)
         await pool.close()

@@ -12,14 +12,12 @@ for the last paid seat cannot both win.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Final, TypeAlias
 
 import asyncpg
 
-from tally.kit import db
 from tally.kit.errors import Reason, TallyError
 from tally.kit.log import get_logger
 from tally.kit.paging import PageRequest
@@ -449,10 +447,6 @@ class AccountsPgStore:
                 "FROM unnest($1::text[], $2::timestamptz[]) AS u(key_id, at) "
                 "WHERE k.key_id = u.key_id", [k for k, _ in uses], [t for _, t in uses])
 
-    async def follow(self, wake: Callable[[], None], stop: asyncio.Event,
-                     retry_s: float = 1.0) -> None:
-        """Calls `wake` on every credential change (by any replica) until `stop`."""
-        await db.listen(self.database_url, CHANNEL, wake, stop, retry_s)
 
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)

@@ -194,13 +194,20 @@ class LeaseStore:
             lease.dirty = account.dirty = True
             await _write(work, [lease])
             await work.flush(follow_the_money=False)
-            return Extended(lease, added, work.available(cmd.org_id), account.billing_state)
+        self.store.lease_expiry.due(lease.expires_at)
+        return Extended(lease, added, work.available(cmd.org_id), account.billing_state)
 
     async def get(self, lease_id: str) -> Lease | None:
         """One lease, as stored."""
         row = await self.store.pool.fetchrow(
             f"SELECT {_COLUMNS} FROM ledger.leases WHERE lease_id = $1", lease_id)
         return _lease(row) if row else None
+
+    async def next_expiry(self) -> datetime | None:
+        """When the next open lease reaches its ttl (the sweeper waits until then)."""
+        found: datetime | None = await self.store.pool.fetchval(
+            "SELECT min(expires_at) FROM ledger.leases WHERE state = 'OPEN'")
+        return found
 
     async def expire(self, limit: int = 500) -> int:
         """Ends the open leases past their ttl and returns their holds (the sweeper)."""

@@ -35,7 +35,7 @@ from services.ledger.payments.webhook_endpoint import WebhookEndpoint
 from services.ledger.servicer import LedgerServicer
 from services.ledger.store import OUTBOX_CHANNEL, SEALED_CHANNEL, LedgerStore
 from tally.kit import db, infra
-from tally.kit.background import Signal, run_periodically, run_when_notified
+from tally.kit.background import Deadline, Signal, run_periodically, run_when_notified
 from tally.kit.channels import peer_channel
 from tally.kit.config import (
     ConfigError,
@@ -58,9 +58,10 @@ from tally.pricing.v1 import pricing_pb2_grpc
 
 SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
 BILLING_SERVICE_NAME = billing_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name
-SWEEP_INTERVAL_S = 1.0  # how late an expired hold or grant may be noticed
+SWEEP_SAFETY_INTERVAL_S = 30.0  # a sweeper's look when no deadline of its own is nearer
+SWEEP_RETRY_S = 1.0  # what a sweep left behind (held, locked, past a page) is retried after
+GRANT_SWEEP_INTERVAL_S = 5.0  # how late an expired grant may be noticed (no request-path hint)
 STREAM_SAFETY_POLL_S = 5.0  # outbox sealing and streams wait on NOTIFY; this is the backstop
-LEASE_SWEEP_INTERVAL_S = 5.0  # how late a lease past its ttl may be ended (its hold returned)
 REFUND_RETRY_INTERVAL_S = 30.0  # how often the money of an unconfirmed refund is asked again
 # how often the daily-snapshot job looks for closed days to write (a day is written once it
 # is SETTLE_MARGIN old; a run writes a bounded number of rows, catching up over several)
@@ -153,7 +154,8 @@ class LedgerConfig:
         "TALLY_LEDGER_TOP_UP_FAILURES_TO_THROTTLE", parse_positive_int,
         "failed automatic top-ups in a row that throttle the org", default=3)
     top_up_poll_ms: int = setting("TALLY_LEDGER_TOP_UP_POLL_MS", parse_positive_int,
-                                  "milliseconds > 0", default=200)
+                                  "milliseconds > 0: how often the top-up worker looks when "
+                                  "no outbox event woke it (a safety net)", default=5_000)
     usage_group_max_items: int = setting(
         "TALLY_LEDGER_USAGE_GROUP_MAX_ITEMS", parse_positive_int,
         "usage items > 0 that concurrent PostUsageBatch calls may share a transaction with",
@@ -246,21 +248,29 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
             provider.set_webhook_url(endpoint.url(provider.name))
             log.info("local_payment_provider", checkout=provider.url,
                      webhooks=endpoint.url(provider.name))
-        tasks.append(asyncio.create_task(run_periodically(
-            "expire_reservations", SWEEP_INTERVAL_S, store.expire_reservations, stop)))
-        tasks.append(asyncio.create_task(run_periodically(
-            "expire_grants", SWEEP_INTERVAL_S, store.expire_grants, stop)))
-        tasks.append(asyncio.create_task(run_periodically(
-            "expire_leases", LEASE_SWEEP_INTERVAL_S, store.leases.expire, stop)))
+        # the sweepers wait for their next deadline (what their last run found, moved
+        # earlier by this replica's own requests), the safety interval covering the rest
+        tasks.append(asyncio.create_task(run_when_notified(
+            "expire_reservations", store.expire_reservations, stop,
+            deadline=store.reservation_expiry, next_due=store.next_reservation_expiry,
+            safety_interval_s=SWEEP_SAFETY_INTERVAL_S, retry_s=SWEEP_RETRY_S)))
+        tasks.append(asyncio.create_task(run_when_notified(
+            "expire_grants", store.expire_grants, stop, deadline=Deadline(),
+            next_due=store.next_grant_expiry, safety_interval_s=GRANT_SWEEP_INTERVAL_S,
+            retry_s=SWEEP_RETRY_S)))
+        tasks.append(asyncio.create_task(run_when_notified(
+            "expire_leases", store.leases.expire, stop, deadline=store.lease_expiry,
+            next_due=store.leases.next_expiry, safety_interval_s=SWEEP_SAFETY_INTERVAL_S,
+            retry_s=SWEEP_RETRY_S)))
         # the sealer waits for the outbox's NOTIFY, the event streams for the sealer's
         tasks.append(asyncio.create_task(run_when_notified(
-            "seal_outbox", url, OUTBOX_CHANNEL, store.seal_outbox, stop,
+            "seal_outbox", store.seal_outbox, stop, listen=(url, OUTBOX_CHANNEL),
             safety_interval_s=STREAM_SAFETY_POLL_S)))
         tasks.append(asyncio.create_task(run_when_notified(
-            "outbox_sealed", url, SEALED_CHANNEL, _fire(servicer.sealed), stop,
+            "outbox_sealed", _fire(servicer.sealed), stop, listen=(url, SEALED_CHANNEL),
             safety_interval_s=STREAM_SAFETY_POLL_S)))
         servicer.sealed_by_others = STREAM_SAFETY_POLL_S
-        tasks.append(asyncio.create_task(top_up.run(stop)))
+        tasks.append(asyncio.create_task(top_up.run(stop, wake=servicer.sealed)))
         tasks.append(asyncio.create_task(run_periodically(
             "retry_provider_refunds", REFUND_RETRY_INTERVAL_S, payments.retry_refunds, stop)))
         tasks.append(asyncio.create_task(run_periodically(

@@ -30,6 +30,7 @@ from services.ledger import domain as d
 from services.ledger import leases
 from services.ledger.postings import TRANSFER_COLUMNS
 from tally.kit import metrics, outbox
+from tally.kit.background import Deadline
 from tally.kit.errors import FieldViolation, Reason, TallyError, invalid
 from tally.kit.log import get_logger
 from tally.kit.money import INT64_MAX
@@ -630,6 +631,9 @@ class LedgerStore:
         self.pool = pool
         self.clock = clock
         self.leases = leases.LeaseStore(self)  # credit leases: their own module
+        # when the sweepers next have work: the request path moves these earlier
+        self.reservation_expiry = Deadline()
+        self.lease_expiry = Deadline()
 
     # -- transfers -------------------------------------------------------------------------
 
@@ -819,6 +823,8 @@ class LedgerStore:
                 original = outcomes[first.get(commands[i].reservation_id, i)]
                 outcomes[i] = (original if isinstance(original, TallyError)
                                else await self._replay_hold(conn, commands[i]))
+        if rows:
+            self.reservation_expiry.due(min(row[4] for row in rows))
         return [o for o in outcomes if o is not None]
 
     @staticmethod
@@ -985,6 +991,18 @@ class LedgerStore:
         """One reservation."""
         async with self.pool.acquire() as conn:
             return await self._reservation(conn, reservation_id, org_id)
+
+    async def next_reservation_expiry(self) -> datetime | None:
+        """When the next held reservation lapses (the sweeper waits until then)."""
+        found: datetime | None = await self.pool.fetchval(
+            "SELECT min(expires_at) FROM ledger.reservations WHERE state = 'HELD'")
+        return found
+
+    async def next_grant_expiry(self) -> datetime | None:
+        """When the next open grant expires."""
+        found: datetime | None = await self.pool.fetchval(
+            "SELECT min(expires_at) FROM ledger.grants WHERE is_open AND expires_at IS NOT NULL")
+        return found
 
     async def expire_reservations(self, limit: int = 500) -> int:
         """Releases holds whose ttl has passed (the sweeper); returns how many."""

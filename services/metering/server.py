@@ -32,7 +32,7 @@ from services.metering.spend.lease_manager import LeaseManager
 from services.metering.spend.lease_store import LeaseStore
 from services.metering.spend.store import OUTBOX_CHANNEL, SEALED_CHANNEL, SpendStore
 from tally.kit import db, infra
-from tally.kit.background import run_periodically, run_when_notified
+from tally.kit.background import run_when_notified
 from tally.kit.channels import peer_channel
 from tally.kit.config import (
     ConfigError,
@@ -82,7 +82,9 @@ class MeteringConfig:
     max_inflight_commits: int = setting(
         "TALLY_METERING_MAX_INFLIGHT_COMMITS", parse_positive_int, "an integer > 0", default=2)
     sweep_interval_s: int = setting(
-        "TALLY_METERING_SWEEP_INTERVAL_S", parse_positive_int, "seconds > 0", default=5)
+        "TALLY_METERING_SWEEP_INTERVAL_S", parse_positive_int,
+        "seconds > 0: how often the hold sweeper looks when no deadline of its own is nearer",
+        default=30)
     price_book_wait_s: int = setting(
         "TALLY_METERING_PRICE_BOOK_WAIT_S", parse_positive_int, "seconds > 0", default=30)
     policy_cache_ms: int = setting(
@@ -190,20 +192,26 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
     def register(server: grpc.aio.Server) -> None:
         metering_pb2_grpc.add_MeteringServiceServicer_to_server(servicer, server)
 
-    sweeper = asyncio.create_task(run_periodically(
-        "expire-authorizations", settings.sweep_interval_s,
-        lambda: spend.expire_holds(datetime.now(UTC)), stop), name="expire-authorizations")
+    # the sweeper waits for the next hold's ttl (what its last run found, moved earlier by this
+    # replica's own holds); the interval is the safety net for other replicas' holds
+    sweeper = asyncio.create_task(run_when_notified(
+        "expire-authorizations", lambda: spend.expire_holds(datetime.now(UTC)), stop,
+        deadline=spend.hold_expiry, next_due=spend.next_hold_expiry,
+        safety_interval_s=settings.sweep_interval_s, retry_s=1.0),
+        name="expire-authorizations")
 
     # budget alarms are rare: the sealer waits for the outbox's NOTIFY instead of polling
     sealer = asyncio.create_task(run_when_notified(
-        "seal-outbox", url, OUTBOX_CHANNEL, spend.seal_outbox, stop), name="seal-outbox")
+        "seal-outbox", spend.seal_outbox, stop, listen=(url, OUTBOX_CHANNEL)),
+        name="seal-outbox")
 
     async def fire_sealed() -> None:
         servicer.sealed.fire()
 
     servicer.outbox_poll_s = 5.0  # a backstop: streams wake on the sealer's NOTIFY
     announcer = asyncio.create_task(run_when_notified(
-        "outbox-sealed", url, SEALED_CHANNEL, fire_sealed, stop), name="outbox-sealed")
+        "outbox-sealed", fire_sealed, stop, listen=(url, SEALED_CHANNEL)),
+        name="outbox-sealed")
     # credit leases: top-ups and renewals (queue and timers), the ledger's changes (its stream)
     lease_tasks = [asyncio.create_task(leases.run(stop), name="lease-renewals"),
                    asyncio.create_task(leases.follow(stop), name="lease-follower")]

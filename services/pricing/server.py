@@ -14,11 +14,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Final
 
-import asyncpg
 import grpc
 
 from tally.kit import db, infra
-from tally.kit.background import refresh_on_wake
+from tally.kit.background import run_when_notified
 from tally.kit.channels import peer_channel
 from tally.kit.config import (
     KitConfig,
@@ -38,7 +37,7 @@ from tally.rating import DEFAULT_CATALOG, load_catalog
 from .adapters import GrpcUsageSource
 from .domain import BookCache, Pricing
 from .servicer import PricingServicer
-from .store import PriceBookPgStore
+from .store import CHANNEL, PriceBookPgStore
 
 NAME = "pricing"
 SERVICE_NAME = pricing_pb2.DESCRIPTOR.services_by_name["PricingService"].full_name
@@ -60,8 +59,9 @@ class PricingConfig:
     max_watchers: int = setting(
         "TALLY_PRICING_MAX_WATCHERS", parse_positive_int, "an integer > 0", default=1000)
     refresh_interval_ms: int = setting(
-        "TALLY_PRICING_REFRESH_INTERVAL_MS", parse_positive_int, "milliseconds > 0",
-        default=1000)
+        "TALLY_PRICING_REFRESH_INTERVAL_MS", parse_positive_int,
+        "milliseconds > 0: how often to refresh when no notification came (a safety net)",
+        default=30_000)
     max_report_events: int = setting(
         "TALLY_PRICING_MAX_REPORT_EVENTS", parse_positive_int, "an integer > 0",
         default=2_000_000)
@@ -84,20 +84,17 @@ async def build(config: KitConfig, settings: PricingConfig | None = None) -> Ser
     servicer = PricingServicer(pricing, watch_lifetime_s=settings.watch_lifetime_s,
                                shutting_down=shutting_down)
     stop = asyncio.Event()
-    wake = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
 
     async def start_loops() -> None:
-        tasks.append(asyncio.create_task(refresh_on_wake(
-            "price-book", pricing.refresh, wake, stop, settings.refresh_interval_ms / 1000,
-            (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)),
+        # runs on the store's NOTIFY (by any replica); the interval is only a safety net
+        tasks.append(asyncio.create_task(run_when_notified(
+            "price-book", pricing.refresh, stop, listen=(url, CHANNEL),
+            safety_interval_s=settings.refresh_interval_ms / 1000, min_interval_s=0.0),
             name="price-book-refresher"))
-        tasks.append(asyncio.create_task(store.follow(wake.set, stop),
-                                         name="price-book-listener"))
 
     async def close() -> None:
         stop.set()
-        wake.set()
         cache.close_subscribers()
         await asyncio.gather(*tasks)
         await metering_channel.close()

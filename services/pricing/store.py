@@ -13,16 +13,14 @@ connection).
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 from decimal import Decimal
 from typing import Final
 
 import asyncpg
 
-from tally.kit import db
 from tally.kit.errors import Reason, TallyError
 from tally.kit.log import get_logger
 from tally.rating import PriceBook, dump_price_book, parse_price_book
@@ -131,10 +129,6 @@ class PriceBookPgStore:
         return [VersionHeader(r["version"], r["effective_from"], r["published_at"],
                               r["published_by"], r["note"]) for r in rows]
 
-    async def follow(self, wake: Callable[[], None], stop: asyncio.Event,
-                     retry_s: float = 1.0) -> None:
-        """Calls `wake` on every publish (by any replica) until `stop`; reconnects on loss."""
-        await db.listen(self.database_url, CHANNEL, wake, stop, retry_s)
 
 
 def _renumbered(book: PriceBook, version: int, effective_from: datetime) -> PriceBook:

@@ -103,6 +103,30 @@ async def test_taking_credit_back_shrinks_the_lease_first(pool: asyncpg.Pool) ->
     assert (await store.verify()).ok
 
 
+async def test_grant_expiry_takes_the_leased_credit_back_first(pool: asyncpg.Pool) -> None:
+    now = [datetime.now(UTC)]
+    store = LedgerStore(pool, clock=lambda: now[0])
+    await fund(store, "acme", 2 * CREDIT)  # never expires
+    soon = now[0] + timedelta(hours=1)
+    await store.transfer(d.TransferCommand(
+        "promo", "acme", d.TransferKind.PROMOTIONAL_GRANT, 5 * CREDIT,
+        grant=d.GrantSpec(d.GrantKind.PROMOTIONAL, expires_at=soon)), METERING)
+    await store.leases.extend(extend("x1", "acme", 6 * CREDIT, ttl=timedelta(hours=2)))
+    now[0] = soon + timedelta(seconds=1)
+    # 5 credits expire: 1 is available, 4 come back from the lease, which keeps 2
+    assert await store.expire_grants() == 1
+    lease = await store.leases.get("L1")
+    assert lease is not None and (lease.returned_micros, lease.hold_micros) == (
+        4 * CREDIT, 2 * CREDIT)
+    balance = await store.get_balance("acme")
+    assert (balance.posted_micros, balance.held_micros, balance.available_micros) == (
+        2 * CREDIT, 2 * CREDIT, 0)
+    await store.seal_outbox()
+    changed = await store.outbox_after(0, [d.OutboxEventType.LEASE_CHANGED])
+    assert [e.attributes["returned_micros"] for e in changed] == [str(4 * CREDIT)]
+    assert (await store.verify()).ok
+
+
 async def test_a_lease_not_extended_before_its_ttl_ends_and_gives_its_hold_back(
         pool: asyncpg.Pool) -> None:
     now = [datetime.now(UTC)]

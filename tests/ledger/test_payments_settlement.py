@@ -180,6 +180,23 @@ async def test_a_refund_takes_back_only_unspent_and_unheld_credit(shop: Shop) ->
                 and e["data"]["object"].get("refund", {}).get("amount") == 1200]
 
 
+async def test_a_refund_of_everything_unspent_takes_a_credit_lease_back_first(
+        shop: Shop) -> None:
+    await record(shop, "bank-1")
+    await approve(shop, "bank-1", "user:dana-admin")
+    lease = await shop.tally.ledger.ExtendLease(pb.ExtendLeaseRequest(
+        request_id="x1", lease_id="L1", org_id="acme", holder="metering",
+        add_micros=500_000 * CREDIT, ttl_seconds=60))
+    assert lease.added_micros == 500_000 * CREDIT  # all but the bonus is leased
+    everything = await refund(shop, "rf-1", "bank-1")  # 0 = all that is unspent
+    assert (everything.reversed_micros, everything.bonus_forfeited_micros) == (
+        500_000 * CREDIT, 50_000 * CREDIT)
+    balance = await shop.balance()
+    assert (balance.posted_micros, balance.held_micros, balance.leased_micros) == (0, 0, 0)
+    verified = await shop.tally.ledger.VerifyLedger(pb.VerifyLedgerRequest())
+    assert verified.ok, verified.detail
+
+
 async def test_refund_refusals_name_their_reason_and_change_nothing(shop: Shop) -> None:
     pending = await shop.purchase("po-pending")
     with pytest.raises(TallyError) as not_paid:

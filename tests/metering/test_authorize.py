@@ -141,6 +141,37 @@ async def test_without_credit_the_answer_is_deny_and_nothing_stays_held(suite: S
     assert await suite.client.metering.Authorize(ask("big", input_tokens=5_000_000)) == reply
 
 
+async def test_a_deny_for_credit_shows_the_budget_and_the_balance_headroom(suite: Suite) -> None:
+    await suite.fund("acme", 1)
+    await add_budget(suite, "b-room", 1_000)
+    small = await suite.client.metering.Authorize(ask("small"))
+    assert small.decision == ALLOW
+    reply = await suite.client.metering.Authorize(ask("big", input_tokens=5_000_000))
+    assert (reply.decision, reply.deny_reason) == (DENY, "INSUFFICIENT_CREDITS")
+    room = {h.scope: (h.unit, h.limit, h.remaining) for h in reply.headroom}
+    left = CREDIT - small.reserved_micros  # all the org can spend: nothing else is held
+    budget_left = 1_000 * CREDIT - small.reserved_micros
+    assert room == {"budget:b-room": ("micros", 1_000 * CREDIT, budget_left),
+                    "balance": ("micros", left, left)}
+    assert f"{left} available" in reply.message
+    # the replay is the same answer, headroom included
+    assert await suite.client.metering.Authorize(ask("big", input_tokens=5_000_000)) == reply
+
+
+async def test_the_balance_headroom_is_what_the_org_can_spend_not_the_lease(
+        suite: Suite) -> None:
+    await suite.fund("acme", 1_000)
+    answers = [await suite.client.metering.Authorize(ask(f"r-{i}")) for i in range(3)]
+    leased = (await balance(suite)).leased_micros
+    assert 0 < leased < 1_000 * CREDIT  # the lease is a slice of the balance
+    holding = 0
+    for answer in answers:
+        holding += answer.reserved_micros
+        room = {h.scope: (h.limit, h.remaining) for h in answer.headroom}
+        assert room["balance"] == (1_000 * CREDIT - holding + answer.reserved_micros,
+                                   1_000 * CREDIT - holding)
+
+
 async def test_guard_rails_deny_long_contexts_and_large_uploads(suite: Suite) -> None:
     await suite.fund("acme", 100)
     await sql(suite, "INSERT INTO metering.spend_policies (org_id, max_context_tokens, "

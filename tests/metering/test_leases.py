@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 
 import grpc
 
@@ -42,6 +43,7 @@ from tests.metering.test_authorize import (
 )
 from tests.metering.test_durability import REPO
 from tests.metering.test_ingestion import ACCEPTED, balance
+from tests.metering.test_management import stamp
 
 
 async def _lease(suite: Suite, org: str = "acme") -> dict[str, int]:
@@ -391,3 +393,107 @@ async def test_an_idle_lease_gives_its_free_credit_back_to_the_org(suite: Suite)
     finally:
         await channel.close()
         await pool.close()
+
+
+async def _burst_through(suite: Suite, change: Callable[[], Awaitable[None]],
+                         seen: Callable[[], Awaitable[bool]], refusal: str
+                         ) -> tuple[list[mpb.AuthorizeResponse], int, int]:
+    """16 workers authorize without pause; after 50 answers `change` runs in the ledger, then
+    the burst goes on until metering has seen it (`seen`) and 50 more are answered. Returns
+    the answers in order, how many were answered before the change and before it was seen;
+    the refusals are all `refusal`."""
+    answers: dict[str, mpb.AuthorizeResponse] = {}
+    stop, progress = asyncio.Event(), asyncio.Event()
+
+    async def answered(count: int) -> None:
+        while len(answers) < count:
+            progress.clear()
+            await progress.wait()
+
+    async def burst(worker: int) -> None:
+        for attempt in range(100_000):
+            if stop.is_set():
+                return
+            request_id = f"b{worker}-{attempt}"
+            answers[request_id] = await suite.client.metering.Authorize(ask(request_id))
+            progress.set()
+
+    bursting = [asyncio.create_task(burst(w)) for w in range(16)]
+    try:
+        await answered(50)
+        changed = len(answers)  # requests answered before the ledger's change
+        await change()
+        await _until(seen, "metering saw the ledger take its lease's credit back")
+        seen_at = len(answers)
+        await answered(seen_at + 50)
+    finally:
+        stop.set()
+        await asyncio.gather(*bursting)
+    ordered = list(answers.values())
+    assert all(a.deny_reason == refusal for a in ordered if a.decision == DENY)
+    return ordered, changed, seen_at
+
+
+async def _shrink_seen(suite: Suite) -> bool:
+    """Metering's lease of acme counts what the ledger took back from it."""
+    rows = await sql(suite, "SELECT m.returned_micros >= l.returned_micros AS seen "
+                     "FROM metering.credit_leases m JOIN ledger.leases l "
+                     "ON l.lease_id = m.lease_id WHERE m.org_id = 'acme' "
+                     "AND l.returned_micros > 0")
+    return bool(rows and rows[0]["seen"])
+
+
+async def _check_reclaim_bound(suite: Suite, ordered: list[mpb.AuthorizeResponse],
+                               changed: int, seen_at: int) -> None:
+    after_seen = ordered[seen_at + 16:]  # later than any call in flight when metering saw it
+    assert after_seen and all(a.decision == DENY for a in after_seen)
+    admitted_meanwhile = sum(a.reserved_micros for a in ordered[changed:]
+                             if a.decision == ALLOW)
+    # the bound: what the ledger took back from the lease (its hold when it took it back)
+    (returned,) = await sql(suite, "SELECT sum(returned_micros)::bigint AS r "
+                            "FROM ledger.leases WHERE org_id = 'acme'")
+    assert returned["r"] > 0 and admitted_meanwhile <= returned["r"]
+    final = await balance(suite)
+    assert final.held_micros == final.leased_micros
+    assert (await suite.client.ledger.VerifyLedger(lpb.VerifyLedgerRequest())).ok
+
+
+async def test_a_refund_during_a_burst_admits_nothing_once_metering_has_seen_it(
+        suite: Suite) -> None:
+    clerk, cfo = (common_pb2.RequestContext(actor=a) for a in ("user:clerk", "user:cfo"))
+    await suite.client.ledger.RecordManualPayment(lpb.RecordManualPaymentRequest(
+        payment_order_id="wire-1", org_id="acme", amount_minor=100_000, currency="USD",
+        credits_micros=1_000 * CREDIT, reference="SEPA 2026-0042", context=clerk,
+        method=lpb.MANUAL_PAYMENT_METHOD_BANK_TRANSFER))
+    await suite.client.ledger.ApproveManualPayment(lpb.ApproveManualPaymentRequest(
+        payment_order_id="wire-1", context=cfo))
+    assert (await suite.client.metering.Authorize(ask("warm"))).decision == ALLOW
+
+    async def refund() -> None:  # all that is unspent: the lease must give its hold back
+        await suite.client.ledger.Refund(lpb.RefundRequest(
+            refund_id="r-1", payment_order_id="wire-1", reason="customer asked",
+            context=common_pb2.RequestContext(actor="user:carol-support")))
+
+    ordered, changed, seen_at = await _burst_through(suite, refund, lambda: _shrink_seen(suite),
+                                                     "INSUFFICIENT_CREDITS")
+    await _check_reclaim_bound(suite, ordered, changed, seen_at)
+
+
+async def test_grant_expiry_during_a_burst_admits_nothing_once_metering_has_seen_it(
+        suite: Suite) -> None:
+    expires = datetime.now(UTC) + timedelta(days=1)
+    await suite.client.ledger.Transfer(lpb.TransferRequest(
+        transfer_id="promo", org_id="acme", kind=lpb.TRANSFER_KIND_PROMOTIONAL_GRANT,
+        amount_micros=1_000 * CREDIT, reason="trial credit", grant=lpb.GrantSpec(
+            grant_kind=lpb.GRANT_KIND_PROMOTIONAL, expires_at=stamp(expires))))
+    assert (await suite.client.metering.Authorize(ask("warm"))).decision == ALLOW
+
+    async def expire() -> None:  # the day passes: the ledger's expiry sweeper takes it
+        await sql(suite, "UPDATE ledger.grants SET expires_at = now() WHERE org_id = 'acme'")
+
+    ordered, changed, seen_at = await _burst_through(suite, expire, lambda: _shrink_seen(suite),
+                                                     "INSUFFICIENT_CREDITS")
+    await _check_reclaim_bound(suite, ordered, changed, seen_at)
+    expired = await sql(suite, "SELECT count(*) AS n FROM ledger.transfers "
+                        "WHERE org_id = 'acme' AND kind = 'EXPIRY'")
+    assert expired[0]["n"] >= 1

@@ -203,3 +203,16 @@ async def test_with_redis_unreachable_hard_quotas_fail_closed(db_url: str) -> No
         assert "unavailable" in reply.message and reply.retry_after_ms == 1_000
     finally:
         await stop_suite(suite)
+
+
+async def test_64_concurrent_retries_of_one_request_id_consume_one_unit(suite: Suite) -> None:
+    await add_quota(suite, "REQUESTS_PER_SECOND", 5)
+    same = request()
+    copies = await asyncio.gather(*(suite.client.metering.Authorize(same) for _ in range(64)))
+    assert copies[0].decision == ALLOW and all(c == copies[0] for c in copies)
+    # the 64 copies took one of the 5: four more fit, then the quota is spent
+    fresh = await decisions(suite, 5)
+    assert [r.decision for r in fresh] == [ALLOW] * 4 + [DENY]
+    # a retry once the quota is spent is still the original answer, and consumes nothing
+    assert await suite.client.metering.Authorize(same) == copies[0]
+    assert await in_flight(suite) == sum(r.reserved_micros for r in (copies[0], *fresh[:4]))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
@@ -61,79 +61,105 @@ async def _run_once(name: str, task: Callable[[], Awaitable[Any]],
             log.exception("background_task_failed", task=name)
 
 
-async def refresh_on_wake(name: str, refresh: Callable[[], Awaitable[Any]], wake: asyncio.Event,
-                          stop: asyncio.Event, interval_s: float,
-                          errors: tuple[type[BaseException], ...]) -> None:
-    """Runs `refresh` each time `wake` is set (a LISTEN follower sets it), and at least every
-    `interval_s` in case a notification was lost, until `stop`. A failure of one of `errors`
-    is logged and retried at the next wake-up."""
-    while not stop.is_set():
-        try:
-            await asyncio.wait_for(wake.wait(), interval_s)
-        except TimeoutError:
-            pass
-        wake.clear()
-        if stop.is_set():
-            return
-        try:
-            await refresh()
-        except errors as exc:
-            log.warning("refresh_failed", task=name, error=str(exc))
+class Deadline:
+    """The earliest moment a sweeper has work: what its last run found in the database (the
+    next expiry), moved earlier by the request path when it makes something that expires
+    sooner (`due`, a comparison: cheap enough for every request)."""
+
+    def __init__(self) -> None:
+        self.at: datetime | None = None
+        self.moved = asyncio.Event()
+
+    def due(self, at: datetime) -> None:
+        """Something expires at `at`: wake the sweeper then if that is earlier."""
+        if self.at is None or at < self.at:
+            self.at = at
+            self.moved.set()
 
 
-async def run_when_notified(name: str, database_url: str, channel: str,
-                            task: Callable[[], Awaitable[Any]], stop: asyncio.Event, *,
+async def run_when_notified(name: str, task: Callable[[], Awaitable[Any]], stop: asyncio.Event,
+                            *, listen: tuple[str, str] | None = None,
+                            wake: Signal | None = None,
+                            deadline: Deadline | None = None,
+                            next_due: Callable[[], Awaitable[datetime | None]] | None = None,
                             safety_interval_s: float = 30.0, min_interval_s: float = 0.05,
                             retry_s: float = 1.0) -> None:
-    """Runs `task` once at start, then whenever PostgreSQL channel `channel` is notified
-    (notifications that arrive while it runs make one more run, not one each), and every
-    `safety_interval_s` as a safety net, until `stop`. An idle service makes no queries: the
-    listener waits on its connection. Under a stream of notifications runs start at most
-    every `min_interval_s` (each covers what came meanwhile). A lost listener reconnects (and
-    runs `task`, for what was notified meanwhile)."""
-    wake = asyncio.Event()
-    listening = asyncio.create_task(_listen(database_url, channel, wake, stop, retry_s),
-                                    name=f"{name}-listen")
+    """Runs `task` once at start, then whenever there may be work, until `stop`:
+
+    - `listen` = (database url, channel): a PostgreSQL NOTIFY on the channel, by any replica
+      (a lost listener reconnects and runs `task` for what was notified meanwhile);
+    - `wake`: an in-process Signal fires;
+    - `deadline`: its moment comes; after each run `next_due` (one query) says when the next
+      thing expires, and the request path moves it earlier (Deadline.due);
+    - and every `safety_interval_s` as a safety net (a lost notification, another replica's
+      deadline when that replica died).
+
+    An idle service makes no queries in between. Wake-ups that arrive while `task` runs make
+    one more run, not one each; under a stream of them runs start at most every
+    `min_interval_s` (each covers what came meanwhile). A failure is logged, not fatal."""
+    woken = asyncio.Event()
+    listening = (asyncio.create_task(db.listen(listen[0], listen[1], woken.set, stop, retry_s),
+                                     name=f"{name}-listen") if listen else None)
     loop = asyncio.get_running_loop()
     try:
         while not stop.is_set():
-            wake.clear()
+            woken.clear()
+            ticket = wake.ticket() if wake is not None else None
             started = loop.time()
+            if deadline is not None:
+                deadline.at = None  # what the request path makes from here on is counted
+                deadline.moved.clear()
             await _run_once(name, task)
-            woken = asyncio.ensure_future(wake.wait())
-            stopping = asyncio.ensure_future(stop.wait())
-            await asyncio.wait((woken, stopping), timeout=safety_interval_s,
-                               return_when=asyncio.FIRST_COMPLETED)
-            woken.cancel()
-            stopping.cancel()
+            if deadline is not None and next_due is not None:
+                found = await _next_due(name, next_due)
+                if found is not None and found <= datetime.now(UTC):
+                    # left by the run (held, locked, a page limit): look again in retry_s
+                    found = datetime.now(UTC) + timedelta(seconds=retry_s)
+                if found is not None and (deadline.at is None or found < deadline.at):
+                    deadline.at = found
+            await _wait(stop, woken, ticket, deadline, safety_interval_s)
             rest = min_interval_s - (loop.time() - started)
-            if rest > 0 and not stop.is_set():  # a busy channel: batch what comes meanwhile
+            if rest > 0 and not stop.is_set():  # a busy source: batch what comes meanwhile
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), rest)
     finally:
-        listening.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await listening
+        if listening is not None:
+            listening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listening
 
 
-async def _listen(database_url: str, channel: str, wake: asyncio.Event, stop: asyncio.Event,
-                  retry_s: float) -> None:
-    while not stop.is_set():
-        conn: Any = None
+async def _next_due(name: str, next_due: Callable[[], Awaitable[datetime | None]]
+                    ) -> datetime | None:
+    try:
+        return await next_due()
+    except Exception as exc:  # then the safety interval decides
+        log.warning("background_next_due_failed", task=name, error=repr(exc))
+        return None
+
+
+async def _wait(stop: asyncio.Event, woken: asyncio.Event, ticket: asyncio.Event | None,
+                deadline: Deadline | None, safety_interval_s: float) -> None:
+    """Until something wakes the loop (see run_when_notified) or the safety interval ends."""
+    while True:
+        timeout = safety_interval_s
+        if deadline is not None and deadline.at is not None:
+            timeout = min(timeout, max((deadline.at - datetime.now(UTC)).total_seconds(), 0.0))
+        if timeout <= 0:
+            return
+        events = [stop, woken, *(e for e in (ticket, deadline.moved if deadline else None)
+                                 if e is not None)]
+        waiters = [asyncio.ensure_future(e.wait()) for e in events]
         try:
-            conn = await asyncpg.connect(db.asyncpg_url(database_url))
-            lost = asyncio.Event()
-            conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
-            await conn.add_listener(channel, lambda *_args: wake.set())
-            wake.set()  # whatever was notified while nobody listened
-            await lost.wait()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("listener_lost", channel=channel, error=str(exc), retry_in_s=retry_s)
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if conn is not None and not conn.is_closed():
-                await conn.close()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), retry_s)
+            for waiter in waiters:
+                waiter.cancel()
+        if deadline is not None and deadline.moved.is_set() and not (
+                stop.is_set() or woken.is_set() or (ticket is not None and ticket.is_set())):
+            deadline.moved.clear()  # an earlier deadline: wait for it instead
+            continue
+        return
 
 
 class Signal:

@@ -412,10 +412,14 @@ class PaymentStore:
             p.check_refundable(order)
             org = order.org_id
             await work.lock_orgs([org])
-            await leases.reclaim(work, org, amount_micros)  # a credit lease gives its hold back
             grants = {g.grant_id: g for g in await work.grants_of(org)}
             purchased = grants.get(f"grant:{p.purchase_transfer_id(order_id)}")
             bonus = grants.get(f"grant:{p.bonus_transfer_id(order_id)}")
+            # a credit lease gives its hold back first: for what is asked (0 = all unspent)
+            # and the bonus taken with it
+            await leases.reclaim(work, org, (amount_micros or (
+                purchased.remaining_micros if purchased else 0)) + (
+                bonus.remaining_micros if bonus else 0))
             plan = p.plan_refund(order, amount_micros,
                                  purchased.remaining_micros if purchased else 0,
                                  bonus.remaining_micros if bonus else 0, work.available(org))

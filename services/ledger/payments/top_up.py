@@ -20,7 +20,7 @@ from services.ledger import domain as d
 from services.ledger.payments.service import Payments
 from services.ledger.payments.store import TOP_UP_CURSOR, PaymentStore
 from services.ledger.store import LedgerStore
-from tally.kit.background import background_run
+from tally.kit.background import Signal, background_run
 from tally.kit.log import get_logger
 from tally.kit.telemetry import WORK_ITEMS
 
@@ -28,6 +28,7 @@ log = get_logger("ledger.top_up")
 
 CALLER: Final = d.Caller(actor="service:auto-top-up")
 RESUME_AFTER: Final = timedelta(seconds=30)
+MIN_STEP_S: Final = 0.2
 
 
 class TopUpWorker:
@@ -62,9 +63,11 @@ class TopUpWorker:
         await self.store.advance(TOP_UP_CURSOR, last)
         return read
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Steps until `stop`; pauses `poll_s` when caught up. Failures are logged and retried."""
+    async def run(self, stop: asyncio.Event, wake: Signal | None = None) -> None:
+        """Steps until `stop`; when caught up, waits for `wake` (the outbox's new events) or
+        `poll_s`. Failures are logged and retried."""
         while not stop.is_set():
+            ticket = wake.ticket() if wake is not None else None  # taken before looking
             read = 0
             try:
                 with background_run("top_up") as span:  # exported only when it read events
@@ -74,5 +77,12 @@ class TopUpWorker:
             except Exception:
                 log.exception("top_up_step_failed")
             if read < self.page:
+                waiters = [asyncio.ensure_future(e.wait())
+                           for e in (stop, *((ticket,) if ticket is not None else ()))]
+                await asyncio.wait(waiters, timeout=self.poll_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                for waiter in waiters:
+                    waiter.cancel()
+                # woken by a stream of events: at most one step per MIN_STEP_S covers them
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.poll_s)
+                    await asyncio.wait_for(stop.wait(), MIN_STEP_S)

@@ -11,10 +11,22 @@ Every answer is recorded under the request id, so a replay gets the same decisio
 same reservation, whatever happened in between; a different payload under the same id is
 IDEMPOTENCY_KEY_REUSED. Quota counters are consumed before budgets are checked: a request a
 budget or the ledger then refuses still counted against its rate limits (like any attempt).
+
+A replay consumes no quota: for an org with quotas the recorded answer is looked up before
+the limiter, and copies of one request id arriving at a replica while it is being decided
+wait for that decision (one per replica) and then replay it. Copies that reach different
+replicas at the same instant, before either has recorded, can each consume one unit (at most
+one per replica); the answer is still the one recorded first.
+
+A DENY for credit (INSUFFICIENT_CREDITS) carries the headroom an ALLOW does: each quota,
+each budget (with nothing held) and the balance, i.e. what the org can spend: the lease's
+free credit plus what the ledger could still lease (as of its last answer to metering, see
+migration 0006_authz_balance).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -103,10 +115,22 @@ class Authorizer:
         self.credit = credit
         self.quotas = quotas
         self.clock = clock
+        self._deciding: dict[tuple[str, str], asyncio.Event] = {}
 
     async def authorize(self, request: az.AuthorizeRequest) -> az.Answer:
         """The decision for `request`; the same one again for a replay of its id."""
         az.validate(request)
+        key = (request.org_id, request.request_id)
+        while (deciding := self._deciding.get(key)) is not None:
+            await deciding.wait()  # a copy being decided here: then this one is its replay
+        self._deciding[key] = done = asyncio.Event()
+        try:
+            return await self._authorize(request)
+        finally:
+            del self._deciding[key]
+            done.set()
+
+    async def _authorize(self, request: az.AuthorizeRequest) -> az.Answer:
         fingerprint = request.fingerprint()
         now = self.clock()
         policy = await self.policies.policy_for(request.org_id)
@@ -118,6 +142,10 @@ class Authorizer:
             first = self._estimate(book, request, request.model)
             span.set_attribute("tally.price_book_version", first.price_book_version)
         quotas = await self.policies.quotas_for(request.org_id)
+        if quotas:  # a replay must not count against them
+            earlier = await self.store.recorded(request.org_id, request.request_id)
+            if earlier is not None:
+                return self._replayed(request, fingerprint, earlier)
         denied, headroom = await self.quotas.admit(request, quotas, policy)
         if denied is not None:
             return await self._record(request, fingerprint, denied)
@@ -140,7 +168,7 @@ class Authorizer:
             except Replayed:
                 return await self._replay(request, fingerprint)
             except NeedsCredit as short:
-                refusal = await self._more_credit(request, short.needed_micros, plain)
+                refusal = await self._more_credit(request, short.needed_micros, plain, budgets)
                 if refusal is not None:
                     return await self._record(request, fingerprint, refusal)
                 continue
@@ -162,22 +190,37 @@ class Authorizer:
         return await self.store.decide(hold.request, hold.request_hash, budgets, decide)
 
     async def _more_credit(self, request: az.AuthorizeRequest, needed: int,
-                           plain: az.Answer) -> az.Answer | None:
+                           plain: az.Answer, budgets: Sequence[tuple[Budget, datetime]]
+                           ) -> az.Answer | None:
         """Extends the org's lease for `needed`: None to try again, or the refusal when the
-        ledger cannot (INSUFFICIENT_CREDITS, ACCOUNT_READ_ONLY)."""
+        ledger cannot (INSUFFICIENT_CREDITS, ACCOUNT_READ_ONLY), with the headroom under
+        every limit it met (the balance's when the ledger answered with figures)."""
         try:
             lease, added = await self.credit.ensure(request.org_id, needed)
         except TallyError as exc:
             if exc.reason not in _LEDGER_REFUSALS:
                 raise  # UNAVAILABLE etc.: the client retries the same request id
             return az.deny(exc.reason, exc.message, version=plain.price_book_version,
-                           headroom=plain.headroom)
-        if lease.free_micros >= needed or added > 0:
+                           headroom=await self._refused_headroom(plain, budgets, None))
+        spendable = lease.spendable_micros
+        if lease.free_micros >= needed or added > 0 or spendable >= needed:
+            # room now, or the ledger had credit this extension did not take (another
+            # request's, sized before concurrent holds took what it added): try again
             return None
         return az.deny(Reason.INSUFFICIENT_CREDITS,
-                       f"amount_micros: {needed} micro-credits needed, "
-                       f"{max(lease.free_micros, 0)} available",
-                       version=plain.price_book_version, headroom=plain.headroom)
+                       f"amount_micros: {needed} micro-credits needed, {spendable} available",
+                       version=plain.price_book_version,
+                       headroom=await self._refused_headroom(plain, budgets, spendable))
+
+    async def _refused_headroom(self, plain: az.Answer, budgets: Sequence[tuple[Budget, datetime]],
+                                spendable: int | None) -> list[az.Headroom]:
+        """The quotas' headroom, each budget's with nothing held, and the balance (what the
+        org can spend, when known)."""
+        room = [*plain.headroom, *az.budget_headroom(
+            await self.store.budget_states(budgets) if budgets else [], 0)]
+        if spendable is not None:
+            room.append(az.Headroom("balance", "micros", spendable, spendable))
+        return room
 
     async def _settle(self, request: az.AuthorizeRequest, decided: Decided,
                       policy: SpendPolicy) -> az.Answer:
@@ -192,14 +235,17 @@ class Authorizer:
                                   headroom=answer.headroom)
                 await self.store.refuse(request.org_id, request.request_id, refused)
                 return refused
-        balance = next((h for h in reversed(answer.headroom) if h.scope == "balance"), None)
-        self.credit.held(request.org_id, answer.reserved_micros,
-                         balance.remaining if balance is not None else 0)
+        self.credit.held(request.org_id, answer.reserved_micros, decided.lease_free)
         return answer
 
     async def _replay(self, request: az.AuthorizeRequest, fingerprint: str) -> az.Answer:
         earlier = await self.store.authorization(request.org_id, request.request_id)
         assert earlier is not None  # recorded, and nothing deletes authorizations
+        return self._replayed(request, fingerprint, earlier)
+
+    @staticmethod
+    def _replayed(request: az.AuthorizeRequest, fingerprint: str,
+                  earlier: tuple[str, str, az.Answer]) -> az.Answer:
         stored_hash, _, answer = earlier
         if stored_hash != fingerprint and stored_hash != request.legacy_fingerprint():
             raise TallyError(Reason.IDEMPOTENCY_KEY_REUSED,

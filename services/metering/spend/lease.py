@@ -49,6 +49,13 @@ class LeaseFigures:
     held_micros: int
     billing_state: str
     expires_at: datetime
+    ledger_available_micros: int = 0  # the org's credit beyond its leases, as last told
+
+    @property
+    def spendable_micros(self) -> int:
+        """What the org can still spend: the lease's free credit and what the ledger could
+        still lease (as of its last answer)."""
+        return max(self.free_micros, 0) + max(self.ledger_available_micros, 0)
 
     @property
     def free_micros(self) -> int:

@@ -228,7 +228,8 @@ class LeaseManager:
             self.settings.ttl, lease.held_micros)
         await self.store.apply(lease.org_id, lease.lease_id, lease.epoch,
                                answer.granted_for_metering, answer.returned_micros,
-                               answer.billing_state, answer.expires_at)
+                               answer.billing_state, answer.expires_at,
+                               answer.available_micros)
 
     async def _top_up(self, org_id: str, needed: int) -> tuple[LeaseFigures, int]:
         lease = await self.store.lease_of(org_id)
@@ -252,7 +253,7 @@ class LeaseManager:
                 continue
             figures = await self.store.apply(
                 org_id, lease_id, epoch, answer.granted_for_metering, answer.returned_micros,
-                answer.billing_state, answer.expires_at)
+                answer.billing_state, answer.expires_at, answer.available_micros)
             self._schedule(org_id, answer.expires_at)
             return figures, answer.added_micros
         raise TallyError(Reason.UNAVAILABLE, f"ledger: lease of org {org_id} keeps ending")

@@ -18,13 +18,13 @@ import asyncpg
 from .lease import LeaseFigures
 
 _COLUMNS = ("org_id, lease_id, epoch, granted_micros, returned_micros, charged_micros, "
-            "held_micros, billing_state, expires_at")
+            "held_micros, billing_state, expires_at, ledger_available_micros")
 
 
 def _figures(r: Any) -> LeaseFigures:
     return LeaseFigures(r["org_id"], r["lease_id"], r["epoch"], r["granted_micros"],
                         r["returned_micros"], r["charged_micros"], r["held_micros"],
-                        r["billing_state"], r["expires_at"])
+                        r["billing_state"], r["expires_at"], r["ledger_available_micros"])
 
 
 class LeaseStore:
@@ -45,12 +45,15 @@ class LeaseStore:
             f"SELECT {_COLUMNS} FROM metering.credit_leases ORDER BY org_id")]
 
     async def apply(self, org_id: str, lease_id: str, epoch: int, granted: int, returned: int,
-                    billing_state: str, expires_at: datetime) -> LeaseFigures:
-        """Takes the ledger's answer about lease `lease_id` (epoch `epoch`) of the org;
-        returns the lease as it is now (a stale answer changes nothing)."""
+                    billing_state: str, expires_at: datetime, available: int = 0
+                    ) -> LeaseFigures:
+        """Takes the ledger's answer about lease `lease_id` (epoch `epoch`) of the org, and
+        the org's available credit beyond it (`available`); returns the lease as it is now
+        (a stale answer changes nothing)."""
         row = await self.pool.fetchrow(
             "INSERT INTO metering.credit_leases AS l (org_id, lease_id, epoch, granted_micros, "
-            "returned_micros, billing_state, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7) "
+            "returned_micros, billing_state, expires_at, ledger_available_micros) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
             "ON CONFLICT (org_id) DO UPDATE SET lease_id = EXCLUDED.lease_id, "
             "epoch = EXCLUDED.epoch, "
             "granted_micros = CASE WHEN EXCLUDED.epoch > l.epoch THEN EXCLUDED.granted_micros "
@@ -60,10 +63,11 @@ class LeaseStore:
             "charged_micros = CASE WHEN EXCLUDED.epoch > l.epoch THEN 0 "
             "ELSE l.charged_micros END, "
             "billing_state = EXCLUDED.billing_state, "
+            "ledger_available_micros = EXCLUDED.ledger_available_micros, "
             "expires_at = CASE WHEN EXCLUDED.epoch > l.epoch THEN EXCLUDED.expires_at "
             "ELSE greatest(l.expires_at, EXCLUDED.expires_at) END, updated_at = now() "
             "WHERE EXCLUDED.epoch >= l.epoch", org_id, lease_id, epoch, granted, returned,
-            billing_state, expires_at)
+            billing_state, expires_at, available)
         if row is None:  # a newer lease is in place
             found = await self.lease_of(org_id)
             assert found is not None
@@ -81,9 +85,12 @@ class LeaseStore:
 
     async def changed_by_ledger(self, lease_id: str, granted: int, returned: int, ended: bool,
                                 now: datetime) -> None:
-        """The ledger shrank, revoked or ended lease `lease_id` (its outbox said so)."""
+        """The ledger shrank, revoked or ended lease `lease_id` (its outbox said so). It only
+        shrinks a live lease once the org's available credit is used up: nothing beyond the
+        lease is left to count in the balance headroom."""
         await self.pool.execute(
             "UPDATE metering.credit_leases SET granted_micros = greatest(granted_micros, $2), "
+            "ledger_available_micros = CASE WHEN $4 THEN ledger_available_micros ELSE 0 END, "
             "returned_micros = greatest(returned_micros, $3), "
             "expires_at = CASE WHEN $4 THEN least(expires_at, $5) ELSE expires_at END, "
             "updated_at = now() WHERE lease_id = $1", lease_id, granted, returned, ended, now)

@@ -24,6 +24,7 @@ from typing import Any
 import asyncpg
 
 from tally.kit import outbox
+from tally.kit.background import Deadline
 from tally.kit.group_commit import GroupCommit
 
 from ..policies import (
@@ -68,10 +69,13 @@ class NeedsCredit(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Decided:
-    """A recorded answer and the org's billing state as its lease knew it."""
+    """A recorded answer, the org's billing state as its lease knew it and the lease's free
+    credit after it (what sizes the lease; the answer's balance headroom also counts what the
+    ledger could still lease)."""
 
     answer: Answer
     billing_state: str = "ACTIVE"
+    lease_free: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +204,18 @@ class SpendStore:
         self._holds = GroupCommit("metering.authorize_hold", self._hold_many,
                                   max_size=decisions_per_group,
                                   key=lambda hold: hold.request.org_id)
+        self.hold_expiry = Deadline()  # when the sweeper next has work (holds move it earlier)
+        # replay lookups before the quota limiter: concurrent ones of an org share one query
+        self._lookups: GroupCommit[tuple[str, str], tuple[str, str, Answer] | None] = (
+            GroupCommit("metering.authorize_replay", self._authorizations_many,
+                        max_size=decisions_per_group, key=lambda ident: ident[0]))
+
+    async def next_hold_expiry(self) -> datetime | None:
+        """When the next open hold reaches its ttl."""
+        found: datetime | None = await self.pool.fetchval(
+            "SELECT min(expires_at) FROM metering.authorizations "
+            "WHERE state IN ('HELD', 'PENDING')")
+        return found
 
     async def hold(self, hold: Hold) -> HoldResult:
         """Records `hold` as a plain ALLOW with its budget and lease holds if they all take
@@ -219,7 +235,7 @@ class SpendStore:
                            for b, start, cap in h.budgets)
             quotas.extend((n, q.scope, q.unit, q.limit, q.remaining) for q in a.headroom)
         rows = await self.pool.fetch(
-            "SELECT idx, outcome, lease_free, billing_state, budget_left FROM "
+            "SELECT idx, outcome, lease_free, billing_state, budget_left, ledger_available FROM "
             "metering.authorize_holds($1::text[], $2::text[], $3::text[], $4::text[], "
             "$5::text[], $6::bigint[], $7::bigint[], $8::timestamptz[], $9::int[], "
             "$10::text[], $11::timestamptz[], $12::bigint[], $13::bigint[], $14::int[], "
@@ -232,15 +248,34 @@ class SpendStore:
                 results.append(HoldResult(outcome))
                 continue
             a = h.answer
+            if a.expires_at is not None:
+                self.hold_expiry.due(a.expires_at)
             room = list(a.headroom)
             room.extend(Headroom(f"budget:{b.budget_id}", "micros", b.limit_micros, left)
                         for (b, _, _), left in zip(h.budgets, row["budget_left"], strict=True))
+            free = 0
             if a.reserved_micros > 0:
                 free = row["lease_free"]
-                room.append(Headroom("balance", "micros", free + a.reserved_micros, free))
+                spendable = free + row["ledger_available"]
+                room.append(Headroom("balance", "micros", spendable + a.reserved_micros,
+                                     spendable))
             results.append(HoldResult(outcome, Decided(replace(a, headroom=tuple(room)),
-                                                       row["billing_state"])))
+                                                       row["billing_state"], free)))
         return results
+
+    async def budget_states(self, budgets: Sequence[tuple[Budget, datetime]]
+                            ) -> list[BudgetState]:
+        """What each budget has spent and holds in its period now (no lock: for the headroom
+        of an answer that holds nothing)."""
+        rows = await self.pool.fetch(
+            "SELECT u.budget_id, u.period_start, u.spent_micros, u.reserved_micros "
+            "FROM metering.budget_usage u JOIN unnest($1::text[], $2::timestamptz[]) "
+            "AS k(id, start) ON u.budget_id = k.id AND u.period_start = k.start",
+            [b.budget_id for b, _ in budgets], [start for _, start in budgets])
+        found = {(r["budget_id"], r["period_start"]): (r["spent_micros"], r["reserved_micros"])
+                 for r in rows}
+        return [BudgetState(b, start, *found.get((b.budget_id, start), (0, 0)))
+                for b, start in budgets]
 
     async def budgets_of(self, org_id: str) -> list[Budget]:
         """The org's live budgets."""
@@ -260,6 +295,22 @@ class SpendStore:
             "SELECT * FROM metering.quotas WHERE org_id = $1 AND deleted_at IS NULL "
             "ORDER BY quota_id", org_id)
         return [quota_from_row(r) for r in rows]
+
+    async def recorded(self, org_id: str, request_id: str) -> tuple[str, str, Answer] | None:
+        """`authorization`, in one query with the org's lookups queued meanwhile."""
+        return await self._lookups.submit((org_id, request_id))
+
+    async def _authorizations_many(self, idents: Sequence[tuple[str, str]]
+                                   ) -> list[tuple[str, str, Answer] | Exception | None]:
+        rows = await self.pool.fetch(
+            "SELECT a.org_id, a.request_id, request_hash, state, response, decision, model, "
+            "reservation_id, reserved_micros, price_book_version, expires_at, headroom_scopes, "
+            "headroom_units, headroom_limits, headroom_remaining FROM metering.authorizations a "
+            "JOIN unnest($1::text[], $2::text[]) AS k(o, q) ON a.org_id = k.o "
+            "AND a.request_id = k.q", [i[0] for i in idents], [i[1] for i in idents])
+        found = {(r["org_id"], r["request_id"]): (r["request_hash"], r["state"], answer_of_row(r))
+                 for r in rows}
+        return [found.get(ident) for ident in idents]
 
     async def authorization(self, org_id: str, request_id: str
                             ) -> tuple[str, str, Answer] | None:
@@ -296,7 +347,8 @@ class SpendStore:
                 if len(locked) == len(keys):
                     lease = await conn.fetchrow(
                         "SELECT granted_micros - returned_micros - charged_micros - held_micros "
-                        "AS free, billing_state, expires_at FROM metering.credit_leases "
+                        "AS free, billing_state, expires_at, ledger_available_micros "
+                        "FROM metering.credit_leases "
                         "WHERE org_id = $1 FOR UPDATE", decisions[0].request.org_id)
                     return await self._record_many(conn, decisions, locked, lease)
             # A period's first request: create its usage rows outside any lock, then retry
@@ -304,8 +356,7 @@ class SpendStore:
             await create_usage_rows(self.pool, keys)
         raise RuntimeError("budget usage rows vanished")  # nothing deletes them
 
-    @staticmethod
-    async def _record_many(conn: Any, decisions: Sequence[_Decision],
+    async def _record_many(self, conn: Any, decisions: Sequence[_Decision],
                            locked: dict[UsageKey, tuple[int, int]], lease: Any
                            ) -> list[Decided | Exception]:
         """Decides each in order, on the locked usage plus the holds of the ones before it,
@@ -322,6 +373,7 @@ class SpendStore:
                   and lease["expires_at"] > now)
         free = lease["free"] if usable else 0
         billing_state = lease["billing_state"] if lease is not None else "ACTIVE"
+        beyond = lease["ledger_available_micros"] if usable else 0
         leased = 0
         answers: list[Decided | Exception] = []
         rows: list[tuple[Any, ...]] = []
@@ -356,15 +408,18 @@ class SpendStore:
                 free -= cost
                 leased += cost
                 answer = replace(answer, headroom=(
-                    *answer.headroom, Headroom("balance", "micros", free + cost, free)))
+                    *answer.headroom,
+                    Headroom("balance", "micros", free + beyond + cost, free + beyond)))
             seen.add(ident)
             held = _holds(answer, states)
+            if held and answer.expires_at is not None:
+                self.hold_expiry.due(answer.expires_at)
             for key, amount in held:
                 spent, reserved = usage[key]
                 usage[key] = (spent, reserved + amount)
             holds.append(held)
             rows.append(_authorization_row(request, x.request_hash, answer, held))
-            answers.append(Decided(answer, billing_state))
+            answers.append(Decided(answer, billing_state, free))
         if not rows:
             return answers
         inserted = {(r[0], r[1]) for r in await conn.fetch(
