@@ -31,7 +31,7 @@ from services.metering.spend.lease import LeaseSettings
 from services.metering.spend.lease_manager import LeaseManager
 from services.metering.spend.lease_store import LeaseStore
 from services.metering.spend.store import OUTBOX_CHANNEL, SEALED_CHANNEL, SpendStore
-from tally.kit import db, infra
+from tally.kit import db, infra, regions
 from tally.kit.background import run_periodically, run_when_notified
 from tally.kit.channels import peer_channel
 from tally.kit.config import (
@@ -243,6 +243,18 @@ async def build_for(database_url: str, config: KitConfig | None = None,
                                            migrate_on_start=False), metering, limiter)
 
 
+async def build_regions(config: KitConfig) -> ServiceApp:
+    """Metering for every region of TALLY_REGION_DATABASES in one process, each on its own
+    database (tally.kit.regions); without it, `build`. Each region has its own quota limiter:
+    an org's quotas live with the org, in one region."""
+    settings = load(MeteringConfig)
+
+    async def one(region_config: KitConfig, index: int) -> ServiceApp:
+        return await build(region_config, settings)
+
+    return await regions.build_regional(config, one)
+
+
 def _die_with_parent() -> None:
     """In a worker process, before exec: the kernel kills it when the first process dies
     (SIGKILL included), so a killed service never leaves a worker serving its port."""
@@ -276,7 +288,7 @@ def main() -> None:
                          preexec_fn=_die_with_parent)
         for _ in range(settings.workers - 1)]
     try:
-        run_service(NAME, build, reuse_port=settings.workers > 1)
+        run_service(NAME, build_regions, reuse_port=settings.workers > 1)
     finally:
         for worker in workers:
             worker.send_signal(signal.SIGTERM)
