@@ -93,6 +93,7 @@ async def build(config: KitConfig, settings: AccountsConfig | None = None) -> Se
         accounts_pb2_grpc.add_AccountsServiceServicer_to_server(servicer, server)
 
     return ServiceApp(name=NAME, service_names=[SERVICE_NAME], register=register,
+                      audit_database_url=url,
                       on_start=[start_loops], on_stop=[close], shutting_down=shutting_down)
 
 

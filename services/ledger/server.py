@@ -277,6 +277,7 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
     return ServiceApp(
         name="ledger",
         service_names=[SERVICE_NAME, BILLING_SERVICE_NAME],
+        audit_database_url=url,
         register=functools.partial(_register, servicer, BillingServicer(Billing(billing_store))),
         on_start=[start_background],
         on_stop=[close],

@@ -229,6 +229,7 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
     # passes (as the ledger does), which the hot paths would otherwise trigger over the heap.
     gc.freeze()
     return ServiceApp(name=NAME, service_names=[SERVICE_NAME], register=register,
+                      audit_database_url=url,
                       on_start=[committer.start, rollup.start], on_stop=[close],
                       shutting_down=shutting_down,
                       readiness_probes=readiness_probes(pool, limiter))

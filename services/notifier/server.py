@@ -121,6 +121,7 @@ async def build(config: KitConfig, notifier: NotifierConfig | None = None) -> Se
         await engine.dispose()
 
     return ServiceApp(name=NAME, service_names=[SERVICE_NAME], register=register,
+                      audit_database_url=url,
                       on_start=[start], on_stop=[close], shutting_down=shutting_down,
                       readiness_probes=[postgres_probe(pool)])
 

@@ -280,4 +280,5 @@ async def build_regional(config: KitConfig, build_one: BuildOne,
     return ServiceApp(
         name=first.name, service_names=first.service_names, register=router.register,
         on_start=[start], on_stop=[close], shutting_down=shutting_down,
+        audit_database_url=first.audit_database_url,
         readiness_probes=[probe for app in apps.values() for probe in app.readiness_probes])

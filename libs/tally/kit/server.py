@@ -247,7 +247,7 @@ class _Call:
     """Traces, authenticates, maps errors and logs one call; shared by the four shapes."""
 
     __slots__ = ("code", "context", "details", "ended", "metadata", "method", "principal",
-                 "request", "span", "started", "token")
+                 "recorded", "request", "span", "started", "token")
 
     def __init__(self, method: _Method, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self.started = time.perf_counter()
@@ -258,6 +258,7 @@ class _Call:
         self.ended = False
         self.principal: Any = None
         self.request: Any = None
+        self.recorded: Awaitable[Any] | None = None
         metadata = _metadata(context)
         parent = (propagate.extract(metadata) if not method.propagated.isdisjoint(metadata)
                   else _NO_PARENT)
@@ -368,6 +369,20 @@ class _Call:
         self.end()
         await _abort(self.context, errors.TallyError(errors.Reason.INTERNAL, "internal error"))
 
+    async def durable(self) -> None:
+        """Waits until the call's audit record is durable; a call whose record cannot be
+        written answers UNAVAILABLE instead of OK (its change is idempotent: the retry is
+        audited)."""
+        assert self.recorded is not None
+        try:
+            await self.recorded
+        except Exception as exc:
+            self.method.log.error("audit_record_not_written", method=self.method.name,
+                                  error=repr(exc))
+            await _abort(self.context, errors.TallyError(
+                errors.Reason.UNAVAILABLE, "the audit trail could not be written; the call "
+                "took effect and is idempotent: retry it", retry_after=_OUTAGE_RETRY_AFTER))
+
     def cancelled(self) -> None:
         """The caller went away (or the server is stopping past its grace)."""
         self.code = grpc.StatusCode.CANCELLED
@@ -396,7 +411,8 @@ class _Call:
         span.end()
         otel_context.detach(self.token)
         if method.record is not None:
-            method.record(method.name, self.principal, self.context, self.request, code)
+            self.recorded = method.record(method.name, self.principal, self.context,
+                                          self.request, code)
         if self.code is None and self.method.logs_ok:
             self.method.log.debug("rpc_ok", method=self.method.name, duration_ms=round(
                 (time.perf_counter() - self.started) * 1000, 3))
@@ -434,7 +450,11 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: _Method
             call = _Call(method, context)
             try:
                 request = await call.admit(request, streamed)
-                return await inner(request, context)
+                response = await inner(request, context)
+                call.end()
+                if call.recorded is not None:
+                    await call.durable()
+                return response
             except grpc.aio.AbortError:
                 if call.code is None:
                     call.aborted()
@@ -513,6 +533,9 @@ class ServiceApp:
     shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when shutdown begins (before the drain delay). Long-lived streams end on it through
     `until_shutdown`; the composition root hands the same event to its servicer."""
+    audit_database_url: str | None = None
+    """The service's own database: audit records are made durable there (its
+    `<name>.audit_outbox`) before their call answers (tally.kit.audit)."""
     readiness_probes: list[Probe] = field(default_factory=list)
     """Cheap checks of the dependencies the service cannot work without (its database; Redis
     where hard quotas need it): NOT_SERVING while one fails (see tally.kit.readiness)."""
@@ -662,7 +685,8 @@ async def start_server(
     if authenticator is None:
         from tally.kit.auth import build_authenticator
 
-        authenticator = build_authenticator(load_kit_config().address_of("accounts"), app.name)
+        authenticator = build_authenticator(load_kit_config().address_of("accounts"), app.name,
+                                            audit_database_url=app.audit_database_url)
     interceptor = KitInterceptor(authenticator)
     server = grpc.aio.server(
         interceptors=[interceptor],
