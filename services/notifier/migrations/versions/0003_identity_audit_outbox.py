@@ -1,13 +1,13 @@
 """The audit outbox: records of audited calls, written before the call answers and shipped
 to accounts' AppendAudit by a background sender (tally.kit.audit).
 
-Revision ID: identity_notifier_audit_outbox
+Revision ID: identity_audit_outbox
 Revises: 0002
 """
 
 from alembic import op
 
-revision = "identity_notifier_audit_outbox"
+revision = "identity_audit_outbox"
 down_revision = "0002"
 branch_labels = None
 depends_on = None
