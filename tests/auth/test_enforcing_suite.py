@@ -16,10 +16,10 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tally.accounts.v1 import accounts_pb2 as apb
 from tally.accounts.v1 import accounts_pb2_grpc
+from tally.cli.suite import health_state
 from tally.kit import db
 from tally.kit.infra import free_port
 from tally.ledger.v1 import ledger_pb2 as lpb
@@ -44,6 +44,7 @@ class Deployment:
         self.dir = directory
         (directory / "ca.crt").write_bytes(self.ca.pem())
         self.ports = {service: free_port() for service in ORDER}
+        self.health_ports = {service: free_port() for service in ORDER}
         self.env = dict(
             os.environ, TALLY_DATABASE_URL=db_url, TALLY_MIGRATE_ON_START="false",
             TALLY_AUTH_MODE="enforce", TALLY_HOST="127.0.0.1", TALLY_METRICS_PORT="0",
@@ -75,23 +76,19 @@ class Deployment:
             self.processes[service] = subprocess.Popen(  # noqa: ASYNC220 - once per service
                 [sys.executable, "-m", f"services.{service}"], cwd=REPO, stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**self.env, "TALLY_TLS_CERT": str(cert), "TALLY_TLS_KEY": str(key)})
+                env={**self.env, "TALLY_TLS_CERT": str(cert), "TALLY_TLS_KEY": str(key),
+                     "TALLY_HEALTH_PORT": str(self.health_ports[service])})
             await self.serving(service)
 
     async def serving(self, service: str) -> None:
-        async with self.channel(service, "probe") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            for _ in range(600):
-                process = self.processes[service]
-                assert process.poll() is None, (
-                    f"{service} exited: {(self.dir / f'{service}.log').read_text()[-3000:]}")
-                try:
-                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.05)
+        """As the kubelet probes it: plaintext gRPC health on the health-only port."""
+        for _ in range(600):
+            process = self.processes[service]
+            assert process.poll() is None, (
+                f"{service} exited: {(self.dir / f'{service}.log').read_text()[-3000:]}")
+            if await health_state(f"127.0.0.1:{self.health_ports[service]}", 0.5) == "SERVING":
+                return
+            await asyncio.sleep(0.05)
         raise AssertionError(f"{service} never SERVING")
 
     def stop(self) -> None:
@@ -115,6 +112,16 @@ async def test_purchase_authorize_usage_balance_with_mtls_and_api_keys(db_url: s
     deployment = Deployment(db_url, tmp_path)
     try:
         await deployment.start()
+        # the health-only port answers health and nothing else; the service port is mTLS only
+        async with grpc.aio.insecure_channel(
+                f"127.0.0.1:{deployment.health_ports['ledger']}") as plain:
+            try:
+                await ledger_pb2_grpc.LedgerServiceStub(plain).GetBalance(
+                    lpb.GetBalanceRequest(org_id="acme"))
+                raise AssertionError("the health port answered a ledger call")
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() is grpc.StatusCode.UNIMPLEMENTED
+        assert await health_state(f"127.0.0.1:{deployment.ports['ledger']}", 0.5) == "DOWN"
         # the operator (a verified certificate) opens the org and gives the app its keys
         async with deployment.channel("accounts", "ops") as channel:
             accounts = accounts_pb2_grpc.AccountsServiceStub(channel)

@@ -281,6 +281,11 @@ class KitConfig:
     db_pool_size: int = setting(
         "TALLY_DB_POOL_SIZE", parse_positive_int, "an integer > 0", default=8
     )
+    health_port: int = setting(
+        "TALLY_HEALTH_PORT", parse_port,
+        "a port 0-65535 serving only gRPC health in plaintext beside an mTLS port, for probes "
+        "that cannot speak TLS (0 = none)", default=0
+    )
     metrics_port: int = setting(
         "TALLY_METRICS_PORT", parse_port, "a port 0-65535 (0 = no /metrics endpoint)",
         default=0

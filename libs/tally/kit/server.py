@@ -619,6 +619,8 @@ class RunningServer:
     drain_delay_seconds: float
     readiness: Readiness | None = None
     interceptor: KitInterceptor | None = None
+    health_server: grpc.aio.Server | None = None
+    """The plaintext health-only server beside an mTLS port (TALLY_HEALTH_PORT)."""
     _stopped: bool = False
 
     async def _refuse_until_quiet(self, limit_s: float) -> float:
@@ -658,6 +660,8 @@ class RunningServer:
         log.info("shutdown_stopping", service=self.app.name,
                  refused_for_s=round(refused_for_s, 3))
         await self.server.stop(max(self.grace_seconds - refused_for_s, 0.0))
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         for hook in reversed(self.app.on_stop):
             await hook()
         log.info("shutdown_done", service=self.app.name)
@@ -673,6 +677,7 @@ async def start_server(
     authenticator: Authenticator | None = None,
     reuse_port: bool = False,
     tls: Any = None,
+    health_port: int = 0,
 ) -> RunningServer:
     """Builds, binds and starts `app`; returns once every service reports SERVING. With
     `reuse_port`, several processes may serve one port (SO_REUSEPORT: the kernel spreads
@@ -681,7 +686,9 @@ async def start_server(
     Without an `authenticator`, the one TALLY_AUTH_MODE configures (tally.kit.auth): the
     guard, following accounts' credentials feed at TALLY_ACCOUNTS_ADDRESS, unless
     development mode (trust) is asked for. With `tls` (a tally.kit.tls.TlsFiles; else
-    TALLY_TLS_CERT / _KEY / _CLIENT_CA) the port serves mutual TLS only."""
+    TALLY_TLS_CERT / _KEY / _CLIENT_CA) the port serves mutual TLS only; `health_port` then
+    serves the gRPC health service alone, in plaintext, for probes that cannot speak TLS
+    (the kubelet's): nothing but health is reachable there."""
     if authenticator is None:
         from tally.kit.auth import build_authenticator
 
@@ -710,6 +717,14 @@ async def start_server(
         bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"{app.name}: could not bind {host}:{port}")
+    health_server = None
+    if health_port:
+        health_server = grpc.aio.server(
+            options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
+        if health_server.add_insecure_port(f"{host}:{health_port}") == 0:
+            raise OSError(f"{app.name}: could not bind health port {host}:{health_port}")
+        await health_server.start()
     await server.start()
     start_auth = getattr(authenticator, "start", None)
     if start_auth is not None:
@@ -730,7 +745,7 @@ async def start_server(
     await set_serving(True)
     log.info("serving", service=app.name, address=f"{host}:{bound}")
     return RunningServer(app, server, bound, health, grace_seconds, drain_delay_seconds,
-                         readiness, interceptor)
+                         readiness, interceptor, health_server)
 
 
 class _ReadinessHealth(health_aio.HealthServicer):  # type: ignore[misc]
@@ -788,6 +803,7 @@ async def _serve_until_signalled(
         grace_seconds=config.shutdown_grace_seconds,
         drain_delay_seconds=config.shutdown_drain_delay_ms / 1000,
         reuse_port=reuse_port,
+        health_port=config.health_port,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
