@@ -292,7 +292,7 @@ async def build_regions(config: KitConfig, ledger: LedgerConfig | None = None) -
     webhooks and checkout pages on the configured ports + i (0 stays 0: any free port)."""
     settings = ledger or load(LedgerConfig)
 
-    async def one(region_config: KitConfig, index: int) -> ServiceApp:
+    async def one(region_config: KitConfig, region: str, index: int) -> ServiceApp:
         return await build(region_config, dataclasses.replace(
             settings, webhook_port=_shifted(settings.webhook_port, index),
             checkout_port=_shifted(settings.checkout_port, index)))

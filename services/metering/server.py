@@ -135,9 +135,11 @@ def readiness_probes(pool: asyncpg.Pool, limiter: Limiter) -> list[Probe]:
 
 
 async def build(config: KitConfig, metering: MeteringConfig | None = None,
-                limiter: Limiter | None = None) -> ServiceApp:
+                limiter: Limiter | None = None, *, region: str = "") -> ServiceApp:
     """Wires metering; waits (bounded) for the first price book from pricing. `limiter`
-    replaces the one the settings name (tests share one clock between replicas)."""
+    replaces the one the settings name (tests share one clock between replicas). With
+    `region` (one copy per region, tally.kit.regions), its calls to the ledger name that
+    region, so the ledger's event stream it follows is its region's."""
     settings = metering or load(MeteringConfig)
     limiter = limiter if limiter is not None else make_limiter(config, settings)
     url = config.database_url or infra.start_embedded_postgres(config.data_dir, keep_running=False)
@@ -146,7 +148,8 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
     engine = db.create_engine(url, pool_size=config.db_pool_size)
     pool = await db.create_pool(url, max_size=config.db_pool_size, custom_plans=True)
     pricing_channel = peer_channel(config.address_of("pricing"))
-    ledger_channel = peer_channel(config.address_of("ledger"))
+    ledger_channel = peer_channel(config.address_of("ledger"),
+                                  {regions.ROUTE_HEADER: region} if region else None)
     books = WatchedPriceBooks(pricing_pb2_grpc.PricingServiceStub(pricing_channel))
     stop = asyncio.Event()
     watcher = asyncio.create_task(books.watch(stop), name="price-book-watch")
@@ -250,8 +253,8 @@ async def build_regions(config: KitConfig) -> ServiceApp:
     an org's quotas live with the org, in one region."""
     settings = load(MeteringConfig)
 
-    async def one(region_config: KitConfig, index: int) -> ServiceApp:
-        return await build(region_config, settings)
+    async def one(region_config: KitConfig, region: str, index: int) -> ServiceApp:
+        return await build(region_config, settings, region=region)
 
     return await regions.build_regional(config, one)
 

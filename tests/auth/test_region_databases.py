@@ -21,8 +21,10 @@ from tally.kit import db
 from tally.kit.config import load_kit_config
 from tally.kit.errors import Reason, TallyError
 from tally.kit.infra import free_port
+from tally.kit.regions import ROUTE_HEADER
 from tally.kit.server import start_server
 from tally.ledger.v1 import ledger_pb2 as lpb
+from tally.ledger.v1 import ledger_pb2_grpc
 from tally.metering.v1 import metering_pb2 as mpb
 from tally.sdk.client import TallyClient
 from tests.metering.test_authorize import ask
@@ -110,6 +112,17 @@ async def test_each_orgs_rows_live_only_in_its_regions_database(
         assert yankee_eu == {}, f"US org rows in the EU database: {yankee_eu}"
         assert {"ledger", "metering"} <= {table.split(".")[0] for table in yankee_us}
         assert await rows_of(db_url, "acme") == {} and await rows_of(db_url, "yankee") == {}
+
+        # an event stream names no org: the region header picks whose events (metering's
+        # copy for a region follows its region's ledger events this way)
+        async with grpc.aio.insecure_channel(config.address_of("ledger")) as channel:
+            ledger_stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+            for region, org in ((US, "yankee"), (EU, "acme")):
+                stream = ledger_stub.StreamEvents(lpb.StreamEventsRequest(),
+                                                  metadata=((ROUTE_HEADER, region),))
+                first = await stream.read()
+                stream.cancel()
+                assert {e.org_id for e in first.events} == {org}, (region, first)
 
         # one call naming orgs of two regions would write to both: refused, nothing written
         batch = lpb.TransferBatchRequest(transfers=[

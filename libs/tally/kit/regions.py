@@ -207,8 +207,10 @@ async def _produced(produced: Any) -> AsyncIterator[Any]:
         await produced
 
 
-BuildOne = Callable[[KitConfig, int], Awaitable[ServiceApp]]
-"""Builds a service on `config.database_url`; the int is the region's index (0: home)."""
+BuildOne = Callable[[KitConfig, str, int], Awaitable[ServiceApp]]
+"""Builds a service on `config.database_url` for a region (its name, and its index: 0 is
+the home). A copy that calls a peer for its region's data (metering following the ledger's
+event stream) sends ROUTE_HEADER with the region's name."""
 
 
 async def build_regional(config: KitConfig, build_one: BuildOne,
@@ -219,10 +221,11 @@ async def build_regional(config: KitConfig, build_one: BuildOne,
     from (default: a feed of accounts' WatchCredentials, followed while the app runs)."""
     databases = config.region_databases
     if not databases:
-        return await build_one(config, 0)
+        return await build_one(config, "", 0)
     apps: dict[str, ServiceApp] = {}
     for index, (region, url) in enumerate(databases.items()):
-        apps[region] = await build_one(dataclasses.replace(config, database_url=url), index)
+        apps[region] = await build_one(dataclasses.replace(config, database_url=url), region,
+                                       index)
     first = next(iter(apps.values()))
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
