@@ -6,7 +6,9 @@ idempotently on the record's id, so a batch retried after a lost answer is not r
 
 Durable (every service the kit runs: `ServiceApp.audit_database_url`): each record is written
 to an outbox table in the calling service's own database (`<service>.audit_outbox`) before the
-audited call answers — the calls finishing meanwhile share one INSERT (group commit) — and a
+audited call answers — the calls finishing meanwhile share one INSERT (group commit), committed
+without waiting for the WAL flush (it survives the service's death, not PostgreSQL's own
+crash in the next few hundred milliseconds) — and a
 background sender ships the outbox to accounts' AppendAudit in batches, deleting what accounts
 acknowledged in the same transaction that locked it (FOR UPDATE SKIP LOCKED, so replicas
 sharing the table never ship one row twice at once; a row shipped twice after a crash is
@@ -89,9 +91,17 @@ class AuditOutbox:
 
     async def _connected(self) -> Any:
         if self._pool is None:
+            import asyncpg
+
             from tally.kit import db
 
-            self._pool = await db.create_pool(self.database_url, min_size=1, max_size=2)
+            # synchronous_commit off: a record is in PostgreSQL (which outlives the service
+            # killed at any moment) when the call answers, without waiting for the WAL fsync
+            # that the call's own change already paid; only a crash of PostgreSQL itself
+            # within ~3 x wal_writer_delay could lose one.
+            self._pool = await asyncpg.create_pool(
+                db.asyncpg_url(self.database_url), min_size=1, max_size=2,
+                server_settings={"synchronous_commit": "off"})
         return self._pool
 
     async def write(self, record: Record) -> None:

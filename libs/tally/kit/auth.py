@@ -127,6 +127,10 @@ class AuthConfig:
         "TALLY_REGIONS", lambda raw: frozenset(r.strip() for r in raw.split(",") if r.strip()),
         "comma-separated regions this deployment serves", default=None)
     audit: bool = setting("TALLY_AUDIT", parse_bool, "true or false", default=True)
+    audit_durable: bool = setting(
+        "TALLY_AUDIT_DURABLE", parse_bool,
+        "true (each record in the service's database before its call answers) or false "
+        "(queued in memory: lost if the process dies)", default=True)
     audit_flush_ms: int = setting("TALLY_AUDIT_FLUSH_MS", parse_positive_int,
                                   "milliseconds between shipments to accounts", default=50)
     audit_max_queue: int = setting("TALLY_AUDIT_MAX_QUEUE", parse_positive_int,
@@ -613,7 +617,7 @@ def build_authenticator(accounts_address: str, service: str,
                        max_queue=config.audit_max_queue, flush_ms=config.audit_flush_ms,
                        key_uses=cache.take_key_uses,
                        outbox=(AuditOutbox(audit_database_url, f"{service}.audit_outbox")
-                               if audit_database_url else None))
+                               if audit_database_url and config.audit_durable else None))
                if config.audit else None)
     oidc = (OidcVerifier(config.oidc_issuer, config.oidc_audience, config.oidc_algorithms,
                          config.oidc_leeway_s, config.oidc_min_refresh_s)
