@@ -1,6 +1,7 @@
 """An audited call answers only once its record is durable in the service's own database: a
 ledger killed with SIGKILL before shipping anything to accounts loses no record — the
-restarted process ships every one, and the org's chain verifies."""
+restarted process ships every one, and the org's chain verifies; a call whose record cannot
+be written does not answer OK."""
 
 from __future__ import annotations
 
@@ -17,10 +18,14 @@ import grpc
 
 from tally.accounts.v1 import accounts_pb2 as apb
 from tally.cli.suite import health_state
+from tally.common.v1 import common_pb2
 from tally.kit import db
+from tally.kit.audit import Auditor, AuditOutbox, grpc_sink
 from tally.kit.infra import free_port
 from tally.ledger.v1 import ledger_pb2 as lpb
 from tally.ledger.v1 import ledger_pb2_grpc
+from tally.pricing.v1 import pricing_pb2 as ppb
+from tests.pricing.conftest import catalog_draft, pricing_server
 
 from .conftest import Identities, mesh
 
@@ -110,3 +115,26 @@ async def test_sigkill_after_the_answers_loses_no_audit_record(ids: Identities,
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
+
+
+async def test_a_call_whose_record_cannot_be_written_does_not_answer_ok(
+        ids: Identities, db_url: str) -> None:
+    guard = ids.guard()
+    channel = grpc.aio.insecure_channel(ids.address)
+    # an outbox table that does not exist: every write of a record fails
+    guard.auditor = Auditor("pricing", grpc_sink(channel),
+                            outbox=AuditOutbox(db_url, "pricing.no_such_outbox"))
+    try:
+        async with pricing_server(db_url, authenticator=guard) as (_, stub):
+            await ids.synced(guard)
+            try:
+                await stub.PublishPriceBook(ppb.PublishPriceBookRequest(
+                    request_id="publish-1", draft=catalog_draft(),
+                    context=common_pb2.RequestContext(actor="ops")),
+                    metadata=tuple(mesh("ops").items()))
+                raise AssertionError("answered OK without its audit record")
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() is grpc.StatusCode.UNAVAILABLE, exc
+                assert "audit trail could not be written" in (exc.details() or "")
+    finally:
+        await channel.close()
