@@ -7,6 +7,14 @@ canonical form, so changing any field of any record, removing one or reordering 
 the chain at that record, and `verify` names it. The chain makes tampering evident, not
 impossible: whoever can rewrite the table can rewrite every hash after the change too, so
 exports (and the latest hash) belong somewhere else as well.
+
+Retention (TALLY_ACCOUNTS_AUDIT_RETENTION_DAYS): records older than the period are exported
+before they are deleted — a prefix of each chain, written as JSON Lines (hashes included) to
+an archive file and flushed to disk first — and a checkpoint keeps the sequence and hash of
+the last record removed. The chain left verifies from the checkpoint (its first record must
+link to the checkpoint's hash), and each archive verifies from the checkpoint before it (the
+first from the genesis hash), so the whole history stays checkable from the archives plus
+the table.
 """
 
 from __future__ import annotations
@@ -86,9 +94,23 @@ class Verdict:
     problem: str = ""
 
 
-def verify(entries: Iterable[AuditEntry]) -> Verdict:
-    """Recomputes a chain in sequence order; names the first record that does not verify."""
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """Where an org's chain resumes after retention removed its older records."""
+
+    org_id: str
+    sequence: int
+    """The last record removed (0: none)."""
+    hash: str
+    """Its hash: what the first record kept links to."""
+
+
+def verify(entries: Iterable[AuditEntry], start: Checkpoint | None = None) -> Verdict:
+    """Recomputes a chain in sequence order, from `start` (the genesis when None); names the
+    first record that does not verify."""
     expected_prev, expected_sequence, checked = GENESIS, 1, 0
+    if start is not None and start.sequence:
+        expected_prev, expected_sequence = start.hash, start.sequence + 1
     for entry in entries:
         checked += 1
         problem = ""
@@ -144,4 +166,28 @@ def checked_batch(entries: Sequence[AuditEntry]) -> Sequence[AuditEntry]:
             raise invalid(f"records[{index}].record_id", "must be 1..128 characters")
         if not entry.rpc:
             raise invalid(f"records[{index}].rpc", "is required")
+    return entries
+
+
+def archive_name(org_id: str, first: int, last: int) -> str:
+    """The archive file of an org's records first..last (the platform chain is `_platform`)."""
+    return f"{org_id or '_platform'}/{first:012d}-{last:012d}.jsonl"
+
+
+def archive_lines(entries: Sequence[AuditEntry]) -> bytes:
+    """Records as archived: JSON Lines of every field, prev_hash and hash included."""
+    return "".join(json.dumps({**_row(e), "prev_hash": e.prev_hash}, ensure_ascii=False)
+                   + "\n" for e in entries).encode()
+
+
+def parse_archive(text: str) -> list[AuditEntry]:
+    """The records of an archive (as `archive_lines` wrote them)."""
+    entries = []
+    for line in filter(None, text.splitlines()):
+        row = json.loads(line)
+        entries.append(AuditEntry(
+            row["record_id"], row["org_id"], datetime.fromisoformat(row["time"]),
+            row["principal"], row["verified_by"], row["service"], row["rpc"],
+            tuple(row["target_ids"]), row["request_sha256"], row["peer"], row["outcome"],
+            row["sequence"], row["prev_hash"], row["hash"]))
     return entries

@@ -10,14 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import grpc
 
 from tally.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 from tally.kit import db, infra
-from tally.kit.background import run_when_notified
-from tally.kit.config import KitConfig, load, load_kit_config, parse_positive_int, setting
+from tally.kit.background import run_periodically, run_when_notified
+from tally.kit.config import (
+    ConfigError,
+    KitConfig,
+    load,
+    load_kit_config,
+    parse_non_negative_int,
+    parse_path,
+    parse_positive_int,
+    setting,
+)
 from tally.kit.log import get_logger
 from tally.kit.server import ServiceApp, run_service
 
@@ -53,11 +66,42 @@ class AccountsConfig:
         "TALLY_ACCOUNTS_REFRESH_INTERVAL_MS", parse_positive_int,
         "milliseconds > 0: how often to refresh when no notification came (a safety net)",
         default=30_000)
+    audit_retention_days: int = setting(
+        "TALLY_ACCOUNTS_AUDIT_RETENTION_DAYS", parse_non_negative_int,
+        "days >= 0 audit records are kept in the database (0: forever)", default=0)
+    audit_archive_dir: Path | None = setting(  # noqa: RUF009 - setting() returns a field()
+        "TALLY_ACCOUNTS_AUDIT_ARCHIVE_DIR", parse_path,
+        "a directory (a mounted volume) expired audit records are archived to before they "
+        "are deleted", default=None)
+    audit_expiry_interval_s: int = setting(
+        "TALLY_ACCOUNTS_AUDIT_EXPIRY_INTERVAL_S", parse_positive_int,
+        "seconds > 0 between retention runs", default=3600)
+
+
+def archive_to(directory: Path) -> Callable[[str, bytes], None]:
+    """Writes an archive file under `directory`, durable before it returns (written to a
+    temporary name, fsynced, renamed), so the records are never deleted before their copy
+    is on disk."""
+    def write(name: str, lines: bytes) -> None:
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        with partial.open("wb") as out:
+            out.write(lines)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, path)
+
+    return write
 
 
 async def build(config: KitConfig, settings: AccountsConfig | None = None) -> ServiceApp:
     """Wires accounts."""
     settings = settings or load(AccountsConfig)
+    if settings.audit_retention_days and settings.audit_archive_dir is None:
+        raise ConfigError([("TALLY_ACCOUNTS_AUDIT_ARCHIVE_DIR",
+                            "is required with TALLY_ACCOUNTS_AUDIT_RETENTION_DAYS: records are "
+                            "archived before they are deleted")])
     url = config.database_url or infra.start_embedded_postgres(config.data_dir, keep_running=False)
     if config.migrate_on_start:
         await db.migrate_async(NAME, url)
@@ -66,14 +110,27 @@ async def build(config: KitConfig, settings: AccountsConfig | None = None) -> Se
     hub = CredentialHub(store, max_watchers=settings.max_watchers)
     hub.revision = (await store.credentials_snapshot()).revision
     shutting_down = asyncio.Event()
+    audit_store = AuditPgStore(pool)
     servicer = AccountsServicer(Accounts(store, settings.regions), store, hub,
-                                AuditPgStore(pool),
+                                audit_store,
                                 watch_lifetime_s=settings.watch_lifetime_s,
                                 shutting_down=shutting_down)
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
 
+    async def expire_audit() -> None:
+        assert settings.audit_archive_dir is not None
+        before = datetime.now(UTC) - timedelta(days=settings.audit_retention_days)
+        removed = await audit_store.expire(before, archive_to(settings.audit_archive_dir))
+        if removed:
+            log.info("audit_expired", records=removed, before=before.isoformat(),
+                     archive=str(settings.audit_archive_dir))
+
     async def start_loops() -> None:
+        if settings.audit_retention_days:
+            tasks.append(asyncio.create_task(run_periodically(
+                "audit-expiry", settings.audit_expiry_interval_s, expire_audit, stop),
+                name="audit-expiry"))
         # runs on the store's NOTIFY (by any replica); the interval is only a safety net
         tasks.append(asyncio.create_task(run_when_notified(
             "credentials", hub.refresh, stop, listen=(url, CHANNEL),
@@ -90,6 +147,7 @@ async def build(config: KitConfig, settings: AccountsConfig | None = None) -> Se
         accounts_pb2_grpc.add_AccountsServiceServicer_to_server(servicer, server)
 
     return ServiceApp(name=NAME, service_names=[SERVICE_NAME], register=register,
+                      audit_database_url=url,
                       on_start=[start_loops], on_stop=[close], shutting_down=shutting_down)
 
 

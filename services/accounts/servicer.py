@@ -194,8 +194,9 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
     async def VerifyAudit(self, request: pb.VerifyAuditRequest, context: Context
                           ) -> pb.VerifyAuditResponse:
         """Recomputes an org's chain."""
+        start = await self.audit.checkpoint(request.org_id)
         entries = [e async for e in self.audit.chain_of(request.org_id)]
-        return convert.verdict_to_proto(audit.verify(entries))
+        return convert.verdict_to_proto(audit.verify(entries, start))
 
     async def ExportAudit(self, request: pb.ExportAuditRequest, context: Context
                           ) -> AsyncIterator[pb.ExportAuditResponse]:

@@ -12,6 +12,8 @@ for the last paid seat cannot both win.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Final, TypeAlias
@@ -22,7 +24,7 @@ from tally.kit.errors import Reason, TallyError
 from tally.kit.log import get_logger
 from tally.kit.paging import PageRequest
 
-from .audit import GENESIS, AuditEntry, chain
+from .audit import GENESIS, AuditEntry, Checkpoint, archive_lines, archive_name, chain
 from .domain import (
     PAID_ROLES,
     ApiKey,
@@ -502,7 +504,9 @@ class AuditPgStore:
                                    _AUDIT_LOCK_SPACE, org_id)
                 last = await conn.fetchrow(
                     "SELECT sequence, hash FROM accounts.audit_log WHERE org_id = $1 "
-                    "ORDER BY sequence DESC LIMIT 1", org_id)
+                    "ORDER BY sequence DESC LIMIT 1", org_id) or await conn.fetchrow(
+                    "SELECT sequence, hash FROM accounts.audit_checkpoints "
+                    "WHERE org_id = $1", org_id)  # every record so far expired
                 sealed = chain(fresh, last["sequence"] if last else 0,
                                last["hash"] if last else GENESIS)
                 await conn.copy_records_to_table(
@@ -516,6 +520,50 @@ class AuditPgStore:
                              for e in sealed])
                 appended += len(sealed)
         return appended
+
+    async def checkpoint(self, org_id: str) -> Checkpoint | None:
+        """Where the org's chain resumes after its expired records (None: nothing expired)."""
+        row = await self.pool.fetchrow("SELECT sequence, hash FROM accounts.audit_checkpoints "
+                                       "WHERE org_id = $1", org_id)
+        return Checkpoint(org_id, row["sequence"], row["hash"]) if row else None
+
+    async def expire(self, before: datetime, archive: Callable[[str, bytes], None],
+                     batch: int = 5000) -> int:
+        """Removes the records older than `before` from the head of each org's chain (at most
+        `batch` per org per call), each prefix handed to `archive` (name, JSON Lines) before
+        its rows are deleted, and moves the org's checkpoint to the last removed. A crash
+        between the archive and the commit leaves the records in place: the next run writes
+        the same archive again. Returns how many records were removed."""
+        orgs = [r["org_id"] for r in await self.pool.fetch(
+            "SELECT DISTINCT org_id FROM accounts.audit_log WHERE at < $1", before)]
+        removed = 0
+        for org_id in sorted(orgs):
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                                   _AUDIT_LOCK_SPACE, org_id)
+                rows = await conn.fetch(
+                    f"SELECT {_AUDIT_COLUMNS} FROM accounts.audit_log WHERE org_id = $1 "
+                    "ORDER BY sequence LIMIT $2", org_id, batch)
+                # a prefix only: the chain left must start right after the checkpoint
+                old = list(itertools.takewhile(lambda r: r["at"] < before, rows))
+                if not old:
+                    continue
+                entries = [_audit(r) for r in old]
+                first, last = entries[0], entries[-1]
+                await asyncio.to_thread(archive, archive_name(org_id, first.sequence,
+                                                              last.sequence),
+                                        archive_lines(entries))
+                await conn.execute("DELETE FROM accounts.audit_log WHERE org_id = $1 "
+                                   "AND sequence <= $2", org_id, last.sequence)
+                await conn.execute(
+                    "INSERT INTO accounts.audit_checkpoints (org_id, sequence, hash, archive) "
+                    "VALUES ($1, $2, $3, $4) ON CONFLICT (org_id) DO UPDATE SET "
+                    "sequence = excluded.sequence, hash = excluded.hash, "
+                    "archive = excluded.archive, expired_at = now()",
+                    org_id, last.sequence, last.hash,
+                    archive_name(org_id, first.sequence, last.sequence))
+                removed += len(entries)
+        return removed
 
     async def chain_of(self, org_id: str, batch: int = 2000) -> AsyncIterator[AuditEntry]:
         """An org's records in sequence order, read in batches."""

@@ -8,6 +8,7 @@ checkout pages (TALLY_LEDGER_CHECKOUT_PORT).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import gc
 import secrets
@@ -34,7 +35,7 @@ from services.ledger.payments.top_up import TopUpWorker
 from services.ledger.payments.webhook_endpoint import WebhookEndpoint
 from services.ledger.servicer import LedgerServicer
 from services.ledger.store import OUTBOX_CHANNEL, SEALED_CHANNEL, LedgerStore
-from tally.kit import db, infra
+from tally.kit import db, infra, regions
 from tally.kit.background import Deadline, Signal, run_periodically, run_when_notified
 from tally.kit.channels import peer_channel
 from tally.kit.config import (
@@ -293,12 +294,31 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
     return ServiceApp(
         name="ledger",
         service_names=[SERVICE_NAME, BILLING_SERVICE_NAME],
+        audit_database_url=url,
         register=functools.partial(_register, servicer, BillingServicer(billing)),
         on_start=[start_background],
         on_stop=[close],
         shutting_down=shutting_down,
         readiness_probes=[postgres_probe(pool)],
     )
+
+
+async def build_regions(config: KitConfig, ledger: LedgerConfig | None = None) -> ServiceApp:
+    """The ledger of every region of TALLY_REGION_DATABASES in one process, each on its own
+    database (tally.kit.regions); without it, `build`. Region i (the home being 0) serves its
+    webhooks and checkout pages on the configured ports + i (0 stays 0: any free port)."""
+    settings = ledger or load(LedgerConfig)
+
+    async def one(region_config: KitConfig, region: str, index: int) -> ServiceApp:
+        return await build(region_config, dataclasses.replace(
+            settings, webhook_port=_shifted(settings.webhook_port, index),
+            checkout_port=_shifted(settings.checkout_port, index)))
+
+    return await regions.build_regional(config, one)
+
+
+def _shifted(port: int, index: int) -> int:
+    return port + index if port else 0
 
 
 def _register(ledger: LedgerServicer, billing: BillingServicer, server: grpc.aio.Server) -> None:
@@ -358,7 +378,7 @@ def main() -> None:
     line per setting."""
     async def build_or_exit(config: KitConfig) -> ServiceApp:
         try:
-            return await build(config)
+            return await build_regions(config)
         except ConfigError as exc:
             exit_on_config_error(exc)
             raise

@@ -31,7 +31,7 @@ from services.metering.spend.lease import LeaseSettings
 from services.metering.spend.lease_manager import LeaseManager
 from services.metering.spend.lease_store import LeaseStore
 from services.metering.spend.store import OUTBOX_CHANNEL, SEALED_CHANNEL, SpendStore
-from tally.kit import db, infra
+from tally.kit import db, infra, regions
 from tally.kit.background import run_when_notified
 from tally.kit.channels import peer_channel
 from tally.kit.config import (
@@ -137,9 +137,11 @@ def readiness_probes(pool: asyncpg.Pool, limiter: Limiter) -> list[Probe]:
 
 
 async def build(config: KitConfig, metering: MeteringConfig | None = None,
-                limiter: Limiter | None = None) -> ServiceApp:
+                limiter: Limiter | None = None, *, region: str = "") -> ServiceApp:
     """Wires metering; waits (bounded) for the first price book from pricing. `limiter`
-    replaces the one the settings name (tests share one clock between replicas)."""
+    replaces the one the settings name (tests share one clock between replicas). With
+    `region` (one copy per region, tally.kit.regions), its calls to the ledger name that
+    region, so the ledger's event stream it follows is its region's."""
     settings = metering or load(MeteringConfig)
     limiter = limiter if limiter is not None else make_limiter(config, settings)
     url = config.database_url or infra.start_embedded_postgres(config.data_dir, keep_running=False)
@@ -148,7 +150,8 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
     engine = db.create_engine(url, pool_size=config.db_pool_size)
     pool = await db.create_pool(url, max_size=config.db_pool_size, custom_plans=True)
     pricing_channel = peer_channel(config.address_of("pricing"))
-    ledger_channel = peer_channel(config.address_of("ledger"))
+    ledger_channel = peer_channel(config.address_of("ledger"),
+                                  {regions.ROUTE_HEADER: region} if region else None)
     books = WatchedPriceBooks(pricing_pb2_grpc.PricingServiceStub(pricing_channel))
     stop = asyncio.Event()
     watcher = asyncio.create_task(books.watch(stop), name="price-book-watch")
@@ -237,6 +240,7 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
     # passes (as the ledger does), which the hot paths would otherwise trigger over the heap.
     gc.freeze()
     return ServiceApp(name=NAME, service_names=[SERVICE_NAME], register=register,
+                      audit_database_url=url,
                       on_start=[committer.start, rollup.start], on_stop=[close],
                       shutting_down=shutting_down,
                       readiness_probes=readiness_probes(pool, limiter))
@@ -249,6 +253,18 @@ async def build_for(database_url: str, config: KitConfig | None = None,
     base = config or load_kit_config({})
     return await build(dataclasses.replace(base, database_url=database_url,
                                            migrate_on_start=False), metering, limiter)
+
+
+async def build_regions(config: KitConfig) -> ServiceApp:
+    """Metering for every region of TALLY_REGION_DATABASES in one process, each on its own
+    database (tally.kit.regions); without it, `build`. Each region has its own quota limiter:
+    an org's quotas live with the org, in one region."""
+    settings = load(MeteringConfig)
+
+    async def one(region_config: KitConfig, region: str, index: int) -> ServiceApp:
+        return await build(region_config, settings, region=region)
+
+    return await regions.build_regional(config, one)
 
 
 def _die_with_parent() -> None:
@@ -284,7 +300,7 @@ def main() -> None:
                          preexec_fn=_die_with_parent)
         for _ in range(settings.workers - 1)]
     try:
-        run_service(NAME, build, reuse_port=settings.workers > 1)
+        run_service(NAME, build_regions, reuse_port=settings.workers > 1)
     finally:
         for worker in workers:
             worker.send_signal(signal.SIGTERM)

@@ -26,6 +26,7 @@ import asyncpg
 
 from tally.kit.errors import FieldViolation, Reason, TallyError, invalid_fields
 from tally.kit.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, decode_cursor, encode_cursor
+from tally.kit.secrets import Sealer
 
 from .alerting import Notification, RuleState, SourceEvent, decide
 from .domain import AlertRule, Channel, NotificationType
@@ -63,9 +64,10 @@ class Delivery:
     created_at: datetime
 
 
-def _delivery(row: Any) -> Delivery:
+def _delivery(row: Any, sealer: Sealer | None) -> Delivery:
+    target = sealer.open(row["target"]) if sealer else row["target"]
     return Delivery(row["delivery_id"], row["notification_id"], row["rule_id"], row["org_id"],
-                    NotificationType(row["type"]), Channel(row["channel"]), row["target"],
+                    NotificationType(row["type"]), Channel(row["channel"]), target,
                     row["state"], row["attempts"], row["last_error"], row["next_attempt_at"],
                     row["delivered_at"], row["created_at"])
 
@@ -76,16 +78,18 @@ def _notification(row: Any) -> Notification:
                         row["trace_id"], row["title"], json.loads(row["attributes"]))
 
 
-def _target(rule: AlertRule) -> str:
-    return (rule.webhook_url if rule.channel is Channel.WEBHOOK
-            else rule.email_to if rule.channel is Channel.EMAIL else "")
+def _target(rule: AlertRule, sealer: Sealer | None) -> str:
+    if rule.channel is Channel.WEBHOOK:  # sealed: the URL may carry a chat webhook's token
+        return sealer.seal(rule.webhook_url) if sealer else rule.webhook_url
+    return rule.email_to if rule.channel is Channel.EMAIL else ""
 
 
 class DeliveryStore:
     """Notifications, deliveries, cursors and rule state in the notifier schema."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, sealer: Sealer | None = None) -> None:
         self.pool = pool
+        self.sealer = sealer
 
     async def cursor(self, source: str) -> int:
         """The last recorded sequence of `source` (0 before the first)."""
@@ -112,7 +116,8 @@ class DeliveryStore:
                 "SELECT rule_id, org_id, body::text AS body, created_at, updated_at "
                 "FROM notifier.alert_rules WHERE org_id = ANY($1::text[]) "
                 "AND deleted_at IS NULL ORDER BY rule_id", orgs)
-            rules = [rule_from_row({**r, "body": json.loads(r["body"])}) for r in rows]
+            rules = [rule_from_row({**r, "body": json.loads(r["body"])}, self.sealer)
+                     for r in rows]
             rules_of: dict[str, list[AlertRule]] = {}
             for rule in rules:
                 rules_of.setdefault(rule.org_id, []).append(rule)
@@ -149,8 +154,7 @@ class DeliveryStore:
                 source, max(e.sequence for e in events))
             return fresh
 
-    @staticmethod
-    async def _insert(conn: Any, notifications: Sequence[Notification],
+    async def _insert(self, conn: Any, notifications: Sequence[Notification],
                       rules: dict[str, AlertRule], now: datetime) -> list[Notification]:
         if not notifications:
             return []
@@ -186,7 +190,7 @@ class DeliveryStore:
                 [n.rule_id for n in fresh], [n.org_id for n in fresh],
                 [n.type.value for n in fresh],
                 [rules[n.rule_id].channel.value for n in fresh],
-                [_target(rules[n.rule_id]) for n in fresh], streamed, now)
+                [_target(rules[n.rule_id], self.sealer) for n in fresh], streamed, now)
         return fresh
 
     async def claim_due(self, now: datetime, limit: int = 100
@@ -204,7 +208,7 @@ class DeliveryStore:
             "SELECT notification_id, source_event_id, rule_id, org_id, type, occurred_at, "
             "trace_id, title, attributes::text AS attributes FROM notifier.notifications "
             "WHERE notification_id = ANY($1::text[])", [r["notification_id"] for r in rows])}
-        return [(_delivery(r), notes[r["notification_id"]]) for r in rows]
+        return [(_delivery(r, self.sealer), notes[r["notification_id"]]) for r in rows]
 
     async def settle(self, delivery_id: str, now: datetime, error: str = "",
                      retry_at: datetime | None = None) -> None:
@@ -239,7 +243,7 @@ class DeliveryStore:
             "AND ($4::timestamptz IS NULL OR (created_at, delivery_id) < ($4, $5)) "
             "ORDER BY created_at DESC, delivery_id DESC LIMIT $6",
             org_id, rule_id, state, created, str(after[1]) if after else "", size + 1)
-        page = [_delivery(r) for r in rows[:size]]
+        page = [_delivery(r, self.sealer) for r in rows[:size]]
         token = (encode_cursor("deliveries", page[-1].created_at.isoformat(),
                                page[-1].delivery_id) if len(rows) > size else "")
         return page, token

@@ -72,11 +72,11 @@ async def build(config: KitConfig, notifier: NotifierConfig | None = None) -> Se
     pool = await db.create_pool(url, max_size=config.db_pool_size)
     ledger_channel = peer_channel(config.address_of("ledger"))
     metering_channel = peer_channel(config.address_of("metering"))
-    deliveries = DeliveryStore(pool)
     sealer = sealer_from_env()
     if sealer is None:
         log.warning("secrets_not_encrypted", detail="no TALLY_KEK / TALLY_KEK_FILE: webhook "
-                    "signing secrets are stored unencrypted")
+                    "signing secrets and webhook URLs are stored unencrypted")
+    deliveries = DeliveryStore(pool, sealer)
     secrets = WebhookSecrets(engine, sealer)
     webhooks = WebhookSender(secrets)
     worker = DeliveryWorker(
@@ -97,7 +97,7 @@ async def build(config: KitConfig, notifier: NotifierConfig | None = None) -> Se
     shutting_down = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
     servicer = NotifierServicer(
-        AlertRules(AlertRuleRepository(engine)), deliveries=deliveries, hub=hub,
+        AlertRules(AlertRuleRepository(engine, sealer)), deliveries=deliveries, hub=hub,
         secrets=SigningSecrets(secrets), on_replayed=worker.wake.set,
         shutting_down=shutting_down)
 
@@ -121,6 +121,7 @@ async def build(config: KitConfig, notifier: NotifierConfig | None = None) -> Se
         await engine.dispose()
 
     return ServiceApp(name=NAME, service_names=[SERVICE_NAME], register=register,
+                      audit_database_url=url,
                       on_start=[start], on_stop=[close], shutting_down=shutting_down,
                       readiness_probes=[postgres_probe(pool)])
 

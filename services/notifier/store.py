@@ -89,12 +89,15 @@ deliveries."""
 _PENDING_STATES: Final = ("PENDING", "RETRYING")
 
 
-def rule_body(rule: AlertRule | RuleSettings) -> dict[str, Any]:
-    """The JSON stored in `alert_rules.body` for `rule` (what `_rule` reads back)."""
+def rule_body(rule: AlertRule | RuleSettings, sealer: Sealer | None = None) -> dict[str, Any]:
+    """The JSON stored in `alert_rules.body` for `rule` (what `_rule` reads back). The webhook
+    URL is sealed with `sealer`: chat webhooks (Slack, Teams, Discord) carry their credential
+    in the URL."""
     return {
         "types": [t.value for t in rule.types],
         "channel": rule.channel.value,
-        "webhook_url": rule.webhook_url,
+        "webhook_url": (sealer.seal(rule.webhook_url) if sealer and rule.webhook_url
+                        else rule.webhook_url),
         "email_to": rule.email_to,
         "cooldown_seconds": rule.cooldown_seconds,
         "low_balance_threshold_micros": rule.low_balance_threshold_micros,
@@ -102,15 +105,17 @@ def rule_body(rule: AlertRule | RuleSettings) -> dict[str, Any]:
     }
 
 
-def rule_from_row(row: Mapping[Any, Any]) -> AlertRule:
-    """An alert rule from its row (any mapping with the columns; `body` as a dict)."""
+def rule_from_row(row: Mapping[Any, Any], sealer: Sealer | None = None) -> AlertRule:
+    """An alert rule from its row (any mapping with the columns; `body` as a dict), its
+    webhook URL opened with `sealer`."""
     body: Mapping[str, Any] = row["body"]
+    url = body.get("webhook_url", "")
     return AlertRule(
         rule_id=row["rule_id"],
         org_id=row["org_id"],
         types=tuple(NotificationType(t) for t in body["types"]),
         channel=Channel(body["channel"]),
-        webhook_url=body.get("webhook_url", ""),
+        webhook_url=sealer.open(url) if sealer else url,
         email_to=body.get("email_to", ""),
         cooldown_seconds=body.get("cooldown_seconds", 0),
         low_balance_threshold_micros=body.get("low_balance_threshold_micros", 0),
@@ -120,15 +125,15 @@ def rule_from_row(row: Mapping[Any, Any]) -> AlertRule:
     )
 
 
-def _rule_result(rule: AlertRule) -> dict[str, Any]:
+def _rule_result(rule: AlertRule, sealer: Sealer | None) -> dict[str, Any]:
     """A rule as an admin_requests result (what `_rule_of_result` reads back)."""
-    return {"rule_id": rule.rule_id, "org_id": rule.org_id, "body": rule_body(rule),
+    return {"rule_id": rule.rule_id, "org_id": rule.org_id, "body": rule_body(rule, sealer),
             "created_at": rule.created_at.isoformat(), "updated_at": rule.updated_at.isoformat()}
 
 
-def _rule_of_result(result: Mapping[str, Any]) -> AlertRule:
+def _rule_of_result(result: Mapping[str, Any], sealer: Sealer | None) -> AlertRule:
     return rule_from_row({**result, "created_at": datetime.fromisoformat(result["created_at"]),
-                  "updated_at": datetime.fromisoformat(result["updated_at"])})
+                  "updated_at": datetime.fromisoformat(result["updated_at"])}, sealer)
 
 
 async def _claim(conn: AsyncConnection, write: IdempotentWrite) -> Mapping[str, Any] | None:
@@ -166,8 +171,9 @@ def _live(org_id: str, rule_id: str) -> sa.ColumnElement[bool]:
 class AlertRuleRepository:
     """Alert rules in Postgres; implements `domain.AlertRuleStore`."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, sealer: Sealer | None = None) -> None:
         self.engine = engine
+        self.sealer = sealer
 
     async def list_rules(self, org_id: str, *, offset: int, limit: int) -> Sequence[AlertRule]:
         """The org's live rules, newest first (ties broken by rule id, so pages are stable)."""
@@ -180,28 +186,28 @@ class AlertRuleRepository:
         )
         async with self.engine.connect() as conn:
             rows = (await conn.execute(stmt)).mappings().all()
-        return [rule_from_row(row) for row in rows]
+        return [rule_from_row(row, self.sealer) for row in rows]
 
     async def rule(self, org_id: str, rule_id: str) -> AlertRule | None:
         """One live rule of the org, or None."""
         async with self.engine.connect() as conn:
             row = (await conn.execute(
                 sa.select(alert_rules).where(_live(org_id, rule_id)))).mappings().first()
-        return None if row is None else rule_from_row(row)
+        return None if row is None else rule_from_row(row, self.sealer)
 
     async def create_rule(self, write: IdempotentWrite, settings: RuleSettings) -> AlertRule:
         """Stores a new rule; a replay returns the rule as first created."""
         async with self.engine.begin() as conn:
             stored = await _claim(conn, write)
             if stored is not None:
-                return _rule_of_result(stored)
+                return _rule_of_result(stored, self.sealer)
             row = (await conn.execute(
                 sa.insert(alert_rules)
                 .values(rule_id=new_rule_id(), org_id=write.org_id, request_id=write.key,
-                        body=rule_body(settings))
+                        body=rule_body(settings, self.sealer))
                 .returning(alert_rules))).mappings().one()
-            rule = rule_from_row(row)
-            await _record(conn, write, _rule_result(rule))
+            rule = rule_from_row(row, self.sealer)
+            await _record(conn, write, _rule_result(rule, self.sealer))
             return rule
 
     async def update_rule(self, write: IdempotentWrite, rule_id: str, change: RuleChange
@@ -211,20 +217,20 @@ class AlertRuleRepository:
         async with self.engine.begin() as conn:
             stored = await _claim(conn, write)
             if stored is not None:
-                return _rule_of_result(stored)
+                return _rule_of_result(stored, self.sealer)
             existing = (await conn.execute(
                 sa.select(alert_rules).where(_live(write.org_id, rule_id)).with_for_update()
             )).mappings().first()
             if existing is None:
                 raise rule_not_found("rule.rule_id", write.org_id, rule_id)
-            settings = change(rule_from_row(existing))
+            settings = change(rule_from_row(existing, self.sealer))
             row = (await conn.execute(
                 sa.update(alert_rules)
                 .where(alert_rules.c.rule_id == rule_id)
-                .values(body=rule_body(settings), updated_at=sa.func.now())
+                .values(body=rule_body(settings, self.sealer), updated_at=sa.func.now())
                 .returning(alert_rules))).mappings().one()
-            rule = rule_from_row(row)
-            await _record(conn, write, _rule_result(rule))
+            rule = rule_from_row(row, self.sealer)
+            await _record(conn, write, _rule_result(rule, self.sealer))
             return rule
 
     async def delete_rule(self, write: IdempotentWrite, rule_id: str) -> None:

@@ -104,6 +104,7 @@ async def build(config: KitConfig, settings: PricingConfig | None = None) -> Ser
         pricing_pb2_grpc.add_PricingServiceServicer_to_server(servicer, server)
 
     return ServiceApp(name=NAME, service_names=[SERVICE_NAME], register=register,
+                      audit_database_url=url,
                       on_start=[start_loops], on_stop=[close], shutting_down=shutting_down,
                       readiness_probes=[postgres_probe(pool)])
 

@@ -31,6 +31,7 @@ from services.ledger.server import LedgerConfig, payment_provider
 from services.metering.server import MeteringConfig
 from services.pricing.server import PricingConfig
 from tally.cli.main import app as cli
+from tally.kit import tls
 from tally.kit.auth import AuthConfig
 from tally.kit.config import DEFAULT_PORTS, KitConfig, load, load_kit_config
 
@@ -256,16 +257,39 @@ def test_services_are_probed_over_grpc_health_on_their_configured_port(
     docs = rendered[overlay]
     for service, deployment in tally_deployments(docs).items():
         container = deployment_container(deployment)
-        port = kit_config(deployment, docs).port_of(service)
+        config = kit_config(deployment, docs)
+        port = config.port_of(service)
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["grpc"] == port, f"{service} listens on {port}, declares {ports}"
+        # behind mTLS the kubelet (which cannot speak TLS) probes the plaintext health port
+        probed = config.health_port or port
+        if config.health_port:
+            assert ports["health"] == config.health_port, f"{service} declares {ports}"
         for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
             probe = container[kind]
-            assert probe.get("grpc", {}).get("port") == port, f"{service} {kind}: {probe}"
+            assert probe.get("grpc", {}).get("port") == probed, f"{service} {kind}: {probe}"
         # Readiness follows the service's own health entry, which turns NOT_SERVING first
         # thing on SIGTERM; liveness asks about the server as a whole.
         assert container["readinessProbe"]["grpc"]["service"] == health_service_name(service)
         assert container["livenessProbe"]["grpc"].get("service", "") == ""
+
+
+@per_overlay
+def test_without_a_mesh_every_service_serves_mtls_from_its_own_certificate_secret(
+        rendered: dict[str, list[Document]], overlay: str) -> None:
+    docs = rendered[overlay]
+    for service, deployment in tally_deployments(docs).items():
+        container = deployment_container(deployment)
+        env = environment(container, docs)
+        if env.get("TALLY_AUTH_MESH_IDENTITY") == "true":
+            continue  # the mesh proves who calls (prod)
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in pod_spec(deployment).get("volumes", [])}
+        for name in ("TALLY_TLS_CERT", "TALLY_TLS_KEY", "TALLY_TLS_CA", "TALLY_TLS_CLIENT_CA"):
+            path = env.get(name, "")
+            assert path, f"{overlay}: {service} has no mesh and no {name}"
+            volume = volumes[mounts[str(Path(path).parent)]]
+            assert volume["secret"]["secretName"] == f"tally-{service}-tls", (service, name)
 
 
 @per_overlay
@@ -301,7 +325,7 @@ def test_settings_parse_and_migrations_are_left_to_the_job(
         rendered: dict[str, list[Document]], overlay: str) -> None:
     docs = rendered[overlay]
     known = setting_names(KitConfig, MeteringConfig, PricingConfig, LedgerConfig, AuthConfig,
-                          AccountsConfig)
+                          AccountsConfig) | set(tls.SETTINGS)
     for service, deployment in tally_deployments(docs).items():
         env = environment(deployment_container(deployment), docs)
         unknown = {name for name in env if name.startswith("TALLY_")} - known

@@ -1,22 +1,38 @@
 """The audit trail of every service, recorded by the kit and kept by accounts.
 
 The guard hands each finished call it must audit (every mutating call, every sensitive read,
-every refused attempt) to an `Auditor`. Recording is a tuple appended to a bounded in-memory
-queue: no I/O on the call's path. A background loop ships the queue to accounts' AppendAudit
-in batches; accounts chains each record into its org's hash chain, idempotently on the
-record's id, so a batch retried after a lost answer is not recorded twice.
+every refused attempt) to an `Auditor`; accounts chains each record into its org's hash chain,
+idempotently on the record's id, so a batch retried after a lost answer is not recorded twice.
 
-What is not durable: records still queued when a process dies are lost (at most one flush
-interval's worth, `TALLY_AUDIT_FLUSH_MS`), and a queue full because accounts is unreachable
-for long drops the newest records, counting them in `tally_audit_dropped_total` and logging
-each drop loudly. A deployment that must never lose one needs the record written in the
-call's own transaction; that is a per-service change this design leaves open.
+Durable (every service the kit runs: `ServiceApp.audit_database_url`): each record is written
+to an outbox table in the calling service's own database (`<service>.audit_outbox`) before the
+audited call answers — the calls finishing meanwhile share one INSERT (group commit), committed
+without waiting for the WAL flush (it survives the service's death, not PostgreSQL's own
+crash in the next few hundred milliseconds) — and a
+background sender ships the outbox to accounts' AppendAudit in batches, deleting what accounts
+acknowledged in the same transaction that locked it (FOR UPDATE SKIP LOCKED, so replicas
+sharing the table never ship one row twice at once; a row shipped twice after a crash is
+recorded once, by its id). A process killed at any moment (SIGKILL) loses no record of a call
+that answered: the next sender to run — a replica, or the restarted process — ships it. If
+the outbox cannot be written, the call answers UNAVAILABLE (its change is idempotent on its
+client id: the retry is audited).
+
+Without a database (a test's guard): records wait in a bounded in-memory queue, lost if the
+process dies (at most one flush interval, `TALLY_AUDIT_FLUSH_MS`); a queue full because
+accounts is unreachable drops the newest, counted in `tally_audit_dropped_total` and logged.
+
+Streams are audited once per stream (who opened it, from where, how it ended), not per
+message: a StreamUsage message is usage, each event kept by metering under its own id with the
+stream's org and project, and debited to the ledger's hash-chained usage transfers — the
+record of every mutation a stream makes is already durable and chained there; an audit record
+per event would double the write rate of the hottest path to say the same thing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import time
 from collections import deque
@@ -61,6 +77,74 @@ Sink = Callable[[Sequence[Record], Mapping[str, float]], Awaitable[None]]
 """Ships records, and the API keys used since the last shipment (key_id -> when)."""
 
 
+class AuditOutbox:
+    """Audit records waiting for accounts, in a table of the service's own database."""
+
+    def __init__(self, database_url: str, table: str, *, group_max: int = 1000) -> None:
+        from tally.kit.group_commit import GroupCommit
+
+        self.database_url = database_url
+        self.table = table  # e.g. "ledger.audit_outbox" (services/*/migrations create it)
+        self._pool: Any = None
+        self._writes: GroupCommit[Record, None] = GroupCommit(
+            f"audit.{table}", self._write_many, max_size=group_max)
+
+    async def _connected(self) -> Any:
+        if self._pool is None:
+            import asyncpg
+
+            from tally.kit import db
+
+            # synchronous_commit off: a record is in PostgreSQL (which outlives the service
+            # killed at any moment) when the call answers, without waiting for the WAL fsync
+            # that the call's own change already paid; only a crash of PostgreSQL itself
+            # within ~3 x wal_writer_delay could lose one.
+            self._pool = await asyncpg.create_pool(
+                db.asyncpg_url(self.database_url), min_size=1, max_size=2,
+                server_settings={"synchronous_commit": "off"})
+        return self._pool
+
+    async def write(self, record: Record) -> None:
+        """Returns once `record` is committed (with whatever else was written meanwhile)."""
+        await self._writes.submit(record)
+
+    async def _write_many(self, records: Sequence[Record]) -> Sequence[None]:
+        pool = await self._connected()
+        await pool.execute(
+            f"INSERT INTO {self.table} (record_id, record) "
+            "SELECT * FROM unnest($1::text[], $2::jsonb[]) ON CONFLICT DO NOTHING",
+            [r[0] for r in records], [json.dumps(r) for r in records])
+        return [None] * len(records)
+
+    async def drain(self, sink: Sink, uses: Mapping[str, float], limit: int) -> int:
+        """Ships up to `limit` records (and `uses`) to `sink`, deleting them once it
+        returned; returns how many were shipped (0: the outbox is empty or being shipped)."""
+        pool = await self._connected()
+        async with pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(f"SELECT seq, record FROM {self.table} ORDER BY seq "
+                                    "LIMIT $1 FOR UPDATE SKIP LOCKED", limit)
+            if not rows and not uses:
+                return 0
+            await sink([_record(json.loads(row["record"])) for row in rows], uses)
+            await conn.execute(f"DELETE FROM {self.table} WHERE seq = ANY($1::bigint[])",
+                               [row["seq"] for row in rows])
+            return len(rows)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+
+
+def _report_unwritten(written: asyncio.Future[Any]) -> None:
+    if not written.cancelled() and (exc := written.exception()) is not None:
+        log.error("audit_record_not_written", error=repr(exc))
+
+
+def _record(fields: list[Any]) -> Record:
+    (record_id, org, at, who, how, service, rpc, targets, digest, peer, outcome) = fields
+    return (record_id, org, at, who, how, service, rpc, tuple(targets), digest, peer, outcome)
+
+
 @dataclass
 class Auditor:
     """Queues audit records and ships them in batches to a sink (accounts' AppendAudit)."""
@@ -73,14 +157,17 @@ class Auditor:
     retry_ms: int = 500
     key_uses: Callable[[], dict[str, float]] | None = None
     """Takes the key uses to report with the next shipment (the guard's cache)."""
+    outbox: AuditOutbox | None = None
+    """Where records are made durable before their call answers (None: memory only)."""
     _queue: deque[Record] = field(default_factory=deque)
     _uses: dict[str, float] = field(default_factory=dict)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _id_fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def record(self, method: str, rule: policy.Rule | None, principal: Any, peer: str,
-               request: Any, outcome: str) -> None:
-        """Queues one call's record (one per org it named; the platform chain if none)."""
+               request: Any, outcome: str) -> Awaitable[Any] | None:
+        """Queues one call's record (one per org it named; the platform chain if none).
+        With an outbox, returns what to await before the call may answer."""
         digest = (hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
                   if request is not None else "")
         orgs = sorted(policy.orgs_named(rule, request)) if rule and request is not None else []
@@ -88,6 +175,15 @@ class Auditor:
         who = principal.identity if principal is not None else "anonymous"
         how = principal.verified_by if principal is not None else "none"
         now = time.time()
+        if self.outbox is not None:
+            outbox = self.outbox
+            writes = [outbox.write((os.urandom(16).hex(), org, now, who, how, self.service,
+                                    method, targets, digest, peer, outcome))
+                      for org in orgs or [""]]
+            # scheduled now: a refused call answers without awaiting its record
+            written = asyncio.gather(*writes)
+            written.add_done_callback(_report_unwritten)
+            return written
         for org in orgs or [""]:
             if len(self._queue) >= self.max_queue:
                 DROPPED.inc()
@@ -98,6 +194,7 @@ class Auditor:
                                 method, targets, digest, peer, outcome))
         if len(self._queue) >= self.batch_size:
             self._wake.set()
+        return None
 
     def _targets(self, method: str, request: Any) -> tuple[str, ...]:
         if request is None:
@@ -120,6 +217,10 @@ class Auditor:
         if self.key_uses is not None:
             for key_id, at in self.key_uses().items():
                 self._uses[key_id] = max(at, self._uses.get(key_id, at))
+        if self.outbox is not None:
+            while await self.outbox.drain(self.sink, self._uses, self.batch_size):
+                self._uses = {}
+            self._uses = {}
         while self._queue or self._uses:
             batch = [self._queue[i] for i in range(min(self.batch_size, len(self._queue)))]
             await self.sink(batch, self._uses)
@@ -147,8 +248,11 @@ class Auditor:
         try:
             await self.flush()
         except Exception as exc:
-            log.error("audit_records_lost_at_shutdown", error=str(exc),
+            log.error("audit_records_lost_at_shutdown" if self.outbox is None
+                      else "audit_records_left_in_outbox", error=str(exc),
                       queued=len(self._queue))
+        if self.outbox is not None:
+            await self.outbox.close()
 
 
 def grpc_sink(channel: Any, timeout_s: float = 5.0) -> Sink:

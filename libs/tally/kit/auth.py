@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
@@ -40,7 +40,7 @@ from typing import Any, Final
 import grpc
 
 from tally.kit import policy
-from tally.kit.audit import DENIED, Auditor, grpc_sink, is_audited
+from tally.kit.audit import DENIED, Auditor, AuditOutbox, grpc_sink, is_audited
 from tally.kit.config import (
     load,
     parse_bool,
@@ -127,6 +127,10 @@ class AuthConfig:
         "TALLY_REGIONS", lambda raw: frozenset(r.strip() for r in raw.split(",") if r.strip()),
         "comma-separated regions this deployment serves", default=None)
     audit: bool = setting("TALLY_AUDIT", parse_bool, "true or false", default=True)
+    audit_durable: bool = setting(
+        "TALLY_AUDIT_DURABLE", parse_bool,
+        "true (each record in the service's database before its call answers) or false "
+        "(queued in memory: lost if the process dies)", default=True)
     audit_flush_ms: int = setting("TALLY_AUDIT_FLUSH_MS", parse_positive_int,
                                   "milliseconds between shipments to accounts", default=50)
     audit_max_queue: int = setting("TALLY_AUDIT_MAX_QUEUE", parse_positive_int,
@@ -443,18 +447,20 @@ class Guard:
             await self.oidc.close()
 
     def record(self, method: str, principal: Principal | None, context: Any, request: Any,
-               code: grpc.StatusCode) -> None:
-        """The kit's hook at the end of every call: audits the ones that must be."""
+               code: grpc.StatusCode) -> Awaitable[Any] | None:
+        """The kit's hook at the end of every call: audits the ones that must be. Returns
+        what the call awaits before it answers (its record made durable), if anything."""
         if self.auditor is None:
-            return
+            return None
         audited = self._audited.get(method)
         if audited is None:
             audited = self._audited[method] = is_audited(method)
         outcome = code.name
         if audited or outcome in DENIED:
             peer = context.peer() if context is not None else ""
-            self.auditor.record(method, self.rules.get(method), principal, peer, request,
-                                outcome)
+            return self.auditor.record(method, self.rules.get(method), principal, peer,
+                                       request, outcome)
+        return None
 
     async def authenticate(self, method: str, metadata: Mapping[str, str]) -> Principal:
         """The verified caller (no policy check: `admit` does both)."""
@@ -595,9 +601,12 @@ class TrustCallers(TrustInternalCallers):
 
 
 def build_authenticator(accounts_address: str, service: str,
-                        config: AuthConfig | None = None) -> Any:
+                        config: AuthConfig | None = None, *,
+                        audit_database_url: str | None = None) -> Any:
     """The authenticator a server runs: a Guard following accounts at `accounts_address`
-    and shipping `service`'s audit trail there, or TrustCallers in development mode."""
+    and shipping `service`'s audit trail there, or TrustCallers in development mode. With
+    `audit_database_url` (the service's own database), audit records go through its
+    `<service>.audit_outbox` and are durable before their call answers."""
     config = config or load_auth_config()
     if config.mode == "trust":
         return TrustCallers()
@@ -606,7 +615,9 @@ def build_authenticator(accounts_address: str, service: str,
     cache = CredentialCache()
     auditor = (Auditor(service, grpc_sink(peer_channel(accounts_address)),
                        max_queue=config.audit_max_queue, flush_ms=config.audit_flush_ms,
-                       key_uses=cache.take_key_uses)
+                       key_uses=cache.take_key_uses,
+                       outbox=(AuditOutbox(audit_database_url, f"{service}.audit_outbox")
+                               if audit_database_url and config.audit_durable else None))
                if config.audit else None)
     oidc = (OidcVerifier(config.oidc_issuer, config.oidc_audience, config.oidc_algorithms,
                          config.oidc_leeway_s, config.oidc_min_refresh_s)

@@ -181,6 +181,22 @@ def parse_postgres_url(raw: str) -> str:
     return raw
 
 
+def parse_region_databases(raw: str) -> dict[str, str]:
+    """`region=postgresql://…[;region=postgresql://…]` -> {region: url}, the first the home."""
+    found: dict[str, str] = {}
+    for entry in filter(None, (part.strip() for part in raw.split(";"))):
+        region, sep, url = entry.partition("=")
+        region = region.strip()
+        if not sep or not region:
+            raise ValueError("expected region=postgresql://… entries separated by ';'")
+        if region in found:
+            raise ValueError(f"region {region!r} is given twice")
+        found[region] = parse_postgres_url(url.strip())
+    if not found:
+        raise ValueError("names no region")
+    return found
+
+
 def parse_redis_url(raw: str) -> str:
     """A redis:// or rediss:// or unix:// URL."""
     if not raw.startswith(("redis://", "rediss://", "unix://")):
@@ -233,6 +249,10 @@ class KitConfig:
     database_url: str | None = setting(
         "TALLY_DATABASE_URL", parse_postgres_url, "a postgresql:// URL", default=None
     )
+    region_databases: Mapping[str, str] | None = setting(
+        "TALLY_REGION_DATABASES", parse_region_databases,
+        "region=postgresql://…[;region=postgresql://…], the home region first (data "
+        "residency: one database per region, tally.kit.regions)", default=None, secret=True)
     redis_url: str | None = setting(
         "TALLY_REDIS_URL", parse_redis_url, "a redis:// URL", default=None
     )
@@ -260,6 +280,11 @@ class KitConfig:
     )
     db_pool_size: int = setting(
         "TALLY_DB_POOL_SIZE", parse_positive_int, "an integer > 0", default=8
+    )
+    health_port: int = setting(
+        "TALLY_HEALTH_PORT", parse_port,
+        "a port 0-65535 serving only gRPC health in plaintext beside an mTLS port, for probes "
+        "that cannot speak TLS (0 = none)", default=0
     )
     metrics_port: int = setting(
         "TALLY_METRICS_PORT", parse_port, "a port 0-65535 (0 = no /metrics endpoint)",

@@ -130,19 +130,32 @@ def sealer_from_env(environ: Mapping[str, str] | None = None) -> Sealer | None:
 
 @dataclass(frozen=True, slots=True)
 class SealedColumn:
-    """Where sealed secrets are stored: a text column, or a text field of a jsonb column."""
+    """Where sealed secrets are stored: a text column, or a text field of a jsonb column
+    (`json_field`, dotted for a nested one: `body.webhook_url`)."""
 
     table: str
     key: tuple[str, ...]
     column: str
     json_field: str | None = None
+    where: str = "TRUE"
+    """Which rows hold a secret there (e.g. only webhook deliveries' targets)."""
 
 
 SEALED_COLUMNS: Final = (
     SealedColumn("notifier.webhook_secrets", ("org_id", "secret_id"), "secret"),
     SealedColumn("notifier.admin_requests", ("request_id",), "result", "secret"),
+    # a chat webhook's URL (Slack, Teams, Discord) is its credential
+    SealedColumn("notifier.alert_rules", ("rule_id",), "body", "webhook_url"),
+    SealedColumn("notifier.admin_requests", ("request_id",), "result", "body.webhook_url"),
+    SealedColumn("notifier.deliveries", ("delivery_id",), "target",
+                 where="channel = 'webhook'"),
 )
-"""Every stored secret, for `tally keys rotate-kek`."""
+"""Every stored secret, for `tally keys rotate-kek`. Not here because not stored: API keys
+(accounts keeps a SHA-256 digest, never the key), payment-provider credentials and webhook
+signing secrets (TALLY_LEDGER_STRIPE_SECRET_KEY[_FILE], TALLY_LEDGER_WEBHOOK_SECRETS[_FILE]:
+a mounted Secret, read at start), OIDC (the kit verifies tokens against public JWKS: no
+client secret), the local payment provider's signing secret (in memory, or from the same
+setting). tests/auth/test_secrets_at_rest.py scans every table for plaintext."""
 
 
 async def rewrap_all(conn: object, sealer: Sealer) -> int:
@@ -155,18 +168,17 @@ async def rewrap_all(conn: object, sealer: Sealer) -> int:
     changed = 0
     for place in SEALED_COLUMNS:
         keys = ", ".join(place.key)
-        value = (f"{place.column}->>'{place.json_field}'" if place.json_field
-                 else place.column)
+        path = "{" + ",".join((place.json_field or "").split(".")) + "}"
+        value = f"{place.column} #>> '{path}'" if place.json_field else place.column
         rows = await conn.fetch(f"SELECT {keys}, {value} AS value FROM {place.table} "
-                                f"WHERE {value} IS NOT NULL")
+                                f"WHERE {value} <> '' AND ({place.where})")
         for row in rows:
             fresh = sealer.rewrap(row["value"])
             if fresh is None:
                 continue
             match = " AND ".join(f"{k} = ${i + 3}" for i, k in enumerate(place.key))
-            target = (f"{place.column} = jsonb_set({place.column}, "
-                      f"'{{{place.json_field}}}', to_jsonb($1::text))" if place.json_field
-                      else f"{place.column} = $1")
+            target = (f"{place.column} = jsonb_set({place.column}, '{path}', "
+                      "to_jsonb($1::text))" if place.json_field else f"{place.column} = $1")
             status = await conn.execute(
                 f"UPDATE {place.table} SET {target} WHERE {value} = $2 AND {match}",
                 fresh, row["value"], *(row[k] for k in place.key))

@@ -247,7 +247,7 @@ class _Call:
     """Traces, authenticates, maps errors and logs one call; shared by the four shapes."""
 
     __slots__ = ("code", "context", "details", "ended", "metadata", "method", "principal",
-                 "request", "span", "started", "token")
+                 "recorded", "request", "span", "started", "token")
 
     def __init__(self, method: _Method, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self.started = time.perf_counter()
@@ -258,6 +258,7 @@ class _Call:
         self.ended = False
         self.principal: Any = None
         self.request: Any = None
+        self.recorded: Awaitable[Any] | None = None
         metadata = _metadata(context)
         parent = (propagate.extract(metadata) if not method.propagated.isdisjoint(metadata)
                   else _NO_PARENT)
@@ -368,6 +369,20 @@ class _Call:
         self.end()
         await _abort(self.context, errors.TallyError(errors.Reason.INTERNAL, "internal error"))
 
+    async def durable(self) -> None:
+        """Waits until the call's audit record is durable; a call whose record cannot be
+        written answers UNAVAILABLE instead of OK (its change is idempotent: the retry is
+        audited)."""
+        assert self.recorded is not None
+        try:
+            await self.recorded
+        except Exception as exc:
+            self.method.log.error("audit_record_not_written", method=self.method.name,
+                                  error=repr(exc))
+            await _abort(self.context, errors.TallyError(
+                errors.Reason.UNAVAILABLE, "the audit trail could not be written; the call "
+                "took effect and is idempotent: retry it", retry_after=_OUTAGE_RETRY_AFTER))
+
     def cancelled(self) -> None:
         """The caller went away (or the server is stopping past its grace)."""
         self.code = grpc.StatusCode.CANCELLED
@@ -396,7 +411,8 @@ class _Call:
         span.end()
         otel_context.detach(self.token)
         if method.record is not None:
-            method.record(method.name, self.principal, self.context, self.request, code)
+            self.recorded = method.record(method.name, self.principal, self.context,
+                                          self.request, code)
         if self.code is None and self.method.logs_ok:
             self.method.log.debug("rpc_ok", method=self.method.name, duration_ms=round(
                 (time.perf_counter() - self.started) * 1000, 3))
@@ -434,7 +450,11 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: _Method
             call = _Call(method, context)
             try:
                 request = await call.admit(request, streamed)
-                return await inner(request, context)
+                response = await inner(request, context)
+                call.end()
+                if call.recorded is not None:
+                    await call.durable()
+                return response
             except grpc.aio.AbortError:
                 if call.code is None:
                     call.aborted()
@@ -513,6 +533,9 @@ class ServiceApp:
     shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when shutdown begins (before the drain delay). Long-lived streams end on it through
     `until_shutdown`; the composition root hands the same event to its servicer."""
+    audit_database_url: str | None = None
+    """The service's own database: audit records are made durable there (its
+    `<name>.audit_outbox`) before their call answers (tally.kit.audit)."""
     readiness_probes: list[Probe] = field(default_factory=list)
     """Cheap checks of the dependencies the service cannot work without (its database; Redis
     where hard quotas need it): NOT_SERVING while one fails (see tally.kit.readiness)."""
@@ -596,6 +619,8 @@ class RunningServer:
     drain_delay_seconds: float
     readiness: Readiness | None = None
     interceptor: KitInterceptor | None = None
+    health_server: grpc.aio.Server | None = None
+    """The plaintext health-only server beside an mTLS port (TALLY_HEALTH_PORT)."""
     _stopped: bool = False
 
     async def _refuse_until_quiet(self, limit_s: float) -> float:
@@ -635,6 +660,8 @@ class RunningServer:
         log.info("shutdown_stopping", service=self.app.name,
                  refused_for_s=round(refused_for_s, 3))
         await self.server.stop(max(self.grace_seconds - refused_for_s, 0.0))
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         for hook in reversed(self.app.on_stop):
             await hook()
         log.info("shutdown_done", service=self.app.name)
@@ -650,6 +677,7 @@ async def start_server(
     authenticator: Authenticator | None = None,
     reuse_port: bool = False,
     tls: Any = None,
+    health_port: int = 0,
 ) -> RunningServer:
     """Builds, binds and starts `app`; returns once every service reports SERVING. With
     `reuse_port`, several processes may serve one port (SO_REUSEPORT: the kernel spreads
@@ -658,11 +686,14 @@ async def start_server(
     Without an `authenticator`, the one TALLY_AUTH_MODE configures (tally.kit.auth): the
     guard, following accounts' credentials feed at TALLY_ACCOUNTS_ADDRESS, unless
     development mode (trust) is asked for. With `tls` (a tally.kit.tls.TlsFiles; else
-    TALLY_TLS_CERT / _KEY / _CLIENT_CA) the port serves mutual TLS only."""
+    TALLY_TLS_CERT / _KEY / _CLIENT_CA) the port serves mutual TLS only; `health_port` then
+    serves the gRPC health service alone, in plaintext, for probes that cannot speak TLS
+    (the kubelet's): nothing but health is reachable there."""
     if authenticator is None:
         from tally.kit.auth import build_authenticator
 
-        authenticator = build_authenticator(load_kit_config().address_of("accounts"), app.name)
+        authenticator = build_authenticator(load_kit_config().address_of("accounts"), app.name,
+                                            audit_database_url=app.audit_database_url)
     interceptor = KitInterceptor(authenticator)
     server = grpc.aio.server(
         interceptors=[interceptor],
@@ -686,6 +717,14 @@ async def start_server(
         bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"{app.name}: could not bind {host}:{port}")
+    health_server = None
+    if health_port:
+        health_server = grpc.aio.server(
+            options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
+        if health_server.add_insecure_port(f"{host}:{health_port}") == 0:
+            raise OSError(f"{app.name}: could not bind health port {host}:{health_port}")
+        await health_server.start()
     await server.start()
     start_auth = getattr(authenticator, "start", None)
     if start_auth is not None:
@@ -706,7 +745,7 @@ async def start_server(
     await set_serving(True)
     log.info("serving", service=app.name, address=f"{host}:{bound}")
     return RunningServer(app, server, bound, health, grace_seconds, drain_delay_seconds,
-                         readiness, interceptor)
+                         readiness, interceptor, health_server)
 
 
 class _ReadinessHealth(health_aio.HealthServicer):  # type: ignore[misc]
@@ -764,6 +803,7 @@ async def _serve_until_signalled(
         grace_seconds=config.shutdown_grace_seconds,
         drain_delay_seconds=config.shutdown_drain_delay_ms / 1000,
         reuse_port=reuse_port,
+        health_port=config.health_port,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

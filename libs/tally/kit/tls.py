@@ -24,6 +24,9 @@ from tally.kit.log import get_logger
 
 log = get_logger("tally.kit.tls")
 
+SETTINGS = ("TALLY_TLS_CERT", "TALLY_TLS_KEY", "TALLY_TLS_CA", "TALLY_TLS_CLIENT_CA")
+"""The environment variables this module reads (paths of PEM files)."""
+
 
 @dataclass(frozen=True, slots=True)
 class TlsFiles:
