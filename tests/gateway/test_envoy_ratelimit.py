@@ -159,7 +159,7 @@ async def test_an_org_without_credit_is_over_limit_insufficient_credits(
     assert refused.deny_reason == "INSUFFICIENT_CREDITS"
 
 
-@pytest.mark.parametrize(("request_", "field"), [
+BAD_REQUESTS: list[tuple[rls_pb2.RateLimitRequest, str]] = [
     (should("acme", team="x"), "descriptors[0].entries[1].key"),
     (rls_pb2.RateLimitRequest(domain="tally", descriptors=[
         ratelimit_pb2.RateLimitDescriptor(entries=[
@@ -169,16 +169,18 @@ async def test_an_org_without_credit_is_over_limit_insufficient_credits(
     (rls_pb2.RateLimitRequest(domain="tally"), "descriptors"),
     (should("acme", model="no-such-model"), "descriptors[0].entries"),
     (should("acme", tokens="many"), "descriptors[0].entries"),
-])
+]
+
+
 async def test_bad_descriptors_are_invalid_argument_naming_the_field_and_count_nothing(
-        suite: Suite, rls: rls_pb2_grpc.RateLimitServiceStub,
-        request_: rls_pb2.RateLimitRequest, field: str) -> None:
+        suite: Suite, rls: rls_pb2_grpc.RateLimitServiceStub) -> None:
     await suite.fund("acme", 100)
     await add_quota(suite, "REQUESTS_PER_SECOND", 1)
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await rls.ShouldRateLimit(request_)
-    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert field in (refused.value.details() or "")
+    for request, field in BAD_REQUESTS:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await rls.ShouldRateLimit(request)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in (refused.value.details() or ""), (field, refused.value.details())
     # nothing was counted: the one request a second is still there
     assert (await rls.ShouldRateLimit(should("acme"))).overall_code == OK
     assert (await rls.ShouldRateLimit(should("acme"))).overall_code == OVER
