@@ -240,3 +240,14 @@ async def test_malformed_embeddings_and_bad_keys_charge_nothing(stack: Stack) ->
         assert unknown_url.status_code == 404 and unknown_url.json()["error"]
     assert await stack.posted() == before
     assert await usage_events(stack) == 0
+
+
+async def test_the_load_example_reports_latency_with_and_without_tally(stack: Stack) -> None:
+    from examples.gateway import load
+
+    report = await load.main(load.parse([
+        "--rps", "20", "--seconds", "0.5", "--gateway-url", stack.gateway.url,
+        "--upstream-url", f"{stack.gateway.upstream_url}/v1", "--api-key", stack.api_key]))
+    assert report["without_tally"]["ok"] == report["with_tally"]["ok"] == 10
+    assert set(report["added_by_tally_ms"]) == {"p50", "p99"}
+    assert report["with_tally"]["p99_ms"] >= report["with_tally"]["p50_ms"] > 0
