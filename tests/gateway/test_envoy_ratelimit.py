@@ -7,6 +7,7 @@ The limiter reads a clock the test moves, so "per second" is exact, not a race."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import uuid
@@ -183,4 +184,24 @@ async def test_bad_descriptors_are_invalid_argument_naming_the_field_and_count_n
         assert field in (refused.value.details() or ""), (field, refused.value.details())
     # nothing was counted: the one request a second is still there
     assert (await rls.ShouldRateLimit(should("acme"))).overall_code == OK
+    assert (await rls.ShouldRateLimit(should("acme"))).overall_code == OVER
+
+
+async def test_concurrent_mesh_and_authorize_callers_share_one_limit_exactly(
+        suite: Suite, rls: rls_pb2_grpc.RateLimitServiceStub) -> None:
+    # a day quota of 30 requests, 48 from the mesh and 48 through Authorize at once
+    await suite.fund("acme", 1_000)
+    await add_quota(suite, "REQUESTS_PER_DAY", 30)
+
+    async def mesh() -> bool:
+        return (await rls.ShouldRateLimit(should("acme"))).overall_code == OK
+
+    async def direct() -> bool:
+        decided = await suite.client.metering.Authorize(authorize("acme", "p1", "k1"))
+        assert decided.decision == ALLOW or decided.deny_reason == "QUOTA_EXCEEDED"
+        return decided.decision == ALLOW
+
+    admitted = await asyncio.gather(*(mesh() for _ in range(48)),
+                                    *(direct() for _ in range(48)))
+    assert sum(admitted) == 30
     assert (await rls.ShouldRateLimit(should("acme"))).overall_code == OVER
