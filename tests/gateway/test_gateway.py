@@ -14,10 +14,11 @@ import pytest
 
 from examples.gateway import tokens
 from tally.metering.v1 import metering_pb2 as mpb
-from tests.metering.test_authorize import add_budget, sql
+from tests.metering.conftest import CREDIT
+from tests.metering.test_authorize import sql
 from tests.metering.test_quotas import add_quota
 
-from .conftest import ORG, Stack, stack_for
+from .conftest import Stack, stack_for
 
 MESSAGES: list[Any] = [{"role": "system", "content": "You answer briefly."},
                        {"role": "user", "content": "What does a credit lease hold, and why?"}]
@@ -32,12 +33,13 @@ async def upstream_says(stack: Stack, path: str, body: bytes) -> httpx.Response:
 
 async def receipt_of(stack: Stack, request_id: str) -> mpb.Receipt:
     found = await stack.tally.metering.GetUsageEvent(mpb.GetUsageEventRequest(
-        org_id=ORG, event_id=request_id))
+        org_id=stack.org, event_id=request_id))
     return found.receipt
 
 
 async def usage_events(stack: Stack) -> int:
-    rows = await sql(stack.suite, "SELECT count(*) AS n FROM metering.usage_events")
+    rows = await sql(stack.suite, "SELECT count(*) AS n FROM metering.usage_events "
+                     "WHERE org_id = $1", stack.org)
     return int(rows[0]["n"])
 
 
@@ -148,7 +150,10 @@ async def test_a_retried_request_id_is_charged_once(stack: Stack) -> None:
 
 
 async def test_an_exhausted_budget_answers_402_with_the_reason(stack: Stack) -> None:
-    await add_budget(stack.suite, "b-tiny", 0.05)  # 50,000 micro-credits a month
+    await sql(stack.suite, "INSERT INTO metering.budgets (budget_id, org_id, name, scope, "
+              "scope_value, period, limit_micros, alarm_thresholds_percent, enforcement, "
+              "downgrade_at_percent) VALUES ('b-tiny', $1, 'b-tiny', 'ORG', '', 'MONTHLY', "
+              "$2, '{100}', 'HARD', 0)", stack.org, CREDIT // 20)  # 0.05 credits a month
     client = stack.openai()
     served = 0
     with pytest.raises(openai.APIStatusError) as refused:
@@ -165,7 +170,7 @@ async def test_an_exhausted_budget_answers_402_with_the_reason(stack: Stack) -> 
 
 
 async def test_a_quota_answers_429_with_retry_after(stack: Stack) -> None:
-    await add_quota(stack.suite, "REQUESTS_PER_DAY", 1, org=ORG)
+    await add_quota(stack.suite, "REQUESTS_PER_DAY", 1, org=stack.org)
     client = stack.openai()
     await client.embeddings.create(model="text-embedding-3-small", input="one")
     with pytest.raises(openai.RateLimitError) as refused:
@@ -178,7 +183,7 @@ async def test_a_quota_answers_429_with_retry_after(stack: Stack) -> None:
 async def test_a_context_over_the_org_limit_answers_400_context_length_exceeded(
         stack: Stack) -> None:
     await stack.tally.metering.SetSpendPolicy(mpb.SetSpendPolicyRequest(
-        request_id="policy-1", policy=mpb.SpendPolicy(org_id=ORG, max_context_tokens=10)))
+        request_id="policy-1", policy=mpb.SpendPolicy(org_id=stack.org, max_context_tokens=10)))
     before = await stack.posted()
     with pytest.raises(openai.BadRequestError) as refused:
         await stack.openai().chat.completions.create(model="gpt-4.1-mini", messages=MESSAGES)
@@ -215,7 +220,8 @@ async def test_malformed_chat_requests_get_openai_errors_and_charge_nothing(
             assert error["param"] == param and error["message"] and error["type"], body
     assert await stack.posted() == before
     assert await usage_events(stack) == 0
-    rows = await sql(stack.suite, "SELECT count(*) AS n FROM metering.authorizations")
+    rows = await sql(stack.suite, "SELECT count(*) AS n FROM metering.authorizations "
+                     "WHERE org_id = $1", stack.org)
     assert rows[0]["n"] == 0
 
 
