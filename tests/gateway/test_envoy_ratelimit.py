@@ -170,6 +170,8 @@ BAD_REQUESTS: list[tuple[rls_pb2.RateLimitRequest, str]] = [
     (rls_pb2.RateLimitRequest(domain="tally"), "descriptors"),
     (should("acme", model="no-such-model"), "descriptors[0].entries"),
     (should("acme", tokens="many"), "descriptors[0].entries"),
+    (rls_pb2.RateLimitRequest(domain="tally", descriptors=[descriptor("acme")],
+                              hits_addend=2_000_000), "descriptors[0].hits_addend"),
 ]
 
 

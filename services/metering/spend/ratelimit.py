@@ -57,6 +57,7 @@ LABEL_PREFIX: Final = "label."
 MAX_ENTRIES: Final = 32
 MAX_DESCRIPTORS: Final = 16
 MAX_VALUE_LENGTH: Final = 128
+MAX_HITS: Final = 1_000_000
 
 _PERIOD_OF: Final = {QuotaKind.REQUESTS_PER_SECOND: SECOND_US,
                      QuotaKind.LONG_CONTEXT_REQUESTS_PER_SECOND: SECOND_US,
@@ -103,12 +104,15 @@ def descriptor(index: int, entries: Sequence[tuple[str, str]], hits: int) -> Des
             values[key] = value
     if not values.get("org_id") and not any(p.field.endswith(".entries") for p in problems):
         problems.append(FieldViolation(f"{where}.entries", "an org_id entry is required"))
+    if hits > MAX_HITS:
+        problems.append(FieldViolation(f"{where}.hits_addend", f"at most {MAX_HITS}"))
     tokens = values.pop("tokens", "0")
     if not tokens.isdigit() or len(tokens) > 12:
         problems.append(FieldViolation(f"{where}.entries", "tokens must be an integer >= 0"))
     if problems:
         raise invalid_fields(problems)
-    return Descriptor(tokens=int(tokens), labels=labels, hits=hits, **values)
+    # 0 is "not set" in Envoy's request: one hit, as for Authorize's one request
+    return Descriptor(tokens=int(tokens), labels=labels, hits=max(hits, 1), **values)
 
 
 @dataclass(frozen=True, slots=True)
