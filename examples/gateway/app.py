@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -66,6 +67,26 @@ class GatewaySettings:
     default_max_output_tokens: int = 1024
     reservation_ttl_s: int = 120
     provider: str = "openai-compatible"
+
+
+class Phases:
+    """Where a request's time went, as a Server-Timing header (milliseconds): `authorize`
+    and `usage` are Tally's share, `upstream` the model's."""
+
+    def __init__(self) -> None:
+        self._at = time.perf_counter()
+        self.spent: dict[str, float] = {}
+
+    def done(self, phase: str) -> None:
+        """`phase` ended now (it began when the previous one ended)."""
+        now = time.perf_counter()
+        self.spent[phase] = (now - self._at) * 1000
+        self._at = now
+
+    def header(self) -> dict[str, str]:
+        """The Server-Timing header."""
+        return {"server-timing": ", ".join(f"{name};dur={ms:.2f}"
+                                           for name, ms in self.spent.items())}
 
 
 class Refused(Exception):
@@ -282,8 +303,10 @@ class Gateway:
         check_chat(body)
         max_output = (body.get("max_completion_tokens") or body.get("max_tokens")
                       or self.settings.default_max_output_tokens)
+        phases = Phases()
         admitted = await self._admit(request, body, mpb.OPERATION_CHAT,
                                      tokens.prompt_tokens(body["messages"]), max_output)
+        phases.done("authorize")
         upstream_body = {**body, "model": admitted.answer.model}
         if body.get("stream"):
             return await self._chat_stream(admitted, upstream_body)
@@ -297,11 +320,13 @@ class Gateway:
             await self._release(admitted)
             return Response(reply.content, status_code=reply.status_code,
                             media_type="application/json", headers=admitted.headers())
+        phases.done("upstream")
         completion = reply.json()
         receipt = await self._report(admitted, chat_quantities(completion.get("usage") or {}),
                                      str(completion.get("id", "")))
+        phases.done("usage")
         return Response(reply.content, media_type="application/json",
-                        headers={**admitted.headers(), **receipt})
+                        headers={**admitted.headers(), **receipt, **phases.header()})
 
     async def _chat_stream(self, admitted: Admitted, body: dict[str, Any]) -> Response:
         # the upstream always reports usage (what is charged); the client sees that chunk
@@ -366,8 +391,10 @@ class Gateway:
         """POST /v1/embeddings."""
         body = await _json_object(request)
         texts = check_embeddings(body)
+        phases = Phases()
         admitted = await self._admit(request, body, mpb.OPERATION_EMBEDDING_WRITE,
                                      sum(tokens.count(t) for t in texts), 0)
+        phases.done("authorize")
         try:
             reply = await self.upstream.post(
                 "/v1/embeddings", json={**body, "model": admitted.answer.model},
@@ -379,11 +406,13 @@ class Gateway:
             await self._release(admitted)
             return Response(reply.content, status_code=reply.status_code,
                             media_type="application/json", headers=admitted.headers())
+        phases.done("upstream")
         used = int((reply.json().get("usage") or {}).get("prompt_tokens") or 0)
         receipt = await self._report(admitted, [common_pb2.MeterQuantity(
             meter=common_pb2.METER_INPUT_TOKENS, quantity=used)], "")
+        phases.done("usage")
         return Response(reply.content, media_type="application/json",
-                        headers={**admitted.headers(), **receipt})
+                        headers={**admitted.headers(), **receipt, **phases.header()})
 
 
 def build_app(gateway: Gateway) -> Starlette:

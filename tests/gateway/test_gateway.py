@@ -60,6 +60,8 @@ async def chat_embed_and_stream(stack: Stack) -> None:
                                                      .split())
     request_id = raw.headers["x-tally-request-id"]
     assert raw.headers["x-tally-model"] == "gpt-4.1-mini"
+    assert [part.split(";")[0] for part in raw.headers["server-timing"].split(", ")] == [
+        "authorize", "upstream", "usage"]
     assert int(raw.headers["x-tally-price-version"]) >= 1
     cost = int(raw.headers["x-tally-cost"])
     assert cost > 0
@@ -256,4 +258,5 @@ async def test_the_load_example_reports_latency_with_and_without_tally(stack: St
         "--upstream-url", f"{stack.gateway.upstream_url}/v1", "--api-key", stack.api_key]))
     assert report["without_tally"]["ok"] == report["with_tally"]["ok"] == 10
     assert set(report["added_by_tally_ms"]) == {"p50", "p99"}
+    assert set(report["with_tally"]["phases_p50_ms"]) == {"authorize", "upstream", "usage"}
     assert report["with_tally"]["p99_ms"] >= report["with_tally"]["p50_ms"] > 0
