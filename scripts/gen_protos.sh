@@ -19,6 +19,11 @@ for pkg in "${PACKAGES[@]}"; do
   rm -f libs/tally/"${pkg}"/v1/*_pb2*.py libs/tally/"${pkg}"/v1/*_pb2*.pyi
 done
 
+# Vendored third-party contracts (Envoy's rate-limit service, see third_party/envoy/README.md):
+# generated the same way, outside our buf module.
+VENDORED=third_party/envoy
+rm -rf libs/envoy
+
 mapfile -t PROTOS < <(find protos -name '*.proto' -type f | LC_ALL=C sort)
 if [[ ${#PROTOS[@]} -eq 0 ]]; then
   echo "gen_protos: no .proto files under protos/" >&2
@@ -33,6 +38,18 @@ fi
   --mypy_grpc_out=libs \
   "${PROTOS[@]}"
 
+mapfile -t VENDORED_PROTOS < <(cd "${VENDORED}" && find envoy -name '*.proto' -type f | LC_ALL=C sort)
+"${PYTHON}" -m grpc_tools.protoc \
+  -I "${VENDORED}" \
+  --python_out=libs \
+  --grpc_python_out=libs \
+  --mypy_out=libs \
+  --mypy_grpc_out=libs \
+  "${VENDORED_PROTOS[@]}"
+while IFS= read -r dir; do
+  [[ -e "${dir}/__init__.py" ]] || : > "${dir}/__init__.py"
+done < <(find libs/envoy -type d | LC_ALL=C sort)
+
 # Package markers (libs/tally/__init__.py is owned by the kit, not by this script).
 for pkg in "${PACKAGES[@]}"; do
   for dir in libs/tally/"${pkg}" libs/tally/"${pkg}"/v1; do
@@ -41,4 +58,4 @@ for pkg in "${PACKAGES[@]}"; do
   done
 done
 
-echo "gen_protos: generated ${#PROTOS[@]} proto files into libs/"
+echo "gen_protos: generated ${#PROTOS[@]} + ${#VENDORED_PROTOS[@]} vendored proto files into libs/"

@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import grpc
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from services.metering.adapters import GrpcLeasingLedger, GrpcLedger, WatchedPriceBooks
 from services.metering.ingestion.committer import CommitSettings, GroupCommitter
@@ -53,13 +54,16 @@ from tally.metering.v1 import metering_pb2, metering_pb2_grpc
 from tally.pricing.v1 import pricing_pb2_grpc
 
 from .policy_cache import PolicyCache
+from .ratelimit_servicer import RateLimitServicer
 from .reports.domain import UsageReports
 from .reports.store import UsageStore
 from .servicer import MeteringServicer
 from .spend.quotas import LimiterGate
+from .spend.ratelimit import PricedModels, RateLimitChecker
 
 NAME = "metering"
 SERVICE_NAME = metering_pb2.DESCRIPTOR.services_by_name["MeteringService"].full_name
+RATE_LIMIT_SERVICE_NAME = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +187,10 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
             floor_micros=settings.lease_floor_micros, cap_micros=settings.lease_cap_micros,
             ttl=timedelta(seconds=settings.lease_ttl_s),
             renew_before=timedelta(seconds=settings.lease_ttl_s / 3)))
-    authorizer = Authorizer(spend, policies, books, leases, LimiterGate(limiter))
+    gate = LimiterGate(limiter)  # one gate: Authorize and Envoy's ShouldRateLimit count alike
+    authorizer = Authorizer(spend, policies, books, leases, gate)
+    rate_limits = RateLimitServicer(RateLimitChecker(
+        policies, gate, leases.store, leases, spend, PricedModels(books)))
     shutting_down = asyncio.Event()
     servicer = MeteringServicer(
         UsageReports(CaughtUpRollups(UsageStore(engine), rollup)), committer, events,
@@ -194,6 +201,7 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
 
     def register(server: grpc.aio.Server) -> None:
         metering_pb2_grpc.add_MeteringServiceServicer_to_server(servicer, server)
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(rate_limits, server)
 
     # the sweeper waits for the next hold's ttl (what its last run found, moved earlier by this
     # replica's own holds); the interval is the safety net for other replicas' holds
@@ -239,8 +247,8 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
     # What exists now lives as long as the process: keep it out of the collector's full
     # passes (as the ledger does), which the hot paths would otherwise trigger over the heap.
     gc.freeze()
-    return ServiceApp(name=NAME, service_names=[SERVICE_NAME], register=register,
-                      audit_database_url=url,
+    return ServiceApp(name=NAME, service_names=[SERVICE_NAME, RATE_LIMIT_SERVICE_NAME],
+                      register=register, audit_database_url=url,
                       on_start=[committer.start, rollup.start], on_stop=[close],
                       shutting_down=shutting_down,
                       readiness_probes=readiness_probes(pool, limiter))

@@ -28,7 +28,8 @@ def _contracts() -> tuple[Any, ...]:
                  for path in sorted(root.glob("*/v1/*_pb2.py")))
 
 
-CONTRACTS = _contracts()
+# Envoy's rate-limit service is served by metering from vendored contracts (libs/envoy).
+CONTRACTS = (*_contracts(), importlib.import_module("envoy.service.ratelimit.v3.rls_pb2"))
 PEOPLE = ("owner", "admin", "billing", "developer", "viewer")
 ROLES = (*PEOPLE, policy.GATEWAY, policy.INTERNAL, policy.OPERATOR, policy.FINANCE)
 
@@ -47,6 +48,10 @@ def org_paths(message: Descriptor, prefix: str = "", depth: int = 0) -> set[str]
         path = prefix + f.name + ("[]" if f.is_repeated else "")
         if f.name == "org_id":
             found.add(path)
+        if f.message_type is not None and f.message_type.full_name == (
+                "envoy.extensions.common.ratelimit.v3.RateLimitDescriptor"):
+            found.add(path + ".entries[key=org_id].value")  # Envoy names orgs in entries
+            continue
         if (f.message_type is not None and depth < 3
                 and not f.message_type.full_name.startswith("google.")):
             found |= org_paths(f.message_type, path + ".", depth + 1)
@@ -55,7 +60,11 @@ def org_paths(message: Descriptor, prefix: str = "", depth: int = 0) -> set[str]
 
 def set_org(message: Any, path: str, org: str) -> None:
     head, _, rest = path.partition(".")
-    if head.endswith("[]"):
+    if head.endswith("]") and "[key=" in head:
+        name, _, key = head[:-1].partition("[key=")
+        item = getattr(message, name).add(key=key)
+        set_org(item, rest, org)
+    elif head.endswith("[]"):
         set_org(getattr(message, head[:-2]).add(), rest, org)
     elif not rest:
         setattr(message, head, org)

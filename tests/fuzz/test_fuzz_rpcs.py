@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import asyncpg
 import grpc
 import pytest
+from envoy.service.ratelimit.v3 import rls_pb2
 from google.protobuf import descriptor as d
 from google.protobuf import message_factory
 from google.protobuf.message import EncodeError
@@ -42,10 +43,11 @@ from tally.notifier.v1 import notifier_pb2
 from tally.pricing.v1 import pricing_pb2
 from tests.fuzz.generate import Generator, spoiled
 
-SERVICE_MODULES = {"pricing": (pricing_pb2,), "metering": (metering_pb2,),
+SERVICE_MODULES = {"pricing": (pricing_pb2,), "metering": (metering_pb2, rls_pb2),
                    "ledger": (ledger_pb2, billing_pb2), "notifier": (notifier_pb2,),
                    "accounts": (accounts_pb2,)}
-"""Each service and the contract files it serves (the ledger serves BillingService too)."""
+"""Each service and the contract files it serves (the ledger serves BillingService too,
+metering Envoy's RateLimitService)."""
 FORBIDDEN = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 CI_SEED = 20261207
 UNARY_TIMEOUT_S = 20.0

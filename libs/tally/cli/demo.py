@@ -18,8 +18,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
+import httpx
 import typer
 
+from tally.accounts.v1 import accounts_pb2 as apb
 from tally.cli import suite
 from tally.cli.payments import TEST_CARD, pay_checkout
 from tally.common.v1 import common_pb2 as cpb
@@ -62,6 +64,10 @@ async def run(config: KitConfig, org: str) -> bool:
             await _documents(tally, f"{org}-{run_id}", run_id, config.data_dir / "demo")
             await _ledger_story(tally, f"{org}-{run_id}", run_id)
             await _metered_request(tally, f"{org}-{run_id}", run_id)
+            if suite.gateway_running(config):
+                await _through_the_gateway(config, tally, f"{org}-{run_id}", run_id)
+            else:
+                typer.echo("gateway: not running (start it with: tally up --with-gateway)")
         except TallyError as exc:
             typer.echo(f"demo failed: {exc.reason}: {exc.message}", err=True)
             return False
@@ -243,3 +249,42 @@ async def _metered_request(tally: TallyClient, org: str, run_id: str) -> None:
          f"{format_credits(balance.available_micros)}")
     if balance.held_micros != balance.leased_micros:
         raise TallyError(Reason.INTERNAL, "the ledger holds credit outside metering's lease")
+
+
+GATEWAY_KEY_WAIT_S: Final = 10.0
+"""How long the demo waits for the gateway to learn a new API key from accounts' feed."""
+
+
+async def _through_the_gateway(config: KitConfig, tally: TallyClient, org: str,
+                               run_id: str) -> None:
+    """One chat completion through the OpenAI-compatible gateway with an API key of the org:
+    the answer, and the receipt the gateway returns in its headers."""
+    typer.echo(f"one OpenAI-style request through the gateway for {org}:")
+    await tally.accounts.CreateOrg(apb.CreateOrgRequest(
+        org_id=org, name=f"Demo {run_id}", region="local", seat_limit=3,
+        owner_subject=f"owner-{run_id}@demo.test"))
+    key = await tally.accounts.CreateApiKey(apb.CreateApiKeyRequest(
+        request_id=f"demo-key-{run_id}", org_id=org, role=apb.ROLE_DEVELOPER,
+        name="demo app"))
+    _say("accounts.CreateApiKey", f"{key.key.prefix}... for {org}")
+    url = f"http://{config.host}:{suite.gateway_port()}/v1/chat/completions"
+    body = {"model": "gpt-4.1-mini", "max_tokens": 64, "messages": [
+        {"role": "user", "content": "In one sentence: what does a credit lease hold?"}]}
+    deadline = time.monotonic() + GATEWAY_KEY_WAIT_S
+    async with httpx.AsyncClient(timeout=30.0) as http:
+        while True:  # the key reaches the gateway over accounts' credentials feed
+            reply = await http.post(url, json=body,
+                                    headers={"authorization": f"Bearer {key.secret}"})
+            if reply.status_code != 401 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+    if reply.status_code != 200:
+        raise TallyError(Reason.INTERNAL, f"gateway answered {reply.status_code}: "
+                         f"{reply.text[:300]}")
+    answer = reply.json()
+    _say("POST /v1/chat/completions", f"{answer['model']}: "
+         f"{answer['choices'][0]['message']['content'][:48]}...")
+    headers = reply.headers
+    _say("receipt headers", f"cost {format_credits(int(headers['x-tally-cost']))}, balance "
+         f"{format_credits(int(headers['x-tally-balance']))}, price book "
+         f"v{headers['x-tally-price-version']}, request {headers['x-tally-request-id']}")

@@ -44,16 +44,24 @@ def _config() -> KitConfig:
 
 
 @app.command()
-def up() -> None:
-    """Start pricing, metering, ledger and notifier as separate processes and wait for SERVING."""
+def up(
+    with_gateway: Annotated[bool, typer.Option(
+        "--with-gateway", help="Also start the OpenAI-compatible gateway example "
+        "(examples/gateway) with its fake model, on TALLY_GATEWAY_PORT (8090).")] = False,
+) -> None:
+    """Start the five services as separate processes and wait for SERVING."""
     config = _config()
     try:
         statuses = suite.up(config)
+        gateway_pid = suite.start_gateway(config) if with_gateway else None
     except RuntimeError as exc:
         typer.echo(f"tally up failed: {exc}", err=True)
         raise typer.Exit(1) from exc
     for s in statuses:
         typer.echo(f"{s.service:<9} {s.state:<11} {s.address}  pid {s.pid}")
+    if gateway_pid is not None:
+        typer.echo(f"{suite.GATEWAY:<9} {'LISTENING':<11} "
+                   f"http://{config.host}:{suite.gateway_port()}/v1  pid {gateway_pid}")
     typer.echo(f"logs in {config.data_dir / 'logs'}; stop with: tally down")
 
 

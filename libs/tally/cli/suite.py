@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -100,6 +101,52 @@ def metrics_port_of(base_port: int, service: str) -> int:
     return base_port + SERVICES.index(service) if base_port else 0
 
 
+GATEWAY: Final = "gateway"
+"""The OpenAI-compatible gateway example (examples/gateway), started by `up --with-gateway`."""
+
+
+def gateway_port() -> int:
+    """Where the gateway listens (TALLY_GATEWAY_PORT, as the gateway reads it)."""
+    return int(os.environ.get("TALLY_GATEWAY_PORT") or 8090)
+
+
+def gateway_running(config: KitConfig) -> bool:
+    """Whether `up --with-gateway` started a gateway that is still running."""
+    return _read_pid(_run_dir(config) / f"{GATEWAY}.pid") is not None
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def start_gateway(config: KitConfig) -> int:
+    """Starts the gateway (a process like the services) and waits until it accepts
+    connections; its pid."""
+    pid_file = _run_dir(config) / f"{GATEWAY}.pid"
+    running = _read_pid(pid_file)
+    if running is not None:
+        return running
+    log_file = (_log_dir(config) / f"{GATEWAY}.log").open("ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "examples.gateway"],
+        env=dict(os.environ, TALLY_METRICS_PORT="0"),
+        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    pid_file.write_text(str(process.pid))
+    deadline = time.monotonic() + _STARTUP_TIMEOUT_S
+    while not _listening(config.host, gateway_port()):
+        if process.poll() is not None:
+            log_tail = (_log_dir(config) / f"{GATEWAY}.log").read_text()[-2000:]
+            raise RuntimeError(f"gateway exited with {process.returncode}:\n{log_tail}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"gateway not listening within {_STARTUP_TIMEOUT_S}s")
+        time.sleep(0.1)
+    return process.pid
+
+
 def up(config: KitConfig) -> list[ServiceStatus]:
     """Starts every service that is not running and waits until each reports SERVING."""
     url = database_url_for_suite(config)
@@ -157,7 +204,7 @@ def status(config: KitConfig) -> list[ServiceStatus]:
 def down(config: KitConfig, timeout_s: float = 30.0) -> list[str]:
     """Stops the services `up` started (SIGTERM, then SIGKILL after `timeout_s`)."""
     stopped = []
-    for service in SERVICES:
+    for service in (GATEWAY, *SERVICES):  # the gateway first: it calls the services
         pid_file = _run_dir(config) / f"{service}.pid"
         pid = _read_pid(pid_file)
         if pid is not None:

@@ -65,7 +65,8 @@ class Rule:
     """Roles allowed (any one suffices)."""
     org_fields: tuple[str, ...] = ()
     """Paths to the org ids the request acts on: `context.org_id`, `events[].context.org_id`
-    (`[]` walks a repeated field). Every non-empty one is checked."""
+    (`[]` walks a repeated field; `[key=K]` only its items whose `key` is K, for Envoy's
+    descriptor entries). Every non-empty one is checked."""
     org_required: bool = True
     """Whether a caller limited to some orgs must name one (False: an unnamed org means the
     shared catalog or all orgs, which only needs the role)."""
@@ -73,6 +74,8 @@ class Rule:
     def permission(self, method: str) -> str:
         """The permission's name in denials: `<service>.<Method>`, e.g. `ledger.Adjust`."""
         service, _, short = method.lstrip("/").partition("/")
+        if service.startswith("envoy."):
+            return f"ratelimit.{short}"
         return f"{service.split('.')[1]}.{short}"
 
 
@@ -89,6 +92,7 @@ _LEDGER = "/tally.ledger.v1.LedgerService/"
 _BILLING = "/tally.ledger.v1.BillingService/"
 _NOTIFIER = "/tally.notifier.v1.NotifierService/"
 _ACCOUNTS = "/tally.accounts.v1.AccountsService/"
+_ENVOY_RLS = "/envoy.service.ratelimit.v3.RateLimitService/"
 
 POLICY: Final[Mapping[str, Rule]] = {
     # pricing: a public catalog; publishing and simulating are the platform's
@@ -121,6 +125,9 @@ POLICY: Final[Mapping[str, Rule]] = {
     _METERING + "SetSpendPolicy": _rule(MANAGE, _CTX, "policy.org_id"),
     _METERING + "GetSpendPolicy": _rule(READ, _ORG),
     _METERING + "StreamEvents": _rule(frozenset({INTERNAL, OPERATOR})),
+    # Envoy's rate-limit service, served by metering: the mesh asks for the orgs in its
+    # descriptors (entries with key org_id); counts quota hits, so the hot path's roles
+    _ENVOY_RLS + "ShouldRateLimit": _rule(USE, "descriptors[].entries[key=org_id].value"),
     # ledger
     _LEDGER + "Transfer": _rule(CREDIT, _CTX, _ORG),
     _LEDGER + "TransferBatch": _rule(CREDIT, _CTX, "transfers[].context.org_id",
@@ -217,6 +224,12 @@ def org_ids(message: Any, path: str) -> Iterator[str]:
     if head.endswith("[]"):
         for item in getattr(message, head[:-2]):
             yield from org_ids(item, rest)
+        return
+    if head.endswith("]") and "[key=" in head:
+        name, _, key = head[:-1].partition("[key=")
+        for item in getattr(message, name):
+            if item.key == key:
+                yield from org_ids(item, rest)
         return
     if not dot:
         value = getattr(message, head)

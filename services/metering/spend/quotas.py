@@ -38,9 +38,10 @@ def is_long_context(quota: Quota, policy: SpendPolicy, context_tokens: int) -> b
     return threshold > 0 and context_tokens >= threshold
 
 
-def applicable(request: az.AuthorizeRequest, quotas: Sequence[Quota], policy: SpendPolicy
-               ) -> list[tuple[Quota, Limit]]:
-    """The quotas that count this request, each with the limit it consumes."""
+def applicable(request: az.AuthorizeRequest, quotas: Sequence[Quota], policy: SpendPolicy,
+               hits: int = 1) -> list[tuple[Quota, Limit]]:
+    """The quotas that count this request, each with the limit it consumes (`hits` requests
+    at once: Envoy's hits_addend)."""
     found = []
     for quota in quotas:
         if not quota.applies_to(request.project_id, request.environment, request.api_key_id):
@@ -50,7 +51,7 @@ def applicable(request: az.AuthorizeRequest, quotas: Sequence[Quota], policy: Sp
             continue
         period, window, _ = _SHAPE[quota.kind]
         cost = (request.estimated_input_tokens + request.max_output_tokens
-                if quota.kind is QuotaKind.TOKENS_PER_MINUTE else 1)
+                if quota.kind is QuotaKind.TOKENS_PER_MINUTE else hits)
         found.append((quota, Limit(
             counter_key(request.org_id, f"quota:{quota.quota_id}"), quota.limit, period,
             window=window, burst=quota.burst if window is Window.ROLLING else 0, cost=cost,
@@ -75,10 +76,11 @@ class LimiterGate:
         self.limiter = limiter
 
     async def admit(self, request: az.AuthorizeRequest, quotas: Sequence[Quota],
-                    policy: SpendPolicy) -> tuple[az.Answer | None, list[az.Headroom]]:
+                    policy: SpendPolicy, hits: int = 1
+                    ) -> tuple[az.Answer | None, list[az.Headroom]]:
         """Consumes every applicable quota or none: (a QUOTA_EXCEEDED DENY or None, headroom
         under each quota)."""
-        counted = applicable(request, quotas, policy)
+        counted = applicable(request, quotas, policy, hits)
         if not counted:
             return None, []
         verdict = await self.limiter.acquire([limit for _, limit in counted])

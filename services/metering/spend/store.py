@@ -312,6 +312,17 @@ class SpendStore:
                  for r in rows}
         return [found.get(ident) for ident in idents]
 
+    async def budget_usage(self, keys: Sequence[UsageKey]) -> dict[UsageKey, tuple[int, int]]:
+        """(spent, reserved) per (budget, period start) found, read without locking: the
+        rate-limit check's view, which holds nothing."""
+        rows = await self.pool.fetch(
+            "SELECT u.budget_id, u.period_start, u.spent_micros, u.reserved_micros "
+            "FROM metering.budget_usage u JOIN unnest($1::text[], $2::timestamptz[]) "
+            "AS k(id, start) ON u.budget_id = k.id AND u.period_start = k.start",
+            [k[0] for k in keys], [k[1] for k in keys])
+        return {(r["budget_id"], r["period_start"]): (r["spent_micros"], r["reserved_micros"])
+                for r in rows}
+
     async def authorization(self, org_id: str, request_id: str
                             ) -> tuple[str, str, Answer] | None:
         """(request hash, state, answer) of an earlier Authorize with this id, if any."""
