@@ -27,6 +27,7 @@ from tally.kit.background import Signal
 from tally.kit.errors import Reason, TallyError, invalid
 from tally.kit.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, decode_cursor, encode_cursor
 from tally.kit.protoconv import from_timestamp
+from tally.kit.requests import items_checked_by_handler
 from tally.kit.telemetry import annotate
 from tally.metering.v1 import metering_pb2, metering_pb2_grpc
 
@@ -34,6 +35,10 @@ from .reports import convert
 from .reports.domain import UsageReports
 
 Context = grpc.aio.ServicerContext[Any, Any]
+# A usage event with a NUL is rejected alone (ingestion.domain.check_event), like any other bad
+# field of an event; the rest of its call is recorded.
+items_checked_by_handler(metering_pb2.RecordUsageRequest, "events")
+items_checked_by_handler(metering_pb2.StreamUsageRequest, "events")
 
 
 def _too_many(count: int, limit: int, field: str) -> TallyError:
