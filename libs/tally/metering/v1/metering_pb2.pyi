@@ -2290,6 +2290,7 @@ class OutboxEvent(_message.Message):
     SPENT_MICROS_FIELD_NUMBER: _builtins.int
     LIMIT_MICROS_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique, stable id; consumers dedupe on it."""
     sequence: _builtins.int
@@ -2308,6 +2309,11 @@ class OutboxEvent(_message.Message):
     """Budget spend at the time, micro-credits."""
     limit_micros: _builtins.int
     """Budget limit, micro-credits."""
+    traceparent: _builtins.str
+    """W3C traceparent of the span that wrote the event (version-trace_id-span_id-flags), so
+    work the event causes later (the notifier's alert) continues the trace under its real
+    parent; empty for events written outside a trace or before this field existed.
+    """
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp:
         """When it happened."""
@@ -2330,10 +2336,11 @@ class OutboxEvent(_message.Message):
         spent_micros: _builtins.int = ...,
         limit_micros: _builtins.int = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "budget_id", b"budget_id", "event_id", b"event_id", "limit_micros", b"limit_micros", "occurred_at", b"occurred_at", "org_id", b"org_id", "sequence", b"sequence", "spent_micros", b"spent_micros", "threshold_percent", b"threshold_percent", "trace_id", b"trace_id", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "budget_id", b"budget_id", "event_id", b"event_id", "limit_micros", b"limit_micros", "occurred_at", b"occurred_at", "org_id", b"org_id", "sequence", b"sequence", "spent_micros", b"spent_micros", "threshold_percent", b"threshold_percent", "trace_id", b"trace_id", "traceparent", b"traceparent", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
