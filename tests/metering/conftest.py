@@ -12,6 +12,7 @@ from services.ledger.server import build as build_ledger
 from services.metering.server import MeteringConfig, build_for
 from services.pricing.server import build_for as build_pricing
 from tally.kit.config import KitConfig, load_kit_config
+from tally.kit.infra import free_port
 from tally.kit.server import RunningServer, start_server
 from tally.ledger.v1 import ledger_pb2 as lpb
 from tally.limits import Limiter
@@ -58,20 +59,20 @@ class Suite:
 
 async def start_suite(db_url: str, metering: MeteringConfig | None = None,
                       limiter: Limiter | None = None) -> Suite:
-    # Each server binds port 0 and reports the port it got (a port picked free and bound
-    # later can be taken in between by a parallel run); each is started before the ones that
-    # call it, with its address in their config.
+    # Pricing and the ledger bind port 0 and report the port they got (a port picked free and
+    # bound later can be taken in between by a parallel run), each started before the ones
+    # that call it. Metering's port alone is picked ahead: pricing calls metering (usage
+    # reports, what still uses a model) and metering waits for pricing's book at start.
     config = dataclasses.replace(load_kit_config({}), database_url=db_url,
-                                 migrate_on_start=False)
-    pricing = await start_server(await build_pricing(db_url), port=0)
+                                 migrate_on_start=False, metering_port=free_port())
+    pricing = await start_server(await build_pricing(db_url, config), port=0)
     config = dataclasses.replace(config, pricing_port=pricing.port)
     ledger = await start_server(await build_ledger(config), port=0)
     config = dataclasses.replace(config, ledger_port=ledger.port)
     # Tests change policies with SQL behind Authorize's policy cache: no cache unless asked.
     metering = metering or MeteringConfig(policy_cache_ms=0)
     metering_server = await start_server(await build_for(db_url, config, metering, limiter),
-                                         port=0)
-    config = dataclasses.replace(config, metering_port=metering_server.port)
+                                         port=config.metering_port)
     client = TallyClient({s: config.address_of(s) for s in ("pricing", "ledger", "metering")},
                          actor="service:test")
     return Suite(config, db_url, pricing, ledger, metering_server, client)

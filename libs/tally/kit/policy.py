@@ -121,6 +121,7 @@ POLICY: Final[Mapping[str, Rule]] = {
     _METERING + "SetSpendPolicy": _rule(MANAGE, _CTX, "policy.org_id"),
     _METERING + "GetSpendPolicy": _rule(READ, _ORG),
     _METERING + "StreamEvents": _rule(frozenset({INTERNAL, OPERATOR})),
+    _METERING + "GetPricingUse": _rule(frozenset({INTERNAL, OPERATOR})),
     # ledger
     _LEDGER + "Transfer": _rule(CREDIT, _CTX, _ORG),
     _LEDGER + "TransferBatch": _rule(CREDIT, _CTX, "transfers[].context.org_id",

@@ -2397,3 +2397,104 @@ class StreamEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamEventsResponse: _TypeAlias = StreamEventsResponse  # noqa: Y015
+
+@_typing.final
+class GetPricingUseRequest(_message.Message):
+    """Request of GetPricingUse."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    METERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Models (public names, as usage events and Authorize name them); at most 1000."""
+
+    @_builtins.property
+    def meters(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Meter.ValueType]:
+        """Meters; at most 64."""
+
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[_builtins.str] | None = ...,
+        meters: _abc.Iterable[_common_pb2.Meter.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["meters", b"meters", "models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPricingUseRequest: _TypeAlias = GetPricingUseRequest  # noqa: Y015
+
+@_typing.final
+class PricingUse(_message.Message):
+    """What uses one model or meter."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEM_FIELD_NUMBER: _builtins.int
+    RECENT_EVENTS_FIELD_NUMBER: _builtins.int
+    OPEN_HOLDS_FIELD_NUMBER: _builtins.int
+    QUOTA_IDS_FIELD_NUMBER: _builtins.int
+    BUDGET_IDS_FIELD_NUMBER: _builtins.int
+    item: _builtins.str
+    """"model <name>" or "meter <METER_NAME>"."""
+    recent_events: _builtins.int
+    """Usage events of it that occurred within the late-event window (35 days), counted up to
+    1000 (a late event can still arrive for any of them).
+    """
+    open_holds: _builtins.int
+    """Authorizations of it still holding credit (unexpired reservations or lease holds)."""
+    @_builtins.property
+    def quota_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Live quotas that count it (token quotas count the token meters)."""
+
+    @_builtins.property
+    def budget_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Live budgets that name it. Budgets limit credits, not models or meters, so none does
+        today; the field is there so a budget scoped to a model later is reported without a
+        contract change.
+        """
+
+    def __init__(
+        self,
+        *,
+        item: _builtins.str = ...,
+        recent_events: _builtins.int = ...,
+        open_holds: _builtins.int = ...,
+        quota_ids: _abc.Iterable[_builtins.str] | None = ...,
+        budget_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_ids", b"budget_ids", "item", b"item", "open_holds", b"open_holds", "quota_ids", b"quota_ids", "recent_events", b"recent_events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PricingUse: _TypeAlias = PricingUse  # noqa: Y015
+
+@_typing.final
+class GetPricingUseResponse(_message.Message):
+    """Response of GetPricingUse."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def uses(self) -> _containers.RepeatedCompositeFieldContainer[Global___PricingUse]:
+        """The items with some use, models first, each in request order."""
+
+    def __init__(
+        self,
+        *,
+        uses: _abc.Iterable[Global___PricingUse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["uses", b"uses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPricingUseResponse: _TypeAlias = GetPricingUseResponse  # noqa: Y015
