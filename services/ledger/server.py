@@ -242,11 +242,15 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
 
+    http_urls: dict[str, str] = {}
+
     async def start_background() -> None:
         await endpoint.start()
+        http_urls["webhooks"] = endpoint.url(provider.name).rsplit("/", 1)[0]
         if isinstance(provider, LocalProvider):
             await provider.start()
             provider.set_webhook_url(endpoint.url(provider.name))
+            http_urls["checkout"] = provider.url
             log.info("local_payment_provider", checkout=provider.url,
                      webhooks=endpoint.url(provider.name))
         # the sweepers wait for their next deadline (what their last run found, moved
@@ -300,6 +304,7 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
         on_stop=[close],
         shutting_down=shutting_down,
         readiness_probes=[postgres_probe(pool)],
+        http_urls=http_urls,
     )
 
 

@@ -7,16 +7,22 @@ Incoming messages become specs as sent: an UNSPECIFIED (or unknown) enum is None
 from __future__ import annotations
 
 from tally.common.v1 import common_pb2
+from tally.kit import errors
 from tally.kit.protoconv import enum_or_none, enum_out, from_timestamp, to_timestamp
 from tally.kit.server import current_principal
 from tally.metering.v1 import metering_pb2 as pb
+from tally.sdk.pricebook import meter_from_proto
 
 from .policies import (
+    MAX_ID_LENGTH,
+    MAX_PRICING_USE_METERS,
+    MAX_PRICING_USE_MODELS,
     BudgetEnforcement,
     BudgetPeriod,
     BudgetScope,
     BudgetSpec,
     BudgetSpend,
+    PricingUse,
     Quota,
     QuotaEnforcement,
     QuotaKind,
@@ -100,3 +106,29 @@ def policy(p: SpendPolicy) -> pb.SpendPolicy:
         long_context_threshold_tokens=p.long_context_threshold_tokens,
         throttled_requests_per_second=p.throttled_requests_per_second,
         updated_at=to_timestamp(p.updated_at), updated_by=p.updated_by)
+
+
+def pricing_use_query(request: pb.GetPricingUseRequest) -> tuple[list[str], list[str]]:
+    """(models, meter wire names) of a GetPricingUse request; INVALID_ARGUMENT names the
+    field of the first problem."""
+    if len(request.models) > MAX_PRICING_USE_MODELS:
+        raise errors.invalid("models", f"at most {MAX_PRICING_USE_MODELS}")
+    if len(request.meters) > MAX_PRICING_USE_METERS:
+        raise errors.invalid("meters", f"at most {MAX_PRICING_USE_METERS}")
+    meters = []
+    for i, number in enumerate(request.meters):
+        try:
+            meters.append(meter_from_proto(number).value)
+        except ValueError:
+            raise errors.invalid(f"meters[{i}]", f"{number} is not a known meter") from None
+    for i, model in enumerate(request.models):
+        if not model or len(model) > MAX_ID_LENGTH:
+            raise errors.invalid(f"models[{i}]", f"must be 1..{MAX_ID_LENGTH} characters")
+    return list(dict.fromkeys(request.models)), list(dict.fromkeys(meters))
+
+
+def pricing_use(use: PricingUse) -> pb.PricingUse:
+    """The wire form of what uses one model or meter."""
+    return pb.PricingUse(item=use.item, recent_events=use.recent_events,
+                         open_holds=use.open_holds, quota_ids=use.quota_ids,
+                         budget_ids=use.budget_ids)

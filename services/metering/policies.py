@@ -391,3 +391,35 @@ def apply_mask(existing: Budget | Quota, new: S, paths: Sequence[str]) -> S:
     chosen = set(paths or writable)
     return type(new)(**{name: getattr(new if name in chosen else existing, name)
                         for name in writable})
+
+
+@dataclass(frozen=True, slots=True)
+class PricingUse:
+    """What still uses one model or meter of the price book (GetPricingUse): a book that drops
+    it would reject all of that, so pricing refuses to publish it."""
+
+    item: str
+    """"model <name>" or "meter <METER_NAME>"."""
+    recent_events: int = 0
+    """Usage events of it within the late-event window (counted up to RECENT_EVENTS_COUNTED)."""
+    open_holds: int = 0
+    """Authorizations of it still holding credit."""
+    quota_ids: tuple[str, ...] = ()
+    """Live quotas that count it."""
+    budget_ids: tuple[str, ...] = ()
+    """Live budgets that name it (none can today: budgets limit credits)."""
+
+    @property
+    def in_use(self) -> bool:
+        return bool(self.recent_events or self.open_holds or self.quota_ids or self.budget_ids)
+
+
+RECENT_EVENTS_COUNTED: Final = 1000
+MAX_PRICING_USE_MODELS: Final = 1000
+MAX_PRICING_USE_METERS: Final = 64
+QUOTA_KINDS_COUNTING: Final[Mapping[str, frozenset[QuotaKind]]] = {
+    # a token quota counts estimated input plus maximum output tokens (spend.quotas)
+    "input_tokens": frozenset({QuotaKind.TOKENS_PER_MINUTE}),
+    "output_tokens": frozenset({QuotaKind.TOKENS_PER_MINUTE}),
+}
+"""Per meter (its wire name), the quota kinds that count it."""

@@ -16,8 +16,8 @@ import dataclasses
 import hashlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import asyncpg
@@ -26,9 +26,12 @@ from tally.kit.errors import Reason, TallyError
 from tally.kit.paging import encode_time_cursor, time_cursor_page
 
 from .policies import (
+    QUOTA_KINDS_COUNTING,
+    RECENT_EVENTS_COUNTED,
     Budget,
     BudgetSpec,
     BudgetSpend,
+    PricingUse,
     Quota,
     QuotaSpec,
     SpendPolicy,
@@ -139,11 +142,14 @@ class PolicyStore:
     """Postgres persistence of the budget, quota and spend-policy management RPCs."""
 
     def __init__(self, pool: asyncpg.Pool, *, clock: Clock = _utcnow,
-                 on_change: Callable[[str], None] = lambda org_id: None) -> None:
+                 on_change: Callable[[str], None] = lambda org_id: None,
+                 catch_up_usage: Callable[[], Awaitable[object]] | None = None) -> None:
         self.pool = pool
         self.clock = clock
         self.on_change = on_change
         """Told the org after each committed write (Authorize's policy cache forgets it)."""
+        self.catch_up_usage = catch_up_usage
+        """Brings the usage roll-ups up to date before `pricing_use` reads them."""
 
     @contextlib.asynccontextmanager
     async def _writing(self, org_id: str) -> AsyncIterator[Any]:
@@ -378,3 +384,41 @@ class PolicyStore:
         raise_if([check_id("org_id", org_id)])
         return policy_from_row(org_id, await self.pool.fetchrow(
             "SELECT * FROM metering.spend_policies WHERE org_id = $1", org_id))
+
+    async def pricing_use(self, models: Sequence[str], meters: Sequence[str], now: datetime,
+                          late_window: timedelta) -> list[PricingUse]:
+        """What still uses each of `models` and `meters` (meter wire names): recent usage, open
+        holds, quotas. Only the items with some use, models first."""
+        since = now - late_window
+        if self.catch_up_usage is not None:
+            await self.catch_up_usage()
+        async with self.pool.acquire() as conn:
+            # the roll-ups, caught up first (see ingestion.rollup), so the 35 days are cheap to
+            # scan: events per day and model (whole days: the window's first day counts whole)
+            by_model = {r[0]: r[1] for r in await conn.fetch(
+                "SELECT model, least(sum(event_count), $3)::bigint "
+                "FROM metering.usage_daily_events WHERE day >= ($2::timestamptz AT TIME ZONE "
+                "'UTC')::date AND model = ANY($1::text[]) GROUP BY model",
+                list(models), since, RECENT_EVENTS_COUNTED)}
+            by_meter = {r[0]: r[1] for r in await conn.fetch(
+                "SELECT meter, least(sum(event_count), $3)::bigint FROM metering.usage_hourly "
+                "WHERE hour >= date_trunc('hour', $2::timestamptz, 'UTC') "
+                "AND meter = ANY($1::text[]) GROUP BY meter",
+                list(meters), since, RECENT_EVENTS_COUNTED)}
+            holds = {r[0]: r[1] for r in await conn.fetch(
+                "SELECT m, count(*) FROM (SELECT coalesce(model, response->>'model') AS m "
+                "FROM metering.authorizations WHERE state = 'HELD' AND expires_at > $2) held "
+                "WHERE m = ANY($1::text[]) GROUP BY m", list(models), now)}
+            kinds = sorted({k.value for m in meters for k in QUOTA_KINDS_COUNTING.get(m, ())})
+            quotas: dict[str, list[str]] = {}
+            for r in await conn.fetch(
+                    "SELECT kind, quota_id FROM metering.quotas WHERE deleted_at IS NULL "
+                    "AND kind = ANY($1::text[]) ORDER BY quota_id", kinds):
+                quotas.setdefault(r[0], []).append(r[1])
+        uses = [PricingUse(f"model {m}", by_model.get(m, 0), holds.get(m, 0)) for m in models]
+        for meter in meters:
+            counting = [q for k in sorted(QUOTA_KINDS_COUNTING.get(meter, ()))
+                        for q in quotas.get(k.value, [])]
+            uses.append(PricingUse(f"meter {meter}", by_meter.get(meter, 0),
+                                   quota_ids=tuple(counting)))
+        return [u for u in uses if u.in_use]

@@ -195,7 +195,8 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
     servicer = MeteringServicer(
         UsageReports(CaughtUpRollups(UsageStore(engine), rollup)), committer, events,
         authorizer, spend,
-        policies=PolicyStore(pool, on_change=policies.forget),
+        policies=PolicyStore(pool, on_change=policies.forget,
+                             catch_up_usage=rollup.catch_up),
         max_inflight_batches=settings.max_inflight_batches,
         stream_lifetime_s=settings.stream_lifetime_s, shutting_down=shutting_down)
 

@@ -16,7 +16,11 @@ import grpc
 from services.metering import convert_policies
 from services.metering.ingestion import convert as convert_usage
 from services.metering.ingestion.committer import GroupCommitter
-from services.metering.ingestion.domain import MAX_RECORD_EVENTS, MAX_STREAM_BATCH_EVENTS
+from services.metering.ingestion.domain import (
+    MAX_EVENT_AGE,
+    MAX_RECORD_EVENTS,
+    MAX_STREAM_BATCH_EVENTS,
+)
 from services.metering.ingestion.store import UsageEventStore
 from services.metering.policy_store import PolicyStore
 from services.metering.spend import convert as convert_authorize
@@ -27,6 +31,7 @@ from tally.kit.background import Signal
 from tally.kit.errors import Reason, TallyError, invalid
 from tally.kit.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, decode_cursor, encode_cursor
 from tally.kit.protoconv import from_timestamp
+from tally.kit.requests import items_checked_by_handler
 from tally.kit.telemetry import annotate
 from tally.metering.v1 import metering_pb2, metering_pb2_grpc
 
@@ -34,6 +39,10 @@ from .reports import convert
 from .reports.domain import UsageReports
 
 Context = grpc.aio.ServicerContext[Any, Any]
+# A usage event with a NUL is rejected alone (ingestion.domain.check_event), like any other bad
+# field of an event; the rest of its call is recorded.
+items_checked_by_handler(metering_pb2.RecordUsageRequest, "events")
+items_checked_by_handler(metering_pb2.StreamUsageRequest, "events")
 
 
 def _too_many(count: int, limit: int, field: str) -> TallyError:
@@ -87,6 +96,13 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         annotate(org_id=request.context.org_id, decision=answer.decision.value,
                  reason=answer.deny_reason, reserved_micros=answer.reserved_micros)
         return convert_authorize.answer(answer)
+
+    async def GetPricingUse(self, request: metering_pb2.GetPricingUseRequest, context: Context
+                            ) -> metering_pb2.GetPricingUseResponse:
+        models, meters = convert_policies.pricing_use_query(request)
+        uses = await self.policies.pricing_use(models, meters, datetime.now(UTC), MAX_EVENT_AGE)
+        return metering_pb2.GetPricingUseResponse(
+            uses=[convert_policies.pricing_use(u) for u in uses])
 
     async def StreamEvents(self, request: metering_pb2.StreamEventsRequest, context: Context
                            ) -> AsyncIterator[metering_pb2.StreamEventsResponse]:

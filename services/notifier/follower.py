@@ -85,7 +85,8 @@ class MeteringSource:
             yield [SourceEvent(
                 "metering", e.event_id, e.sequence, e.org_id,
                 _enum_name(metering_pb2.OutboxEventType, e.type, "OUTBOX_EVENT_TYPE_"),
-                from_timestamp(e, "occurred_at") or datetime.now(UTC), e.trace_id, None,
+                from_timestamp(e, "occurred_at") or datetime.now(UTC),
+                e.traceparent or e.trace_id, None,  # the alarm's span as the parent
                 {**dict(e.attributes), "budget_id": e.budget_id,
                  "threshold_percent": str(e.threshold_percent),
                  "spent_micros": str(e.spent_micros), "limit_micros": str(e.limit_micros)})

@@ -1,9 +1,10 @@
 """Pricing's gRPC neighbour: metering, which owns recorded usage (SimulatePriceChange and
-MarginReport re-read it through MeteringService.ExportUsage, RAW_EVENTS)."""
+MarginReport re-read it through MeteringService.ExportUsage, RAW_EVENTS) and knows what still
+uses a model or meter (GetPricingUse, before a book drops one)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Final
 
@@ -12,11 +13,11 @@ import grpc
 from tally.kit.errors import Reason, TallyError, from_rpc_error
 from tally.kit.protoconv import to_timestamp
 from tally.metering.v1 import metering_pb2, metering_pb2_grpc
-from tally.rating import UsageMode
-from tally.sdk.pricebook import meter_from_proto, mode_from_proto
+from tally.rating import Meter, UsageMode
+from tally.sdk.pricebook import meter_from_proto, meter_to_proto, mode_from_proto
 
 from .convert import or_none
-from .domain import RecordedUsage
+from .domain import InUse, RecordedUsage
 
 EXPORT_PAGE_SIZE: Final = 1000
 _UNAVAILABLE_CODES: Final = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -71,3 +72,18 @@ class GrpcUsageSource:
                                  ) from exc
             if not token:
                 return
+
+    async def in_use(self, models: Sequence[str], meters: Sequence[Meter]) -> list[InUse]:
+        """What still uses `models` and `meters`, as metering sees it."""
+        try:
+            reply = await self.stub.GetPricingUse(metering_pb2.GetPricingUseRequest(
+                models=list(models), meters=[meter_to_proto(m) for m in meters]),
+                timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in _UNAVAILABLE_CODES:
+                raise TallyError(Reason.UNAVAILABLE, "cannot check what still uses the "
+                                 f"removed models and meters: metering: {exc.details()}"
+                                 ) from exc
+            raise
+        return [InUse(u.item, u.recent_events, u.open_holds, tuple(u.quota_ids),
+                      tuple(u.budget_ids)) for u in reply.uses]

@@ -310,8 +310,59 @@ class RecordedUsage:
     price_book_version: int
 
 
+@dataclass(frozen=True, slots=True)
+class InUse:
+    """Something that still uses a model or meter a book would drop (metering's answer)."""
+
+    item: str
+    """"model <name>" or "meter <METER_NAME>"."""
+    recent_events: int
+    open_holds: int
+    quota_ids: tuple[str, ...]
+    budget_ids: tuple[str, ...]
+
+    def describe(self) -> str:
+        found = []
+        if self.recent_events:
+            found.append(f"{self.recent_events} usage events within the late-event window "
+                         "(35 days; a late event can still arrive)")
+        if self.open_holds:
+            found.append(f"{self.open_holds} open authorization holds")
+        if self.quota_ids:
+            found.append(f"quotas {', '.join(self.quota_ids)}")
+        if self.budget_ids:
+            found.append(f"budgets {', '.join(self.budget_ids)}")
+        return f"{self.item}: {'; '.join(found)}"
+
+
+def removed_items(newest: PublishedBook | None, command: PublishCommand
+                  ) -> tuple[list[str], list[Meter]]:
+    """The models and meters the newest book prices that the draft drops (on purpose: listed
+    in removed_models / removed_meters, as removal_problems requires)."""
+    if newest is None:
+        return [], []
+    book = command.draft.book
+    models = sorted({e.model for e in newest.book.models} - {e.model for e in book.models})
+    meters = sorted({line.meter for line in newest.book.lines}
+                    - {line.meter for line in book.lines})
+    return models, meters
+
+
+def in_use_error(uses: Sequence[InUse]) -> TallyError:
+    """PRICE_IN_USE naming everything that still uses what the book would drop."""
+    return TallyError(Reason.PRICE_IN_USE, "the book drops what is still in use: "
+                      + " | ".join(u.describe() for u in uses)
+                      + "; publish the removal once none of it remains (holds expire, quotas "
+                        "can be changed, late usage ages out of the window)")
+
+
 class UsageSource(Protocol):
     """Recorded usage, owned by metering (the gRPC implementation is `adapters.py`)."""
+
+    async def in_use(self, models: Sequence[str], meters: Sequence[Meter]) -> list[InUse]:
+        """What still uses each of `models` and `meters` (only those with some use).
+        Raises TallyError UNAVAILABLE when metering cannot be asked."""
+        ...
 
     def recorded_usage(self, org_id: str, start: datetime, end: datetime
                        ) -> AsyncIterator[RecordedUsage]:
@@ -548,6 +599,11 @@ class Pricing:
         problems.extend(removal_problems(self.cache.newest, command))
         if problems:
             raise invalid_fields(problems)
+        models, meters = removed_items(self.cache.newest, command)
+        if models or meters:
+            uses = await self.usage.in_use(models, meters)
+            if uses:
+                raise in_use_error(uses)
         published, is_replay = await self.store.publish(command, self.clock())
         await self.refresh()
         log.info("price_book_published", version=published.version, replay=is_replay,

@@ -6,8 +6,8 @@ DEADLINE_EXCEEDED) or a documented domain reason. Prints a table per fault.
 The short form runs in CI; `make chaos` runs it longer (TALLY_CHAOS_FAULT_SECONDS). Faults
 are made by the TCP fault proxy between the services and the shared PostgreSQL (cut and
 refuse, drop every connection once, add latency); the machine's servers are never stopped.
-Not covered here yet: SIGKILL of each service in turn (tests/metering/test_durability.py
-kills metering mid-stream), Redis stop/start, faults between services.
+SIGKILL of each service in turn, Redis stopped and started, and faults between services are
+in test_process_faults.py (the services as real processes).
 """
 
 from __future__ import annotations

@@ -22,7 +22,6 @@ from services.pricing.server import build_for as build_pricing
 from tally.common.v1 import common_pb2
 from tally.kit import db, signing
 from tally.kit.config import load_kit_config
-from tally.kit.infra import free_port
 from tally.kit.server import Authenticator, RunningServer, start_server
 from tally.ledger.v1 import ledger_pb2 as pb
 from tally.pricing.v1 import pricing_pb2 as ppb
@@ -141,9 +140,9 @@ async def open_shop(db_url: str, settings: LedgerConfig | None = None,
     """Pricing (with the catalog published) and a ledger whose payments go through a
     LocalProvider; the ledger accepts webhooks signed with SECRET or OLD_SECRET."""
     config = dataclasses.replace(load_kit_config({}), database_url=db_url,
-                                 migrate_on_start=False, pricing_port=free_port(),
-                                 db_pool_size=16)
-    pricing = await start_server(await build_pricing(db_url, config), port=config.pricing_port)
+                                 migrate_on_start=False, db_pool_size=16)
+    pricing = await start_server(await build_pricing(db_url, config), port=0)
+    config = dataclasses.replace(config, pricing_port=pricing.port)  # bound, then read back
     options: dict[str, Any] = {"retry_first_s": 0.02, "retry_max_s": 0.2, "max_attempts": 8}
     options.update(provider_options)
     provider = LocalProvider(secrets=[SECRET], **options)

@@ -17,7 +17,6 @@ from services.pricing.server import build_for as build_pricing
 from tally.common.v1 import common_pb2
 from tally.kit import db
 from tally.kit.config import load_kit_config
-from tally.kit.infra import free_port
 from tally.kit.server import start_server
 from tally.ledger.v1 import ledger_pb2 as pb
 from tally.pricing.v1 import pricing_pb2 as ppb
@@ -49,16 +48,14 @@ class Replicas:
 async def replicas(db_url: str) -> AsyncIterator[Replicas]:
     async with AsyncExitStack() as stack:
         config = dataclasses.replace(load_kit_config({}), database_url=db_url,
-                                     migrate_on_start=False, pricing_port=free_port(),
-                                     db_pool_size=8)
-        pricing = await start_server(await build_pricing(db_url, config),
-                                     port=config.pricing_port)
+                                     migrate_on_start=False, db_pool_size=8)
+        pricing = await start_server(await build_pricing(db_url, config), port=0)
+        config = dataclasses.replace(config, pricing_port=pricing.port)  # bound, then read
         stack.push_async_callback(pricing.stop)
         clients, pages = [], []
         for _ in range(2):
-            page_port = free_port()
             # the ledger builds its own local provider, as in `tally up` (no chaos here)
-            settings = LedgerConfig(webhook_port=0, checkout_port=page_port,
+            settings = LedgerConfig(webhook_port=0, checkout_port=0,
                                     local_duplicate_rate=0.0, local_reorder_rate=0.0)
             ledger = await start_server(await build(config, settings), port=0)
             stack.push_async_callback(ledger.stop)
@@ -67,7 +64,7 @@ async def replicas(db_url: str) -> AsyncIterator[Replicas]:
                                  actor="user:test-operator")
             stack.push_async_callback(client.close)
             clients.append(client)
-            pages.append(f"http://127.0.0.1:{page_port}")
+            pages.append(ledger.app.http_urls["checkout"])  # bound on port 0, read back
         await clients[0].pricing.PublishPriceBook(ppb.PublishPriceBookRequest(
             request_id="shop-catalog", draft=catalog_with_custom_price(),
             context=common_pb2.RequestContext(actor="user:pricing-admin")))

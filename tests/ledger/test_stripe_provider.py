@@ -31,7 +31,6 @@ from tally.common.v1 import common_pb2
 from tally.kit import db
 from tally.kit.config import ConfigError, load, load_kit_config
 from tally.kit.errors import Reason, TallyError
-from tally.kit.infra import free_port
 from tally.kit.server import RunningServer, start_server
 from tally.ledger.v1 import ledger_pb2 as pb
 from tally.pricing.v1 import pricing_pb2 as ppb
@@ -91,14 +90,13 @@ async def shop(db_url: str) -> AsyncIterator[StripeShop]:
     fake = FakeStripe()
     await fake.start()
     config = dataclasses.replace(load_kit_config({}), database_url=db_url,
-                                 migrate_on_start=False, pricing_port=free_port(),
-                                 db_pool_size=16)
-    pricing = await start_server(await build_pricing(db_url, config), port=config.pricing_port)
+                                 migrate_on_start=False, db_pool_size=16)
+    pricing = await start_server(await build_pricing(db_url, config), port=0)
+    config = dataclasses.replace(config, pricing_port=pricing.port)
     # no network retries inside stripe-python here: each error answer reaches the ledger
     provider = StripeProvider(SECRET_KEY, success_url="https://tally.test/paid",
                               api_base=fake.url, max_network_retries=0)
-    webhook_port = free_port()
-    settings = LedgerConfig(payment_provider="stripe", webhook_port=webhook_port,
+    settings = LedgerConfig(payment_provider="stripe", webhook_port=0,  # bound, then read
                             webhook_secrets=(WEBHOOK_SECRET,), top_up_poll_ms=20,
                             top_up_failures_to_throttle=2)
     ledger = await start_server(await build(config, settings, provider=provider), port=0)
@@ -110,7 +108,7 @@ async def shop(db_url: str) -> AsyncIterator[StripeShop]:
     pool = await asyncpg.create_pool(db.asyncpg_url(db_url), min_size=1, max_size=4)
     try:
         yield StripeShop(tally, fake, provider, ledger, pool,
-                         f"http://127.0.0.1:{webhook_port}/webhooks/stripe")
+                         f"{ledger.app.http_urls['webhooks']}/stripe")
     finally:
         await tally.close()
         await ledger.stop()

@@ -42,11 +42,9 @@ class Suite:
                                      ) -> tuple[RunningServer, TallyClient]:
         """One more metering server on the same database and neighbours, and a client to it
         (the caller stops both)."""
-        port = free_port()
-        config = dataclasses.replace(self.config, metering_port=port)
-        server = await start_server(await build_for(self.db_url, config, MeteringConfig(
-            policy_cache_ms=0), limiter),
-                                    port=port)
+        server = await start_server(await build_for(self.db_url, self.config, MeteringConfig(
+            policy_cache_ms=0), limiter), port=0)  # bound by the server: no port race
+        config = dataclasses.replace(self.config, metering_port=server.port)
         client = TallyClient({"metering": config.address_of("metering")},
                              actor="service:test")
         return server, client
@@ -61,11 +59,16 @@ class Suite:
 
 async def start_suite(db_url: str, metering: MeteringConfig | None = None,
                       limiter: Limiter | None = None) -> Suite:
-    config = dataclasses.replace(load_kit_config({}), pricing_port=free_port(),
-                                 ledger_port=free_port(), metering_port=free_port(),
-                                 database_url=db_url, migrate_on_start=False)
-    pricing = await start_server(await build_pricing(db_url), port=config.pricing_port)
-    ledger = await start_server(await build_ledger(config), port=config.ledger_port)
+    # Pricing and the ledger bind port 0 and report the port they got (a port picked free and
+    # bound later can be taken in between by a parallel run), each started before the ones
+    # that call it. Metering's port alone is picked ahead: pricing calls metering (usage
+    # reports, what still uses a model) and metering waits for pricing's book at start.
+    config = dataclasses.replace(load_kit_config({}), database_url=db_url,
+                                 migrate_on_start=False, metering_port=free_port())
+    pricing = await start_server(await build_pricing(db_url, config), port=0)
+    config = dataclasses.replace(config, pricing_port=pricing.port)
+    ledger = await start_server(await build_ledger(config), port=0)
+    config = dataclasses.replace(config, ledger_port=ledger.port)
     # Tests change policies with SQL behind Authorize's policy cache: no cache unless asked.
     metering = metering or MeteringConfig(policy_cache_ms=0)
     metering_server = await start_server(await build_for(db_url, config, metering, limiter),

@@ -10,7 +10,7 @@ import urllib.request
 import asyncpg
 import pytest
 
-from tally.kit import db, infra, metrics, outbox
+from tally.kit import db, metrics, outbox
 from tally.kit.errors import TallyError
 from tally.metering.v1 import metering_pb2 as mpb
 from tests.metering.conftest import Suite
@@ -90,8 +90,7 @@ async def test_sealing_an_outbox_counts_the_events_and_their_lag(suite: Suite) -
 
 
 def test_the_endpoint_serves_the_registry_over_http() -> None:
-    port = infra.free_port()
-    metrics.serve(port, "127.0.0.1")
+    port = metrics.serve(0, "127.0.0.1")  # bound, then read back: no port race
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
         body = reply.read().decode()
     assert "# TYPE tally_rpc_requests_total counter" in body

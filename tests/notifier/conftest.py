@@ -33,9 +33,11 @@ class Notifier:
 @asynccontextmanager
 async def notifier_server(db_url: str) -> AsyncIterator[Notifier]:
     """A notifier on `db_url` (peers at ports nobody listens on) and a client to it."""
-    config = dataclasses.replace(load_kit_config({}), notifier_port=free_port(),
-                                 ledger_port=free_port(), metering_port=free_port())
-    server = await start_server(await build_for(db_url, config), port=config.notifier_port)
+    config = dataclasses.replace(load_kit_config({}), ledger_port=free_port(),
+                                 metering_port=free_port())
+    # bound by the server (port 0), then told to the client: no window for another to take it
+    server = await start_server(await build_for(db_url, config), port=0)
+    config = dataclasses.replace(config, notifier_port=server.port)
     client = TallyClient({"notifier": config.address_of("notifier")}, actor="service:test")
     try:
         yield Notifier(db_url, config, server, client)

@@ -83,6 +83,7 @@ class World:
 async def world(db_url: str) -> AsyncIterator[World]:
     suite = await start_suite(db_url)
     mailbox = Mailbox()
+    # aiosmtpd checks it is up by connecting to the port it was given: it cannot take port 0
     smtp = Controller(mailbox, hostname="127.0.0.1", port=free_port())
     smtp.start()
     app = web.Application()
@@ -91,14 +92,13 @@ async def world(db_url: str) -> AsyncIterator[World]:
         app.router.add_post(f"/{name}", receiver.handle)
     runner = web.AppRunner(app)
     await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()  # port 0: the kernel's, read back
+    port = runner.addresses[0][1]
     for name, receiver in receivers.items():
         receiver.url = f"http://127.0.0.1:{port}/{name}"
-    config = dataclasses.replace(suite.config, notifier_port=free_port())
-    notifier = await start_server(await build_for(db_url, config, NotifierConfig(
-        smtp_host="127.0.0.1", smtp_port=smtp.port, first_retry_ms=10, poll_ms=20)),
-        port=config.notifier_port)
+    notifier = await start_server(await build_for(db_url, suite.config, NotifierConfig(
+        smtp_host="127.0.0.1", smtp_port=smtp.port, first_retry_ms=10, poll_ms=20)), port=0)
+    config = dataclasses.replace(suite.config, notifier_port=notifier.port)
     import grpc
     channel = grpc.aio.insecure_channel(config.address_of("notifier"))
     try:

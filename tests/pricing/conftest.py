@@ -41,6 +41,21 @@ async def pricing_server(db_url: str, settings: PricingConfig = SETTINGS,
 
 
 @pytest.fixture
+async def pricing_with_metering(db_url: str) -> AsyncIterator[Stub]:
+    """Pricing beside a real metering (and ledger): a book that drops a model or meter asks
+    metering what still uses it."""
+    from tests.metering.conftest import start_suite, stop_suite
+
+    suite = await start_suite(db_url)
+    channel = grpc.aio.insecure_channel(suite.config.address_of("pricing"))
+    try:
+        yield pricing_pb2_grpc.PricingServiceStub(channel)
+    finally:
+        await channel.close()
+        await stop_suite(suite)
+
+
+@pytest.fixture
 async def pricing(db_url: str) -> AsyncIterator[Stub]:
     async with pricing_server(db_url) as (_, stub):
         yield stub

@@ -270,7 +270,9 @@ def _drop_model(name: str) -> Callable[[pb.PriceBook], None]:
     return edit
 
 
-async def test_dropping_a_model_is_refused_unless_the_request_lists_it(pricing: Stub) -> None:
+async def test_dropping_a_model_is_refused_unless_the_request_lists_it(
+        pricing_with_metering: Stub) -> None:
+    pricing = pricing_with_metering
     draft = catalog_draft(_drop_model("gpt-4.1-nano"))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await publish(pricing, "p-drop", draft, soon(60))
@@ -287,7 +289,8 @@ async def test_dropping_a_model_is_refused_unless_the_request_lists_it(pricing: 
 
 
 async def test_a_meter_no_longer_priced_is_refused_unless_the_request_lists_it(
-        pricing: Stub) -> None:
+        pricing_with_metering: Stub) -> None:
+    pricing = pricing_with_metering
     def drop_gpu(draft: pb.PriceBook) -> None:
         lines = [x for x in draft.lines if x.meter != common_pb2.METER_GPU_MINUTES]
         del draft.lines[:]

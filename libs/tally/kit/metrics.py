@@ -121,10 +121,13 @@ def registry_of(service: str) -> Any:
     return _ServiceView(service) if service in FAMILIES_OF else REGISTRY
 
 
-def serve(port: int, host: str, service: str = "") -> None:
+def serve(port: int, host: str, service: str = "") -> int:
     """Serves /metrics over HTTP on a daemon thread for the life of the process (on the
-    interface gRPC binds, TALLY_HOST): `service`'s own families only."""
-    start_http_server(port, addr=host, registry=registry_of(service))
+    interface gRPC binds, TALLY_HOST): `service`'s own families only. Returns the bound port
+    (the kernel's choice for port 0)."""
+    httpd, _ = start_http_server(port, addr=host, registry=registry_of(service))
+    bound: int = httpd.server_port
+    return bound
 
 
 def sample(name: str, labels: dict[str, str] | None = None) -> float:

@@ -128,6 +128,7 @@ POLICY: Final[Mapping[str, Rule]] = {
     # Envoy's rate-limit service, served by metering: the mesh asks for the orgs in its
     # descriptors (entries with key org_id); counts quota hits, so the hot path's roles
     _ENVOY_RLS + "ShouldRateLimit": _rule(USE, "descriptors[].entries[key=org_id].value"),
+    _METERING + "GetPricingUse": _rule(frozenset({INTERNAL, OPERATOR})),
     # ledger
     _LEDGER + "Transfer": _rule(CREDIT, _CTX, _ORG),
     _LEDGER + "TransferBatch": _rule(CREDIT, _CTX, "transfers[].context.org_id",

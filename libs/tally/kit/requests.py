@@ -6,6 +6,10 @@
   otherwise surface as a database error (INTERNAL) — even on reads like GetBalance. The error
   names the field path (`events[3].context.org_id`).
 
+  Except in a repeated field a service declared with `items_checked_by_handler`: there each
+  item is the handler's to reject alone (a usage event with a NUL is rejected with its reason
+  while the other events of its call are recorded, as for any other bad field of an event).
+
 The NUL walk costs nothing for most requests: a NUL in a string is a 0x00 byte on the wire,
 and a request without any 0x00 byte is not walked at all.
 """
@@ -56,6 +60,19 @@ def checked_decoder(decode: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 # Per message type: its string fields and message fields (name, repeated, map value kind).
 _Plan = tuple[tuple[str, bool], ...]
 _plans: dict[str, tuple[_Plan, _Plan, _Plan]] = {}
+# (message full name, repeated message field) whose items the handler checks one by one.
+_handler_checked: set[tuple[str, str]] = set()
+
+
+def items_checked_by_handler(message_type: type[Message], field: str) -> None:
+    """The items of `message_type.field` (a repeated message field) are not NUL-checked by the
+    kit: the handler rejects a bad item alone, with its reason, and keeps the others. The
+    handler must then refuse every NUL in those items itself (PostgreSQL cannot store one)."""
+    descriptor = message_type.DESCRIPTOR
+    if descriptor.fields_by_name[field].type != _MESSAGE:
+        raise ValueError(f"{descriptor.full_name}.{field} is not a message field")
+    _handler_checked.add((descriptor.full_name, field))
+    _plans.pop(descriptor.full_name, None)
 
 
 def _plan(descriptor: Any) -> tuple[_Plan, _Plan, _Plan]:
@@ -72,7 +89,7 @@ def _plan(descriptor: Any) -> tuple[_Plan, _Plan, _Plan]:
             if field.message_type.GetOptions().map_entry:
                 value = field.message_type.fields_by_name["value"]
                 maps.append((field.name, value.type == _MESSAGE))
-            else:
+            elif (descriptor.full_name, field.name) not in _handler_checked:
                 messages.append((field.name, field.is_repeated))
     plan = _plans[descriptor.full_name] = (tuple(strings), tuple(messages), tuple(maps))
     return plan

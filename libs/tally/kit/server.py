@@ -539,6 +539,9 @@ class ServiceApp:
     readiness_probes: list[Probe] = field(default_factory=list)
     """Cheap checks of the dependencies the service cannot work without (its database; Redis
     where hard quotas need it): NOT_SERVING while one fails (see tally.kit.readiness)."""
+    http_urls: dict[str, str] = field(default_factory=dict)
+    """Base URLs of what the service serves over HTTP beside gRPC (the ledger's webhooks),
+    filled in once bound: a port configured as 0 is known only then."""
 
 
 async def until_shutdown(items: AsyncIterable[_T], shutting_down: asyncio.Event

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import grpc
+
 from services.ledger.payments import domain as p
 from tally.kit.errors import Reason, TallyError, invalid
 from tally.pricing.v1 import pricing_pb2, pricing_pb2_grpc
@@ -29,8 +31,14 @@ class PricingCatalog:
         self.pricing = pricing
 
     async def _book(self) -> pricing_pb2.PriceBook:
-        response = await self.pricing.GetPriceBook(pricing_pb2.GetPriceBookRequest(),
-                                                   timeout=5.0)
+        try:
+            response = await self.pricing.GetPriceBook(pricing_pb2.GetPriceBookRequest(),
+                                                       timeout=5.0)
+        except grpc.aio.AioRpcError as exc:
+            # pricing restarting is an outage the buyer retries through, not our bug
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise TallyError(Reason.UNAVAILABLE, f"pricing: {exc.details()}") from exc
+            raise
         return response.book
 
     async def package_offer(self, package_id: str, *, field: str, checkout: bool) -> p.Offer:

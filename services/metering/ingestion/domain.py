@@ -127,12 +127,41 @@ def rejected(event_id: str, reason: Reason, field_name: str, message: str) -> Ev
                        f"{field_name}: {message}")
 
 
+# Each text field of an event and its path in the wire UsageEvent.
+_TEXT_FIELDS: Final = (
+    ("event_id", "event_id"), ("org_id", "context.org_id"), ("model", "model"),
+    ("provider", "provider"), ("region", "region"), ("reservation_id", "reservation_id"),
+    ("project_id", "context.project_id"), ("environment", "context.environment"),
+    ("user_id", "context.user_id"), ("api_key_id", "context.api_key_id"))
+_EVIDENCE_FIELDS: Final = ("request_id", "upstream_request_id", "trace_id")
+
+
+def _field_with_nul(event: UsageEvent) -> str:
+    """The wire path of the first text field holding a NUL character, or ""."""
+    for name, path in _TEXT_FIELDS:
+        if "\x00" in getattr(event, name):
+            return path
+    for key, value in event.labels.items():
+        if "\x00" in key or "\x00" in value:
+            return "context.labels"
+    for name in _EVIDENCE_FIELDS:
+        if "\x00" in getattr(event.evidence, name):
+            return f"evidence.{name}"
+    for i, digest in enumerate(event.evidence.content_hashes):
+        if "\x00" in digest:
+            return f"evidence.content_hashes[{i}]"
+    return ""
+
+
 def check_event(event: UsageEvent, now: datetime) -> EventResult | None:
     """The first problem of an event's own fields, or None (rating checks model and meters)."""
     def bad(field_name: str, message: str, reason: Reason = Reason.INVALID_ARGUMENT
             ) -> EventResult:
         return rejected(event.event_id, reason, field_name, message)
 
+    nul = _field_with_nul(event)
+    if nul:  # PostgreSQL cannot store one: this event alone is refused, not its whole call
+        return bad(nul, "contains a NUL character")
     if not event.event_id or len(event.event_id) > MAX_ID_LENGTH:
         return bad("event_id", f"must be 1..{MAX_ID_LENGTH} characters")
     if not event.org_id or len(event.org_id) > MAX_ID_LENGTH:

@@ -9,6 +9,7 @@ from services.metering.spend import domain as az
 from services.metering.spend.store import OutboxEvent
 from tally.common.v1 import common_pb2
 from tally.kit.protoconv import to_timestamp
+from tally.kit.telemetry import trace_id_of
 from tally.metering.v1 import metering_pb2 as pb
 from tally.rating import UsageMode
 
@@ -62,7 +63,8 @@ def outbox_event(e: OutboxEvent) -> pb.OutboxEvent:
     return pb.OutboxEvent(
         event_id=e.event_id, sequence=e.sequence, org_id=e.org_id,
         type=pb.OutboxEventType.Value(f"OUTBOX_EVENT_TYPE_{e.type}"),
-        occurred_at=to_timestamp(e.occurred_at), trace_id=e.trace_id,
+        occurred_at=to_timestamp(e.occurred_at), trace_id=trace_id_of(e.trace_id),
+        traceparent=e.trace_id if e.trace_id != trace_id_of(e.trace_id) else "",
         budget_id=str(a.get("budget_id", "")),
         threshold_percent=int(a.get("threshold_percent", 0)),
         spent_micros=int(a.get("spent_micros", 0)), limit_micros=int(a.get("limit_micros", 0)),

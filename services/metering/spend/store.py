@@ -26,6 +26,7 @@ import asyncpg
 from tally.kit import outbox
 from tally.kit.background import Deadline
 from tally.kit.group_commit import GroupCommit
+from tally.kit.telemetry import current_traceparent
 
 from ..policies import (
     Budget,
@@ -692,8 +693,10 @@ async def _charge_budgets(conn: Any, charges: Sequence[Charge], freed: dict[Usag
         [a[3] for a in alarms], now)
     await conn.copy_records_to_table(
         "outbox", schema_name="metering",
-        columns=("event_id", "org_id", "type", "occurred_at", "attributes"),
+        columns=("event_id", "org_id", "type", "occurred_at", "trace_id", "attributes"),
+        # the full traceparent: the notifier's span becomes a child of the span that wrote it
         records=[(str(uuid.uuid4()), by_id[r["budget_id"]].org_id, "BUDGET_THRESHOLD", now,
+                  current_traceparent(),
                   json.dumps({"budget_id": r["budget_id"],
                               "period_start": r["period_start"].isoformat(),
                               "threshold_percent": r["threshold_percent"],

@@ -244,6 +244,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The org's data lives in another region than this service serves; ErrorInfo metadata
     "region" names it, so a router or the caller can go there. FAILED_PRECONDITION.
     """
+    ERROR_REASON_PRICE_IN_USE: _ErrorReason.ValueType  # 44
+    """A price book would drop a model or meter that something still uses (usage within the
+    late-event window, open holds, quotas); the message names each. FAILED_PRECONDITION.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Stable reasons for domain errors. On the wire google.rpc.ErrorInfo.reason carries the bare
@@ -328,6 +332,10 @@ ERROR_REASON_KEY_NOT_ACTIVE: ErrorReason.ValueType  # 42
 ERROR_REASON_WRONG_REGION: ErrorReason.ValueType  # 43
 """The org's data lives in another region than this service serves; ErrorInfo metadata
 "region" names it, so a router or the caller can go there. FAILED_PRECONDITION.
+"""
+ERROR_REASON_PRICE_IN_USE: ErrorReason.ValueType  # 44
+"""A price book would drop a model or meter that something still uses (usage within the
+late-event window, open holds, quotas); the message names each. FAILED_PRECONDITION.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

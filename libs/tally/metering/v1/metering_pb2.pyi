@@ -2290,6 +2290,7 @@ class OutboxEvent(_message.Message):
     SPENT_MICROS_FIELD_NUMBER: _builtins.int
     LIMIT_MICROS_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique, stable id; consumers dedupe on it."""
     sequence: _builtins.int
@@ -2308,6 +2309,11 @@ class OutboxEvent(_message.Message):
     """Budget spend at the time, micro-credits."""
     limit_micros: _builtins.int
     """Budget limit, micro-credits."""
+    traceparent: _builtins.str
+    """W3C traceparent of the span that wrote the event (version-trace_id-span_id-flags), so
+    work the event causes later (the notifier's alert) continues the trace under its real
+    parent; empty for events written outside a trace or before this field existed.
+    """
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp:
         """When it happened."""
@@ -2330,10 +2336,11 @@ class OutboxEvent(_message.Message):
         spent_micros: _builtins.int = ...,
         limit_micros: _builtins.int = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "budget_id", b"budget_id", "event_id", b"event_id", "limit_micros", b"limit_micros", "occurred_at", b"occurred_at", "org_id", b"org_id", "sequence", b"sequence", "spent_micros", b"spent_micros", "threshold_percent", b"threshold_percent", "trace_id", b"trace_id", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "budget_id", b"budget_id", "event_id", b"event_id", "limit_micros", b"limit_micros", "occurred_at", b"occurred_at", "org_id", b"org_id", "sequence", b"sequence", "spent_micros", b"spent_micros", "threshold_percent", b"threshold_percent", "trace_id", b"trace_id", "traceparent", b"traceparent", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2390,3 +2397,104 @@ class StreamEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamEventsResponse: _TypeAlias = StreamEventsResponse  # noqa: Y015
+
+@_typing.final
+class GetPricingUseRequest(_message.Message):
+    """Request of GetPricingUse."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    METERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Models (public names, as usage events and Authorize name them); at most 1000."""
+
+    @_builtins.property
+    def meters(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Meter.ValueType]:
+        """Meters; at most 64."""
+
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[_builtins.str] | None = ...,
+        meters: _abc.Iterable[_common_pb2.Meter.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["meters", b"meters", "models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPricingUseRequest: _TypeAlias = GetPricingUseRequest  # noqa: Y015
+
+@_typing.final
+class PricingUse(_message.Message):
+    """What uses one model or meter."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEM_FIELD_NUMBER: _builtins.int
+    RECENT_EVENTS_FIELD_NUMBER: _builtins.int
+    OPEN_HOLDS_FIELD_NUMBER: _builtins.int
+    QUOTA_IDS_FIELD_NUMBER: _builtins.int
+    BUDGET_IDS_FIELD_NUMBER: _builtins.int
+    item: _builtins.str
+    """"model <name>" or "meter <METER_NAME>"."""
+    recent_events: _builtins.int
+    """Usage events of it that occurred within the late-event window (35 days), counted up to
+    1000 (a late event can still arrive for any of them).
+    """
+    open_holds: _builtins.int
+    """Authorizations of it still holding credit (unexpired reservations or lease holds)."""
+    @_builtins.property
+    def quota_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Live quotas that count it (token quotas count the token meters)."""
+
+    @_builtins.property
+    def budget_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Live budgets that name it. Budgets limit credits, not models or meters, so none does
+        today; the field is there so a budget scoped to a model later is reported without a
+        contract change.
+        """
+
+    def __init__(
+        self,
+        *,
+        item: _builtins.str = ...,
+        recent_events: _builtins.int = ...,
+        open_holds: _builtins.int = ...,
+        quota_ids: _abc.Iterable[_builtins.str] | None = ...,
+        budget_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_ids", b"budget_ids", "item", b"item", "open_holds", b"open_holds", "quota_ids", b"quota_ids", "recent_events", b"recent_events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PricingUse: _TypeAlias = PricingUse  # noqa: Y015
+
+@_typing.final
+class GetPricingUseResponse(_message.Message):
+    """Response of GetPricingUse."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def uses(self) -> _containers.RepeatedCompositeFieldContainer[Global___PricingUse]:
+        """The items with some use, models first, each in request order."""
+
+    def __init__(
+        self,
+        *,
+        uses: _abc.Iterable[Global___PricingUse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["uses", b"uses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPricingUseResponse: _TypeAlias = GetPricingUseResponse  # noqa: Y015

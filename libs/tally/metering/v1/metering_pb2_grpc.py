@@ -130,6 +130,11 @@ class MeteringServiceStub:
                 request_serializer=tally_dot_metering_dot_v1_dot_metering__pb2.StreamEventsRequest.SerializeToString,
                 response_deserializer=tally_dot_metering_dot_v1_dot_metering__pb2.StreamEventsResponse.FromString,
                 _registered_method=True)
+        self.GetPricingUse = channel.unary_unary(
+                '/tally.metering.v1.MeteringService/GetPricingUse',
+                request_serializer=tally_dot_metering_dot_v1_dot_metering__pb2.GetPricingUseRequest.SerializeToString,
+                response_deserializer=tally_dot_metering_dot_v1_dot_metering__pb2.GetPricingUseResponse.FromString,
+                _registered_method=True)
 
 
 class MeteringServiceServicer:
@@ -278,6 +283,15 @@ class MeteringServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPricingUse(self, request, context):
+        """What still uses the given models and meters: usage within the late-event window, open
+        authorization holds, quotas that count them. Pricing asks before it publishes a book that
+        drops them. Service callers and operators only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MeteringServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -375,6 +389,11 @@ def add_MeteringServiceServicer_to_server(servicer, server):
                     servicer.StreamEvents,
                     request_deserializer=tally_dot_metering_dot_v1_dot_metering__pb2.StreamEventsRequest.FromString,
                     response_serializer=tally_dot_metering_dot_v1_dot_metering__pb2.StreamEventsResponse.SerializeToString,
+            ),
+            'GetPricingUse': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPricingUse,
+                    request_deserializer=tally_dot_metering_dot_v1_dot_metering__pb2.GetPricingUseRequest.FromString,
+                    response_serializer=tally_dot_metering_dot_v1_dot_metering__pb2.GetPricingUseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -891,6 +910,33 @@ class MeteringService:
             '/tally.metering.v1.MeteringService/StreamEvents',
             tally_dot_metering_dot_v1_dot_metering__pb2.StreamEventsRequest.SerializeToString,
             tally_dot_metering_dot_v1_dot_metering__pb2.StreamEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPricingUse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.metering.v1.MeteringService/GetPricingUse',
+            tally_dot_metering_dot_v1_dot_metering__pb2.GetPricingUseRequest.SerializeToString,
+            tally_dot_metering_dot_v1_dot_metering__pb2.GetPricingUseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -90,6 +90,11 @@ class MeteringServiceStub:
     dedupe on event_id. Ends with OK at the stream lifetime cap; reconnect with the last
     sequence processed.
     """
+    GetPricingUse: _grpc.UnaryUnaryMultiCallable[_metering_pb2.GetPricingUseRequest, _metering_pb2.GetPricingUseResponse]
+    """What still uses the given models and meters: usage within the late-event window, open
+    authorization holds, quotas that count them. Pricing asks before it publishes a book that
+    drops them. Service callers and operators only.
+    """
 
 @_typing.type_check_only
 class MeteringServiceAsyncStub(MeteringServiceStub):
@@ -145,6 +150,11 @@ class MeteringServiceAsyncStub(MeteringServiceStub):
     with sequence > after_sequence, then new events as they commit. At-least-once; consumers
     dedupe on event_id. Ends with OK at the stream lifetime cap; reconnect with the last
     sequence processed.
+    """
+    GetPricingUse: _aio.UnaryUnaryMultiCallable[_metering_pb2.GetPricingUseRequest, _metering_pb2.GetPricingUseResponse]  # type: ignore[assignment]
+    """What still uses the given models and meters: usage within the late-event window, open
+    authorization holds, quotas that count them. Pricing asks before it publishes a book that
+    drops them. Service callers and operators only.
     """
 
 class MeteringServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -312,6 +322,17 @@ class MeteringServiceServicer(metaclass=_abc_1.ABCMeta):
         with sequence > after_sequence, then new events as they commit. At-least-once; consumers
         dedupe on event_id. Ends with OK at the stream lifetime cap; reconnect with the last
         sequence processed.
+        """
+
+    @_abc_1.abstractmethod
+    def GetPricingUse(
+        self,
+        request: _metering_pb2.GetPricingUseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metering_pb2.GetPricingUseResponse, _abc.Awaitable[_metering_pb2.GetPricingUseResponse]]:
+        """What still uses the given models and meters: usage within the late-event window, open
+        authorization holds, quotas that count them. Pricing asks before it publishes a book that
+        drops them. Service callers and operators only.
         """
 
 def add_MeteringServiceServicer_to_server(servicer: MeteringServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
