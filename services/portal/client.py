@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -74,17 +74,20 @@ class Caller:
 class PortalClient:
     """The services, for the portal."""
 
-    def __init__(self, tally: TallyClient, accounts_address: str) -> None:
-        self.tally = tally
+    def __init__(self, addresses: Mapping[str, str]) -> None:
+        # channels are made in `start`, on the loop that serves (uvicorn makes its own)
+        self._addresses = dict(addresses)
+        self._tally: TallyClient | None = None
         self.cache = CredentialCache()
         self.guard = Guard(self.cache)
-        self._accounts_address = accounts_address
         self._stop = asyncio.Event()
         self._follow: asyncio.Future[Any] | None = None
 
     async def start(self, ready_timeout_s: float = 10.0) -> None:
-        """Follows accounts' credentials feed (memberships) until `stop`."""
-        channel = peer_channel(self._accounts_address)
+        """Opens the channels and follows accounts' credentials feed (memberships) until
+        `stop`."""
+        self._tally = TallyClient(self._addresses, actor="service:portal")
+        channel = peer_channel(self._addresses["accounts"])
 
         async def follow() -> None:
             try:
@@ -102,7 +105,14 @@ class PortalClient:
         self._stop.set()
         if self._follow is not None:
             await self._follow
-        await self.tally.close()
+        if self._tally is not None:
+            await self._tally.close()
+
+    @property
+    def tally(self) -> TallyClient:
+        if self._tally is None:
+            raise RuntimeError("PortalClient.start was not called")
+        return self._tally
 
     # --- the policy table ------------------------------------------------------------
 

@@ -16,7 +16,6 @@ from starlette.templating import Jinja2Templates
 
 from tally.kit.config import ConfigError, KitConfig, exit_on_config_error, load, load_kit_config
 from tally.kit.log import configure_logging, get_logger
-from tally.sdk.client import TallyClient
 
 from .client import PortalClient
 from .config import PortalConfig
@@ -30,8 +29,8 @@ HERE: Final = Path(__file__).parent
 
 def build(kit: KitConfig, settings: PortalConfig, port: int) -> Starlette:
     """The portal app; `port` is where it is reached when no public URL is configured."""
-    tally = TallyClient.from_config(kit, actor="service:portal")
-    client = PortalClient(tally, kit.address_of("accounts"))
+    client = PortalClient({s: kit.address_of(s) for s in
+                           ("pricing", "metering", "ledger", "notifier", "accounts")})
     oidc = (OidcClient(settings.oidc_issuer, settings.oidc_client_id,
                        settings.oidc_client_secret) if settings.oidc_issuer else None)
     if oidc is None and settings.dev_sign_in:

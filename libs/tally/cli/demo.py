@@ -58,6 +58,7 @@ async def run(config: KitConfig, org: str) -> bool:
             await _purchase(tally, f"{org}-{run_id}", run_id)
             await _ledger_story(tally, f"{org}-{run_id}", run_id)
             await _metered_request(tally, f"{org}-{run_id}", run_id)
+            await _portal(tally, config, f"{org}-{run_id}")
         except TallyError as exc:
             typer.echo(f"demo failed: {exc.reason}: {exc.message}", err=True)
             return False
@@ -203,3 +204,45 @@ async def _metered_request(tally: TallyClient, org: str, run_id: str) -> None:
          f"{format_credits(balance.available_micros)}")
     if balance.held_micros != balance.leased_micros:
         raise TallyError(Reason.INTERNAL, "the ledger holds credit outside metering's lease")
+
+
+DEMO_VIEWER: Final = "demo-viewer"
+PORTAL_SIGN_IN_TIMEOUT_S: Final = 15.0
+
+
+async def _portal(tally: TallyClient, config: KitConfig, org: str) -> None:
+    """The web portal: the demo org gets an owner and a viewer in accounts, and the viewer
+    signs in (development sign-in, as `tally up` runs it) and reads the overview."""
+    import re
+
+    import httpx
+
+    from tally.accounts.v1 import accounts_pb2 as apb
+
+    typer.echo(f"web portal for {org}:")
+    await tally.accounts.CreateOrg(apb.CreateOrgRequest(
+        org_id=org, name="Demo", region="local", seat_limit=5, owner_subject="demo-owner"))
+    await tally.accounts.InviteMember(apb.InviteMemberRequest(
+        org_id=org, subject=DEMO_VIEWER, role=apb.ROLE_VIEWER,
+        context=cpb.RequestContext(org_id=org, actor="user:demo-owner")))
+    url = suite.portal_url(config)
+    overview = f"/orgs/{org}/overview"
+    async with httpx.AsyncClient(base_url=url, timeout=10.0) as http:
+        form = await http.get("/sign-in", params={"next": overview})
+        token = re.search(r'name="login_token" value="([^"]+)"', form.text)
+        if form.status_code != 200 or token is None:
+            raise TallyError(Reason.UNAVAILABLE, f"the portal at {url} offers no development "
+                             f"sign-in ({form.status_code}); is it running (tally up)?")
+        await http.post("/dev/sign-in", data={"login_token": token.group(1),
+                                               "subject": DEMO_VIEWER, "next": overview})
+        # the portal learns the new membership from accounts' credentials feed
+        deadline = time.monotonic() + PORTAL_SIGN_IN_TIMEOUT_S
+        while (page := await http.get(overview)).status_code != 200:
+            if time.monotonic() > deadline:
+                raise TallyError(Reason.UNAVAILABLE, f"the portal did not show {overview} to "
+                                 f"{DEMO_VIEWER}: {page.status_code}")
+            await asyncio.sleep(0.2)
+    shown = re.search(r'id="available">([^<]+)<', page.text)
+    _say("portal", f"{url}{overview}")
+    _say("signed in as", f"{DEMO_VIEWER} (viewer): available "
+         f"{shown.group(1) if shown else '?'} credits")
