@@ -327,6 +327,16 @@ class PortalClient:
             request, metadata=who.metadata())
         return reply
 
+    async def turn_on_live_balance(self, who: Caller, org: str) -> npb.AlertRule:
+        """A Subscribe-only (stream channel) rule for balance changes: what the overview's
+        live balance listens to."""
+        request = self._check(who, "notifier.CreateAlertRule", npb.CreateAlertRuleRequest(
+            request_id=f"portal-live-balance-{org}", context=who.context(org),
+            rule=npb.AlertRule(org_id=org, types=[npb.NOTIFICATION_TYPE_BALANCE_CHANGED],
+                               channel=npb.CHANNEL_STREAM, enabled=True)))
+        return (await self.tally.notifier.CreateAlertRule(request,
+                                                          metadata=who.metadata())).rule
+
     async def revoke_api_key(self, who: Caller, org: str, key_id: str) -> apb.ApiKey:
         request = self._check(who, "accounts.RevokeApiKey", apb.RevokeApiKeyRequest(
             context=who.context(org), org_id=org, key_id=key_id))

@@ -288,11 +288,27 @@ async def overview(request: Request, session: domain.Session, who: Caller) -> Re
     last = _today()
     window = domain.parse_range((last - timedelta(days=domain.BURN_WINDOW_DAYS)).isoformat(),
                                 (last - timedelta(days=1)).isoformat(), "day", last)
-    balance, spent = await asyncio.gather(
-        client.balance(who, org), client.usage_over_time(who, org, window))
+    balance, spent, rules = await asyncio.gather(
+        client.balance(who, org), client.usage_over_time(who, org, window),
+        client.alert_rules(who, org))
     burn = domain.burn(sum(m for _, m in spent), balance.available_micros)
     return render(request, "overview.html", balance=balance, burn=burn,
-                  state=_state_name(balance.billing_state))
+                  state=_state_name(balance.billing_state), live=_live(rules))
+
+
+def _live(rules: list[Any]) -> bool:
+    """Whether the notifier streams this org's balance changes (an enabled rule for them
+    on the stream channel: the notifier notifies only what a rule asks for)."""
+    from tally.notifier.v1 import notifier_pb2 as npb
+
+    return any(r.enabled and r.channel == npb.CHANNEL_STREAM
+               and npb.NOTIFICATION_TYPE_BALANCE_CHANGED in r.types for r in rules)
+
+
+async def turn_on_live(request: Request, session: domain.Session, who: Caller) -> Response:
+    org = request.path_params["org_id"]
+    await portal_of(request).client.turn_on_live_balance(who, org)
+    return RedirectResponse(f"/orgs/{org}/overview", 303)
 
 
 def _state_name(state: int) -> str:
@@ -596,6 +612,7 @@ def routes(static_dir: str) -> list[Route | Mount]:
         Route("/signed-out", signed_out),
         Route(f"{org}/overview", page(overview)),
         Route(f"{org}/events", page(balance_events)),
+        Route(f"{org}/live", page(turn_on_live), methods=["POST"]),
         Route(f"{org}/usage", page(usage)),
         Route(f"{org}/usage.csv", page(usage_csv)),
         Route(f"{org}/transactions", page(transactions)),

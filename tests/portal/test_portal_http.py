@@ -286,3 +286,35 @@ async def test_an_owner_creates_a_key_shown_once_then_rotates_and_revokes_it(
         assert revoked.status_code == 303
     after = {k.key_id: k for k in await _keys(suite)}
     assert after[key.key_id].HasField("revoke_time")
+
+
+async def test_live_balance_is_offered_where_no_rule_streams_it_and_a_viewer_cannot_add_it(
+        suite: Suite) -> None:
+    async with signed_in(suite, "mallory") as owner:
+        page = await page_of(owner, f"/orgs/{OTHER_ORG}/overview")
+        assert 'id="live-off"' in page and 'id="turn-on-live"' in page
+        assert "data-events" not in page
+        done = await owner.post(f"/orgs/{OTHER_ORG}/live", data={"csrf_token": csrf_of(page)})
+        assert done.status_code == 303
+        page = await page_of(owner, f"/orgs/{OTHER_ORG}/overview")
+        assert 'id="live-state"' in page and 'id="live-off"' not in page
+    async with signed_in(suite, PEOPLE["viewer"]) as viewer:
+        page = await page_of(viewer, f"/orgs/{ORG}/overview")
+        assert 'id="turn-on-live"' not in page
+        forged = await viewer.post(f"/orgs/{ORG}/live", data={"csrf_token": csrf_of(page)})
+        assert forged.status_code == 403
+
+
+async def test_an_expiring_access_token_is_refreshed_with_the_refresh_token(
+        suite: Suite) -> None:
+    suite.oidc.token_ttl_s = 10  # below the portal's 30 s margin: every page refreshes
+    try:
+        async with signed_in(suite, PEOPLE["viewer"]) as http:
+            sessions = suite.portal.server.config.app.state.portal.sessions
+            session = sessions.get(http.cookies[SESSION_COOKIE])
+            first = (session.access_token, session.refresh_token)
+            await page_of(http, f"/orgs/{ORG}/overview")
+            assert (session.access_token, session.refresh_token) != first
+            assert session.subject == PEOPLE["viewer"]
+    finally:
+        suite.oidc.token_ttl_s = 300

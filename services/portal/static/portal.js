@@ -21,7 +21,7 @@
     draw("chart-groups", charts.groups, "bar");
   }
   var balance = document.getElementById("balance");
-  if (balance && window.EventSource) {
+  if (balance && balance.getAttribute("data-events") && window.EventSource) {
     var live = document.getElementById("live-state");
     var source = new EventSource(balance.getAttribute("data-events"));
     source.addEventListener("open", function () { live.textContent = "on"; });
