@@ -6,8 +6,9 @@ What it measures (``python -m bench.portal [--quick]`` prints one JSON object):
   and CPU microseconds per page of each process (this client, the portal, the ledger, the
   metering server, their PostgreSQL backends), read from /proc.
 - ``baseline_grpc``: the gRPC calls the overview makes (GetBalance, ExportUsage of 7 daily
-  roll-up days), made directly from this process in the same run: what the page adds is the
-  difference (session, policy check, template, HTTP).
+  roll-up days, ListAlertRules), concurrently as the page makes them, directly from this
+  process in the same run: what the page adds (session, policy check, template, HTTP) is the
+  difference.
 - ``targets``: overview p50 and p99 < 300 ms with 1M events.
 
 Seeding: 1M usage events through StreamUsage would take minutes on a small machine, so the
@@ -18,8 +19,9 @@ tables are not tiny) directly with SQL. The overview never reads raw events, so 
 would not change what it does; this is stated in the output (``seeded``).
 
 The database is ``TALLY_DATABASE_URL`` if set, else an embedded PostgreSQL under
-``.tally/bench``; a fresh ``tally_bench_portal_<pid>`` database is created, migrated and dropped.
-Every server (pricing, ledger, accounts, metering, portal) runs in its own ``spawn``ed child.
+``.tally/bench``; a fresh ``tally_bench_portal_<pid>`` database is created, migrated and
+dropped. Every server (pricing, ledger, accounts, metering, notifier, portal) runs in its own
+``spawn``ed child.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from tally.kit.config import KitConfig, load_kit_config
 from tally.kit.infra import free_port
 from tally.ledger.v1 import ledger_pb2 as lpb
 from tally.metering.v1 import metering_pb2 as mpb
+from tally.notifier.v1 import notifier_pb2 as npb
 from tally.sdk.client import TallyClient
 
 ORG: Final = "bench-portal"
@@ -106,7 +109,7 @@ def suite(database_url: str) -> Iterator[tuple[KitConfig, str]]:
     config = dataclasses.replace(load_kit_config({}), database_url=database_url,
                                  migrate_on_start=False, db_pool_size=8)
     with contextlib.ExitStack() as stack:
-        for name in ("pricing", "ledger", "accounts", "metering"):
+        for name in ("pricing", "ledger", "accounts", "metering", "notifier"):
             address = stack.enter_context(child_server(name, _serve, (name, config)))
             config = dataclasses.replace(config, **cast(dict[str, Any],
                                                         {f"{name}_address": address}))
@@ -185,7 +188,7 @@ async def measure(config: KitConfig, portal_url: str, database_url: str,
                   pages: int) -> dict[str, Any]:
     """Overview pages through the portal, then the same gRPC calls directly."""
     tally = TallyClient({s: config.address_of(s) for s in
-                         ("pricing", "ledger", "accounts", "metering")},
+                         ("pricing", "ledger", "accounts", "metering", "notifier")},
                         actor="user:bench-operator")
     async with tally, httpx.AsyncClient(base_url=portal_url, timeout=30) as http:
         await seed_org(tally)
@@ -195,6 +198,7 @@ async def measure(config: KitConfig, portal_url: str, database_url: str,
         meter = CpuMeter({
             "client": [os.getpid()], "portal": [children["portal"]],
             "ledger": [children["ledger"]], "metering": [children["metering"]],
+            "notifier": [children["notifier"]],
             "postgres": await postgres_backends(database_url)})
         page = f"/orgs/{ORG}/overview"
         for _ in range(5):  # warm-up: connections, template compilation
@@ -220,7 +224,8 @@ async def measure(config: KitConfig, portal_url: str, database_url: str,
             started = time.perf_counter_ns()
             await asyncio.gather(
                 tally.ledger.GetBalance(lpb.GetBalanceRequest(org_id=ORG)),
-                _drain(tally.metering.ExportUsage(request)))
+                _drain(tally.metering.ExportUsage(request)),
+                tally.notifier.ListAlertRules(npb.ListAlertRulesRequest(org_id=ORG)))
             raw.append(time.perf_counter_ns() - started)
     baseline = _latency(raw)
     return {"overview": overview, "baseline_grpc": baseline,

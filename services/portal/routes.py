@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final, cast
 
+import grpc
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
@@ -135,6 +136,10 @@ def page(handler: Handler, *, org_page: bool = True) -> Callable[[Request], Awai
         except TallyError as exc:
             status = _STATUS.get(exc.reason, 502)
             return error_page(request, status, str(exc.reason), exc.message)
+        except grpc.aio.AioRpcError as exc:  # a service down or not answering in Tally's terms
+            log.warning("portal_rpc_failed", code=exc.code().name, details=exc.details())
+            return error_page(request, 503, "UNAVAILABLE", "a Tally service did not answer "
+                              f"({exc.code().name}); try again shortly")
         _secure(response, request)
         return response
 
@@ -290,10 +295,17 @@ async def overview(request: Request, session: domain.Session, who: Caller) -> Re
                                 (last - timedelta(days=1)).isoformat(), "day", last)
     balance, spent, rules = await asyncio.gather(
         client.balance(who, org), client.usage_over_time(who, org, window),
-        client.alert_rules(who, org))
+        client.alert_rules(who, org), return_exceptions=True)
+    for answer in (balance, spent):
+        if isinstance(answer, BaseException):
+            raise answer
+    assert isinstance(balance, lpb.Balance) and isinstance(spent, list)
     burn = domain.burn(sum(m for _, m in spent), balance.available_micros)
+    # the balance without the notifier: live updates are then off, the page still shows
+    live = not isinstance(rules, BaseException) and _live(rules)
     return render(request, "overview.html", balance=balance, burn=burn,
-                  state=_state_name(balance.billing_state), live=_live(rules))
+                  state=_state_name(balance.billing_state), live=live,
+                  notifier_down=isinstance(rules, BaseException))
 
 
 def _live(rules: list[Any]) -> bool:
