@@ -11,6 +11,7 @@ from services.portal.routes import LOGIN_COOKIE, SESSION_COOKIE
 from tally.accounts.v1 import accounts_pb2 as apb
 from tally.ledger.v1 import ledger_pb2 as lpb
 from tally.metering.v1 import metering_pb2 as mpb
+from tests.ledger.payments_support import EXPIRY, GOOD_CARD
 from tests.portal.support import MODEL, ORG, OTHER_ORG, PEOPLE, Suite, csrf_of, signed_in
 
 
@@ -318,3 +319,34 @@ async def test_an_expiring_access_token_is_refreshed_with_the_refresh_token(
             assert session.subject == PEOPLE["viewer"]
     finally:
         suite.oidc.token_ttl_s = 300
+
+
+async def test_buying_on_the_portal_returns_to_the_order_and_its_invoice_downloads(
+        suite: Suite) -> None:
+    base = f"/orgs/{ORG}"
+    async with signed_in(suite, PEOPLE["billing"]) as http:
+        credit = await page_of(http, f"{base}/credit")
+        started = await http.post(f"{base}/credit", data={
+            "csrf_token": csrf_of(credit), "package_id": "individual-20"})
+        assert started.status_code == 303
+        checkout = started.headers["location"]
+        assert "/checkout/" in checkout
+        async with httpx.AsyncClient() as customer:
+            paid = await customer.post(f"{checkout}/pay", data={
+                "card_number": GOOD_CARD, "expiry": EXPIRY, "cvc": "123", "name": "Bill"})
+        assert paid.status_code == 303
+        returned = httpx.URL(paid.headers["location"])
+        assert returned.path.startswith(f"{base}/orders/po-portal-")
+        await suite.provider.settled()
+        order_page = await page_of(http, returned.path)
+        assert 'id="order-state">SUCCEEDED' in order_page
+        invoices = await page_of(http, f"{base}/invoices")
+        number = invoices.split('<th scope="row">INV-')[1].split("<")[0]
+        pdf = await http.get(f"{base}/invoices/INV-{number}.pdf")
+        assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF")
+        assert pdf.headers["content-type"] == "application/pdf"
+        missing = await http.get(f"{base}/invoices/INV-1999-000001.pdf")
+        assert missing.status_code == 404
+    async with signed_in(suite, PEOPLE["viewer"]) as viewer:
+        refused = await viewer.get(f"{base}/invoices/INV-{number}.pdf")
+        assert refused.status_code == 403 and b"%PDF" not in refused.content
