@@ -122,7 +122,7 @@ async def test_a_purchase_on_the_portal_shows_on_the_open_overview_without_reloa
         before.available_micros + PACKAGE_CREDITS + PACKAGE_BONUS)
 
 
-async def test_the_overview_is_usable_375_px_wide_and_by_keyboard(
+async def test_the_usage_page_is_usable_375_px_wide_by_keyboard_with_aa_contrast(
         suite: Suite, browser: webdriver.Chrome) -> None:
     base = f"{suite.url}/orgs/{ORG}"
     await asyncio.to_thread(sign_in, browser, f"{base}/overview", PEOPLE["viewer"])
@@ -148,3 +148,30 @@ async def test_the_overview_is_usable_375_px_wide_and_by_keyboard(
         "return [...document.querySelectorAll('input:not([type=hidden]), select')]"
         ".filter(e => !document.querySelector(`label[for='${e.id}']`)).map(e => e.name);"))
     assert unlabelled == []
+    pairs = await asyncio.to_thread(browser.execute_script, CONTRAST_PAIRS)
+    assert len(pairs) > 10
+    for what, foreground, background in pairs:
+        ratio = contrast(foreground, background)
+        assert ratio >= 4.5, f"{what}: {foreground} on {background} is {ratio:.2f}:1"
+
+
+# Text colours of the portal's kinds of text, each with the background it sits on.
+CONTRAST_PAIRS = """
+const bg = e => { for (; e; e = e.parentElement) { const c = getComputedStyle(e).backgroundColor;
+  if (c !== 'rgba(0, 0, 0, 0)' && c !== 'transparent') return c; } return 'rgb(255, 255, 255)'; };
+const pick = sel => [...document.querySelectorAll(sel)].slice(0, 3);
+return ['body', 'main a', 'nav a', '.top a', '.top .who', '.muted', 'button', 'th', 'td',
+        'label', 'caption'].flatMap(sel => pick(sel).map(
+  e => [sel, getComputedStyle(e).color, bg(e)]));
+"""
+
+
+def contrast(foreground: str, background: str) -> float:
+    """WCAG 2 contrast ratio of two `rgb(r, g, b)` colours."""
+    def luminance(colour: str) -> float:
+        channels = [int(v) / 255 for v in colour[colour.index("(") + 1:-1].split(",")[:3]]
+        linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+                  for c in channels]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    high, low = sorted((luminance(foreground), luminance(background)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
