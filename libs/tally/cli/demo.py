@@ -11,6 +11,7 @@ streams in -> its receipt -> the hold is captured.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -64,10 +65,12 @@ async def run(config: KitConfig, org: str) -> bool:
             await _documents(tally, f"{org}-{run_id}", run_id, config.data_dir / "demo")
             await _ledger_story(tally, f"{org}-{run_id}", run_id)
             await _metered_request(tally, f"{org}-{run_id}", run_id)
+            await _demo_org_in_accounts(tally, f"{org}-{run_id}", run_id)
             if suite.gateway_running(config):
                 await _through_the_gateway(config, tally, f"{org}-{run_id}", run_id)
             else:
                 typer.echo("gateway: not running (start it with: tally up --with-gateway)")
+            await _portal(tally, config, f"{org}-{run_id}")
         except TallyError as exc:
             typer.echo(f"demo failed: {exc.reason}: {exc.message}", err=True)
             return False
@@ -251,6 +254,17 @@ async def _metered_request(tally: TallyClient, org: str, run_id: str) -> None:
         raise TallyError(Reason.INTERNAL, "the ledger holds credit outside metering's lease")
 
 
+DEMO_OWNER: Final = "demo-owner"
+
+
+async def _demo_org_in_accounts(tally: TallyClient, org: str, run_id: str) -> None:
+    """The demo org in accounts (its owner, seats, region), which the gateway's API key and
+    the portal's members belong to."""
+    await tally.accounts.CreateOrg(apb.CreateOrgRequest(
+        org_id=org, name=f"Demo {run_id}", region="local", seat_limit=5,
+        owner_subject=DEMO_OWNER))
+
+
 GATEWAY_KEY_WAIT_S: Final = 10.0
 """How long the demo waits for the gateway to learn a new API key from accounts' feed."""
 
@@ -260,9 +274,6 @@ async def _through_the_gateway(config: KitConfig, tally: TallyClient, org: str,
     """One chat completion through the OpenAI-compatible gateway with an API key of the org:
     the answer, and the receipt the gateway returns in its headers."""
     typer.echo(f"one OpenAI-style request through the gateway for {org}:")
-    await tally.accounts.CreateOrg(apb.CreateOrgRequest(
-        org_id=org, name=f"Demo {run_id}", region="local", seat_limit=3,
-        owner_subject=f"owner-{run_id}@demo.test"))
     key = await tally.accounts.CreateApiKey(apb.CreateApiKeyRequest(
         request_id=f"demo-key-{run_id}", org_id=org, role=apb.ROLE_DEVELOPER,
         name="demo app"))
@@ -288,3 +299,37 @@ async def _through_the_gateway(config: KitConfig, tally: TallyClient, org: str,
     _say("receipt headers", f"cost {format_credits(int(headers['x-tally-cost']))}, balance "
          f"{format_credits(int(headers['x-tally-balance']))}, price book "
          f"v{headers['x-tally-price-version']}, request {headers['x-tally-request-id']}")
+
+
+DEMO_VIEWER: Final = "demo-viewer"
+PORTAL_SIGN_IN_TIMEOUT_S: Final = 15.0
+
+
+async def _portal(tally: TallyClient, config: KitConfig, org: str) -> None:
+    """The web portal: the demo org gets an owner and a viewer in accounts, and the viewer
+    signs in (development sign-in, as `tally up` runs it) and reads the overview."""
+    typer.echo(f"web portal for {org}:")
+    await tally.accounts.InviteMember(apb.InviteMemberRequest(
+        org_id=org, subject=DEMO_VIEWER, role=apb.ROLE_VIEWER,
+        context=cpb.RequestContext(org_id=org, actor=f"user:{DEMO_OWNER}")))
+    url = suite.portal_url(config)
+    overview = f"/orgs/{org}/overview"
+    async with httpx.AsyncClient(base_url=url, timeout=10.0) as http:
+        form = await http.get("/sign-in", params={"next": overview})
+        token = re.search(r'name="login_token" value="([^"]+)"', form.text)
+        if form.status_code != 200 or token is None:
+            raise TallyError(Reason.UNAVAILABLE, f"the portal at {url} offers no development "
+                             f"sign-in ({form.status_code}); is it running (tally up)?")
+        await http.post("/dev/sign-in", data={"login_token": token.group(1),
+                                               "subject": DEMO_VIEWER, "next": overview})
+        # the portal learns the new membership from accounts' credentials feed
+        deadline = time.monotonic() + PORTAL_SIGN_IN_TIMEOUT_S
+        while (page := await http.get(overview)).status_code != 200:
+            if time.monotonic() > deadline:
+                raise TallyError(Reason.UNAVAILABLE, f"the portal did not show {overview} to "
+                                 f"{DEMO_VIEWER}: {page.status_code}")
+            await asyncio.sleep(0.2)
+    shown = re.search(r'id="available">([^<]+)<', page.text)
+    _say("portal", f"{url}{overview}")
+    _say("signed in as", f"{DEMO_VIEWER} (viewer): available "
+         f"{shown.group(1) if shown else '?'} credits")

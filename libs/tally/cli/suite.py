@@ -26,6 +26,8 @@ from tally.kit.config import KitConfig
 
 SERVICES: Final = db.SERVICES
 _STARTUP_TIMEOUT_S: Final = 60.0
+PORTAL: Final = "portal"
+"""The web portal (services/portal): an HTTP process started after the gRPC services."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +189,52 @@ def up(config: KitConfig) -> list[ServiceStatus]:
     if pending:
         late = ", ".join(sorted(pending))
         raise RuntimeError(f"not SERVING within {_STARTUP_TIMEOUT_S}s: {late}")
+    _start_portal(config, env)
     return status(config)
+
+
+def portal_url(config: KitConfig) -> str:
+    """Where `tally up`'s portal answers."""
+    from services.portal.config import PortalConfig
+    from tally.kit.config import load
+
+    return load(PortalConfig).base_url(load(PortalConfig).port)
+
+
+def _portal_state(url: str) -> str:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/signed-out", timeout=1.0) as reply:
+            return "SERVING" if reply.status == 200 else "NOT_SERVING"
+    except (OSError, urllib.error.URLError):
+        return "DOWN"
+
+
+def _start_portal(config: KitConfig, env: dict[str, str]) -> None:
+    """Starts the portal (development sign-in unless an OIDC provider is configured) and
+    waits until it answers."""
+    pid_file = _run_dir(config) / f"{PORTAL}.pid"
+    if _read_pid(pid_file) is not None:
+        return
+    log_path = _log_dir(config) / f"{PORTAL}.log"
+    portal_env = dict(env)
+    if not os.environ.get("TALLY_PORTAL_OIDC_ISSUER"):
+        portal_env.setdefault("TALLY_PORTAL_DEV_SIGN_IN", "true")
+    process = subprocess.Popen([sys.executable, "-m", f"services.{PORTAL}"], env=portal_env,
+                               stdout=log_path.open("ab"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    pid_file.write_text(str(process.pid))
+    url = portal_url(config)
+    deadline = time.monotonic() + _STARTUP_TIMEOUT_S
+    while _portal_state(url) != "SERVING":
+        if process.poll() is not None:
+            raise RuntimeError(f"portal exited with {process.returncode}:\n"
+                               f"{log_path.read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"portal not answering at {url} within {_STARTUP_TIMEOUT_S}s")
+        time.sleep(0.1)
 
 
 def status(config: KitConfig) -> list[ServiceStatus]:
@@ -198,13 +245,17 @@ def status(config: KitConfig) -> list[ServiceStatus]:
         state = asyncio.run(health_state(address))
         pid = _read_pid(_run_dir(config) / f"{service}.pid")
         found.append(ServiceStatus(service, address, state, pid))
+    url = portal_url(config)
+    found.append(ServiceStatus(PORTAL, url, _portal_state(url),
+                               _read_pid(_run_dir(config) / f"{PORTAL}.pid")))
     return found
 
 
 def down(config: KitConfig, timeout_s: float = 30.0) -> list[str]:
     """Stops the services `up` started (SIGTERM, then SIGKILL after `timeout_s`)."""
     stopped = []
-    for service in (GATEWAY, *SERVICES):  # the gateway first: it calls the services
+    # the edges first: they call the services
+    for service in (GATEWAY, PORTAL, *SERVICES):
         pid_file = _run_dir(config) / f"{service}.pid"
         pid = _read_pid(pid_file)
         if pid is not None:

@@ -35,8 +35,11 @@ _CHANNEL_OPTIONS = [
 def _with_actor(details: grpc.aio.ClientCallDetails, actor: str,
                 credential: str | None = None) -> grpc.aio.ClientCallDetails:
     metadata = grpc.aio.Metadata(*(details.metadata or ()))
-    metadata.add("x-tally-actor", actor)
-    if credential:
+    # A call's own actor and credentials win over the client's (the portal acts for the
+    # signed-in person on the channels it holds as a service).
+    if not metadata.get_all("x-tally-actor"):
+        metadata.add("x-tally-actor", actor)
+    if credential and not metadata.get_all("authorization"):
         metadata.add("authorization", f"Bearer {credential}")
     return grpc.aio.ClientCallDetails(
         details.method, details.timeout, metadata, details.credentials, details.wait_for_ready

@@ -1,0 +1,3 @@
+from services.portal.server import main
+
+main()
