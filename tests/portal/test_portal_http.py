@@ -46,6 +46,8 @@ async def test_every_read_page_renders_real_data_for_the_owner(suite: Suite) -> 
         assert ":00</th>" in hourly
         transactions = await page_of(http, f"{base}/transactions?kind=promotional_grant")
         assert "welcome credit" in transactions and "grant-portal-org" in transactions
+        found = await http.get(f"{base}/transactions?event=portal-evt-0")
+        assert found.headers["location"] == f"{base}/receipts/portal-evt-0"
         receipt = await page_of(http, f"{base}/receipts/portal-evt-0")
         assert "input_tokens" in receipt and "Price book version" in receipt
         budgets = await page_of(http, f"{base}/budgets")
