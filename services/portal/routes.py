@@ -430,6 +430,9 @@ async def usage_csv(request: Request, session: domain.Session, who: Caller) -> R
 async def transactions(request: Request, session: domain.Session, who: Caller) -> Response:
     client, org, q = portal_of(request).client, request.path_params["org_id"], \
         request.query_params
+    event = q.get("event", "").strip()
+    if event:  # the "find a request's receipt" form
+        return RedirectResponse(f"/orgs/{org}/receipts/{_quote(event[:200])}", 303)
     kind = q.get("kind", "")
     if kind and kind not in _KINDS:
         raise domain.bad_input("kind", f"must be one of {', '.join(sorted(_KINDS))}")

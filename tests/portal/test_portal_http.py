@@ -46,6 +46,8 @@ async def test_every_read_page_renders_real_data_for_the_owner(suite: Suite) -> 
         assert ":00</th>" in hourly
         transactions = await page_of(http, f"{base}/transactions?kind=promotional_grant")
         assert "welcome credit" in transactions and "grant-portal-org" in transactions
+        found = await http.get(f"{base}/transactions?event=portal-evt-0")
+        assert found.headers["location"] == f"{base}/receipts/portal-evt-0"
         receipt = await page_of(http, f"{base}/receipts/portal-evt-0")
         assert "input_tokens" in receipt and "Price book version" in receipt
         budgets = await page_of(http, f"{base}/budgets")
@@ -350,3 +352,28 @@ async def test_buying_on_the_portal_returns_to_the_order_and_its_invoice_downloa
     async with signed_in(suite, PEOPLE["viewer"]) as viewer:
         refused = await viewer.get(f"{base}/invoices/INV-{number}.pdf")
         assert refused.status_code == 403 and b"%PDF" not in refused.content
+
+
+async def test_forged_form_fields_get_an_error_page_naming_the_field_and_change_nothing(
+        suite: Suite) -> None:
+    base = f"/orgs/{ORG}"
+    keys_before, orders_before = await _keys(suite), await _orders(suite)
+    async with signed_in(suite, PEOPLE["owner"]) as http:
+        token = csrf_of(await page_of(http, f"{base}/keys"))
+        cases = [
+            (f"{base}/keys", {"name": "x", "role": "owner"}, "role: must be"),
+            (f"{base}/keys", {"name": "", "role": "gateway"}, "name: required"),
+            (f"{base}/keys", {"name": "n" * 101, "role": "gateway"}, "name: required"),
+            (f"{base}/credit", {"package_id": ""}, "package_id: choose a package"),
+            (f"{base}/credit", {"package_id": "no-such-package"}, "no-such-package"),
+            (f"{base}/top-up", {"threshold": "1", "max_per_day": "many"}, "max_per_day"),
+            (f"{base}/top-up", {"threshold": "0.0000001"}, "threshold"),
+        ]
+        for path, fields, reason in cases:
+            reply = await http.post(path, data={"csrf_token": token, **fields})
+            assert 400 <= reply.status_code < 500, (path, fields, reply.status_code)
+            assert reason in reply.text, (path, fields, reply.text[-400:])
+            assert "Nothing was changed" in reply.text
+    assert await _keys(suite) == keys_before
+    assert [o.payment_order_id for o in await _orders(suite)] == [
+        o.payment_order_id for o in orders_before]
