@@ -25,6 +25,7 @@ from tally.limits import (
     RedisLimiter,
     Window,
 )
+from tally.limits.model import SLOTS
 
 
 class Clock:
@@ -80,7 +81,8 @@ async def test_an_idle_limit_admits_its_capacity_then_denies_with_retry_after(
     assert await admitted(limiter, [qps(key, 10)], 20) == 9
     denied = await limiter.acquire([qps(key, 10)])
     assert not denied.allowed and denied.denied_by == (0,) and denied.remaining == (0,)
-    assert denied.retry_after_us == SECOND_US // 10
+    # the ten stay in the window for a period and one slot (the clock sits on a slot's start)
+    assert denied.retry_after_us == SECOND_US + SECOND_US // SLOTS
     clock.advance(denied.retry_after_us - 1)
     assert not (await limiter.acquire([qps(key, 10)])).allowed
     clock.advance(1)
@@ -92,16 +94,24 @@ async def test_a_drained_limit_admits_exactly_its_amount_per_period(
     (key,) = keys("qps")
     assert await admitted(limiter, [qps(key, 100)], 150) == 100
     for _ in range(3):
-        clock.advance(SECOND_US)
+        clock.advance(SECOND_US - 1)  # still the same one-second window: nothing more
+        assert await admitted(limiter, [qps(key, 100)], 150) == 0
+        clock.advance(1 + SECOND_US // SLOTS)  # a period and a slot after: the next hundred
         assert await admitted(limiter, [qps(key, 100)], 150) == 100
 
 
-async def test_burst_adds_to_what_an_idle_limit_admits_at_once(
+async def test_burst_adds_to_what_a_window_admits_and_is_paid_back(
         limiter: Limiter, clock: Clock) -> None:
     (key,) = keys("qps")
-    assert await admitted(limiter, [qps(key, 10, burst=5)], 30) == 15
-    clock.advance(SECOND_US)
-    assert await admitted(limiter, [qps(key, 10, burst=5)], 30) == 10
+    limit = qps(key, 10, burst=5)
+    assert await admitted(limiter, [limit], 30) == 15
+    clock.advance(SECOND_US // 2)
+    assert await admitted(limiter, [limit], 30) == 0  # never more than 15 in one window
+    clock.advance(SECOND_US // 2 + SECOND_US // SLOTS)
+    # the window is empty again, but the burst is paid back: 10 per second refilled 11
+    assert await admitted(limiter, [limit], 30) == 11
+    clock.advance(2 * SECOND_US)
+    assert await admitted(limiter, [limit], 30) == 15  # idle again: the whole burst
 
 
 async def test_a_denied_decision_consumes_none_of_its_limits(
@@ -125,7 +135,7 @@ async def test_every_denying_limit_is_named_and_the_longest_wait_is_returned(
     assert await admitted(limiter, [qps(fast, 10)], 9) == 9
     verdict = await limiter.acquire(limits)
     assert verdict.denied_by == (0, 1)
-    assert verdict.retry_after_us == MINUTE_US
+    assert verdict.retry_after_us == MINUTE_US + MINUTE_US // SLOTS  # the minute's window
 
 
 async def test_soft_limits_are_counted_past_their_limit_but_never_deny(
@@ -148,9 +158,12 @@ async def test_token_costs_are_consumed_per_unit(limiter: Limiter, clock: Clock)
 
     assert (await limiter.acquire([tpm(6_000)])).remaining == (4_000,)
     too_big = await limiter.acquire([tpm(5_000)])
-    assert not too_big.allowed and too_big.retry_after_us == 1_000 * MINUTE_US // 10_000
+    # the 6,000 leave the window a minute and a slot after they came
+    assert not too_big.allowed and too_big.retry_after_us == MINUTE_US + MINUTE_US // SLOTS
     assert (await limiter.acquire([tpm(4_000)])).remaining == (0,)
     clock.advance(MINUTE_US // 2)
+    assert not (await limiter.acquire([tpm(5_000)])).allowed  # 10,000 in this minute already
+    clock.advance(MINUTE_US // 2 + MINUTE_US // SLOTS)
     assert (await limiter.acquire([tpm(5_000)])).allowed
 
 
@@ -212,3 +225,33 @@ async def test_both_backends_give_the_same_verdicts(redis_url: str, ops: list) -
             assert await memory.acquire(decision) == await shared.acquire(decision)
     finally:
         await shared.close()
+
+
+async def test_many_replicas_never_admit_more_than_the_limit_in_any_window(
+        redis_url: str) -> None:
+    """Four replicas (four Redis limiters), 100 concurrent callers at each instant, the clock
+    moving in random steps over six periods: every window of one period, wherever it starts,
+    holds at most `amount` admissions (burst 0), and the limit is used (not starved)."""
+    import random
+
+    clock = Clock()
+    replicas = [RedisLimiter(redis_url, clock_us=clock) for _ in range(4)]
+    (key,) = keys("qps")
+    limit = qps(key, 20)
+    admitted_at: list[int] = []
+    rng = random.Random(7)
+    try:
+        start = clock.now_us
+        while clock.now_us < start + 6 * SECOND_US:
+            now = clock.now_us
+            verdicts = await asyncio.gather(*(replicas[i % 4].acquire([limit])
+                                              for i in range(100)))
+            admitted_at += [now] * sum(v.allowed for v in verdicts)
+            clock.advance(rng.randint(1, SECOND_US // 20))
+    finally:
+        for replica in replicas:
+            await replica.close()
+    admitted_at.sort()
+    worst = max(sum(1 for t in admitted_at if s <= t <= s + SECOND_US) for s in admitted_at)
+    assert worst == 20, f"a one-second window admitted {worst}"
+    assert len(admitted_at) >= 6 * 20 * SECOND_US // (SECOND_US + SECOND_US // SLOTS) - 20

@@ -76,7 +76,8 @@ async def test_a_project_denial_consumes_neither_the_org_nor_the_key_counter(
     for reply in refused:
         assert (reply.decision, reply.deny_reason) == (DENY, "QUOTA_EXCEEDED")
         assert project in reply.message and org not in reply.message
-        assert reply.retry_after_ms == 500  # one request of 2/s
+        # the two admitted stay in the project's window for a second and one slot (0.1 s)
+        assert reply.retry_after_ms == 1_100
         assert not reply.reservation_id
     # the refusals hold nothing (of the org's credit lease)
     assert await in_flight(suite) == sum(r.reserved_micros for r in admitted)
@@ -92,7 +93,10 @@ async def test_counters_refill_at_their_rate(suite: Suite, clock: Clock) -> None
     await add_quota(suite, "REQUESTS_PER_SECOND", 4, burst=2)
     assert allowed(await decisions(suite, 10)) == 6
     clock.advance(SECOND_US // 2)
-    assert allowed(await decisions(suite, 10)) == 2
+    assert allowed(await decisions(suite, 10)) == 0  # no window of 1 s holds more than 4 + 2
+    clock.advance(SECOND_US // 2 + SECOND_US // 10)
+    # the window has emptied; the burst is paid back at 4/s: 1.1 s refilled 4
+    assert allowed(await decisions(suite, 10)) == 4
 
 
 async def test_tokens_per_minute_count_estimated_input_plus_max_output(
@@ -104,8 +108,12 @@ async def test_tokens_per_minute_count_estimated_input_plus_max_output(
         "tokens", 3_000)
     second = await suite.client.metering.Authorize(request(input_tokens=3_000, max_output=1_000))
     assert (second.decision, second.deny_reason) == (DENY, "QUOTA_EXCEEDED")
-    assert second.retry_after_ms == 6_000  # 1,000 tokens at 10,000 per minute
+    # the 7,000 leave the one-minute window a minute and a slot (6 s) after they came
+    assert second.retry_after_ms == 66_000
     clock.advance(6 * SECOND_US)
+    assert (await suite.client.metering.Authorize(
+        request(input_tokens=3_000, max_output=1_000))).decision == DENY
+    clock.advance(60 * SECOND_US)
     assert (await suite.client.metering.Authorize(
         request(input_tokens=3_000, max_output=1_000))).decision == ALLOW
 
@@ -182,7 +190,7 @@ async def test_three_replicas_sharing_redis_admit_the_limit_once_not_three_times
                 clients[i % 3].metering.Authorize(ask(uuid.uuid4().hex, org=org))
                 for i in range(240)))
             per_second.append(allowed(list(replies)))
-            clock.advance(SECOND_US)
+            clock.advance(SECOND_US + SECOND_US // 10)  # a period and a slot: a fresh window
         assert per_second == [100, 100, 100]
     finally:
         for server, client in replicas:

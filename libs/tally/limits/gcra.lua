@@ -24,6 +24,7 @@ local function idiv(a, b)  -- floor(a / b), exact for integers below 2^53
   return q
 end
 
+local SLOTS = 10  -- tally.limits.model.SLOTS
 local min_ttl = tonumber(ARGV[2])
 local out = {}
 local arg = 4
@@ -40,10 +41,20 @@ for _ = 1, tonumber(ARGV[3]) do
     local held = redis.call("GET", key)
     local fits, wait
     if window == "R" then
-      local backlog, last = 0, now
+      -- the token bucket and the sliding window of tally.limits.model (SLOTS slots a period);
+      -- stored as "backlog:last:base:c0,c1,...,cSLOTS" (window counts oldest first)
+      local backlog, last, base = 0, now, 0
+      local counts = {}
+      for j = 1, SLOTS + 1 do counts[j] = 0 end
       if held then
-        local b, l = string.match(held, "^(%d+):(%d+)$")
+        local b, l, rest = string.match(held, "^(%d+):(%d+)(.*)$")
         backlog, last = tonumber(b), tonumber(l)
+        local bs, cs = string.match(rest, "^:(%d+):([%d,]+)$")
+        if bs then
+          base = tonumber(bs)
+          local j = 1
+          for c in string.gmatch(cs, "%d+") do counts[j] = tonumber(c); j = j + 1 end
+        end
       end
       local elapsed = now - last
       if elapsed > 0 then
@@ -51,13 +62,42 @@ for _ = 1, tonumber(ARGV[3]) do
       end
       local after = backlog + cost * period
       local ceiling = capacity * period
-      fits = after <= ceiling
+      local bucket_fits = after <= ceiling
       wait = 0
-      if not fits then wait = idiv(after - ceiling + amount - 1, amount) end
-      if_consumed[i] = idiv(ceiling - after, period)
-      if_not[i] = idiv(ceiling - backlog, period)
-      local idle_ms = idiv(after + amount - 1, amount)
-      writes[i] = {key, string.format("%d:%d", after, now), idiv(idle_ms + 999, 1000) + 1}
+      if not bucket_fits then wait = idiv(after - ceiling + amount - 1, amount) end
+      local length = idiv(period + SLOTS - 1, SLOTS)
+      local slot = idiv(now, length)
+      local gap = slot - base
+      local win = {}
+      for j = 1, SLOTS + 1 do
+        local from = j + gap
+        if gap <= 0 then from = j end
+        if from <= SLOTS + 1 then win[j] = counts[from] else win[j] = 0 end
+      end
+      local counted = 0
+      for j = 1, SLOTS + 1 do counted = counted + win[j] end
+      local window_fits = counted + cost <= capacity
+      if not window_fits then
+        local running = counted
+        local wwait = (slot + SLOTS + 1) * length - now
+        for j = 1, SLOTS + 1 do
+          running = running - win[j]
+          if running + cost <= capacity then
+            wwait = (slot + j) * length - now
+            break
+          end
+        end
+        if wwait > wait then wait = wwait end
+      end
+      fits = bucket_fits and window_fits
+      if_consumed[i] = math.min(idiv(ceiling - after, period), capacity - counted - cost)
+      if_not[i] = math.min(idiv(ceiling - backlog, period), capacity - counted)
+      win[SLOTS + 1] = win[SLOTS + 1] + cost
+      local idle_us = math.max(idiv(after + amount - 1, amount), (slot + SLOTS + 1) * length - now)
+      local parts = {}
+      for j = 1, SLOTS + 1 do parts[j] = string.format("%d", win[j]) end
+      writes[i] = {key, string.format("%d:%d:%d:%s", after, now, slot, table.concat(parts, ",")),
+                   idiv(idle_us + 999, 1000) + 1}
     else
       local current = idiv(now, period)
       local used = 0

@@ -10,7 +10,15 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from .model import Limit, Verdict, Window, calendar_step, rolling_step
+from .model import (
+    EMPTY_WINDOW,
+    Limit,
+    RollingStep,
+    Verdict,
+    Window,
+    calendar_step,
+    rolling_step,
+)
 
 PRUNE_EVERY: Final = 100_000
 """Counters seen since the last prune after which idle ones are dropped (bounded memory)."""
@@ -22,7 +30,8 @@ def wall_clock_us() -> int:
 
 
 class InProcessLimiter:
-    """Counters in a dict: rolling ones as [backlog, last_us], calendar ones as [window, count]."""
+    """Counters in a dict: rolling ones as [backlog, last_us, base slot, *window counts],
+    calendar ones as [window, count]."""
 
     def __init__(self, clock_us: Callable[[], int] = wall_clock_us) -> None:
         self.clock_us = clock_us
@@ -39,7 +48,7 @@ class InProcessLimiter:
         if len(limits) == 1:
             return self._decide_one(limits[0], now_us)
         state = self._state
-        updates: list[tuple[str, int, int, int]] = []
+        updates: list[tuple[str, list[int], int]] = []
         if_consumed: list[int] = []
         if_not: list[int] = []
         denied: list[int] = []
@@ -47,14 +56,16 @@ class InProcessLimiter:
         for index, limit in enumerate(limits):
             held = state.get(limit.key)
             if limit.window is Window.ROLLING:
-                backlog, last = held if held else (0, now_us)
-                fits, after, left, left_before, wait = rolling_step(limit, backlog, last, now_us)
-                updates.append((limit.key, after, now_us, now_us + -(-after // limit.amount)))
+                step = _rolling(limit, held, now_us)
+                fits, left, left_before, wait = (step.fits, step.left, step.left_before,
+                                                 step.retry_us)
+                updates.append((limit.key, [step.backlog, now_us, step.slot, *step.window],
+                                step.idle_at_us))
             else:
                 window, count = held if held else (-1, 0)
                 fits, window, after, left, left_before, wait = calendar_step(
                     limit, window, count, now_us)
-                updates.append((limit.key, window, after, (window + 1) * limit.period_us))
+                updates.append((limit.key, [window, after], (window + 1) * limit.period_us))
             if not fits and limit.hard:
                 denied.append(index)
                 retry = max(retry, wait)
@@ -62,8 +73,8 @@ class InProcessLimiter:
             if_not.append(left_before)
         if denied:
             return Verdict(False, tuple(if_not), retry, tuple(denied))
-        for key, first, second, idle_at in updates:
-            state[key] = [first, second]
+        for key, held_after, idle_at in updates:
+            state[key] = held_after
             self._idle_at[key] = idle_at
         self._count_writes(len(updates), now_us)
         return Verdict(True, tuple(if_consumed))
@@ -73,17 +84,17 @@ class InProcessLimiter:
         key = limit.key
         held = self._state.get(key)
         if limit.window is Window.ROLLING:
-            backlog, last = held if held else (0, now_us)
-            fits, after, left, left_before, wait = rolling_step(limit, backlog, last, now_us)
-            first, second, idle_at = after, now_us, now_us + -(-after // limit.amount)
+            step = _rolling(limit, held, now_us)
+            fits, left, left_before, wait = step.fits, step.left, step.left_before, step.retry_us
+            held_after, idle_at = [step.backlog, now_us, step.slot, *step.window], step.idle_at_us
         else:
             window, count = held if held else (-1, 0)
             fits, first, second, left, left_before, wait = calendar_step(
                 limit, window, count, now_us)
-            idle_at = (first + 1) * limit.period_us
+            held_after, idle_at = [first, second], (first + 1) * limit.period_us
         if not fits and limit.hard:
             return Verdict(False, (left_before,), wait, (0,))
-        self._state[key] = [first, second]
+        self._state[key] = held_after
         self._idle_at[key] = idle_at
         self._count_writes(1, now_us)
         return Verdict(True, (left,))
@@ -105,3 +116,9 @@ class InProcessLimiter:
 
     async def close(self) -> None:
         """Nothing to release."""
+
+
+def _rolling(limit: Limit, held: list[int] | None, now_us: int) -> RollingStep:
+    if held is None:
+        return rolling_step(limit, 0, now_us, 0, EMPTY_WINDOW, now_us)
+    return rolling_step(limit, held[0], held[1], held[2], held[3:], now_us)

@@ -4,10 +4,23 @@ A decision names several limits (the org's QPS, the project's tokens per minute,
 key's requests per day, ...) and consumes every one of them or none. Hard limits deny;
 soft limits never deny but are counted, so their headroom can go negative.
 
-ROLLING limits are a token bucket kept as GCRA-style backlog, in exact integers: every unit
-consumed adds `period_us` to the backlog, time drains it at `amount` per microsecond, and a
-request fits while the backlog stays within `capacity * period_us` (capacity = amount +
-burst). So an idle limit admits `capacity` at once and then exactly `amount` per period.
+ROLLING limits: `amount` per `period` means no window of that length ever admits more than
+`capacity` = amount + burst units (with burst 0: never more than `amount`), and over time no
+more than `amount` per period. Two checks, both in exact integers, a request must pass:
+
+- a sliding window: each period is cut into SLOTS slots; a unit counts in its slot until
+  SLOTS + 1 slots have begun after it, and a request fits while the units counted plus its
+  cost stay within `capacity`. Every window of `period` lies inside the SLOTS + 1 newest
+  slots, so none ever holds more than `capacity`. The price: a unit stops counting up to one
+  slot (period / SLOTS) later than one period after it was admitted.
+- a token bucket kept as GCRA-style backlog: every unit consumed adds `period_us` to the
+  backlog, time drains it at `amount` per microsecond, and a request fits while the backlog
+  stays within `capacity * period_us`. With burst 0 the window is the tighter bound; with a
+  burst, the bucket pays the burst back (after `capacity` at once, `amount` per period).
+
+A plain token bucket (the bucket alone) admits `capacity` at once and then refills while the
+same window is still open, so an idle limit of `amount` per second admitted about 2 x amount
+in its first second; the window check is what makes `limit` per `window` hold.
 CALENDAR limits count in fixed windows aligned to the Unix epoch (a day window is a UTC day).
 
 The Lua script in `gcra.lua` is the same arithmetic; the in-process limiter is this module's.
@@ -22,6 +35,9 @@ from typing import Final, Protocol
 
 MAX_SCALED: Final = 2**53
 """Redis runs Lua with doubles: every scaled quantity must stay exactly representable."""
+
+SLOTS: Final = 10
+"""Slots per period of a rolling limit's sliding window (see the module docstring)."""
 
 SECOND_US: Final = 1_000_000
 MINUTE_US: Final = 60 * SECOND_US
@@ -108,18 +124,76 @@ def drain(backlog: int, elapsed_us: int, amount: int) -> int:
     return backlog - elapsed_us * amount
 
 
-def rolling_step(limit: Limit, backlog: int, last_us: int, now_us: int
-                 ) -> tuple[bool, int, int, int, int]:
-    """One rolling limit whose state is (backlog, last_us), asked for `limit.cost` at
-    `now_us`: (fits, backlog if consumed, remaining if consumed, remaining if not, retry
-    after µs when it does not fit). Remaining goes negative only for a soft limit."""
-    current = drain(backlog, now_us - last_us, limit.amount)
-    after = current + limit.cost * limit.period_us
-    ceiling = limit.capacity * limit.period_us
-    fits = after <= ceiling
-    retry = 0 if fits else -(-(after - ceiling) // limit.amount)
-    return (fits, after, (ceiling - after) // limit.period_us,
-            (ceiling - current) // limit.period_us, retry)
+def slot_us(period_us: int) -> int:
+    """The length of one slot of a rolling limit's window (SLOTS of them cover a period)."""
+    return -(-period_us // SLOTS)
+
+
+def shifted(counts: Sequence[int], base: int, slot: int) -> list[int]:
+    """The window's SLOTS + 1 counts (oldest first) as of `slot`, from counts as of `base`."""
+    gap = slot - base
+    if gap <= 0:
+        return list(counts)
+    if gap > SLOTS:
+        return [0] * (SLOTS + 1)
+    return [*counts[gap:], *([0] * gap)]
+
+
+EMPTY_WINDOW: Final = (0,) * (SLOTS + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class RollingStep:
+    """One rolling limit asked for its cost at some time."""
+
+    fits: bool
+    backlog: int
+    """The bucket's backlog if consumed."""
+    slot: int
+    """The window's newest slot now."""
+    window: list[int]
+    """The window's counts if consumed (oldest first)."""
+    left: int
+    """Remaining if consumed (negative only for a soft limit)."""
+    left_before: int
+    """Remaining if not consumed."""
+    retry_us: int
+    """When it does not fit: how long until it would."""
+    idle_at_us: int
+    """When, if consumed, the limit is back to idle (nothing in the bucket or window)."""
+
+
+def rolling_step(limit: Limit, backlog: int, last_us: int, base: int, counts: Sequence[int],
+                 now_us: int) -> RollingStep:
+    """One rolling limit whose state is (backlog, last_us, base slot, window counts), asked
+    for `limit.cost` at `now_us`. Remaining and the retry are those of the tighter check."""
+    amount, period, capacity, cost = limit.amount, limit.period_us, limit.capacity, limit.cost
+    current = drain(backlog, now_us - last_us, amount)
+    after = current + cost * period
+    ceiling = capacity * period
+    bucket_fits = after <= ceiling
+    retry = 0 if bucket_fits else -(-(after - ceiling) // amount)
+    length = slot_us(period)
+    slot = now_us // length
+    window = shifted(counts, base, slot)
+    counted = sum(window)
+    window_fits = counted + cost <= capacity
+    if not window_fits:
+        # the oldest slots leave the window one by one: the first moment enough has left
+        running = counted
+        wait = (slot + SLOTS + 1) * length - now_us
+        for age, units in enumerate(window):
+            running -= units
+            if running + cost <= capacity:
+                wait = (slot + age + 1) * length - now_us
+                break
+        retry = max(retry, wait)
+    left = min((ceiling - after) // period, capacity - counted - cost)
+    left_before = min((ceiling - current) // period, capacity - counted)
+    window[-1] += cost
+    idle = max(now_us + -(-after // amount), (slot + SLOTS + 1) * length)
+    return RollingStep(bucket_fits and window_fits, after, slot, window, left, left_before,
+                       retry, idle)
 
 
 def calendar_step(limit: Limit, window: int, count: int, now_us: int

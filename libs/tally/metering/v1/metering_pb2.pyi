@@ -346,7 +346,9 @@ class _QuotaKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_QuotaKind.V
     QUOTA_KIND_UNSPECIFIED: _QuotaKind.ValueType  # 0
     """Not set; invalid."""
     QUOTA_KIND_REQUESTS_PER_SECOND: _QuotaKind.ValueType  # 1
-    """Requests per second (GCRA / token bucket with `burst`)."""
+    """Requests per second: no one-second window, wherever it starts, admits more than limit +
+    burst (a sliding window), and over time no more than limit per second (a token bucket).
+    """
     QUOTA_KIND_REQUESTS_PER_DAY: _QuotaKind.ValueType  # 2
     """Requests per UTC day."""
     QUOTA_KIND_TOKENS_PER_MINUTE: _QuotaKind.ValueType  # 3
@@ -360,7 +362,9 @@ class QuotaKind(_QuotaKind, metaclass=_QuotaKindEnumTypeWrapper):
 QUOTA_KIND_UNSPECIFIED: QuotaKind.ValueType  # 0
 """Not set; invalid."""
 QUOTA_KIND_REQUESTS_PER_SECOND: QuotaKind.ValueType  # 1
-"""Requests per second (GCRA / token bucket with `burst`)."""
+"""Requests per second: no one-second window, wherever it starts, admits more than limit +
+burst (a sliding window), and over time no more than limit per second (a token bucket).
+"""
 QUOTA_KIND_REQUESTS_PER_DAY: QuotaKind.ValueType  # 2
 """Requests per UTC day."""
 QUOTA_KIND_TOKENS_PER_MINUTE: QuotaKind.ValueType  # 3
@@ -1778,9 +1782,14 @@ class Quota(_message.Message):
     kind: Global___QuotaKind.ValueType
     """What is counted."""
     limit: _builtins.int
-    """Allowed amount per window in the kind's unit (requests or tokens); > 0."""
+    """Allowed amount per window in the kind's unit (requests or tokens); > 0. Per-second and
+    per-minute kinds never admit more than limit (+ burst) in any window of that length,
+    wherever it starts; an admitted unit counts for the window and up to a tenth more.
+    """
     burst: _builtins.int
-    """Extra amount allowed in a burst above the steady rate (per-second kinds); 0 = none."""
+    """Extra amount one window may admit above limit, paid back at the steady rate (per-second
+    kinds); 0 = none: then no window admits more than limit.
+    """
     enforcement: Global___QuotaEnforcement.ValueType
     """Enforcement policy."""
     long_context_threshold_tokens: _builtins.int
