@@ -49,7 +49,7 @@ def secrets(namespace: str, days: int) -> list[dict[str, object]]:
           .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
           .sign(ca_key, hashes.SHA256()))
     ca_pem = ca.public_bytes(serialization.Encoding.PEM)
-    made = []
+    made: list[dict[str, object]] = []
     for service in SERVICES:
         key = ec.generate_private_key(ec.SECP256R1())
         names = [service, f"{service}.{namespace}", f"{service}.{namespace}.svc",

@@ -24,6 +24,7 @@ from tally.kit.background import run_periodically, run_when_notified
 from tally.kit.config import (
     ConfigError,
     KitConfig,
+    exit_on_config_error,
     load,
     load_kit_config,
     parse_non_negative_int,
@@ -160,5 +161,13 @@ async def build_for(database_url: str, config: KitConfig | None = None,
 
 
 def main() -> None:
-    """Runs the accounts service until SIGTERM/SIGINT."""
-    run_service(NAME, build)
+    """Runs the accounts service until SIGTERM/SIGINT. Settings that cannot work together
+    (retention without an archive) stop it like bad kit settings: exit status 2."""
+    async def build_or_exit(config: KitConfig) -> ServiceApp:
+        try:
+            return await build(config)
+        except ConfigError as exc:
+            exit_on_config_error(exc)
+            raise
+
+    run_service(NAME, build_or_exit)

@@ -64,6 +64,13 @@ TARGETS: dict[str, Path] = check_k8s.targets()
 OVERLAYS = [name for name in TARGETS if name != "base"]
 
 
+def rendered_dev_secret_names() -> set[str]:
+    """The Secrets the dev overlay's Deployments mount as volumes."""
+    return {volume["secret"]["secretName"]
+            for doc in check_k8s.render(TARGETS["dev"]) if doc.get("kind") == "Deployment"
+            for volume in pod_spec(doc).get("volumes", []) if "secret" in volume}
+
+
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[Document]]:
     """Every kustomization's objects, rendered once."""
