@@ -268,8 +268,8 @@ async def measure_shape(address: str, streams: int, batch: int, events: int, *,
 
 
 async def measure_ingest(addresses: dict[str, str], quick: bool,
-                         pids: dict[str, list[int]] | None = None, database_url: str = ""
-                         ) -> dict[str, Any]:
+                         pids: dict[str, list[int]] | None = None, database_url: str = "",
+                         only: str = "") -> dict[str, Any]:
     """Every shape, after funding; a warm-up first so start-up costs are not measured."""
     client = TallyClient(addresses, actor="service:bench")
     try:
@@ -280,6 +280,8 @@ async def measure_ingest(addresses: dict[str, str], quick: bool,
     count = 8_000 if quick else 40_000
     results = {}
     for streams, batch, orgs in SHAPES:
+        if only and only != f"streams_{streams}_batch_{batch}_orgs_{orgs}":
+            continue
         results[f"streams_{streams}_batch_{batch}_orgs_{orgs}"] = await measure_shape(
             addresses["metering"], streams, batch, count, orgs=orgs, pids=pids,
             database_url=database_url)
@@ -291,6 +293,8 @@ def targets(ingest: dict[str, Any], baseline_events_per_s: float, rss_mb: float
     """The issue's targets with pass/fail (throughput and CPU on the target shape)."""
     best = max(v["events_per_s"] for v in ingest.values())
     share = best / baseline_events_per_s if baseline_events_per_s else 0.0
+    if TARGET_SHAPE not in ingest:  # --shape measured another one
+        return {}
     shape = ingest[TARGET_SHAPE]
     cpu = shape.get("cpu_us_per_event", {}).get("total")
     slow_acks = [name for name, v in ingest.items() if v["ack_p99_ms"] > v["ack_p99_bound_ms"]]
@@ -319,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--metering-workers", type=int, default=2, metavar="N",
                         help="metering processes on its port (TALLY_METERING_WORKERS; "
                              "default 2, one per core of the target machine)")
+    parser.add_argument("--shape", default="", metavar="NAME",
+                        help=f"measure only this shape (e.g. {TARGET_SHAPE})")
     args = parser.parse_args(argv)
     configure_logging("bench", "warning")
     server_url = database_server_url(BENCH_DATA_DIR)
@@ -328,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           bench_database(server_url, "tally_bench_ingest", SERVICES) as url,
           running_suite(url, profile, args.metering_workers, redis_url) as suite):
         ingest = run_in_loop(measure_ingest(suite["addresses"], args.quick,
-                                            suite["pids"], url))
+                                            suite["pids"], url, args.shape))
         rss = {f"worker_{i}": _rss_mb(pid) for i, pid in enumerate(suite["pids"]["metering"])}
     raw = baseline["client_stream_1000"]["events_per_s"]
     best = max(v["events_per_s"] for v in ingest.values())

@@ -74,7 +74,26 @@ class UsageEvent:
     evidence: Evidence = Evidence()
 
     def fingerprint(self) -> str:
-        """Hash of the event's meaning: the same id with another fingerprint is key reuse."""
+        """Hash of the event's meaning: the same id with another fingerprint is key reuse.
+
+        A 128-bit BLAKE2b of the repr of its fields (quantities and labels sorted): repr of
+        strings and ints is unambiguous and the same in every process, and far cheaper than
+        JSON; events recorded before carry `legacy_fingerprint` (see `has_fingerprint`)."""
+        return hashlib.blake2b(repr((
+            self.org_id, self.occurred_at.isoformat() if self.occurred_at else "",
+            sorted((m.value if m else "", q) for m, q in self.quantities), self.model,
+            self.provider, self.operation, self.mode.value, self.region, self.reservation_id,
+            self.project_id, self.environment, self.user_id, self.api_key_id,
+            sorted(self.labels.items()))).encode(), digest_size=16).hexdigest()
+
+    def has_fingerprint(self, stored: str) -> bool:
+        """Whether a stored fingerprint is this event's (of either form)."""
+        if len(stored) == 64:
+            return stored == self.legacy_fingerprint()
+        return stored == self.fingerprint()
+
+    def legacy_fingerprint(self) -> str:
+        """The SHA-256-over-JSON fingerprint of events recorded before the BLAKE2b one."""
         body = [self.org_id, self.occurred_at.isoformat() if self.occurred_at else "",
                 sorted((m.value if m else "", q) for m, q in self.quantities), self.model,
                 self.provider, self.operation, self.mode.value, self.region,
@@ -194,6 +213,43 @@ def rate_event(history: PriceBookHistory, event: UsageEvent, carry_attos: int,
     version = int(quote.price_book_version) if quote.price_book_version.isdigit() else 0
     receipt = Receipt(event.event_id, quote.total_micros, version, quote.resolved_model, lines)
     return RatedEvent(event, event.fingerprint(), receipt), carry
+
+
+ALL_MODELS: Final = "*"
+"""The month-to-date usage key of a line that prices a meter for every model."""
+
+
+class PeriodKeys:
+    """Which month-to-date usage an event's rating needs: for each line of its (book, model,
+    mode) whose price depends on the units used before it this month (allowances, tiers), the
+    line and the usage key it counts against — (model, or ALL_MODELS for a line of every
+    model; meter). Flat lines need none, so usage of their meters is not tracked; memoized
+    per (book version, model, mode), as books are immutable."""
+
+    __slots__ = ("_memo",)
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[str, str, UsageMode],
+                         tuple[tuple[Meter, str, str], ...]] = {}
+
+    def of(self, book: PriceBook, model: str, mode: UsageMode
+           ) -> tuple[tuple[Meter, str, str], ...]:
+        """(meter, line id, key model) of each line of `model` in `mode` that counts usage."""
+        key = (book.version, model, mode)
+        found = self._memo.get(key)
+        if found is None:
+            try:
+                resolved = book.resolve_model(model).model if model else ""
+            except RatingError:  # rating rejects the event: nothing to count
+                self._memo[key] = ()
+                return ()
+            lines = []
+            for meter in Meter:
+                line = book.find_line(resolved, meter, mode)
+                if line is not None and line.counts_period_usage:
+                    lines.append((meter, line.line_id, resolved if line.model else ALL_MODELS))
+            found = self._memo[key] = tuple(lines)
+        return found
 
 
 @dataclass(frozen=True, slots=True)
