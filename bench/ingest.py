@@ -43,6 +43,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
+import asyncpg
 import grpc
 
 from bench.authorize import redis_server
@@ -56,7 +57,7 @@ from bench.harness import (
 )
 from tally.cli.suite import health_state
 from tally.common.v1 import common_pb2
-from tally.kit import infra
+from tally.kit import db, infra
 from tally.kit.log import configure_logging
 from tally.ledger.v1 import ledger_pb2 as lpb
 from tally.metering.v1 import metering_pb2 as mpb
@@ -85,6 +86,7 @@ TARGET_RSS_MB: Final = 300
 
 _START_TIMEOUT_S: Final = 60.0
 _STOP_TIMEOUT_S: Final = 30.0
+_ROLLUP_WAIT_S: Final = 120.0
 
 
 # ---------------------------------------------------------------------------- the suite
@@ -252,6 +254,9 @@ async def measure_shape(address: str, streams: int, batch: int, events: int, *,
     finally:
         for channel in channels:
             await channel.close()
+    rollup: dict[str, float] = {}
+    if database_url:
+        rollup = await _rollup_catch_up(database_url)
     latencies.sort()
     total = sum(acked)
     rate = total / seconds
@@ -261,10 +266,31 @@ async def measure_shape(address: str, streams: int, batch: int, events: int, *,
         "ack_p50_ms": round(nearest_rank(latencies, 50) / 1e6, 2),
         "ack_p99_ms": round(nearest_rank(latencies, 99) / 1e6, 2),
         "ack_p99_bound_ms": round(1.5 * min(streams * WINDOW * batch, total) / rate * 1000, 2)}
+    figure.update(rollup)
     if meter is not None:
         meter.stop()
         figure["cpu_us_per_event"] = meter.micros_per(total)
     return figure
+
+
+async def _rollup_catch_up(database_url: str) -> dict[str, float]:
+    """How far the roll-ups were behind when the last event was acknowledged (the age of the
+    oldest batch not rolled up), and how long they took to catch up — waited for, so the CPU
+    figures include rolling up every event measured."""
+    conn = await asyncpg.connect(db.asyncpg_url(database_url))
+    lag_sql = ("SELECT extract(epoch FROM now() - min(created_at))::float8 "
+               "FROM metering.ledger_batches WHERE rolled_up_at IS NULL")
+    try:
+        lag = float(await conn.fetchval(lag_sql) or 0.0)
+        started = time.perf_counter()
+        while time.perf_counter() - started < _ROLLUP_WAIT_S:
+            if await conn.fetchval(lag_sql) is None:
+                break
+            await asyncio.sleep(0.05)  # polled: the bench has no roll-up notification
+        return {"rollup_lag_s": round(lag, 3),
+                "rollup_catch_up_s": round(time.perf_counter() - started, 3)}
+    finally:
+        await conn.close()
 
 
 async def measure_ingest(addresses: dict[str, str], quick: bool,
