@@ -6,6 +6,8 @@ roll-up unnests them instead of unpacking JSON per event, and the ack path write
 them. `lines` is NULL on such rows, and so is `quantities` unless the event reported its meters
 in another order (the event as reported keeps that order). Rows written before keep their
 JSON; those of batches not yet rolled up get the arrays here, as the roll-up reads only them.
+`request_hash` is '' on new rows: a replay compares its fingerprint with the stored event's,
+computed when needed, so the ack path hashes nothing.
 
 Revision ID: 0006_ingest_line_columns
 Revises: 0004_leases
