@@ -11,7 +11,9 @@ What it measures (``python -m bench.ingest [--quick]`` prints one JSON object):
   in flight / throughput: what queueing alone explains). ``cpu_us_per_event``: CPU
   microseconds (utime + stime from /proc) per acknowledged event of this client, each
   metering process, the ledger, pricing and the PostgreSQL backends of the run's database,
-  and their ``total``.
+  and their ``total``; then the bench waits for the roll-ups to catch up (so the CPU includes
+  them): ``rollup_lag_s`` is how far behind they were at the last ack, ``rollup_catch_up_s``
+  how long they took.
 - ``metering_rss_mb``: each metering worker's resident set after the runs (``VmRSS``) and its
   peak (``VmHWM``); ``--metering-workers N`` (default 2) processes share metering's port.
 - ``baseline``: the raw gRPC client-stream figure of :mod:`bench.baseline` (1,000-event
