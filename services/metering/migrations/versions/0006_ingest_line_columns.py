@@ -7,7 +7,9 @@ them. `lines` is NULL on such rows, and so is `quantities` unless the event repo
 in another order (the event as reported keeps that order). Rows written before keep their
 JSON; those of batches not yet rolled up get the arrays here, as the roll-up reads only them.
 `request_hash` is '' on new rows: a replay compares its fingerprint with the stored event's,
-computed when needed, so the ack path hashes nothing.
+computed when needed, so the ack path hashes nothing. (A downgrade restores the JSON columns
+but cannot restore those hashes: the code before this would refuse replays of such events as
+a reused id.)
 
 Revision ID: 0006_ingest_line_columns
 Revises: 0004_leases
