@@ -21,6 +21,7 @@ from tally.rating import (
     UsageMode,
     attos_to_micros_decimal,
     rate,
+    rate_lines,
     rate_total,
     rate_with_carry,
     rate_with_carry_attos,
@@ -164,3 +165,31 @@ def test_carry_state_exports_as_decimal_and_restores_exactly() -> None:
     assert restored.take("a", Decimal("0.75")) == 1
     assert restored.carry("a") == 0
     assert len(restored) == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    usage=st.fixed_dictionaries({}, optional={
+        m: st.integers(0, 3000) for m in (
+            Meter.INPUT_TOKENS, Meter.OUTPUT_TOKENS, Meter.CACHED_INPUT_TOKENS,
+            Meter.STORAGE_GB_HOURS, Meter.BANDWIDTH_GB, Meter.EMBEDDING_READS,
+            Meter.DATA_OPERATIONS, Meter.GPU_MINUTES, Meter.CALLS)}),
+    prior=st.integers(0, 2000), carry=carries, model=st.sampled_from(["chat", "chat-1", ""]),
+    mode=st.sampled_from(list(UsageMode)), region=st.sampled_from(["", "eu", "us"]))
+def test_rate_lines_gives_the_receipt_of_the_full_quote(
+    usage: dict[Meter, int], prior: int, carry: int, model: str, mode: UsageMode, region: str
+) -> None:
+    b = book()
+    if model == "":  # the model meters have no line for usage of no model
+        usage = {m: q for m, q in usage.items() if m not in (
+            Meter.INPUT_TOKENS, Meter.OUTPUT_TOKENS)}
+    # every line with an allowance or tiers, part used, part crossed by this event
+    priors = {"storage": prior, "bandwidth": prior, "reads": prior, "ops": prior}
+    quote, quote_carry = rate_with_carry_attos(b, model, mode, region, usage, priors, carry)
+    total, lines_carry, resolved, lines = rate_lines(b, model, mode, region, usage, priors,
+                                                     carry)
+    assert (total, lines_carry, resolved) == (quote.total_micros, quote_carry,
+                                              quote.resolved_model)
+    assert lines == tuple((q.meter, q.quantity, q.rate, q.per_units, q.cost_micros)
+                          for q in quote.lines)
+    assert [str(r) for _, _, r, _, _ in lines] == [str(q.rate) for q in quote.lines]

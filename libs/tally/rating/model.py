@@ -192,6 +192,14 @@ class PriceLine:
         """The lookup key: (model, meter, mode); "" and None are wildcards."""
         return (self.model, self.meter, self.mode)
 
+    @property
+    def counts_period_usage(self) -> bool:
+        """Whether rating it needs the units already used this period (`prior`): an allowance,
+        or tiers beyond one flat rate. Other lines price every unit alike, whatever came
+        before, so callers need not track their usage."""
+        return self.included_quantity > 0 or (
+            self.tier_mode is not TierMode.FLAT and len(self.tiers) > 1)
+
 
 @dataclass(frozen=True, slots=True)
 class ModelEntry:

@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Final
 
 from tally.kit.errors import Reason
@@ -20,7 +21,7 @@ from tally.rating import (
     PriceBookHistory,
     RatingError,
     UsageMode,
-    rate_with_carry_attos,
+    rate_lines,
 )
 
 MAX_EVENT_AGE: Final = timedelta(days=35)
@@ -74,7 +75,27 @@ class UsageEvent:
     evidence: Evidence = Evidence()
 
     def fingerprint(self) -> str:
-        """Hash of the event's meaning: the same id with another fingerprint is key reuse."""
+        """Hash of the event's meaning: the same id with another fingerprint is key reuse.
+
+        A 128-bit BLAKE2b of the repr of its fields (quantities and labels sorted): repr of
+        strings and ints is unambiguous and the same in every process, and far cheaper than
+        JSON; events recorded before carry `legacy_fingerprint` (see `has_fingerprint`). The
+        ack path stores none: a replay compares with the stored event's (see the store)."""
+        return hashlib.blake2b(repr((
+            self.org_id, self.occurred_at.isoformat() if self.occurred_at else "",
+            sorted((m.value if m else "", q) for m, q in self.quantities), self.model,
+            self.provider, self.operation, self.mode.value, self.region, self.reservation_id,
+            self.project_id, self.environment, self.user_id, self.api_key_id,
+            sorted(self.labels.items()))).encode(), digest_size=16).hexdigest()
+
+    def has_fingerprint(self, stored: str) -> bool:
+        """Whether a stored fingerprint is this event's (of either form)."""
+        if len(stored) == 64:
+            return stored == self.legacy_fingerprint()
+        return stored == self.fingerprint()
+
+    def legacy_fingerprint(self) -> str:
+        """The SHA-256-over-JSON fingerprint of events recorded before the BLAKE2b one."""
         body = [self.org_id, self.occurred_at.isoformat() if self.occurred_at else "",
                 sorted((m.value if m else "", q) for m, q in self.quantities), self.model,
                 self.provider, self.operation, self.mode.value, self.region,
@@ -198,7 +219,6 @@ class RatedEvent:
     """An event with its price: what is stored and debited."""
 
     event: UsageEvent
-    fingerprint: str
     receipt: Receipt
 
 
@@ -212,17 +232,74 @@ def rate_event(history: PriceBookHistory, event: UsageEvent, carry_attos: int,
     try:
         book: PriceBook = history.book_at(event.occurred_at)
         quantities = {m: q for m, q in event.quantities if m is not None}
-        quote, carry = rate_with_carry_attos(book, event.model, event.mode, event.region,
-                                             quantities, prior, carry_attos)
+        total, carry, resolved, priced = rate_lines(
+            book, event.model, event.mode, event.region, quantities, prior, carry_attos)
     except RatingError as exc:
         # rating's reasons are spelled like the kit's (UNKNOWN_MODEL, PRICE_NOT_FOUND, ...)
         return rejected(event.event_id, Reason(exc.reason.value), exc.field or "quantities",
                         exc.message), carry_attos
-    lines = tuple(ReceiptLine(line.meter, line.quantity, str(line.rate), line.per_units,
-                              line.cost_micros) for line in quote.lines)
-    version = int(quote.price_book_version) if quote.price_book_version.isdigit() else 0
-    receipt = Receipt(event.event_id, quote.total_micros, version, quote.resolved_model, lines)
-    return RatedEvent(event, event.fingerprint(), receipt), carry
+    lines = tuple(ReceiptLine(meter, quantity, _rate_text(rate), per_units, cost)
+                  for meter, quantity, rate, per_units, cost in priced)
+    version = int(book.version) if book.version.isdigit() else 0
+    receipt = Receipt(event.event_id, total, version, resolved, lines)
+    return RatedEvent(event, receipt), carry
+
+
+# id -> (the rate, its text): by identity, as equal Decimals can print differently ("2" and
+# "2.0"); holding the rate keeps its id from being reused
+_RATE_TEXTS: dict[int, tuple[Decimal, str]] = {}
+
+
+def _rate_text(rate: Decimal) -> str:
+    """str(rate), remembered: a book's rates are a few objects that every receipt repeats."""
+    known = _RATE_TEXTS.get(id(rate))
+    if known is not None and known[0] is rate:
+        return known[1]
+    if len(_RATE_TEXTS) > 10_000:  # books come and go; keep it bounded
+        _RATE_TEXTS.clear()
+    text = str(rate)
+    _RATE_TEXTS[id(rate)] = (rate, text)
+    return text
+
+
+ALL_MODELS: Final = "*"
+"""The month-to-date usage key of a line that prices a meter for every model."""
+
+
+class PeriodKeys:
+    """Which month-to-date usage an event's rating needs: for each line of its (book, model,
+    mode) whose price depends on the units used before it this month (allowances, tiers), the
+    line and the usage key it counts against — (model, or ALL_MODELS for a line of every
+    model; meter). Flat lines need none, so usage of their meters is not tracked; memoized
+    per (book version, model, mode), as books are immutable."""
+
+    __slots__ = ("_memo",)
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[str, str, UsageMode], dict[Meter, tuple[str, str]]] = {}
+
+    def of(self, book: PriceBook, model: str, mode: UsageMode) -> dict[Meter, tuple[str, str]]:
+        """meter -> (line id, key model) of each line of `model` in `mode` that counts usage."""
+        key = (book.version, model, mode)
+        found = self._memo.get(key)
+        if found is None:
+            found = self._memo[key] = {}
+            try:
+                resolved = book.resolve_model(model).model if model else ""
+            except RatingError:  # rating rejects the event: nothing to count
+                return found
+            for meter in Meter:
+                line = book.find_line(resolved, meter, mode)
+                if line is not None and line.counts_period_usage:
+                    found[meter] = (line.line_id, resolved if line.model else ALL_MODELS)
+        return found
+
+    def needed(self, book: PriceBook, event: UsageEvent) -> list[tuple[Meter, str, str]]:
+        """(meter, line id, key model) of the event's reported meters that count usage."""
+        lines = self.of(book, event.model, event.mode)
+        if not lines:
+            return []
+        return [(m, *lines[m]) for m, _ in event.quantities if m is not None and m in lines]
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,14 +46,14 @@ WITH picked AS MATERIALIZED (
     WHERE rolled_up_at IS NULL ORDER BY created_at LIMIT $1 FOR UPDATE {lock}
 ),
 -- one row per metered quantity: an accepted event has exactly one receipt line per meter it
--- reports ([meter, quantity, rate, per_units, cost]; rating refuses a meter without a price)
+-- reports (rating refuses a meter without a price), stored as arrays in receipt order
 metered AS MATERIALIZED (
     SELECT e.org_id, e.occurred_at, e.project_id, e.environment, e.user_id,
-           e.resolved_model AS model, e.operation, e.labels, l->>0 AS meter,
-           (l->>1)::bigint AS quantity, (l->>4)::bigint AS credits, l->>0 = first AS first
+           e.resolved_model AS model, e.operation, e.labels, l.meter, l.quantity,
+           l.credits, l.n = 1 AS first
     FROM picked p JOIN metering.usage_events e ON e.ledger_batch_id = p.batch_id
-    CROSS JOIN LATERAL (SELECT e.lines->0->>0 AS first) f
-    CROSS JOIN LATERAL jsonb_array_elements(e.lines) l
+    CROSS JOIN LATERAL unnest(e.meters, e.meter_quantities, e.meter_costs)
+        WITH ORDINALITY AS l(meter, quantity, credits, n)
 ),
 hourly AS MATERIALIZED (
     SELECT org_id, date_trunc('hour', occurred_at, 'UTC') AS hour, project_id, environment,

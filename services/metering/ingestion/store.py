@@ -9,11 +9,18 @@ stores the ledger's per-org answer on the batch row (each event's receipt is der
 the event's place in its org's debit, so no event row is updated); `pending_batches` lists
 batches a crash left unposted. The roll-ups follow committed batches off this path
 (services.metering.rollup).
+
+Month-to-date usage (`period_usage`) is kept only where a price depends on it: a key gets a row
+when a line with an allowance or tiers first needs it (counted from the recorded events, under
+the org's lock) and every row is kept exact from then on. Flat prices need none, so a batch
+priced flat writes no usage rows at all — one row per (org, month, model, meter) rewritten per
+commit was the largest statement of the ack path.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
@@ -32,8 +39,9 @@ if TYPE_CHECKING:
 _EVENT_COLUMNS = (
     "org_id", "event_id", "occurred_at", "project_id", "environment", "user_id", "api_key_id",
     "labels", "provider", "model", "resolved_model", "operation", "mode", "region",
-    "quantities", "reservation_id", "evidence", "request_hash", "cost_micros", "lines",
-    "price_book_version", "ledger_batch_id", "batch_cost_before_micros",
+    "quantities", "reservation_id", "evidence", "request_hash", "cost_micros",
+    "price_book_version", "ledger_batch_id", "batch_cost_before_micros", "meters",
+    "meter_quantities", "meter_costs", "line_rates", "line_per_units",
 )
 
 
@@ -66,7 +74,10 @@ def _debits_of(text: str) -> list[ing.OrgDebit]:
             for org, amount, count, digest, captures, *lease in json.loads(text)]
 
 
-_ALL_MODELS = "*"  # period-usage key of lines that price a meter for every model
+_ALL_MODELS = ing.ALL_MODELS
+_LOOK_UP_AFTER_DUPLICATE_S = 10.0
+PeriodKey = tuple[str, date, str, str]
+"""Month-to-date usage key: (org, month, model or _ALL_MODELS, meter)."""
 
 
 def _month(ts: datetime) -> date:
@@ -77,8 +88,13 @@ def receipt_from_row(r: Row, outcomes: Outcomes) -> ing.Receipt:
     """The receipt of a recorded event: its price, and its share of its org's debit in its
     batch once the ledger confirmed it (`outcomes` holds its batch's; rows recorded before
     debits were per org carry their receipt columns)."""
-    lines = tuple(ing.ReceiptLine(Meter(m), q, rate, per, cost)
-                  for m, q, rate, per, cost in json.loads(r["lines"]))
+    meters = r["meters"]
+    lines = tuple(
+        ing.ReceiptLine(Meter(m), q, rate, per, cost)
+        for m, q, rate, per, cost in (
+            json.loads(r["lines"]) if meters is None else zip(
+                meters, r["meter_quantities"], r["line_rates"], r["line_per_units"],
+                r["meter_costs"], strict=True)))
     receipt = ing.Receipt(
         r["event_id"], r["cost_micros"], r["price_book_version"], r["resolved_model"], lines,
         r["ledger_transfer_id"] or "", r["balance_after_micros"] or 0, r["arrears_micros"] or 0,
@@ -119,7 +135,9 @@ def event_from_row(r: Row) -> ing.UsageEvent:
     evidence = json.loads(r["evidence"])
     return ing.UsageEvent(
         event_id=r["event_id"], org_id=r["org_id"], occurred_at=r["occurred_at"],
-        quantities=tuple((Meter(m), q) for m, q in json.loads(r["quantities"])),
+        quantities=tuple((Meter(m), q) for m, q in (
+            zip(r["meters"], r["meter_quantities"], strict=True) if r["quantities"] is None
+            else json.loads(r["quantities"]))),
         model=r["model"], provider=r["provider"], operation=r["operation"],
         mode=UsageMode(r["mode"]), region=r["region"], reservation_id=r["reservation_id"],
         project_id=r["project_id"], environment=r["environment"], user_id=r["user_id"],
@@ -135,22 +153,49 @@ class UsageEventStore:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        self._look_up_until = 0.0
 
     async def record(self, batch_id: str, events: Sequence[ing.UsageEvent],
                      history: PriceBookHistory) -> Recorded:
-        """Records the events that are new (each (org, event id) once in `events`)."""
+        """Records the events that are new (each (org, event id) once in `events`).
+
+        A commit first assumes every event is new and lets the insert find a duplicate (the
+        primary key refuses it, and the transaction rolls back whole); only then is the batch
+        recorded again looking each event up first. So the common case pays no lookup, a
+        replay pays one more attempt, and the commits that follow a replay look up first for
+        a while (replays come in runs: a client resending what it did not see acknowledged).
+        """
+        if time.monotonic() >= self._look_up_until:
+            try:
+                return await self._record(batch_id, events, history, look_up=False)
+            except asyncpg.UniqueViolationError as exc:
+                if exc.constraint_name != "usage_events_pkey":
+                    raise
+                self._look_up_until = time.monotonic() + _LOOK_UP_AFTER_DUPLICATE_S
+        return await self._record(batch_id, events, history, look_up=True)
+
+    async def _record(self, batch_id: str, events: Sequence[ing.UsageEvent],
+                      history: PriceBookHistory, *, look_up: bool) -> Recorded:
         async with self.pool.acquire() as conn, conn.transaction():
             orgs = sorted({e.org_id for e in events})
             await conn.execute(
                 "SELECT pg_advisory_xact_lock(hashtextextended('metering:' || o, 0)) "
                 "FROM unnest($1::text[]) AS o ORDER BY o", orgs)
-            existing = await self._rows_of(conn, [(e.org_id, e.event_id) for e in events])
+            existing = (await self._rows_of(conn, [(e.org_id, e.event_id) for e in events])
+                        if look_up else {})
             outcomes = await _outcomes(conn, existing.values()) if existing else {}
             carries: dict[str, int] = {r["org_id"]: int(r["carry_attos"]) for r in await conn.fetch(
                 "SELECT org_id, carry_attos FROM metering.rating_carry "
                 "WHERE org_id = ANY($1::text[])", orgs)}
+            carried = dict(carries)
             periods = await self._period_usage(conn, events)
             before = dict(periods)
+            # usage keys this batch's tiers and allowances need that have no row yet: counted
+            # from the recorded events once, then kept up to date like every existing row
+            missing = self._period_keys_needed(history, [
+                e for e in events if (e.org_id, e.event_id) not in existing]) - periods.keys()
+            if missing:
+                periods.update(await self._usage_so_far(conn, sorted(missing)))
             results: list[ing.EventResult | None] = []
             rated: list[ing.RatedEvent] = []
             unposted: set[str] = set()
@@ -181,11 +226,19 @@ class UsageEventStore:
                     Charge(r.event.org_id, r.event.project_id, r.event.labels,
                            r.event.occurred_at, r.receipt.cost_micros, r.event.reservation_id)
                     for r in rated if r.event.occurred_at is not None], datetime.now(UTC))
-                await conn.execute(
-                    "INSERT INTO metering.rating_carry (org_id, carry_attos) "
-                    "SELECT * FROM unnest($1::text[], $2::numeric[]) "
-                    "ON CONFLICT (org_id) DO UPDATE SET carry_attos = EXCLUDED.carry_attos",
-                    list(carries), [carries[o] for o in carries])
+                # as for the usage rows below: rows read under the locks are updated in place
+                changed = [o for o, c in carries.items() if o in carried and carried[o] != c]
+                if changed:
+                    await conn.execute(
+                        "UPDATE metering.rating_carry c SET carry_attos = u.carry_attos "
+                        "FROM unnest($1::text[], $2::numeric[]) AS u(org_id, carry_attos) "
+                        "WHERE c.org_id = u.org_id", changed, [carries[o] for o in changed])
+                first = [o for o in carries if o not in carried]
+                if first:
+                    await conn.execute(
+                        "INSERT INTO metering.rating_carry (org_id, carry_attos) "
+                        "SELECT * FROM unnest($1::text[], $2::numeric[])",
+                        first, [carries[o] for o in first])
                 # rows read above (under the orgs' locks) are updated in place, the others
                 # inserted: an upsert would first try, and fail, to insert every one of them
                 moved = [k for k, v in periods.items() if k in before and before[k] != v]
@@ -214,45 +267,87 @@ class UsageEventStore:
 
     @staticmethod
     def _duplicate(event: ing.UsageEvent, row: Row, outcomes: Outcomes) -> ing.EventResult:
-        if row["request_hash"] != event.fingerprint():
+        # rows carry no fingerprint (nothing to hash on the ack path): the stored event's is
+        # computed here, on the rare replay; rows recorded before carry theirs
+        stored = row["request_hash"]
+        if not (event.has_fingerprint(stored) if stored
+                else event_from_row(row).fingerprint() == event.fingerprint()):
             return ing.rejected(event.event_id, Reason.IDEMPOTENCY_KEY_REUSED, "event_id",
                                 "was already recorded with a different payload")
         return ing.EventResult(event.event_id, ing.EventStatus.DUPLICATE,
                                receipt_from_row(row, outcomes))
 
-    @staticmethod
-    def _rate(history: PriceBookHistory, event: ing.UsageEvent, carry: int,
-              periods: dict[tuple[str, date, str, str], int]
-              ) -> tuple[ing.RatedEvent | ing.EventResult, int]:
-        # Month-to-date usage of each line this event touches: allowances and tiers count
-        # per calendar month (UTC) of the event.
+    _period_keys = ing.PeriodKeys()
+
+    @classmethod
+    def _period_keys_needed(cls, history: PriceBookHistory, events: Sequence[ing.UsageEvent]
+                            ) -> set[PeriodKey]:
+        needed: set[PeriodKey] = set()
+        for event in events:
+            if event.occurred_at is None:
+                continue
+            try:
+                book = history.book_at(event.occurred_at)
+            except RatingError:
+                continue
+            lines = cls._period_keys.needed(book, event)
+            if lines:
+                month = _month(event.occurred_at)
+                needed.update((event.org_id, month, key_model, meter.value)
+                              for meter, _, key_model in lines)
+        return needed
+
+    @classmethod
+    def _rate(cls, history: PriceBookHistory, event: ing.UsageEvent, carry: int,
+              periods: dict[PeriodKey, int]) -> tuple[ing.RatedEvent | ing.EventResult, int]:
+        # Month-to-date usage of each line this event touches whose price depends on it:
+        # allowances and tiers count per calendar month (UTC) of the event. `periods` holds
+        # every key such a line needs (see record) and every key that has a row.
         assert event.occurred_at is not None
-        month = _month(event.occurred_at)
-        prior: dict[str, int] = {}
+        month = None
+        prior: dict[str, int] | None = None
         try:
-            book = history.book_at(event.occurred_at)
-            model = book.resolve_model(event.model).model if event.model else ""
+            lines = cls._period_keys.needed(history.book_at(event.occurred_at), event)
         except RatingError:
-            book, model = None, ""
-        if book is not None:
-            for meter, _ in event.quantities:
-                if meter is None:
-                    continue
-                line = book.find_line(model, meter, event.mode)
-                if line is not None:
-                    prior[line.line_id] = periods.get(
-                        (event.org_id, month, model if line.model else _ALL_MODELS,
-                         meter.value), 0)
+            lines = []
+        if lines:
+            month = _month(event.occurred_at)
+            prior = {line_id: periods[(event.org_id, month, key_model, meter.value)]
+                     for meter, line_id, key_model in lines}
         outcome, new_carry = ing.rate_event(history, event, carry, prior)
-        if isinstance(outcome, ing.RatedEvent):
+        if isinstance(outcome, ing.RatedEvent) and periods:
+            month = month or _month(event.occurred_at)
+            resolved = outcome.receipt.resolved_model
             for meter, quantity in event.quantities:
                 if meter is None:
                     continue
-                resolved = outcome.receipt.resolved_model
                 for key_model in (resolved, _ALL_MODELS):
                     key = (event.org_id, month, key_model, meter.value)
-                    periods[key] = periods.get(key, 0) + quantity
+                    if key in periods:
+                        periods[key] += quantity
         return outcome, new_carry
+
+    @staticmethod
+    async def _usage_so_far(conn: Any, keys: Sequence[PeriodKey]) -> dict[PeriodKey, int]:
+        """Month-to-date usage of keys that have no row, from the recorded events (under the
+        orgs' locks, so no event of theirs commits meanwhile)."""
+        rows = await conn.fetch(
+            "SELECT k.org_id, k.month, k.model, k.meter, coalesce(u.quantity, 0) AS quantity "
+            "FROM unnest($1::text[], $2::date[], $3::text[], $4::text[]) "
+            "AS k(org_id, month, model, meter) "
+            "CROSS JOIN LATERAL (SELECT sum(q.quantity) AS quantity "
+            "FROM metering.usage_events e CROSS JOIN LATERAL ("
+            "SELECT m, n FROM unnest(e.meters, e.meter_quantities) AS l(m, n) "
+            "WHERE e.meters IS NOT NULL UNION ALL "
+            "SELECT j->>0, (j->>1)::bigint FROM jsonb_array_elements(e.quantities) j "
+            "WHERE e.meters IS NULL) AS q(meter, quantity) "
+            "WHERE e.org_id = k.org_id "
+            "AND e.occurred_at >= (k.month::timestamp AT TIME ZONE 'UTC') "
+            "AND e.occurred_at < ((k.month + interval '1 month')::timestamp AT TIME ZONE 'UTC') "
+            "AND (k.model = $5 OR e.resolved_model = k.model) AND q.meter = k.meter) AS u",
+            *[[k[i] for k in keys] for i in range(4)], _ALL_MODELS)
+        return {(r["org_id"], r["month"], r["model"], r["meter"]): int(r["quantity"])
+                for r in rows}
 
     @staticmethod
     async def _rows_of(conn: Any, keys: Sequence[tuple[str, str]]
@@ -267,7 +362,7 @@ class UsageEventStore:
 
     @staticmethod
     async def _period_usage(conn: Any, events: Sequence[ing.UsageEvent]
-                            ) -> dict[tuple[str, date, str, str], int]:
+                            ) -> dict[PeriodKey, int]:
         """(org, month, model or _ALL_MODELS, meter) -> quantity so far this month."""
         wanted = sorted({(e.org_id, _month(e.occurred_at)) for e in events if e.occurred_at})
         if not wanted:
@@ -284,23 +379,31 @@ class UsageEventStore:
     async def _insert(conn: Any, batch_id: str, rated: Sequence[ing.RatedEvent],
                       cost_before: Sequence[int]) -> None:
         records = []
+        no_labels, no_evidence = "{}", ing.Evidence()
         for item, before in zip(rated, cost_before, strict=True):
             e, receipt = item.event, item.receipt
             assert e.occurred_at is not None
+            lines = receipt.lines
+            meters = [ln.meter for ln in lines]
+            # the reported order, when it is not the receipt's (rating's meter order)
+            quantities = (None if len(meters) == len(e.quantities)
+                          and all(m is r for (m, _), r in zip(e.quantities, meters, strict=True))
+                          else json.dumps([[m.value, q] for m, q in e.quantities if m is not None]))
+            evidence = e.evidence
             records.append((
                 e.org_id, e.event_id, e.occurred_at, e.project_id, e.environment, e.user_id,
-                e.api_key_id, json.dumps(dict(e.labels)), e.provider, e.model,
-                receipt.resolved_model, e.operation, e.mode.value, e.region,
-                json.dumps([[m.value, q] for m, q in e.quantities if m is not None]),
-                e.reservation_id,
-                json.dumps({"request_id": e.evidence.request_id,
-                            "upstream_request_id": e.evidence.upstream_request_id,
-                            "trace_id": e.evidence.trace_id,
-                            "content_hashes": list(e.evidence.content_hashes)}),
-                item.fingerprint, receipt.cost_micros,
-                json.dumps([[ln.meter.value, ln.quantity, ln.rate, ln.per_units, ln.cost_micros]
-                            for ln in receipt.lines]),
-                receipt.price_book_version, batch_id, before,
+                e.api_key_id, json.dumps(dict(e.labels)) if e.labels else no_labels,
+                e.provider, e.model, receipt.resolved_model, e.operation, e.mode.value, e.region,
+                quantities, e.reservation_id,
+                no_labels if evidence == no_evidence else json.dumps({
+                    "request_id": evidence.request_id,
+                    "upstream_request_id": evidence.upstream_request_id,
+                    "trace_id": evidence.trace_id,
+                    "content_hashes": list(evidence.content_hashes)}),
+                "", receipt.cost_micros,
+                receipt.price_book_version, batch_id, before, meters,
+                [ln.quantity for ln in lines], [ln.cost_micros for ln in lines],
+                [ln.rate for ln in lines], [ln.per_units for ln in lines],
             ))
         await conn.copy_records_to_table("usage_events", schema_name="metering",
                                          columns=_EVENT_COLUMNS, records=records)
