@@ -12,7 +12,7 @@ but cannot restore those hashes: the code before this would refuse replays of su
 a reused id.)
 
 Revision ID: 0006_ingest_line_columns
-Revises: 0004_leases
+Revises: identity_audit_outbox
 """
 
 from alembic import op
@@ -20,7 +20,7 @@ from alembic import op
 from tally.kit.db import run_script
 
 revision = "0006_ingest_line_columns"
-down_revision = "0004_leases"
+down_revision = "identity_audit_outbox"
 branch_labels = None
 depends_on = None
 
