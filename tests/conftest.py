@@ -13,6 +13,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -73,22 +74,40 @@ def template_url(server_url: str) -> Iterator[str]:
     asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-@pytest.fixture
-async def db_url(server_url: str, template_url: str) -> AsyncIterator[str]:
-    """A fresh, fully migrated database for one test, dropped afterwards."""
-    name = f"tally_t_{uuid.uuid4().hex[:12]}"
+@asynccontextmanager
+async def fresh_database(server_url: str, template_url: str, prefix: str = "tally_t"
+                         ) -> AsyncIterator[str]:
+    """A fresh, fully migrated database copied from the template, dropped afterwards (for a
+    test, a module, or each region of a residency test)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     template = urlsplit(template_url).path.lstrip("/")
     conn = await asyncpg.connect(db.asyncpg_url(server_url))
     try:
         await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
     finally:
         await conn.close()
-    yield _with_database(server_url, name)
-    conn = await asyncpg.connect(db.asyncpg_url(server_url))
     try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        yield _with_database(server_url, name)
     finally:
-        await conn.close()
+        conn = await asyncpg.connect(db.asyncpg_url(server_url))
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+@pytest.fixture
+async def db_url(server_url: str, template_url: str) -> AsyncIterator[str]:
+    """A fresh, fully migrated database for one test, dropped afterwards."""
+    async with fresh_database(server_url, template_url) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+async def module_db_url(server_url: str, template_url: str) -> AsyncIterator[str]:
+    """A fresh, fully migrated database shared by one test module, dropped afterwards."""
+    async with fresh_database(server_url, template_url, prefix="tally_m") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,7 @@ a process without a region's database refuses that region's orgs, naming the reg
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
@@ -27,6 +25,7 @@ from tally.ledger.v1 import ledger_pb2 as lpb
 from tally.ledger.v1 import ledger_pb2_grpc
 from tally.metering.v1 import metering_pb2 as mpb
 from tally.sdk.client import TallyClient
+from tests.conftest import fresh_database
 from tests.metering.test_authorize import ask
 from tests.metering.test_ingestion import ACCEPTED, usage
 
@@ -39,24 +38,9 @@ CREDIT = 1_000_000
 @pytest.fixture
 async def regions(server_url: str, template_url: str) -> AsyncIterator[dict[str, str]]:
     """Two migrated databases on the one server, standing for two regions."""
-    template = urlsplit(template_url).path.lstrip("/")
-    names = {region: f"tally_region_{region.replace('-', '_')}_{uuid.uuid4().hex[:8]}"
-             for region in (EU, US)}
-    admin = await asyncpg.connect(db.asyncpg_url(server_url))
-    try:
-        for name in names.values():
-            await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-    finally:
-        await admin.close()
-    parts = urlsplit(server_url)
-    yield {region: urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query,
-                               parts.fragment)) for region, name in names.items()}
-    admin = await asyncpg.connect(db.asyncpg_url(server_url))
-    try:
-        for name in names.values():
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with (fresh_database(server_url, template_url, prefix="tally_region_eu") as eu,
+                fresh_database(server_url, template_url, prefix="tally_region_us") as us):
+        yield {EU: eu, US: us}
 
 
 async def rows_of(url: str, org: str) -> dict[str, int]:

@@ -23,12 +23,11 @@ from selenium.webdriver.support.ui import WebDriverWait
 from services.portal.domain import credits
 from tests.browser.test_checkout_page import type_card_and_pay, wait_for
 from tests.ledger.payments_support import GOOD_CARD, PACKAGE_BONUS, PACKAGE_CREDITS
-from tests.portal.conftest import module_db_url  # noqa: F401 - a fixture
 from tests.portal.support import ORG, PEOPLE, Suite, open_suite
 
 
 @pytest.fixture(scope="module")
-async def suite(module_db_url: str) -> AsyncIterator[Suite]:  # noqa: F811 - the fixture
+async def suite(module_db_url: str) -> AsyncIterator[Suite]:
     async with open_suite(module_db_url) as opened:
         yield opened
 

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-import asyncpg
 import openai
 import pytest
 
@@ -22,12 +21,10 @@ from examples.gateway.server import GatewayConfig, RunningGateway, running
 from services.accounts.server import AccountsConfig
 from services.accounts.server import build_for as build_accounts
 from tally.accounts.v1 import accounts_pb2 as apb
-from tally.kit import db
 from tally.kit.errors import TallyError
 from tally.kit.server import RunningServer, start_server
 from tally.ledger.v1 import ledger_pb2 as lpb
 from tally.sdk.client import TallyClient
-from tests.conftest import _with_database
 from tests.metering.conftest import Suite, start_suite, stop_suite
 
 ORG = "acme"
@@ -99,26 +96,8 @@ async def stack_for(db_url: str, usage: str = "record") -> AsyncIterator[Stack]:
 
 
 @pytest.fixture(scope="module")
-async def module_db(server_url: str, template_url: str) -> AsyncIterator[str]:
-    """A fresh, fully migrated database for one test module (as tests/conftest's db_url)."""
-    name = f"tally_m_{uuid.uuid4().hex[:12]}"
-    template = template_url.rsplit("/", 1)[1]
-    conn = await asyncpg.connect(db.asyncpg_url(server_url))
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-    finally:
-        await conn.close()
-    yield _with_database(server_url, name)
-    conn = await asyncpg.connect(db.asyncpg_url(server_url))
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
-@pytest.fixture(scope="module")
-async def shared_stack(module_db: str) -> AsyncIterator[Stack]:
-    async with stack_for(module_db) as running_stack:
+async def shared_stack(module_db_url: str) -> AsyncIterator[Stack]:
+    async with stack_for(module_db_url) as running_stack:
         yield running_stack
 
 
