@@ -16,7 +16,8 @@ PAGES = ("overview", "usage", "transactions", "receipt", "budgets", "credit", "k
 @pytest.mark.parametrize("page", PAGES)
 def test_each_screenshot_is_a_real_page(page: str) -> None:
     path = SHOTS / f"{page}.png"
-    assert path.is_file(), f"{path} is missing: run tests/browser/test_portal_pages.py"
+    assert path.is_file(), (f"{path} is missing: run TALLY_UPDATE_SCREENSHOTS=1 pytest "
+                            f"tests/browser/test_portal_pages.py")
     with Image.open(path) as image:
         assert image.width >= 375 and image.height >= 600
         colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
