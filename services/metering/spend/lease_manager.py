@@ -120,9 +120,12 @@ class LeaseManager:
             self._flights[org_id] = flight
             flight.add_done_callback(lambda _: self._flights.pop(org_id, None))
             return await asyncio.shield(flight)
-        await asyncio.wait([flight])  # another request's extension: then try again
-        if flight.cancelled() or flight.exception() is not None:
+        await asyncio.wait([flight])  # another request's extension: its answer is ours too
+        if flight.cancelled():
             return await self.ensure(org_id, needed_micros)
+        # its error too: a ledger that did not answer within the deadline is UNAVAILABLE for
+        # every request waiting on it, at once (starting another extension each would queue
+        # them one deadline after another)
         return flight.result()
 
     def held(self, org_id: str, micros: int, free_micros: int) -> None:
