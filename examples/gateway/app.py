@@ -297,6 +297,22 @@ class Gateway:
         key = self.settings.upstream_api_key
         return {"authorization": f"Bearer {key}"} if key else {}
 
+    async def _upstream_answer(self, admitted: Admitted, path: str, body: dict[str, Any]
+                               ) -> httpx.Response | Response:
+        """The upstream's successful reply, or (its hold released) the upstream's own error
+        passed through; an unreachable upstream is UNAVAILABLE. Nothing is charged unless
+        the model answered."""
+        try:
+            reply = await self.upstream.post(path, json=body, headers=self._upstream_headers())
+        except httpx.HTTPError as exc:
+            await self._release(admitted)
+            raise Refused(http_error("UNAVAILABLE"), f"upstream: {exc}") from None
+        if reply.status_code != 200:
+            await self._release(admitted)
+            return Response(reply.content, status_code=reply.status_code,
+                            media_type="application/json", headers=admitted.headers())
+        return reply
+
     async def chat(self, request: Request) -> Response:
         """POST /v1/chat/completions."""
         body = await _json_object(request)
@@ -310,16 +326,9 @@ class Gateway:
         upstream_body = {**body, "model": admitted.answer.model}
         if body.get("stream"):
             return await self._chat_stream(admitted, upstream_body)
-        try:
-            reply = await self.upstream.post("/v1/chat/completions", json=upstream_body,
-                                             headers=self._upstream_headers())
-        except httpx.HTTPError as exc:
-            await self._release(admitted)
-            raise Refused(http_error("UNAVAILABLE"), f"upstream: {exc}") from None
-        if reply.status_code != 200:
-            await self._release(admitted)
-            return Response(reply.content, status_code=reply.status_code,
-                            media_type="application/json", headers=admitted.headers())
+        reply = await self._upstream_answer(admitted, "/v1/chat/completions", upstream_body)
+        if isinstance(reply, Response):
+            return reply
         phases.done("upstream")
         completion = reply.json()
         receipt = await self._report(admitted, chat_quantities(completion.get("usage") or {}),
@@ -395,17 +404,10 @@ class Gateway:
         admitted = await self._admit(request, body, mpb.OPERATION_EMBEDDING_WRITE,
                                      sum(tokens.count(t) for t in texts), 0)
         phases.done("authorize")
-        try:
-            reply = await self.upstream.post(
-                "/v1/embeddings", json={**body, "model": admitted.answer.model},
-                headers=self._upstream_headers())
-        except httpx.HTTPError as exc:
-            await self._release(admitted)
-            raise Refused(http_error("UNAVAILABLE"), f"upstream: {exc}") from None
-        if reply.status_code != 200:
-            await self._release(admitted)
-            return Response(reply.content, status_code=reply.status_code,
-                            media_type="application/json", headers=admitted.headers())
+        reply = await self._upstream_answer(admitted, "/v1/embeddings",
+                                            {**body, "model": admitted.answer.model})
+        if isinstance(reply, Response):
+            return reply
         phases.done("upstream")
         used = int((reply.json().get("usage") or {}).get("prompt_tokens") or 0)
         receipt = await self._report(admitted, [common_pb2.MeterQuantity(

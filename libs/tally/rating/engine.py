@@ -200,6 +200,15 @@ def _compiled_line(book: PriceBook, line: PriceLine, region: str) -> _CompiledLi
     return compiled
 
 
+def _plan_of(book: PriceBook, model: str, mode: UsageMode, region: str) -> _Plan:
+    """The compiled plan for (model, mode, region), compiled once per book; a region not
+    priced specially is the default one."""
+    if region not in book._regions:
+        region = ""
+    plan: _Plan | None = book._plans.get((model, mode, region))
+    return plan if plan is not None else _plan(book, model, mode, region)
+
+
 def _plan(book: PriceBook, model: str, mode: UsageMode, region: str) -> _Plan:
     try:
         mode = UsageMode(mode)
@@ -268,11 +277,7 @@ def rate_total(
     model or alias ("" for usage that belongs to no model, e.g. storage); `region` not
     priced specially costs 1x.
     """
-    if region not in book._regions:
-        region = ""
-    plan: _Plan | None = book._plans.get((model, mode, region))
-    if plan is None:
-        plan = _plan(book, model, mode, region)
+    plan = _plan_of(book, model, mode, region)
     if not 0 <= carry_attos < ATTOS_PER_MICRO:
         _check_carry(carry_attos)
     lines = plan.lines
@@ -303,11 +308,7 @@ def rate_with_carry_attos(
     carry_attos: int = 0,
 ) -> tuple[Quote, int]:
     """`rate_with_carry` with the carry as an integer of attocredits (0 <= carry < 10**12)."""
-    if region not in book._regions:
-        region = ""
-    plan: _Plan | None = book._plans.get((model, mode, region))
-    if plan is None:
-        plan = _plan(book, model, mode, region)
+    plan = _plan_of(book, model, mode, region)
     _check_carry(carry_attos)
     priced: list[tuple[int, int, _CompiledLine]] = []
     for meter, quantity in quantities.items():
@@ -381,11 +382,7 @@ def rate_lines(
     """What a receipt shows, for metering's hot path: (charged micro-credits, new carry in
     attocredits, resolved model, the lines in meter order). The same rule and the same
     figures as `rate_with_carry_attos`, without a `Quote`'s objects and exact decimals."""
-    if region not in book._regions:
-        region = ""
-    plan: _Plan | None = book._plans.get((model, mode, region))
-    if plan is None:
-        plan = _plan(book, model, mode, region)
+    plan = _plan_of(book, model, mode, region)
     if not 0 <= carry_attos < ATTOS_PER_MICRO:
         _check_carry(carry_attos)
     lines = plan.lines
