@@ -248,6 +248,11 @@ def status(config: KitConfig) -> list[ServiceStatus]:
     url = portal_url(config)
     found.append(ServiceStatus(PORTAL, url, _portal_state(url),
                                _read_pid(_run_dir(config) / f"{PORTAL}.pid")))
+    gateway = _read_pid(_run_dir(config) / f"{GATEWAY}.pid")
+    if gateway is not None:  # only `up --with-gateway` starts it
+        listening = _listening(config.host, gateway_port())
+        found.append(ServiceStatus(GATEWAY, f"http://{config.host}:{gateway_port()}",
+                                   "SERVING" if listening else "DOWN", gateway))
     return found
 
 
