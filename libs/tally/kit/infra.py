@@ -109,12 +109,20 @@ class EmbeddedRedis:
         os.kill(self.pid, signal.SIGKILL)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A loopback TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A loopback TCP port nobody listens on right now, and not one this process was given
+    before: the kernel may give the same free port to two calls in a row, and callers bind
+    later, so two servers of one suite would collide on it."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def start_embedded_redis(data_dir: Path, port: int | None = None) -> EmbeddedRedis:
