@@ -15,6 +15,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+import asyncpg
 import grpc
 
 from services.ledger import domain as d
@@ -212,10 +213,14 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
         await db.migrate_async("ledger", url)
     pool = await db.create_pool(url, max_size=config.db_pool_size)
     store = LedgerStore(pool)
+    webhook_pool: asyncpg.Pool | None = None
     if shares_state and isinstance(provider, LocalProvider):
         # every replica of this ledger sees the same checkouts (one opened through one
-        # replica is paid on another's page)
-        provider.keep_state_in(PostgresPayments(pool))
+        # replica is paid on another's page) and sends the webhooks a dead one left; a
+        # delivery attempt holds its claim on a connection of its own pool while this very
+        # process's webhook endpoint answers it from the main pool
+        webhook_pool = await db.create_pool(url, max_size=2)
+        provider.keep_state_in(PostgresPayments(pool, attempts_pool=webhook_pool))
     pricing_channel = peer_channel(config.address_of("pricing"))
     billing_store = BillingStore(store, Issuer(settings.issuer_name, settings.issuer_country,
                                                settings.issuer_tax_id, settings.issuer_address))
@@ -289,6 +294,8 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
             await provider.stop()
         await endpoint.stop()
         await pricing_channel.close()
+        if webhook_pool is not None:
+            await webhook_pool.close()
         await pool.close()
 
     # What exists now (modules, the pool, the servicer) lives as long as the process: keep it
