@@ -682,8 +682,10 @@ class LocalProvider:
         (in PostgreSQL), so a retry left by a dead replica continues its count."""
         body = json.dumps(event, separators=(",", ":")).encode()
         last: WebhookDelivery | None = None
+        planned_at = 0.0  # when this loop set its next attempt (a sleep may end a hair early)
         while True:
-            async with self._state.attempting(event["id"], self._clock()) as turn:
+            now = max(self._clock(), planned_at)
+            async with self._state.attempting(event["id"], now) as turn:
                 if turn is None:  # delivered, or another replica's turn
                     return last
                 attempt = turn.attempts_before + 1
@@ -691,7 +693,7 @@ class LocalProvider:
                 turn.delivered = status is not None and 200 <= status < 300
                 turn.gave_up = not turn.delivered and attempt >= self.max_attempts
                 delay = self._backoff_s(attempt)
-                turn.next_attempt_at = self._clock() + delay
+                turn.next_attempt_at = planned_at = self._clock() + delay
             last = self._record(event, attempt, status, error, turn.delivered, turn.gave_up,
                                 is_redelivery=False)
             if turn.delivered or turn.gave_up:
