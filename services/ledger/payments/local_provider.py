@@ -45,6 +45,7 @@ from aiohttp import web
 from tally.kit import signing
 from tally.kit.log import get_logger
 from tally.kit.money import format_money
+from tally.kit.readiness import is_outage
 
 from .local_store import Event, LocalPayment, LocalPayments, LocalRefund, MemoryPayments
 from .provider import (
@@ -583,8 +584,10 @@ class LocalProvider:
                     next_expiry = loop.time() + interval
                     await self._expire_due()
                 due = await self._state.next_event_due()
-            except Exception:  # the database may be away for a while: try again next round
-                log.exception("local_provider_sweep_failed")
+            except Exception as exc:  # the database may be away for a while: try again soon
+                log.warning("local_provider_sweep_failed", error=str(exc),
+                            exc_info=not is_outage(exc))
+                due = self._clock() + self.RESUME_RECHECK_S * 2
             wait = next_expiry - loop.time()
             if due is not None:
                 wait = min(wait, max(due - self._clock(), self.RESUME_RECHECK_S))
@@ -683,17 +686,28 @@ class LocalProvider:
         body = json.dumps(event, separators=(",", ":")).encode()
         last: WebhookDelivery | None = None
         planned_at = 0.0  # when this loop set its next attempt (a sleep may end a hair early)
+        outage_retries = 0
         while True:
             now = max(self._clock(), planned_at)
-            async with self._state.attempting(event["id"], now) as turn:
-                if turn is None:  # delivered, or another replica's turn
-                    return last
-                attempt = turn.attempts_before + 1
-                status, error = await self._post(body)
-                turn.delivered = status is not None and 200 <= status < 300
-                turn.gave_up = not turn.delivered and attempt >= self.max_attempts
-                delay = self._backoff_s(attempt)
-                turn.next_attempt_at = planned_at = self._clock() + delay
+            try:
+                async with self._state.attempting(event["id"], now) as turn:
+                    if turn is None:  # delivered, or another replica's turn
+                        return last
+                    attempt = turn.attempts_before + 1
+                    status, error = await self._post(body)
+                    turn.delivered = status is not None and 200 <= status < 300
+                    turn.gave_up = not turn.delivered and attempt >= self.max_attempts
+                    delay = self._backoff_s(attempt)
+                    turn.next_attempt_at = planned_at = self._clock() + delay
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                # the record of the attempt is lost with the database: the event is still
+                # pending there, so try again (a second delivery is deduplicated)
+                outage_retries += 1
+                log.warning("webhook_attempt_unrecorded", event_id=event["id"], error=str(exc))
+                await asyncio.sleep(self._backoff_s(outage_retries))
+                continue
             last = self._record(event, attempt, status, error, turn.delivered, turn.gave_up,
                                 is_redelivery=False)
             if turn.delivered or turn.gave_up:
