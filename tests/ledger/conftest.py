@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 import pytest
+from aiohttp import web
 
 from services.ledger.billing import reconcile
 from services.ledger.domain import ChainReport
@@ -20,6 +21,7 @@ from tally.kit import db
 from tally.kit.config import load_kit_config
 from tally.kit.server import RunningServer, start_server
 from tally.sdk.client import TallyClient
+from tests.ledger.payments_support import Receiver
 
 
 @pytest.fixture
@@ -88,3 +90,17 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
     if report.when == "call":
         item.rep_call = report  # type: ignore[attr-defined]
     return report
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    receiver = Receiver()
+    app = web.Application()
+    app.router.add_post("/webhooks/local", receiver.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    receiver.url = f"http://127.0.0.1:{runner.addresses[0][1]}/webhooks/local"
+    yield receiver
+    await runner.cleanup()

@@ -6,38 +6,15 @@ with its event unsent, and the next provider on the same database picks it up.""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from aiohttp import web
 
 from services.ledger.payments.local_provider import LocalProvider
 from services.ledger.payments.local_store import PostgresPayments
-from tally.kit import db
-from tests.ledger.payments_support import eventually
-from tests.ledger.test_local_provider import SECRET, Receiver, charge_request
-
-
-@pytest.fixture
-async def pool(db_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(db.asyncpg_url(db_url), min_size=1, max_size=4)
-    assert pool is not None
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    receiver = Receiver()
-    app = web.Application()
-    app.router.add_post("/webhooks/local", receiver.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    receiver.url = f"http://127.0.0.1:{runner.addresses[0][1]}/webhooks/local"
-    yield receiver
-    await runner.cleanup()
+from tests.ledger.payments_support import RECEIVER_SECRET as SECRET
+from tests.ledger.payments_support import Receiver, eventually
+from tests.ledger.test_local_provider import charge_request
 
 
 async def provider_on(pool: asyncpg.Pool, webhook_url: str, **options: object) -> LocalProvider:
