@@ -705,6 +705,13 @@ class LedgerStore:
                                                   state, (), work.now)))
             return out
 
+    async def has_payment_order(self, order_id: str) -> bool:
+        """Whether this database holds payment order `order_id` (a ledger serving several
+        regions finds the region of a call that names only an order this way)."""
+        return bool(await self.pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM ledger.payment_orders WHERE payment_order_id = $1)",
+            order_id))
+
     async def replay_transfer(self, conn: Connection, transfer_id: str
                               ) -> tuple[d.Transfer, d.Balance]:
         """A posted transfer and the org's balance right after it, as first answered."""
