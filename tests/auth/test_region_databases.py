@@ -16,6 +16,7 @@ import pytest
 from services.ledger.server import LedgerConfig
 from services.ledger.server import build_regions as build_ledger
 from services.metering.server import build_regions as build_metering
+from services.notifier.server import build_regions as build_notifier
 from services.pricing.server import build_for as build_pricing
 from tally.accounts.v1 import accounts_pb2 as apb
 from tally.common.v1 import common_pb2 as cpb
@@ -28,6 +29,7 @@ from tally.kit.server import start_server
 from tally.ledger.v1 import ledger_pb2 as lpb
 from tally.ledger.v1 import ledger_pb2_grpc
 from tally.metering.v1 import metering_pb2 as mpb
+from tally.notifier.v1 import notifier_pb2 as npb
 from tally.sdk.client import TallyClient
 from tests.conftest import fresh_database
 from tests.ledger.payments_support import PACKAGE, PACKAGE_BONUS, PACKAGE_CREDITS, SECRET, signed
@@ -238,6 +240,39 @@ async def test_id_only_calls_find_their_order_in_any_region_and_write_only_there
     finally:
         await client.close()
         await ledger.stop()
+
+
+async def test_the_notifiers_rules_and_secrets_live_only_in_their_orgs_region(
+        ids: Identities, regions: dict[str, str]) -> None:
+    """Alert rules (their webhook URLs and signing secrets) are an org's data: one notifier
+    process serving both regions keeps each org's in its region's database, and refuses an
+    org accounts never placed."""
+    config = await two_regions(ids, regions)
+    notifier = await start_server(await build_notifier(config), port=config.notifier_port)
+    client = TallyClient({"notifier": config.address_of("notifier")}, actor="service:test")
+    try:
+        for org in ("acme", "yankee"):
+            await client.notifier.CreateAlertRule(npb.CreateAlertRuleRequest(
+                request_id=f"rule-{org}", rule=npb.AlertRule(
+                    org_id=org, types=[npb.NOTIFICATION_TYPE_LOW_BALANCE],
+                    channel=npb.CHANNEL_WEBHOOK, webhook_url="https://hooks.example.com/t",
+                    low_balance_threshold_micros=CREDIT, enabled=True)))
+            await client.notifier.RotateWebhookSecret(npb.RotateWebhookSecretRequest(
+                request_id=f"secret-{org}", org_id=org))
+            listed = await client.notifier.ListAlertRules(npb.ListAlertRulesRequest(
+                org_id=org))
+            assert [r.org_id for r in listed.rules] == [org]
+        schemas = ("notifier",)
+        assert await rows_of(regions[US], "acme", schemas) == {}
+        assert await rows_of(regions[EU], "yankee", schemas) == {}
+        assert await rows_of(regions[EU], "acme", schemas)
+        assert await rows_of(regions[US], "yankee", schemas)
+        with pytest.raises(TallyError) as unknown:
+            await client.notifier.ListAlertRules(npb.ListAlertRulesRequest(org_id="nobody"))
+        assert unknown.value.reason is Reason.WRONG_REGION
+    finally:
+        await client.close()
+        await notifier.stop()
 
 
 async def test_a_provider_webhook_over_grpc_is_applied_in_its_orders_region_only(
