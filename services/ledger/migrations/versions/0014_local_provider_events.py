@@ -7,13 +7,13 @@ any other) sends it. A real provider keeps its undelivered webhooks the same way
 an attempt is the claim, so a crashed sender's claim ends with its connection.
 
 Revision ID: local_provider_events
-Revises: identity_audit_outbox
+Revises: seal_billing_state_after
 """
 
 from tally.kit.db import run_script
 
 revision = "local_provider_events"
-down_revision = "identity_audit_outbox"
+down_revision = "seal_billing_state_after"
 branch_labels = None
 depends_on = None
 
