@@ -228,14 +228,17 @@ class RatedEvent:
 
 
 def rate_event(history: PriceBookHistory, event: UsageEvent, carry_attos: int,
-               prior: Mapping[str, int] | None = None) -> tuple[RatedEvent | EventResult, int]:
-    """Rates with the book in force at the event's time; carries the sub-micro remainder.
+               prior: Mapping[str, int] | None = None, book: PriceBook | None = None
+               ) -> tuple[RatedEvent | EventResult, int]:
+    """Rates with the book in force at the event's time (`book`, when the caller looked it up
+    already); carries the sub-micro remainder.
 
     Returns the rated event (or a REJECTED result: unknown model, no price) and the new carry.
     """
     assert event.occurred_at is not None
     try:
-        book: PriceBook = history.book_at(event.occurred_at)
+        if book is None:
+            book = history.book_at(event.occurred_at)
         quantities = {m: q for m, q in event.quantities if m is not None}
         total, carry, resolved, priced = rate_lines(
             book, event.model, event.mode, event.region, quantities, prior, carry_attos)

@@ -427,15 +427,17 @@ class UsageEventStore:
         assert event.occurred_at is not None
         month = None
         prior: dict[str, int] | None = None
+        book = None
         try:
-            lines = cls._period_keys.needed(history.book_at(event.occurred_at), event)
+            book = history.book_at(event.occurred_at)
+            lines = cls._period_keys.needed(book, event)
         except RatingError:
             lines = []
         if lines:
             month = _month(event.occurred_at)
             prior = {line_id: periods[(event.org_id, month, key_model, meter.value)]
                      for meter, line_id, key_model in lines}
-        outcome, new_carry = ing.rate_event(history, event, carry, prior)
+        outcome, new_carry = ing.rate_event(history, event, carry, prior, book)
         if isinstance(outcome, ing.RatedEvent) and periods:
             month = month or _month(event.occurred_at)
             resolved = outcome.receipt.resolved_model
