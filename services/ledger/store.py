@@ -29,7 +29,7 @@ import asyncpg
 from services.ledger import domain as d
 from services.ledger import leases
 from services.ledger.postings import TRANSFER_COLUMNS
-from tally.kit import metrics, outbox
+from tally.kit import idempotency, metrics, outbox
 from tally.kit.background import Deadline
 from tally.kit.errors import FieldViolation, Reason, TallyError, invalid
 from tally.kit.log import get_logger
@@ -99,6 +99,10 @@ _LOCK_ACCOUNTS: Final = (
 )
 
 
+_CLAIMS: Final = idempotency.ClaimTable("ledger.idempotency_keys", key_column="key",
+                                        result_column=None)
+
+
 class Work:
     """One transaction's view of the rows it has locked, and what it will write."""
 
@@ -134,29 +138,9 @@ class Work:
         its key (the first of those here with that key), False if an earlier one, or the
         first here, is the same request, IDEMPOTENCY_KEY_REUSED if it is another; None where
         no request was given."""
-        owner: dict[str, int] = {}
-        hash_of: dict[str, str] = {}  # the owner's, then what is stored
-        for i, request in enumerate(requests):
-            if request is not None and request[0] not in owner:
-                owner[request[0]], hash_of[request[0]] = i, request[1]
-        keys = sorted(owner)
-        claimed = {r[0] for r in await self.conn.fetch(
-            "INSERT INTO ledger.idempotency_keys (key, request_hash) "
-            "SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT (key) DO NOTHING "
-            "RETURNING key", keys, [hash_of[k] for k in keys])}
-        if len(claimed) < len(keys):
-            hash_of.update((r["key"], r["request_hash"]) for r in await self.conn.fetch(
-                "SELECT key, request_hash FROM ledger.idempotency_keys WHERE key = ANY($1)",
-                [k for k in keys if k not in claimed]))
-        claims: list[bool | TallyError | None] = []
-        for i, request in enumerate(requests):
-            if request is None:
-                claims.append(None)
-            elif hash_of[request[0]] != request[1]:
-                claims.append(d.reused(request[0]))
-            else:
-                claims.append(owner[request[0]] == i and request[0] in claimed)
-        return claims
+        claims = await idempotency.claim_many(self.conn, _CLAIMS, requests)
+        return [None if c is None or r is None else d.reused(r[0]) if c.reused else c.owned
+                for c, r in zip(claims, requests, strict=True)]
 
     # -- accounts ------------------------------------------------------------------------
 

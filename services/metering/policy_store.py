@@ -22,6 +22,7 @@ from typing import Any, Final
 
 import asyncpg
 
+from tally.kit import idempotency
 from tally.kit.errors import Reason, TallyError
 from tally.kit.paging import encode_time_cursor, time_cursor_page
 
@@ -91,29 +92,23 @@ def _not_found(what: str, field: str, wanted: str, org_id: str) -> TallyError:
                       field=field)
 
 
+_CLAIMS: Final = idempotency.ClaimTable("metering.admin_requests", placeholder="null")
+
+
 async def _claim(conn: Any, key: str, request_hash: str, request_id: str) -> str | None:
     """None when this transaction owns `key`; the stored result when an earlier call made the
     same request; IDEMPOTENCY_KEY_REUSED when it made another one."""
-    claimed = await conn.fetchval(
-        "INSERT INTO metering.admin_requests (request_id, request_hash, result) "
-        "VALUES ($1, $2, 'null') ON CONFLICT (request_id) DO NOTHING RETURNING true",
-        key, request_hash)
-    if claimed:
-        return None
-    row = await conn.fetchrow(
-        "SELECT request_hash, result FROM metering.admin_requests WHERE request_id = $1", key)
-    if row["request_hash"] != request_hash:
+    claimed = await idempotency.claim(conn, _CLAIMS, key, request_hash)
+    if claimed.reused:
         raise TallyError(Reason.IDEMPOTENCY_KEY_REUSED,
                          f"request_id: {request_id!r} was already used for a different "
                          f"{key.split(':', 1)[0]} request", field="request_id",
                          metadata={"request_id": request_id})
-    result: str = row["result"]
-    return result
+    return None if claimed.owned else claimed.result or "null"
 
 
 async def _record(conn: Any, key: str, result: str) -> None:
-    await conn.execute(
-        "UPDATE metering.admin_requests SET result = $2 WHERE request_id = $1", key, result)
+    await idempotency.record(conn, _CLAIMS, key, result)
 
 
 _BUDGET_COLUMNS: Final = (

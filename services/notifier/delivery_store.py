@@ -24,13 +24,14 @@ from typing import Any, Final
 
 import asyncpg
 
+from tally.kit import idempotency
 from tally.kit.errors import FieldViolation, Reason, TallyError, invalid_fields
 from tally.kit.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, decode_cursor, encode_cursor
 from tally.kit.secrets import Sealer
 
 from .alerting import Notification, RuleState, SourceEvent, decide
 from .domain import AlertRule, Channel, NotificationType
-from .store import rule_from_row
+from .store import CLAIMS, rule_from_row
 
 LEASE: Final = timedelta(seconds=60)
 MAX_REPLAY: Final = 1000
@@ -265,26 +266,18 @@ class DeliveryStore:
         key = f"ReplayDeadLetters:{org_id}:{request_id}"
         digest = json.dumps(sorted(delivery_ids))
         async with self.pool.acquire() as conn, conn.transaction():
-            claimed = await conn.fetchval(
-                "INSERT INTO notifier.admin_requests (request_id, request_hash, result) "
-                "VALUES ($1, $2, '{}') ON CONFLICT DO NOTHING RETURNING true", key, digest)
-            if not claimed:
-                row = await conn.fetchrow(
-                    "SELECT request_hash, result::text AS result FROM notifier.admin_requests "
-                    "WHERE request_id = $1", key)
-                assert row is not None  # the conflict that refused our claim
-                if row["request_hash"] != digest:
-                    raise TallyError(Reason.IDEMPOTENCY_KEY_REUSED,
-                                     f"request_id: {request_id!r} was used for another replay",
-                                     field="request_id")
-                return int(json.loads(row["result"])["replayed"])
+            claimed = await idempotency.claim(conn, CLAIMS, key, digest)
+            if claimed.reused:
+                raise TallyError(Reason.IDEMPOTENCY_KEY_REUSED,
+                                 f"request_id: {request_id!r} was used for another replay",
+                                 field="request_id")
+            if claimed.replay:
+                return int(json.loads(claimed.result or "{}")["replayed"])
             count = len(await conn.fetch(
                 "UPDATE notifier.deliveries SET state = 'PENDING', attempts = 0, "
                 "next_attempt_at = $3, last_error = '' WHERE org_id = $1 "
                 "AND state = 'DEAD_LETTERED' "
                 "AND (cardinality($2::text[]) = 0 OR delivery_id = ANY($2::text[])) "
                 "RETURNING delivery_id", org_id, list(delivery_ids), now))
-            await conn.execute(
-                "UPDATE notifier.admin_requests SET result = $2 WHERE request_id = $1",
-                key, json.dumps({"replayed": count}))
+            await idempotency.record(conn, CLAIMS, key, json.dumps({"replayed": count}))
             return count

@@ -14,15 +14,16 @@ may pick the same request id.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from tally.kit import idempotency
 from tally.kit.secrets import Sealer
 
 from .domain import (
@@ -53,16 +54,6 @@ alert_rules: Final = sa.Table(
     sa.Column("deleted_at", sa.DateTime(timezone=True)),
 )
 """Alert rules (migrations/versions/0001_alert_rules.py); `body` holds `rule_body`'s shape."""
-
-admin_requests: Final = sa.Table(
-    "admin_requests",
-    _schema,
-    sa.Column("request_id", sa.Text, primary_key=True),
-    sa.Column("request_hash", sa.Text),
-    sa.Column("result", JSONB),
-    sa.Column("created_at", sa.DateTime(timezone=True)),
-)
-"""Idempotency claims of rule and secret writes (0002_deliveries.py)."""
 
 webhook_secrets: Final = sa.Table(
     "webhook_secrets",
@@ -136,31 +127,26 @@ def _rule_of_result(result: Mapping[str, Any], sealer: Sealer | None) -> AlertRu
                   "updated_at": datetime.fromisoformat(result["updated_at"])}, sealer)
 
 
+# the notifier's claims (tally.kit.idempotency: one claim for every service)
+CLAIMS: Final = idempotency.ClaimTable("notifier.admin_requests")
+
+
 async def _claim(conn: AsyncConnection, write: IdempotentWrite) -> Mapping[str, Any] | None:
     """None when this transaction now owns the write's key; the stored result when an earlier
     call made the same request; `write.reused()` when it made another one. A concurrent claim
     of the same key waits here until the other transaction ends."""
-    claimed = await conn.scalar(
-        pg_insert(admin_requests)
-        .values(request_id=write.key, request_hash=write.request_hash, result={})
-        .on_conflict_do_nothing(index_elements=[admin_requests.c.request_id])
-        .returning(admin_requests.c.request_id))
-    if claimed is not None:
-        return None
-    row = (await conn.execute(
-        sa.select(admin_requests.c.request_hash, admin_requests.c.result)
-        .where(admin_requests.c.request_id == write.key))).one()
-    if row.request_hash != write.request_hash:
+    claimed = await idempotency.claim(conn, CLAIMS, write.key, write.request_hash)
+    if claimed.reused:
         raise write.reused()
-    result: Mapping[str, Any] = row.result
+    if claimed.owned:
+        return None
+    result: Mapping[str, Any] = json.loads(claimed.result or "{}")
     return result
 
 
 async def _record(conn: AsyncConnection, write: IdempotentWrite, result: Mapping[str, Any]
                   ) -> None:
-    await conn.execute(sa.update(admin_requests)
-                       .where(admin_requests.c.request_id == write.key)
-                       .values(result=dict(result)))
+    await idempotency.record(conn, CLAIMS, write.key, json.dumps(dict(result)))
 
 
 def _live(org_id: str, rule_id: str) -> sa.ColumnElement[bool]:

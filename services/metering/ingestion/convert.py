@@ -15,12 +15,21 @@ from tally.rating import Meter, UsageMode
 from tally.sdk.pricebook import meter_from_proto, meter_to_proto
 
 
-def meter_or_none(number: int) -> Meter | None:
-    """The meter of a wire number; None for UNSPECIFIED or an unknown one (rejected later)."""
+def _meter_or_none(number: int) -> Meter | None:
     try:
         return meter_from_proto(number)
     except ValueError:
         return None
+
+
+# every wire number's meter, looked up once (this runs for each quantity of each event)
+_METERS: dict[int, Meter | None] = {
+    int(n): _meter_or_none(int(n)) for n in common_pb2.Meter.values()}
+
+
+def meter_or_none(number: int) -> Meter | None:
+    """The meter of a wire number; None for UNSPECIFIED or an unknown one (rejected later)."""
+    return _METERS.get(number)
 
 
 _OPERATION_NAMES: dict[int, str] = {int(number): name.removeprefix("OPERATION_").lower()
@@ -40,7 +49,7 @@ def event(message: pb.UsageEvent) -> ing.UsageEvent:
     return ing.UsageEvent(
         event_id=message.event_id, org_id=ctx.org_id,
         occurred_at=timestamp_clamped(message, "occurred_at"),
-        quantities=tuple((meter_or_none(q.meter), q.quantity) for q in message.quantities),
+        quantities=tuple([(_METERS.get(q.meter), q.quantity) for q in message.quantities]),
         model=message.model, provider=message.provider,
         operation=operation_name(message.operation), mode=mode, region=message.region,
         reservation_id=message.reservation_id, project_id=ctx.project_id,
@@ -99,10 +108,14 @@ def receipt(r: ing.Receipt) -> pb.Receipt:
         arrears_micros=r.arrears_micros, resolved_model=r.resolved_model)
 
 
+_STATUSES: dict[ing.EventStatus, int] = {
+    s: pb.EventStatus.Value(f"EVENT_STATUS_{s.value}") for s in ing.EventStatus}
+
+
 def result(r: ing.EventResult) -> pb.EventResult:
     """The wire result of one event."""
     return pb.EventResult(
         event_id=r.event_id,
-        status=pb.EventStatus.Value(f"EVENT_STATUS_{r.status.value}"),
+        status=_STATUSES[r.status],  # type: ignore[arg-type]
         receipt=receipt(r.receipt) if r.receipt else None,
         reason=r.reason, field=r.field, message=r.message)

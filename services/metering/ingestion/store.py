@@ -20,11 +20,12 @@ commit was the largest statement of the ack path.
 from __future__ import annotations
 
 import json
+import struct
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
 
@@ -146,6 +147,126 @@ def event_from_row(r: Row) -> ing.UsageEvent:
                               evidence.get("upstream_request_id", ""),
                               evidence.get("trace_id", ""),
                               tuple(evidence.get("content_hashes", ()))))
+
+
+# -- binary COPY of event rows -------------------------------------------------------------
+# The rows are encoded here, not by asyncpg's copy_records_to_table: its array encoder checks
+# every array and element against collections.abc (about 30 isinstance calls an event, most of
+# the COPY's Python cost). An event's meters, rates and per-units repeat across a batch (a
+# few models, a few meters), so their encoded arrays are remembered; the rest is struct packing.
+_COPY_HEADER: Final = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
+_COPY_TRAILER: Final = struct.pack("!h", -1)
+_PG_EPOCH_US: Final = 946_684_800_000_000  # 2000-01-01T00:00:00Z in Unix microseconds
+_TEXT_OID, _INT8_OID = 25, 20
+_pack_i, _pack_q, _pack_iq = struct.Struct("!i").pack, struct.Struct("!q").pack, \
+    struct.Struct("!iq").pack
+_EMPTY_JSON: Final = _pack_i(3) + b"\x01{}"
+_INT8_FIELD: Final = _pack_i(8)
+
+
+def _text(value: str) -> bytes:
+    data = value.encode()
+    return _pack_i(len(data)) + data
+
+
+def _jsonb(text: str) -> bytes:
+    data = text.encode()
+    return _pack_i(len(data) + 1) + b"\x01" + data
+
+
+def _int8(value: int) -> bytes:
+    return _pack_iq(8, value)
+
+
+def _timestamptz(at: datetime) -> bytes:
+    delta = (at if at.tzinfo is not None else at.replace(tzinfo=UTC)) - _UNIX_EPOCH
+    return _pack_iq(8, (delta.days * 86_400 + delta.seconds) * 1_000_000
+                    + delta.microseconds - _PG_EPOCH_US)
+
+
+_UNIX_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _array_header(oid: int, count: int, size: int) -> bytes:
+    # field length, then: 1 dimension, no NULLs, element type, its length, lower bound 1
+    return struct.pack("!iiiiii", 20 + size, 1, 0, oid, count, 1)
+
+
+def _int8_array(values: Sequence[int]) -> bytes:
+    if not values:
+        return struct.pack("!iiii", 12, 0, 0, _INT8_OID)
+    body = b"".join([_pack_iq(8, v) for v in values])
+    return _array_header(_INT8_OID, len(values), len(body)) + body
+
+
+def _text_array(values: Sequence[str]) -> bytes:
+    if not values:
+        return struct.pack("!iiii", 12, 0, 0, _TEXT_OID)
+    body = b"".join([_text(v) for v in values])
+    return _array_header(_TEXT_OID, len(values), len(body)) + body
+
+
+_ROW_START: Final = struct.pack("!h", len(_EVENT_COLUMNS))
+_NULL: Final = _pack_i(-1)
+# (meters, rates, per units) -> their encoded arrays
+_encoded_lines: dict[tuple[Any, ...], tuple[bytes, bytes, bytes]] = {}
+
+
+def _line_arrays(lines: Sequence[ing.ReceiptLine]) -> tuple[bytes, bytes, bytes]:
+    """The encoded meters, line_rates and line_per_units of an event's receipt lines."""
+    key = tuple([(ln.meter, ln.rate, ln.per_units) for ln in lines])
+    found = _encoded_lines.get(key)
+    if found is None:
+        if len(_encoded_lines) > 10_000:  # books come and go; keep it bounded
+            _encoded_lines.clear()
+        found = _encoded_lines[key] = (
+            _text_array([ln.meter.value for ln in lines]),
+            _text_array([ln.rate for ln in lines]),
+            _int8_array([ln.per_units for ln in lines]))
+    return found
+
+
+def _copy_rows(batch_id: str, rated: Sequence[ing.RatedEvent], cost_before: Sequence[int]
+               ) -> bytes:
+    """The binary COPY of the events' rows, in _EVENT_COLUMNS order."""
+    parts = [_COPY_HEADER]
+    append = parts.append
+    batch, no_evidence, empty = _text(batch_id), ing.Evidence(), _text("")
+    texts: dict[str, bytes] = {"": empty}  # org ids, models, modes... repeat within a batch
+    def cached(value: str) -> bytes:
+        found = texts.get(value)
+        if found is None:
+            found = texts[value] = _text(value)
+        return found
+
+    for item, before in zip(rated, cost_before, strict=True):
+        e, receipt = item.event, item.receipt
+        assert e.occurred_at is not None
+        lines = receipt.lines
+        # the reported order, when it is not the receipt's (rating's meter order)
+        quantities = (None if len(lines) == len(e.quantities) and all(
+            m is ln.meter for (m, _), ln in zip(e.quantities, lines, strict=True))
+            else json.dumps([[m.value, q] for m, q in e.quantities if m is not None]))
+        evidence = e.evidence
+        meters, rates, per_units = _line_arrays(lines)
+        append(b"".join((
+            _ROW_START, cached(e.org_id), _text(e.event_id), _timestamptz(e.occurred_at),
+            cached(e.project_id), cached(e.environment), cached(e.user_id),
+            cached(e.api_key_id),
+            _jsonb(json.dumps(dict(e.labels))) if e.labels else _EMPTY_JSON,
+            cached(e.provider), cached(e.model), cached(receipt.resolved_model),
+            cached(e.operation), cached(e.mode.value), cached(e.region),
+            _NULL if quantities is None else _jsonb(quantities), cached(e.reservation_id),
+            _EMPTY_JSON if evidence == no_evidence else _jsonb(json.dumps({
+                "request_id": evidence.request_id,
+                "upstream_request_id": evidence.upstream_request_id,
+                "trace_id": evidence.trace_id,
+                "content_hashes": list(evidence.content_hashes)})),
+            empty, _int8(receipt.cost_micros), _int8(receipt.price_book_version), batch,
+            _int8(before), meters, _int8_array([ln.quantity for ln in lines]),
+            _int8_array([ln.cost_micros for ln in lines]), rates, per_units)))
+    append(_COPY_TRAILER)
+    return b"".join(parts)
 
 
 class UsageEventStore:
@@ -306,15 +427,17 @@ class UsageEventStore:
         assert event.occurred_at is not None
         month = None
         prior: dict[str, int] | None = None
+        book = None
         try:
-            lines = cls._period_keys.needed(history.book_at(event.occurred_at), event)
+            book = history.book_at(event.occurred_at)
+            lines = cls._period_keys.needed(book, event)
         except RatingError:
             lines = []
         if lines:
             month = _month(event.occurred_at)
             prior = {line_id: periods[(event.org_id, month, key_model, meter.value)]
                      for meter, line_id, key_model in lines}
-        outcome, new_carry = ing.rate_event(history, event, carry, prior)
+        outcome, new_carry = ing.rate_event(history, event, carry, prior, book)
         if isinstance(outcome, ing.RatedEvent) and periods:
             month = month or _month(event.occurred_at)
             resolved = outcome.receipt.resolved_model
@@ -378,35 +501,13 @@ class UsageEventStore:
     @staticmethod
     async def _insert(conn: Any, batch_id: str, rated: Sequence[ing.RatedEvent],
                       cost_before: Sequence[int]) -> None:
-        records = []
-        no_labels, no_evidence = "{}", ing.Evidence()
-        for item, before in zip(rated, cost_before, strict=True):
-            e, receipt = item.event, item.receipt
-            assert e.occurred_at is not None
-            lines = receipt.lines
-            meters = [ln.meter for ln in lines]
-            # the reported order, when it is not the receipt's (rating's meter order)
-            quantities = (None if len(meters) == len(e.quantities)
-                          and all(m is r for (m, _), r in zip(e.quantities, meters, strict=True))
-                          else json.dumps([[m.value, q] for m, q in e.quantities if m is not None]))
-            evidence = e.evidence
-            records.append((
-                e.org_id, e.event_id, e.occurred_at, e.project_id, e.environment, e.user_id,
-                e.api_key_id, json.dumps(dict(e.labels)) if e.labels else no_labels,
-                e.provider, e.model, receipt.resolved_model, e.operation, e.mode.value, e.region,
-                quantities, e.reservation_id,
-                no_labels if evidence == no_evidence else json.dumps({
-                    "request_id": evidence.request_id,
-                    "upstream_request_id": evidence.upstream_request_id,
-                    "trace_id": evidence.trace_id,
-                    "content_hashes": list(evidence.content_hashes)}),
-                "", receipt.cost_micros,
-                receipt.price_book_version, batch_id, before, meters,
-                [ln.quantity for ln in lines], [ln.cost_micros for ln in lines],
-                [ln.rate for ln in lines], [ln.per_units for ln in lines],
-            ))
-        await conn.copy_records_to_table("usage_events", schema_name="metering",
-                                         columns=_EVENT_COLUMNS, records=records)
+        rows = _copy_rows(batch_id, rated, cost_before)
+
+        async def source() -> AsyncIterator[bytes]:  # (bytes alone would be taken for a path)
+            yield rows
+
+        await conn.copy_to_table("usage_events", schema_name="metering", columns=_EVENT_COLUMNS,
+                                 format="binary", source=source())
 
     async def mark_posted(self, batch_id: str, outcomes: Sequence[ing.OrgOutcome],
                           now: datetime) -> None:
