@@ -26,6 +26,18 @@ async def provider_on(pool: asyncpg.Pool, webhook_url: str, **options: object) -
     return provider
 
 
+async def resumed_by_the_next(pool: asyncpg.Pool, receiver: Receiver) -> LocalProvider:
+    """A provider started on the same database after a crash, stopped once the event it
+    resumed was delivered."""
+    survivor = await provider_on(pool, receiver.url)
+    try:
+        await eventually(lambda: asyncio.sleep(0, receiver.accepted), "the resumed event")
+        await survivor.settled()
+    finally:
+        await survivor.stop()
+    return survivor
+
+
 async def pending_events(pool: asyncpg.Pool) -> list[asyncpg.Record]:
     return await pool.fetch("SELECT event_id, attempts FROM ledger.local_provider_events "
                             "WHERE NOT delivered AND NOT gave_up")
@@ -41,12 +53,7 @@ async def test_a_payment_taken_by_a_provider_that_died_before_sending_is_sent_by
     assert [r["event_id"] for r in await pending_events(pool)] == [made["id"]]
     assert receiver.accepted == []
 
-    survivor = await provider_on(pool, receiver.url)
-    try:
-        await eventually(lambda: asyncio.sleep(0, receiver.accepted), "the resumed event")
-        await survivor.settled()
-    finally:
-        await survivor.stop()
+    await resumed_by_the_next(pool, receiver)
     assert [(e["id"], e["type"]) for e in receiver.accepted] == [
         (made["id"], "payment_intent.succeeded")]
     assert receiver.accepted[0]["data"]["object"]["metadata"]["payment_order_id"] == "po_crash"
@@ -65,12 +72,7 @@ async def test_the_attempt_count_of_a_dead_sender_carries_on(
     assert attempts >= 3
 
     receiver.failures = 0
-    survivor = await provider_on(pool, receiver.url)
-    try:
-        await eventually(lambda: asyncio.sleep(0, receiver.accepted), "the resumed event")
-        await survivor.settled()
-    finally:
-        await survivor.stop()
+    survivor = await resumed_by_the_next(pool, receiver)
     [resumed] = [d for d in survivor.deliveries if d.delivered]
     assert (resumed.event_id, resumed.attempt) == (event_id, attempts + 1)
     assert [e["id"] for e in receiver.accepted] == [event_id]
