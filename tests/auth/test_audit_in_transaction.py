@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import asyncpg
 import grpc
@@ -182,3 +183,43 @@ def test_rate_limit_checks_are_summarized_per_interval_and_refusals_kept_one_by_
     asyncio.run(guard.auditor.flush())
     assert shipped == []  # counted once: the next interval starts from zero
 
+
+
+async def test_an_idle_outbox_is_read_after_writes_not_every_flush(db_url: str) -> None:
+    """The sender reads the outbox after this process wrote to it (and every `sweep_s` for
+    what a dead replica left), not on every flush interval of an idle service."""
+    drains: list[int] = []
+
+    class Counted(AuditOutbox):
+        async def drain(self, sink: Any, uses: Any, limit: int) -> int:
+            drains.append(limit)
+            return await super().drain(sink, uses, limit)
+
+    shipped: list[Any] = []
+
+    async def sink(batch: Any, uses: Any) -> None:
+        shipped.extend(batch)
+
+    auditor = Auditor("metering", sink, outbox=Counted(db_url, "metering.audit_outbox"),
+                      sweep_s=3600)
+    conn = await asyncpg.connect(db.asyncpg_url(db_url))
+    try:
+        await auditor.flush()  # the first flush reads what a dead process left behind
+        read = len(drains)
+        assert read >= 1
+        for _ in range(5):
+            await auditor.flush()
+        assert len(drains) == read  # idle: the outbox is not read
+        record = auditor.pending(AUTHORIZE, None, None, "ipv4:10.0.0.7:4000", None)
+        assert record is not None
+        ((record_id, body),) = record.rows()
+        await conn.execute("INSERT INTO metering.audit_outbox (record_id, record) "
+                           "VALUES ($1, $2::jsonb)", record_id, body)  # as a store does
+        record.written()
+        await auditor.flush()
+        assert len(drains) > read and [r[0] for r in shipped] == [record_id]
+        assert await conn.fetchval("SELECT count(*) FROM metering.audit_outbox") == 0
+    finally:
+        await conn.close()
+        assert auditor.outbox is not None
+        await auditor.outbox.close()

@@ -106,10 +106,12 @@ class PendingRecord:
     transaction of the call's change (see `pending`). Built once: a transaction retried
     writes the same record ids (the outbox ignores a duplicate id)."""
 
-    __slots__ = ("_make", "_rows", "is_written")
+    __slots__ = ("_make", "_on_written", "_rows", "is_written")
 
-    def __init__(self, make: Callable[[], list[Record]]) -> None:
+    def __init__(self, make: Callable[[], list[Record]],
+                 on_written: Callable[[], None] | None = None) -> None:
         self._make = make
+        self._on_written = on_written
         self._rows: list[tuple[str, str]] | None = None
         self.is_written = False
         """Set by the handler's store once its transaction, with the rows, committed."""
@@ -125,6 +127,8 @@ class PendingRecord:
         """The rows are committed with the call's change: the kit writes no record of its
         own for the call (unless it ends in an error after all)."""
         self.is_written = True
+        if self._on_written is not None:
+            self._on_written()
 
 
 _pending: contextvars.ContextVar[PendingRecord | None] = contextvars.ContextVar(
@@ -235,6 +239,11 @@ class Auditor:
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _id_fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
     _counted: dict[tuple[str, str, str, str, str, str], int] = field(default_factory=dict)
+    sweep_s: float = 5.0
+    """How often the outbox is read with nothing written to it by this process (records a
+    dead replica left behind): a flush reads it only after writes, not every interval."""
+    _dirty: bool = False
+    _next_sweep: float = 0.0  # monotonic; 0: read the outbox at the first flush
 
     def _records(self, method: str, rule: policy.Rule | None, principal: Any, peer: str,
                  request: Any, outcome: str) -> list[Record]:
@@ -258,6 +267,7 @@ class Auditor:
             # scheduled now: a refused call answers without awaiting its record
             written = asyncio.gather(*(self.outbox.write(r) for r in records))
             written.add_done_callback(_report_unwritten)
+            written.add_done_callback(self._outbox_written)
             return written
         self._enqueue(records)
         return None
@@ -269,7 +279,11 @@ class Auditor:
         if self.outbox is None:
             return None
         return PendingRecord(lambda: self._records(method, rule, principal, peer, request,
-                                                   "OK"))
+                                                   "OK"), self._outbox_written)
+
+    def _outbox_written(self, _: object = None) -> None:
+        """Records reached the outbox: the next flush drains it."""
+        self._dirty = True
 
     def count(self, method: str, rule: policy.Rule | None, principal: Any, peer: str,
               request: Any, outcome: str) -> None:
@@ -325,11 +339,23 @@ class Auditor:
             summaries = self._summaries()
             if self.outbox is not None:
                 await asyncio.gather(*(self.outbox.write(r) for r in summaries))
+                self._dirty = True
             else:
                 self._enqueue(summaries)
         if self.outbox is not None:
-            while await self.outbox.drain(self.sink, self._uses, self.batch_size):
-                self._uses = {}
+            # An idle outbox is not read every interval: only after this process wrote to it,
+            # and every `sweep_s` for what another (dead) replica left behind.
+            now = time.monotonic()
+            if self._dirty or now >= self._next_sweep:
+                self._dirty, self._next_sweep = False, now + self.sweep_s
+                try:
+                    while await self.outbox.drain(self.sink, self._uses, self.batch_size):
+                        self._uses = {}
+                except BaseException:
+                    self._dirty = True  # what was not shipped is shipped by the next flush
+                    raise
+            elif self._uses:
+                await self.sink([], self._uses)
             self._uses = {}
         while self._queue or self._uses:
             batch = [self._queue[i] for i in range(min(self.batch_size, len(self._queue)))]
