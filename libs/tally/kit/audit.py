@@ -349,7 +349,10 @@ class Auditor:
             if self._dirty or now >= self._next_sweep:
                 self._dirty, self._next_sweep = False, now + self.sweep_s
                 try:
-                    while await self.outbox.drain(self.sink, self._uses, self.batch_size):
+                    # a short batch emptied it (what was written meanwhile marked it dirty):
+                    # no second, empty transaction to find that out
+                    while await self.outbox.drain(self.sink, self._uses,
+                                                  self.batch_size) >= self.batch_size:
                         self._uses = {}
                 except BaseException:
                     self._dirty = True  # what was not shipped is shipped by the next flush
