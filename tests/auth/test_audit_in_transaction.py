@@ -16,7 +16,7 @@ from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
 
 from services.metering.server import MeteringConfig, build_for
-from tally.kit import db
+from tally.kit import audit, db
 from tally.kit.audit import Auditor, AuditOutbox
 from tally.kit.auth import CredentialCache, Guard
 from tally.kit.server import Principal, start_server
@@ -212,6 +212,12 @@ async def test_an_idle_outbox_is_read_after_writes_not_every_flush(db_url: str) 
         assert len(drains) == read  # idle: the outbox is not read
         record = auditor.pending(AUTHORIZE, None, None, "ipv4:10.0.0.7:4000", None)
         assert record is not None
+        audit.begin(record)
+        assert audit.pending(db_url) is record
+        # a store on another database (a residency region's) must not write it: its outbox
+        # there is not the one this sender drains
+        assert audit.pending("postgresql://elsewhere/region_b") is None
+        audit.begin(None)
         ((record_id, body),) = record.rows()
         await conn.execute("INSERT INTO metering.audit_outbox (record_id, record) "
                            "VALUES ($1, $2::jsonb)", record_id, body)  # as a store does

@@ -106,11 +106,12 @@ class PendingRecord:
     transaction of the call's change (see `pending`). Built once: a transaction retried
     writes the same record ids (the outbox ignores a duplicate id)."""
 
-    __slots__ = ("_make", "_on_written", "_rows", "is_written")
+    __slots__ = ("_make", "_on_written", "_rows", "database_url", "is_written")
 
     def __init__(self, make: Callable[[], list[Record]],
-                 on_written: Callable[[], None] | None = None) -> None:
+                 on_written: Callable[[], None] | None = None, database_url: str = "") -> None:
         self._make = make
+        self.database_url = database_url  # where the outbox the sender drains lives
         self._on_written = on_written
         self._rows: list[tuple[str, str]] | None = None
         self.is_written = False
@@ -146,13 +147,17 @@ def current() -> PendingRecord | None:
     return _pending.get()
 
 
-def pending() -> PendingRecord | None:
-    """The current call's audit record not written yet, if the call is audited durably: a
-    store that commits the call's change in the service's own database inserts its rows in
-    that transaction and marks it `written` after the commit. Read it in the call's own task
-    (a group commit's transaction runs in another: take it when the call submits)."""
+def pending(database_url: str) -> PendingRecord | None:
+    """The current call's audit record not written yet, if the call is audited durably in
+    `database_url` (the database of the store asking: a record written in another, e.g. a
+    residency region's, would never be shipped): a store that commits the call's change
+    there inserts its rows in that transaction and marks it `written` after the commit. Read
+    it in the call's own task (a group commit's transaction runs in another: take it when
+    the call submits)."""
     record = _pending.get()
-    return record if record is not None and not record.is_written else None
+    if record is None or record.is_written or record.database_url != database_url:
+        return None
+    return record
 
 
 class AuditOutbox:
@@ -279,7 +284,8 @@ class Auditor:
         if self.outbox is None:
             return None
         return PendingRecord(lambda: self._records(method, rule, principal, peer, request,
-                                                   "OK"), self._outbox_written)
+                                                   "OK"), self._outbox_written,
+                             self.outbox.database_url)
 
     def _outbox_written(self, _: object = None) -> None:
         """Records reached the outbox: the next flush drains it."""

@@ -195,8 +195,12 @@ class _Decision:
 class SpendStore:
     """Postgres persistence of Authorize."""
 
-    def __init__(self, pool: asyncpg.Pool, *, decisions_per_group: int = 256) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, decisions_per_group: int = 256,
+                 database_url: str = "") -> None:
         self.pool = pool
+        # the pool's database: calls' audit records audited there are written with their
+        # decisions (tally.kit.audit.pending); "" = never (the kit writes them itself)
+        self.database_url = database_url
         # An org's Authorize calls against budgets that arrive while its decision's
         # transaction runs are decided together in the next one: a hot budget costs a lock
         # per group, not per call (and one org's lock waits are not another's).
@@ -225,7 +229,7 @@ class SpendStore:
         it, in one statement shared with the calls of its org queued meanwhile. The call's
         audit record (tally.kit.audit.pending), if any, is written by that statement too: the
         hold and its record commit together or not at all."""
-        record = audit.pending()
+        record = audit.pending(self.database_url) if self.database_url else None
         if record is not None:
             hold = replace(hold, audit=record)
         return await self._holds.submit(hold)
@@ -355,7 +359,8 @@ class SpendStore:
         Raises Replayed if the same request id was recorded meanwhile, NeedsCredit (nothing
         recorded) if the answer holds more than the lease has free.
         """
-        record = audit.pending()  # the call's audit record: written with its answer
+        # the call's audit record: written with its answer
+        record = audit.pending(self.database_url) if self.database_url else None
         if not budgets and decide([]).decision is Decision.DENY:  # nothing to lock
             return Decided(await self._record_without_budgets(request, request_hash,
                                                               decide([]), record))
