@@ -8,7 +8,9 @@
 - ``authorize_on``: the same against a metering server that verifies an API key on every
   call from its local credentials cache (following accounts' WatchCredentials) and audits
   every call (Authorize is a mutation) to accounts in batches.
-- ``added``: on minus off, p50 and p99 at 1 caller, and the QPS share kept at 64 callers.
+- ``added``: on minus off, p50 and p99 at 1 caller, the QPS share kept at 64 callers, and
+  the CPU ms per decision added (all processes) at 1 and 64 callers. Each figure set carries
+  ``cpu_ms_per_decision`` per process (client, each server, PostgreSQL backends, total).
 - ``guard_cpu_us_per_call``: CPU time of the guard's own work per call (verify the key,
   check the policy, queue the audit record), measured in this process over many calls with
   ``time.process_time`` — what the server spends, without the network's noise.
@@ -32,7 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from bench.authorize import ORG, _port, prepare, serving
+from bench.authorize import ORG, _measured, _port, prepare, serving
 from bench.baseline import _machine, measure_unary, run_baseline, run_in_loop
 from bench.harness import bench_database, database_label, database_server_url
 from tally.accounts.v1 import accounts_pb2
@@ -63,9 +65,10 @@ async def make_key(accounts: str) -> str:
     return secret
 
 
-async def measure(target: str, run: str, quick: bool, credential: str | None
-                  ) -> dict[str, Any]:
-    """Authorize at 1 and 64 callers, every call a fresh request."""
+async def measure(target: str, run: str, quick: bool, credential: str | None,
+                  database_url: str) -> dict[str, Any]:
+    """Authorize at 1 and 64 callers, every call a fresh request, with CPU ms per decision
+    of each process (client, servers, PostgreSQL backends)."""
     calls_1, calls_64 = (300, 1_000) if quick else (3_000, 10_000)
     ids = itertools.count()
     async with TallyClient({"metering": target}, actor="service:bench",
@@ -86,8 +89,12 @@ async def measure(target: str, run: str, quick: bool, credential: str | None
                 break
             except Exception:  # retried until the cache has the key
                 await asyncio.sleep(0.05)
-        single = await measure_unary(one, calls_1, 1, warmup=calls_1 // 10)
-        many = await measure_unary(one, calls_64, 64, warmup=calls_64 // 10)
+        await measure_unary(one, calls_1 // 10, 1, warmup=0)
+        single = await _measured(database_url, calls_1,
+                                 lambda: measure_unary(one, calls_1, 1, warmup=0))
+        await measure_unary(one, calls_64 // 10, 64, warmup=0)
+        many = await _measured(database_url, calls_64,
+                               lambda: measure_unary(one, calls_64, 64, warmup=0))
     return {"1_caller": single, "64_callers": many}
 
 
@@ -164,10 +171,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             run_in_loop(prepare(database_url, ledger))
             secret = run_in_loop(make_key(accounts))
             with serving("metering", config, trust) as metering:
-                off = run_in_loop(measure(metering, "off", args.quick, None))
+                off = run_in_loop(measure(metering, "off", args.quick, None, database_url))
             with serving("metering", config, {"TALLY_AUTH_MODE": "enforce", "TALLY_AUDIT": "true",
                                               "TALLY_ACCOUNTS_ADDRESS": accounts}) as metering:
-                on = run_in_loop(measure(metering, "on", args.quick, secret))
+                on = run_in_loop(measure(metering, "on", args.quick, secret, database_url))
             audited = run_in_loop(count_audited(database_url))
     cpu = run_in_loop(guard_cpu(secret, 2_000 if args.quick else 20_000))
     added_p50 = round(on["1_caller"]["p50_ms"] - off["1_caller"]["p50_ms"], 3)
@@ -177,7 +184,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "authorize_on": on,
         "added": {"p50_ms_1_caller": added_p50, "p99_ms_1_caller": added_p99,
                   "qps_64_share_kept": round(on["64_callers"]["qps"]
-                                             / off["64_callers"]["qps"], 3)},
+                                             / off["64_callers"]["qps"], 3),
+                  "cpu_ms_per_decision_1_caller": round(
+                      on["1_caller"]["cpu_ms_per_decision"]["total"]
+                      - off["1_caller"]["cpu_ms_per_decision"]["total"], 3),
+                  "cpu_ms_per_decision_64_callers": round(
+                      on["64_callers"]["cpu_ms_per_decision"]["total"]
+                      - off["64_callers"]["cpu_ms_per_decision"]["total"], 3)},
         "guard_cpu_us_per_call": cpu,
         "audited_records": audited,
         "baseline": baseline,

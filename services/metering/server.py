@@ -175,7 +175,7 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
                        buffer_wait_ms=settings.buffer_wait_ms,
                        max_inflight_commits=settings.max_inflight_commits),
         on_commit=rollup.wake)
-    spend = SpendStore(pool)
+    spend = SpendStore(pool, database_url=url)
     policies = PolicyCache(spend, settings.policy_cache_ms / 1000)
     leases = LeaseManager(LeaseStore(pool), GrpcLeasingLedger(
         ledger_pb2_grpc.LedgerServiceStub(ledger_channel)), LeaseSettings(

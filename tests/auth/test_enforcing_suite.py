@@ -2,7 +2,8 @@
 mutual TLS between them with certificates of one CA (each service known by its certificate),
 and a caller holding API keys. A credit purchase paid at checkout, an authorization, usage and
 the balance after it go through — every hop between services verified — and the trail of the
-mutations is in accounts' audit chain, intact."""
+mutations is in accounts' audit chain, intact: Authorize's record (written in its hold's
+transaction) like the others, and Envoy's rate-limit checks as one record counting them."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 import grpc
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from tally.accounts.v1 import accounts_pb2 as apb
 from tally.accounts.v1 import accounts_pb2_grpc
@@ -164,6 +167,14 @@ async def test_purchase_authorize_usage_balance_with_mtls_and_api_keys(db_url: s
             # the gateway's key: a decision (metering -> ledger over mTLS), usage, the balance
             decision = await metering.Authorize(ask("req-1"), metadata=bearer(gateway.secret))
             assert decision.decision == mpb.DECISION_ALLOW, decision
+            # the proxy's rate-limit checks: counted, one record per interval
+            rls = rls_pb2_grpc.RateLimitServiceStub(mch)
+            check = rls_pb2.RateLimitRequest(domain="tally", descriptors=[
+                ratelimit_pb2.RateLimitDescriptor(entries=[
+                    ratelimit_pb2.RateLimitDescriptor.Entry(key="org_id", value="acme")])])
+            checks = await asyncio.gather(*(rls.ShouldRateLimit(
+                check, metadata=bearer(gateway.secret)) for _ in range(3)))
+            assert {c.overall_code for c in checks} == {rls_pb2.RateLimitResponse.OK}
             recorded = await metering.RecordUsage(mpb.RecordUsageRequest(
                 events=[usage("event-1")]), metadata=bearer(gateway.secret))
             assert [r.status for r in recorded.results] == [ACCEPTED]
@@ -190,19 +201,28 @@ async def test_purchase_authorize_usage_balance_with_mtls_and_api_keys(db_url: s
         conn = await asyncpg.connect(db.asyncpg_url(db_url))
         try:
             for _ in range(400):
-                rows = await conn.fetch("SELECT rpc, principal, verified_by, outcome "
-                                        "FROM accounts.audit_log WHERE org_id = 'acme'")
+                rows = await conn.fetch("SELECT rpc, principal, verified_by, outcome, "
+                                        "target_ids FROM accounts.audit_log "
+                                        "WHERE org_id = 'acme'")
                 seen = {(r["rpc"].rsplit("/", 1)[1], r["verified_by"], r["outcome"])
                         for r in rows}
+                rate_checks = sum(int(t.removeprefix("calls=")) for r in rows
+                                  if r["rpc"].endswith("/ShouldRateLimit")
+                                  for t in r["target_ids"] if t.startswith("calls="))
                 if {("Purchase", "api_key", "OK"), ("Authorize", "api_key", "OK"),
                         ("RecordUsage", "api_key", "OK"), ("ExtendLease", "mtls", "OK"),
-                        ("Transfer", "api_key", "PERMISSION_DENIED")} <= seen:
+                        ("ShouldRateLimit", "api_key", "OK"),
+                        ("Transfer", "api_key", "PERMISSION_DENIED")} <= seen \
+                        and rate_checks == 3:
                     break
                 await asyncio.sleep(0.05)
             else:
                 raise AssertionError(f"audit trail incomplete: {sorted(seen)}")
             assert {r["principal"] for r in rows if r["verified_by"] == "mtls"} <= {
                 f"svc:{s}" for s in ORDER} | {"svc:ops"}
+            # the decision's record names the request it decided
+            assert any("request_id=req-1" in r["target_ids"] for r in rows
+                       if r["rpc"].endswith("/Authorize")), rows
         finally:
             await conn.close()
         async with deployment.channel("accounts", "ops") as channel:

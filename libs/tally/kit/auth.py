@@ -40,7 +40,16 @@ from typing import Any, Final
 import grpc
 
 from tally.kit import policy
-from tally.kit.audit import DENIED, Auditor, AuditOutbox, grpc_sink, is_audited
+from tally.kit.audit import (
+    DENIED,
+    SUMMARIZED,
+    Auditor,
+    AuditOutbox,
+    PendingRecord,
+    grpc_sink,
+    is_audited,
+)
+from tally.kit.audit import current as current_record
 from tally.kit.config import (
     load,
     parse_bool,
@@ -422,7 +431,7 @@ class Guard:
     """The data-residency regions this server serves (None: every region)."""
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Future[Any]] = field(default_factory=list)
-    _audited: dict[str, bool] = field(default_factory=dict)
+    _audited: dict[str, str] = field(default_factory=dict)
 
     async def start(self) -> None:
         """Starts following the credentials feed and shipping the audit trail."""
@@ -446,20 +455,45 @@ class Guard:
         if self.oidc is not None:
             await self.oidc.close()
 
+    def _audit_kind(self, method: str) -> str:
+        """'call' (each call recorded), 'summary' (counted per interval) or '' (only its
+        refusals recorded)."""
+        kind = self._audited.get(method)
+        if kind is None:
+            kind = self._audited[method] = (
+                "" if not is_audited(method)
+                else "summary" if method.rsplit("/", 1)[1] in SUMMARIZED else "call")
+        return kind
+
+    def pending(self, method: str, principal: Principal | None, context: Any,
+                request: Any) -> PendingRecord | None:
+        """An admitted call's record, for its handler to write with its change (the kit's
+        hook before the handler runs; tally.kit.audit.pending)."""
+        if self.auditor is None or self._audit_kind(method) != "call":
+            return None
+        peer = context.peer() if context is not None else ""
+        return self.auditor.pending(method, self.rules.get(method), principal, peer, request)
+
     def record(self, method: str, principal: Principal | None, context: Any, request: Any,
                code: grpc.StatusCode) -> Awaitable[Any] | None:
         """The kit's hook at the end of every call: audits the ones that must be. Returns
         what the call awaits before it answers (its record made durable), if anything."""
         if self.auditor is None:
             return None
-        audited = self._audited.get(method)
-        if audited is None:
-            audited = self._audited[method] = is_audited(method)
         outcome = code.name
-        if audited or outcome in DENIED:
+        kind = self._audit_kind(method)
+        if outcome == "OK" and kind == "call":
+            current = current_record()
+            if current is not None and current.is_written:
+                return None  # committed with the call's change
+        if outcome in DENIED or kind == "call":
             peer = context.peer() if context is not None else ""
             return self.auditor.record(method, self.rules.get(method), principal, peer,
                                        request, outcome)
+        if kind == "summary":
+            peer = context.peer() if context is not None else ""
+            self.auditor.count(method, self.rules.get(method), principal, peer, request,
+                               outcome)
         return None
 
     async def authenticate(self, method: str, metadata: Mapping[str, str]) -> Principal:

@@ -103,14 +103,20 @@ class GroupCommit(Generic[T, R]):
 
     async def _commit(self, group: list[_Waiting[T, R]]) -> None:
         spans = [w.span for w in group if w.span.is_valid]
-        parent = trace.set_span_in_context(NonRecordingSpan(spans[0])) if spans else None
         try:
-            with _tracer.start_as_current_span(
-                    f"{self.name}.group_commit", context=parent,
-                    links=[Link(s) for s in spans[1:]],
-                    attributes={"tally.group_size": len(group)}):
+            if spans and not any(s.trace_flags.sampled for s in spans):
+                # no request of the group is traced (the parent-based sampler would drop the
+                # group's span anyway): no span, which costs more than a small group's work
                 answers: Sequence[R | BaseException] = await self._apply(
                     [w.request for w in group])
+            else:
+                parent = (trace.set_span_in_context(NonRecordingSpan(spans[0])) if spans
+                          else None)
+                with _tracer.start_as_current_span(
+                        f"{self.name}.group_commit", context=parent,
+                        links=[Link(s) for s in spans[1:]],
+                        attributes={"tally.group_size": len(group)}):
+                    answers = await self._apply([w.request for w in group])
         except asyncio.CancelledError:  # the loop is ending: nobody will answer these
             for waiting in group:
                 waiting.done.cancel()

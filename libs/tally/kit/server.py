@@ -36,7 +36,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Status, StatusCode
 
-from tally.kit import errors, metrics
+from tally.kit import audit, errors, metrics
 from tally.kit.config import ConfigError, KitConfig, exit_on_config_error, load_kit_config
 from tally.kit.log import configure_logging, get_logger
 from tally.kit.readiness import Probe, Readiness, is_outage
@@ -288,6 +288,9 @@ class _Call:
             principal = await authenticator.verify(self.metadata, self.context)
             self.principal = principal  # known to the audit record even when refused
             authenticator.check(principal, self.method.name, request)
+            if request is not None:  # its handler may write the record with its change
+                audit.begin(authenticator.pending(self.method.name, principal, self.context,
+                                                  request))
         else:
             principal = await authenticator.authenticate(self.method.name, self.metadata)
             self.principal = principal

@@ -137,10 +137,14 @@ class Authorizer:
         refused = az.check_policy(policy, request)
         if refused is not None:
             return await self._record(request, fingerprint, refused)
-        with _tracer.start_as_current_span("metering.price_book") as span:
-            book = self.books.history.book_at(now)  # the local copy pricing keeps current
+        if trace.get_current_span().is_recording():
+            with _tracer.start_as_current_span("metering.price_book") as span:
+                book = self.books.history.book_at(now)  # the local copy pricing keeps current
+                first = self._estimate(book, request, request.model)
+                span.set_attribute("tally.price_book_version", first.price_book_version)
+        else:  # an untraced call: its child span would not be sampled (parent-based)
+            book = self.books.history.book_at(now)
             first = self._estimate(book, request, request.model)
-            span.set_attribute("tally.price_book_version", first.price_book_version)
         quotas = await self.policies.quotas_for(request.org_id)
         if quotas:  # a replay must not count against them
             earlier = await self.store.recorded(request.org_id, request.request_id)

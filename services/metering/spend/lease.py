@@ -4,9 +4,10 @@ it needs the ledger.
 An org's lease is a durable hold in the ledger on a slice of its available credit. Authorize
 admits a request when the lease's free credit covers its worst case (one statement in
 metering's database, `free = granted - returned - charged - held`) and only goes to the ledger
-when it does not. Sizing: `window` seconds of the org's recent spend (an exponentially
-weighted rate of what Authorize held), never less than `floor` nor more than `cap`; the ledger
-grants at most the org's available credit, so a small org's lease is its whole balance.
+when it does not. Sizing: `window` seconds of the org's recent spend (what Authorize held in
+the last `window` whole seconds, summed in integer micro-credits per second: no float is near
+money), never less than `floor` nor more than `cap`; the ledger grants at most the org's
+available credit, so a small org's lease is its whole balance.
 
 What a lease may cost in overshoot (the bound the docs state): when the ledger takes credit
 away (READ_ONLY, a refund, grant expiry, an adjustment) it shrinks the lease in the same
@@ -18,7 +19,7 @@ none is admitted against the lost credit.
 
 from __future__ import annotations
 
-import math
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -32,7 +33,7 @@ class LeaseSettings:
     cap_micros: int = 1_000_000_000  # largest lease (1,000 credits): the overshoot bound
     ttl: timedelta = timedelta(seconds=120)  # the ledger returns an unrenewed lease then
     renew_before: timedelta = timedelta(seconds=40)  # renew an active lease this long before
-    low_water: float = 0.25  # top up in the background below this share of the target
+    low_water_percent: int = 25  # top up in the background below this share of the target
     holder: str = "metering"
 
 
@@ -64,24 +65,42 @@ class LeaseFigures:
                 - self.held_micros)
 
 
+_NS_PER_S = 1_000_000_000
+
+
 @dataclass(slots=True)
 class BurnRate:
-    """Micro-credits per second an org's requests hold, exponentially weighted (half-life
-    `half_life_s`): what sizes its lease."""
+    """What an org's requests held in the last `window_s` whole seconds, in integer
+    micro-credits: one bucket per second (at most `window_s` of them), so the rate is
+    `held // window_s` micro-credits per second and the lease's target is `held` itself."""
 
-    half_life_s: float = 10.0
-    rate: float = 0.0
-    at: float = 0.0
+    window_s: int
+    buckets: deque[list[int]] = field(default_factory=deque)  # [second, micros held]
+    held: int = 0  # the sum of the buckets
 
-    def add(self, micros: int, now: float) -> None:
-        """Counts `micros` held at monotonic time `now`."""
-        if self.at:
-            elapsed = max(now - self.at, 1e-3)
-            decay = math.exp(-elapsed * math.log(2) / self.half_life_s)
-            self.rate = self.rate * decay + micros * (1 - decay) / elapsed
+    def add(self, micros: int, now_ns: int) -> None:
+        """Counts `micros` held at monotonic time `now_ns` (nanoseconds)."""
+        second = self._expire(now_ns)
+        if self.buckets and self.buckets[-1][0] == second:
+            self.buckets[-1][1] += micros
         else:
-            self.rate = float(micros)
-        self.at = now
+            self.buckets.append([second, micros])
+        self.held += micros
+
+    def held_in_window(self, now_ns: int) -> int:
+        """Micro-credits held in the `window_s` seconds up to `now_ns`."""
+        self._expire(now_ns)
+        return self.held
+
+    def micros_per_second(self, now_ns: int) -> int:
+        """The burn rate: micro-credits per second over the window, rounded down."""
+        return self.held_in_window(now_ns) // self.window_s
+
+    def _expire(self, now_ns: int) -> int:
+        second = now_ns // _NS_PER_S
+        while self.buckets and self.buckets[0][0] <= second - self.window_s:
+            self.held -= self.buckets.popleft()[1]
+        return second
 
 
 @dataclass(slots=True)
@@ -90,17 +109,30 @@ class Sizing:
 
     settings: LeaseSettings
     rates: dict[str, BurnRate] = field(default_factory=dict)
+    _now_ns: int = 0  # the latest time seen (a target asked without one is as of it)
 
-    def spent(self, org_id: str, micros: int, now: float) -> None:
-        """Authorize held `micros` for the org at monotonic time `now`."""
-        self.rates.setdefault(org_id, BurnRate()).add(micros, now)
+    def spent(self, org_id: str, micros: int, now_ns: int) -> None:
+        """Authorize held `micros` for the org at monotonic time `now_ns` (nanoseconds)."""
+        rate = self.rates.get(org_id)
+        if rate is None:
+            rate = self.rates[org_id] = BurnRate(max(self.settings.window // _SECOND, 1))
+        rate.add(micros, now_ns)
+        self._now_ns = max(self._now_ns, now_ns)
 
-    def target(self, org_id: str) -> int:
+    def target(self, org_id: str, now_ns: int | None = None) -> int:
         """Free credit the org's lease should hold: `window` of its spend, floor to cap."""
         rate = self.rates.get(org_id)
-        wanted = int(rate.rate * self.settings.window.total_seconds()) if rate else 0
+        wanted = rate.held_in_window(self._now_ns if now_ns is None else now_ns) if rate else 0
         return min(max(wanted, self.settings.floor_micros), self.settings.cap_micros)
 
-    def to_add(self, free_micros: int, needed: int, org_id: str) -> int:
+    def is_low(self, org_id: str, free_micros: int, now_ns: int | None = None) -> bool:
+        """Whether the lease's free credit is below `low_water_percent` of its target."""
+        return free_micros * 100 < self.target(org_id, now_ns) * self.settings.low_water_percent
+
+    def to_add(self, free_micros: int, needed: int, org_id: str,
+               now_ns: int | None = None) -> int:
         """What to ask the ledger for so that `needed` fits now and the target stays free."""
-        return max(needed + self.target(org_id) - free_micros, 0)
+        return max(needed + self.target(org_id, now_ns) - free_micros, 0)
+
+
+_SECOND = timedelta(seconds=1)

@@ -92,13 +92,13 @@ class LeaseManager:
     """See the module docstring."""
 
     def __init__(self, store: LeaseStore, ledger: LeasingLedger, settings: LeaseSettings,
-                 monotonic: Callable[[], float] = time.monotonic,
+                 monotonic_ns: Callable[[], int] = time.monotonic_ns,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.store = store
         self.ledger = ledger
         self.settings = settings
         self.sizing = Sizing(settings)
-        self.monotonic = monotonic
+        self.monotonic_ns = monotonic_ns
         self.clock = clock
         self._flights: dict[str, asyncio.Task[tuple[LeaseFigures, int]]] = {}
         self._wanted: asyncio.Queue[str] = asyncio.Queue()
@@ -130,9 +130,10 @@ class LeaseManager:
 
     def held(self, org_id: str, micros: int, free_micros: int) -> None:
         """A request of the org now holds `micros`; the lease has `free_micros` left."""
-        self.sizing.spent(org_id, micros, self.monotonic())
+        now_ns = self.monotonic_ns()
+        self.sizing.spent(org_id, micros, now_ns)
         self._used.add(org_id)
-        if free_micros < self.sizing.target(org_id) * self.settings.low_water:
+        if self.sizing.is_low(org_id, free_micros, now_ns):
             self._want(org_id)
 
     # -- background ------------------------------------------------------------------------
@@ -247,7 +248,8 @@ class LeaseManager:
             try:
                 answer = await self.ledger.extend_lease(
                     str(uuid.uuid4()), lease_id, org_id, self.settings.holder,
-                    self.sizing.to_add(free, needed, org_id), 0, self.settings.ttl, held)
+                    self.sizing.to_add(free, needed, org_id, self.monotonic_ns()), 0,
+                    self.settings.ttl, held)
             except TallyError as exc:
                 if exc.reason is not Reason.RESERVATION_EXPIRED or lease is None:
                     raise

@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 
-from tally.kit import outbox
+from tally.kit import audit, outbox
 from tally.kit.background import Deadline
 from tally.kit.group_commit import GroupCommit
 from tally.kit.telemetry import current_traceparent
@@ -88,6 +88,7 @@ class Hold:
     request_hash: str
     answer: Answer
     budgets: Sequence[tuple[Budget, datetime, int]]  # budget, period start, allow_cap
+    audit: audit.PendingRecord | None = None  # the call's audit record, written with it
 
 
 class Outcome(enum.Enum):
@@ -188,13 +189,18 @@ class _Decision:
     request_hash: str
     budgets: Sequence[tuple[Budget, datetime]]
     decide: Decide
+    audit: audit.PendingRecord | None = None  # the call's audit record, written with it
 
 
 class SpendStore:
     """Postgres persistence of Authorize."""
 
-    def __init__(self, pool: asyncpg.Pool, *, decisions_per_group: int = 256) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, decisions_per_group: int = 256,
+                 database_url: str = "") -> None:
         self.pool = pool
+        # the pool's database: calls' audit records audited there are written with their
+        # decisions (tally.kit.audit.pending); "" = never (the kit writes them itself)
+        self.database_url = database_url
         # An org's Authorize calls against budgets that arrive while its decision's
         # transaction runs are decided together in the next one: a hot budget costs a lock
         # per group, not per call (and one org's lock waits are not another's).
@@ -220,34 +226,41 @@ class SpendStore:
 
     async def hold(self, hold: Hold) -> HoldResult:
         """Records `hold` as a plain ALLOW with its budget and lease holds if they all take
-        it, in one statement shared with the calls of its org queued meanwhile."""
+        it, in one statement shared with the calls of its org queued meanwhile. The call's
+        audit record (tally.kit.audit.pending), if any, is written by that statement too: the
+        hold and its record commit together or not at all."""
+        record = audit.pending(self.database_url) if self.database_url else None
+        if record is not None:
+            hold = replace(hold, audit=record)
         return await self._holds.submit(hold)
 
     async def _hold_many(self, holds: Sequence[Hold]) -> list[HoldResult | Exception]:
         calls: list[tuple[Any, ...]] = []
         budgets: list[tuple[Any, ...]] = []
         quotas: list[tuple[Any, ...]] = []
+        audited: list[tuple[Any, ...]] = []
         for n, h in enumerate(holds, 1):
             a = h.answer
+            if h.audit is not None:
+                audited.extend((n, *row) for row in h.audit.rows())
             calls.append((h.request.org_id, h.request.request_id, h.request_hash, a.model,
                           a.reservation_id, a.reserved_micros, a.price_book_version,
                           a.expires_at))
             budgets.extend((n, b.budget_id, start, cap, b.limit_micros)
                            for b, start, cap in h.budgets)
             quotas.extend((n, q.scope, q.unit, q.limit, q.remaining) for q in a.headroom)
-        rows = await self.pool.fetch(
-            "SELECT idx, outcome, lease_free, billing_state, budget_left, ledger_available FROM "
-            "metering.authorize_holds($1::text[], $2::text[], $3::text[], $4::text[], "
-            "$5::text[], $6::bigint[], $7::bigint[], $8::timestamptz[], $9::int[], "
-            "$10::text[], $11::timestamptz[], $12::bigint[], $13::bigint[], $14::int[], "
-            "$15::text[], $16::text[], $17::bigint[], $18::bigint[], $19)",
-            *_columns(calls, 8), *_columns(budgets, 5), *_columns(quotas, 5), datetime.now(UTC))
+        rows = await self.pool.fetch(_HOLD_SQL if audited else _HOLD_SQL_UNAUDITED,
+                                     *_columns(calls, 8), *_columns(budgets, 5),
+                                     *_columns(quotas, 5), datetime.now(UTC),
+                                     *(_columns(audited, 3) if audited else ()))
         results: list[HoldResult | Exception] = []
         for h, row in zip(holds, rows, strict=True):
             outcome = Outcome(row["outcome"])
             if outcome is not Outcome.HELD:
                 results.append(HoldResult(outcome))
                 continue
+            if h.audit is not None:
+                h.audit.written()  # committed by the statement, with the hold
             a = h.answer
             if a.expires_at is not None:
                 self.hold_expiry.due(a.expires_at)
@@ -346,10 +359,13 @@ class SpendStore:
         Raises Replayed if the same request id was recorded meanwhile, NeedsCredit (nothing
         recorded) if the answer holds more than the lease has free.
         """
+        # the call's audit record: written with its answer
+        record = audit.pending(self.database_url) if self.database_url else None
         if not budgets and decide([]).decision is Decision.DENY:  # nothing to lock
             return Decided(await self._record_without_budgets(request, request_hash,
-                                                              decide([])))
-        return await self._decisions.submit(_Decision(request, request_hash, budgets, decide))
+                                                              decide([]), record))
+        return await self._decisions.submit(_Decision(request, request_hash, budgets, decide,
+                                                      record))
 
     async def _decide_many(self, decisions: Sequence[_Decision]) -> list[Decided | Exception]:
         keys = sorted({(b.budget_id, start) for x in decisions for b, start in x.budgets})
@@ -362,11 +378,17 @@ class SpendStore:
                         "AS free, billing_state, expires_at, ledger_available_micros "
                         "FROM metering.credit_leases "
                         "WHERE org_id = $1 FOR UPDATE", decisions[0].request.org_id)
-                    return await self._record_many(conn, decisions, locked, lease)
+                    answers = await self._record_many(conn, decisions, locked, lease)
+                    break
             # A period's first request: create its usage rows outside any lock, then retry
             # (creating them while holding others' locks could deadlock with another creator).
             await create_usage_rows(self.pool, keys)
-        raise RuntimeError("budget usage rows vanished")  # nothing deletes them
+        else:
+            raise RuntimeError("budget usage rows vanished")  # nothing deletes them
+        for x, answer in zip(decisions, answers, strict=True):
+            if x.audit is not None and isinstance(answer, Decided):
+                x.audit.written()  # committed with the answer (_record_many)
+        return answers
 
     async def _record_many(self, conn: Any, decisions: Sequence[_Decision],
                            locked: dict[UsageKey, tuple[int, int]], lease: Any
@@ -443,6 +465,8 @@ class SpendStore:
             "$8::text[], $9::timestamptz[], $10::text[]) AS k(o, q, h, d, r, m, b, s, e, a) "
             "ON CONFLICT DO NOTHING RETURNING org_id, request_id",
             *(list(column) for column in zip(*rows, strict=True)))}
+        await _write_audit(conn, [x.audit for x in decisions if x.audit is not None
+                                  and (x.request.org_id, x.request.request_id) in inserted])
         # the lease holds what was inserted (a copy recorded meanwhile holds its own)
         leased -= sum(row[5] for row in rows if row[7] == "HELD" and (row[0], row[1])
                       not in inserted)
@@ -466,15 +490,24 @@ class SpendStore:
                 not in inserted else a for a, x in zip(answers, decisions, strict=True)]
 
     async def _record_without_budgets(self, request: AuthorizeRequest, request_hash: str,
-                                      answer: Answer) -> Answer:
-        """Inserts an authorization no budget applies to (so it holds none): one statement."""
+                                      answer: Answer, record: audit.PendingRecord | None
+                                      ) -> Answer:
+        """Inserts an authorization no budget applies to (so it holds none), and the call's
+        audit record if it is inserted: one statement."""
+        rows = record.rows() if record is not None else []
         inserted = await self.pool.fetchval(
-            "INSERT INTO metering.authorizations (org_id, request_id, request_hash, decision, "
-            "reservation_id, reserved_micros, budget_holds, state, expires_at, response) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING "
-            "RETURNING true", *_authorization_row(request, request_hash, answer, []))
+            "WITH a AS (INSERT INTO metering.authorizations (org_id, request_id, request_hash, "
+            "decision, reservation_id, reserved_micros, budget_holds, state, expires_at, "
+            "response) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING "
+            "RETURNING true AS inserted), r AS (INSERT INTO metering.audit_outbox "
+            "(record_id, record) SELECT k.id, k.rec FROM unnest($11::text[], $12::jsonb[]) "
+            "AS k(id, rec), a ON CONFLICT DO NOTHING) SELECT inserted FROM a",
+            *_authorization_row(request, request_hash, answer, []),
+            [r[0] for r in rows], [r[1] for r in rows])
         if not inserted:
             raise Replayed(request.request_id)
+        if record is not None:
+            record.written()
         return answer
 
     async def refuse(self, org_id: str, request_id: str, answer: Answer) -> None:
@@ -521,6 +554,31 @@ class SpendStore:
 
 
 UsageKey = tuple[str, datetime]
+
+_HOLD_SQL_UNAUDITED = (
+    "SELECT idx, outcome, lease_free, billing_state, budget_left, ledger_available FROM "
+    "metering.authorize_holds($1::text[], $2::text[], $3::text[], $4::text[], "
+    "$5::text[], $6::bigint[], $7::bigint[], $8::timestamptz[], $9::int[], "
+    "$10::text[], $11::timestamptz[], $12::bigint[], $13::bigint[], $14::int[], "
+    "$15::text[], $16::text[], $17::bigint[], $18::bigint[], $19)")
+# The same, writing the audit record of each call HELD (call index, record id, record) in the
+# same statement: a data-modifying CTE runs once, in the statement's transaction.
+_HOLD_SQL = (
+    "WITH h AS (" + _HOLD_SQL_UNAUDITED + "), "
+    "a AS (INSERT INTO metering.audit_outbox (record_id, record) SELECT k.id, k.rec "
+    "FROM unnest($20::int[], $21::text[], $22::jsonb[]) AS k(idx, id, rec) "
+    "JOIN h ON h.idx = k.idx AND h.outcome = 'HELD' ON CONFLICT DO NOTHING) "
+    "SELECT * FROM h ORDER BY idx")
+
+
+async def _write_audit(conn: Any, records: Sequence[audit.PendingRecord]) -> None:
+    """Calls' audit records, in the transaction of their answers (`conn`'s)."""
+    rows = [row for record in records for row in record.rows()]
+    if rows:
+        await conn.execute(
+            "INSERT INTO metering.audit_outbox (record_id, record) SELECT * FROM "
+            "unnest($1::text[], $2::jsonb[]) ON CONFLICT DO NOTHING",
+            [r[0] for r in rows], [r[1] for r in rows])
 
 
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
