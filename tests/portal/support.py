@@ -42,7 +42,8 @@ ORG = "portal-org"
 OTHER_ORG = "other-org"
 SECRET = "whsec_portal_test_secret"
 CREDIT = 1_000_000
-PEOPLE = {"owner": "olivia", "billing": "bill", "developer": "dev", "viewer": "vera"}
+PEOPLE = {"owner": "olivia", "admin": "ada", "billing": "bill", "developer": "dev",
+          "viewer": "vera"}
 MODEL = "claude-sonnet"
 
 
@@ -158,8 +159,8 @@ async def seed(tally: TallyClient) -> None:
     await tally.accounts.CreateOrg(apb.CreateOrgRequest(
         org_id=OTHER_ORG, name="Other Org", region="local", seat_limit=3,
         owner_subject="mallory"))
-    roles = {"billing": apb.ROLE_BILLING, "developer": apb.ROLE_DEVELOPER,
-             "viewer": apb.ROLE_VIEWER}
+    roles = {"admin": apb.ROLE_ADMIN, "billing": apb.ROLE_BILLING,
+             "developer": apb.ROLE_DEVELOPER, "viewer": apb.ROLE_VIEWER}
     for role, number in roles.items():
         await tally.accounts.InviteMember(apb.InviteMemberRequest(
             org_id=ORG, subject=PEOPLE[role], role=number,
