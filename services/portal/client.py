@@ -86,7 +86,13 @@ class PortalClient:
     async def start(self, ready_timeout_s: float = 10.0) -> None:
         """Opens the channels and follows accounts' credentials feed (memberships) until
         `stop`."""
-        self._tally = TallyClient(self._addresses, actor="service:portal")
+        from tally.kit import tls
+
+        # mutual TLS with the portal's certificate when the services serve only TLS (no mesh)
+        files = tls.client_files()
+        self._tally = TallyClient(self._addresses, actor="service:portal",
+                                  channel_credentials=(tls.channel_credentials(files)
+                                                       if files is not None else None))
         channel = peer_channel(self._addresses["accounts"])
 
         async def follow() -> None:
