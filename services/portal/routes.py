@@ -792,9 +792,25 @@ async def alert_delete(request: Request, session: domain.Session, who: Caller) -
     return RedirectResponse(f"/orgs/{org}/alerts", 303)
 
 
+async def healthz(request: Request) -> Response:
+    """Liveness: the process serves HTTP."""
+    return Response("ok\n", media_type="text/plain", headers={"Cache-Control": "no-store"})
+
+
+async def readyz(request: Request) -> Response:
+    """Readiness: the memberships from accounts' credentials feed are loaded (before that every
+    page would answer "not a member")."""
+    ready = portal_of(request).client.cache.ready.is_set()
+    return Response("ready\n" if ready else "waiting for accounts' credentials feed\n",
+                    status_code=200 if ready else 503, media_type="text/plain",
+                    headers={"Cache-Control": "no-store"})
+
+
 def routes(static_dir: str) -> list[Route | Mount]:
     org = "/orgs/{org_id}"
     return [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
         Route("/", page(home, org_page=False)),
         Route("/sign-in", sign_in),
         Route("/auth/callback", callback),

@@ -401,3 +401,16 @@ async def test_forged_form_fields_get_an_error_page_naming_the_field_and_change_
     assert await _keys(suite) == keys_before
     assert [o.payment_order_id for o in await _orders(suite)] == [
         o.payment_order_id for o in orders_before]
+
+
+async def test_health_and_readiness_answer_for_the_kubelet(suite: Suite) -> None:
+    async with httpx.AsyncClient(base_url=suite.url) as http:
+        assert (await http.get("/healthz")).status_code == 200
+        ready = await http.get("/readyz")
+        assert ready.status_code == 200 and ready.text == "ready\n"
+        cache = suite.portal.server.config.app.state.portal.client.cache
+        cache.ready.clear()  # as before the first snapshot of accounts' feed arrives
+        try:
+            assert (await http.get("/readyz")).status_code == 503
+        finally:
+            cache.ready.set()
