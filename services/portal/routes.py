@@ -46,6 +46,19 @@ _STATUS: Final = {Reason.INVALID_ARGUMENT: 400, Reason.PERMISSION_DENIED: 403,
                   Reason.UNAUTHENTICATED: 401, Reason.NOT_FOUND: 404,
                   Reason.WRONG_REGION: 409, Reason.UNAVAILABLE: 503,
                   Reason.IDEMPOTENCY_KEY_REUSED: 409}
+_BY_CODE: Final = {grpc.StatusCode.FAILED_PRECONDITION: 409, grpc.StatusCode.ALREADY_EXISTS: 409,
+                   grpc.StatusCode.RESOURCE_EXHAUSTED: 429}
+
+
+def _http_status(reason: Reason) -> int:
+    """A refusal's HTTP status: by reason, else by its gRPC code (a seat limit, an org in
+    arrears: 409), else 502."""
+    from tally.kit.errors import STATUS_OF
+
+    return _STATUS.get(reason) or _BY_CODE.get(STATUS_OF.get(reason, grpc.StatusCode.UNKNOWN),
+                                               502)
+
+
 _ORDER_ID: Final = re.compile(r"^po-portal-[0-9a-f]{32}$")
 _MONTH: Final = re.compile(r"^[0-9]{4}-(0[1-9]|1[0-2])$")
 _SUBJECT_MAX: Final = 200
@@ -140,7 +153,7 @@ def page(handler: Handler, *, org_page: bool = True) -> Callable[[Request], Awai
                                       f"you are not a member of org {org!r}")
             response = await handler(request, session, who)
         except TallyError as exc:
-            status = _STATUS.get(exc.reason, 502)
+            status = _http_status(exc.reason)
             return error_page(request, status, str(exc.reason), exc.message)
         except grpc.aio.AioRpcError as exc:  # a service down or not answering in Tally's terms
             log.warning("portal_rpc_failed", code=exc.code().name, details=exc.details())
@@ -226,7 +239,7 @@ async def callback(request: Request) -> Response:
         tokens = await portal.oidc.exchange(request.query_params.get("code", ""), attempt,
                                             portal.redirect_uri)
     except TallyError as exc:
-        return error_page(request, _STATUS.get(exc.reason, 502), str(exc.reason), exc.message)
+        return error_page(request, _http_status(exc.reason), str(exc.reason), exc.message)
     return await _signed_in(request, portal, tokens.subject, target, tokens.access_token,
                             tokens.refresh_token, tokens.expires_in_s)
 

@@ -124,3 +124,34 @@ async def test_a_custom_amount_is_bought_once_per_form_and_credited_after_checko
         assert 'id="order-state">SUCCEEDED' in done
     after = await suite.balance()
     assert after.available_micros - before.available_micros == 2550 * MICROS_PER_CREDIT
+
+
+async def test_inviting_past_the_seat_limit_is_refused_with_the_reason_and_changes_nothing(
+        suite: Suite) -> None:
+    from tally.accounts.v1 import accounts_pb2 as apb
+    from tests.portal.support import OTHER_ORG
+
+    base = f"/orgs/{OTHER_ORG}"  # seat limit 3, its owner mallory holds one
+
+    async def members() -> set[str]:
+        reply = await suite.tally.accounts.ListMembers(apb.ListMembersRequest(org_id=OTHER_ORG))
+        return {m.subject for m in reply.members}
+
+    async with signed_in(suite, "mallory") as http:
+        page = await _page(http, f"{base}/members")
+        assert "1 of 3 paid seats used" in page
+        token = csrf_of(page)
+        for n in (1, 2):
+            invited = await http.post(f"{base}/members/invite", data={
+                "csrf_token": token, "subject": f"seat-{n}", "role": "developer"})
+            assert invited.status_code == 303
+        page = await _page(http, f"{base}/members?done=invited")
+        assert "3 of 3 paid seats used" in page and "The seat limit is reached" in page
+        before = await members()
+        refused = await http.post(f"{base}/members/invite", data={
+            "csrf_token": token, "subject": "seat-3", "role": "developer"})
+        assert refused.status_code == 409 and "SEAT_LIMIT_REACHED" in refused.text
+        assert await members() == before
+        free = await http.post(f"{base}/members/invite", data={  # viewers take free seats
+            "csrf_token": token, "subject": "seat-free", "role": "viewer"})
+        assert free.status_code == 303 and "seat-free" in await members()
