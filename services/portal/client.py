@@ -23,7 +23,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from tally.accounts.v1 import accounts_pb2 as apb
 from tally.common.v1 import common_pb2 as cpb
 from tally.kit import policy
-from tally.kit.auth import CredentialCache, Guard
+from tally.kit.auth import CredentialCache, Guard, permission_denied
 from tally.kit.channels import peer_channel
 from tally.kit.errors import Reason, TallyError
 from tally.kit.server import Principal
@@ -142,10 +142,8 @@ class PortalClient:
         `method` in `org_id`: checked before a form's fields, so a forged form from a role
         that may not act is refused 403 whatever it carries."""
         if not self.can(who, method, org_id):
-            from tally.kit.auth import _denied
-
             full = _full(method)
-            raise _denied(policy.POLICY[full], full, self.principal(who), org_id)
+            raise permission_denied(policy.POLICY[full], full, self.principal(who), org_id)
 
     def _check(self, who: Caller, method: str, request: Any) -> Any:
         self.guard.check(self.principal(who), _full(method), request)

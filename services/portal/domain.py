@@ -17,10 +17,11 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal, InvalidOperation
 from typing import Final
 
 from tally.kit.errors import Reason, TallyError
-from tally.kit.money import MICROS_PER_CREDIT, format_credits
+from tally.kit.money import MICROS_PER_CREDIT, format_credits, format_money, minor_digits
 
 BURN_WINDOW_DAYS: Final = 7
 """The burn rate is the average daily spend over this many past days."""
@@ -264,10 +265,6 @@ def csv_amount(micros: int) -> str:
 def parse_amount_minor(text: str, currency: str, min_minor: int, max_minor: int) -> int:
     """A custom purchase amount typed as money ("25" or "25.50") in minor units of
     `currency`, exactly (no floats), within [min_minor, max_minor]."""
-    from decimal import Decimal, InvalidOperation
-
-    from tally.kit.money import format_money, minor_digits
-
     if not re.fullmatch(r"[A-Z]{3}", currency):
         raise bad_input("currency", "must be an ISO 4217 code such as USD")
     digits = minor_digits(currency)

@@ -45,6 +45,7 @@ PAGES: list[tuple[str, str, tuple[str, ...]]] = [
     ("invoices", "billing.ListInvoices", ("billing.ListInvoices",)),
     ("statements", "billing.ListStatements", ("billing.ListStatements",)),
     (f"statements/{MONTH}", "billing.GetStatement", ()),
+    (f"statements/{MONTH}.pdf", "billing.DownloadStatementPdf", ()),
     ("credit", "pricing.ListCreditPackages", ("ledger.Purchase", "ledger.ListPaymentOrders")),
     ("top-up", "ledger.GetAutoTopUp", ("ledger.GetAutoTopUp",)),
     ("keys", "accounts.ListApiKeys", ("accounts.ListApiKeys",)),
