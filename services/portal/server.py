@@ -16,6 +16,7 @@ from starlette.templating import Jinja2Templates
 
 from tally.kit.config import ConfigError, KitConfig, exit_on_config_error, load, load_kit_config
 from tally.kit.log import configure_logging, get_logger
+from tally.kit.secrets import sealer_from_env
 
 from .client import PortalClient
 from .config import PortalConfig
@@ -38,7 +39,7 @@ def build(kit: KitConfig, settings: PortalConfig, port: int) -> Starlette:
                     "can sign in as anyone by name. Never expose this portal to others.")
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     sessions: SessionStore = (
-        RedisSessions(kit.redis_url, settings.session_ttl_s)
+        RedisSessions(kit.redis_url, settings.session_ttl_s, sealer_from_env())
         if kit.redis_url and settings.redis_sessions else MemorySessions(settings.session_ttl_s))
     if isinstance(sessions, MemorySessions):
         log.warning("portal_sessions_in_memory", detail="no TALLY_REDIS_URL: sessions live in "

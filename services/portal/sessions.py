@@ -4,7 +4,9 @@ replica and return to another); in this process's memory otherwise (one replica,
 
 Redis keys are the SHA-256 of the session id (a copy of Redis does not hand out live cookies);
 each key expires with its session, and a sign-in attempt is taken once (GETDEL), so a replayed
-callback finds nothing on any replica.
+callback finds nothing on any replica. With a key-encryption key (TALLY_KEK, tally.kit.secrets)
+the values — access and refresh tokens, PKCE verifiers — are sealed, so a copy of Redis holds
+no usable token either.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import asdict
 from typing import Final, Protocol
 
 from redis.asyncio import Redis
+
+from tally.kit.secrets import Sealer
 
 from .domain import LOGIN_TTL_S, LoginAttempt, Session, new_login, new_session, unknown_login
 
@@ -106,19 +110,29 @@ def _key(kind: str, token: str) -> str:
 class RedisSessions:
     """Sessions shared by every replica through Redis."""
 
-    def __init__(self, url: str, ttl_s: float) -> None:
+    def __init__(self, url: str, ttl_s: float, sealer: Sealer | None = None) -> None:
         self.ttl_s = ttl_s
+        self.sealer = sealer
         self.redis = Redis.from_url(url, socket_timeout=5.0, decode_responses=True)
+
+    def _seal(self, value: object) -> str:
+        text = json.dumps(value)
+        return self.sealer.seal(text) if self.sealer is not None else text
+
+    def _open(self, raw: str) -> dict[str, object]:
+        opened: dict[str, object] = json.loads(
+            self.sealer.open(raw) if self.sealer is not None else raw)
+        return opened
 
     async def begin_login(self, next_path: str) -> LoginAttempt:
         attempt = new_login(next_path)
-        await self.redis.set(_key("login", attempt.state), json.dumps(asdict(attempt)),
+        await self.redis.set(_key("login", attempt.state), self._seal(asdict(attempt)),
                              ex=int(LOGIN_TTL_S))
         return attempt
 
     async def take_login(self, state: str) -> LoginAttempt:
         raw = await self.redis.getdel(_key("login", state)) if state else None
-        attempt = LoginAttempt(**json.loads(raw)) if raw else None
+        attempt = LoginAttempt(**self._open(raw)) if raw else None  # type: ignore[arg-type]
         if attempt is None or attempt.is_expired:
             raise unknown_login()
         return attempt
@@ -134,14 +148,21 @@ class RedisSessions:
         if not session_id or len(session_id) > 128:
             return None
         raw = await self.redis.get(_key("session", session_id))
-        session = Session(**json.loads(raw)) if raw else None
-        return None if session is None or session.is_expired else session
+        if not raw:
+            return None
+        # the value never holds the id (only the cookie does): it is the key's preimage
+        fields = self._open(str(raw))
+        fields.pop("session_id", None)
+        session = Session(session_id=session_id, **fields)  # type: ignore[arg-type]
+        return None if session.is_expired else session
 
     async def save(self, session: Session) -> None:
         left_s = int(session.expires_at - time.time())
         if left_s > 0:
-            await self.redis.set(_key("session", session.session_id),
-                                 json.dumps(asdict(session)), ex=left_s)
+            value = asdict(session)
+            del value["session_id"]
+            await self.redis.set(_key("session", session.session_id), self._seal(value),
+                                 ex=left_s)
 
     async def drop(self, session_id: str) -> None:
         if session_id:
