@@ -25,7 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-SERVICES = ("pricing", "metering", "ledger", "notifier", "accounts")
+SERVICES = ("pricing", "metering", "ledger", "notifier", "accounts", "portal")
+"""The five services and the portal (a client of theirs, with an identity of its own)."""
 
 
 def _name(common_name: str) -> x509.Name:
@@ -38,7 +39,7 @@ def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def secrets(namespace: str, days: int) -> list[dict[str, object]]:
-    """The five Secrets, certificates signed by a CA made for this run."""
+    """The six Secrets, certificates signed by a CA made for this run."""
     now = datetime.datetime.now(datetime.UTC)
     start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
     ca_key = ec.generate_private_key(ec.SECP256R1())

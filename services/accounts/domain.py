@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Final, Protocol
 
+from tally.kit import policy
 from tally.kit.errors import FieldViolation, Reason, TallyError, check_id, invalid, raise_if
 from tally.kit.paging import PageRequest, page_request
 
@@ -360,6 +361,20 @@ def key_request(*, request_id: str, org_id: str, project_id: str, environment_id
                       created_by)
 
 
+def check_key_role(caller_roles: frozenset[str] | None, key_role: Role) -> None:
+    """PERMISSION_DENIED unless the caller may manage keys of `key_role` (no escalation: a
+    developer never creates, rotates or revokes a key stronger than themselves)."""
+    if caller_roles is None or policy.may_manage_key_role(caller_roles, key_role.value):
+        return
+    allowed = sorted(r.value for r in KEY_ROLES
+                     if policy.may_manage_key_role(caller_roles, r.value))
+    raise TallyError(Reason.PERMISSION_DENIED,
+                     f"role: a key of role {key_role.value!r} is stronger than your role "
+                     f"({', '.join(sorted(caller_roles))}); you may manage "
+                     f"{', '.join(allowed) or 'no'} keys", field="role",
+                     metadata={"permission": "accounts.ApiKeyRole"})
+
+
 def overlap(seconds: int) -> timedelta:
     """A rotation's overlap window, checked."""
     if not 0 <= seconds <= MAX_OVERLAP_SECONDS:
@@ -542,6 +557,10 @@ class AccountsStore(CredentialSource, Protocol):
         """Revokes (or returns the already revoked) key."""
         ...
 
+    async def get_key(self, org_id: str, key_id: str) -> ApiKey:
+        """One key of the org (NOT_FOUND if none)."""
+        ...
+
     async def list_keys(self, org_id: str, page: PageRequest) -> tuple[list[ApiKey], int]:
         """One page of keys and the total."""
         ...
@@ -638,8 +657,11 @@ class Accounts:
         raise_if([check_slug("org_id", org_id, 64), check_subject("subject", subject)])
         return await self.store.remove_member(org_id, normalize_subject(subject))
 
-    async def create_key(self, request: KeyRequest) -> IssuedKey:
-        """Issues a key; the secret is in the result only the first time."""
+    async def create_key(self, request: KeyRequest,
+                         caller_roles: frozenset[str] | None = None) -> IssuedKey:
+        """Issues a key; the secret is in the result only the first time. `caller_roles`: the
+        verified caller's roles in the org (None: not verified, development mode)."""
+        check_key_role(caller_roles, request.role)
         secret = new_secret(request.environment_id)
         key = ApiKey(key_id=new_key_id(), org_id=request.org_id,
                      project_id=request.project_id, environment_id=request.environment_id,
@@ -650,11 +672,14 @@ class Accounts:
         return IssuedKey(stored, secret if is_new else "")
 
     async def rotate_key(self, *, request_id: str, org_id: str, key_id: str,
-                         overlap_seconds: int, created_by: str) -> IssuedKey:
+                         overlap_seconds: int, created_by: str,
+                         caller_roles: frozenset[str] | None = None) -> IssuedKey:
         """A successor with the same scope and role; the old key expires after the overlap."""
         raise_if([check_id("request_id", request_id, MAX_REQUEST_ID_LENGTH),
                   check_slug("org_id", org_id, 64),
                   check_id("key_id", key_id, MAX_REQUEST_ID_LENGTH)])
+        if caller_roles is not None:  # a key's role never changes: reading it first is safe
+            check_key_role(caller_roles, (await self.store.get_key(org_id, key_id)).role)
         window = overlap(overlap_seconds)
         now = now_utc()
         secrets_issued: list[str] = []
@@ -683,8 +708,11 @@ class Accounts:
         history = await self.store.member_history(org_id, end)
         return seat_report(org_id, year, month, history, now_utc())
 
-    async def revoke_key(self, *, org_id: str, key_id: str) -> ApiKey:
+    async def revoke_key(self, *, org_id: str, key_id: str,
+                         caller_roles: frozenset[str] | None = None) -> ApiKey:
         """Revokes a key (idempotent)."""
         raise_if([check_slug("org_id", org_id, 64),
                   check_id("key_id", key_id, MAX_REQUEST_ID_LENGTH)])
+        if caller_roles is not None:
+            check_key_role(caller_roles, (await self.store.get_key(org_id, key_id)).role)
         return await self.store.revoke_key(org_id, key_id, now_utc())

@@ -26,6 +26,14 @@ def _actor() -> str:
     return principal.identity if principal else "service:anonymous"
 
 
+def _caller_roles(org_id: str) -> frozenset[str] | None:
+    """The verified caller's roles in `org_id`; None in development mode (nothing verified)."""
+    principal = current_principal.get()
+    if principal is None or not principal.is_verified:
+        return None
+    return principal.roles_in(org_id)
+
+
 class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
     """Translates AccountsService calls to the Accounts domain."""
 
@@ -133,7 +141,7 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
             project_id=request.project_id, environment_id=request.environment_id,
             role=convert.role_in(request.role), name=request.name,
             expires_at=from_timestamp(request, "expire_time"), created_by=_actor(),
-            now=now_utc()))
+            now=now_utc()), _caller_roles(request.org_id))
         return convert.issued_to_create(issued)
 
     async def RotateApiKey(self, request: pb.RotateApiKeyRequest, context: Context
@@ -141,13 +149,15 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
         """A successor key; the old one works through the overlap."""
         issued = await self.accounts.rotate_key(
             request_id=request.request_id, org_id=request.org_id, key_id=request.key_id,
-            overlap_seconds=request.overlap_seconds, created_by=_actor())
+            overlap_seconds=request.overlap_seconds, created_by=_actor(),
+            caller_roles=_caller_roles(request.org_id))
         return convert.issued_to_rotate(issued)
 
     async def RevokeApiKey(self, request: pb.RevokeApiKeyRequest, context: Context
                            ) -> pb.RevokeApiKeyResponse:
         """Revokes a key."""
-        key = await self.accounts.revoke_key(org_id=request.org_id, key_id=request.key_id)
+        key = await self.accounts.revoke_key(org_id=request.org_id, key_id=request.key_id,
+                                             caller_roles=_caller_roles(request.org_id))
         return pb.RevokeApiKeyResponse(key=convert.key_to_proto(key))
 
     async def ListApiKeys(self, request: pb.ListApiKeysRequest, context: Context

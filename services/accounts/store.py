@@ -390,6 +390,15 @@ class AccountsPgStore:
                 await _changed(conn, "key", org_id, key_id)
         return _key(row)
 
+    async def get_key(self, org_id: str, key_id: str) -> ApiKey:
+        """One key of the org (NOT_FOUND if none)."""
+        row = await self.pool.fetchrow(
+            f"SELECT {_KEY_COLUMNS} FROM accounts.api_keys WHERE key_id = $1 AND org_id = $2",
+            key_id, org_id)
+        if row is None:
+            raise _no_key(org_id, key_id)
+        return _key(row)
+
     async def list_keys(self, org_id: str, page: PageRequest) -> tuple[list[ApiKey], int]:
         """One page of keys and the total."""
         rows = await self.pool.fetch(

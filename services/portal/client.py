@@ -23,7 +23,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from tally.accounts.v1 import accounts_pb2 as apb
 from tally.common.v1 import common_pb2 as cpb
 from tally.kit import policy
-from tally.kit.auth import CredentialCache, Guard
+from tally.kit.auth import CredentialCache, Guard, permission_denied
 from tally.kit.channels import peer_channel
 from tally.kit.errors import Reason, TallyError
 from tally.kit.server import Principal
@@ -86,7 +86,13 @@ class PortalClient:
     async def start(self, ready_timeout_s: float = 10.0) -> None:
         """Opens the channels and follows accounts' credentials feed (memberships) until
         `stop`."""
-        self._tally = TallyClient(self._addresses, actor="service:portal")
+        from tally.kit import tls
+
+        # mutual TLS with the portal's certificate when the services serve only TLS (no mesh)
+        files = tls.client_files()
+        self._tally = TallyClient(self._addresses, actor="service:portal",
+                                  channel_credentials=(tls.channel_credentials(files)
+                                                       if files is not None else None))
         channel = peer_channel(self._addresses["accounts"])
 
         async def follow() -> None:
@@ -131,9 +137,41 @@ class PortalClient:
         rule = policy.POLICY[_full(method)]
         return bool(rule.roles & self.principal(who).roles_in(org_id))
 
+    def require(self, who: Caller, method: str, org_id: str) -> None:
+        """PERMISSION_DENIED, as the guard words it, unless the table lets the person call
+        `method` in `org_id`: checked before a form's fields, so a forged form from a role
+        that may not act is refused 403 whatever it carries."""
+        if not self.can(who, method, org_id):
+            full = _full(method)
+            raise permission_denied(policy.POLICY[full], full, self.principal(who), org_id)
+
     def _check(self, who: Caller, method: str, request: Any) -> Any:
         self.guard.check(self.principal(who), _full(method), request)
         return request
+
+    def key_roles(self, who: Caller, org_id: str) -> list[str]:
+        """The API-key roles the person may create, rotate and revoke in `org_id` (the table's
+        rule accounts enforces: never a key stronger than oneself)."""
+        held = self.principal(who).roles_in(org_id)
+        return [r for r in KEY_ROLES if policy.may_manage_key_role(held, r)]
+
+    def _check_key_role(self, who: Caller, org_id: str, role: str) -> None:
+        if role not in self.key_roles(who, org_id):
+            raise TallyError(Reason.PERMISSION_DENIED,
+                             f"role: a key of role {role!r} is stronger than your role; you "
+                             f"may manage {', '.join(self.key_roles(who, org_id)) or 'no'} keys",
+                             field="role")
+
+    async def _check_key(self, who: Caller, org_id: str, key_id: str) -> None:
+        """Refuses a key the person may not manage (looked up only for non-managers)."""
+        if self.principal(who).roles_in(org_id) & policy.KEY_MANAGERS:
+            return
+        for key in await self.api_keys(who, org_id):
+            if key.key_id == key_id:
+                self._check_key_role(who, org_id, _role_name(key.role))
+                return
+        raise TallyError(Reason.NOT_FOUND, f"key_id: no key {key_id!r} in org {org_id!r}",
+                         field="key_id")
 
     # --- reads -----------------------------------------------------------------------
 
@@ -314,6 +352,7 @@ class PortalClient:
         request = self._check(who, "accounts.CreateApiKey", apb.CreateApiKeyRequest(
             context=who.context(org), request_id=request_id, org_id=org,
             role=ROLES.get(role, apb.ROLE_UNSPECIFIED), name=name))
+        self._check_key_role(who, org, role)
         reply: apb.CreateApiKeyResponse = await self.tally.accounts.CreateApiKey(
             request, metadata=who.metadata())
         return reply
@@ -323,6 +362,7 @@ class PortalClient:
         request = self._check(who, "accounts.RotateApiKey", apb.RotateApiKeyRequest(
             context=who.context(org), request_id=request_id, org_id=org, key_id=key_id,
             overlap_seconds=3600))
+        await self._check_key(who, org, key_id)
         reply: apb.RotateApiKeyResponse = await self.tally.accounts.RotateApiKey(
             request, metadata=who.metadata())
         return reply
@@ -340,7 +380,109 @@ class PortalClient:
     async def revoke_api_key(self, who: Caller, org: str, key_id: str) -> apb.ApiKey:
         request = self._check(who, "accounts.RevokeApiKey", apb.RevokeApiKeyRequest(
             context=who.context(org), org_id=org, key_id=key_id))
+        await self._check_key(who, org, key_id)
         return (await self.tally.accounts.RevokeApiKey(request, metadata=who.metadata())).key
+
+
+    # --- members -------------------------------------------------------------------
+
+    async def invite_member(self, who: Caller, org: str, subject: str, role: str) -> apb.Member:
+        request = self._check(who, "accounts.InviteMember", apb.InviteMemberRequest(
+            context=who.context(org), org_id=org, subject=subject,
+            role=ROLES.get(role, apb.ROLE_UNSPECIFIED)))
+        return (await self.tally.accounts.InviteMember(request, metadata=who.metadata())).member
+
+    async def change_member_role(self, who: Caller, org: str, subject: str, role: str
+                                 ) -> apb.Member:
+        request = self._check(who, "accounts.ChangeMemberRole", apb.ChangeMemberRoleRequest(
+            context=who.context(org), org_id=org, subject=subject,
+            role=ROLES.get(role, apb.ROLE_UNSPECIFIED)))
+        return (await self.tally.accounts.ChangeMemberRole(request,
+                                                           metadata=who.metadata())).member
+
+    async def remove_member(self, who: Caller, org: str, subject: str) -> bool:
+        request = self._check(who, "accounts.RemoveMember", apb.RemoveMemberRequest(
+            context=who.context(org), org_id=org, subject=subject))
+        return bool((await self.tally.accounts.RemoveMember(request,
+                                                            metadata=who.metadata())).removed)
+
+    # --- statements ----------------------------------------------------------------
+
+    async def statements(self, who: Caller, org: str) -> list[bpb.Statement]:
+        request = self._check(who, "billing.ListStatements",
+                              bpb.ListStatementsRequest(org_id=org, page_size=36))
+        return list((await self.tally.billing.ListStatements(
+            request, metadata=who.metadata())).statements)
+
+    async def statement(self, who: Caller, org: str, month: str) -> bpb.Statement:
+        request = self._check(who, "billing.GetStatement",
+                              bpb.GetStatementRequest(org_id=org, month=month))
+        return (await self.tally.billing.GetStatement(request,
+                                                      metadata=who.metadata())).statement
+
+    async def statement_pdf(self, who: Caller, org: str, month: str) -> tuple[str, bytes]:
+        """The statement's file name and PDF bytes."""
+        request = self._check(who, "billing.DownloadStatementPdf",
+                              bpb.DownloadStatementPdfRequest(org_id=org, month=month))
+        name, chunks = f"statement-{org}-{month}.pdf", []
+        async for part in self.tally.billing.DownloadStatementPdf(request,
+                                                                  metadata=who.metadata()):
+            name = part.file_name or name
+            chunks.append(part.chunk)
+        return name, b"".join(chunks)
+
+    # --- alert rules -----------------------------------------------------------------
+
+    async def create_alert_rule(self, who: Caller, org: str, request_id: str,
+                                rule: npb.AlertRule) -> npb.AlertRule:
+        rule.org_id = org
+        request = self._check(who, "notifier.CreateAlertRule", npb.CreateAlertRuleRequest(
+            request_id=request_id, context=who.context(org), rule=rule))
+        return (await self.tally.notifier.CreateAlertRule(request,
+                                                          metadata=who.metadata())).rule
+
+    async def update_alert_rule(self, who: Caller, org: str, request_id: str,
+                                rule: npb.AlertRule) -> npb.AlertRule:
+        rule.org_id = org
+        request = self._check(who, "notifier.UpdateAlertRule", npb.UpdateAlertRuleRequest(
+            request_id=request_id, context=who.context(org), rule=rule))
+        return (await self.tally.notifier.UpdateAlertRule(request,
+                                                          metadata=who.metadata())).rule
+
+    async def delete_alert_rule(self, who: Caller, org: str, request_id: str,
+                                rule_id: str) -> None:
+        request = self._check(who, "notifier.DeleteAlertRule", npb.DeleteAlertRuleRequest(
+            request_id=request_id, context=who.context(org), org_id=org, rule_id=rule_id))
+        await self.tally.notifier.DeleteAlertRule(request, metadata=who.metadata())
+
+    # --- custom purchases ------------------------------------------------------------
+
+    async def custom_prices(self, who: Caller) -> dict[str, str]:
+        """Currency -> price of one credit in minor units, for custom amounts (the price
+        book's; empty when it sells none)."""
+        request = self._check(who, "pricing.GetPriceBook", ppb.GetPriceBookRequest())
+        book = (await self.tally.pricing.GetPriceBook(request, metadata=who.metadata())).book
+        return dict(book.custom_credit_price_minor)
+
+    async def purchase_custom(self, who: Caller, org: str, order_id: str, amount_minor: int,
+                              currency: str, success_url: str, cancel_url: str
+                              ) -> lpb.PaymentOrder:
+        request = self._check(who, "ledger.Purchase", lpb.PurchaseRequest(
+            payment_order_id=order_id, context=who.context(org), org_id=org,
+            custom=lpb.CustomAmount(amount_minor=amount_minor, currency=currency),
+            success_url=success_url, cancel_url=cancel_url))
+        return (await self.tally.ledger.Purchase(request, metadata=who.metadata())).order
+
+
+KEY_ROLES: Final = ("gateway", "developer", "viewer", "billing", "admin")
+"""Roles an API key may have (never owner: ownership stays with people)."""
+
+
+def _role_name(role: int) -> str:
+    for name, number in ROLES.items():
+        if number == role:
+            return name
+    return "unknown"
 
 
 def _full(method: str) -> str:

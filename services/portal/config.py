@@ -28,6 +28,16 @@ class PortalConfig:
     session_ttl_s: int = setting("TALLY_PORTAL_SESSION_TTL_S", parse_positive_int,
                                  "seconds a session lives", default=8 * 3600)
 
+    custom_min_minor: int = setting("TALLY_PORTAL_CUSTOM_MIN_MINOR", parse_positive_int,
+                                    "smallest custom credit purchase, minor units (e.g. cents)",
+                                    default=500)
+    custom_max_minor: int = setting("TALLY_PORTAL_CUSTOM_MAX_MINOR", parse_positive_int,
+                                    "largest custom credit purchase, minor units",
+                                    default=1_000_000)
+    redis_sessions: bool = setting("TALLY_PORTAL_REDIS_SESSIONS", parse_bool,
+                                   "keep sessions in Redis (TALLY_REDIS_URL) so several "
+                                   "replicas share them", default=True)
+
     def base_url(self, port: int) -> str:
         """The portal's own base URL (configured, else the local address)."""
         return (self.public_url or f"http://127.0.0.1:{port}").rstrip("/")

@@ -17,10 +17,11 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal, InvalidOperation
 from typing import Final
 
 from tally.kit.errors import Reason, TallyError
-from tally.kit.money import MICROS_PER_CREDIT, format_credits
+from tally.kit.money import MICROS_PER_CREDIT, format_credits, format_money, minor_digits
 
 BURN_WINDOW_DAYS: Final = 7
 """The burn rate is the average daily spend over this many past days."""
@@ -83,12 +84,24 @@ class LoginAttempt:
     challenge: str
     nonce: str
     next_path: str
-    started_at: float = field(default_factory=time.monotonic)
+    started_at: float = field(default_factory=time.time)
+    """Wall-clock seconds: a sign-in may return to another replica."""
+
+    @property
+    def is_expired(self) -> bool:
+        return time.time() - self.started_at > LOGIN_TTL_S
+
+
+def new_login(next_path: str) -> LoginAttempt:
+    """A new sign-in attempt returning to `next_path` (already checked)."""
+    verifier, challenge = pkce_pair()
+    return LoginAttempt(secrets.token_urlsafe(24), verifier, challenge,
+                        secrets.token_urlsafe(16), next_path)
 
 
 @dataclass
 class Session:
-    """A signed-in person."""
+    """A signed-in person. Times are wall-clock seconds (sessions are shared by replicas)."""
 
     session_id: str
     subject: str
@@ -97,63 +110,25 @@ class Session:
     refresh_token: str = ""
     token_expires_at: float = 0.0
     expires_at: float = 0.0
-    created_orders: set[str] = field(default_factory=set)
+
+    @property
+    def is_expired(self) -> bool:
+        return self.expires_at < time.time()
 
 
-class SessionStore:
-    """Sessions and sign-in attempts of this portal process, by random id.
+def new_session(subject: str, ttl_s: float, *, access_token: str = "",
+                refresh_token: str = "", expires_in_s: float = 0.0) -> Session:
+    """A new session with a fresh random id and CSRF token. A session id is made only when
+    sign-in succeeds (never adopted from the browser), so an id planted before sign-in never
+    becomes a signed-in session (session fixation)."""
+    now = time.time()
+    return Session(secrets.token_urlsafe(32), subject, secrets.token_urlsafe(32),
+                   access_token, refresh_token, now + expires_in_s if expires_in_s else 0.0,
+                   now + ttl_s)
 
-    A session id is created only when sign-in succeeds (never adopted from the browser), so a
-    session id planted before sign-in never becomes a signed-in session (session fixation).
-    """
 
-    def __init__(self, ttl_s: float) -> None:
-        self.ttl_s = ttl_s
-        self._sessions: dict[str, Session] = {}
-        self._logins: dict[str, LoginAttempt] = {}
-
-    def begin_login(self, next_path: str) -> LoginAttempt:
-        """A new sign-in attempt returning to `next_path` (already checked)."""
-        self._expire()
-        verifier, challenge = pkce_pair()
-        attempt = LoginAttempt(secrets.token_urlsafe(24), verifier, challenge,
-                               secrets.token_urlsafe(16), next_path)
-        self._logins[attempt.state] = attempt
-        return attempt
-
-    def take_login(self, state: str) -> LoginAttempt:
-        """The attempt `state` names, once; INVALID_ARGUMENT if unknown or expired."""
-        attempt = self._logins.pop(state, None)
-        if attempt is None or time.monotonic() - attempt.started_at > LOGIN_TTL_S:
-            raise bad_input("state", "unknown or expired sign-in attempt; sign in again")
-        return attempt
-
-    def create(self, subject: str, *, access_token: str = "", refresh_token: str = "",
-               expires_in_s: float = 0.0) -> Session:
-        """A new session with a fresh id and CSRF token."""
-        now = time.monotonic()
-        session = Session(secrets.token_urlsafe(32), subject, secrets.token_urlsafe(32),
-                          access_token, refresh_token,
-                          now + expires_in_s if expires_in_s else 0.0, now + self.ttl_s)
-        self._sessions[session.session_id] = session
-        return session
-
-    def get(self, session_id: str) -> Session | None:
-        """The live session `session_id` names, if any."""
-        session = self._sessions.get(session_id)
-        if session is None or session.expires_at < time.monotonic():
-            self._sessions.pop(session_id, None)
-            return None
-        return session
-
-    def drop(self, session_id: str) -> None:
-        """Ends a session (logout)."""
-        self._sessions.pop(session_id, None)
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        for state in [s for s, a in self._logins.items() if now - a.started_at > LOGIN_TTL_S]:
-            del self._logins[state]
+def unknown_login() -> TallyError:
+    return bad_input("state", "unknown or expired sign-in attempt; sign in again")
 
 
 def csrf_ok(session: Session, submitted: str) -> bool:
@@ -285,6 +260,25 @@ def csv_amount(micros: int) -> str:
     sign = "-" if micros < 0 else ""
     whole, frac = divmod(abs(micros), MICROS_PER_CREDIT)
     return f"{sign}{whole}.{frac:06d}"
+
+
+def parse_amount_minor(text: str, currency: str, min_minor: int, max_minor: int) -> int:
+    """A custom purchase amount typed as money ("25" or "25.50") in minor units of
+    `currency`, exactly (no floats), within [min_minor, max_minor]."""
+    if not re.fullmatch(r"[A-Z]{3}", currency):
+        raise bad_input("currency", "must be an ISO 4217 code such as USD")
+    digits = minor_digits(currency)
+    fraction = rf"(\.[0-9]{{1,{digits}}})?" if digits else ""
+    if not re.fullmatch(rf"[0-9]{{1,12}}{fraction}", text.strip()):
+        raise bad_input("amount", f"must be a positive amount with at most {digits} decimals")
+    try:
+        minor = int(Decimal(text.strip()).scaleb(digits))
+    except InvalidOperation:
+        raise bad_input("amount", "must be a number") from None
+    if not min_minor <= minor <= max_minor:
+        raise bad_input("amount", f"must be between {format_money(min_minor, currency)} and "
+                                  f"{format_money(max_minor, currency)}")
+    return minor
 
 
 def headroom_percent(used: int, limit: int) -> int:

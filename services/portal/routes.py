@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,9 +32,10 @@ from tally.ledger.v1 import ledger_pb2 as lpb
 from tally.metering.v1 import metering_pb2 as mpb
 
 from . import domain
-from .client import Caller, PortalClient
+from .client import KEY_ROLES, ROLES, Caller, PortalClient
 from .config import PortalConfig
 from .oidc import OidcClient
+from .sessions import SessionStore
 
 log = get_logger("tally.portal")
 
@@ -42,7 +44,24 @@ LOGIN_COOKIE: Final = "tally_login"
 TRANSACTIONS_PAGE: Final = 25
 _STATUS: Final = {Reason.INVALID_ARGUMENT: 400, Reason.PERMISSION_DENIED: 403,
                   Reason.UNAUTHENTICATED: 401, Reason.NOT_FOUND: 404,
-                  Reason.WRONG_REGION: 409, Reason.UNAVAILABLE: 503}
+                  Reason.WRONG_REGION: 409, Reason.UNAVAILABLE: 503,
+                  Reason.IDEMPOTENCY_KEY_REUSED: 409}
+_BY_CODE: Final = {grpc.StatusCode.FAILED_PRECONDITION: 409, grpc.StatusCode.ALREADY_EXISTS: 409,
+                   grpc.StatusCode.RESOURCE_EXHAUSTED: 429}
+
+
+def _http_status(reason: Reason) -> int:
+    """A refusal's HTTP status: by reason, else by its gRPC code (a seat limit, an org in
+    arrears: 409), else 502."""
+    from tally.kit.errors import STATUS_OF
+
+    return _STATUS.get(reason) or _BY_CODE.get(STATUS_OF.get(reason, grpc.StatusCode.UNKNOWN),
+                                               502)
+
+
+_ORDER_ID: Final = re.compile(r"^po-portal-[0-9a-f]{32}$")
+_MONTH: Final = re.compile(r"^[0-9]{4}-(0[1-9]|1[0-2])$")
+_SUBJECT_MAX: Final = 200
 _KINDS: Final = {name.removeprefix("TRANSFER_KIND_").lower(): number
                  for name, number in lpb.TransferKind.items() if number}
 _GROUPS: Final = {"model": mpb.USAGE_GROUP_BY_MODEL, "project": mpb.USAGE_GROUP_BY_PROJECT,
@@ -55,7 +74,7 @@ class Portal:
 
     config: PortalConfig
     client: PortalClient
-    sessions: domain.SessionStore
+    sessions: SessionStore
     templates: Jinja2Templates
     oidc: OidcClient | None
     base_url: str
@@ -112,7 +131,7 @@ def page(handler: Handler, *, org_page: bool = True) -> Callable[[Request], Awai
 
     async def endpoint(request: Request) -> Response:
         portal = portal_of(request)
-        session = portal.sessions.get(request.cookies.get(SESSION_COOKIE, ""))
+        session = await portal.sessions.get(request.cookies.get(SESSION_COOKIE, ""))
         request.state.session = session
         if session is None:
             if request.method != "GET":
@@ -134,7 +153,7 @@ def page(handler: Handler, *, org_page: bool = True) -> Callable[[Request], Awai
                                       f"you are not a member of org {org!r}")
             response = await handler(request, session, who)
         except TallyError as exc:
-            status = _STATUS.get(exc.reason, 502)
+            status = _http_status(exc.reason)
             return error_page(request, status, str(exc.reason), exc.message)
         except grpc.aio.AioRpcError as exc:  # a service down or not answering in Tally's terms
             log.warning("portal_rpc_failed", code=exc.code().name, details=exc.details())
@@ -157,10 +176,11 @@ async def _fresh(portal: Portal, session: domain.Session) -> Caller:
     import time
 
     if (portal.oidc is not None and session.refresh_token and session.token_expires_at
-            and session.token_expires_at - time.monotonic() < 30):
+            and session.token_expires_at - time.time() < 30):
         tokens = await portal.oidc.refresh(session.refresh_token)
         session.access_token, session.refresh_token = tokens.access_token, tokens.refresh_token
-        session.token_expires_at = time.monotonic() + tokens.expires_in_s
+        session.token_expires_at = time.time() + tokens.expires_in_s
+        await portal.sessions.save(session)
     return Caller(session.subject, session.access_token)
 
 
@@ -192,7 +212,7 @@ async def sign_in(request: Request) -> Response:
         response = render(request, "dev_sign_in.html", next_path=target, login_token=token)
         _set_cookie(response, portal, LOGIN_COOKIE, token, 600)
         return response
-    attempt = portal.sessions.begin_login(target)
+    attempt = await portal.sessions.begin_login(target)
     response = RedirectResponse(await portal.oidc.authorization_url(
         attempt, portal.redirect_uri), 303)
     # binds the attempt to this browser: a callback with someone else's code and state
@@ -214,14 +234,14 @@ async def callback(request: Request) -> Response:
         return error_page(request, 400, "INVALID_ARGUMENT", "state: does not match the "
                           "sign-in started in this browser; sign in again")
     try:
-        attempt = portal.sessions.take_login(state)
+        attempt = await portal.sessions.take_login(state)
         target = domain.safe_next(attempt.next_path)
         tokens = await portal.oidc.exchange(request.query_params.get("code", ""), attempt,
                                             portal.redirect_uri)
     except TallyError as exc:
-        return error_page(request, _STATUS.get(exc.reason, 502), str(exc.reason), exc.message)
-    return _signed_in(request, portal, tokens.subject, target, tokens.access_token,
-                      tokens.refresh_token, tokens.expires_in_s)
+        return error_page(request, _http_status(exc.reason), str(exc.reason), exc.message)
+    return await _signed_in(request, portal, tokens.subject, target, tokens.access_token,
+                            tokens.refresh_token, tokens.expires_in_s)
 
 
 async def dev_sign_in(request: Request) -> Response:
@@ -242,17 +262,17 @@ async def dev_sign_in(request: Request) -> Response:
     except TallyError as exc:
         return error_page(request, 400, str(exc.reason), exc.message)
     log.warning("portal_dev_sign_in", subject=subject)
-    return _signed_in(request, portal, subject, target)
+    return await _signed_in(request, portal, subject, target)
 
 
-def _signed_in(request: Request, portal: Portal, subject: str, target: str,
-               access_token: str = "", refresh_token: str = "",
-               expires_in_s: float = 0.0) -> Response:
+async def _signed_in(request: Request, portal: Portal, subject: str, target: str,
+                     access_token: str = "", refresh_token: str = "",
+                     expires_in_s: float = 0.0) -> Response:
     # A new session id, whatever cookie the browser arrived with (session fixation).
     old = request.cookies.get(SESSION_COOKIE)
     if old:
-        portal.sessions.drop(old)
-    session = portal.sessions.create(subject, access_token=access_token,
+        await portal.sessions.drop(old)
+    session = await portal.sessions.create(subject, access_token=access_token,
                                      refresh_token=refresh_token, expires_in_s=expires_in_s)
     log.info("portal_signed_in", subject=subject)
     response = RedirectResponse(target, 303)
@@ -263,7 +283,7 @@ def _signed_in(request: Request, portal: Portal, subject: str, target: str,
 
 
 async def sign_out(request: Request, session: domain.Session, who: Caller) -> Response:
-    portal_of(request).sessions.drop(session.session_id)
+    await portal_of(request).sessions.drop(session.session_id)
     response = RedirectResponse("/signed-out", 303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
@@ -492,9 +512,17 @@ async def alerts(request: Request, session: domain.Session, who: Caller) -> Resp
     from tally.notifier.v1 import notifier_pb2 as npb
 
     rules = await portal_of(request).client.alert_rules(who, request.path_params["org_id"])
+    type_keys = [n.removeprefix("NOTIFICATION_TYPE_").lower()
+                 for n in npb.NotificationType.keys() if not n.endswith("UNSPECIFIED")]
+    channel_keys = [n.removeprefix("CHANNEL_").lower()
+                    for n in npb.Channel.keys() if not n.endswith("UNSPECIFIED")]
     return render(request, "alerts.html", rules=rules, type_name=lambda t: _enum_name(
         npb.NotificationType, t, "NOTIFICATION_TYPE_"), channel_name=lambda c: _enum_name(
-        npb.Channel, c, "CHANNEL_"))
+        npb.Channel, c, "CHANNEL_"), type_keys=type_keys, channel_keys=channel_keys,
+        type_keys_of=lambda r: [str(npb.NotificationType.Name(t)).removeprefix(
+            "NOTIFICATION_TYPE_").lower() for t in r.types],
+        channel_key=lambda c: str(npb.Channel.Name(c)).removeprefix("CHANNEL_").lower(),
+        request_id=uuid.uuid4().hex)
 
 
 async def invoices(request: Request, session: domain.Session, who: Caller) -> Response:
@@ -515,19 +543,23 @@ async def keys(request: Request, session: domain.Session, who: Caller,
     found = await portal_of(request).client.api_keys(who, request.path_params["org_id"])
     from tally.accounts.v1 import accounts_pb2 as apb
 
+    client, org = portal_of(request).client, request.path_params["org_id"]
+    grantable = client.key_roles(who, org)
     return render(request, "keys.html", status=status, keys=found, created=created,
                   role_name=lambda r: _enum_name(apb.Role, r, "ROLE_"),
-                  request_id=uuid.uuid4().hex)
+                  key_roles=grantable, request_id=uuid.uuid4().hex,
+                  may_manage=lambda r: _enum_name(apb.Role, r, "ROLE_") in grantable)
 
 
 async def key_create(request: Request, session: domain.Session, who: Caller) -> Response:
     form, org = _form(request), request.path_params["org_id"]
+    portal_of(request).client.require(who, "accounts.CreateApiKey", org)
     name = str(form.get("name", "")).strip()
     role = str(form.get("role", ""))
     if not name or len(name) > 100:
         raise domain.bad_input("name", "required, at most 100 characters")
-    if role not in ("developer", "viewer", "gateway", "admin", "billing"):
-        raise domain.bad_input("role", "must be developer, viewer, gateway, billing or admin")
+    if role not in KEY_ROLES:
+        raise domain.bad_input("role", f"must be one of {', '.join(KEY_ROLES)}")
     created = await portal_of(request).client.create_api_key(
         who, org, str(form.get("request_id", ""))[:64] or uuid.uuid4().hex, name, role)
     return await keys(request, session, who, created=created, status=201)
@@ -550,11 +582,15 @@ async def key_revoke(request: Request, session: domain.Session, who: Caller) -> 
 
 async def credit(request: Request, session: domain.Session, who: Caller) -> Response:
     client, org = portal_of(request).client, request.path_params["org_id"]
-    packages = await client.packages(who)
+    packages, custom = await asyncio.gather(client.packages(who), client.custom_prices(who))
     orders = (await client.orders(who, org) if client.can(who, "ledger.ListPaymentOrders", org)
               else [])
+    config = portal_of(request).config
     return render(request, "credit.html", packages=packages, orders=orders,
-                  order_state=_order_state)
+                  order_state=_order_state, custom_currencies=sorted(custom),
+                  custom_min=config.custom_min_minor, custom_max=config.custom_max_minor,
+                  # one id per rendered form: a double submit or a retry is the same order
+                  order_id=f"po-portal-{uuid.uuid4().hex}")
 
 
 def _order_state(state: int) -> str:
@@ -562,16 +598,30 @@ def _order_state(state: int) -> str:
 
 
 async def buy(request: Request, session: domain.Session, who: Caller) -> Response:
+    """A package or a custom amount, idempotent on the form's order id (rendered with the
+    page): submitting twice opens one order, the same checkout."""
     portal, org, form = portal_of(request), request.path_params["org_id"], _form(request)
+    portal.client.require(who, "ledger.Purchase", org)
+    order_id = str(form.get("order_id", ""))
+    if not _ORDER_ID.match(order_id):
+        raise domain.bad_input("order_id", "missing or malformed; reload the page")
+    back = f"{portal.base_url}/orgs/{org}/orders/{order_id}"
+    if form.get("amount") is not None:
+        currency = str(form.get("currency", ""))
+        amount_minor = domain.parse_amount_minor(str(form.get("amount", "")), currency,
+                                                 portal.config.custom_min_minor,
+                                                 portal.config.custom_max_minor)
+        if currency not in await portal.client.custom_prices(who):
+            raise domain.bad_input("currency", f"{currency!r} is not sold as a custom amount")
+        order = await portal.client.purchase_custom(who, org, order_id, amount_minor, currency,
+                                                    success_url=back, cancel_url=back)
+        return RedirectResponse(order.checkout_url or back, 303)
     package_id = str(form.get("package_id", ""))
     if not package_id or len(package_id) > 100:
         raise domain.bad_input("package_id", "choose a package")
-    order_id = f"po-portal-{uuid.uuid4().hex}"
-    order = await portal.client.purchase(
-        who, org, order_id, package_id,
-        success_url=f"{portal.base_url}/orgs/{org}/orders/{order_id}",
-        cancel_url=f"{portal.base_url}/orgs/{org}/orders/{order_id}")
-    return RedirectResponse(order.checkout_url, 303)
+    order = await portal.client.purchase(who, org, order_id, package_id, success_url=back,
+                                         cancel_url=back)
+    return RedirectResponse(order.checkout_url or back, 303)
 
 
 async def order(request: Request, session: domain.Session, who: Caller) -> Response:
@@ -591,6 +641,7 @@ async def top_up_save(request: Request, session: domain.Session, who: Caller) ->
     from tally.kit.money import MoneyError, parse_credits
 
     org, form = request.path_params["org_id"], _form(request)
+    portal_of(request).client.require(who, "ledger.SetAutoTopUp", org)
     try:
         threshold = parse_credits(str(form.get("threshold", "")))
     except MoneyError as exc:
@@ -613,12 +664,166 @@ async def members(request: Request, session: domain.Session, who: Caller) -> Res
     client, org = portal_of(request).client, request.path_params["org_id"]
     found, seats = await asyncio.gather(client.members(who, org), client.seats(who, org))
     return render(request, "members.html", members=found, seats=seats,
-                  role_name=lambda r: _enum_name(apb.Role, r, "ROLE_"))
+                  role_name=lambda r: _enum_name(apb.Role, r, "ROLE_"),
+                  member_roles=[r for r in ROLES if r != "gateway"],
+                  done=request.query_params.get("done", "")[:40])
+
+
+def _subject(form: Any) -> str:
+    subject = str(form.get("subject", "")).strip()
+    if not subject or len(subject) > _SUBJECT_MAX:
+        raise domain.bad_input("subject", f"required, at most {_SUBJECT_MAX} characters")
+    return subject
+
+
+def _member_role(form: Any) -> str:
+    role = str(form.get("role", ""))
+    if role not in ROLES or role == "gateway":
+        raise domain.bad_input("role", "must be owner, admin, billing, developer or viewer")
+    return role
+
+
+async def member_invite(request: Request, session: domain.Session, who: Caller) -> Response:
+    form, org = _form(request), request.path_params["org_id"]
+    portal_of(request).client.require(who, "accounts.InviteMember", org)
+    await portal_of(request).client.invite_member(who, org, _subject(form), _member_role(form))
+    return RedirectResponse(f"/orgs/{org}/members?done=invited", 303)
+
+
+async def member_role(request: Request, session: domain.Session, who: Caller) -> Response:
+    form, org = _form(request), request.path_params["org_id"]
+    portal_of(request).client.require(who, "accounts.ChangeMemberRole", org)
+    await portal_of(request).client.change_member_role(who, org, _subject(form),
+                                                       _member_role(form))
+    return RedirectResponse(f"/orgs/{org}/members?done=changed", 303)
+
+
+async def member_remove(request: Request, session: domain.Session, who: Caller) -> Response:
+    form, org = _form(request), request.path_params["org_id"]
+    portal_of(request).client.require(who, "accounts.RemoveMember", org)
+    await portal_of(request).client.remove_member(who, org, _subject(form))
+    return RedirectResponse(f"/orgs/{org}/members?done=removed", 303)
+
+
+# --- statements ----------------------------------------------------------------------------
+
+
+def _statement_month(request: Request) -> str:
+    month = request.path_params["month"]
+    if not _MONTH.match(month):
+        raise domain.bad_input("month", "must be YYYY-MM")
+    return str(month)
+
+
+async def statements(request: Request, session: domain.Session, who: Caller) -> Response:
+    client, org = portal_of(request).client, request.path_params["org_id"]
+    found = await client.statements(who, org)
+    months = {s.month for s in found}
+    current = _today().strftime("%Y-%m")
+    if current not in months:  # the month so far, not stored until it closes
+        found.insert(0, await client.statement(who, org, current))
+    return render(request, "statements.html", statements=found)
+
+
+async def statement(request: Request, session: domain.Session, who: Caller) -> Response:
+    client, org = portal_of(request).client, request.path_params["org_id"]
+    found = await client.statement(who, org, _statement_month(request))
+    return render(request, "statement.html", statement=found)
+
+
+async def statement_pdf(request: Request, session: domain.Session, who: Caller) -> Response:
+    name, pdf = await portal_of(request).client.statement_pdf(
+        who, request.path_params["org_id"], _statement_month(request))
+    safe = "".join(c for c in name if c.isalnum() or c in "-_.") or "statement.pdf"
+    return Response(pdf, media_type="application/pdf",
+                    headers={"Content-Disposition": f'attachment; filename="{safe}"'})
+
+
+# --- alert rules ---------------------------------------------------------------------------
+
+
+def _alert_rule(form: Any) -> Any:
+    """An alert rule from the form, checked field by field."""
+    from tally.kit.money import MoneyError, parse_credits
+    from tally.notifier.v1 import notifier_pb2 as npb
+
+    types = []
+    for raw in form.getlist("types"):
+        name = f"NOTIFICATION_TYPE_{str(raw).upper()}"
+        if name not in npb.NotificationType.keys() or name.endswith("UNSPECIFIED"):
+            raise domain.bad_input("types", f"unknown notification type {raw!r}")
+        types.append(npb.NotificationType.Value(name))
+    if not types:
+        raise domain.bad_input("types", "choose at least one")
+    channel_name = f"CHANNEL_{str(form.get('channel', '')).upper()}"
+    if channel_name not in npb.Channel.keys() or channel_name.endswith("UNSPECIFIED"):
+        raise domain.bad_input("channel", "must be webhook, email or stream")
+    try:
+        cooldown = int(str(form.get("cooldown_seconds", "0") or "0"))
+    except ValueError:
+        raise domain.bad_input("cooldown_seconds", "must be a whole number") from None
+    if not 0 <= cooldown <= 7 * 86400:
+        raise domain.bad_input("cooldown_seconds", "must be 0..604800")
+    threshold = str(form.get("low_balance_threshold", "")).strip()
+    try:
+        threshold_micros = parse_credits(threshold) if threshold else 0
+    except MoneyError as exc:
+        raise domain.bad_input("low_balance_threshold", str(exc)) from None
+    return npb.AlertRule(types=types, channel=npb.Channel.Value(channel_name),
+                         webhook_url=str(form.get("webhook_url", "")).strip()[:2048],
+                         email_to=str(form.get("email_to", "")).strip()[:320],
+                         cooldown_seconds=cooldown,
+                         low_balance_threshold_micros=threshold_micros,
+                         enabled=form.get("enabled") == "on")
+
+
+def _request_id(form: Any) -> str:
+    return str(form.get("request_id", ""))[:64] or uuid.uuid4().hex
+
+
+async def alert_create(request: Request, session: domain.Session, who: Caller) -> Response:
+    form, org = _form(request), request.path_params["org_id"]
+    portal_of(request).client.require(who, "notifier.CreateAlertRule", org)
+    await portal_of(request).client.create_alert_rule(who, org, _request_id(form),
+                                                      _alert_rule(form))
+    return RedirectResponse(f"/orgs/{org}/alerts", 303)
+
+
+async def alert_update(request: Request, session: domain.Session, who: Caller) -> Response:
+    form, org = _form(request), request.path_params["org_id"]
+    portal_of(request).client.require(who, "notifier.UpdateAlertRule", org)
+    rule = _alert_rule(form)
+    rule.rule_id = request.path_params["rule_id"][:100]
+    await portal_of(request).client.update_alert_rule(who, org, _request_id(form), rule)
+    return RedirectResponse(f"/orgs/{org}/alerts", 303)
+
+
+async def alert_delete(request: Request, session: domain.Session, who: Caller) -> Response:
+    form, org = _form(request), request.path_params["org_id"]
+    await portal_of(request).client.delete_alert_rule(who, org, _request_id(form),
+                                                      request.path_params["rule_id"][:100])
+    return RedirectResponse(f"/orgs/{org}/alerts", 303)
+
+
+async def healthz(request: Request) -> Response:
+    """Liveness: the process serves HTTP."""
+    return Response("ok\n", media_type="text/plain", headers={"Cache-Control": "no-store"})
+
+
+async def readyz(request: Request) -> Response:
+    """Readiness: the memberships from accounts' credentials feed are loaded (before that every
+    page would answer "not a member")."""
+    ready = portal_of(request).client.cache.ready.is_set()
+    return Response("ready\n" if ready else "waiting for accounts' credentials feed\n",
+                    status_code=200 if ready else 503, media_type="text/plain",
+                    headers={"Cache-Control": "no-store"})
 
 
 def routes(static_dir: str) -> list[Route | Mount]:
     org = "/orgs/{org_id}"
     return [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
         Route("/", page(home, org_page=False)),
         Route("/sign-in", sign_in),
         Route("/auth/callback", callback),
@@ -646,5 +851,14 @@ def routes(static_dir: str) -> list[Route | Mount]:
         Route(f"{org}/top-up", page(top_up)),
         Route(f"{org}/top-up", page(top_up_save), methods=["POST"]),
         Route(f"{org}/members", page(members)),
+        Route(f"{org}/members/invite", page(member_invite), methods=["POST"]),
+        Route(f"{org}/members/role", page(member_role), methods=["POST"]),
+        Route(f"{org}/members/remove", page(member_remove), methods=["POST"]),
+        Route(f"{org}/statements", page(statements)),
+        Route(f"{org}/statements/{{month}}.pdf", page(statement_pdf)),
+        Route(f"{org}/statements/{{month}}", page(statement)),
+        Route(f"{org}/alerts", page(alert_create), methods=["POST"]),
+        Route(f"{org}/alerts/{{rule_id}}", page(alert_update), methods=["POST"]),
+        Route(f"{org}/alerts/{{rule_id}}/delete", page(alert_delete), methods=["POST"]),
         Mount("/static", StaticFiles(directory=static_dir), name="static"),
     ]

@@ -16,12 +16,13 @@ from starlette.templating import Jinja2Templates
 
 from tally.kit.config import ConfigError, KitConfig, exit_on_config_error, load, load_kit_config
 from tally.kit.log import configure_logging, get_logger
+from tally.kit.secrets import sealer_from_env
 
 from .client import PortalClient
 from .config import PortalConfig
-from .domain import SessionStore
 from .oidc import OidcClient
 from .routes import Portal, routes
+from .sessions import MemorySessions, RedisSessions, SessionStore
 
 log = get_logger("tally.portal")
 HERE: Final = Path(__file__).parent
@@ -37,8 +38,13 @@ def build(kit: KitConfig, settings: PortalConfig, port: int) -> Starlette:
         log.warning("portal_development_sign_in", detail="TALLY_PORTAL_DEV_SIGN_IN=true: anyone "
                     "can sign in as anyone by name. Never expose this portal to others.")
     templates = Jinja2Templates(directory=str(HERE / "templates"))
-    portal = Portal(settings, client, SessionStore(settings.session_ttl_s), templates, oidc,
-                    settings.base_url(port))
+    sessions: SessionStore = (
+        RedisSessions(kit.redis_url, settings.session_ttl_s, sealer_from_env())
+        if kit.redis_url and settings.redis_sessions else MemorySessions(settings.session_ttl_s))
+    if isinstance(sessions, MemorySessions):
+        log.warning("portal_sessions_in_memory", detail="no TALLY_REDIS_URL: sessions live in "
+                    "this process only; run one replica, or set TALLY_REDIS_URL")
+    portal = Portal(settings, client, sessions, templates, oidc, settings.base_url(port))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -48,6 +54,7 @@ def build(kit: KitConfig, settings: PortalConfig, port: int) -> Starlette:
             yield
         finally:
             await client.stop()
+            await sessions.close()
             if oidc is not None:
                 await oidc.close()
 

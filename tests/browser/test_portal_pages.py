@@ -89,7 +89,11 @@ async def test_an_owner_signs_in_and_the_main_pages_show_real_data(
     await asyncio.to_thread(shoot, browser, "budgets", f"{base}/budgets", "quotas")
     await asyncio.to_thread(shoot, browser, "credit", f"{base}/credit", "buy-individual-20")
     await asyncio.to_thread(shoot, browser, "keys", f"{base}/keys", "create-key")
-    await asyncio.to_thread(shoot, browser, "members", f"{base}/members", "members")
+    await asyncio.to_thread(shoot, browser, "members", f"{base}/members", "invite-member")
+    await asyncio.to_thread(shoot, browser, "alerts", f"{base}/alerts", "new-alert")
+    statements = await asyncio.to_thread(shoot, browser, "statements", f"{base}/statements",
+                                         "statements")
+    assert "so far" in statements
 
 
 async def test_a_purchase_on_the_portal_shows_on_the_open_overview_without_reload(

@@ -29,6 +29,7 @@ from services.accounts.server import AccountsConfig
 from services.ledger.payments.stripe_provider import StripeProvider
 from services.ledger.server import LedgerConfig, payment_provider
 from services.metering.server import MeteringConfig
+from services.portal.config import PortalConfig
 from services.pricing.server import PricingConfig
 from tally.cli.main import app as cli
 from tally.kit import tls
@@ -45,7 +46,10 @@ SECRET_STAND_INS = {
     ("tally-redis", "url"): "redis://redis.invalid:6379/0",
     ("tally-payments", "webhook-secrets"): "whsec_stand_in_current,whsec_stand_in_previous",
     ("tally-payments", "stripe-secret-key"): "sk_live_stand_in_0000000000000000",
+    ("tally-portal-oidc", "client-secret"): "portal-client-secret-stand-in",
 }
+WEB = "portal"
+"""The HTTP service: a client of the five (not in DEFAULT_PORTS), probed over HTTP."""
 CLIENT_LABEL = {"tally.dev/client": "true"}
 
 Document = dict[str, Any]
@@ -140,9 +144,16 @@ def deployment_container(workload: Document) -> Document:
 
 
 def tally_deployments(docs: list[Document]) -> dict[str, Document]:
-    found = {service_of(d): d for d in of_kind(docs, "Deployment") if service_of(d)}
+    """The five gRPC services' Deployments (the portal is `portal_deployment`)."""
+    found = {service_of(d): d for d in of_kind(docs, "Deployment")
+             if service_of(d) and service_of(d) != WEB}
     assert sorted(found) == sorted(TALLY_SERVICES), f"Deployments for {sorted(found)}"
     return {name: deployment for name, deployment in found.items() if name}
+
+
+def portal_deployment(docs: list[Document]) -> Document:
+    (found,) = [d for d in of_kind(docs, "Deployment") if service_of(d) == WEB]
+    return found
 
 
 def environment(container: Document, docs: list[Document]) -> dict[str, str]:
@@ -610,3 +621,70 @@ def test_no_overlay_trusts_callers_and_the_mesh_identity_is_trusted_only_when_me
         meshed = pod_labels(deployment) and deployment["spec"]["template"]["metadata"].get(
             "annotations", {}).get("linkerd.io/inject") == "enabled"
         assert (env.get("TALLY_AUTH_MESH_IDENTITY") == "true") == bool(meshed), service
+
+
+# --- the portal ----------------------------------------------------------------------------
+
+
+@per_overlay
+def test_the_portal_is_probed_over_http_on_its_configured_port_and_serves_there(
+        rendered: dict[str, list[Document]], overlay: str) -> None:
+    docs = rendered[overlay]
+    portal = portal_deployment(docs)
+    container = deployment_container(portal)
+    settings = load(PortalConfig, environment(container, docs))
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["http"] == settings.port
+    paths = {kind: container[kind]["httpGet"] for kind in
+             ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert all(p["port"] in ("http", settings.port) for p in paths.values()), paths
+    # the routes the portal serves (services/portal/routes.py)
+    assert paths["livenessProbe"]["path"] == "/healthz"
+    assert paths["readinessProbe"]["path"] == "/readyz"
+    svc = named(docs, "Service", WEB)
+    assert selects({"matchLabels": svc["spec"]["selector"]}, pod_labels(portal))
+    (port,) = svc["spec"]["ports"]
+    assert port["targetPort"] in ("http", settings.port)
+
+
+@per_overlay
+def test_the_portal_settings_parse_and_it_reaches_the_services_as_their_client(
+        rendered: dict[str, list[Document]], overlay: str) -> None:
+    docs = rendered[overlay]
+    portal = portal_deployment(docs)
+    env = environment(deployment_container(portal), docs)
+    # the shared tally-config carries every service's settings; the portal's own must exist
+    known = setting_names(KitConfig, MeteringConfig, PricingConfig, LedgerConfig, AuthConfig,
+                          AccountsConfig, PortalConfig) | set(tls.SETTINGS)
+    unknown = {name for name in env if name.startswith("TALLY_")} - known
+    assert not unknown, f"portal: settings nobody reads: {sorted(unknown)}"
+    settings = load(PortalConfig, env)
+    assert settings.oidc_issuer.startswith("https://") and not settings.dev_sign_in
+    config = load_kit_config(env)
+    assert config.host == "0.0.0.0"
+    # every service admits tally.dev/client pods, and knows the portal's identity
+    assert selects({"matchLabels": CLIENT_LABEL}, pod_labels(portal))
+    assert load(AuthConfig, env).services["portal"][0] == frozenset({"internal"})
+    if env.get("TALLY_AUTH_MESH_IDENTITY") != "true":  # no mesh: its own certificate
+        files = tls.client_files(env)
+        assert files is not None, f"{overlay}: the portal has no client certificate"
+        mounts = {m["mountPath"]: m["name"] for m in deployment_container(portal)
+                  ["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod_spec(portal)["volumes"]}
+        volume = volumes[mounts[str(files.cert.parent)]]
+        assert volume["secret"]["secretName"] == "tally-portal-tls"
+
+
+@per_overlay
+def test_the_portal_shares_sessions_through_redis_whenever_it_can_scale(
+        rendered: dict[str, list[Document]], overlay: str) -> None:
+    docs = rendered[overlay]
+    portal = portal_deployment(docs)
+    _, most = replica_range(docs, portal)
+    container = deployment_container(portal)
+    (redis,) = [v for v in container["env"] if v["name"] == "TALLY_REDIS_URL"]
+    assert redis["valueFrom"]["secretKeyRef"]["name"] == "tally-redis"
+    if most > 1:
+        assert redis["valueFrom"]["secretKeyRef"].get("optional") is False, (
+            f"{overlay}: {most} portal replicas may start without shared sessions")
+        assert load(PortalConfig, environment(container, docs)).redis_sessions

@@ -12,6 +12,6 @@ from tests.portal.support import Suite, open_suite
 
 
 @pytest.fixture(scope="module")
-async def suite(module_db_url: str) -> AsyncIterator[Suite]:
-    async with open_suite(module_db_url) as opened:
+async def suite(module_db_url: str, redis_url: str) -> AsyncIterator[Suite]:
+    async with open_suite(module_db_url, redis_url) as opened:
         yield opened

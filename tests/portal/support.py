@@ -42,7 +42,8 @@ ORG = "portal-org"
 OTHER_ORG = "other-org"
 SECRET = "whsec_portal_test_secret"
 CREDIT = 1_000_000
-PEOPLE = {"owner": "olivia", "billing": "bill", "developer": "dev", "viewer": "vera"}
+PEOPLE = {"owner": "olivia", "admin": "ada", "billing": "bill", "developer": "dev",
+          "viewer": "vera"}
 MODEL = "claude-sonnet"
 
 
@@ -56,6 +57,8 @@ class Suite:
     oidc: OidcProvider
     portal: RunningPortal
     servers: list[RunningServer]
+    config: KitConfig
+    portal_settings: PortalConfig
 
     @property
     def url(self) -> str:
@@ -70,10 +73,12 @@ async def _serve(config: KitConfig, name: str, app: object) -> RunningServer:
 
 
 @asynccontextmanager
-async def open_suite(db_url: str) -> AsyncIterator[Suite]:
-    """Every service, the OIDC provider and the portal, with ORG seeded."""
+async def open_suite(db_url: str, redis_url: str | None = None) -> AsyncIterator[Suite]:
+    """Every service, the OIDC provider and the portal, with ORG seeded; with `redis_url` the
+    portal keeps its sessions in Redis (as replicas do)."""
     config = dataclasses.replace(
         load_kit_config({}), database_url=db_url, migrate_on_start=False, db_pool_size=8,
+        redis_url=redis_url,
         **{f"{s}_port": free_port() for s in ("pricing", "metering", "ledger", "notifier",
                                                "accounts")})
     oidc = await OidcProvider().start()
@@ -99,10 +104,12 @@ async def open_suite(db_url: str) -> AsyncIterator[Suite]:
         await seed(tally)
         port = free_port()
         oidc.register("tally", f"http://127.0.0.1:{port}/auth/callback")
-        portal = await start_portal(config, PortalConfig(oidc_issuer=oidc.issuer,
-                                                         oidc_client_id="tally"), port)
+        # the public URL every replica of this portal shares (the OIDC redirect names it)
+        settings = PortalConfig(oidc_issuer=oidc.issuer, oidc_client_id="tally",
+                                public_url=f"http://127.0.0.1:{port}")
+        portal = await start_portal(config, settings, port)
         await _members_known(portal)
-        yield Suite(tally, provider, oidc, portal, servers)
+        yield Suite(tally, provider, oidc, portal, servers, config, settings)
     finally:
         if portal is not None:
             await portal.stop()
@@ -116,7 +123,20 @@ def _catalog() -> ppb.PriceBook:
     draft = to_proto(load_catalog())
     draft.version = 0
     draft.ClearField("effective_from")
+    draft.custom_credit_price_minor["USD"] = "1"  # custom amounts: one cent a credit
     return draft
+
+
+@asynccontextmanager
+async def another_replica(suite: Suite) -> AsyncIterator[RunningPortal]:
+    """A second portal process-alike on its own port, configured as the first (same public
+    URL, same Redis): what a second pod behind the load balancer is."""
+    replica = await start_portal(suite.config, suite.portal_settings, free_port())
+    try:
+        await _members_known(replica)
+        yield replica
+    finally:
+        await replica.stop()
 
 
 async def _members_known(portal: RunningPortal) -> None:
@@ -139,8 +159,8 @@ async def seed(tally: TallyClient) -> None:
     await tally.accounts.CreateOrg(apb.CreateOrgRequest(
         org_id=OTHER_ORG, name="Other Org", region="local", seat_limit=3,
         owner_subject="mallory"))
-    roles = {"billing": apb.ROLE_BILLING, "developer": apb.ROLE_DEVELOPER,
-             "viewer": apb.ROLE_VIEWER}
+    roles = {"admin": apb.ROLE_ADMIN, "billing": apb.ROLE_BILLING,
+             "developer": apb.ROLE_DEVELOPER, "viewer": apb.ROLE_VIEWER}
     for role, number in roles.items():
         await tally.accounts.InviteMember(apb.InviteMemberRequest(
             org_id=ORG, subject=PEOPLE[role], role=number,
@@ -216,5 +236,12 @@ async def sign_in_http(suite: Suite, subject: str) -> httpx.AsyncClient:
 def csrf_of(html: str) -> str:
     """The CSRF token a page's forms carry."""
     marker = 'name="csrf_token" value="'
+    start = html.index(marker) + len(marker)
+    return html[start:html.index('"', start)]
+
+
+def field_of(html: str, name: str) -> str:
+    """The value of the first hidden field `name` on a page."""
+    marker = f'name="{name}" value="'
     start = html.index(marker) + len(marker)
     return html[start:html.index('"', start)]

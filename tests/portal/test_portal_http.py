@@ -3,6 +3,7 @@ session and CSRF rules, pages with real data, the policy table on every action, 
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 
 import httpx
@@ -12,7 +13,7 @@ from tally.accounts.v1 import accounts_pb2 as apb
 from tally.ledger.v1 import ledger_pb2 as lpb
 from tally.metering.v1 import metering_pb2 as mpb
 from tests.ledger.payments_support import EXPIRY, GOOD_CARD
-from tests.portal.support import MODEL, ORG, OTHER_ORG, PEOPLE, Suite, csrf_of, signed_in
+from tests.portal.support import MODEL, ORG, OTHER_ORG, PEOPLE, Suite, csrf_of, field_of, signed_in
 
 
 async def test_sign_in_with_pkce_lands_on_the_overview_with_the_real_balance(
@@ -314,9 +315,10 @@ async def test_an_expiring_access_token_is_refreshed_with_the_refresh_token(
     try:
         async with signed_in(suite, PEOPLE["viewer"]) as http:
             sessions = suite.portal.server.config.app.state.portal.sessions
-            session = sessions.get(http.cookies[SESSION_COOKIE])
+            session = await sessions.get(http.cookies[SESSION_COOKIE])
             first = (session.access_token, session.refresh_token)
             await page_of(http, f"/orgs/{ORG}/overview")
+            session = await sessions.get(http.cookies[SESSION_COOKIE])
             assert (session.access_token, session.refresh_token) != first
             assert session.subject == PEOPLE["viewer"]
     finally:
@@ -328,10 +330,13 @@ async def test_buying_on_the_portal_returns_to_the_order_and_its_invoice_downloa
     base = f"/orgs/{ORG}"
     async with signed_in(suite, PEOPLE["billing"]) as http:
         credit = await page_of(http, f"{base}/credit")
-        started = await http.post(f"{base}/credit", data={
-            "csrf_token": csrf_of(credit), "package_id": "individual-20"})
+        form = {"csrf_token": csrf_of(credit), "package_id": "individual-20",
+                "order_id": field_of(credit, "order_id")}
+        started = await http.post(f"{base}/credit", data=form)
         assert started.status_code == 303
         checkout = started.headers["location"]
+        again = await http.post(f"{base}/credit", data=form)  # a double click: one order
+        assert again.status_code == 303 and again.headers["location"] == checkout
         assert "/checkout/" in checkout
         async with httpx.AsyncClient() as customer:
             paid = await customer.post(f"{checkout}/pay", data={
@@ -354,6 +359,10 @@ async def test_buying_on_the_portal_returns_to_the_order_and_its_invoice_downloa
         assert refused.status_code == 403 and b"%PDF" not in refused.content
 
 
+def _oid() -> str:
+    return f"po-portal-{uuid.uuid4().hex}"
+
+
 async def test_forged_form_fields_get_an_error_page_naming_the_field_and_change_nothing(
         suite: Suite) -> None:
     base = f"/orgs/{ORG}"
@@ -364,8 +373,23 @@ async def test_forged_form_fields_get_an_error_page_naming_the_field_and_change_
             (f"{base}/keys", {"name": "x", "role": "owner"}, "role: must be"),
             (f"{base}/keys", {"name": "", "role": "gateway"}, "name: required"),
             (f"{base}/keys", {"name": "n" * 101, "role": "gateway"}, "name: required"),
-            (f"{base}/credit", {"package_id": ""}, "package_id: choose a package"),
-            (f"{base}/credit", {"package_id": "no-such-package"}, "no-such-package"),
+            (f"{base}/credit", {"package_id": "", "order_id": _oid()},
+             "package_id: choose a package"),
+            (f"{base}/credit", {"package_id": "no-such-package", "order_id": _oid()},
+             "no-such-package"),
+            (f"{base}/credit", {"package_id": "individual-20"}, "order_id: missing"),
+            (f"{base}/credit", {"package_id": "individual-20", "order_id": "po-1"},
+             "order_id: missing or malformed"),
+            (f"{base}/credit", {"amount": "1.00", "currency": "USD", "order_id": _oid()},
+             "amount: must be between USD 5.00 and USD 10,000.00"),
+            (f"{base}/credit", {"amount": "10000.01", "currency": "USD", "order_id": _oid()},
+             "amount: must be between"),
+            (f"{base}/credit", {"amount": "5.001", "currency": "USD", "order_id": _oid()},
+             "amount: must be a positive amount with at most 2 decimals"),
+            (f"{base}/credit", {"amount": "-5", "currency": "USD", "order_id": _oid()},
+             "amount: must be a positive amount"),
+            (f"{base}/credit", {"amount": "50", "currency": "EUR", "order_id": _oid()},
+             "is not sold as a custom amount"),
             (f"{base}/top-up", {"threshold": "1", "max_per_day": "many"}, "max_per_day"),
             (f"{base}/top-up", {"threshold": "0.0000001"}, "threshold"),
         ]
@@ -377,3 +401,16 @@ async def test_forged_form_fields_get_an_error_page_naming_the_field_and_change_
     assert await _keys(suite) == keys_before
     assert [o.payment_order_id for o in await _orders(suite)] == [
         o.payment_order_id for o in orders_before]
+
+
+async def test_health_and_readiness_answer_for_the_kubelet(suite: Suite) -> None:
+    async with httpx.AsyncClient(base_url=suite.url) as http:
+        assert (await http.get("/healthz")).status_code == 200
+        ready = await http.get("/readyz")
+        assert ready.status_code == 200 and ready.text == "ready\n"
+        cache = suite.portal.server.config.app.state.portal.client.cache
+        cache.ready.clear()  # as before the first snapshot of accounts' feed arrives
+        try:
+            assert (await http.get("/readyz")).status_code == 503
+        finally:
+            cache.ready.set()

@@ -10,7 +10,7 @@ from PIL import Image
 
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "portal"
 PAGES = ("overview", "usage", "transactions", "receipt", "budgets", "credit", "keys", "members",
-         "usage-375px")
+         "alerts", "statements", "usage-375px")
 
 
 @pytest.mark.parametrize("page", PAGES)

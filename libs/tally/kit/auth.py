@@ -568,16 +568,16 @@ class Guard:
         if orgs:
             for org in sorted(orgs):
                 if not rule.roles & principal.roles_in(org):
-                    raise _denied(rule, method, principal, org)
+                    raise permission_denied(rule, method, principal, org)
                 self._check_region(org)
             _check_scope(principal, request)
             return
         if request is not None and rule.org_fields and rule.org_required:
             if not (rule.roles & principal.roles and principal.bound_orgs is None):
-                raise _denied(rule, method, principal, None)
+                raise permission_denied(rule, method, principal, None)
             return
         if not rule.roles & principal.all_roles():
-            raise _denied(rule, method, principal, None)
+            raise permission_denied(rule, method, principal, None)
 
     def _check_region(self, org: str) -> None:
         """An org whose data lives in a region this server does not serve is sent there."""
@@ -612,8 +612,10 @@ def _check_scope(principal: Principal, request: Any) -> None:
                          field="context.environment")
 
 
-def _denied(rule: policy.Rule, method: str, principal: Principal, org: str | None
-            ) -> TallyError:
+def permission_denied(rule: policy.Rule, method: str, principal: Principal, org: str | None
+                      ) -> TallyError:
+    """PERMISSION_DENIED naming the permission, the roles it needs and where (the guard's
+    words; the portal refuses a forged form with the same)."""
     permission = rule.permission(method)
     roles = ", ".join(sorted(rule.roles))
     where = f" in org {org!r}" if org else (

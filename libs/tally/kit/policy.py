@@ -53,6 +53,10 @@ BUY: Final = frozenset({OWNER, ADMIN, BILLING, INTERNAL})
 """Buying credit through the payment provider."""
 CREDIT: Final = frozenset({FINANCE})
 """Creating or moving credit by hand: grants, adjustments, refunds, manual settlement."""
+KEYS: Final = MANAGE | {DEVELOPER}
+"""Managing API keys: developers too, but only of roles no stronger than their own."""
+KEY_MANAGERS: Final = frozenset({OWNER, ADMIN, OPERATOR, INTERNAL})
+"""Who may create, rotate and revoke keys of any key role."""
 CATALOG: Final = ORG_ROLES | _PLATFORM
 """The public catalog (price books, packages): anyone verified."""
 
@@ -168,7 +172,9 @@ POLICY: Final[Mapping[str, Rule]] = {
     _NOTIFIER + "ListDeliveries": _rule(READ, _ORG),
     _NOTIFIER + "ReplayDeadLetters": _rule(MANAGE, _ORG, _CTX),
     _NOTIFIER + "RotateWebhookSecret": _rule(MANAGE, _ORG, _CTX),
-    # accounts: members, seats and keys are the owner's (and the operator's)
+    # accounts: members and seats are the owner's (and the operator's); keys are the org's
+    # managers' and its developers' — a developer only of key roles no stronger than their
+    # own (`may_manage_key_role`, enforced by accounts)
     _ACCOUNTS + "CreateOrg": _rule(frozenset({OPERATOR}), _ORG, _CTX, required=False),
     _ACCOUNTS + "GetOrg": _rule(READ, _ORG),
     _ACCOUNTS + "CreateProject": _rule(MANAGE, _ORG, _CTX),
@@ -179,10 +185,10 @@ POLICY: Final[Mapping[str, Rule]] = {
     _ACCOUNTS + "ChangeMemberRole": _rule(frozenset({OWNER, OPERATOR}), _ORG, _CTX),
     _ACCOUNTS + "RemoveMember": _rule(frozenset({OWNER, OPERATOR}), _ORG, _CTX),
     _ACCOUNTS + "ListMembers": _rule(frozenset({OWNER, ADMIN, BILLING, OPERATOR}), _ORG),
-    _ACCOUNTS + "CreateApiKey": _rule(MANAGE, _ORG, _CTX),
-    _ACCOUNTS + "RotateApiKey": _rule(MANAGE, _ORG, _CTX),
-    _ACCOUNTS + "RevokeApiKey": _rule(MANAGE, _ORG, _CTX),
-    _ACCOUNTS + "ListApiKeys": _rule(MANAGE, _ORG),
+    _ACCOUNTS + "CreateApiKey": _rule(KEYS, _ORG, _CTX),
+    _ACCOUNTS + "RotateApiKey": _rule(KEYS, _ORG, _CTX),
+    _ACCOUNTS + "RevokeApiKey": _rule(KEYS, _ORG, _CTX),
+    _ACCOUNTS + "ListApiKeys": _rule(KEYS, _ORG),
     _ACCOUNTS + "GetSeatUsage": _rule(frozenset({OWNER, ADMIN, BILLING, OPERATOR, FINANCE}),
                                       _ORG),
     _ACCOUNTS + "GetSeatReport": _rule(frozenset({OWNER, ADMIN, BILLING, OPERATOR, FINANCE}),
@@ -217,6 +223,24 @@ POLICY: Final[Mapping[str, Rule]] = {
     _BILLING + "Reconcile": _rule(MONEY_READ, _ORG),
 }
 """Every RPC of every Tally service. Health and reflection are infrastructure, not here."""
+
+
+def permissions_of(role: str) -> frozenset[str]:
+    """Every RPC the table lets `role` call."""
+    return frozenset(method for method, rule in POLICY.items() if role in rule.roles)
+
+
+def may_manage_key_role(held: frozenset[str], key_role: str) -> bool:
+    """Whether someone holding `held` in an org may create, rotate or revoke a key of
+    `key_role` there: any role for the org's managers (KEY_MANAGERS); else only a role whose
+    every permission they hold themselves — a developer may manage developer, viewer and
+    gateway keys, never billing or admin ones (no minting a key stronger than oneself)."""
+    if held & KEY_MANAGERS:
+        return True
+    if not held & KEYS:
+        return False
+    mine = frozenset().union(*(permissions_of(role) for role in held))
+    return permissions_of(key_role) <= mine
 
 
 def org_ids(message: Any, path: str) -> Iterator[str]:

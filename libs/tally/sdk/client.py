@@ -210,15 +210,21 @@ class TallyClient:
     """
 
     def __init__(self, addresses: Mapping[str, str], *, actor: str = "service:sdk",
-                 credential: str | None = None) -> None:
+                 credential: str | None = None,
+                 channel_credentials: grpc.ChannelCredentials | None = None) -> None:
         # `credential`: an API key (tly_...) or an OIDC token, sent as `authorization: Bearer`.
+        # `channel_credentials`: TLS (e.g. mutual TLS with a service's certificate) for
+        # services that serve only TLS; None: plaintext (a mesh's proxy, or development).
         interceptors: list[Any] = [
             *aio_client_interceptors(),  # type: ignore[no-untyped-call]
             _TallyErrors(actor, credential),
             _Streams(actor, credential),
         ]
         self._channels = {
-            service: grpc.aio.insecure_channel(
+            service: grpc.aio.secure_channel(
+                address, channel_credentials, options=_CHANNEL_OPTIONS,
+                interceptors=interceptors)
+            if channel_credentials is not None else grpc.aio.insecure_channel(
                 address, options=_CHANNEL_OPTIONS, interceptors=interceptors
             )
             for service, address in addresses.items()
