@@ -6,7 +6,14 @@
 # k8s/ runs it with TALLY_DATABASE_URL / TALLY_REDIS_URL set: the embedded PostgreSQL and Valkey
 # (the `embedded` extra) are not in the image.
 
-ARG PYTHON_IMAGE=python:3.11-slim
+# The base image is pinned by digest, so a rebuild gets the same bytes whatever the tag points at
+# today (tests/deploy/test_lock.py checks every FROM). The digest is the multi-arch index of
+# python:3.11-slim (Debian trixie). This box has no registry access, so it was not resolved here:
+# it was taken from public repositories that pin the same tag (Renovate-style `tag@sha256:` pins
+# in several Dockerfiles, a `docker build` log resolving docker.io/library/python:3.11-slim to it,
+# and a note recording it as the tag's index digest, resolved 2026-08-21). To move it on purpose:
+# `docker buildx imagetools inspect python:3.11-slim` and paste the index digest below.
+ARG PYTHON_IMAGE=python:3.11-slim@sha256:9c900dea9e8fb7e16277c179b555cc72d29a352dbc33cff48ad5a0412fd5bfc7
 
 FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 \

@@ -9,7 +9,6 @@ changes, fanned out to every WatchCredentials stream.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,14 +18,13 @@ from pathlib import Path
 import grpc
 
 from tally.accounts.v1 import accounts_pb2, accounts_pb2_grpc
-from tally.kit import db, infra
+from tally.kit import db
 from tally.kit.background import run_periodically, run_when_notified
 from tally.kit.config import (
     ConfigError,
     KitConfig,
     exit_on_config_error,
     load,
-    load_kit_config,
     parse_non_negative_int,
     parse_path,
     parse_positive_int,
@@ -103,10 +101,7 @@ async def build(config: KitConfig, settings: AccountsConfig | None = None) -> Se
         raise ConfigError([("TALLY_ACCOUNTS_AUDIT_ARCHIVE_DIR",
                             "is required with TALLY_ACCOUNTS_AUDIT_RETENTION_DAYS: records are "
                             "archived before they are deleted")])
-    url = config.database_url or infra.start_embedded_postgres(config.data_dir, keep_running=False)
-    if config.migrate_on_start:
-        await db.migrate_async(NAME, url)
-    pool = await db.create_pool(url, max_size=config.db_pool_size)
+    url, pool = await db.open_service_database(NAME, config)
     store = AccountsPgStore(pool, db.asyncpg_url(url))
     hub = CredentialHub(store, max_watchers=settings.max_watchers)
     hub.revision = (await store.credentials_snapshot()).revision
@@ -155,9 +150,7 @@ async def build(config: KitConfig, settings: AccountsConfig | None = None) -> Se
 async def build_for(database_url: str, config: KitConfig | None = None,
                     settings: AccountsConfig | None = None) -> ServiceApp:
     """`build` against an already migrated database, other settings from `config` or defaults."""
-    base = config or load_kit_config({})
-    return await build(dataclasses.replace(base, database_url=database_url,
-                                           migrate_on_start=False), settings)
+    return await build(db.on_database(database_url, config), settings)
 
 
 def main() -> None:

@@ -347,6 +347,23 @@ def chain_hash(prev_hash: str, entry: bytes) -> str:
     return hashlib.sha256(prev_hash.encode() + entry).hexdigest()
 
 
+def state_seal(prev_seal: str, entry_hash: str, billing_state_after: str | None) -> str:
+    """The link of an org's state chain: sha256(previous seal || the entry's hash and the
+    org's billing state after it), lowercase hex.
+
+    An entry's `org_billing_state_after` is the org's state as its whole transaction leaves it
+    (the billing rules run at the end, after the entries are hashed), so the entry chain cannot
+    cover it. The state chain does, once the transaction knows it (Work's flush): each link
+    covers an entry's final hash and that state, and the org's last link is kept with its
+    accounts (`last_seal`) as `last_hash` keeps the entry chain's. Rewriting a state, or an
+    entry and its hashes, then breaks it as a rewritten entry breaks the entry chain. A state
+    stored as NULL (entries written before migration 0002) is sealed as JSON null, so NULL and
+    '' differ."""
+    link = json.dumps(["tally.ledger.state", entry_hash, billing_state_after],
+                      separators=(",", ":"))
+    return hashlib.sha256(prev_seal.encode() + link.encode()).hexdigest()
+
+
 @dataclass(frozen=True, slots=True)
 class Balance:
     """An org's credit position."""

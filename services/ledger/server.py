@@ -15,6 +15,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+import asyncpg
 import grpc
 
 from services.ledger import domain as d
@@ -36,7 +37,7 @@ from services.ledger.payments.top_up import TopUpWorker
 from services.ledger.payments.webhook_endpoint import WebhookEndpoint
 from services.ledger.servicer import LedgerServicer
 from services.ledger.store import OUTBOX_CHANNEL, SEALED_CHANNEL, LedgerStore
-from tally.kit import db, infra, regions
+from tally.kit import db, regions
 from tally.kit.background import Deadline, Signal, run_periodically, run_when_notified
 from tally.kit.channels import peer_channel
 from tally.kit.config import (
@@ -199,10 +200,11 @@ def usage_group_commit(post_batches: PostUsageBatches, *, max_items: int = 20_00
 
 
 async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
-                provider: PaymentProvider | None = None) -> ServiceApp:
+                provider: PaymentProvider | None = None, region: str = "") -> ServiceApp:
     """Wires the ledger for `config` (an embedded database when none is configured). With
     `provider`, that provider is used as it is (a LocalProvider keeps its own state); else the
-    one the settings ask for (payment_provider), a local one keeping its state in PostgreSQL."""
+    one the settings ask for (payment_provider), a local one keeping its state in PostgreSQL.
+    With `region`, it is that region's copy in a process serving several (build_regions)."""
     settings = ledger or load(LedgerConfig)
     webhook_secrets = settings.webhook_secrets or settings.webhook_secrets_file
     shares_state = provider is None
@@ -213,16 +215,16 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
             raise ConfigError([("TALLY_LEDGER_WEBHOOK_SECRETS",
                                 "is required with a real payment provider")])
         webhook_secrets = provider.secrets
-    url = config.database_url or infra.start_embedded_postgres(config.data_dir,
-                                                               keep_running=False)
-    if config.migrate_on_start:
-        await db.migrate_async("ledger", url)
-    pool = await db.create_pool(url, max_size=config.db_pool_size)
+    url, pool = await db.open_service_database("ledger", config)
     store = LedgerStore(pool)
+    webhook_pool: asyncpg.Pool | None = None
     if shares_state and isinstance(provider, LocalProvider):
         # every replica of this ledger sees the same checkouts (one opened through one
-        # replica is paid on another's page)
-        provider.keep_state_in(PostgresPayments(pool))
+        # replica is paid on another's page) and sends the webhooks a dead one left; a
+        # delivery attempt holds its claim on a connection of its own pool while this very
+        # process's webhook endpoint answers it from the main pool
+        webhook_pool = await db.create_pool(url, max_size=2)
+        provider.keep_state_in(PostgresPayments(pool, attempts_pool=webhook_pool))
     pricing_channel = peer_channel(config.address_of("pricing"))
     billing_store = BillingStore(store, Issuer(settings.issuer_name, settings.issuer_country,
                                                settings.issuer_tax_id, settings.issuer_address))
@@ -244,7 +246,7 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
     holds = GroupCommit("ledger.reserve", store.reserve_many, max_size=RESERVE_GROUP_MAX,
                         key=lambda hold: hold.org_id)
     servicer = LedgerServicer(store, payments, usage=usage, holds=holds,
-                              shutting_down=shutting_down)
+                              shutting_down=shutting_down, one_of_regions=bool(region))
     metering_channel = peer_channel(config.address_of("metering"))
     billing = Billing(billing_store, MeteringItemizer(
         metering_pb2_grpc.MeteringServiceStub(metering_channel))
@@ -300,6 +302,8 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
         await endpoint.stop()
         await pricing_channel.close()
         await metering_channel.close()
+        if webhook_pool is not None:
+            await webhook_pool.close()
         await pool.close()
 
     # What exists now (modules, the pool, the servicer) lives as long as the process: keep it
@@ -328,7 +332,7 @@ async def build_regions(config: KitConfig, ledger: LedgerConfig | None = None) -
     async def one(region_config: KitConfig, region: str, index: int) -> ServiceApp:
         return await build(region_config, dataclasses.replace(
             settings, webhook_port=_shifted(settings.webhook_port, index),
-            checkout_port=_shifted(settings.checkout_port, index)))
+            checkout_port=_shifted(settings.checkout_port, index)), region=region)
 
     return await regions.build_regional(config, one)
 

@@ -16,6 +16,7 @@ from services.ledger.payments.service import Payments
 from services.ledger.store import LedgerStore
 from tally.common.v1 import common_pb2
 from tally.kit.background import Signal
+from tally.kit.errors import Reason, TallyError
 from tally.kit.group_commit import GroupCommit
 from tally.kit.protoconv import enum_in, enums_in, from_timestamp
 from tally.kit.server import current_principal
@@ -38,9 +39,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                  usage: GroupCommit[d.UsageBatch, d.UsageResults],
                  holds: GroupCommit[d.ReserveCommand, tuple[d.Reservation, int, d.BillingState]],
                  outbox_poll_s: float = 0.2, stream_lifetime_s: float = 300.0,
-                 shutting_down: asyncio.Event | None = None) -> None:
+                 shutting_down: asyncio.Event | None = None, one_of_regions: bool = False
+                 ) -> None:
         self.store = store
         self.payments = payments
+        # one copy of several regions in one process (tally.kit.regions): a call naming no
+        # org that is about another region's data answers NOT_FOUND, so the router asks on
+        self.one_of_regions = one_of_regions
         # concurrent calls share transactions (store.post_usage_batches, store.reserve_many)
         self.usage = usage
         self.holds = holds
@@ -200,10 +205,26 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
     async def ConfirmPayment(self, request: pb.ConfirmPaymentRequest, context: Context
                              ) -> pb.ConfirmPaymentResponse:
+        if self.one_of_regions:
+            await self._raise_unless_order_is_here(request)
         first, order = await self.payments.confirm(request.provider, request.payload,
                                                    request.signature_header)
         return pb.ConfirmPaymentResponse(
             processed_first_time=first, order=pay_convert.order(order) if order else None)
+
+    async def _raise_unless_order_is_here(self, request: pb.ConfirmPaymentRequest) -> None:
+        """NOT_FOUND when the webhook's payment order is not in this region's database: the
+        event must be recorded and applied in its order's region only (the router then asks
+        the next region). A payload that does not parse is left to `confirm` to refuse."""
+        if request.provider != self.payments.provider.name:
+            return
+        try:
+            order_id = self.payments.provider.parse_event(request.payload).payment_order_id
+        except ValueError:
+            return
+        if order_id and not await self.store.has_payment_order(order_id):
+            raise TallyError(Reason.NOT_FOUND, f"payment order {order_id!r} is not in this "
+                             "region", field="payload")
 
     async def RecordManualPayment(self, request: pb.RecordManualPaymentRequest,
                                   context: Context) -> pb.RecordManualPaymentResponse:

@@ -42,6 +42,9 @@ T = TypeVar("T")
 
 _TRANSFER_COLUMNS: Final = TRANSFER_COLUMNS  # one row shape for every writer
 _ENTRY_ORG: Final = _TRANSFER_COLUMNS.index("org_id")
+_ENTRY_HASH: Final = _TRANSFER_COLUMNS.index("entry_hash")
+_SEALED_COLUMNS: Final = ("org_billing_state_after", "state_seal")
+"""What Work's flush adds to each transfer row (Work._sealed_entries)."""
 
 
 if TYPE_CHECKING:
@@ -73,6 +76,7 @@ class _Account:
     last_hash: str
     pinned: bool = False
     dirty: bool = False
+    last_seal: str = d.GENESIS_HASH  # the head of the org's state chain (d.state_seal)
 
 
 _ACCOUNT_KINDS: Final = {k.value: k for k in d.AccountKind}
@@ -88,7 +92,7 @@ _GRANT_KINDS: Final = {k.value: k for k in d.GrantKind}
 # that recheck found no row in a UNION ALL (the account was silently left out).
 _LOCK_ACCOUNTS: Final = (
     "SELECT a.account_id, a.kind, a.org_id, a.balance_micros, a.held_micros, a.billing_state, "
-    "a.last_hash, a.billing_state_pinned FROM ledger.accounts a "
+    "a.last_hash, a.billing_state_pinned, a.last_seal FROM ledger.accounts a "
     "JOIN unnest($2::text[] || ARRAY(SELECT p || o FROM unnest($1::text[]) o, "
     "unnest('{org:,arrears:}'::text[]) p)) AS u(id) ON a.account_id = u.id "
     "ORDER BY a.account_id FOR UPDATE OF a"
@@ -184,12 +188,12 @@ class Work:
     def _load(self, rows: Iterable[asyncpg.Record], opened: Set[str] = frozenset()) -> None:
         kinds, states, accounts = _ACCOUNT_KINDS, _BILLING_STATES, self.accounts
         credit = d.AccountKind.ORG_CREDIT
-        for account_id, kind, org_id, balance, held, state, last_hash, pinned in rows:
+        for account_id, kind, org_id, balance, held, state, last_hash, pinned, seal in rows:
             account_kind = kinds[kind]
             accounts[account_id] = _Account(
                 account_id, account_kind, org_id, balance, held, states[state], last_hash, pinned,
                 # a new org's state is decided by the rules at once (no credit: THROTTLED)
-                dirty=account_kind is credit and org_id in opened,
+                dirty=account_kind is credit and org_id in opened, last_seal=seal,
             )
 
     async def lock_orgs(self, org_ids: Iterable[str], *, system: Iterable[d.AccountKind] = (),
@@ -457,13 +461,12 @@ class Work:
                 "state, cause, actor, changed_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 state_changes))
         if self.entries:
-            state_after = {org: self.state_of(org) for org in {e[_ENTRY_ORG] for e in self.entries}}
-            transfers = [(*e, state_after[e[_ENTRY_ORG]]) for e in self.entries]
+            transfers = self._sealed_entries()
             writes.append(lambda: insert_rows(
-                conn, "transfers", (*_TRANSFER_COLUMNS, "org_billing_state_after"), transfers))
+                conn, "transfers", (*_TRANSFER_COLUMNS, *_SEALED_COLUMNS), transfers))
         dirty = [a for a in self.accounts.values() if a.dirty]
         if dirty:
-            ids, balances, held, states, hashes, pinned = [], [], [], [], [], []
+            ids, balances, held, states, hashes, pinned, seals = [], [], [], [], [], [], []
             for a in dirty:
                 ids.append(a.account_id)
                 balances.append(a.balance)
@@ -471,14 +474,15 @@ class Work:
                 states.append(a.billing_state.value)
                 hashes.append(a.last_hash)
                 pinned.append(a.pinned)
+                seals.append(a.last_seal)
             writes.append(lambda: conn.execute(
                 "UPDATE ledger.accounts a SET balance_micros = u.balance, held_micros = u.held, "
                 "billing_state = u.state, last_hash = u.last_hash, "
-                "billing_state_pinned = u.pinned "
+                "billing_state_pinned = u.pinned, last_seal = u.last_seal "
                 "FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], "
-                "$6::boolean[]) AS u(id, balance, held, state, last_hash, pinned) "
-                "WHERE a.account_id = u.id",
-                ids, balances, held, states, hashes, pinned,
+                "$6::boolean[], $7::text[]) AS u(id, balance, held, state, last_hash, pinned, "
+                "last_seal) WHERE a.account_id = u.id",
+                ids, balances, held, states, hashes, pinned, seals,
             ))
         if self.settled:
             settled = [r for r, _ in self.settled]
@@ -495,6 +499,19 @@ class Work:
                  "available_micros_after", "arrears_micros", "billing_state", "attributes"),
                 outbox_rows))
         return writes
+
+    def _sealed_entries(self) -> list[tuple[Any, ...]]:
+        """The transaction's transfer rows with what only its end knows: each org's billing
+        state after it, and the state chain's link over that state and the entry's hash
+        (d.state_seal), chained from the org's `last_seal`, which moves on with it."""
+        rows = []
+        for entry in self.entries:
+            account = self.org(entry[_ENTRY_ORG])
+            state = account.billing_state.value
+            account.last_seal = d.state_seal(account.last_seal, entry[_ENTRY_HASH], state)
+            account.dirty = True
+            rows.append((*entry, state, account.last_seal))
+        return rows
 
     def _grant_writes(self) -> list[Callable[[], Awaitable[object]]]:
         """The statements that write the grants made and burned so far (then taken as
@@ -687,6 +704,13 @@ class LedgerStore:
                     out.append((posted, d.Balance(posted.org_id, posted_now, held, arrears,
                                                   state, (), work.now)))
             return out
+
+    async def has_payment_order(self, order_id: str) -> bool:
+        """Whether this database holds payment order `order_id` (a ledger serving several
+        regions finds the region of a call that names only an order this way)."""
+        return bool(await self.pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM ledger.payment_orders WHERE payment_order_id = $1)",
+            order_id))
 
     async def replay_transfer(self, conn: Connection, transfer_id: str
                               ) -> tuple[d.Transfer, d.Balance]:
@@ -1396,17 +1420,20 @@ class LedgerStore:
         return [_transfer(r) for r in found], next_token
 
     async def verify(self, org_id: str = "") -> d.ChainReport:
-        """Recomputes every org's hash chain, each account's balance, and the zero sum. Each
-        entry is checked under the hash version it carries; an entry first written under
-        version 1 (before migration 0006) is checked under its original version 1 chain as
-        well."""
+        """Recomputes every org's hash chain and state chain, each account's balance, and the
+        zero sum. Each entry is checked under the hash version it carries; an entry first
+        written under version 1 (before migration 0006) is checked under its original version 1
+        chain as well. The state chain (d.state_seal) covers each entry's billing state after
+        it, which the entry's own hash cannot."""
         checked = 0
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-            heads = {r["org_id"]: r["last_hash"] for r in await conn.fetch(
-                "SELECT org_id, last_hash FROM ledger.accounts WHERE kind = 'ORG_CREDIT' "
-                "AND ($1 = '' OR org_id = $1)", org_id)}
+            heads: dict[str, tuple[str, str]] = {
+                r["org_id"]: (r["last_hash"], r["last_seal"]) for r in await conn.fetch(
+                    "SELECT org_id, last_hash, last_seal FROM ledger.accounts "
+                    "WHERE kind = 'ORG_CREDIT' AND ($1 = '' OR org_id = $1)", org_id)}
             prev: dict[str, str] = {}
             prev_v1: dict[str, str] = {}
+            seals: dict[str, str] = {}
             cursor = conn.cursor(
                 "SELECT * FROM ledger.transfers WHERE ($1 = '' OR org_id = $1) ORDER BY seq",
                 org_id, prefetch=2000)
@@ -1427,11 +1454,23 @@ class LedgerStore:
                             or original != row["entry_hash_v1"]):
                         return bad
                     prev_v1[t.org_id] = row["entry_hash_v1"]
+                seal = d.state_seal(seals.get(t.org_id, d.GENESIS_HASH), t.entry_hash,
+                                    row["org_billing_state_after"])
+                if seal != row["state_seal"]:
+                    return d.ChainReport(
+                        False, checked, t.transfer_id,
+                        f"entry {t.transfer_id}: its billing state after does not match the "
+                        "org's state chain")
+                seals[t.org_id] = seal
                 checked += 1
-            for org, head in heads.items():
+            for org, (head, seal_head) in heads.items():
                 if prev.get(org, d.GENESIS_HASH) != head:
                     return d.ChainReport(False, checked, "",
                                          f"org {org}: chain head does not match its last entry")
+                if seals.get(org, d.GENESIS_HASH) != seal_head:
+                    return d.ChainReport(
+                        False, checked, "",
+                        f"org {org}: state chain head does not match its last entry")
             mismatch = await conn.fetchrow(
                 "WITH moved AS ("
                 " SELECT credit_account_id AS id, amount_micros AS delta FROM ledger.transfers"

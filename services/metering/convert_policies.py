@@ -17,6 +17,7 @@ from .policies import (
     MAX_ID_LENGTH,
     MAX_PRICING_USE_METERS,
     MAX_PRICING_USE_MODELS,
+    RECENT_EVENTS_COUNTED,
     BudgetEnforcement,
     BudgetPeriod,
     BudgetScope,
@@ -132,3 +133,25 @@ def pricing_use(use: PricingUse) -> pb.PricingUse:
     return pb.PricingUse(item=use.item, recent_events=use.recent_events,
                          open_holds=use.open_holds, quota_ids=use.quota_ids,
                          budget_ids=use.budget_ids)
+
+
+def merge_pricing_use(request: pb.GetPricingUseRequest,
+                      answers: list[pb.GetPricingUseResponse]) -> pb.GetPricingUseResponse:
+    """One GetPricingUse answer from every region's (a process serving several regions,
+    tally.kit.regions): an item is in use if it is in any region; its counts add up (recent
+    events still counted up to RECENT_EVENTS_COUNTED), its quota and budget ids are all
+    regions' ids; models first, each in request order, as one region answers."""
+    models, meters = pricing_use_query(request)
+    order = {item: i for i, item in enumerate(
+        [f"model {m}" for m in models] + [f"meter {m}" for m in meters])}
+    merged: dict[str, pb.PricingUse] = {}
+    for answer in answers:
+        for use in answer.uses:
+            into = merged.setdefault(use.item, pb.PricingUse(item=use.item))
+            into.recent_events = min(into.recent_events + use.recent_events,
+                                     RECENT_EVENTS_COUNTED)
+            into.open_holds += use.open_holds
+            into.quota_ids.extend(q for q in use.quota_ids if q not in into.quota_ids)
+            into.budget_ids.extend(b for b in use.budget_ids if b not in into.budget_ids)
+    return pb.GetPricingUseResponse(uses=sorted(
+        merged.values(), key=lambda use: order.get(use.item, len(order))))

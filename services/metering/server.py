@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import dataclasses
 import gc
 import os
 import signal
@@ -32,7 +31,7 @@ from services.metering.spend.lease import LeaseSettings
 from services.metering.spend.lease_manager import LeaseManager
 from services.metering.spend.lease_store import LeaseStore
 from services.metering.spend.store import OUTBOX_CHANNEL, SEALED_CHANNEL, SpendStore
-from tally.kit import db, infra, regions
+from tally.kit import db, regions
 from tally.kit.background import run_when_notified
 from tally.kit.channels import peer_channel
 from tally.kit.config import (
@@ -40,7 +39,6 @@ from tally.kit.config import (
     KitConfig,
     exit_on_config_error,
     load,
-    load_kit_config,
     parse_choice,
     parse_non_negative_int,
     parse_positive_int,
@@ -53,6 +51,7 @@ from tally.limits import InProcessLimiter, Limiter, OutagePolicy, RedisLimiter
 from tally.metering.v1 import metering_pb2, metering_pb2_grpc
 from tally.pricing.v1 import pricing_pb2_grpc
 
+from . import convert_policies
 from .policy_cache import PolicyCache
 from .ratelimit_servicer import RateLimitServicer
 from .reports.domain import UsageReports
@@ -148,11 +147,8 @@ async def build(config: KitConfig, metering: MeteringConfig | None = None,
     region, so the ledger's event stream it follows is its region's."""
     settings = metering or load(MeteringConfig)
     limiter = limiter if limiter is not None else make_limiter(config, settings)
-    url = config.database_url or infra.start_embedded_postgres(config.data_dir, keep_running=False)
-    if config.migrate_on_start:
-        await db.migrate_async(NAME, url)
+    url, pool = await db.open_service_database(NAME, config, custom_plans=True)
     engine = db.create_engine(url, pool_size=config.db_pool_size)
-    pool = await db.create_pool(url, max_size=config.db_pool_size, custom_plans=True)
     pricing_channel = peer_channel(config.address_of("pricing"))
     ledger_channel = peer_channel(config.address_of("ledger"),
                                   {regions.ROUTE_HEADER: region} if region else None)
@@ -259,9 +255,7 @@ async def build_for(database_url: str, config: KitConfig | None = None,
                     metering: MeteringConfig | None = None,
                     limiter: Limiter | None = None) -> ServiceApp:
     """`build` against an already migrated database, other settings from `config` or defaults."""
-    base = config or load_kit_config({})
-    return await build(dataclasses.replace(base, database_url=database_url,
-                                           migrate_on_start=False), metering, limiter)
+    return await build(db.on_database(database_url, config), metering, limiter)
 
 
 async def build_regions(config: KitConfig) -> ServiceApp:
@@ -273,7 +267,10 @@ async def build_regions(config: KitConfig) -> ServiceApp:
     async def one(region_config: KitConfig, region: str, index: int) -> ServiceApp:
         return await build(region_config, settings, region=region)
 
-    return await regions.build_regional(config, one)
+    # what uses a model or meter is the sum over every region's orgs: pricing asks before it
+    # drops one, and one region's answer would let it drop what another region still uses
+    return await regions.build_regional(config, one, every_region={
+        f"/{SERVICE_NAME}/GetPricingUse": convert_policies.merge_pricing_use})
 
 
 def _die_with_parent() -> None:

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 from dataclasses import dataclass
 from datetime import timedelta
 
 import grpc
 
-from tally.kit import db, infra
+from tally.kit import db, regions
 from tally.kit.channels import peer_channel
 from tally.kit.config import (
     KitConfig,
     load,
-    load_kit_config,
     parse_port,
     parse_positive_int,
     setting,
@@ -62,16 +60,17 @@ class NotifierConfig:
         "TALLY_NOTIFIER_POLL_MS", parse_positive_int, "milliseconds > 0", default=500)
 
 
-async def build(config: KitConfig, notifier: NotifierConfig | None = None) -> ServiceApp:
-    """Wires the notifier; follows the ledger and metering once serving."""
+async def build(config: KitConfig, notifier: NotifierConfig | None = None, *,
+                region: str = "") -> ServiceApp:
+    """Wires the notifier; follows the ledger and metering once serving. With `region` (one
+    copy per region, tally.kit.regions), the event streams it follows are that region's
+    (its calls name the region), so its deliveries are its region's orgs' only."""
     settings = notifier or load(NotifierConfig)
-    url = config.database_url or infra.start_embedded_postgres(config.data_dir, keep_running=False)
-    if config.migrate_on_start:
-        await db.migrate_async(NAME, url)
+    url, pool = await db.open_service_database(NAME, config)
     engine = db.create_engine(url, pool_size=config.db_pool_size)
-    pool = await db.create_pool(url, max_size=config.db_pool_size)
-    ledger_channel = peer_channel(config.address_of("ledger"))
-    metering_channel = peer_channel(config.address_of("metering"))
+    route = {regions.ROUTE_HEADER: region} if region else None
+    ledger_channel = peer_channel(config.address_of("ledger"), route)
+    metering_channel = peer_channel(config.address_of("metering"), route)
     sealer = sealer_from_env()
     if sealer is None:
         log.warning("secrets_not_encrypted", detail="no TALLY_KEK / TALLY_KEK_FILE: webhook "
@@ -130,11 +129,22 @@ async def build_for(database_url: str, config: KitConfig | None = None,
                     notifier: NotifierConfig | None = None) -> ServiceApp:
     """`build` against an already migrated database, other settings from `config` or
     defaults."""
-    base = config or load_kit_config({})
-    return await build(dataclasses.replace(base, database_url=database_url,
-                                           migrate_on_start=False), notifier)
+    return await build(db.on_database(database_url, config), notifier)
+
+
+async def build_regions(config: KitConfig) -> ServiceApp:
+    """The notifier of every region of TALLY_REGION_DATABASES in one process, each on its own
+    database and following its region's ledger and metering events (tally.kit.regions):
+    alert rules, signing secrets and deliveries are an org's data and stay in its region.
+    Without it, `build`."""
+    settings = load(NotifierConfig)
+
+    async def one(region_config: KitConfig, region: str, index: int) -> ServiceApp:
+        return await build(region_config, settings, region=region)
+
+    return await regions.build_regional(config, one)
 
 
 def main() -> None:
     """Runs the notifier service until SIGTERM/SIGINT."""
-    run_service(NAME, build)
+    run_service(NAME, build_regions)

@@ -8,7 +8,6 @@ the refresher that turns its wake-ups (or a periodic poll) into cache updates.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -16,13 +15,12 @@ from typing import Final
 
 import grpc
 
-from tally.kit import db, infra
+from tally.kit import db
 from tally.kit.background import run_when_notified
 from tally.kit.channels import peer_channel
 from tally.kit.config import (
     KitConfig,
     load,
-    load_kit_config,
     parse_path,
     parse_positive_int,
     setting,
@@ -70,10 +68,7 @@ class PricingConfig:
 async def build(config: KitConfig, settings: PricingConfig | None = None) -> ServiceApp:
     """Wires pricing; publishes the default catalog as version 1 on an empty database."""
     settings = settings or load(PricingConfig)
-    url = config.database_url or infra.start_embedded_postgres(config.data_dir, keep_running=False)
-    if config.migrate_on_start:
-        await db.migrate_async(NAME, url)
-    pool = await db.create_pool(url, max_size=config.db_pool_size)
+    url, pool = await db.open_service_database(NAME, config)
     store = PriceBookPgStore(pool, db.asyncpg_url(url))
     metering_channel = peer_channel(config.address_of("metering"))
     cache = BookCache(max_watchers=settings.max_watchers)
@@ -112,9 +107,7 @@ async def build(config: KitConfig, settings: PricingConfig | None = None) -> Ser
 async def build_for(database_url: str, config: KitConfig | None = None,
                     settings: PricingConfig | None = None) -> ServiceApp:
     """`build` against an already migrated database, other settings from `config` or defaults."""
-    base = config or load_kit_config({})
-    return await build(dataclasses.replace(base, database_url=database_url,
-                                           migrate_on_start=False), settings)
+    return await build(db.on_database(database_url, config), settings)
 
 
 def main() -> None:

@@ -14,8 +14,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import asyncpg
+
 from tally.cli.suite import health_state
-from tally.kit import infra
+from tally.kit import db, infra
 from tally.kit.db import SERVICES
 from tally.kit.infra import EmbeddedRedis
 from tally.sdk.client import TallyClient
@@ -37,16 +39,20 @@ class ProcessSuite:
     ledger_proxy: FaultProxy
     redis_port: int
     redis: EmbeddedRedis | None = None
+    postgres: OwnPostgres | None = None
+    """The suite's own PostgreSQL, when the test stops and starts it."""
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     client: TallyClient | None = None
 
     @classmethod
-    async def start(cls, db_url: str, data_dir: Path) -> ProcessSuite:
+    async def start(cls, db_url: str, data_dir: Path, *, postgres: OwnPostgres | None = None
+                    ) -> ProcessSuite:
         # A child process binds these after we pick them (it cannot report a port 0 back),
         # so they are picked together, right before the children start.
         ports = {service: infra.free_port() for service in SERVICES}
         suite = cls(db_url, data_dir, ports, infra.free_port(), infra.free_port(),
-                    await FaultProxy.start("127.0.0.1", ports["ledger"]), infra.free_port())
+                    await FaultProxy.start("127.0.0.1", ports["ledger"]), infra.free_port(),
+                    postgres=postgres)
         suite.start_redis()
         for service in SERVICES:
             suite.spawn(service)
@@ -125,3 +131,66 @@ class ProcessSuite:
                 await asyncio.to_thread(process.wait, 30)
         await self.ledger_proxy.close()
         self.stop_redis()
+
+
+@dataclass
+class OwnPostgres:
+    """An embedded PostgreSQL server of the suite's own, so the test can really stop and start
+    it without touching the server every other test shares; its `tally` database is migrated
+    for the five services."""
+
+    data_dir: Path
+    url: str = ""
+
+    @property
+    def pgdata(self) -> Path:
+        return (self.data_dir / "postgres").resolve()
+
+    async def start(self) -> str:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        admin_url = await self._start_server()
+        conn = await asyncpg.connect(db.asyncpg_url(admin_url))
+        try:
+            await conn.execute("CREATE DATABASE tally")
+        finally:
+            await conn.close()
+        self.url = admin_url.replace("/postgres?", "/tally?", 1)
+        for service in SERVICES:
+            await db.migrate_async(service, self.url)
+        return self.url
+
+    async def down_for(self, seconds: float) -> None:
+        """Stops the server (fast: every session is cut) and starts it again `seconds` later,
+        listening where it did."""
+        await self.stop()
+        await asyncio.sleep(seconds)
+        await self._start_server()
+
+    async def _start_server(self) -> str:
+        """Starts the server from a fresh interpreter (forking this one, gRPC's threads
+        running, to run initdb/pg_ctl as the embedded server's user crashed the test process
+        with SIGSEGV); returns its URL."""
+        starter = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "import sys, pathlib; from tally.kit import infra; "
+            "print(infra.start_embedded_postgres(pathlib.Path(sys.argv[1]), "
+            "keep_running=True))", str(self.data_dir),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stdout, stderr = await starter.communicate()
+        if starter.returncode != 0:
+            raise AssertionError(f"PostgreSQL did not start: {stderr.decode()[-2000:]}")
+        return stdout.decode().strip().splitlines()[-1]
+
+    async def stop(self) -> None:
+        """A fast shutdown (SIGINT to the postmaster, no fork), waited for."""
+        pid_file = self.pgdata / "postmaster.pid"
+        if not pid_file.exists():
+            return
+        try:
+            os.kill(int(pid_file.read_text().split()[0]), signal.SIGINT)
+        except ProcessLookupError:  # a pid file left by a server that is gone
+            return
+        for _ in range(600):
+            if not pid_file.exists():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("PostgreSQL did not stop within 30 s")

@@ -1,9 +1,12 @@
 """Faults to whole processes and to the links between them, under a steady mixed load
-(RecordUsage with retries, Authorize against a hard Redis quota, purchases paid at the local
-provider's checkout), with every invariant checked after each fault:
+(RecordUsage with retries, a long-lived StreamUsage stream that resends what was not
+acknowledged, Authorize against a hard Redis quota, purchases paid at the local provider's
+checkout), with every invariant checked after each fault:
 
 - SIGKILL of each service in turn (pricing, metering, ledger, notifier, accounts), restarted on
   its port;
+- PostgreSQL stopped (fast shutdown: every session cut) and started again, a server of the
+  suite's own so that the other tests' server is left alone;
 - Redis stopped and started again: hard quotas fail closed (DESIGN §5 / tally.limits: the
   Redis limiter's default outage policy is DENY, so Authorize answers QUOTA_EXCEEDED "limiter
   unavailable, failing closed" and metering reports NOT_SERVING) and Authorize ALLOWs again
@@ -27,9 +30,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import shutil
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +48,7 @@ from tally.kit.errors import Reason, TallyError
 from tally.ledger.v1 import ledger_pb2 as lpb
 from tally.metering.v1 import metering_pb2 as mpb
 from tally.sdk.client import TallyClient
-from tests.chaos.processes import ProcessSuite
+from tests.chaos.processes import OwnPostgres, ProcessSuite
 from tests.metering.test_authorize import ask
 from tests.metering.test_ingestion import ACCEPTED, DUPLICATE, usage
 
@@ -132,16 +137,71 @@ async def _record_one(client: TallyClient, load: Load, event_id: str) -> None:
             load.failed(exc)
             await asyncio.sleep(0.05)  # the client's backoff
             continue
-        result = reply.results[0]
-        if result.status not in (ACCEPTED, DUPLICATE):
-            load.bad.append(f"event {event_id} answered {result}")
-        else:
-            cost = load.acked.setdefault(event_id, result.receipt.cost_micros)
-            if cost != result.receipt.cost_micros:
-                load.bad.append(f"event {event_id} charged {cost}, then "
-                                f"{result.receipt.cost_micros}")
-            load.answered("RecordUsage")
+        _acknowledged(load, [usage(event_id)], reply.results, "RecordUsage")
         break
+
+
+STREAM_BATCH = 5
+STREAM_ACK_TIMEOUT_S = 10.0
+
+
+async def _stream_forever(client: TallyClient, load: Load, stop: asyncio.Event) -> None:
+    """One StreamUsage stream at a time, a batch in flight on it; a batch not acknowledged
+    (the stream broke, or asked for a reconnect first) is sent again, same ids, on a new
+    stream, as a client that must not lose usage does."""
+    unacked: list[mpb.UsageEvent] = []
+    for n in itertools.count():
+        if stop.is_set():
+            return
+        outbox: asyncio.Queue[mpb.StreamUsageRequest | None] = asyncio.Queue()
+
+        call = client.metering.StreamUsage(_drain(outbox))
+        replies = aiter(call)
+        try:
+            reconnect = False
+            while not stop.is_set() and not reconnect:
+                await load.call()
+                try:
+                    if not unacked:
+                        unacked = [usage(f"chaos-s{n}-{i}") for i in range(STREAM_BATCH)]
+                    batch_id = unacked[0].event_id
+                    await outbox.put(mpb.StreamUsageRequest(batch_id=batch_id, events=unacked))
+                    while True:  # a reconnect notice may come before the batch's ack
+                        reply = await asyncio.wait_for(anext(replies), STREAM_ACK_TIMEOUT_S)
+                        reconnect = reconnect or reply.reconnect
+                        if reply.batch_id == batch_id:
+                            break
+                    _acknowledged(load, unacked, reply.results, "StreamUsage")
+                    unacked = []
+                finally:
+                    load.in_flight -= 1
+        except (TallyError, grpc.aio.AioRpcError) as exc:
+            load.failed(exc)
+            await asyncio.sleep(0.05)
+        except (TimeoutError, StopAsyncIteration):
+            load.errors["StreamUsage ack late or stream ended: resent"] += 1
+        finally:
+            outbox.put_nowait(None)
+            call.cancel()
+
+
+async def _drain(queue: asyncio.Queue[mpb.StreamUsageRequest | None]
+                 ) -> AsyncIterator[mpb.StreamUsageRequest]:
+    while (batch := await queue.get()) is not None:
+        yield batch
+
+
+def _acknowledged(load: Load, events: Sequence[mpb.UsageEvent],
+                  results: Sequence[mpb.EventResult], call: str) -> None:
+    for event, result in zip(events, results, strict=True):
+        if result.status not in (ACCEPTED, DUPLICATE):
+            load.bad.append(f"event {event.event_id} answered {result}")
+            continue
+        cost = load.acked.setdefault(event.event_id, result.receipt.cost_micros)
+        if cost != result.receipt.cost_micros:
+            load.bad.append(f"event {event.event_id} charged {cost}, then "
+                            f"{result.receipt.cost_micros}")
+    load.answered(call)
 
 
 async def _authorize_forever(client: TallyClient, load: Load, stop: asyncio.Event) -> None:
@@ -293,6 +353,11 @@ def _kill(service: str) -> Callable[[ProcessSuite], Awaitable[None]]:
     return fault
 
 
+async def _postgres_down(suite: ProcessSuite) -> None:
+    assert suite.postgres is not None
+    await suite.postgres.down_for(FAULT_S)
+
+
 async def _redis_down(suite: ProcessSuite) -> None:
     suite.stop_redis()
     await asyncio.sleep(FAULT_S)
@@ -316,6 +381,7 @@ LONG = "TALLY_CHAOS_FAULT_SECONDS" in os.environ
 KILLED = ("pricing", "metering", "ledger", *(("notifier", "accounts") if LONG else ()))
 FAULTS: list[tuple[str, Callable[[ProcessSuite], Awaitable[None]]]] = [
     *((f"SIGKILL {s}, restart", _kill(s)) for s in KILLED),
+    ("PostgreSQL stopped, started again", _postgres_down),
     ("Redis stopped, started again", _redis_down),
     ("metering -> ledger: cut, refuse", _cut_ledger_link),
     ("metering -> ledger: +100 ms each way", _slow_ledger_link),
@@ -347,10 +413,21 @@ async def _until_allowed(client: TallyClient) -> float:
     raise AssertionError("Authorize never allowed again")
 
 
-async def test_each_fault_under_mixed_load_keeps_every_invariant(
-        db_url: str, tmp_path: Path) -> None:
-    await _add_hard_quota(db_url)
-    suite = await ProcessSuite.start(db_url, tmp_path)
+async def test_each_fault_under_mixed_load_keeps_every_invariant(tmp_path: Path) -> None:
+    # not under tmp_path: pytest removes old numbered tmp dirs, which another pytest run on
+    # the machine may do while this server runs
+    postgres = OwnPostgres(Path(tempfile.mkdtemp(prefix="tally-chaos-pg-")))
+    try:
+        db_url = await postgres.start()
+        await _add_hard_quota(db_url)
+        await _under_mixed_load(postgres, db_url, tmp_path)
+    finally:
+        await postgres.stop()
+        shutil.rmtree(postgres.data_dir, ignore_errors=True)
+
+
+async def _under_mixed_load(postgres: OwnPostgres, db_url: str, tmp_path: Path) -> None:
+    suite = await ProcessSuite.start(db_url, tmp_path, postgres=postgres)
     assert suite.client is not None
     client = suite.client
     rows: list[str] = []
@@ -364,7 +441,8 @@ async def test_each_fault_under_mixed_load_keeps_every_invariant(
         stop = asyncio.Event()
         workers = [asyncio.create_task(_record_forever(client, load, w, stop)) for w in range(2)]
         workers += [asyncio.create_task(_authorize_forever(client, load, stop)),
-                    asyncio.create_task(_purchase_forever(client, load, stop))]
+                    asyncio.create_task(_purchase_forever(client, load, stop)),
+                    asyncio.create_task(_stream_forever(client, load, stop))]
         try:
             for name, fault in FAULTS:
                 errors_before = Counter(load.errors)

@@ -83,3 +83,43 @@ def test_dev_setup_and_ci_install_from_the_dev_lock() -> None:
     dev = (ROOT / "dev").read_text()
     assert "--require-hashes" in dev and "requirements/dev.lock" in dev
     assert "-e '.[dev]'" not in dev, "the project itself goes in with --no-deps, after the lock"
+
+
+_FROM = re.compile(
+    r"^FROM\s+(?:--platform=\S+\s+)?(\S+)(?:\s+AS\s+(\S+))?\s*$", re.IGNORECASE | re.MULTILINE
+)
+_ARG = re.compile(r"^ARG\s+([A-Za-z_][A-Za-z0-9_]*)=(\S+)\s*$", re.MULTILINE)
+_DIGEST_PINNED = re.compile(r"^[^@\s]+:[^@\s]+@sha256:[0-9a-f]{64}$")
+
+
+def _base_images(dockerfile: str) -> list[str]:
+    """Every FROM's image with ARG defaults expanded, leaving out FROMs of an earlier stage."""
+    defaults = dict(_ARG.findall(dockerfile))
+    stages: set[str] = set()
+    images = []
+    for image, stage in _FROM.findall(dockerfile):
+        image = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: defaults.get(m[1] or m[2], m[0]), image)
+        if image not in stages:
+            images.append(image)
+        if stage:
+            stages.add(stage)
+    return images
+
+
+def test_every_base_image_is_pinned_by_digest() -> None:
+    images = _base_images((ROOT / "Dockerfile").read_text())
+    assert images, "the Dockerfile has no FROM"
+    for image in images:
+        assert _DIGEST_PINNED.match(image), f"{image} is a tag, not tag@sha256:<digest>"
+
+
+@pytest.mark.parametrize(
+    "dockerfile",
+    [
+        "FROM python:3.11-slim\n",
+        "ARG IMG=python:3.11-slim\nFROM ${IMG} AS builder\nFROM builder\n",
+        "FROM python:3.11-slim@sha256:abc\n",
+    ],
+)
+def test_the_digest_check_refuses_a_tag(dockerfile: str) -> None:
+    assert not all(_DIGEST_PINNED.match(image) for image in _base_images(dockerfile))

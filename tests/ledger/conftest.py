@@ -8,12 +8,14 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
+from aiohttp import web
 
 from services.ledger.server import build
 from tally.kit import db
 from tally.kit.config import load_kit_config
 from tally.kit.server import RunningServer, start_server
 from tally.sdk.client import TallyClient
+from tests.ledger.payments_support import Receiver
 
 
 @pytest.fixture
@@ -38,3 +40,17 @@ async def tally(ledger_server: RunningServer) -> AsyncIterator[TallyClient]:
     async with TallyClient({"ledger": f"127.0.0.1:{ledger_server.port}"},
                            actor="user:test-operator") as client:
         yield client
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    receiver = Receiver()
+    app = web.Application()
+    app.router.add_post("/webhooks/local", receiver.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    receiver.url = f"http://127.0.0.1:{runner.addresses[0][1]}/webhooks/local"
+    yield receiver
+    await runner.cleanup()

@@ -9,12 +9,13 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import aiohttp
 import asyncpg
+from aiohttp import web
 
 from services.ledger.payments.local_provider import LocalProvider
 from services.ledger.server import LedgerConfig, build
@@ -166,3 +167,37 @@ async def open_shop(db_url: str, settings: LedgerConfig | None = None,
         await ledger.stop()
         await pricing.stop()
         await pool.close()
+
+
+RECEIVER_SECRET = "whsec_local_test"
+"""What a Receiver verifies with (and the providers sending to it sign with)."""
+
+
+@dataclass
+class Receiver:
+    """A webhook endpoint: verifies each signature, fails its first `failures` requests (every
+    one if < 0), and keeps the events it accepted."""
+
+    secrets: list[str] = field(default_factory=lambda: [RECEIVER_SECRET])
+    failures: int = 0
+    requests: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    accepted: list[dict[str, Any]] = field(default_factory=list)
+    bad_signatures: int = 0
+    url: str = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.requests.append((dict(request.headers), body))
+        try:
+            signing.verify(request.headers.get(LocalProvider.SIGNATURE_HEADER, ""), body,
+                           self.secrets, int(time.time()))
+        except signing.SignatureError:
+            self.bad_signatures += 1
+            return web.Response(status=400)
+        if self.failures < 0 or len(self.requests) <= self.failures:
+            return web.Response(status=503)
+        self.accepted.append(json.loads(body))
+        return web.Response(status=200)
+
+    def types(self) -> list[str]:
+        return [event["type"] for event in self.accepted]

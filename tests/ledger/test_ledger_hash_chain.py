@@ -1,5 +1,7 @@
-"""The hash chain covers every stored field of an entry, and the ledger's older version 1
-chain is re-chained by migration 0006 without losing the proof it carried."""
+"""The hash chains cover every stored field of an entry (the entry chain, and the state chain
+for the billing state after it, known only when its transaction ends); the ledger's older
+version 1 chain is re-chained by migration 0006 without losing the proof it carried, and
+migration 0013 seals the states of entries written before the state chain."""
 
 from __future__ import annotations
 
@@ -27,9 +29,7 @@ AUDITED = d.Caller(actor="user:ops", trace_id="4bf92f3577b34da6a3ce929d0e0e4736"
                    user_id="u-7", labels={"team": "search", "env": "prod"})
 
 # A stored field, and a value someone with database access might put there instead. Every
-# column of ledger.transfers but seq (the order, which the chain's links already fix) and
-# org_billing_state_after (the org's state after the whole transaction, a replay cache
-# written after the entries are hashed).
+# column of ledger.transfers but seq (the order, which the chain's links already fix).
 TAMPERED: dict[str, Any] = {
     "transfer_id": "t-forged",
     "kind": "REFUND",
@@ -53,6 +53,8 @@ TAMPERED: dict[str, Any] = {
     "prev_hash": "f" * 64,
     "entry_hash": "e" * 64,
     "hash_version": 1,
+    "org_billing_state_after": "SUSPENDED",
+    "state_seal": "d" * 64,
 }
 
 
@@ -82,7 +84,7 @@ async def test_changing_any_stored_field_of_an_entry_is_named_by_verify_ledger(
     columns = {r["column_name"] for r in await admin.fetch(
         "SELECT column_name FROM information_schema.columns "
         "WHERE table_schema = 'ledger' AND table_name = 'transfers'")}
-    assert columns - {"seq", "org_billing_state_after", "prev_hash_v1", "entry_hash_v1"} == set(
+    assert columns - {"seq", "prev_hash_v1", "entry_hash_v1"} == set(
         TAMPERED), "a stored field of ledger.transfers is not in this test"
     for column, value in TAMPERED.items():
         await admin.execute(f"UPDATE ledger.transfers SET {column} = $1 WHERE seq = $2",
@@ -233,5 +235,106 @@ async def test_migration_0006_can_be_undone_while_no_entry_is_version_2_only(
         assert {r["account_id"]: r["last_hash"] for r in await conn.fetch(
             "SELECT account_id, last_hash FROM ledger.accounts WHERE kind = 'ORG_CREDIT'")
         } == heads
+    finally:
+        await conn.close()
+
+
+# --- the state chain: the billing state after an entry ----------------------------------------
+
+
+async def test_a_billing_state_decided_at_the_end_of_a_usage_transaction_is_sealed(
+    pool: asyncpg.Pool, admin: asyncpg.Connection,
+) -> None:
+    """Usage beyond the credit moves the org to another state at the end of the transaction,
+    after its entries are hashed; rewriting that state (or clearing it, or the seal) is named,
+    in both usage paths (per-event and per-org debits)."""
+    store = LedgerStore(pool)
+    await store.transfer(d.TransferCommand(
+        "g-0", "acme", d.TransferKind.PROMOTIONAL_GRANT, CREDIT,
+        grant=d.GrantSpec(d.GrantKind.PROMOTIONAL)), AUDITED)
+    await store.post_usage_batch("b-0", [d.UsageItem("e-0", "acme", 3 * CREDIT)], AUDITED)
+    await store.post_usage_batches([d.UsageBatch("b-1", (), AUDITED, org_debits=[
+        d.OrgUsageDebit("acme", CREDIT, 1)])])
+    rows = await admin.fetch("SELECT * FROM ledger.transfers ORDER BY seq")
+    states = [r["org_billing_state_after"] for r in rows]
+    assert states[0] == "ACTIVE" and states[-1] != "ACTIVE", states
+    assert (await store.verify()) == d.ChainReport(True, len(rows))
+    for row in rows[1:]:
+        for column, forged in (("org_billing_state_after", "ACTIVE"),
+                               ("org_billing_state_after", None),
+                               ("state_seal", None), ("state_seal", "0" * 64)):
+            await admin.execute(f"UPDATE ledger.transfers SET {column} = $1 WHERE seq = $2",
+                                forged, row["seq"])
+            report = await store.verify()
+            assert (report.ok, report.first_bad_transfer_id) == (False, row["transfer_id"]), (
+                column, forged)
+            await admin.execute(f"UPDATE ledger.transfers SET {column} = $1 WHERE seq = $2",
+                                row[column], row["seq"])
+    assert (await store.verify()).ok
+
+
+async def test_resealing_a_forged_state_still_breaks_the_chain_at_its_head(
+    pool: asyncpg.Pool, admin: asyncpg.Connection,
+) -> None:
+    """Someone who recomputes the forged entry's seal (the function is public) breaks the
+    link to the next entry, or the org's stored head for its last entry."""
+    store = LedgerStore(pool)
+    for i in range(2):
+        await store.transfer(d.TransferCommand(
+            f"g-{i}", "acme", d.TransferKind.PROMOTIONAL_GRANT, CREDIT,
+            grant=d.GrantSpec(d.GrantKind.PROMOTIONAL)), AUDITED)
+    first, last = await admin.fetch("SELECT * FROM ledger.transfers ORDER BY seq")
+    for row, prev_seal in ((first, d.GENESIS_HASH), (last, first["state_seal"])):
+        forged = d.state_seal(prev_seal, row["entry_hash"], "SUSPENDED")
+        await admin.execute("UPDATE ledger.transfers SET org_billing_state_after = 'SUSPENDED', "
+                            "state_seal = $1 WHERE seq = $2", forged, row["seq"])
+        report = await store.verify()
+        assert not report.ok
+        assert report.first_bad_transfer_id == ("g-1" if row is first else "")
+        assert "state chain" in report.detail
+        await admin.execute("UPDATE ledger.transfers SET org_billing_state_after = $1, "
+                            "state_seal = $2 WHERE seq = $3", row["org_billing_state_after"],
+                            row["state_seal"], row["seq"])
+    assert (await store.verify()).ok
+
+
+def test_the_state_seal_differs_in_every_input_and_tells_null_from_empty() -> None:
+    base = d.state_seal(d.GENESIS_HASH, "a" * 64, "ACTIVE")
+    assert d.state_seal("1" * 64, "a" * 64, "ACTIVE") != base
+    assert d.state_seal(d.GENESIS_HASH, "b" * 64, "ACTIVE") != base
+    assert d.state_seal(d.GENESIS_HASH, "a" * 64, "SUSPENDED") != base
+    assert d.state_seal(d.GENESIS_HASH, "a" * 64, None) != d.state_seal(
+        d.GENESIS_HASH, "a" * 64, "")
+
+
+async def test_migration_0013_seals_the_states_of_entries_written_before_it(
+    ledger_at_0005: str,
+) -> None:
+    conn = await asyncpg.connect(db.asyncpg_url(ledger_at_0005))
+    try:
+        await _write_version_1_entries(conn)  # no billing state after: NULL
+        await _migrate(ledger_at_0005, "identity_audit_outbox")
+        pool = await db.create_pool(ledger_at_0005, max_size=2)
+        try:
+            # the release before the state chain: an entry with a state after, unsealed
+            await conn.execute(
+                "ALTER TABLE ledger.transfers DISABLE TRIGGER transfers_append_only;"
+                "UPDATE ledger.transfers SET org_billing_state_after = 'ACTIVE' "
+                "WHERE transfer_id = 'old-4'")
+            await _migrate(ledger_at_0005, "head")
+            rows = await conn.fetch("SELECT * FROM ledger.transfers ORDER BY seq")
+            assert all(r["state_seal"] for r in rows)
+            store = LedgerStore(pool)
+            assert (await store.verify()) == d.ChainReport(True, 5)
+            await store.transfer(d.TransferCommand(
+                "new-0", "beta", d.TransferKind.PROMOTIONAL_GRANT, CREDIT), AUDITED)
+            assert (await store.verify()) == d.ChainReport(True, 6)
+            await conn.execute("SET session_replication_role = replica")
+            await conn.execute("UPDATE ledger.transfers SET org_billing_state_after = 'SUSPENDED' "
+                               "WHERE transfer_id = 'old-4'")
+            report = await store.verify()
+            assert (report.ok, report.first_bad_transfer_id) == (False, "old-4")
+        finally:
+            await pool.close()
     finally:
         await conn.close()

@@ -14,13 +14,12 @@ import json
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from services.ledger.payments.local_provider import LocalProvider
 from services.ledger.payments.provider import (
@@ -32,54 +31,11 @@ from services.ledger.payments.provider import (
 )
 from tally.kit import signing
 from tally.kit.infra import free_port
+from tests.ledger.payments_support import RECEIVER_SECRET as SECRET
+from tests.ledger.payments_support import Receiver
 
-SECRET = "whsec_local_test"
 GOOD_CARD = "4242 4242 4242 4242"
 FUTURE_EXPIRY = f"12/{(datetime.now(UTC).year + 3) % 100:02d}"
-
-
-@dataclass
-class Receiver:
-    """A webhook endpoint: verifies each signature, fails its first `failures` requests (every
-    one if < 0), and keeps the events it accepted."""
-
-    secrets: list[str] = field(default_factory=lambda: [SECRET])
-    failures: int = 0
-    requests: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
-    accepted: list[dict[str, Any]] = field(default_factory=list)
-    bad_signatures: int = 0
-    url: str = ""
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        self.requests.append((dict(request.headers), body))
-        try:
-            signing.verify(request.headers.get(LocalProvider.SIGNATURE_HEADER, ""), body,
-                           self.secrets, int(time.time()))
-        except signing.SignatureError:
-            self.bad_signatures += 1
-            return web.Response(status=400)
-        if self.failures < 0 or len(self.requests) <= self.failures:
-            return web.Response(status=503)
-        self.accepted.append(json.loads(body))
-        return web.Response(status=200)
-
-    def types(self) -> list[str]:
-        return [event["type"] for event in self.accepted]
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    receiver = Receiver()
-    app = web.Application()
-    app.router.add_post("/webhooks/local", receiver.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    receiver.url = f"http://127.0.0.1:{runner.addresses[0][1]}/webhooks/local"
-    yield receiver
-    await runner.cleanup()
 
 
 MakeProvider = Callable[..., Awaitable[LocalProvider]]

@@ -140,8 +140,13 @@ async def test_connection_errors_of_every_kind_count_as_an_outage(db_url: str) -
     wrapped = RuntimeError("store failed")
     wrapped.__cause__ = asyncpg.ConnectionDoesNotExistError("gone")
     assert is_outage(wrapped)
+    # what asyncpg raises on a pooled connection that got the server's shutdown notice idle
+    # (seen in the chaos suite's PostgreSQL restart)
+    assert is_outage(asyncpg.exceptions.InternalClientError(
+        "cannot switch to state 11; another operation (2) is in progress"))
     for exc in (ValueError("bad"), asyncpg.UniqueViolationError("dup"),
-                asyncpg.InterfaceError("another operation is in progress")):
+                asyncpg.InterfaceError("another operation is in progress"),
+                asyncpg.exceptions.InternalClientError("unexpected message")):
         assert not is_outage(exc), exc
 
 

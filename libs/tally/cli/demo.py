@@ -306,8 +306,9 @@ PORTAL_SIGN_IN_TIMEOUT_S: Final = 15.0
 
 
 async def _portal(tally: TallyClient, config: KitConfig, org: str) -> None:
-    """The web portal: the demo org gets an owner and a viewer in accounts, and the viewer
-    signs in (development sign-in, as `tally up` runs it) and reads the overview."""
+    """The web portal: the demo org (created in accounts with its owner by
+    `_demo_org_in_accounts`) gets a viewer, who signs in (development sign-in, as `tally up`
+    runs it) and reads the org's overview once the portal has learnt the membership."""
     typer.echo(f"web portal for {org}:")
     await tally.accounts.InviteMember(apb.InviteMemberRequest(
         org_id=org, subject=DEMO_VIEWER, role=apb.ROLE_VIEWER,

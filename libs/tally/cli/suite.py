@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -128,23 +129,31 @@ def _listening(host: str, port: int) -> bool:
 def start_gateway(config: KitConfig) -> int:
     """Starts the gateway (a process like the services) and waits until it accepts
     connections; its pid."""
-    pid_file = _run_dir(config) / f"{GATEWAY}.pid"
+    return _start_edge(config, GATEWAY, [sys.executable, "-m", "examples.gateway"],
+                       dict(os.environ, TALLY_METRICS_PORT="0"),
+                       lambda: _listening(config.host, gateway_port()))
+
+
+def _start_edge(config: KitConfig, name: str, argv: list[str], env: dict[str, str],
+                ready: Callable[[], bool]) -> int:
+    """Starts `name`, a process in front of the services (the gateway, the portal) that has
+    no gRPC health service, unless its pid file names a live one, and waits until `ready()`;
+    its pid. Its output goes to logs/<name>.log, whose tail a start that fails shows."""
+    pid_file = _run_dir(config) / f"{name}.pid"
     running = _read_pid(pid_file)
     if running is not None:
         return running
-    log_file = (_log_dir(config) / f"{GATEWAY}.log").open("ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "examples.gateway"],
-        env=dict(os.environ, TALLY_METRICS_PORT="0"),
-        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    log_path = _log_dir(config) / f"{name}.log"
+    process = subprocess.Popen(argv, env=env, stdout=log_path.open("ab"),
+                               stderr=subprocess.STDOUT, start_new_session=True)
     pid_file.write_text(str(process.pid))
     deadline = time.monotonic() + _STARTUP_TIMEOUT_S
-    while not _listening(config.host, gateway_port()):
+    while not ready():
         if process.poll() is not None:
-            log_tail = (_log_dir(config) / f"{GATEWAY}.log").read_text()[-2000:]
-            raise RuntimeError(f"gateway exited with {process.returncode}:\n{log_tail}")
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n"
+                               f"{log_path.read_text()[-2000:]}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"gateway not listening within {_STARTUP_TIMEOUT_S}s")
+            raise RuntimeError(f"{name} not ready within {_STARTUP_TIMEOUT_S}s (see {log_path})")
         time.sleep(0.1)
     return process.pid
 
@@ -215,26 +224,12 @@ def _portal_state(url: str) -> str:
 def _start_portal(config: KitConfig, env: dict[str, str]) -> None:
     """Starts the portal (development sign-in unless an OIDC provider is configured) and
     waits until it answers."""
-    pid_file = _run_dir(config) / f"{PORTAL}.pid"
-    if _read_pid(pid_file) is not None:
-        return
-    log_path = _log_dir(config) / f"{PORTAL}.log"
     portal_env = dict(env)
     if not os.environ.get("TALLY_PORTAL_OIDC_ISSUER"):
         portal_env.setdefault("TALLY_PORTAL_DEV_SIGN_IN", "true")
-    process = subprocess.Popen([sys.executable, "-m", f"services.{PORTAL}"], env=portal_env,
-                               stdout=log_path.open("ab"), stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    pid_file.write_text(str(process.pid))
     url = portal_url(config)
-    deadline = time.monotonic() + _STARTUP_TIMEOUT_S
-    while _portal_state(url) != "SERVING":
-        if process.poll() is not None:
-            raise RuntimeError(f"portal exited with {process.returncode}:\n"
-                               f"{log_path.read_text()[-2000:]}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"portal not answering at {url} within {_STARTUP_TIMEOUT_S}s")
-        time.sleep(0.1)
+    _start_edge(config, PORTAL, [sys.executable, "-m", f"services.{PORTAL}"], portal_env,
+                lambda: _portal_state(url) == "SERVING")
 
 
 def status(config: KitConfig) -> list[ServiceStatus]:

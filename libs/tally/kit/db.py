@@ -8,10 +8,11 @@ its own connection handling.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
 from alembic import command
@@ -20,6 +21,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from tally.kit.log import get_logger
+
+if TYPE_CHECKING:
+    from tally.kit.config import KitConfig
 
 log = get_logger("tally.kit.db")
 
@@ -97,6 +101,29 @@ def migrate(service: str, url: str, revision: str = "head") -> None:
 async def migrate_async(service: str, url: str) -> None:
     """`migrate` without blocking the event loop (Alembic runs its own loop in a thread)."""
     await asyncio.to_thread(migrate, service, url)
+
+
+async def open_service_database(service: str, config: KitConfig, *,
+                                custom_plans: bool = False) -> tuple[str, asyncpg.Pool]:
+    """The first step of every service's composition root: its database URL (an embedded
+    PostgreSQL where none is configured), its schema migrated when the config says so, and a
+    pool of `db_pool_size` connections on it."""
+    from tally.kit import infra
+
+    url = config.database_url or infra.start_embedded_postgres(config.data_dir,
+                                                               keep_running=False)
+    if config.migrate_on_start:
+        await migrate_async(service, url)
+    return url, await create_pool(url, max_size=config.db_pool_size, custom_plans=custom_plans)
+
+
+def on_database(database_url: str, config: KitConfig | None = None) -> KitConfig:
+    """`config` (default: the defaults) pointed at an already migrated database: what each
+    service's `build_for` builds on (tests, tools)."""
+    from tally.kit.config import load_kit_config
+
+    return dataclasses.replace(config or load_kit_config({}), database_url=database_url,
+                               migrate_on_start=False)
 
 
 def run_alembic_env(context: Any) -> None:

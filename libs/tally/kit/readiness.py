@@ -35,6 +35,11 @@ _POSTGRES_DOWN: Final = (
     asyncpg.exceptions.InsufficientResourcesError,  # 53: too many connections, disk full
 )
 _INTERFACE_GONE: Final = ("closed", "closing", "connection was lost")
+# asyncpg's protocol state 2 is PROTOCOL_ERROR_CONSUME: a pooled connection that was idle when
+# the server sent "terminating connection due to administrator command" (a PostgreSQL stop or
+# restart) is left in it, and its next query fails this way instead of as a lost connection.
+# (Two coroutines sharing one connection, the bug, is an InterfaceError and stays a bug.)
+_PROTOCOL_LEFT_BY_SHUTDOWN: Final = "another operation (2) is in progress"
 
 
 def _redis_down() -> tuple[type[BaseException], ...]:
@@ -68,6 +73,9 @@ def is_outage(exc: BaseException) -> bool:
             return True
         if isinstance(current, asyncpg.InterfaceError) and any(
                 word in str(current) for word in _INTERFACE_GONE):
+            return True
+        if (isinstance(current, asyncpg.exceptions.InternalClientError)
+                and _PROTOCOL_LEFT_BY_SHUTDOWN in str(current)):
             return True
         pending.extend((current.__cause__, current.__context__,
                         getattr(current, "orig", None)))

@@ -15,7 +15,9 @@ FAILED_PRECONDITION / WRONG_REGION naming the reason:
 A call that names no org (a catalog read, an id-only lookup, an outbox stream) goes to the
 region the `x-tally-region` header names, else to the home region; a unary one that the home
 region answers NOT_FOUND is asked of the other regions in turn, so an order id of any region
-is found.
+is found. A unary call whose answer is about every org (metering's GetPricingUse: does anyone
+still use this model?) is asked of every region and their answers merged, by the merge the
+service gives for it (`every_region`): the home region alone would answer for its orgs only.
 
 The guard's TALLY_REGIONS check (tally.kit.auth) still applies in front of this: a deployment
 per region sets both; a process serving several regions lists them all.
@@ -68,6 +70,8 @@ class RegionRouter:
     regions_of: Callable[[], Mapping[str, str]]
     """org_id -> region, as accounts last said (read on every call: it changes)."""
     rules: Mapping[str, policy.Rule] = field(default_factory=lambda: policy.POLICY)
+    every_region: Mapping[str, Merge] = field(default_factory=dict)
+    """method -> how to merge every region's answer to a call that names no region."""
 
     @property
     def home(self) -> str:
@@ -136,6 +140,10 @@ class RegionRouter:
                 region = self.region_of(method, request) or self._asked(context)
                 if region is not None:
                     return await by_region[region].unary_unary(request, context)
+                merge = self.every_region.get(method)
+                if merge is not None:
+                    return merge(request, [await handler.unary_unary(request, context)
+                                           for handler in by_region.values()])
                 return await self._anywhere(by_region, request, context)
 
             return grpc.unary_unary_rpc_method_handler(unary, decode, encode)
@@ -207,6 +215,9 @@ async def _produced(produced: Any) -> AsyncIterator[Any]:
         await produced
 
 
+Merge = Callable[[Any, list[Any]], Any]
+"""(request, each region's answer, home first) -> the one answer (RegionRouter.every_region)."""
+
 BuildOne = Callable[[KitConfig, str, int], Awaitable[ServiceApp]]
 """Builds a service on `config.database_url` for a region (its name, and its index: 0 is
 the home). A copy that calls a peer for its region's data (metering following the ledger's
@@ -214,11 +225,12 @@ event stream) sends ROUTE_HEADER with the region's name."""
 
 
 async def build_regional(config: KitConfig, build_one: BuildOne,
-                         regions_of: Callable[[], Mapping[str, str]] | None = None
-                         ) -> ServiceApp:
+                         regions_of: Callable[[], Mapping[str, str]] | None = None,
+                         every_region: Mapping[str, Merge] | None = None) -> ServiceApp:
     """The service of `build_one` for every region of TALLY_REGION_DATABASES behind one
     router (without it, just `build_one(config, 0)`). `regions_of`: where org regions come
-    from (default: a feed of accounts' WatchCredentials, followed while the app runs)."""
+    from (default: a feed of accounts' WatchCredentials, followed while the app runs).
+    `every_region`: the calls about all orgs, asked of every region, and how to merge."""
     databases = config.region_databases
     if not databases:
         return await build_one(config, "", 0)
@@ -278,7 +290,7 @@ async def build_regional(config: KitConfig, build_one: BuildOne,
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    router = RegionRouter(apps, regions_of)
+    router = RegionRouter(apps, regions_of, every_region=every_region or {})
     log.info("serving_regions", service=first.name, regions=list(apps), home=router.home)
     return ServiceApp(
         name=first.name, service_names=first.service_names, register=router.register,

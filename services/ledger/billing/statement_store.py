@@ -111,7 +111,7 @@ async def metering_usage(itemizer: st.UsageItemizer, org_id: str,
 # $1 org, $2 the cutoff: held credit (open reservations + the leases' hold changes) and the
 # billing state as of the cutoff, from when holds and states changed, not from entries. Sums
 # and the write order (seq, under the org's lock), never "the row stamped last": a
-# transaction stamped earlier can commit after one stamped later (migration 0013).
+# transaction stamped earlier can commit after one stamped later (migration holds_as_of_a_cutoff).
 _HELD_AT: Final = (
     "SELECT (SELECT coalesce(sum(amount_micros), 0) FROM ledger.reservations "
     "WHERE org_id = $1 AND coalesce(settled_at, 'infinity'::timestamptz) >= $2 "

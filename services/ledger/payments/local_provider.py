@@ -10,8 +10,10 @@ path is exercised exactly as it will be against Stripe, without a network or an 
 
 Sessions, charges and refunds are held in memory, or, as the ledger runs it, in PostgreSQL
 (local_store.PostgresPayments), so that several ledger replicas share them: a checkout opened
-through one replica can be paid on another's page. Webhooks are sent by the replica that made
-the event, and their queue is in memory. Never use it to take real money; nothing here moves
+through one replica can be paid on another's page. There the events are kept too, in the
+transaction that changed the payment, and sent until delivered: by the replica that made the
+event, or, when it died, by whichever replica is alive when the next attempt falls due (the
+one that restarts resumes at once). Never use it to take real money; nothing here moves
 any (the ledger refuses to start it with TALLY_ENVIRONMENT=production).
 
 Test cards (hosted checkout):      Payment methods (charge):
@@ -25,6 +27,7 @@ Test cards (hosted checkout):      Payment methods (charge):
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import html
 import json
 import random
@@ -34,7 +37,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -42,8 +45,9 @@ from aiohttp import web
 from tally.kit import signing
 from tally.kit.log import get_logger
 from tally.kit.money import format_money
+from tally.kit.readiness import is_outage
 
-from .local_store import LocalPayment, LocalPayments, LocalRefund, MemoryPayments
+from .local_store import Event, LocalPayment, LocalPayments, LocalRefund, MemoryPayments
 from .provider import (
     ChargeRequest,
     CheckoutRequest,
@@ -57,8 +61,11 @@ from .provider import (
 
 log = get_logger("ledger.payments.local")
 
-Event = dict[str, Any]
-"""A webhook event as sent: Stripe-shaped JSON (id, object, type, created, data.object)."""
+_T = TypeVar("_T")
+
+_OUTBOX: Final[contextvars.ContextVar[list[Event] | None]] = contextvars.ContextVar(
+    "local_provider_outbox", default=None)
+"""The events of the payment change under way in this task (see LocalProvider._changing)."""
 
 _EVENT_TYPES: Final = {
     "checkout.session.completed": ProviderEventType.PAYMENT_SUCCEEDED,
@@ -155,7 +162,12 @@ class LocalProvider:
     MAX_SESSIONS: Final = 100_000
     """Checkouts plus charges held in memory; more is refused (a runaway caller, not use)."""
     SWEEP_INTERVAL_S: Final = 30.0
-    """How often a running provider looks for checkouts past their ttl to expire them."""
+    """How often a running provider looks for checkouts past their ttl to expire them, and
+    for events another replica left unsent (sooner when a known retry falls due)."""
+    RESUME_BATCH: Final = 100
+    RESUME_RECHECK_S: Final = 0.5
+    """While an event is pending and due (being attempted by someone, or waiting for a
+    webhook_url), how soon the sweeper looks again."""
 
     name = "local"
     signature_header = SIGNATURE_HEADER
@@ -195,6 +207,7 @@ class LocalProvider:
         self._unsent: list[Event] = []  # created while no webhook_url was set
         self._deliveries: list[WebhookDelivery] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._sending: set[str] = set()  # event ids this process is attempting
 
         self._client: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
@@ -253,6 +266,26 @@ class LocalProvider:
             raise RuntimeError("the local provider already holds payments in memory")
         self._state = state
 
+    @asynccontextmanager
+    async def _changing(self, payment_id: str) -> AsyncIterator[_Payment | None]:
+        """The payment, locked, to change; the events the change emits are kept with it
+        (the same transaction) and sent once it is kept, never before and never without."""
+        outbox: list[Event] = []
+        token = _OUTBOX.set(outbox)
+        kept = False
+        try:
+            async with self._state.locked(payment_id, outbox) as payment:
+                yield payment
+            kept = True
+        except web.HTTPException:  # an answer (a redirect): the change was kept
+            kept = True
+            raise
+        finally:
+            _OUTBOX.reset(token)
+            if kept:
+                for event in outbox:
+                    self._publish(event)
+
     @property
     def webhook_url(self) -> str:
         """Where webhooks are POSTed ("" = not yet known; events wait for it)."""
@@ -302,13 +335,12 @@ class LocalProvider:
             raise ProviderError(f"no such event {event_id!r}")
         if not self._webhook_url:
             raise ProviderError("no webhook_url to resend to")
-        task = self._spawn(self._deliver(event, is_redelivery=True))
-        return await task
+        return await self._spawn(self._redeliver(event))
 
     async def complete_pending(self, payment_id: str, succeed: bool) -> None:
         """Settles a `pm_card_pending` charge still processing: payment_intent.succeeded, or
         payment_intent.payment_failed with card_declined."""
-        async with self._state.locked(payment_id) as payment:
+        async with self._changing(payment_id) as payment:
             if payment is None or payment.is_checkout or payment.outcome != PENDING:
                 raise ProviderError(f"no pending charge {payment_id!r}")
             if not payment.is_open:
@@ -342,7 +374,7 @@ class LocalProvider:
     async def _existing_checkout(self, existing: _Payment, request: CheckoutRequest
                                  ) -> CheckoutSession:
         self._check_same_order(existing, request.org_id, request.amount_minor, request.currency)
-        async with self._state.locked(existing.session_id) as payment:
+        async with self._changing(existing.session_id) as payment:
             assert payment is not None
             self._expire_if_due(payment)
         return self._session_of(existing)
@@ -373,7 +405,7 @@ class LocalProvider:
             self._check_same_order(stored, request.org_id, request.amount_minor,
                                    request.currency, request.payment_method_id)
             return stored.session_id
-        async with self._state.locked(payment_id) as locked:
+        async with self._changing(payment_id) as locked:
             assert locked is not None
             if outcome == SUCCEEDS:
                 self._mark_paid(locked)
@@ -387,7 +419,7 @@ class LocalProvider:
         idempotency_key returns the same refund. Emits charge.refunded."""
         if not idempotency_key:
             raise ProviderError("refund needs an idempotency key")
-        async with self._state.locked(session_id) as payment:
+        async with self._changing(session_id) as payment:
             return await self._refund(payment, session_id, amount_minor, idempotency_key)
 
     async def _refund(self, payment: _Payment | None, session_id: str, amount_minor: int,
@@ -532,17 +564,34 @@ class LocalProvider:
 
     async def _expire_due(self) -> None:
         for session_id in await self._state.open_checkouts(self._clock() - self.session_ttl_s):
-            async with self._state.locked(session_id) as payment:
+            async with self._changing(session_id) as payment:
                 if payment is not None:
                     self._expire_if_due(payment)
 
     async def _sweep_forever(self) -> None:
+        """Expires checkouts past their ttl every interval, and sends the events nobody is
+        sending as their next attempts fall due: at once after a restart, then when the
+        earliest pending retry is due (the interval covering events made meanwhile by
+        replicas that died before their first attempt)."""
+        loop = asyncio.get_running_loop()
+        interval = min(self.SWEEP_INTERVAL_S, max(self.session_ttl_s, 0.1))
+        next_expiry = loop.time() + interval
         while True:
-            await asyncio.sleep(min(self.SWEEP_INTERVAL_S, max(self.session_ttl_s, 0.1)))
+            due: float | None = None
             try:
-                await self._expire_due()
-            except Exception:  # the database may be away for a while: try again next round
-                log.exception("local_provider_sweep_failed")
+                await self._resume_due()
+                if loop.time() >= next_expiry:
+                    next_expiry = loop.time() + interval
+                    await self._expire_due()
+                due = await self._state.next_event_due()
+            except Exception as exc:  # the database may be away for a while: try again soon
+                log.warning("local_provider_sweep_failed", error=str(exc),
+                            exc_info=not is_outage(exc))
+                due = self._clock() + self.RESUME_RECHECK_S * 2
+            wait = next_expiry - loop.time()
+            if due is not None:
+                wait = min(wait, max(due - self._clock(), self.RESUME_RECHECK_S))
+            await asyncio.sleep(max(wait, 0.0))
 
     # ---- event objects (Stripe-shaped) -----------------------------------------------------
 
@@ -583,18 +632,24 @@ class LocalProvider:
     # ---- webhooks --------------------------------------------------------------------------
 
     def _emit(self, event_type: str, obj: dict[str, Any]) -> Event:
+        outbox = _OUTBOX.get()
+        if outbox is None:
+            raise RuntimeError("an event is emitted only by a payment change (_changing)")
         event: Event = {"id": _new_id("evt"), "object": "event", "type": event_type,
                         "created": int(self._clock()), "livemode": False,
                         "data": {"object": obj}}
+        outbox.append(event)
+        return event
+
+    def _publish(self, event: Event) -> None:
         self._events.append(event)
         self._events_by_id[event["id"]] = event
         if self._webhook_url:
             self._spawn(self._deliver(event))
         else:
             self._unsent.append(event)
-        return event
 
-    def _spawn(self, work: Coroutine[Any, Any, WebhookDelivery]) -> asyncio.Task[WebhookDelivery]:
+    def _spawn(self, work: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._forget)
@@ -605,18 +660,63 @@ class LocalProvider:
         if not task.cancelled() and task.exception() is not None:
             log.error("webhook delivery crashed", exc_info=task.exception())
 
-    async def _deliver(self, event: Event, *, is_redelivery: bool = False) -> WebhookDelivery:
+    async def _deliver(self, event: Event, *, is_redelivery: bool = False
+                       ) -> WebhookDelivery | None:
         """Sends one event until a 2xx answer or max_attempts; chaos may hold it back first
-        or send it once more after."""
+        or send it once more after. None when another replica had the event's turn."""
         if not is_redelivery and self._random.random() < self.reorder_rate:
             await asyncio.sleep(self._random.uniform(0.0, self.retry_first_s))
-        last = await self._attempts(event, is_redelivery)
-        if (last.delivered and not is_redelivery
+        if is_redelivery:
+            last: WebhookDelivery | None = await self._redeliver(event)
+        else:
+            self._sending.add(event["id"])
+            try:
+                last = await self._attempts(event)
+            finally:
+                self._sending.discard(event["id"])
+        if (last is not None and last.delivered and not is_redelivery
                 and self._random.random() < self.duplicate_rate):
-            await self._attempts(event, is_redelivery=True)
+            await self._redeliver(event)
         return last
 
-    async def _attempts(self, event: Event, is_redelivery: bool) -> WebhookDelivery:
+    async def _attempts(self, event: Event) -> WebhookDelivery | None:
+        """The event's attempts from here on, each one claimed in the state first: the
+        record of how many came before and when the next is due is shared by the replicas
+        (in PostgreSQL), so a retry left by a dead replica continues its count."""
+        body = json.dumps(event, separators=(",", ":")).encode()
+        last: WebhookDelivery | None = None
+        planned_at = 0.0  # when this loop set its next attempt (a sleep may end a hair early)
+        outage_retries = 0
+        while True:
+            now = max(self._clock(), planned_at)
+            try:
+                async with self._state.attempting(event["id"], now) as turn:
+                    if turn is None:  # delivered, or another replica's turn
+                        return last
+                    attempt = turn.attempts_before + 1
+                    status, error = await self._post(body)
+                    turn.delivered = status is not None and 200 <= status < 300
+                    turn.gave_up = not turn.delivered and attempt >= self.max_attempts
+                    delay = self._backoff_s(attempt)
+                    turn.next_attempt_at = planned_at = self._clock() + delay
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                # the record of the attempt is lost with the database: the event is still
+                # pending there, so try again (a second delivery is deduplicated)
+                outage_retries += 1
+                log.warning("webhook_attempt_unrecorded", event_id=event["id"], error=str(exc))
+                await asyncio.sleep(self._backoff_s(outage_retries))
+                continue
+            last = self._record(event, attempt, status, error, turn.delivered, turn.gave_up,
+                                is_redelivery=False)
+            if turn.delivered or turn.gave_up:
+                return last
+            await asyncio.sleep(delay)
+
+    async def _redeliver(self, event: Event) -> WebhookDelivery:
+        """A chaos duplicate or a `resend`: the event once more, with the usual retries,
+        outside its record (it was delivered already, or is being sent anyway)."""
         body = json.dumps(event, separators=(",", ":")).encode()
         attempt = 0
         while True:
@@ -624,18 +724,32 @@ class LocalProvider:
             status, error = await self._post(body)
             delivered = status is not None and 200 <= status < 300
             gave_up = not delivered and attempt >= self.max_attempts
-            record = WebhookDelivery(event_id=event["id"], event_type=event["type"],
-                                     attempt=attempt, status=status, error=error,
-                                     delivered=delivered, gave_up=gave_up,
-                                     is_redelivery=is_redelivery)
-            self._deliveries.append(record)
-            if delivered:
-                return record
-            if gave_up:
-                log.warning("webhook given up", event_id=event["id"], event_type=event["type"],
-                            attempts=attempt, last_error=error)
-                return record
+            last = self._record(event, attempt, status, error, delivered, gave_up,
+                                is_redelivery=True)
+            if delivered or gave_up:
+                return last
             await asyncio.sleep(self._backoff_s(attempt))
+
+    def _record(self, event: Event, attempt: int, status: int | None, error: str,
+                delivered: bool, gave_up: bool, *, is_redelivery: bool) -> WebhookDelivery:
+        record = WebhookDelivery(event_id=event["id"], event_type=event["type"],
+                                 attempt=attempt, status=status, error=error,
+                                 delivered=delivered, gave_up=gave_up,
+                                 is_redelivery=is_redelivery)
+        self._deliveries.append(record)
+        if gave_up:
+            log.warning("webhook given up", event_id=event["id"], event_type=event["type"],
+                        attempts=attempt, last_error=error)
+        return record
+
+    async def _resume_due(self) -> None:
+        """Sends the events whose next attempt is due and that nobody here is sending: what
+        a crashed replica (this one's previous life included) left behind."""
+        if not self._webhook_url:
+            return
+        for event in await self._state.due_events(self._clock(), self.RESUME_BATCH):
+            if event["id"] not in self._sending:
+                self._spawn(self._deliver(event))
 
     def _backoff_s(self, attempt: int) -> float:
         # Exponential with "equal jitter": at least half the step, so retries of many events
@@ -667,7 +781,7 @@ class LocalProvider:
     async def _checkout_for(self, request: web.Request) -> AsyncIterator[_Payment | None]:
         """The checkout a page is for (None if there is none), held until the page is
         answered: pages of two replicas acting on one checkout take turns."""
-        async with self._state.locked(request.match_info["session_id"]) as payment:
+        async with self._changing(request.match_info["session_id"]) as payment:
             if payment is None or not payment.is_checkout:
                 yield None
                 return

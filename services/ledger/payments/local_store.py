@@ -3,6 +3,11 @@
 In memory for a provider of its own (tests, a single process), or in PostgreSQL when the ledger
 runs it: then a checkout opened through one ledger replica can be paid on another replica's
 page, and two replicas acting on one payment at once are serialized by its row lock.
+
+In PostgreSQL the webhook events are kept too, written in the transaction that changed the
+payment: a payment the provider took always has its event on record, and the event is sent
+until the ledger answers 2xx, by whichever replica is alive: a real provider's webhooks outlive
+the receiver's crash, so a SIGKILLed ledger must not be able to lose them here either.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -55,6 +60,22 @@ class LocalPayment:
         return not self.is_paid and not self.is_closed
 
 
+Event = dict[str, Any]
+"""A webhook event as sent: Stripe-shaped JSON (id, object, type, created, data.object)."""
+
+
+@dataclass(slots=True)
+class EventAttempt:
+    """This process's turn to send one event: how many attempts came before (by any replica),
+    and, once made, what this one ends in."""
+
+    attempts_before: int
+    delivered: bool = False
+    gave_up: bool = False
+    next_attempt_at: float = 0.0
+    """When the next attempt is due (unix seconds), if this one failed and another follows."""
+
+
 @dataclass(frozen=True, slots=True)
 class LocalRefund:
     """A refund made, under the idempotency key it was asked with."""
@@ -79,8 +100,25 @@ class LocalPayments(Protocol):
         """Stores a new payment; if one for its order was stored meanwhile, returns that."""
         ...
 
-    def locked(self, payment_id: str) -> Any:
-        """`async with` it: the payment (or None), held until the block ends."""
+    def locked(self, payment_id: str, outbox: list[Event]) -> Any:
+        """`async with` it: the payment (or None), held until the block ends; the events in
+        `outbox` when the block ends are kept with the payment's change (all or nothing)."""
+        ...
+
+    def attempting(self, event_id: str, now: float
+                   ) -> AbstractAsyncContextManager[EventAttempt | None]:
+        """`async with` it around one delivery attempt: None when the event is delivered,
+        given up, not yet due, or being attempted by another replica; else this process's
+        turn, whose outcome (set on the EventAttempt) is kept when the block ends."""
+        ...
+
+    async def due_events(self, now: float, limit: int) -> list[Event]:
+        """Events not delivered nor given up whose next attempt is due: the ones a crashed
+        replica left (and retries whose sender is gone)."""
+        ...
+
+    async def next_event_due(self) -> float | None:
+        """When the earliest pending event's next attempt is due, None if none is pending."""
         ...
 
     async def count(self) -> int:
@@ -105,6 +143,7 @@ class MemoryPayments:
         self._payments: dict[str, LocalPayment] = {}  # by cs_ and pi_ (a checkout: both)
         self._by_order: dict[tuple[str, bool], LocalPayment] = {}
         self._refunds: dict[str, LocalRefund] = {}
+        self._attempts: dict[str, int] = {}  # delivery attempts made, by event id
 
     @property
     def is_empty(self) -> bool:
@@ -125,8 +164,23 @@ class MemoryPayments:
         return stored
 
     @asynccontextmanager
-    async def locked(self, payment_id: str) -> AsyncIterator[LocalPayment | None]:
+    async def locked(self, payment_id: str, outbox: list[Event]
+                     ) -> AsyncIterator[LocalPayment | None]:
         yield self._payments.get(payment_id)  # changed in place; one event loop, no awaits
+
+    @asynccontextmanager
+    async def attempting(self, event_id: str, now: float
+                         ) -> AsyncIterator[EventAttempt | None]:
+        # one process, one retry loop per event: the count is all there is to share
+        attempt = EventAttempt(attempts_before=self._attempts.get(event_id, 0))
+        yield attempt
+        self._attempts[event_id] = attempt.attempts_before + 1
+
+    async def due_events(self, now: float, limit: int) -> list[Event]:
+        return []  # nothing outlives the process that would resume it
+
+    async def next_event_due(self) -> float | None:
+        return None
 
     async def count(self) -> int:
         return len(self._by_order)
@@ -145,8 +199,12 @@ class MemoryPayments:
 class PostgresPayments:
     """The state in ledger.local_provider_payments / _refunds, shared by every replica."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, attempts_pool: asyncpg.Pool | None = None) -> None:
         self.pool = pool
+        self.attempts_pool = attempts_pool or pool
+        """Where delivery attempts hold their claims: a pool of their own when the receiver
+        of the webhooks shares `pool` (the ledger), else an attempt in flight could hold the
+        connection its own answer waits for."""
 
     async def find(self, payment_id: str) -> LocalPayment | None:
         body = await self.pool.fetchval(
@@ -181,7 +239,8 @@ class PostgresPayments:
         return found
 
     @asynccontextmanager
-    async def locked(self, payment_id: str) -> AsyncIterator[LocalPayment | None]:
+    async def locked(self, payment_id: str, outbox: list[Event]
+                     ) -> AsyncIterator[LocalPayment | None]:
         async with self.pool.acquire() as conn:
             transaction = conn.transaction()
             await transaction.start()
@@ -193,11 +252,11 @@ class PostgresPayments:
                 try:
                     yield payment
                 except web.HTTPException:  # an answer (a redirect), not a failure
-                    await self._save(conn, payment)
+                    await self._save(conn, payment, outbox)
                     await transaction.commit()
                     committed = True
                     raise
-                await self._save(conn, payment)
+                await self._save(conn, payment, outbox)
                 await transaction.commit()
                 committed = True
             finally:
@@ -205,11 +264,49 @@ class PostgresPayments:
                     await transaction.rollback()
 
     @staticmethod
-    async def _save(conn: Any, payment: LocalPayment | None) -> None:
+    async def _save(conn: Any, payment: LocalPayment | None, outbox: list[Event]) -> None:
         if payment is not None:
             await conn.execute(
                 "UPDATE ledger.local_provider_payments SET body = $2::jsonb, is_open = $3 "
                 "WHERE session_id = $1", payment.session_id, _body(payment), payment.is_open)
+        if outbox:
+            await conn.executemany(
+                "INSERT INTO ledger.local_provider_events (event_id, body, next_attempt_at) "
+                "VALUES ($1, $2::jsonb, $3)",
+                [(event["id"], json.dumps(event), float(event["created"])) for event in outbox])
+
+    @asynccontextmanager
+    async def attempting(self, event_id: str, now: float
+                         ) -> AsyncIterator[EventAttempt | None]:
+        # The row lock is the claim: held while the attempt is made, released by PostgreSQL
+        # the moment a SIGKILLed sender's connection drops, so a restarted replica resumes at
+        # once instead of waiting out a lease.
+        async with self.attempts_pool.acquire() as conn, conn.transaction():
+            attempts = await conn.fetchval(
+                "SELECT attempts FROM ledger.local_provider_events WHERE event_id = $1 "
+                "AND NOT delivered AND NOT gave_up AND next_attempt_at <= $2 "
+                "FOR UPDATE SKIP LOCKED", event_id, now)
+            if attempts is None:
+                yield None
+                return
+            attempt = EventAttempt(attempts_before=attempts)
+            yield attempt
+            await conn.execute(
+                "UPDATE ledger.local_provider_events SET attempts = attempts + 1, "
+                "delivered = $2, gave_up = $3, next_attempt_at = $4 WHERE event_id = $1",
+                event_id, attempt.delivered, attempt.gave_up, attempt.next_attempt_at)
+
+    async def due_events(self, now: float, limit: int) -> list[Event]:
+        rows = await self.pool.fetch(
+            "SELECT body FROM ledger.local_provider_events WHERE NOT delivered AND NOT gave_up "
+            "AND next_attempt_at <= $1 ORDER BY next_attempt_at LIMIT $2", now, limit)
+        return [json.loads(r["body"]) for r in rows]
+
+    async def next_event_due(self) -> float | None:
+        due = await self.pool.fetchval(
+            "SELECT min(next_attempt_at) FROM ledger.local_provider_events "
+            "WHERE NOT delivered AND NOT gave_up")
+        return None if due is None else float(due)
 
     async def count(self) -> int:
         return int(await self.pool.fetchval(

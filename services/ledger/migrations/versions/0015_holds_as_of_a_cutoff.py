@@ -18,7 +18,7 @@ current counters, so:
 - `reservations_org_settled`: an org's reservations open at T, without reading its history.
 
 Revision ID: holds_as_of_a_cutoff
-Revises: identity_audit_outbox
+Revises: local_provider_events
 """
 
 from alembic import op
@@ -26,7 +26,7 @@ from alembic import op
 from tally.kit.db import run_script
 
 revision = "holds_as_of_a_cutoff"
-down_revision = "identity_audit_outbox"
+down_revision = "local_provider_events"
 branch_labels = None
 depends_on = None
 
