@@ -21,6 +21,7 @@ import grpc
 from services.ledger import domain as d
 from services.ledger import usage_work
 from services.ledger.billing.domain import COUNTRIES
+from services.ledger.billing.metering_usage import MeteringItemizer
 from services.ledger.billing.service import Billing
 from services.ledger.billing.servicer import BillingServicer
 from services.ledger.billing.store import DEFAULT_ISSUER, BillingStore
@@ -44,6 +45,7 @@ from tally.kit.config import (
     KitConfig,
     exit_on_config_error,
     load,
+    parse_bool,
     parse_choice,
     parse_fraction,
     parse_port,
@@ -56,6 +58,7 @@ from tally.kit.log import get_logger
 from tally.kit.readiness import postgres_probe
 from tally.kit.server import ServiceApp, run_service
 from tally.ledger.v1 import billing_pb2, billing_pb2_grpc, ledger_pb2, ledger_pb2_grpc
+from tally.metering.v1 import metering_pb2_grpc
 from tally.pricing.v1 import pricing_pb2_grpc
 
 SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
@@ -177,6 +180,10 @@ class LedgerConfig:
     usage_committers: int = setting(
         "TALLY_LEDGER_USAGE_COMMITTERS", parse_positive_int,
         "usage group commits > 0 in flight at once per caller identity", default=1)
+    itemize_usage: bool = setting(
+        "TALLY_LEDGER_ITEMIZE_USAGE", parse_bool,
+        "true or false: statements and Reconcile ask metering (TALLY_METERING_ADDRESS) for "
+        "the usage events of the ledger's usage batches", default=True)
 
 
 PostUsageBatches = Callable[[Sequence[d.UsageBatch]],
@@ -240,7 +247,10 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
                         key=lambda hold: hold.org_id)
     servicer = LedgerServicer(store, payments, usage=usage, holds=holds,
                               shutting_down=shutting_down, one_of_regions=bool(region))
-    billing = Billing(billing_store)
+    metering_channel = peer_channel(config.address_of("metering"))
+    billing = Billing(billing_store, MeteringItemizer(
+        metering_pb2_grpc.MeteringServiceStub(metering_channel))
+        if settings.itemize_usage else None)
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
 
@@ -291,6 +301,7 @@ async def build(config: KitConfig, ledger: LedgerConfig | None = None, *,
             await provider.stop()
         await endpoint.stop()
         await pricing_channel.close()
+        await metering_channel.close()
         if webhook_pool is not None:
             await webhook_pool.close()
         await pool.close()

@@ -1,7 +1,7 @@
 """tally.metering.v1.MeteringService: proto <-> domain, nothing else.
 
 Served: Authorize, RecordUsage, StreamUsage, GetUsageEvent, ExportUsage, GetUsageSummary,
-StreamEvents, and the management of budgets, quotas and spend policies.
+GetBatchUsage, StreamEvents, and the management of budgets, quotas and spend policies.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from tally.kit.telemetry import annotate
 from tally.metering.v1 import metering_pb2, metering_pb2_grpc
 
 from .reports import convert
-from .reports.domain import UsageReports
+from .reports.domain import BatchUsageSource, UsageReports, check_batch_usage_query
+from .reports.store import BatchUsageStore
 
 Context = grpc.aio.ServicerContext[Any, Any]
 # A usage event with a NUL is rejected alone (ingestion.domain.check_event), like any other bad
@@ -73,8 +74,10 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                  policies: PolicyStore | None = None,
                  max_inflight_batches: int = 4,
                  stream_lifetime_s: float = 300.0,
-                 shutting_down: asyncio.Event | None = None) -> None:
+                 shutting_down: asyncio.Event | None = None,
+                 batch_usage: BatchUsageSource | None = None) -> None:
         self.reports = reports
+        self.batch_usage = batch_usage or BatchUsageStore(spend.pool)
         self.committer = committer
         self.events = events
         self.authorizer = authorizer
@@ -136,6 +139,14 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         """One org's usage for one calendar month, per meter and the requested dimensions."""
         query = convert.summary_query(request)
         return convert.summary_to_proto(await self.reports.summarize(query), query.label_key)
+
+    async def GetBatchUsage(
+        self, request: metering_pb2.GetBatchUsageRequest, context: Context
+    ) -> metering_pb2.GetBatchUsageResponse:
+        """An org's usage carried by named ledger batches, per batch and broken down."""
+        check_batch_usage_query(request.org_id, request.batch_ids)
+        return convert.batch_usage_to_proto(
+            await self.batch_usage.batch_usage(request.org_id, list(request.batch_ids)))
 
     async def RecordUsage(self, request: metering_pb2.RecordUsageRequest, context: Context
                           ) -> metering_pb2.RecordUsageResponse:

@@ -63,3 +63,23 @@ def test_metering_usage_by_model_and_meter_appends_to_the_statement_csv() -> Non
     table = rows(csv_text([], usage_rows("2026-11", summary)))
     assert table == [["2026-11", "USAGE_BY_MODEL_METER",
                       "claude-sonnet-4 / input_tokens (1200 units)", "1.050000", "1050000", "3"]]
+
+
+def test_a_statements_usage_breakdown_follows_it_in_the_csv_one_row_per_value() -> None:
+    s = pb.Statement(org_id="acme", month="2026-11", usage_total_micros=7,
+                     usage_itemized_micros=5, usage_breakdown_available=True,
+                     usage_breakdown=[
+                         pb.StatementUsageRow(dimension="meter", value="input_tokens",
+                                              credits_micros=5, event_count=2),
+                         pb.StatementUsageRow(dimension="project", value="",
+                                              credits_micros=5, event_count=2),
+                         pb.StatementUsageRow(dimension="label", value="team=a, b",
+                                              credits_micros=3, event_count=1)])
+    table = rows(statement_csv(s))
+    assert table[-4:] == [
+        ["2026-11", "USAGE_ITEMIZED", "Usage itemized by metering", "0.000005", "5", ""],
+        ["2026-11", "USAGE_BY_METER", "input_tokens", "0.000005", "5", "2"],
+        ["2026-11", "USAGE_BY_PROJECT", "(none)", "0.000005", "5", "2"],
+        ["2026-11", "USAGE_BY_LABEL", "team=a, b", "0.000003", "3", "1"]]
+    unavailable = pb.Statement(org_id="acme", month="2026-11", usage_total_micros=7)
+    assert rows(statement_csv(unavailable))[-1][1] == "USAGE_TOTAL"

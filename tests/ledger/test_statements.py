@@ -19,6 +19,7 @@ from services.ledger import domain as d
 from services.ledger import usage_work
 from services.ledger.billing import statements as st
 from services.ledger.billing.statement_store import StatementStore
+from services.ledger.leases import ExtendLease
 from services.ledger.store import LedgerStore
 from tally.kit.errors import Reason, TallyError
 
@@ -290,3 +291,37 @@ async def test_a_month_before_an_orgs_first_entry_is_all_zero_and_not_stored(
     assert s.is_final and s.closing == s.opening == st.Position()
     assert {x.amount_micros for x in s.movements.lines} == {0}
     assert await pool.fetchval("SELECT count(*) FROM ledger.statements") == 0
+
+
+async def test_a_snapshot_holds_what_was_held_and_the_state_at_its_midnight(
+    ledger: LedgerStore, statements: StatementStore, clock: Clock,
+) -> None:
+    """Holds and billing states change without entries: a day's snapshot shows the holds
+    open and the state in force at its midnight, not those recorded with its last entry."""
+    await post(ledger, clock, at("2026-11-10T09:00:00"), "grant", d.TransferKind.BONUS, 10 * C)
+    clock.now = at("2026-11-10T22:00:00")
+    await ledger.reserve("r1", "acme", 2 * C, timedelta(hours=1), OPS)
+    clock.now = at("2026-11-10T23:00:00")
+    await ledger.leases.extend(ExtendLease("l-1", "lease-1", "acme", "metering", 3 * C, 0,
+                                           timedelta(hours=4), 0, OPS))
+    clock.now = at("2026-11-10T23:59:59.999999")
+    await ledger.set_billing_state("s-1", "acme", d.BillingState.THROTTLED, "overdue", OPS)
+    # after midnight: everything undone before the day's first entry
+    clock.now = at("2026-11-11T00:00:00")
+    await ledger.release("r1", "acme", OPS)
+    clock.now = at("2026-11-11T01:00:00")
+    await ledger.leases.extend(ExtendLease("l-2", "lease-1", "acme", "metering", 0, 3 * C,
+                                           timedelta(hours=4), 0, OPS))
+    clock.now = at("2026-11-11T02:00:00")
+    await ledger.set_billing_state("s-2", "acme", d.BillingState.ACTIVE, "paid", OPS)
+    await post(ledger, clock, at("2026-11-11T03:00:00"), "use", d.TransferKind.USAGE, C)
+    clock.now = at("2026-11-12T10:00:00")  # a day without entries, a hold left open
+    await ledger.reserve("r2", "acme", C, timedelta(hours=1), OPS)
+    clock.now = at("2026-11-13T00:30:00")
+    assert await statements.write_daily_snapshots() == 3
+    rows = await statements.snapshots("acme", "2026-11-10", "2026-11-12")
+    assert [(r.day.day, r.posted_micros, r.held_micros, r.billing_state) for r in rows] == [
+        (10, 10 * C, 5 * C, "THROTTLED"),
+        (11, 9 * C, 0, "ACTIVE"),
+        (12, 9 * C, C, "ACTIVE")]
+    assert [r.available_micros for r in rows] == [5 * C, 9 * C, 8 * C]

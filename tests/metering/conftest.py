@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 import pytest
 
+from services.ledger.server import LedgerConfig
 from services.ledger.server import build as build_ledger
 from services.metering.server import MeteringConfig, build_for
 from services.pricing.server import build_for as build_pricing
-from tally.kit.config import KitConfig, load_kit_config
+from tally.kit.config import KitConfig, load, load_kit_config
 from tally.kit.infra import free_port
 from tally.kit.server import RunningServer, start_server
 from tally.ledger.v1 import ledger_pb2 as lpb
@@ -67,7 +68,9 @@ async def start_suite(db_url: str, metering: MeteringConfig | None = None,
                                  migrate_on_start=False, metering_port=free_port())
     pricing = await start_server(await build_pricing(db_url, config), port=0)
     config = dataclasses.replace(config, pricing_port=pricing.port)
-    ledger = await start_server(await build_ledger(config), port=0)
+    # this ledger has a metering: statements and Reconcile itemize usage through it
+    ledger = await start_server(await build_ledger(config, dataclasses.replace(
+        load(LedgerConfig), itemize_usage=True)), port=0)
     config = dataclasses.replace(config, ledger_port=ledger.port)
     # Tests change policies with SQL behind Authorize's policy cache: no cache unless asked.
     metering = metering or MeteringConfig(policy_cache_ms=0)

@@ -12,16 +12,20 @@ import io
 import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from datetime import date, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from google.protobuf.json_format import MessageToDict
+from rich.console import Console
 
 from tally.cli import billing as billing_cli
+from tally.cli import progress
 from tally.cli.payments import OrgArgument
 from tally.common.v1 import common_pb2
 from tally.kit.config import KitConfig
+from tally.kit.errors import TallyError
 from tally.kit.money import MICROS_PER_CREDIT, format_money
 from tally.ledger.v1 import billing_pb2 as pb
 from tally.metering.v1 import metering_pb2 as mpb
@@ -76,7 +80,21 @@ def statement_csv(s: pb.Statement) -> str:
               *_amount(s.closing_arrears_micros), ""],
              [s.month, "USAGE_TOTAL", "Usage of the month", *_amount(s.usage_total_micros),
               ""]]
+    rows += breakdown_rows(s)
     return csv_text(["month", "line", "description", "credits", "micros", "entries"], rows)
+
+
+def breakdown_rows(s: pb.Statement) -> list[list[Any]]:
+    """The statement's usage by meter, model, project and label as CSV rows
+    (USAGE_BY_METER ...; entries = events), after the itemized total; none when metering
+    could not itemize it."""
+    if not s.usage_breakdown_available:
+        return []
+    rows: list[list[Any]] = [[s.month, "USAGE_ITEMIZED", "Usage itemized by metering",
+                              *_amount(s.usage_itemized_micros), ""]]
+    rows += [[s.month, f"USAGE_BY_{r.dimension.upper()}", r.value or "(none)",
+              *_amount(r.credits_micros), r.event_count] for r in s.usage_breakdown]
+    return rows
 
 
 def snapshots_csv(snapshots: Sequence[pb.DailySnapshot]) -> str:
@@ -93,10 +111,13 @@ def snapshots_csv(snapshots: Sequence[pb.DailySnapshot]) -> str:
         x.written_at.ToDatetime().isoformat(timespec="seconds") + "Z"] for x in snapshots))
 
 
+def _mismatch_rows(r: pb.ReconcileResponse) -> list[list[str]]:
+    return [[r.month, x.kind, x.subject, x.expected, x.found] for x in r.mismatches]
+
+
 def reconciliation_csv(r: pb.ReconcileResponse) -> str:
     """Every mismatch with both sides (only the header when everything agrees)."""
-    return csv_text(["month", "kind", "subject", "expected", "found"],
-                    ([r.month, x.kind, x.subject, x.expected, x.found] for x in r.mismatches))
+    return csv_text(["month", "kind", "subject", "expected", "found"], _mismatch_rows(r))
 
 
 def usage_rows(month: str, summary: mpb.GetUsageSummaryResponse) -> list[list[Any]]:
@@ -119,6 +140,64 @@ async def usage_summary(config: KitConfig, org: str, month: str
             group_by=[mpb.USAGE_GROUP_BY_MODEL, mpb.USAGE_GROUP_BY_METER]))
 
 
+SNAPSHOT_WINDOW_DAYS = 31
+"""Days of snapshots one ListDailySnapshots call of an export asks for."""
+
+
+def day_windows(first: date, last: date, days: int = SNAPSHOT_WINDOW_DAYS
+                ) -> list[tuple[date, date]]:
+    """[first, last] cut into consecutive windows of at most `days` days."""
+    windows = []
+    while first <= last:
+        end = min(last, first + timedelta(days=days - 1))
+        windows.append((first, end))
+        first = end + timedelta(days=1)
+    return windows
+
+
+def months_between(first: str, last: str) -> list[str]:
+    """The months first..last (YYYY-MM), in order; typer.BadParameter when malformed."""
+    try:
+        start, end = (date.fromisoformat(f"{m}-01") for m in (first, last or first))
+    except ValueError:
+        raise typer.BadParameter(f"months are YYYY-MM: {first!r}, {last!r}") from None
+    found = []
+    while start <= end:
+        found.append(start.strftime("%Y-%m"))
+        start = (start + timedelta(days=32)).replace(day=1)
+    return found
+
+
+async def snapshots_between(config: KitConfig, org: str, first: date, last: date,
+                            console: Console | None = None) -> list[pb.DailySnapshot]:
+    """An org's snapshots of [first, last], one window of days per call, with a progress
+    bar of the windows on standard error."""
+    found: list[pb.DailySnapshot] = []
+    windows = day_windows(first, last)
+    async with TallyClient({"ledger": config.address_of("ledger")}) as tally:
+        with progress.steps("snapshots", len(windows), console) as advance:
+            for start, end in windows:
+                reply = await tally.billing.ListDailySnapshots(pb.ListDailySnapshotsRequest(
+                    org_id=org, from_day=start.isoformat(), to_day=end.isoformat()))
+                found += reply.snapshots
+                advance(f"to {end.isoformat()}")
+    return found
+
+
+async def reconcile_months(config: KitConfig, org: str, months: Sequence[str],
+                           console: Console | None = None) -> list[pb.ReconcileResponse]:
+    """Each month reconciled, one Reconcile call per month, with a progress bar of the
+    months on standard error."""
+    found = []
+    async with TallyClient({"ledger": config.address_of("ledger")}) as tally:
+        with progress.steps("reconciling", len(months), console) as advance:
+            for month in months:
+                found.append(await tally.billing.Reconcile(pb.ReconcileRequest(
+                    org_id=org, month=month)))
+                advance(month)
+    return found
+
+
 def _write(text: str, out: str) -> None:
     if out:
         Path(out).write_text(text, encoding="utf-8", newline="")
@@ -137,6 +216,11 @@ def show_statement(s: pb.Statement) -> None:
     typer.echo(f"  {'arrears: opening -> closing':<34} "
                f"{credits6(s.opening_arrears_micros)} -> {credits6(s.closing_arrears_micros)}")
     typer.echo(f"  {'usage of the month':<34} {credits6(s.usage_total_micros):>20}")
+    if not s.usage_breakdown_available:
+        typer.echo("  usage by meter, model, project, label: not available (metering)")
+    for row in breakdown_rows(s):
+        typer.echo(f"  {row[1].removeprefix('USAGE_').lower():<10} {row[2]:<23} "
+                   f"{row[3]:>20}" + (f"  ({row[5]} events)" if row[5] != "" else ""))
 
 
 async def fetch_statement_pdf(config: KitConfig, org: str, month: str) -> tuple[str, bytes]:
@@ -209,29 +293,53 @@ def register(parent: typer.Typer, get_config: Callable[[], KitConfig]) -> None:
         last: Annotated[str, typer.Option("--to", help="Last day, YYYY-MM-DD.")],
         out: Annotated[str, typer.Option(help="CSV file to write (default: stdout).")] = "",
     ) -> None:
-        """An org's daily snapshots of a range of days as CSV."""
-        reply = asyncio.run(billing_cli._call(get_config(), lambda billing: billing
-                                              .ListDailySnapshots(pb.ListDailySnapshotsRequest(
-                                                  org_id=org, from_day=first, to_day=last))))
-        _write(snapshots_csv(reply.snapshots), out)
+        """An org's daily snapshots of a range of days as CSV (any number of days, read a
+        month at a time, with a progress bar on standard error)."""
+        try:
+            start, end = date.fromisoformat(first), date.fromisoformat(last)
+        except ValueError:
+            raise typer.BadParameter(f"days are YYYY-MM-DD: {first!r}, {last!r}") from None
+        if end < start:
+            raise typer.BadParameter("--to is before --from")
+        try:
+            found = asyncio.run(snapshots_between(get_config(), org, start, end))
+        except TallyError as exc:
+            typer.echo(f"{exc.reason}: {exc.message}", err=True)
+            raise typer.Exit(1) from exc
+        _write(snapshots_csv(found), out)
 
     @parent.command("reconcile")
     def reconcile_command(
         month: Annotated[str, typer.Option("--month", help="Month as YYYY-MM (UTC).")],
         org: Annotated[str, typer.Option("--org", help="One org (default: every org).")] = "",
+        to_month: Annotated[str, typer.Option(
+            "--to", help="Last month of a range starting at --month (one call per month, "
+            "with a progress bar).")] = "",
         as_json: Annotated[bool, typer.Option("--json", help="JSON instead of CSV.")] = False,
         out: Annotated[str, typer.Option(help="File to write (default: stdout).")] = "",
     ) -> None:
-        """Reconcile a month: money <-> invoices <-> ledger credits, usage receipts <-> usage
-        debits. Prints every mismatch (CSV or JSON, with the totals); exit 1 if any."""
-        reply = asyncio.run(billing_cli._call(get_config(), lambda billing: billing
-                                              .Reconcile(pb.ReconcileRequest(
-                                                  org_id=org, month=month))))
+        """Reconcile a month (or a range of months): money <-> invoices <-> ledger credits,
+        usage receipts and metering's usage events <-> usage debits. Prints every mismatch
+        (CSV or JSON, with the totals); exit 1 if any."""
+        months = months_between(month, to_month)
+        try:
+            replies = asyncio.run(reconcile_months(get_config(), org, months))
+        except TallyError as exc:
+            typer.echo(f"{exc.reason}: {exc.message}", err=True)
+            raise typer.Exit(1) from exc
         if as_json:
-            _write(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True),
-                              indent=2) + "\n", out)
+            found = [MessageToDict(r, always_print_fields_with_no_presence=True)
+                     for r in replies]
+            _write(json.dumps(found[0] if len(found) == 1 else found, indent=2) + "\n", out)
         else:
-            _write(reconciliation_csv(reply), out)
+            _write(reconciliation_csv(replies[0]) + "".join(
+                csv_text([], _mismatch_rows(r)) for r in replies[1:]), out)
+        for reply in replies:
+            _print_totals(reply)
+        if any(r.mismatches for r in replies):
+            raise typer.Exit(1)
+
+    def _print_totals(reply: pb.ReconcileResponse) -> None:
         for money in reply.money:
             typer.echo(f"  paid {format_money(money.paid_minor, money.currency)} (tax "
                        f"{format_money(money.paid_tax_minor, money.currency)}), refunded "
@@ -240,10 +348,10 @@ def register(parent: typer.Typer, get_config: Callable[[], KitConfig]) -> None:
                    f"{credits6(reply.credits_refunded_micros)}; usage debited "
                    f"{credits6(reply.usage_debited_micros)} + arrears "
                    f"{credits6(reply.usage_arrears_micros)} = receipts "
-                   f"{credits6(reply.usage_receipts_micros)}; "
-                   f"{len(reply.mismatches)} mismatches", err=True)
-        if reply.mismatches:
-            raise typer.Exit(1)
+                   f"{credits6(reply.usage_receipts_micros)}; metering's events "
+                   + (credits6(reply.usage_events_micros) if reply.usage_events_checked
+                      else "not compared (metering not reached)")
+                   + f"; {reply.month}: {len(reply.mismatches)} mismatches", err=True)
 
     parent.add_typer(statements_app, name="statements")
     parent.add_typer(snapshots_app, name="snapshots")

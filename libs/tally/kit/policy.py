@@ -114,6 +114,7 @@ POLICY: Final[Mapping[str, Rule]] = {
     _METERING + "RecordUsage": _rule(USE, "events[].context.org_id"),
     _METERING + "StreamUsage": _rule(USE, "events[].context.org_id"),
     _METERING + "GetUsageSummary": _rule(READ, _ORG),
+    _METERING + "GetBatchUsage": _rule(MONEY_READ, _ORG),
     _METERING + "ExportUsage": _rule(READ, _ORG),
     _METERING + "GetUsageEvent": _rule(READ, _ORG),
     _METERING + "CreateBudget": _rule(MANAGE | {BILLING}, _CTX, "budget.org_id"),

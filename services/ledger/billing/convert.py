@@ -98,7 +98,13 @@ def statement_out(s: st.Statement) -> pb.Statement:
         usage_arrears_micros=m.usage_arrears_micros,
         arrears_settled_micros=m.arrears_settled_micros,
         closing_arrears_micros=s.closing.arrears_micros,
-        usage_total_micros=m.usage_total_micros, entry_count=m.entry_count)
+        usage_total_micros=m.usage_total_micros, entry_count=m.entry_count,
+        usage_breakdown=[pb.StatementUsageRow(dimension=r.dimension, value=r.value,
+                                              credits_micros=r.credits_micros,
+                                              event_count=r.event_count)
+                         for r in (s.usage.rows if s.usage else [])],
+        usage_itemized_micros=s.usage.itemized_micros if s.usage else 0,
+        usage_breakdown_available=s.usage is not None)
 
 
 def snapshot_out(s: st.DailySnapshot) -> pb.DailySnapshot:
@@ -127,4 +133,6 @@ def reconciliation_out(month: str, r: reconcile.Reconciliation) -> pb.ReconcileR
         credits_refunded_micros=r.credits_refunded_micros,
         usage_debited_micros=r.usage_debited_micros,
         usage_arrears_micros=r.usage_arrears_micros,
-        usage_receipts_micros=r.usage_receipts_micros)
+        usage_receipts_micros=r.usage_receipts_micros,
+        usage_events_micros=r.usage_events_micros,
+        usage_events_checked=r.usage_events_checked)

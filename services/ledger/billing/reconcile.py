@@ -1,13 +1,17 @@
 """Reconciliation of money and documents: every paid order has one invoice for its amount and
 one PURCHASE credit for its credits, every refund that returned money has one credit note for
 that money, and no document stands without what it documents. An empty list is the normal
-state; each mismatch names both sides."""
+state; each mismatch names both sides. Metering's usage events are compared with the ledger's
+usage debits batch by batch through metering's GetBatchUsage (`usage_event_mismatches`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Final
+
+from services.ledger.billing import statements as st
+from services.ledger.billing.statement_store import metering_usage
 
 if TYPE_CHECKING:
     from services.ledger.store import Connection
@@ -139,13 +143,57 @@ class Reconciliation:
     usage_debited_micros: int
     usage_arrears_micros: int
     usage_receipts_micros: int
+    usage_events_micros: int = 0
+    usage_events_checked: bool = False
 
 
-async def reconcile(conn: Connection, start: datetime, end: datetime, org_id: str = ""
-                    ) -> Reconciliation:
-    """Every mismatch of [start, end) and the totals of money, credits and usage."""
+# ($1, $2) = the period, $3 = the org ('' = all): every org's usage batches and their debits
+_ORG_BATCHES: Final = (
+    "SELECT x.org_id, b.batch_id, x.debited + x.owed AS micros "
+    "FROM ledger.usage_batch_results b, "
+    "unnest(b.org_ids, b.debited_micros, b.arrears_micros) AS x(org_id, debited, owed) "
+    "WHERE b.created_at >= $1 AND b.created_at < $2 AND ($3 = '' OR x.org_id = $3) "
+    "ORDER BY x.org_id, b.created_at, b.batch_id")
+
+
+async def usage_event_mismatches(conn: Connection, start: datetime, end: datetime,
+                                 org_id: str, itemizer: st.UsageItemizer
+                                 ) -> tuple[list[Mismatch], int]:
+    """Metering's events <-> the ledger's usage debits, per org and batch: for every usage
+    batch the ledger posted in [start, end), the debit (credit + arrears) of each org equals
+    the sum of the charges of that org's events metering recorded in the batch. Mismatches
+    (USAGE_EVENTS, subject "<batch> <org>") and metering's total. UsageUnavailable when
+    metering cannot be asked."""
+    by_org: dict[str, list[st.BatchCharge]] = {}
+    for r in await conn.fetch(_ORG_BATCHES, start, end, org_id):
+        by_org.setdefault(r["org_id"], []).append(st.BatchCharge(r["batch_id"],
+                                                                 int(r["micros"])))
+    found: list[Mismatch] = []
+    events_total = 0
+    for org, batches in by_org.items():
+        usage = await metering_usage(itemizer, org, batches)
+        events_total += sum(b.credits_micros for b in usage.batches)
+        found += [Mismatch("USAGE_EVENTS", f"{batch} {org}", str(debit),
+                           "no events" if charged is None else str(charged))
+                  for batch, debit, charged in st.batch_mismatches(batches, usage.batches)]
+    return sorted(found, key=lambda m: m.subject), events_total
+
+
+async def reconcile(conn: Connection, start: datetime, end: datetime, org_id: str = "",
+                    itemizer: st.UsageItemizer | None = None) -> Reconciliation:
+    """Every mismatch of [start, end) and the totals of money, credits and usage. Without
+    an itemizer (or when metering cannot be asked) metering's events are not compared
+    (`usage_events_checked` false)."""
     found = await mismatches(conn, start, end, org_id)
     found += await ledger_mismatches(conn, start, end, org_id)
+    events_micros, events_checked = 0, False
+    try:
+        events, events_micros = await usage_event_mismatches(
+            conn, start, end, org_id, itemizer or st.NoItemizer())
+        found += events
+        events_checked = True
+    except st.UsageUnavailable:
+        pass
     money = await conn.fetch(
         "SELECT currency, sum(gross_minor) FILTER (WHERE kind = 'INVOICE') AS paid, "
         "sum(tax_minor) FILTER (WHERE kind = 'INVOICE') AS paid_tax, "
@@ -176,4 +224,4 @@ async def reconcile(conn: Connection, start: datetime, end: datetime, org_id: st
         found, [Money(r["currency"], int(r["paid"] or 0), int(r["paid_tax"] or 0),
                       int(r["refunded"] or 0), int(r["refunded_tax"] or 0)) for r in money],
         int(credits["bought"]), int(credits["refunded"]), int(credits["debited"]),
-        int(credits["owed"]), int(receipts))
+        int(credits["owed"]), int(receipts), events_micros, events_checked)

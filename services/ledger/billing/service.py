@@ -15,9 +15,10 @@ from services.ledger.billing.store import BillingStore
 class Billing:
     """Billing profiles and settings of orgs."""
 
-    def __init__(self, store: BillingStore) -> None:
+    def __init__(self, store: BillingStore, itemizer: st.UsageItemizer | None = None) -> None:
         self.store = store
-        self.statements = StatementStore(store.pool, store.ledger.clock)
+        self.itemizer = itemizer or st.NoItemizer()
+        self.statements = StatementStore(store.pool, store.ledger.clock, self.itemizer)
 
     async def set_profile(self, request_id: str, profile: b.BillingProfile, caller: d.Caller
                           ) -> b.BillingProfile:
@@ -54,4 +55,5 @@ class Billing:
         month = st.parse_month(month_text, self.store.ledger.clock())
         async with self.store.pool.acquire() as conn:
             return await reconcile.reconcile(conn, st.start_of(month),
-                                             st.start_of(st.next_month(month)), org_id)
+                                             st.start_of(st.next_month(month)), org_id,
+                                             self.itemizer)

@@ -1,12 +1,14 @@
 """Renders a monthly statement to PDF (fpdf2), in the invoices' style (billing/pdf.py): the
 issuer, the org and period, opening balance, one line per category of movement, closing
-balance, and the arrears beside it. Amounts are credits with six decimals, so every
-micro-credit of the ledger is on the page.
+balance, the arrears beside it, and the month's usage by meter, model, project and label.
+Amounts are credits with six decimals, so every micro-credit of the ledger is on the page.
 
 Pure: a statement in, bytes out.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from fpdf import FPDF
 
@@ -23,6 +25,33 @@ def file_name(s: st.Statement) -> str:
 
 def _credits(micros: int) -> str:
     return format_credits(micros)
+
+
+_HEADINGS = {"meter": "Usage by meter", "model": "Usage by model",
+             "project": "Usage by project", "label": "Usage by label"}
+
+
+def _usage_breakdown(s: st.Statement, text: Callable[..., None],
+                     row: Callable[..., None]) -> None:
+    """Usage by meter, model, project and label (metering's events of the month's usage
+    batches); each of the first three adds up to the itemized usage."""
+    if s.usage is None:
+        text("Usage by meter, model, project and label: not available (metering could not "
+             "be asked)", 9, "I")
+        return
+    row("Usage itemized by metering", s.usage.itemized_micros, "B")
+    row("Usage posted without usage events (captures, direct items)",
+        s.usage_not_itemized_micros)
+    for dimension, heading in _HEADINGS.items():
+        rows = [r for r in s.usage.rows if r.dimension == dimension]
+        if not rows:
+            continue
+        text(heading, 10, "B")
+        for r in rows:
+            shown = r.value or "(none)"
+            row(f"  {shown} ({r.event_count} events)", r.credits_micros)
+    text("An event counts under every label it carries; the label rows need not add up.",
+         8, "I")
 
 
 def render(s: st.Statement, issuer: tax.Issuer) -> bytes:
@@ -76,6 +105,7 @@ def render(s: st.Statement, issuer: tax.Issuer) -> bytes:
     pdf.ln(4)
     row("Usage of the month (from credit and arrears)", s.movements.usage_total_micros)
     pdf.ln(4)
+    _usage_breakdown(s, text, row)
     pdf.set_font("Helvetica", "I", 9)
     pdf.multi_cell(width, 5, _latin1(
         "Opening balance + movements = closing balance, to the micro-credit, from the "

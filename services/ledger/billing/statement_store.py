@@ -4,6 +4,7 @@ the number of replicas running it, catching up missed days)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Final
 from services.ledger import domain as d
 from services.ledger.billing import statements as st
 from tally.kit.errors import FieldViolation, invalid
+from tally.kit.log import get_logger
 from tally.kit.paging import decode_token, encode_token
 
 if TYPE_CHECKING:
@@ -35,6 +37,7 @@ _POSITION: Final = (
     "WHEN credit_account_id = $3 THEN -amount_micros ELSE 0 END), 0) AS owed "
     "FROM ledger.transfers WHERE org_id = $1 AND created_at >= $4 AND created_at < $5")
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+log = get_logger("ledger.statements")
 
 
 def _accounts(org_id: str) -> tuple[str, str]:
@@ -70,9 +73,68 @@ async def position_at(conn: Connection, org_id: str, at: datetime) -> st.Positio
     return st.Position(posted + int(row["posted"]), owed + int(row["owed"]))
 
 
+# $1 org, [$2, $3) the period: the org's usage batches posted in it, with their debits
+_BATCHES: Final = (
+    "SELECT b.batch_id, x.debited + x.owed AS micros FROM ledger.usage_batch_results b, "
+    "unnest(b.org_ids, b.debited_micros, b.arrears_micros) AS x(org_id, debited, owed) "
+    "WHERE b.created_at >= $2 AND b.created_at < $3 AND x.org_id = $1 "
+    "ORDER BY b.created_at, b.batch_id")
+BATCHES_PER_CALL: Final = 1000
+"""Batch ids per GetBatchUsage call (metering's bound)."""
+
+
+async def usage_batches(conn: Connection, org_id: str, start: datetime, end: datetime
+                        ) -> list[st.BatchCharge]:
+    """The org's usage batches posted in [start, end) and what each debited (credit +
+    arrears)."""
+    return [st.BatchCharge(r["batch_id"], int(r["micros"]))
+            for r in await conn.fetch(_BATCHES, org_id, start, end)]
+
+
+async def metering_usage(itemizer: st.UsageItemizer, org_id: str,
+                         batches: list[st.BatchCharge]) -> st.BatchUsage:
+    """Metering's events of `batches`, asked BATCHES_PER_CALL ids at a time and summed."""
+    charges: list[st.BatchCharge] = []
+    rows: dict[tuple[str, str], list[int]] = {}
+    for first in range(0, len(batches), BATCHES_PER_CALL):
+        part = await itemizer.batch_usage(
+            org_id, [b.batch_id for b in batches[first:first + BATCHES_PER_CALL]])
+        charges += part.batches
+        for r in part.breakdown:
+            sums = rows.setdefault((r.dimension, r.value), [0, 0])
+            sums[0] += r.credits_micros
+            sums[1] += r.event_count
+    return st.BatchUsage(charges, [st.UsageRow(k[0], k[1], v[0], v[1])
+                                   for k, v in sorted(rows.items())])
+
+
+# $1 org, $2 the cutoff: held credit (open reservations + the leases' hold changes) and the
+# billing state as of the cutoff, from when holds and states changed, not from entries. Sums
+# and the write order (seq, under the org's lock), never "the row stamped last": a
+# transaction stamped earlier can commit after one stamped later (migration holds_as_of_a_cutoff).
+_HELD_AT: Final = (
+    "SELECT (SELECT coalesce(sum(amount_micros), 0) FROM ledger.reservations "
+    "WHERE org_id = $1 AND coalesce(settled_at, 'infinity'::timestamptz) >= $2 "
+    "AND created_at < $2) + (SELECT coalesce(sum(delta_micros), 0) FROM ledger.lease_holds "
+    "WHERE org_id = $1 AND at < $2) AS held, "
+    "(SELECT state FROM ledger.billing_state_changes WHERE org_id = $1 AND changed_at < $2 "
+    "ORDER BY seq DESC LIMIT 1) AS state")
+
+
+async def held_and_state_at(conn: Connection, org_id: str, at: datetime) -> tuple[int, str]:
+    """What the org held and its billing state at `at` (ACTIVE before any change)."""
+    row = await conn.fetchrow(_HELD_AT, org_id, at)
+    assert row is not None
+    return int(row["held"]), row["state"] or d.BillingState.ACTIVE.value
+
+
 def _statement_body(s: st.Statement) -> str:
     m = s.movements
     return json.dumps({
+        "usage": None if s.usage is None else {
+            "itemized_micros": s.usage.itemized_micros,
+            "rows": [[r.dimension, r.value, r.credits_micros, r.event_count]
+                     for r in s.usage.rows]},
         "opening": [s.opening.posted_micros, s.opening.arrears_micros],
         "closing": [s.closing.posted_micros, s.closing.arrears_micros],
         "lines": [[x.category.value, x.amount_micros, x.entry_count] for x in m.lines],
@@ -85,16 +147,22 @@ def _stored_statement(r: Row) -> st.Statement:
     m = st.Movements([st.Line(st.Category(c), a, n) for c, a, n in body["lines"]],
                      body["usage_arrears_micros"], body["arrears_settled_micros"],
                      body["entry_count"])
+    usage = body.get("usage")  # absent in statements stored before the breakdown
     return st.Statement(r["org_id"], r["month"], True, r["generated_at"],
-                        st.Position(*body["opening"]), m, st.Position(*body["closing"]))
+                        st.Position(*body["opening"]), m, st.Position(*body["closing"]),
+                        None if usage is None else st.UsageItems(
+                            usage["itemized_micros"],
+                            [st.UsageRow(*x) for x in usage["rows"]]))
 
 
 class StatementStore:
     """Statements and daily snapshots of orgs, on the ledger's pool and clock."""
 
-    def __init__(self, pool: asyncpg.Pool, clock: Callable[[], datetime]) -> None:
+    def __init__(self, pool: asyncpg.Pool, clock: Callable[[], datetime],
+                 itemizer: st.UsageItemizer | None = None) -> None:
         self.pool = pool
         self.clock = clock
+        self.itemizer = itemizer or st.NoItemizer()
 
     async def statement(self, org_id: str, month_text: str) -> st.Statement:
         """The statement of `month_text` (YYYY-MM). A final one is stored the first time and
@@ -118,10 +186,16 @@ class StatementStore:
             computed = st.statement(org_id, month, await position_at(conn, org_id, start),
                                     await movements(conn, org_id, start, end), now)
             st.check_closing(computed, await position_at(conn, org_id, end))
+            batches = await usage_batches(conn, org_id, start, end)
+        computed = dataclasses.replace(computed, usage=await self._itemize(org_id, batches))
         is_empty = (computed.closing == computed.opening == st.Position()
                     and not computed.movements.entry_count)
         if not computed.is_final or is_empty:
             return computed  # an empty month (before the org's first entry): nothing to keep
+        if computed.usage is None and not isinstance(self.itemizer, st.NoItemizer):
+            # metering could not be asked: kept once its usage is itemized (a ledger run
+            # without metering, TALLY_LEDGER_ITEMIZE_USAGE=false, keeps it as it is)
+            return computed
         await conn.execute(
             "INSERT INTO ledger.statements (org_id, month, body, generated_at) "
             "VALUES ($1, $2, $3, $4) ON CONFLICT (org_id, month) DO NOTHING",
@@ -130,6 +204,23 @@ class StatementStore:
             "SELECT * FROM ledger.statements WHERE org_id = $1 AND month = $2", org_id, month)
         assert stored is not None
         return _stored_statement(stored)
+
+    async def _itemize(self, org_id: str, batches: list[st.BatchCharge]
+                       ) -> st.UsageItems | None:
+        if not batches:
+            return st.UsageItems(0, [])
+        if isinstance(self.itemizer, st.NoItemizer):
+            return None
+        try:
+            found = await metering_usage(self.itemizer, org_id, batches)
+        except st.UsageUnavailable as exc:
+            log.warning("statement_usage_unavailable", org_id=org_id, error=str(exc))
+            return None
+        items = st.usage_items(batches, found)
+        if items is None:
+            log.error("statement_usage_does_not_reconcile", org_id=org_id,
+                      batches=[b for b, _, _ in st.batch_mismatches(batches, found.batches)][:20])
+        return items
 
     async def list_statements(self, org_id: str, size: int, token: str
                               ) -> tuple[list[st.Statement], str]:
@@ -216,8 +307,14 @@ class StatementStore:
             last = min(last_day, first + timedelta(days=budget - 1))
             if last < first:
                 return 0
+            holds = {}
+            day = first
+            while day <= last:
+                holds[day] = await held_and_state_at(conn, org_id,
+                                                     st.start_of(day + timedelta(days=1)))
+                day += timedelta(days=1)
             rows = _snapshot_rows(org_id, first, last, position, now,
-                                  await self._days(conn, org_id, first, last),
+                                  await self._days(conn, org_id, first, last), holds,
                                   await self._grants(conn, org_id, last)
                                   if last == last_day else {})
             inserted = await conn.fetchval(
@@ -233,9 +330,8 @@ class StatementStore:
 
     @staticmethod
     async def _days(conn: Connection, org_id: str, first: date, last: date
-                    ) -> dict[date, tuple[list[st.EntrySum], Any]]:
-        """Per UTC day of [first, last]: the entry sums, and the org's last entry (held and
-        billing state after it)."""
+                    ) -> dict[date, list[st.EntrySum]]:
+        """Per UTC day of [first, last]: the entry sums."""
         start, end = st.start_of(first), st.start_of(last + timedelta(days=1))
         credit, arrears = _accounts(org_id)
         rows = await conn.fetch(
@@ -245,20 +341,9 @@ class StatementStore:
             "count(*) AS entries, sum(amount_micros) AS amount FROM ledger.transfers "
             "WHERE org_id = $1 AND created_at >= $4 AND created_at < $5 "
             "GROUP BY 1, 2, 3, 4, 5, 6", org_id, credit, arrears, start, end)
-        lasts = await conn.fetch(
-            "SELECT DISTINCT ON (day) (created_at AT TIME ZONE 'UTC')::date AS day, "
-            "org_held_after, org_billing_state_after FROM ledger.transfers "
-            "WHERE org_id = $1 AND created_at >= $2 AND created_at < $3 "
-            "ORDER BY day, created_at DESC, seq DESC", org_id, start, end)
-        before = await conn.fetchrow(
-            "SELECT org_held_after, org_billing_state_after FROM ledger.transfers "
-            "WHERE org_id = $1 AND created_at < $2 ORDER BY created_at DESC, seq DESC LIMIT 1",
-            org_id, start)
-        days: dict[date, tuple[list[st.EntrySum], Any]] = {
-            first - timedelta(days=1): ([], before)}
-        by_day = {r["day"]: r for r in lasts}
+        days: dict[date, list[st.EntrySum]] = {}
         for r in rows:
-            days.setdefault(r["day"], ([], by_day.get(r["day"])))[0].extend(_entry_sums([r]))
+            days.setdefault(r["day"], []).extend(_entry_sums([r]))
         return days
 
     @staticmethod
@@ -273,18 +358,15 @@ class StatementStore:
 
 
 def _snapshot_rows(org_id: str, first: date, last: date, position: st.Position,
-                   now: datetime, days: dict[date, tuple[list[st.EntrySum], Any]],
-                   grants: dict[str, int]) -> list[tuple[Any, ...]]:
+                   now: datetime, days: dict[date, list[st.EntrySum]],
+                   holds: dict[date, tuple[int, str]], grants: dict[str, int]
+                   ) -> list[tuple[Any, ...]]:
     rows = []
-    last_entry = days[first - timedelta(days=1)][1]
     day = first
     while day <= last:
-        sums, entry = days.get(day, ([], None))
-        last_entry = entry or last_entry
-        m = st.fold(sums)
+        m = st.fold(days.get(day, []))
         position = st.moved(position, m)
-        held = last_entry["org_held_after"] if last_entry else 0
-        state = (last_entry["org_billing_state_after"] if last_entry else "") or "ACTIVE"
+        held, state = holds[day]
         rows.append((org_id, day, position.posted_micros, held, position.arrears_micros, state,
                      m.line(st.Category.PURCHASES).amount_micros, m.usage_total_micros,
                      m.posted_change_micros, json.dumps(grants if day == last else {}), now))

@@ -25,7 +25,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Final
+from typing import Final, Protocol
 
 from services.ledger import domain as d
 from tally.kit.errors import Reason, TallyError, invalid
@@ -232,6 +232,93 @@ def last_final_day(now: datetime) -> date:
     return (now - SETTLE_MARGIN).astimezone(UTC).date() - timedelta(days=1)
 
 
+# -- usage by meter, model, project and label (metering's, for the ledger's batches) ---------
+
+
+class UsageUnavailable(Exception):
+    """Metering could not be asked (not configured, unreachable): no itemized usage."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchCharge:
+    """One usage batch of one org: what one side says it charged, micro-credits."""
+
+    batch_id: str
+    credits_micros: int
+    event_count: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """Credits charged for one value of one dimension ("meter", "model", "project",
+    "label" with "key=value")."""
+
+    dimension: str
+    value: str
+    credits_micros: int
+    event_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchUsage:
+    """Metering's events of some of an org's usage batches: per batch, and broken down."""
+
+    batches: list[BatchCharge]
+    breakdown: list[UsageRow]
+
+
+class UsageItemizer(Protocol):
+    """Metering's side (GetBatchUsage): metering owns usage events; the ledger only knows
+    each batch's debit per org. Raises UsageUnavailable when metering cannot be asked."""
+
+    async def batch_usage(self, org_id: str, batch_ids: list[str]) -> BatchUsage:
+        ...
+
+
+class NoItemizer:
+    """A ledger without metering: nothing is itemized."""
+
+    async def batch_usage(self, org_id: str, batch_ids: list[str]) -> BatchUsage:
+        raise UsageUnavailable("metering is not configured")
+
+
+ITEMIZED_DIMENSIONS: Final = ("meter", "model", "project")
+"""Dimensions whose rows add up to the itemized usage (an event has one value of each)."""
+
+
+@dataclass(frozen=True, slots=True)
+class UsageItems:
+    """A statement's usage breakdown: `itemized_micros` is the ledger's debits (credit +
+    arrears) of the org's usage batches in the period, `rows` metering's events of exactly
+    those batches."""
+
+    itemized_micros: int
+    rows: list[UsageRow]
+
+
+def batch_mismatches(ledger: list[BatchCharge], metering: list[BatchCharge]
+                     ) -> list[tuple[str, int, int | None]]:
+    """(batch, ledger's debit, metering's charges or None when it has no event of it) for
+    every batch where the two differ, in the ledger's order."""
+    found = {b.batch_id: b.credits_micros for b in metering}
+    return [(b.batch_id, b.credits_micros, found.get(b.batch_id)) for b in ledger
+            if found.get(b.batch_id) != b.credits_micros]
+
+
+def usage_items(ledger: list[BatchCharge], metering: BatchUsage) -> UsageItems | None:
+    """The breakdown when metering's events agree with the ledger's debits batch by batch and
+    each itemized dimension adds up to them; None when they do not (Reconcile names the
+    batches)."""
+    total = sum(b.credits_micros for b in ledger)
+    if batch_mismatches(ledger, metering.batches):
+        return None
+    for dimension in ITEMIZED_DIMENSIONS:
+        if sum(r.credits_micros for r in metering.breakdown
+               if r.dimension == dimension) != total:
+            return None
+    return UsageItems(total, list(metering.breakdown))
+
+
 # -- records ---------------------------------------------------------------------------------
 
 
@@ -246,6 +333,14 @@ class Statement:
     opening: Position
     movements: Movements
     closing: Position
+    usage: UsageItems | None = None
+    """Usage by meter, model, project and label; None when metering could not itemize it."""
+
+    @property
+    def usage_not_itemized_micros(self) -> int:
+        """Usage of the period posted without metering's events (captures, per-event items)."""
+        return self.movements.usage_total_micros - (self.usage.itemized_micros
+                                                    if self.usage else 0)
 
     @property
     def period_start(self) -> datetime:

@@ -13,6 +13,7 @@ from tally.metering.v1 import metering_pb2
 from tally.rating import Meter
 
 from .domain import (
+    BatchUsage,
     Dimension,
     MeterTotal,
     RollupExportQuery,
@@ -148,3 +149,13 @@ def summary_to_proto(summary: UsageSummary, label_key: str = ""
     )
     response.as_of.FromDatetime(summary.as_of)
     return response
+
+
+def batch_usage_to_proto(usage: BatchUsage) -> metering_pb2.GetBatchUsageResponse:
+    """GetBatchUsage's answer."""
+    return metering_pb2.GetBatchUsageResponse(
+        batches=[metering_pb2.BatchCharge(batch_id=b.batch_id, credits_micros=b.credits_micros,
+                                          event_count=b.event_count) for b in usage.batches],
+        breakdown=[metering_pb2.UsageBreakdownRow(
+            dimension=r.dimension, value=r.value, credits_micros=r.credits_micros,
+            event_count=r.event_count) for r in usage.breakdown])

@@ -257,3 +257,59 @@ class UsageReports:
             as_of=read.as_of,
             is_truncated=len(read.rows) > MAX_SUMMARY_ROWS,
         )
+
+
+# -- usage of ledger batches (statements and reconciliation ask it) -------------------------
+
+MAX_BATCH_IDS: Final = 1000
+"""Ledger batch ids one GetBatchUsage may name."""
+BREAKDOWN_DIMENSIONS: Final = ("meter", "model", "project", "label")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchCharge:
+    """What metering's events of one org in one ledger batch were charged."""
+
+    batch_id: str
+    credits_micros: int
+    event_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class BreakdownRow:
+    """Credits charged for one value of one dimension (meter, model, project, label)."""
+
+    dimension: str
+    value: str
+    credits_micros: int
+    event_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchUsage:
+    """The usage of named ledger batches: per batch, and broken down."""
+
+    batches: Sequence[BatchCharge]
+    breakdown: Sequence[BreakdownRow]
+
+
+class BatchUsageSource(Protocol):
+    """The store's side of GetBatchUsage: read from the recorded events."""
+
+    async def batch_usage(self, org_id: str, batch_ids: Sequence[str]) -> BatchUsage:
+        """Charges per batch (request order, batches without events absent) and the
+        breakdown of all of them."""
+        ...
+
+
+def check_batch_usage_query(org_id: str, batch_ids: Sequence[str]) -> None:
+    """INVALID_ARGUMENT naming org_id or batch_ids: an org, 1..MAX_BATCH_IDS non-empty ids."""
+    problems = []
+    if not org_id:
+        problems.append(FieldViolation("org_id", "is required"))
+    if len(batch_ids) > MAX_BATCH_IDS:
+        problems.append(FieldViolation("batch_ids", f"at most {MAX_BATCH_IDS} ids"))
+    if any(not b for b in batch_ids):
+        problems.append(FieldViolation("batch_ids", "must not contain an empty id"))
+    if problems:
+        raise invalid_fields(problems)

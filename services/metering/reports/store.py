@@ -1,7 +1,8 @@
 """Postgres side of usage reports: the roll-ups in the `metering` schema (SQLAlchemy Core).
 
 Monthly summaries read the daily roll-ups (and the daily label roll-up when grouped by LABEL);
-exports read the hourly or daily ones. None of them reads raw events.
+exports read the hourly or daily ones. None of them reads raw events; the usage of named
+ledger batches (`BatchUsageStore`) does.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tally.rating import Meter
 
 from .domain import (
+    BatchCharge,
+    BatchUsage,
+    BreakdownRow,
     Dimension,
     MeterTotal,
     RollupExportQuery,
@@ -249,3 +253,48 @@ def _bucket_start(value: date | datetime) -> datetime:
     if isinstance(value, datetime):
         return value.astimezone(UTC)
     return datetime.combine(value, time(0), tzinfo=UTC)
+
+
+# GetBatchUsage reads raw events, not roll-ups: a ledger batch is not a roll-up key, and it
+# is asked once per statement or reconciliation (through the ledger_batch_id index).
+# $1 org, $2 batch ids
+_BATCH_CHARGES: Final = (
+    "SELECT ledger_batch_id AS batch_id, sum(cost_micros) AS credits, count(*) AS events "
+    "FROM metering.usage_events WHERE org_id = $1 AND ledger_batch_id = ANY($2::text[]) "
+    "GROUP BY 1")
+_BATCH_BREAKDOWN: Final = (
+    "WITH e AS (SELECT * FROM metering.usage_events "
+    "WHERE org_id = $1 AND ledger_batch_id = ANY($2::text[])) "
+    # an event's receipt lines: arrays since the ack path's line columns, JSON before
+    "SELECT 'meter' AS dimension, l.meter AS value, sum(l.cost) AS credits, "
+    "count(DISTINCT e.event_id) AS events FROM e, LATERAL ("
+    "SELECT m AS meter, c AS cost FROM unnest(e.meters, e.meter_costs) AS x(m, c) "
+    "UNION ALL SELECT j->>0, (j->>4)::bigint FROM jsonb_array_elements("
+    "CASE WHEN e.meters IS NULL THEN coalesce(e.lines, '[]') ELSE '[]' END) AS j) l "
+    "GROUP BY 2 "
+    "UNION ALL SELECT 'model', model, sum(cost_micros), count(*) FROM e GROUP BY 2 "
+    "UNION ALL SELECT 'project', project_id, sum(cost_micros), count(*) FROM e GROUP BY 2 "
+    "UNION ALL SELECT 'label', l.key || '=' || l.value, sum(cost_micros), count(*) "
+    "FROM e, jsonb_each_text(e.labels) AS l GROUP BY 2 "
+    "ORDER BY 1, 2")
+
+
+class BatchUsageStore:
+    """Reads the usage of ledger batches from the recorded events; implements
+    `domain.BatchUsageSource`."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool  # asyncpg.Pool on metering's database
+
+    async def batch_usage(self, org_id: str, batch_ids: Sequence[str]) -> BatchUsage:
+        """Per batch and broken down, from one REPEATABLE READ snapshot so both agree."""
+        async with self.pool.acquire() as conn, conn.transaction(
+                isolation="repeatable_read", readonly=True):
+            charges = {r["batch_id"]: r for r in await conn.fetch(
+                _BATCH_CHARGES, org_id, list(batch_ids))}
+            rows = await conn.fetch(_BATCH_BREAKDOWN, org_id, list(batch_ids))
+        return BatchUsage(
+            [BatchCharge(b, int(charges[b]["credits"]), int(charges[b]["events"]))
+             for b in dict.fromkeys(batch_ids) if b in charges],
+            [BreakdownRow(r["dimension"], r["value"], int(r["credits"]), int(r["events"]))
+             for r in rows])

@@ -1165,6 +1165,9 @@ class Statement(_message.Message):
     CLOSING_ARREARS_MICROS_FIELD_NUMBER: _builtins.int
     USAGE_TOTAL_MICROS_FIELD_NUMBER: _builtins.int
     ENTRY_COUNT_FIELD_NUMBER: _builtins.int
+    USAGE_BREAKDOWN_FIELD_NUMBER: _builtins.int
+    USAGE_ITEMIZED_MICROS_FIELD_NUMBER: _builtins.int
+    USAGE_BREAKDOWN_AVAILABLE_FIELD_NUMBER: _builtins.int
     org_id: _builtins.str
     """Org."""
     month: _builtins.str
@@ -1187,6 +1190,15 @@ class Statement(_message.Message):
     """Total usage of the month (paid from credit + arrears), micro-credits."""
     entry_count: _builtins.int
     """Entries of the org in the month."""
+    usage_itemized_micros: _builtins.int
+    """Usage of the month that metering itemized: the debits (credit + arrears) of its usage
+    batches. usage_total_micros - usage_itemized_micros is usage posted to the ledger
+    without metering's events (reservation captures, per-event usage items).
+    """
+    usage_breakdown_available: _builtins.bool
+    """False when metering could not be asked (not configured or unreachable): the breakdown is
+    then empty and the statement is not stored, even for a closed month.
+    """
     @_builtins.property
     def period_start(self) -> _timestamp_pb2.Timestamp:
         """First instant of the month (inclusive)."""
@@ -1202,6 +1214,14 @@ class Statement(_message.Message):
     @_builtins.property
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___StatementLine]:
         """Movements by category (every category, zero or not)."""
+
+    @_builtins.property
+    def usage_breakdown(self) -> _containers.RepeatedCompositeFieldContainer[Global___StatementUsageRow]:
+        """The month's usage by meter, model, project and label, from metering's events of the
+        usage batches the ledger debited in the month (GetBatchUsage). Per dimension (labels
+        aside: an event counts under each label it carries) the rows add up to
+        usage_itemized_micros.
+        """
 
     def __init__(
         self,
@@ -1221,14 +1241,53 @@ class Statement(_message.Message):
         closing_arrears_micros: _builtins.int = ...,
         usage_total_micros: _builtins.int = ...,
         entry_count: _builtins.int = ...,
+        usage_breakdown: _abc.Iterable[Global___StatementUsageRow] | None = ...,
+        usage_itemized_micros: _builtins.int = ...,
+        usage_breakdown_available: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["generated_at", b"generated_at", "period_end", b"period_end", "period_start", b"period_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrears_settled_micros", b"arrears_settled_micros", "closing_arrears_micros", b"closing_arrears_micros", "closing_balance_micros", b"closing_balance_micros", "entry_count", b"entry_count", "generated_at", b"generated_at", "is_final", b"is_final", "lines", b"lines", "month", b"month", "opening_arrears_micros", b"opening_arrears_micros", "opening_balance_micros", b"opening_balance_micros", "org_id", b"org_id", "period_end", b"period_end", "period_start", b"period_start", "usage_arrears_micros", b"usage_arrears_micros", "usage_total_micros", b"usage_total_micros"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrears_settled_micros", b"arrears_settled_micros", "closing_arrears_micros", b"closing_arrears_micros", "closing_balance_micros", b"closing_balance_micros", "entry_count", b"entry_count", "generated_at", b"generated_at", "is_final", b"is_final", "lines", b"lines", "month", b"month", "opening_arrears_micros", b"opening_arrears_micros", "opening_balance_micros", b"opening_balance_micros", "org_id", b"org_id", "period_end", b"period_end", "period_start", b"period_start", "usage_arrears_micros", b"usage_arrears_micros", "usage_breakdown", b"usage_breakdown", "usage_breakdown_available", b"usage_breakdown_available", "usage_itemized_micros", b"usage_itemized_micros", "usage_total_micros", b"usage_total_micros"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Statement: _TypeAlias = Statement  # noqa: Y015
+
+@_typing.final
+class StatementUsageRow(_message.Message):
+    """One row of a statement's usage breakdown."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIMENSION_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    CREDITS_MICROS_FIELD_NUMBER: _builtins.int
+    EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    dimension: _builtins.str
+    """"meter", "model", "project" or "label"."""
+    value: _builtins.str
+    """A meter (input_tokens, output_tokens, ...), a model, a project id ("" = no project), or
+    "key=value" for a label.
+    """
+    credits_micros: _builtins.int
+    """Credits charged, micro-credits."""
+    event_count: _builtins.int
+    """Usage events counted in the row."""
+    def __init__(
+        self,
+        *,
+        dimension: _builtins.str = ...,
+        value: _builtins.str = ...,
+        credits_micros: _builtins.int = ...,
+        event_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits_micros", b"credits_micros", "dimension", b"dimension", "event_count", b"event_count", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatementUsageRow: _TypeAlias = StatementUsageRow  # noqa: Y015
 
 @_typing.final
 class GetStatementRequest(_message.Message):
@@ -1548,7 +1607,8 @@ class ReconciliationMismatch(_message.Message):
     FOUND_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """What disagrees, e.g. PAID_ORDER_WITHOUT_INVOICE, INVOICE_AMOUNT, INVOICE_WITHOUT_CREDIT,
-    REFUND_WITHOUT_CREDIT_NOTE, REFUND_CREDIT, USAGE_RESULT_WITHOUT_DEBIT, USAGE_RECEIPT.
+    REFUND_WITHOUT_CREDIT_NOTE, REFUND_CREDIT, USAGE_RESULT_WITHOUT_DEBIT, USAGE_RECEIPT,
+    USAGE_EVENTS (a usage batch whose debit differs from metering's events of it).
     """
     subject: _builtins.str
     """The record it is about (order, document, refund, usage batch or event)."""
@@ -1650,6 +1710,8 @@ class ReconcileResponse(_message.Message):
     USAGE_DEBITED_MICROS_FIELD_NUMBER: _builtins.int
     USAGE_ARREARS_MICROS_FIELD_NUMBER: _builtins.int
     USAGE_RECEIPTS_MICROS_FIELD_NUMBER: _builtins.int
+    USAGE_EVENTS_MICROS_FIELD_NUMBER: _builtins.int
+    USAGE_EVENTS_CHECKED_FIELD_NUMBER: _builtins.int
     month: _builtins.str
     """The month reconciled."""
     credits_purchased_micros: _builtins.int
@@ -1665,6 +1727,15 @@ class ReconcileResponse(_message.Message):
     usage_receipts_micros: _builtins.int
     """Usage the ledger's usage receipts (per event, per org batch) say was charged,
     micro-credits; equals usage_debited_micros + usage_arrears_micros of those entries.
+    """
+    usage_events_micros: _builtins.int
+    """Usage metering's events say was charged in the ledger's usage batches of the period
+    (GetBatchUsage), micro-credits; equals the batches' debits when they agree (a batch that
+    differs is a USAGE_EVENTS mismatch naming it).
+    """
+    usage_events_checked: _builtins.bool
+    """False when metering could not be asked (not configured or unreachable): metering's
+    events were not compared with the ledger's debits.
     """
     @_builtins.property
     def mismatches(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReconciliationMismatch]:
@@ -1685,10 +1756,12 @@ class ReconcileResponse(_message.Message):
         usage_debited_micros: _builtins.int = ...,
         usage_arrears_micros: _builtins.int = ...,
         usage_receipts_micros: _builtins.int = ...,
+        usage_events_micros: _builtins.int = ...,
+        usage_events_checked: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits_purchased_micros", b"credits_purchased_micros", "credits_refunded_micros", b"credits_refunded_micros", "mismatches", b"mismatches", "money", b"money", "month", b"month", "usage_arrears_micros", b"usage_arrears_micros", "usage_debited_micros", b"usage_debited_micros", "usage_receipts_micros", b"usage_receipts_micros"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits_purchased_micros", b"credits_purchased_micros", "credits_refunded_micros", b"credits_refunded_micros", "mismatches", b"mismatches", "money", b"money", "month", b"month", "usage_arrears_micros", b"usage_arrears_micros", "usage_debited_micros", b"usage_debited_micros", "usage_events_checked", b"usage_events_checked", "usage_events_micros", b"usage_events_micros", "usage_receipts_micros", b"usage_receipts_micros"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

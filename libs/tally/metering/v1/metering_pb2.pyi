@@ -2507,3 +2507,134 @@ class GetPricingUseResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetPricingUseResponse: _TypeAlias = GetPricingUseResponse  # noqa: Y015
+
+@_typing.final
+class GetBatchUsageRequest(_message.Message):
+    """Request of GetBatchUsage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    BATCH_IDS_FIELD_NUMBER: _builtins.int
+    org_id: _builtins.str
+    """Org whose events are read."""
+    @_builtins.property
+    def batch_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ledger batch ids; at most 1000, no empty id."""
+
+    def __init__(
+        self,
+        *,
+        org_id: _builtins.str = ...,
+        batch_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_ids", b"batch_ids", "org_id", b"org_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBatchUsageRequest: _TypeAlias = GetBatchUsageRequest  # noqa: Y015
+
+@_typing.final
+class BatchCharge(_message.Message):
+    """The events of one org in one ledger batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    CREDITS_MICROS_FIELD_NUMBER: _builtins.int
+    EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    """Ledger batch id."""
+    credits_micros: _builtins.int
+    """Sum of the events' charges (cost), micro-credits."""
+    event_count: _builtins.int
+    """Events recorded in the batch for the org."""
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        credits_micros: _builtins.int = ...,
+        event_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "credits_micros", b"credits_micros", "event_count", b"event_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchCharge: _TypeAlias = BatchCharge  # noqa: Y015
+
+@_typing.final
+class UsageBreakdownRow(_message.Message):
+    """One row of a usage breakdown: what one value of one dimension was charged."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIMENSION_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    CREDITS_MICROS_FIELD_NUMBER: _builtins.int
+    EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    dimension: _builtins.str
+    """"meter", "model", "project" or "label"."""
+    value: _builtins.str
+    """The value: a meter (input_tokens, output_tokens, ...), a model, a project id ("" = none), or
+    "key=value" for a label.
+    """
+    credits_micros: _builtins.int
+    """Credits charged, micro-credits. Per dimension the rows add up to the batches' charges,
+    except labels: an event counts in the row of every label it carries, and not at all
+    when it carries none.
+    """
+    event_count: _builtins.int
+    """Events counted in the row."""
+    def __init__(
+        self,
+        *,
+        dimension: _builtins.str = ...,
+        value: _builtins.str = ...,
+        credits_micros: _builtins.int = ...,
+        event_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits_micros", b"credits_micros", "dimension", b"dimension", "event_count", b"event_count", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageBreakdownRow: _TypeAlias = UsageBreakdownRow  # noqa: Y015
+
+@_typing.final
+class GetBatchUsageResponse(_message.Message):
+    """Response of GetBatchUsage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCHES_FIELD_NUMBER: _builtins.int
+    BREAKDOWN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def batches(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchCharge]:
+        """One entry per requested batch that has events of the org, in request order; a batch
+        without any is absent.
+        """
+
+    @_builtins.property
+    def breakdown(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageBreakdownRow]:
+        """The requested batches' usage by meter, model, project and label, ordered by dimension
+        then value.
+        """
+
+    def __init__(
+        self,
+        *,
+        batches: _abc.Iterable[Global___BatchCharge] | None = ...,
+        breakdown: _abc.Iterable[Global___UsageBreakdownRow] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "breakdown", b"breakdown"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBatchUsageResponse: _TypeAlias = GetBatchUsageResponse  # noqa: Y015

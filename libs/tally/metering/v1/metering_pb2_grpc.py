@@ -55,6 +55,11 @@ class MeteringServiceStub:
                 request_serializer=tally_dot_metering_dot_v1_dot_metering__pb2.GetUsageSummaryRequest.SerializeToString,
                 response_deserializer=tally_dot_metering_dot_v1_dot_metering__pb2.GetUsageSummaryResponse.FromString,
                 _registered_method=True)
+        self.GetBatchUsage = channel.unary_unary(
+                '/tally.metering.v1.MeteringService/GetBatchUsage',
+                request_serializer=tally_dot_metering_dot_v1_dot_metering__pb2.GetBatchUsageRequest.SerializeToString,
+                response_deserializer=tally_dot_metering_dot_v1_dot_metering__pb2.GetBatchUsageResponse.FromString,
+                _registered_method=True)
         self.ExportUsage = channel.unary_stream(
                 '/tally.metering.v1.MeteringService/ExportUsage',
                 request_serializer=tally_dot_metering_dot_v1_dot_metering__pb2.ExportUsageRequest.SerializeToString,
@@ -170,6 +175,18 @@ class MeteringServiceServicer:
 
     def GetUsageSummary(self, request, context):
         """Usage of one org in one calendar month (UTC), grouped as asked. Served from roll-ups.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBatchUsage(self, request, context):
+        """Usage of one org carried by named ledger batches (the batch ids metering gave its
+        PostUsageBatch calls), read from the recorded events: each batch's event charges, and the
+        batches' usage broken down by meter, model, project and label. The ledger's statements
+        and reconciliation ask it, so metering's events and the ledger's debits are compared
+        batch by batch and a statement's breakdown covers exactly the debits it lists.
+        Errors: INVALID_ARGUMENT (org_id, batch_ids: at most 1000).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -314,6 +331,11 @@ def add_MeteringServiceServicer_to_server(servicer, server):
                     servicer.GetUsageSummary,
                     request_deserializer=tally_dot_metering_dot_v1_dot_metering__pb2.GetUsageSummaryRequest.FromString,
                     response_serializer=tally_dot_metering_dot_v1_dot_metering__pb2.GetUsageSummaryResponse.SerializeToString,
+            ),
+            'GetBatchUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBatchUsage,
+                    request_deserializer=tally_dot_metering_dot_v1_dot_metering__pb2.GetBatchUsageRequest.FromString,
+                    response_serializer=tally_dot_metering_dot_v1_dot_metering__pb2.GetBatchUsageResponse.SerializeToString,
             ),
             'ExportUsage': grpc.unary_stream_rpc_method_handler(
                     servicer.ExportUsage,
@@ -505,6 +527,33 @@ class MeteringService:
             '/tally.metering.v1.MeteringService/GetUsageSummary',
             tally_dot_metering_dot_v1_dot_metering__pb2.GetUsageSummaryRequest.SerializeToString,
             tally_dot_metering_dot_v1_dot_metering__pb2.GetUsageSummaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBatchUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.metering.v1.MeteringService/GetBatchUsage',
+            tally_dot_metering_dot_v1_dot_metering__pb2.GetBatchUsageRequest.SerializeToString,
+            tally_dot_metering_dot_v1_dot_metering__pb2.GetBatchUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,14 @@ class MeteringServiceStub:
     """
     GetUsageSummary: _grpc.UnaryUnaryMultiCallable[_metering_pb2.GetUsageSummaryRequest, _metering_pb2.GetUsageSummaryResponse]
     """Usage of one org in one calendar month (UTC), grouped as asked. Served from roll-ups."""
+    GetBatchUsage: _grpc.UnaryUnaryMultiCallable[_metering_pb2.GetBatchUsageRequest, _metering_pb2.GetBatchUsageResponse]
+    """Usage of one org carried by named ledger batches (the batch ids metering gave its
+    PostUsageBatch calls), read from the recorded events: each batch's event charges, and the
+    batches' usage broken down by meter, model, project and label. The ledger's statements
+    and reconciliation ask it, so metering's events and the ledger's debits are compared
+    batch by batch and a statement's breakdown covers exactly the debits it lists.
+    Errors: INVALID_ARGUMENT (org_id, batch_ids: at most 1000).
+    """
     ExportUsage: _grpc.UnaryStreamMultiCallable[_metering_pb2.ExportUsageRequest, _metering_pb2.ExportUsageResponse]
     """Streams raw events or hourly/daily roll-ups of a time range, one row per message."""
     GetUsageEvent: _grpc.UnaryUnaryMultiCallable[_metering_pb2.GetUsageEventRequest, _metering_pb2.GetUsageEventResponse]
@@ -117,6 +125,14 @@ class MeteringServiceAsyncStub(MeteringServiceStub):
     """
     GetUsageSummary: _aio.UnaryUnaryMultiCallable[_metering_pb2.GetUsageSummaryRequest, _metering_pb2.GetUsageSummaryResponse]  # type: ignore[assignment]
     """Usage of one org in one calendar month (UTC), grouped as asked. Served from roll-ups."""
+    GetBatchUsage: _aio.UnaryUnaryMultiCallable[_metering_pb2.GetBatchUsageRequest, _metering_pb2.GetBatchUsageResponse]  # type: ignore[assignment]
+    """Usage of one org carried by named ledger batches (the batch ids metering gave its
+    PostUsageBatch calls), read from the recorded events: each batch's event charges, and the
+    batches' usage broken down by meter, model, project and label. The ledger's statements
+    and reconciliation ask it, so metering's events and the ledger's debits are compared
+    batch by batch and a statement's breakdown covers exactly the debits it lists.
+    Errors: INVALID_ARGUMENT (org_id, batch_ids: at most 1000).
+    """
     ExportUsage: _aio.UnaryStreamMultiCallable[_metering_pb2.ExportUsageRequest, _metering_pb2.ExportUsageResponse]  # type: ignore[assignment]
     """Streams raw events or hourly/daily roll-ups of a time range, one row per message."""
     GetUsageEvent: _aio.UnaryUnaryMultiCallable[_metering_pb2.GetUsageEventRequest, _metering_pb2.GetUsageEventResponse]  # type: ignore[assignment]
@@ -199,6 +215,20 @@ class MeteringServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_metering_pb2.GetUsageSummaryResponse, _abc.Awaitable[_metering_pb2.GetUsageSummaryResponse]]:
         """Usage of one org in one calendar month (UTC), grouped as asked. Served from roll-ups."""
+
+    @_abc_1.abstractmethod
+    def GetBatchUsage(
+        self,
+        request: _metering_pb2.GetBatchUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metering_pb2.GetBatchUsageResponse, _abc.Awaitable[_metering_pb2.GetBatchUsageResponse]]:
+        """Usage of one org carried by named ledger batches (the batch ids metering gave its
+        PostUsageBatch calls), read from the recorded events: each batch's event charges, and the
+        batches' usage broken down by meter, model, project and label. The ledger's statements
+        and reconciliation ask it, so metering's events and the ledger's debits are compared
+        batch by batch and a statement's breakdown covers exactly the debits it lists.
+        Errors: INVALID_ARGUMENT (org_id, batch_ids: at most 1000).
+        """
 
     @_abc_1.abstractmethod
     def ExportUsage(
